@@ -1,0 +1,65 @@
+// The op schemas of longctx (one TORCH_LIBRARY block: every schema lives here) and the pybind11
+// module longctx._C that carries the non-tensor helpers. The CPU and CUDA implementations register
+// themselves per dispatch key beside their code (csrc/cpu, csrc/ops).
+#include <torch/extension.h>
+#include <torch/library.h>
+#include "common/build_registry.h"
+#include "generated/build_config.h"
+
+TORCH_LIBRARY(longctx, m) {
+  // RoPE: rotates the first 2 * len(inv_freq) channels of every head of q and k by
+  // positions * inv_freq (fp32), scaled by attention_factor; inverse rotates by the negated angle.
+  m.def(
+      "apply_rope_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor inv_freq, "
+      "float attention_factor, bool interleaved, bool inverse, int max_position) -> ()");
+  m.def(
+      "apply_rope(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, "
+      "float attention_factor, bool interleaved, bool inverse, int max_position) "
+      "-> (Tensor, Tensor)");
+  // Flash attention. Batched: q (b, sq, h, d), k/v (b, sk, hk, d), lse (b, h, sq).
+  // Varlen (cu_seqlens given): q (total_q, h, d), k/v (total_k, hk, d), lse (h, total_q).
+  // Causal is bottom-right aligned; window (left, right), -1 = unbounded.
+  m.def(
+      "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, "
+      "int window_right) -> (Tensor out, Tensor lse)");
+  m.def(
+      "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "float softmax_scale, bool causal, int window_left, int window_right, bool deterministic) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+namespace {
+
+pybind11::dict build_config() {
+  pybind11::dict d;
+  d["torch_version"] = LONGCTX_BUILD_TORCH_VERSION;
+  d["cuda_version"] = LONGCTX_BUILD_CUDA_VERSION;
+  d["cuda_archs"] = LONGCTX_BUILD_CUDA_ARCHS;
+  d["switches"] = LONGCTX_BUILD_SWITCHES;
+#if defined(LONGCTX_WITH_CUDA)
+  d["with_cuda"] = true;
+#else
+  d["with_cuda"] = false;
+#endif
+  pybind11::list kernels;
+  for (const auto& e : longctx::kernel_registry()) {
+    pybind11::dict k;
+    k["family"] = e.family;
+    k["device"] = e.device;
+    k["dtypes"] = e.dtypes;
+    k["features"] = e.features;
+    kernels.append(k);
+  }
+  d["kernels"] = kernels;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "longctx native extension: ops live under torch.ops.longctx; helpers here.";
+  m.def("build_config", &build_config,
+        "What this binary was built against and which kernels it contains.");
+}

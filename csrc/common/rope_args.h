@@ -1,0 +1,19 @@
+// Argument checking for the RoPE ops, shared by the CPU and CUDA implementations: validates the
+// tensors a user passed and describes them as a framework-free rope::Params.
+#pragma once
+#include <ATen/ATen.h>
+#include "longctx/rope/rope_params.h"
+
+namespace longctx {
+
+// q_out/k_out are q/k themselves for an in-place call, or tensors of the same shape.
+rope::Params make_rope_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_out,
+                              const at::Tensor& k_out, const at::Tensor& positions,
+                              const at::Tensor& inv_freq, double attention_factor,
+                              bool interleaved, bool inverse, const char* op);
+
+// With max_position >= 0, every position must lie in [0, max_position) (one reduction and a
+// device sync); -1 skips the check.
+void check_positions_in_range(const at::Tensor& positions, int64_t max_position, const char* op);
+
+}  // namespace longctx

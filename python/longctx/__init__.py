@@ -1,0 +1,22 @@
+"""longctx: fast long-context attention kernels for NVIDIA Hopper GPUs, as torch custom ops.
+
+Ops are reachable as torch.ops.longctx.* once this package is imported; the functions here are
+thin wrappers with FlashAttention-compatible semantics.
+"""
+__version__ = "0.1.0"
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401  (registers torch.ops.longctx.*)
+from .info import build_info
+from .rope import apply_rope
+from .rope_scaling import ROPE_TYPES, RopeFrequencies, rope_frequencies
+
+__all__ = [
+    "__version__",
+    "build_info",
+    "apply_rope",
+    "rope_frequencies",
+    "RopeFrequencies",
+    "ROPE_TYPES",
+]
