@@ -1,0 +1,49 @@
+// Plain-data description of one flash-attention launch (forward; the backward extends it).
+// Framework-free: raw pointers and element strides, shared by the CPU twin and the CUDA kernels.
+//
+// Batched: q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, heads_kv, head_dim),
+// lse (batch, heads, seqlen_q). Varlen (cu_seqlens_q != nullptr): q (total_q, heads, head_dim),
+// k/v (total_k, heads_kv, head_dim), lse (heads, total_q); sequence b spans rows
+// [cu_seqlens_q[b], cu_seqlens_q[b+1]) of q and [cu_seqlens_k[b], cu_seqlens_k[b+1]) of k/v, and
+// the batch strides are unused. seqlen_q/seqlen_k are then the maxima over the batch.
+//
+// Mask (bottom-right aligned, FlashAttention semantics): query row i of a sequence with lengths
+// (sq, sk) sees key j iff  j >= i + sk - sq - window_left  (when window_left >= 0)
+//                     and  j <= i + sk - sq + window_right (when window_right >= 0).
+// causal is window_right = 0. A row that sees no key gets out = 0 and lse = -inf.
+#pragma once
+#include <cstdint>
+
+namespace longctx {
+namespace flash {
+
+struct FwdParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;
+
+  // Element strides. Row = one token; the last dimension is contiguous.
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+  int64_t out_batch_stride = 0, out_row_stride = 0, out_head_stride = 0;
+  int64_t lse_batch_stride = 0, lse_head_stride = 0;  // lse rows are contiguous
+
+  const int32_t* cu_seqlens_q = nullptr;  // (batch + 1,), varlen only
+  const int32_t* cu_seqlens_k = nullptr;
+
+  int batch = 0, heads = 0, heads_kv = 0, head_dim = 0;
+  int seqlen_q = 0, seqlen_k = 0;  // varlen: max_seqlen_q / max_seqlen_k
+
+  float softmax_scale = 1.f;
+  float softmax_scale_log2 = 1.f;  // softmax_scale * log2(e)
+  bool causal = false;
+  int window_left = -1, window_right = -1;  // causal => window_right == 0
+
+  bool is_bf16 = true;  // else fp16 (CPU twin also accepts fp32 through its own path)
+};
+
+}  // namespace flash
+}  // namespace longctx
