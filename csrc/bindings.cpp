@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 #include "common/build_registry.h"
+#include "common/nvtx.h"
 #include "generated/build_config.h"
 
 TORCH_LIBRARY(longctx, m) {
@@ -62,4 +63,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "longctx native extension: ops live under torch.ops.longctx; helpers here.";
   m.def("build_config", &build_config,
         "What this binary was built against and which kernels it contains.");
+  m.def("nvtx_push", &longctx::nvtx_push,
+        "Open an NVTX range in the 'longctx' domain (no-op in CPU-only builds).");
+  m.def("nvtx_pop", &longctx::nvtx_pop, "Close the innermost 'longctx' NVTX range.");
 }

@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const Params p) {
   __shared__ CosSin cs[kTokens][kMaxFreq];
   const int64_t tokens = p.batch * p.seqlen;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kTokens;
-  const int ntok = static_cast<int>(min<int64_t>(kTokens, tokens - t0));
+  const int ntok = tokens - t0 < kTokens ? static_cast<int>(tokens - t0) : kTokens;
 
   for (int i = threadIdx.x; i < ntok * p.n_freq; i += kThreads) {
     const int tok = i / p.n_freq, f = i % p.n_freq;

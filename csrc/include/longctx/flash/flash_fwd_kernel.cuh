@@ -1,0 +1,118 @@
+// The Hopper (sm_90a) flash-attention forward kernel: one CTA per (query tile, head, batch).
+//
+// Computes out = softmax(softmax_scale * Q K^T + mask) V and lse (natural log, fp32) for one
+// tile of kBlockM = 128 query rows of one head. 384 threads: warpgroup 0 drops to 24 registers
+// (setmaxnreg) and one of its threads issues the TMA loads; warpgroups 1-2 rise to 240 and run
+// the wgmma main loop (mainloop_fwd_sm90.cuh), the online softmax (softmax.cuh) and the
+// epilogue (epilogue_fwd.cuh). Query tiles are launched longest-first (blockIdx.x = 0 takes the
+// last tile, which under causal masks has the most KV tiles) so the last wave is short.
+// A tile whose rows see no key writes out = 0, lse = -inf and loads nothing.
+// GQA: kv head = head / (heads / heads_kv).
+#pragma once
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+#include "longctx/flash/epilogue_fwd.cuh"
+#include "longctx/flash/flash_fwd_traits.cuh"
+#include "longctx/flash/flash_params.h"
+#include "longctx/flash/mainloop_fwd_sm90.cuh"
+#include "longctx/flash/seqlen_info.cuh"
+#include "longctx/flash/softmax.cuh"
+#include "longctx/flash/tile_range.cuh"
+
+namespace longctx {
+namespace flash {
+
+template <typename Traits>
+struct FwdKernelParams {
+  FwdParams p;
+  typename Traits::ShapeQKV shape_q, shape_k;  // (rows, D, heads, batch) as the TMA sees them
+  typename Traits::TMA_Q tma_q;
+  typename Traits::TMA_KV tma_k, tma_v;
+};
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNumThreads, 1)
+flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using namespace cute;
+  using Element = typename Traits::Element;
+  using MainloopPipeline = typename Traits::MainloopPipeline;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+
+  extern __shared__ __align__(1024) char smem_buf[];
+  auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
+  const FwdParams& p = kp.p;
+
+  const int m_block = int(gridDim.x) - 1 - int(blockIdx.x);
+  const int h = blockIdx.y, b = blockIdx.z;
+  const SeqInfo si(p, b);
+  if (m_block * kBlockM >= si.sq) return;  // varlen: this sequence is shorter (uniform exit)
+  const TileRange tr = kv_tile_range(m_block, kBlockM, kBlockN, si.sq, si.sk, p.window_left,
+                                     p.window_right);
+
+  const int warp_idx = cutlass::canonical_warp_idx_sync();
+  const int warp_group_idx = warp_idx / 4;
+  const int lane_predicate = cute::elect_one_sync();
+
+  if (warp_idx == 0 && lane_predicate) {
+    ss.barrier_q.init(1);
+    cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
+  }
+  typename MainloopPipeline::Params pp;
+  pp.role = warp_group_idx == 0 ? MainloopPipeline::ThreadCategory::Producer
+                                : MainloopPipeline::ThreadCategory::Consumer;
+  pp.is_leader = threadIdx.x == 0;
+  pp.num_consumers = Traits::kNumMmaThreads;
+  pp.transaction_bytes = Traits::kTmaBytesK;
+  MainloopPipeline pipe_k(ss.pipeline_k, pp, Shape<_1, _1, _1>{});
+  pp.transaction_bytes = Traits::kTmaBytesV;
+  MainloopPipeline pipe_v(ss.pipeline_v, pp, Shape<_1, _1, _1>{});
+  cutlass::arch::fence_barrier_init();
+  __syncthreads();
+
+  if (warp_group_idx == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    if (threadIdx.x == 0 && tr.n_max > tr.n_min) {
+      const int h_kv = h / (p.heads / p.heads_kv);
+      Tensor mQ = kp.tma_q.get_tma_tensor(kp.shape_q);
+      Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k);
+      Tensor mV = kp.tma_v.get_tma_tensor(kp.shape_k);
+      Tensor gQ = local_tile(domain_offset(make_coord(si.q_off, _0{}), mQ(_, _, h, si.tma_batch)),
+                             select<0, 2>(typename Traits::TileShape_MNK{}), make_coord(m_block, _0{}));
+      Tensor gK = local_tile(domain_offset(make_coord(si.k_off, _0{}), mK(_, _, h_kv, si.tma_batch)),
+                             select<1, 2>(typename Traits::TileShape_MNK{}), make_coord(_, _0{}));
+      Tensor gV = local_tile(domain_offset(make_coord(si.k_off, _0{}), mV(_, _, h_kv, si.tma_batch)),
+                             select<1, 2>(typename Traits::TileShape_MNK{}), make_coord(_, _0{}));
+      producer_load<Traits>(ss, kp.tma_q, kp.tma_k, kp.tma_v, gQ, gK, gV, pipe_k, pipe_v,
+                            tr.n_min, tr.n_max);
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+    const int mma_tidx = int(threadIdx.x) - 128;
+    typename Traits::TiledMma1 tiled_mma1;
+    Tensor tOrO = partition_fragment_C(tiled_mma1, select<0, 2>(typename Traits::TileShape_MNK{}));
+    clear(tOrO);
+    OnlineSoftmax<2> softmax(p.softmax_scale_log2);
+    if (tr.n_max > tr.n_min) {
+      const MaskArgs ma{m_block, si.sq, si.sk, p.window_left, p.window_right};
+      consumer_mma<Traits>(ss, mma_tidx, pipe_k, pipe_v, tr.n_min, tr.n_max, ma, tOrO, softmax);
+    }
+    float inv_sum[2], lse[2];
+    softmax.finalize(p.softmax_scale, inv_sum, lse);
+    Tensor O_rc = make_tensor(tOrO.data(), acc_layout_rowcol(tOrO.layout()));
+    rescale_rows(O_rc, inv_sum);
+    auto thr_mma1 = tiled_mma1.get_thread_slice(mma_tidx);
+    Tensor cO = make_identity_tensor(select<0, 2>(typename Traits::TileShape_MNK{}));
+    Tensor tOcO = thr_mma1.partition_C(cO);
+    store_o_lse<Element>(p, si, b, h, m_block * kBlockM, tOrO, tOcO, lse);
+  }
+#endif
+}
+
+}  // namespace flash
+}  // namespace longctx

@@ -1,0 +1,113 @@
+// Compile-time configuration of the Hopper (sm_90a) flash-attention forward kernel.
+//
+// What it fixes: tile sizes (kBlockM query rows x kBlockN keys per iteration), the number of
+// K/V pipeline stages, the warpgroup roles and register budgets, the shared-memory layouts and
+// the two wgmma tiled MMAs:
+//   GEMM0  S(kBlockM x kBlockN) = Q(kBlockM x D) K^T      SS: both operands from smem, K-major
+//   GEMM1  O(kBlockM x D)      += P(kBlockM x kBlockN) V   RS: P from registers, V (= B) MN-major
+// Tiling: 3 warpgroups (384 threads). Warpgroup 0 is the producer (one thread issues TMA),
+// warpgroups 1 and 2 are consumers; each consumer owns 64 of the 128 query rows (one wgmma
+// atom of M = 64 each, AtomLayout kBlockM/64 x 1 x 1).
+// Invariants: kHeadDim is a multiple of 64 (128-byte swizzle atoms of 64 16-bit elements),
+// kBlockN a multiple of 16 (GEMM1 K step) and <= 256 (wgmma N); smem use <= 227 KB.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/atom/copy_atom.hpp>
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+namespace longctx {
+namespace flash {
+
+// Tile shape per head dim (bf16/fp16). hdim 256 needs a narrow kBlockN to fit smem (2 stages).
+template <int kHeadDim> struct FwdTileSize;
+template <> struct FwdTileSize<64>  { static constexpr int kBlockM = 128, kBlockN = 128, kStages = 2; };
+template <> struct FwdTileSize<128> { static constexpr int kBlockM = 128, kBlockN = 128, kStages = 2; };
+template <> struct FwdTileSize<256> { static constexpr int kBlockM = 128, kBlockN = 80,  kStages = 2; };
+
+template <typename Element_, int kHeadDim_,
+          int kBlockN_ = FwdTileSize<kHeadDim_>::kBlockN,
+          int kStages_ = FwdTileSize<kHeadDim_>::kStages>
+struct FlashFwdTraits {
+  using Element = Element_;      // cutlass::bfloat16_t or cutlass::half_t
+  using ElementAccum = float;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kNumMmaWarpGroups = kBlockM / 64;  // 2 consumers
+  static constexpr int kNumThreads = 128 * (kNumMmaWarpGroups + 1);
+  static constexpr int kNumMmaThreads = 128 * kNumMmaWarpGroups;
+  // setmaxnreg budgets: 24*128 + 240*256 = 64512 <= 65536.
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+
+  static_assert(kHeadDim % 64 == 0, "head dim must be a multiple of 64");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "kBlockN");
+
+  using TileShape_MNK = cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockN>, cute::Int<kHeadDim>>;
+  using AtomLayoutMNK = cute::Layout<cute::Shape<cute::Int<kNumMmaWarpGroups>, cute::_1, cute::_1>>;
+
+  using TiledMma0 = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, ElementAccum, TileShape_MNK>(), AtomLayoutMNK{}));
+  using TiledMma1 = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, ElementAccum,
+                                 decltype(cute::select<0, 2, 1>(TileShape_MNK{})),
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      AtomLayoutMNK{}));
+
+  using SmemLayoutAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;  // 8 x 64 elements
+  using SmemLayoutQ = decltype(cute::tile_to_shape(
+      SmemLayoutAtom{}, cute::make_shape(cute::Int<kBlockM>{}, cute::Int<kHeadDim>{})));
+  using SmemLayoutK = decltype(cute::tile_to_shape(
+      SmemLayoutAtom{},
+      cute::make_shape(cute::Int<kBlockN>{}, cute::Int<kHeadDim>{}, cute::Int<kStages>{})));
+  using SmemLayoutV = SmemLayoutK;
+  // V viewed as the B operand of GEMM1: (D, kBlockN, stage), D contiguous (MN-major).
+  using SmemLayoutVt = decltype(cute::composition(
+      SmemLayoutV{},
+      cute::make_ordered_layout(
+          cute::make_shape(cute::Int<kHeadDim>{}, cute::Int<kBlockN>{}, cute::Int<kStages>{}),
+          cute::Step<cute::_2, cute::_1, cute::_3>{})));
+
+  using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
+  using PipelineState = typename cutlass::PipelineState<kStages>;
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> smem_q;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> smem_k;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutV>> smem_v;
+    alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_q;
+    alignas(16) typename MainloopPipeline::SharedStorage pipeline_k;
+    alignas(16) typename MainloopPipeline::SharedStorage pipeline_v;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+
+  static constexpr uint32_t kTmaBytesQ = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTmaBytesK = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTmaBytesV = kTmaBytesK;
+
+  // Global tensors as the TMA sees them: (rows, D, heads, batch), element strides, D contiguous.
+  using ShapeQKV = cute::Shape<int32_t, int32_t, int32_t, int32_t>;
+  using StrideQKV = cute::Stride<int64_t, cute::_1, int64_t, int64_t>;
+  using LayoutQKV = cute::Layout<ShapeQKV, StrideQKV>;
+  using TMA_Q = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_LOAD{},
+      cute::make_tensor(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQKV{}, StrideQKV{}),
+      SmemLayoutQ{}, cute::select<0, 2>(TileShape_MNK{}), cute::_1{}));
+  using TMA_KV = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_LOAD{},
+      cute::make_tensor(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQKV{}, StrideQKV{}),
+      cute::take<0, 2>(SmemLayoutK{}), cute::select<1, 2>(TileShape_MNK{}), cute::_1{}));
+};
+
+}  // namespace flash
+}  // namespace longctx

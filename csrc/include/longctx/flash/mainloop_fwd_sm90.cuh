@@ -1,0 +1,163 @@
+// Main loop of the Hopper forward kernel: the TMA producer and the wgmma/softmax consumers.
+//
+// Producer (one thread of warpgroup 0): loads the Q tile once (its own transaction barrier),
+// then for n = n_max-1 down to n_min loads K(n) and V(n) into stage s of two PipelineTmaAsync
+// rings (kStages deep; the TMA zero-fills rows past the tensor's end).
+// Consumers (warpgroups 1, 2; 64 query rows each), intra-warpgroup overlapped as in FA3:
+//   S(n_max-1) = Q K^T ; softmax -> P
+//   for n = n_max-2 .. n_min:  issue S(n) = Q K(n)^T ; issue O += P V(n+1) ;
+//                              wait S ; release K ; mask + softmax(S(n)) -> P', scale ;
+//                              wait PV ; release V(n+1) ; O *= scale ; P = P'
+//   O += P V(n_min)
+// so the softmax of tile n runs while the tensor cores do P V(n+1). Tiles are walked from the
+// last (the diagonal, masked ones first) to the first. The per-element mask is applied only to
+// tiles kv_tile_needs_mask flags. Invariants: consumer and producer walk the same tile range;
+// each pipeline state advances exactly once per tile on both sides.
+#pragma once
+#include <cute/tensor.hpp>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+#include "longctx/flash/flash_fwd_traits.cuh"
+#include "longctx/flash/mask.cuh"
+#include "longctx/flash/softmax.cuh"
+#include "longctx/flash/tile_range.cuh"
+
+namespace longctx {
+namespace flash {
+
+// wgmma over the K mode of the operands; zero_init overwrites the accumulator.
+template <bool kZeroInit, typename TiledMma, typename TA, typename TB, typename TC>
+__device__ __forceinline__ void wg_gemm(TiledMma& tiled_mma, const TA& tA, const TB& tB, TC& tC) {
+  using namespace cute;
+  constexpr bool kIsRS = !cute::is_base_of<cute::GMMA::DescriptorIterator, typename TiledMma::FrgTypeA>::value;
+  if constexpr (kIsRS) warpgroup_fence_operand(const_cast<TA&>(tA));
+  warpgroup_fence_operand(tC);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+  #pragma unroll
+  for (int k = 0; k < size<2>(tA); ++k) {
+    cute::gemm(tiled_mma, tA(_, _, k), tB(_, _, k), tC);
+    tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(tC);
+  if constexpr (kIsRS) warpgroup_fence_operand(const_cast<TA&>(tA));
+}
+
+template <typename Traits, typename TmaQ, typename TmaKV, typename GQ, typename GK, typename GV>
+__device__ __forceinline__ void producer_load(typename Traits::SharedStorage& ss,
+                                              const TmaQ& tma_q, const TmaKV& tma_k,
+                                              const TmaKV& tma_v, const GQ& gQ, const GK& gK,
+                                              const GV& gV,
+                                              typename Traits::MainloopPipeline& pipe_k,
+                                              typename Traits::MainloopPipeline& pipe_v,
+                                              int n_min, int n_max) {
+  using namespace cute;
+  Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename Traits::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutV{});
+  auto [tQgQ, tQsQ] = tma_partition(tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+  auto [tKgK, tKsK] = tma_partition(tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+  auto [tVgV, tVsV] = tma_partition(tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+
+  ss.barrier_q.arrive_and_expect_tx(Traits::kTmaBytesQ);
+  copy(tma_q.with(reinterpret_cast<uint64_t&>(ss.barrier_q), 0), tQgQ, tQsQ);
+
+  typename Traits::PipelineState st = cutlass::make_producer_start_state<typename Traits::MainloopPipeline>();
+  for (int n = n_max - 1; n >= n_min; --n) {
+    pipe_k.producer_acquire(st);
+    copy(tma_k.with(*pipe_k.producer_get_barrier(st), 0), tKgK(_, n), tKsK(_, st.index()));
+    pipe_v.producer_acquire(st);
+    copy(tma_v.with(*pipe_v.producer_get_barrier(st), 0), tVgV(_, n), tVsV(_, st.index()));
+    ++st;
+  }
+}
+
+struct MaskArgs {
+  int m_block, sq, sk, window_left, window_right;
+};
+
+// Runs the consumer main loop; returns O (unnormalized) in tOrO and the softmax state.
+template <typename Traits, typename TensorO, typename Softmax>
+__device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss, int mma_tidx,
+                                             typename Traits::MainloopPipeline& pipe_k,
+                                             typename Traits::MainloopPipeline& pipe_v,
+                                             int n_min, int n_max, const MaskArgs& ma,
+                                             TensorO& tOrO, Softmax& softmax) {
+  using namespace cute;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  using Element = typename Traits::Element;
+  typename Traits::TiledMma0 tiled_mma0;
+  typename Traits::TiledMma1 tiled_mma1;
+  auto thr_mma0 = tiled_mma0.get_thread_slice(mma_tidx);
+  auto thr_mma1 = tiled_mma1.get_thread_slice(mma_tidx);
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename Traits::SmemLayoutK{});
+  Tensor sVt = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutVt{});
+  Tensor tSrQ = thr_mma0.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K)
+  Tensor tSrK = thr_mma0.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, PIPE)
+  Tensor tOrV = thr_mma1.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, PIPE)
+
+  Tensor tSrS = partition_fragment_C(tiled_mma0, select<0, 1>(typename Traits::TileShape_MNK{}));
+  Tensor cS = make_identity_tensor(select<0, 1>(typename Traits::TileShape_MNK{}));
+  Tensor tScS = thr_mma0.partition_C(cS);
+  Tensor tOrP = make_tensor<Element>(acc_layout_to_A_regs(tSrS.layout()));
+  Tensor S_rc = make_tensor(tSrS.data(), acc_layout_rowcol(tSrS.layout()));
+  Tensor O_rc = make_tensor(tOrO.data(), acc_layout_rowcol(tOrO.layout()));
+
+  auto convert_p = [&]() {
+    constexpr int N = decltype(size(tSrS))::value;
+    cutlass::NumericArrayConverter<Element, float, N> cvt;
+    auto frag = cvt(*reinterpret_cast<const cutlass::Array<float, N>*>(tSrS.data()));
+    *reinterpret_cast<cutlass::Array<Element, N>*>(tOrP.data()) = frag;
+  };
+  auto maybe_mask = [&](int n) {
+    if (kv_tile_needs_mask(ma.m_block, n, kBlockM, kBlockN, ma.sq, ma.sk, ma.window_left,
+                           ma.window_right)) {
+      apply_mask(tSrS, tScS, ma.m_block * kBlockM, n * kBlockN, ma.sq, ma.sk, ma.window_left,
+                 ma.window_right);
+    }
+  };
+
+  typename Traits::PipelineState st_k, st_v;  // consumer start state: index 0, phase 0
+  ss.barrier_q.wait(0);
+
+  int n = n_max - 1;
+  pipe_k.consumer_wait(st_k);
+  wg_gemm<true>(tiled_mma0, tSrQ, tSrK(_, _, _, st_k.index()), tSrS);
+  warpgroup_wait<0>();
+  pipe_k.consumer_release(st_k);
+  ++st_k;
+  maybe_mask(n);
+  softmax.first_step(S_rc);
+  convert_p();
+
+  for (n = n_max - 2; n >= n_min; --n) {
+    pipe_k.consumer_wait(st_k);
+    wg_gemm<true>(tiled_mma0, tSrQ, tSrK(_, _, _, st_k.index()), tSrS);
+    pipe_v.consumer_wait(st_v);
+    wg_gemm<false>(tiled_mma1, tOrP, tOrV(_, _, _, st_v.index()), tOrO);
+    warpgroup_wait<1>();
+    warpgroup_fence_operand(tSrS);
+    pipe_k.consumer_release(st_k);
+    ++st_k;
+    maybe_mask(n);
+    float scale_o[2];
+    softmax.step(S_rc, scale_o);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tOrO);
+    pipe_v.consumer_release(st_v);
+    ++st_v;
+    rescale_rows(O_rc, scale_o);
+    convert_p();
+  }
+  pipe_v.consumer_wait(st_v);
+  wg_gemm<false>(tiled_mma1, tOrP, tOrV(_, _, _, st_v.index()), tOrO);
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tOrO);
+  pipe_v.consumer_release(st_v);
+  ++st_v;
+}
+
+}  // namespace flash
+}  // namespace longctx

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One device call: build the extension, run the standalone CUDA tests (ctest), the GPU test
+# suite and the named benchmarks. Logs go to $OUT/log.txt, results to $OUT/results/<gpu>/.
+#   scripts/gpu_check.sh [-k PYTEST_EXPR] [bench ...]        e.g. scripts/gpu_check.sh rope
+# Build switches (LONGCTX_KERNELS, LONGCTX_HEADDIMS, ...) pass through from the environment.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-/tmp/longctx_out}
+mkdir -p "$OUT"
+LOG=$OUT/log.txt
+exec > >(tee -a "$LOG") 2>&1
+KEXPR=()
+if [ "${1:-}" = "-k" ]; then KEXPR=(-k "$2"); shift 2; fi
+
+if ls .whl/*.whl > /dev/null 2>&1; then  # carried wheels (nvidia-cutlass)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv
+python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
+
+echo "== build (setup.py, MAX_JOBS=16)"
+start=$(date +%s)
+if ! MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  grep -E "error" "$OUT/build.log" | head -40; tail -20 "$OUT/build.log"; exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+grep -E "warning" "$OUT/build.log" | grep -v "cpp_extension" | head -10
+rm -f "$OUT/build.log"
+export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
+
+echo "== standalone CUDA tests (CMake + ctest)"
+cmake -S . -B /tmp/longctx_cmake -DLONGCTX_WITH_TORCH=OFF > /dev/null \
+  && cmake --build /tmp/longctx_cmake -j16 > /dev/null \
+  && ctest --test-dir /tmp/longctx_cmake --output-on-failure | tail -15
+[ -x /tmp/longctx_cmake/rope_bench ] && /tmp/longctx_cmake/rope_bench
+
+echo "== pytest"
+python3 -m pytest tests -q -p no:cacheprovider -p no:logging "${KEXPR[@]}" 2>&1 | tail -30
+
+for b in "$@"; do
+  echo "== bench/$b.py"
+  python3 "bench/$b.py" --out "$OUT/results"
+done
