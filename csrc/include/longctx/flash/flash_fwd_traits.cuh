@@ -12,6 +12,13 @@
 // kBlockN a multiple of 16 (GEMM1 K step) and <= 256 (wgmma N); smem use <= 227 KB.
 #pragma once
 
+// wgmma N = 80 (hdim 256) and other non-multiple-of-64 N are behind this switch in CuTe; it must
+// be seen before the first CuTe include of the translation unit (the instantiation files define
+// it first thing too). The static_assert below catches a TU where it came too late.
+#ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#endif
+
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_atom.hpp>
 #include <cute/atom/copy_atom.hpp>
@@ -62,6 +69,9 @@ struct FlashFwdTraits {
                                  decltype(cute::select<0, 2, 1>(TileShape_MNK{})),
                                  cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
       AtomLayoutMNK{}));
+
+  static_assert(cute::size<1>(typename TiledMma0::AtomShape_MNK{}) == kBlockN,
+                "GEMM0 must be one wgmma of N = kBlockN (CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED)");
 
   using SmemLayoutAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;  // 8 x 64 elements
   using SmemLayoutQ = decltype(cute::tile_to_shape(

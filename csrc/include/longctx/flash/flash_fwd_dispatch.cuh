@@ -1,0 +1,43 @@
+// Dispatch table of the compiled forward instantiations, keyed by (head_dim, dtype).
+//
+// Each instantiation file csrc/ops/flash_fwd_hdim<D>_<dtype>_sm90.cu registers its
+// run_flash_fwd_sm90<Element, D> at static-initialization time; a build restricted by
+// LONGCTX_HEADDIMS / LONGCTX_DTYPES simply leaves slots empty, still links, and the launcher
+// reports the missing (head_dim, dtype) instead of failing to link. The table lives in a
+// function-local static of an inline function, so registration order across translation units
+// does not matter. Framework-free: the standalone tests link the same instantiation files.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+#include "longctx/flash/flash_params.h"
+
+namespace longctx {
+namespace flash {
+
+// total_q / total_k: rows of the packed q / k tensors in varlen mode (ignored when batched).
+using FlashFwdFn = cudaError_t (*)(const FwdParams&, int64_t total_q, int64_t total_k,
+                                   cudaStream_t);
+
+inline int flash_fwd_hdim_slot(int head_dim) {
+  return head_dim == 64 ? 0 : head_dim == 128 ? 1 : head_dim == 256 ? 2 : -1;
+}
+
+inline FlashFwdFn* flash_fwd_table() {
+  static FlashFwdFn table[3][2] = {};  // [hdim slot][is_bf16]
+  return &table[0][0];
+}
+
+// nullptr when (head_dim, dtype) is not compiled into this binary.
+inline FlashFwdFn flash_fwd_lookup(int head_dim, bool is_bf16) {
+  const int s = flash_fwd_hdim_slot(head_dim);
+  return s < 0 ? nullptr : flash_fwd_table()[s * 2 + (is_bf16 ? 1 : 0)];
+}
+
+struct FlashFwdRegistration {
+  FlashFwdRegistration(int head_dim, bool is_bf16, FlashFwdFn fn) {
+    flash_fwd_table()[flash_fwd_hdim_slot(head_dim) * 2 + (is_bf16 ? 1 : 0)] = fn;
+  }
+};
+
+}  // namespace flash
+}  // namespace longctx
