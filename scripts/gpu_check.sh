@@ -37,10 +37,16 @@ cmake -S . -B /tmp/longctx_cmake -DLONGCTX_WITH_TORCH=OFF > /dev/null \
   && ctest --test-dir /tmp/longctx_cmake --output-on-failure | tail -15
 [ -x /tmp/longctx_cmake/rope_bench ] && /tmp/longctx_cmake/rope_bench
 
+echo "== smoke"
+python3 -X faulthandler scripts/diag_import.py 2>&1 | head -40
 echo "== pytest"
-python3 -m pytest tests -q -p no:cacheprovider -p no:logging "${KEXPR[@]}" 2>&1 | tail -30
+python3 -X faulthandler -m pytest tests -q -p no:cacheprovider -p no:logging "${KEXPR[@]}" \
+  > "$OUT/pytest.txt" 2>&1
+echo "pytest exit code $?"
+grep -E -A30 "Fatal Python error" "$OUT/pytest.txt" | grep -v "site-packages/(_pytest|pluggy)" | head -40
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.txt" | tail -30
 
 for b in "$@"; do
   echo "== bench/$b.py"
-  python3 "bench/$b.py" --out "$OUT/results"
+  python3 -X faulthandler "bench/$b.py" --out "$OUT/results"
 done
