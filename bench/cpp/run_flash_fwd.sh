@@ -2,13 +2,57 @@
 # Builds the standalone flash-forward test and benchmark (all six instantiations, in parallel)
 # and runs them. Needs nvcc (sm_90a) and CUTLASS headers: CUTLASS_INC or the nvidia-cutlass
 # package. Logs go to $OUT (or build/flash_fwd) when set.
-# Usage: bench/cpp/run_flash_fwd.sh [test|bench|all] (default all)
+# Usage: bench/cpp/run_flash_fwd.sh [test|bench|all|torch] (default all)
+#   torch: build the extension in place (setup.py), run tests/test_attention_gpu.py and time
+#          torch.ops.longctx.flash_attn_fwd against torch SDPA (cuDNN, flash) in one process.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 WHAT=${1:-all}
 NVCC=${NVCC:-/usr/local/cuda/bin/nvcc}
 CUTLASS_INC=${CUTLASS_INC:-$(python3 -c 'import cutlass_library,os;print(os.path.join(os.path.dirname(cutlass_library.__file__),"source","include"))')}
 BUILD=build/flash_fwd
+if [ "$WHAT" = torch ]; then
+  LOG=${OUT:-build}; mkdir -p $LOG
+  export PYTHONUNBUFFERED=1
+  export PYTHONPATH=$(python3 -c 'import cutlass_library,os;print(os.path.dirname(os.path.dirname(cutlass_library.__file__)))'):${PYTHONPATH:-}
+  start=$(date +%s)
+  MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace > $LOG/torch_build.log 2>&1 \
+    || { grep -E "error" $LOG/torch_build.log | head -30; exit 1; }
+  echo "extension build: $(( $(date +%s) - start )) s"
+  export PYTHONPATH=$PWD/python:$PYTHONPATH
+  python3 -m pytest tests/test_attention_gpu.py -q -p no:cacheprovider 2>&1 | tail -25
+  python3 - <<'PY' 2>&1 | tee $LOG/peers.log
+import torch, longctx
+from torch.nn.attention import sdpa_kernel, SDPBackend
+F = torch.nn.functional
+def bench(fn, reps=20):
+    for _ in range(3): fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); fn(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b))
+    return sorted(ts)[reps // 2]
+print("hdim seqlen causal | ours ms TF | cudnn ms TF | flash ms TF")
+for d, s, causal in [(128, 16384, False), (128, 16384, True), (128, 1024, True), (64, 16384, True), (256, 16384, True)]:
+    b, h = 32768 // s, 2048 // d
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    fl = 4 * b * h * (s * (s + 1) / 2 if causal else s * s) * d
+    row = [f"{d} {s} {int(causal)}"]
+    t = bench(lambda: torch.ops.longctx.flash_attn_fwd(q, k, v, None, None, 0, 0, d ** -0.5, causal, -1, -1))
+    row.append(f"{t:.3f} {fl / t / 1e9:.0f}")
+    for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        try:
+            with sdpa_kernel(be):
+                t = bench(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
+            row.append(f"{t:.3f} {fl / t / 1e9:.0f}")
+        except Exception as e:
+            row.append("n/a")
+    print(" | ".join(row))
+PY
+  exit 0
+fi
 LOG=${OUT:-$BUILD}
 mkdir -p $BUILD $LOG
 FLAGS="-O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I csrc -I csrc/include -I $CUTLASS_INC"

@@ -253,6 +253,7 @@ int main(int argc, char** argv) {
   cases.push_back({128, true, 1, 2, 2, 2048, 2048, false, -1, -1});
   cases.push_back({128, true, 1, 2, 2, 2048, 2048, false, 300, 300});
   cases.push_back({64, true, 1, 2, 2, 1, 5000, false, -1, -1});
+  cases.push_back({128, true, 1, 2, 1, 8192, 8192, true, -1, -1});  // long causal, GQA
   int fails = 0;
   for (const auto& c : cases) fails += run_case(c, rng) ? 0 : 1;
   printf("%s: %d / %zu cases failed\n", fails ? "FAIL" : "PASS", fails, cases.size());

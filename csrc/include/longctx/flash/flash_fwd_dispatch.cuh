@@ -33,6 +33,22 @@ inline FlashFwdFn flash_fwd_lookup(int head_dim, bool is_bf16) {
   return s < 0 ? nullptr : flash_fwd_table()[s * 2 + (is_bf16 ? 1 : 0)];
 }
 
+// The TMA needs 16-byte-aligned base pointers and strides that are multiples of 16 bytes;
+// returns why a layout cannot be used, or nullptr.
+inline const char* flash_fwd_tma_unsupported_reason(const FwdParams& p, int elem_bytes) {
+  auto misaligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) != 0; };
+  if (misaligned(p.q) || misaligned(p.k) || misaligned(p.v) || misaligned(p.out))
+    return "q, k, v and out must be 16-byte aligned";
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t strides[] = {p.q_row_stride, p.q_head_stride, varlen ? 8 : p.q_batch_stride,
+                             p.k_row_stride, p.k_head_stride, varlen ? 8 : p.k_batch_stride,
+                             p.v_row_stride, p.v_head_stride, varlen ? 8 : p.v_batch_stride,
+                             p.out_row_stride, p.out_head_stride};
+  for (int64_t s : strides)
+    if ((s * elem_bytes) % 16 != 0) return "q, k, v and out strides must be multiples of 16 bytes";
+  return nullptr;
+}
+
 struct FlashFwdRegistration {
   FlashFwdRegistration(int head_dim, bool is_bf16, FlashFwdFn fn) {
     flash_fwd_table()[flash_fwd_hdim_slot(head_dim) * 2 + (is_bf16 ? 1 : 0)] = fn;

@@ -50,7 +50,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
   const int h = blockIdx.y, b = blockIdx.z;
   const SeqInfo si(p, b);
   if (m_block * kBlockM >= si.sq) return;  // varlen: this sequence is shorter (uniform exit)
-  const TileRange tr = kv_tile_range(m_block, kBlockM, kBlockN, si.sq, si.sk, p.window_left,
+  const KvTileRange tr = kv_tile_range(m_block, kBlockM, kBlockN, si.sq, si.sk, p.window_left,
                                      p.window_right);
 
   const int warp_idx = cutlass::canonical_warp_idx_sync();

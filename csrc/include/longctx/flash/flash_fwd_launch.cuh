@@ -11,26 +11,13 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <cute/tensor.hpp>
+#include "longctx/flash/flash_fwd_dispatch.cuh"
 #include "longctx/flash/flash_fwd_kernel.cuh"
 #include "longctx/flash/flash_fwd_traits.cuh"
 #include "longctx/flash/flash_params.h"
 
 namespace longctx {
 namespace flash {
-
-inline const char* flash_fwd_tma_unsupported_reason(const FwdParams& p, int elem_bytes) {
-  auto misaligned = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) != 0; };
-  if (misaligned(p.q) || misaligned(p.k) || misaligned(p.v) || misaligned(p.out))
-    return "q, k, v and out must be 16-byte aligned";
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const int64_t strides[] = {p.q_row_stride, p.q_head_stride, varlen ? 8 : p.q_batch_stride,
-                             p.k_row_stride, p.k_head_stride, varlen ? 8 : p.k_batch_stride,
-                             p.v_row_stride, p.v_head_stride, varlen ? 8 : p.v_batch_stride,
-                             p.out_row_stride, p.out_head_stride};
-  for (int64_t s : strides)
-    if ((s * elem_bytes) % 16 != 0) return "q, k, v and out strides must be multiples of 16 bytes";
-  return nullptr;
-}
 
 // total_q / total_k: rows of the packed tensors in varlen mode (ignored when batched).
 template <typename Element, int kHeadDim>

@@ -13,11 +13,11 @@
 namespace longctx {
 namespace flash {
 
-struct TileRange {
+struct KvTileRange {  // named apart from mask.h's TileRange (CPU twin) until the two are unified
   int n_min, n_max;
 };
 
-__host__ __device__ inline TileRange kv_tile_range(int m_block, int kBlockM, int kBlockN, int sq,
+__host__ __device__ inline KvTileRange kv_tile_range(int m_block, int kBlockM, int kBlockN, int sq,
                                                    int sk, int window_left, int window_right) {
   const int m0 = m_block * kBlockM;
   const int m1 = (m0 + kBlockM < sq ? m0 + kBlockM : sq);  // exclusive, m1 > m0 assumed

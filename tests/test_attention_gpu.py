@@ -1,0 +1,193 @@
+"""GPU tests of torch.ops.longctx.flash_attn_fwd (the Hopper sm_90a kernel).
+
+Compared with a float64 reference (upcast inputs) under the FlashAttention-3 rule: our max error
+must be <= 2x the max error of the same computation done in PyTorch at the input precision
+(16-bit matmuls, fp32 softmax, P rounded to 16 bits), plus a small atol. lse (fp32, natural log)
+is compared with the float64 one; rows that see no key must give out = 0 and lse = -inf.
+Skipped without a CUDA Hopper GPU or when the forward kernel is not compiled in.
+"""
+import math
+
+import pytest
+import torch
+
+import longctx  # noqa: F401  (registers the ops)
+
+pytestmark = pytest.mark.gpu
+
+
+def _fwd_compiled():
+    try:
+        cfg = longctx._C.build_config()
+    except Exception:  # pragma: no cover
+        return set()
+    return {
+        (int(f[4:]), k["dtypes"])
+        for k in cfg["kernels"]
+        if k["family"] == "flash_fwd" and k["device"] == "cuda"
+        for f in k["features"].split(",")
+        if f.startswith("hdim")
+    }
+
+
+def _skip_unless(hdim, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the forward kernel needs a Hopper GPU (sm_90)")
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    if (hdim, name) not in _fwd_compiled():
+        pytest.skip(f"flash_fwd hdim {hdim} {name} not compiled in this build")
+
+
+def _mask(sq, sk, causal, wl, wr, device):
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    shift = sk - sq
+    if causal:
+        wr = 0
+    vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if wl >= 0:
+        vis &= j >= i + shift - wl
+    if wr >= 0:
+        vis &= j <= i + shift + wr
+    return vis
+
+
+def _ref_one(q, k, v, scale, causal, wl, wr, lowp):
+    """q (sq, h, d), k/v (sk, hk, d) -> out (sq, h, d), lse (h, sq) (float64 unless lowp)."""
+    sq, h, d = q.shape
+    sk, hk = k.shape[0], k.shape[1]
+    k = k.repeat_interleave(h // hk, dim=1)
+    v = v.repeat_interleave(h // hk, dim=1)
+    if not lowp:
+        q, k, v = q.double(), k.double(), v.double()
+    s = torch.einsum("qhd,khd->hqk", q, k).to(torch.float64 if not lowp else torch.float32) * scale
+    vis = _mask(sq, sk, causal, wl, wr, q.device)
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    p = torch.nan_to_num(p, nan=0.0)
+    if lowp:
+        p = p.to(v.dtype)
+    out = torch.einsum("hqk,khd->qhd", p, v).to(torch.float64)
+    return out, lse.to(torch.float64)
+
+
+def _check(out, lse, q, k, v, scale, causal, wl, wr, cu_q=None, cu_k=None):
+    dtype = q.dtype
+    if cu_q is None:
+        seqs = [(q[b], k[b], v[b], out[b], lse[b]) for b in range(q.shape[0])]
+    else:
+        seqs = []
+        for b in range(len(cu_q) - 1):
+            qs, qe, ks, ke = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+            seqs.append((q[qs:qe], k[ks:ke], v[ks:ke], out[qs:qe], lse[:, qs:qe]))
+    atol = 2e-3 if dtype == torch.bfloat16 else 5e-4
+    for qb, kb, vb, ob, lb in seqs:
+        if qb.shape[0] == 0:
+            continue
+        ref, ref_lse = _ref_one(qb, kb, vb, scale, causal, wl, wr, lowp=False)
+        low, _ = _ref_one(qb, kb, vb, scale, causal, wl, wr, lowp=True)
+        low = low.to(dtype).double()
+        assert torch.isfinite(ob).all(), "out has NaN/inf"
+        err = (ob.double() - ref).abs().max().item()
+        err_low = (low - ref).abs().max().item()
+        assert err <= 2 * err_low + atol, f"out error {err:.3e} > 2 * {err_low:.3e} + {atol}"
+        inf_ref = torch.isinf(ref_lse)
+        assert torch.equal(torch.isinf(lb), inf_ref), "lse -inf pattern differs"
+        assert (lb[inf_ref] < 0).all()
+        if (~inf_ref).any():
+            lerr = (lb.double()[~inf_ref] - ref_lse[~inf_ref]).abs().max().item()
+            assert lerr <= 1e-3, f"lse error {lerr:.3e}"
+        empty_rows = inf_ref.all(dim=0)  # (sq,) rows with no key in every head
+        if empty_rows.any():
+            assert (ob[empty_rows] == 0).all()
+
+
+CASES = [  # (batch, sq, sk, heads, heads_kv, causal, window_left, window_right)
+    (2, 256, 256, 4, 4, False, -1, -1),
+    (2, 256, 256, 4, 4, True, -1, -1),
+    (1, 200, 333, 4, 2, True, -1, -1),     # sk > sq, odd lengths, GQA
+    (1, 333, 200, 4, 1, True, -1, -1),     # sq > sk: rows that see nothing, MQA
+    (2, 1, 777, 8, 2, True, -1, -1),       # decode
+    (1, 500, 517, 2, 2, False, 100, 0),    # sliding window (causal edge)
+    (1, 450, 450, 2, 1, False, 64, 32),    # two-sided window
+    (1, 300, 77, 2, 2, False, -1, -1),     # sk shorter than one tile
+]
+
+
+@pytest.mark.parametrize("hdim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b%d_sq%d_sk%d_h%d_%d_c%d_w%d_%d" % c)
+def test_flash_fwd_batched(hdim, dtype, case):
+    _skip_unless(hdim, dtype)
+    b, sq, sk, h, hk, causal, wl, wr = case
+    dev = "cuda"
+    q = torch.randn(b, sq, h, hdim, device=dev, dtype=dtype)
+    k = torch.randn(b, sk, hk, hdim, device=dev, dtype=dtype)
+    v = torch.randn(b, sk, hk, hdim, device=dev, dtype=dtype)
+    scale = 1.0 / math.sqrt(hdim)
+    out, lse = torch.ops.longctx.flash_attn_fwd(q, k, v, None, None, 0, 0, scale, causal, wl, wr)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
+    _check(out, lse, q, k, v, scale, causal, wl, -1 if causal else wr)
+
+
+@pytest.mark.parametrize("hdim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_fwd_varlen(hdim, dtype, causal):
+    _skip_unless(hdim, dtype)
+    lens_q = [17, 0, 300, 128, 1, 257]
+    lens_k = [17, 5, 400, 0, 90, 200]
+    cu_q = [0]
+    cu_k = [0]
+    for a, c in zip(lens_q, lens_k):
+        cu_q.append(cu_q[-1] + a)
+        cu_k.append(cu_k[-1] + c)
+    h, hk, dev = 4, 2, "cuda"
+    q = torch.randn(cu_q[-1], h, hdim, device=dev, dtype=dtype)
+    k = torch.randn(cu_k[-1], hk, hdim, device=dev, dtype=dtype)
+    v = torch.randn(cu_k[-1], hk, hdim, device=dev, dtype=dtype)
+    scale = 0.7 / math.sqrt(hdim)
+    tq = torch.tensor(cu_q, dtype=torch.int32, device=dev)
+    tk = torch.tensor(cu_k, dtype=torch.int32, device=dev)
+    out, lse = torch.ops.longctx.flash_attn_fwd(q, k, v, tq, tk, max(lens_q), max(lens_k), scale,
+                                                causal, -1, -1)
+    assert lse.shape == (h, cu_q[-1])
+    _check(out, lse, q, k, v, scale, causal, -1, -1, cu_q, cu_k)
+
+
+def test_flash_fwd_strided_qkv():
+    """q, k, v as views of one packed (b, s, 3, h, d) tensor (row stride 3*h*d)."""
+    _skip_unless(128, torch.bfloat16)
+    qkv = torch.randn(2, 700, 3, 4, 128, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    out, lse = torch.ops.longctx.flash_attn_fwd(q, k, v, None, None, 0, 0, 0.1, True, -1, -1)
+    _check(out, lse, q, k, v, 0.1, True, -1, -1)
+
+
+def test_flash_fwd_long_matches_sdpa():
+    """A longer causal run against torch SDPA (fp32 math on upcast inputs)."""
+    _skip_unless(128, torch.bfloat16)
+    q, k, v = (torch.randn(1, 4096, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out, _ = torch.ops.longctx.flash_attn_fwd(q, k, v, None, None, 0, 0, 128 ** -0.5, True, -1, -1)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+        is_causal=True).transpose(1, 2)
+    low = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)
+    err = (out.float() - ref).abs().max().item()
+    err_low = (low.float() - ref).abs().max().item()
+    assert err <= 2 * err_low + 2e-3
+
+
+def test_flash_fwd_errors():
+    _skip_unless(128, torch.bfloat16)
+    q = torch.randn(1, 64, 2, 96, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        torch.ops.longctx.flash_attn_fwd(q, q, q, None, None, 0, 0, 0.1, False, -1, -1)
+    q = torch.randn(1, 64, 2, 128, device="cuda", dtype=torch.float32)
+    with pytest.raises(RuntimeError):
+        torch.ops.longctx.flash_attn_fwd(q, q, q, None, None, 0, 0, 0.1, False, -1, -1)
