@@ -21,7 +21,11 @@ fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 
-echo "== build (setup.py, MAX_JOBS=16)"
+# The GPU machines export CXX=/opt/gcc/bin/g++, a toolchain that links libstdc++ statically into
+# shared objects; a private libstdc++ inside the extension crashes on its first iostream use
+# against torch's shared one (seen 2026-11-23). Build with the system compiler.
+if [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+echo "== build (setup.py, MAX_JOBS=16, CXX=${CXX:-default})"
 start=$(date +%s)
 if ! MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
   grep -E "error" "$OUT/build.log" | head -40; tail -20 "$OUT/build.log"; exit 1

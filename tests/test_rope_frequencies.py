@@ -84,6 +84,13 @@ def test_yarn(truncate):
           0.1 * math.log(4.0) + 1.0)
 
 
+def test_yarn_factor_is_the_scale_whatever_max_position_embeddings_says():
+    # Qwen2.5's model card: factor 4 over 32768 with max_position_embeddings left at 32768
+    s = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    check(rope_frequencies(128, 1e6, s, max_position_embeddings=32768),
+          yarn_ref(1e6, 128, 4.0, 32768), 0.1 * math.log(4.0) + 1.0)
+
+
 def test_yarn_deepseek_mscale():
     # DeepSeek-V3: rotary 64 of qk_rope_head_dim, factor 40, mscale = mscale_all_dim = 1
     s = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
@@ -140,8 +147,6 @@ def test_device_argument():
     (dict(scaling={"rope_type": "yarn", "factor": 4.0}), "original_max_position_embeddings"),
     (dict(scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
                    "beta_fast": 1, "beta_slow": 32}), "beta_fast"),
-    (dict(scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
-          max_position_embeddings=8192), "contradictory lengths"),
     (dict(scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096,
                    "attention_factor": 1.2, "mscale": 1.0}), "not both"),
     (dict(scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,

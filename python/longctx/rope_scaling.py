@@ -82,6 +82,10 @@ def _default_inv_freq(base: float, dim: int) -> list[float]:
 
 
 def _yarn(scaling, base, dim, max_pos, orig_arg):
+    """YaRN as the paper defines it: `factor` is the scale s and original_max_position_embeddings
+    the pretrained length L. max_position_embeddings only stands in for a missing L; it is not
+    checked against s * L, because model cards (Qwen2.5) pair factor 4 with an unchanged
+    max_position_embeddings, and transformers versions differ on which of the two wins."""
     t = "yarn"
     factor = _number(scaling, "factor", t, required=True, minimum=1.0)
     orig = _resolve_same("original_max_position_embeddings",
@@ -91,9 +95,6 @@ def _yarn(scaling, base, dim, max_pos, orig_arg):
         if orig is None:
             raise _err(t, "needs original_max_position_embeddings (in rope_scaling or as an "
                           "argument) or max_position_embeddings: the pretrained context length")
-    elif max_pos is not None and not math.isclose(max_pos, factor * orig, rel_tol=1e-9):
-        raise _err(t, f"contradictory lengths: max_position_embeddings={max_pos} but factor * "
-                      f"original_max_position_embeddings = {factor} * {orig} = {factor * orig}")
     orig = float(orig)
     beta_fast = _number(scaling, "beta_fast", t, 32.0, minimum=0.0, strict_min=True)
     beta_slow = _number(scaling, "beta_slow", t, 1.0, minimum=0.0, strict_min=True)

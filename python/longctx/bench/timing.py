@@ -21,8 +21,10 @@ def time_cuda(fn: Callable, *, inputs: Optional[Sequence[Any]] = None, warmup: i
               reps: int = 50, min_time_ms: float = 200.0) -> float:
     """Median milliseconds of one call of fn on the GPU.
 
-    Runs `warmup` calls (module load, autotuning and compilation stay out), then at least `reps`
-    timed calls and as many more as fit in min_time_ms, each between its own pair of events.
+    Runs `warmup` calls (module load, autotuning and compilation stay out), estimates one call's
+    time, then enqueues max(reps, min_time_ms worth) calls back to back, each between its own
+    pair of events, and synchronizes once at the end. Back to back, the host's launch overhead
+    overlaps the previous call's GPU work, so the events time the GPU (as triton's do_bench does).
     """
     import torch
 
@@ -30,18 +32,20 @@ def time_cuda(fn: Callable, *, inputs: Optional[Sequence[Any]] = None, warmup: i
     for i in range(warmup):
         call(i)
     torch.cuda.synchronize()
-    times = []
-    start_all = time.perf_counter()
-    i = 0
-    while i < reps or ((time.perf_counter() - start_all) * 1e3 < min_time_ms and i < 20 * reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    t0 = time.perf_counter()
+    for i in range(3):
         call(i)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-        i += 1
-    return statistics.median(times)
+    torch.cuda.synchronize()
+    est_ms = max((time.perf_counter() - t0) * 1e3 / 3, 1e-3)
+    n = max(reps, min(int(min_time_ms / est_ms), 20 * reps))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        starts[i].record()
+        call(i)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
 def time_cpu(fn: Callable, *, inputs: Optional[Sequence[Any]] = None, warmup: int = 2,
