@@ -200,6 +200,9 @@ def resolve_model(name_or_path: str) -> ModelConfig:
         return PRESETS[key]
     if Path(name_or_path).exists():
         return load_config(name_or_path)
+    if name_or_path.endswith(".json") or "/" in name_or_path or "\\" in name_or_path:
+        raise ModelConfigError(f"{name_or_path}: no such file (give a preset name or the path "
+                               "of a HuggingFace config.json)")
     raise ModelConfigError(f"unknown model {name_or_path!r} (not a preset, and no such file); "
                            f"known presets: {', '.join(PRESETS)}; or give the path of a "
                            "HuggingFace config.json")

@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Optional
 from .models import ModelConfig
 
 __all__ = [
-    "PlanError", "GpuSpec", "GPUS", "DTYPE_BYTES", "KV_DTYPES", "WEIGHT_DTYPES",
+    "PlanError", "PlanDoesNotFit", "GpuSpec", "GPUS", "DTYPE_BYTES", "KV_DTYPES", "WEIGHT_DTYPES",
     "parse_tokens", "parse_gpu", "format_bytes", "format_tokens",
     "ParamCount", "param_count", "kv_bytes_per_token_per_layer", "kv_scale_bytes",
     "attention_pairs", "attention_fwd_flops", "attention_bwd_flops",
@@ -56,6 +56,10 @@ __all__ = [
 
 class PlanError(ValueError):
     """An input that makes no plan (the message is one line, meant for the user)."""
+
+
+class PlanDoesNotFit(PlanError):
+    """No number of GPUs holds the plan."""
 
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}
@@ -419,8 +423,8 @@ def make_plan(m: ModelConfig, context: int, *, gpus: Optional[int] = None, gpu: 
             limit = min(context, MAX_GPUS)
             need = memory_per_gpu(m, context, limit, capacity=gpu.memory_bytes, **mem_kw).total
             why = (" (the weights are replicated on every GPU)" if replicate_weights else "")
-            raise PlanError(f"{m.name} at {context:,} tokens does not fit on any number of "
-                            f"{gpu.name}s up to {limit:,}: {format_bytes(need)} per GPU "
+            raise PlanDoesNotFit(f"{m.name} at {context:,} tokens does not fit on any number of "
+                            f"{gpu.name} GPUs up to {limit:,}: {format_bytes(need)} per GPU "
                             f"against {format_bytes(gpu.memory_bytes)}{why}")
         gpus = fewest
     per_layer = kv_bytes_per_token_per_layer(m, kv_dtype)
