@@ -1,6 +1,7 @@
 """The `longctx` command: `python -m longctx info|plan|bench` run as subprocesses (exit codes,
 key lines, one-line errors without tracebacks), and the bench registry and reporting in process."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -262,3 +263,31 @@ def test_gpu_suite_registry_absent():
         pass
     suites, why = cli_bench.load_gpu_suites()
     assert suites is None and "longctx.bench.suites" in why
+
+
+def test_cpu_attention_cases_run_when_a_cpu_kernel_exists():
+    """With a CPU kernel for flash_attn_fwd (here a stand-in built on SDPA, registered only for
+    this test when the build has none), the CPU bench times attention and reports TFLOP/s."""
+    from longctx import bench_cpu
+
+    lib = None
+    if not bench_cpu.attention_cpu_kernel_available():
+        lib = torch.library.Library("longctx", "IMPL")
+
+        def stand_in(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, wl, wr):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                scale=scale, enable_gqa=True).transpose(1, 2)
+            return out, q.new_zeros(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+
+        lib.impl("flash_attn_fwd", stand_in, "CPU")
+    try:
+        cases, skipped = bench_cpu.cpu_cases(quick=True)
+        assert [c for c in cases if c[0] == "attn_fwd"] and not skipped
+        row = bench_cpu._attn_case(64, "fp32", reps=1)
+        # 4 x 1 batch x 4 heads x (64 x 65 / 2 = 2080) pairs x 64 = 2,129,920 FLOP
+        assert math.isclose(row["tflops"], 2_129_920 / (row["ours_ms"] * 1e-3) / 1e12)
+        assert "sdpa_cpu" in row["peers"] and row["case"]["causal"] is True
+    finally:
+        if lib is not None:
+            lib._destroy()

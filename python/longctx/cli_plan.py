@@ -24,7 +24,8 @@ def format_plan(p: Plan) -> str:
         f"GPUs        {p.gpus} x {p.gpu}{gpus_note}, ring attention: "
         f"{format_tokens(r.shard_tokens)} tokens of each sequence per GPU",
         "",
-        f"KV cache ({p.kv_dtype}{', + fp32 scale per token and head' if p.kv_dtype == 'int8' else ''})",
+        f"KV cache ({p.kv_dtype}"
+        f"{', + an fp32 scale per token and head' if p.kv_dtype == 'int8' else ''})",
         f"  per token, one layer   {format_bytes(p.kv_bytes_per_token_per_layer)}",
         f"  per token, all layers  {format_bytes(p.kv_bytes_per_token)}",
         f"  per sequence           {format_bytes(p.kv_bytes_per_sequence)}",
