@@ -80,6 +80,23 @@ def test_arch_compatibility():
     assert peak_bandwidth_gbps(None, 5120) is None
 
 
+def test_feature_availability_reads_build_info():
+    from longctx.cli_info import feature_availability
+
+    build = {"cuda_archs": ["90a"], "kernels": [
+        {"family": "rope", "device": "cpu"}, {"family": "rope", "device": "cuda"},
+        {"family": "flash_fwd", "device": "cuda"}, {"family": "kvcache", "device": "cpu"}]}
+    h100 = {"index": 0, "capability": [9, 0]}
+    b200 = {"index": 1, "capability": [10, 0]}
+    f = feature_availability(build, [h100, b200])
+    assert f["rope"]["cpu"] and f["rope"]["cuda"] == {0: True, 1: False}
+    assert "built for 90a, the GPU is sm_100" in f["rope"]["why"]
+    assert not f["flash_fwd"]["cpu"] and f["flash_fwd"]["cuda"][0]
+    assert f["kvcache"]["cuda"] == {0: False, 1: False}
+    assert f["kvcache"]["why"] == "no CUDA kernel compiled"
+    assert feature_availability(build, [])["flash_fwd"]["why"] == "no CUDA GPU"
+
+
 # ------------------------------------------------------------------------------------- plan
 
 

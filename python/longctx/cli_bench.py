@@ -68,10 +68,10 @@ def load_gpu_suites() -> Tuple[Optional[Mapping[str, Callable]], str]:
     """(the registered GPU suites, "") or (None, why not)."""
     try:
         mod = importlib.import_module("longctx.bench.suites")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("longctx.bench"):
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name and e.name.startswith("longctx.bench"):
             return None, "longctx.bench.suites is not installed (no GPU suites in this build)"
-        raise
+        return None, f"longctx.bench.suites could not be imported: {e}"
     suites = getattr(mod, "SUITES", None)
     if not isinstance(suites, Mapping) or not suites:
         return None, "longctx.bench.suites registers no suite (SUITES is missing or empty)"
