@@ -1,0 +1,312 @@
+"""`longctx bench`: run the benchmark suites, print longctx against its peers, write the results
+(JSON and a markdown table, format of shared/DESIGN.md) and a plot per benchmark.
+
+On a machine with a CUDA GPU the GPU suites run. They come from the harness package through a
+small registry: the module `longctx.bench.suites` exposes
+
+    SUITES: Mapping[str, Callable[..., results]]   # name -> benchmark function
+
+and each function is called as fn(quick=bool[, progress=callable(label)]) and returns one
+results dict in the DESIGN.md format ({"gpu", "torch", "date", ..., "rows": [...]}), an object
+with .as_dict() (longctx.bench.Results), or a list of them. Without a GPU, or without that module,
+the CPU benchmark of longctx.bench_cpu runs instead and the GPU cases skipped are listed, with why.
+
+Plots (TFLOP/s or GB/s against sequence length, ours and every peer) need matplotlib, an optional
+dependency; without it the plot is skipped and the command says so.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+__all__ = ["run_bench", "load_gpu_suites", "format_table", "format_markdown", "write_results",
+           "plot_results"]
+
+
+class Progress:
+    """A text progress line on stderr ("[3/8] label"); tqdm's bar where tqdm is installed."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled = total, 0, enabled
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self._bar = tqdm(total=total, file=sys.stderr, leave=False)
+            except ImportError:
+                pass
+        self._tty = sys.stderr.isatty()
+
+    def __call__(self, label: str, advance: bool = True) -> None:
+        """Shows `label`; advance=False shows a sub-step of the current item."""
+        self.done += 1 if advance else 0
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_description(label)
+            self._bar.update(1 if advance else 0)
+        elif self._tty:
+            sys.stderr.write(f"\r\033[K[{self.done}/{self.total}] {label}")
+            sys.stderr.flush()
+        else:
+            print(f"[{self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled and self._tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def load_gpu_suites() -> Tuple[Optional[Mapping[str, Callable]], str]:
+    """(the registered GPU suites, "") or (None, why not)."""
+    try:
+        mod = importlib.import_module("longctx.bench.suites")
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name and e.name.startswith("longctx.bench"):
+            return None, "longctx.bench.suites is not installed (no GPU suites in this build)"
+        return None, f"longctx.bench.suites could not be imported: {e}"
+    suites = getattr(mod, "SUITES", None)
+    if not isinstance(suites, Mapping) or not suites:
+        return None, "longctx.bench.suites registers no suite (SUITES is missing or empty)"
+    return suites, ""
+
+
+def _as_result_dicts(name: str, out: Any) -> List[Dict[str, Any]]:
+    items = out if isinstance(out, (list, tuple)) else [out]
+    dicts = []
+    for item in items:
+        d = dict(item.as_dict()) if hasattr(item, "as_dict") else dict(item)
+        d.setdefault("name", getattr(item, "name", name))
+        dicts.append(d)
+    return dicts
+
+
+def run_gpu_suites(suites: Mapping[str, Callable], quick: bool, progress: Progress
+                   ) -> Tuple[List[Dict[str, Any]], List[str]]:
+    results, failed = [], []
+    for name, fn in suites.items():
+        kwargs: Dict[str, Any] = {"quick": quick}
+        params = inspect.signature(fn).parameters
+        if "progress" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            kwargs["progress"] = lambda label, n=name: progress(f"{n}: {label}", advance=False)
+        progress(name)
+        try:
+            results += _as_result_dicts(name, fn(**kwargs))
+        except Exception as e:  # one failing suite must not hide the others' results
+            failed.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return results, failed
+
+
+# -------------------------------------------------------------------------------- reporting
+
+
+def _metric(rows: List[Dict[str, Any]]) -> Tuple[Optional[str], str]:
+    if any("tflops" in r for r in rows):
+        return "tflops", "TFLOP/s"
+    if any("gbps" in r for r in rows):
+        return "gbps", "GB/s"
+    return None, ""
+
+
+def _case_label(case: Mapping[str, Any], skip: Tuple[str, ...] = ()) -> str:
+    parts = []
+    for k, v in case.items():
+        if k in skip or (k == "window" and list(v) == [-1, -1]):
+            continue
+        parts.append(f"{k}={v}" if not isinstance(v, bool) else (k if v else f"no-{k}"))
+    return " ".join(parts)
+
+
+def _common_case_keys(rows: List[Dict[str, Any]]) -> Tuple[str, ...]:
+    """Case keys with one value over every row (shown once, in the title)."""
+    if len(rows) < 2:
+        return ()
+    first = rows[0].get("case", {})
+    return tuple(k for k, v in first.items()
+                 if all(r.get("case", {}).get(k, object()) == v for r in rows[1:]))
+
+
+def table_cells(result: Mapping[str, Any]) -> Tuple[str, List[List[str]]]:
+    """(title, rows of cells with a header row first): case, our time, each peer's time, our
+    rate, speedup over each peer."""
+    rows = result.get("rows", [])
+    peers = sorted({p for r in rows for p in r.get("peers", {})})
+    key, unit = _metric(rows)
+    common = _common_case_keys(rows)
+    header = ["case", "ours ms"] + [f"{p} ms" for p in peers]
+    header += ([f"ours {unit}"] if key else []) + [f"vs {p}" for p in peers]
+    lines = [header]
+    for r in rows:
+        ours = r.get("ours_ms")
+        cells = [_case_label(r.get("case", {}), common) or "-", f"{ours:.3f}" if ours else "-"]
+        for p in peers:
+            ms = r.get("peers", {}).get(p)
+            cells.append(f"{ms:.3f}" if ms else "-")
+        if key:
+            cells.append(f"{r[key]:.2f}" if r.get(key) is not None else "-")
+        for p in peers:
+            ms = r.get("peers", {}).get(p)
+            cells.append(f"{ms / ours:.2f}x" if ms and ours else "-")
+        lines.append(cells)
+    first = rows[0].get("case", {}) if rows else {}
+    shared = _case_label({k: first[k] for k in common})
+    title = (f"{result.get('name', '?')} on {result.get('device_name', result.get('gpu', '?'))}"
+             + (f" ({shared})" if shared else ""))
+    return title, lines
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """The results as an aligned plain-text table under a title line."""
+    title, lines = table_cells(result)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = [title]
+    for i, line in enumerate(lines):
+        out.append("  " + "  ".join(c.ljust(w) if j == 0 else c.rjust(w)
+                                    for j, (c, w) in enumerate(zip(line, widths))))
+        if i == 0:
+            out.append("  " + "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def format_markdown(result: Mapping[str, Any]) -> str:
+    title, lines = table_cells(result)
+    md = [f"# {title}", "", f"torch {result.get('torch')}, {result.get('date')}.", "",
+          "| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
+    md += ["| " + " | ".join(cells) + " |" for cells in lines[1:]]
+    return "\n".join(md) + "\n"
+
+
+def write_results(result: Mapping[str, Any], root: Path) -> Path:
+    """<root>/<gpu>/<name>.json and .md (the table)."""
+    out = Path(root) / str(result.get("gpu", "unknown"))
+    out.mkdir(parents=True, exist_ok=True)
+    name = result.get("name", "bench")
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{name}.md").write_text(format_markdown(result))
+    return path
+
+
+def plot_results(result: Mapping[str, Any], root: Path) -> Tuple[Optional[Path], str]:
+    """<root>/<gpu>/<name>.png: rate against sequence length, one line per (variant, impl).
+    Returns (path, "") or (None, why it was skipped)."""
+    rows = result.get("rows", [])
+    key, unit = _metric(rows)
+    if key is None or not any("seqlen" in r.get("case", {}) for r in rows):
+        return None, "no rate or no seqlen in the rows"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None, "matplotlib is not installed (pip install matplotlib)"
+    common = _common_case_keys(rows) + ("seqlen",)
+    series: Dict[str, List[Tuple[int, float]]] = {}
+    for r in rows:
+        case = r.get("case", {})
+        seqlen = case.get("seqlen")
+        ours, rate = r.get("ours_ms"), r.get(key)
+        if seqlen is None or not ours or rate is None:
+            continue
+        variant = _case_label(case, common)
+        series.setdefault(f"longctx {variant}".strip(), []).append((seqlen, rate))
+        for peer, ms in r.get("peers", {}).items():
+            if ms:  # same work, so the peer's rate scales with the time ratio
+                series.setdefault(f"{peer} {variant}".strip(), []).append(
+                    (seqlen, rate * ours / ms))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                linestyle="-" if label.startswith("longctx") else "--", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel(unit)
+    ax.set_title(table_cells(result)[0], fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    out = Path(root) / str(result.get("gpu", "unknown")) / f"{result.get('name', 'bench')}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out, ""
+
+
+# ---------------------------------------------------------------------------------- command
+
+
+def _busy_note() -> str:
+    """A warning when other processes load the CPUs (CPU timings are then noisy)."""
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except (AttributeError, OSError):
+        return ""
+    if load <= 0.75 * cores:
+        return ""
+    return (f"note: the machine is busy (load {load:.1f} on {cores} cores): CPU timings are "
+            "noisy; they smoke-test the kernels, they back no performance claim")
+
+
+def run_bench(quick: bool, out_dir: Path, plot: bool = True, as_json: bool = False,
+              show_progress: bool = True) -> int:
+    """The `longctx bench` command; returns the exit code."""
+    import torch
+
+    from . import bench_cpu
+
+    has_gpu = torch.cuda.is_available()
+    suites, why_no_suites = load_gpu_suites()
+    skipped: List[str] = []
+    failed: List[str] = []
+    if has_gpu and suites:
+        progress = Progress(len(suites), enabled=show_progress and not as_json)
+        results, failed = run_gpu_suites(suites, quick, progress)
+        mode = f"GPU suites on {torch.cuda.get_device_name()}"
+    else:
+        why = why_no_suites if has_gpu else "no CUDA GPU found"
+        skipped.append(f"GPU benchmarks: {why}")
+        cases, _ = bench_cpu.cpu_cases(quick)
+        progress = Progress(len(cases), enabled=show_progress and not as_json)
+        results, cpu_skipped = bench_cpu.run_cpu_benchmarks(quick, progress)
+        skipped += cpu_skipped
+        mode = f"CPU fallback ({torch.get_num_threads()} threads, small sizes)"
+    progress.close()
+
+    written, plots, plot_notes = [], [], []
+    for result in results:
+        written.append(str(write_results(result, out_dir)))
+        if plot:
+            path, why = plot_results(result, out_dir)
+            if path:
+                plots.append(str(path))
+            else:
+                plot_notes.append(f"{result.get('name')}: plot skipped: {why}")
+    if as_json:
+        print(json.dumps({"mode": mode, "results": results, "skipped": skipped, "failed": failed,
+                          "files": written + plots, "plot_notes": plot_notes}, indent=1))
+    else:
+        print(f"longctx bench: {mode}{' (quick)' if quick else ''}")
+        busy = _busy_note()
+        if busy and not (has_gpu and suites):
+            print(busy)
+        for result in results:
+            print()
+            print(format_table(result))
+        print()
+        for s in skipped:
+            print(f"skipped: {s}")
+        for f in failed:
+            print(f"FAILED: {f}")
+        for path in written + plots:
+            print(f"wrote {path}")
+        for note in plot_notes:
+            print(note)
+    return 1 if failed else 0

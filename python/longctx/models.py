@@ -1,0 +1,208 @@
+"""Model shapes for capacity planning: built-in presets and HuggingFace config.json parsing.
+
+A `ModelConfig` holds only what `longctx.plan` needs: the transformer's shape (layers, hidden
+size, attention heads with GQA, gated-MLP width, vocabulary, tied embeddings, q/k/v biases) and
+its RoPE settings (rope_theta, rope_scaling, context lengths).
+
+The presets are copied from the models' published config.json files (the base checkpoints):
+Llama 2 / 3.1 / 3.2 (meta-llama), Mistral 7B v0.3 and Mistral NeMo 12B (mistralai), Qwen2.5
+(Qwen). Every preset is a decoder of the Llama family: RMSNorm (one weight vector, no bias),
+a SwiGLU MLP (gate, up, down projections), RoPE. `load_config` reads any config.json of that family
+(model_type llama, mistral, qwen2, ... ) and names the field that is missing or malformed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+__all__ = ["ModelConfig", "ModelConfigError", "PRESETS", "load_config", "resolve_model"]
+
+
+class ModelConfigError(ValueError):
+    """An unknown preset or a config.json that cannot be planned (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on q, k and v (not on o)
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[Dict[str, Any]] = None
+    partial_rotary_factor: float = 1.0
+    max_position_embeddings: Optional[int] = None
+    original_max_position_embeddings: Optional[int] = None  # top-level (Phi-3 LongRoPE style)
+    sliding_window: Optional[int] = None  # only when the config turns it on
+
+
+def _llama31_scaling(factor: float = 8.0) -> Dict[str, Any]:
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+PRESETS: Dict[str, ModelConfig] = {
+    m.name: m for m in [
+        ModelConfig("llama-2-7b", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=32,
+                    head_dim=128, intermediate_size=11008, vocab_size=32000,
+                    max_position_embeddings=4096),
+        ModelConfig("llama-3.1-8b", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8,
+                    head_dim=128, intermediate_size=14336, vocab_size=128256,
+                    rope_theta=500000.0, rope_scaling=_llama31_scaling(),
+                    max_position_embeddings=131072),
+        ModelConfig("llama-3.1-70b", num_layers=80, hidden_size=8192, num_heads=64, num_kv_heads=8,
+                    head_dim=128, intermediate_size=28672, vocab_size=128256,
+                    rope_theta=500000.0, rope_scaling=_llama31_scaling(),
+                    max_position_embeddings=131072),
+        ModelConfig("llama-3.1-405b", num_layers=126, hidden_size=16384, num_heads=128,
+                    num_kv_heads=8, head_dim=128, intermediate_size=53248, vocab_size=128256,
+                    rope_theta=500000.0, rope_scaling=_llama31_scaling(),
+                    max_position_embeddings=131072),
+        ModelConfig("llama-3.2-1b", num_layers=16, hidden_size=2048, num_heads=32, num_kv_heads=8,
+                    head_dim=64, intermediate_size=8192, vocab_size=128256,
+                    tie_word_embeddings=True, rope_theta=500000.0,
+                    rope_scaling=_llama31_scaling(32.0), max_position_embeddings=131072),
+        ModelConfig("llama-3.2-3b", num_layers=28, hidden_size=3072, num_heads=24, num_kv_heads=8,
+                    head_dim=128, intermediate_size=8192, vocab_size=128256,
+                    tie_word_embeddings=True, rope_theta=500000.0,
+                    rope_scaling=_llama31_scaling(32.0), max_position_embeddings=131072),
+        ModelConfig("mistral-7b", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8,
+                    head_dim=128, intermediate_size=14336, vocab_size=32768,
+                    rope_theta=1000000.0, max_position_embeddings=32768),
+        ModelConfig("mistral-nemo-12b", num_layers=40, hidden_size=5120, num_heads=32,
+                    num_kv_heads=8, head_dim=128, intermediate_size=14336, vocab_size=131072,
+                    rope_theta=1000000.0, max_position_embeddings=1024000),
+        ModelConfig("qwen2.5-0.5b", num_layers=24, hidden_size=896, num_heads=14, num_kv_heads=2,
+                    head_dim=64, intermediate_size=4864, vocab_size=151936,
+                    tie_word_embeddings=True, qkv_bias=True, rope_theta=1000000.0,
+                    max_position_embeddings=32768),
+        ModelConfig("qwen2.5-7b", num_layers=28, hidden_size=3584, num_heads=28, num_kv_heads=4,
+                    head_dim=128, intermediate_size=18944, vocab_size=152064, qkv_bias=True,
+                    rope_theta=1000000.0, max_position_embeddings=131072),
+        ModelConfig("qwen2.5-14b", num_layers=48, hidden_size=5120, num_heads=40, num_kv_heads=8,
+                    head_dim=128, intermediate_size=13824, vocab_size=152064, qkv_bias=True,
+                    rope_theta=1000000.0, max_position_embeddings=131072),
+        ModelConfig("qwen2.5-32b", num_layers=64, hidden_size=5120, num_heads=40, num_kv_heads=8,
+                    head_dim=128, intermediate_size=27648, vocab_size=152064, qkv_bias=True,
+                    rope_theta=1000000.0, max_position_embeddings=131072),
+        ModelConfig("qwen2.5-72b", num_layers=80, hidden_size=8192, num_heads=64, num_kv_heads=8,
+                    head_dim=128, intermediate_size=29568, vocab_size=152064, qkv_bias=True,
+                    rope_theta=1000000.0, max_position_embeddings=131072),
+    ]
+}
+
+_QKV_BIAS_MODEL_TYPES = {"qwen2"}
+
+
+def _field(cfg: Mapping[str, Any], source: str, *names: str, required: bool = True,
+           default: Any = None, positive_int: bool = True) -> Any:
+    """The first of `names` present in cfg (config.json files use several spellings)."""
+    for name in names:
+        if name in cfg and cfg[name] is not None:
+            v = cfg[name]
+            if positive_int and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ModelConfigError(f"{source}: field {name!r} must be a positive integer, "
+                                       f"got {v!r}")
+            return v
+    if required:
+        alt = f" (or {', '.join(repr(n) for n in names[1:])})" if len(names) > 1 else ""
+        raise ModelConfigError(f"{source}: missing field {names[0]!r}{alt}")
+    return default
+
+
+def config_from_dict(cfg: Mapping[str, Any], name: str, source: Optional[str] = None
+                     ) -> ModelConfig:
+    """A ModelConfig from a parsed HuggingFace config.json (text_config is used when present,
+    as in multimodal checkpoints)."""
+    source = source or name
+    if not isinstance(cfg, Mapping):
+        raise ModelConfigError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+    if isinstance(cfg.get("text_config"), Mapping):
+        cfg = {**cfg, **cfg["text_config"]}
+    layers = _field(cfg, source, "num_hidden_layers", "n_layer", "num_layers")
+    hidden = _field(cfg, source, "hidden_size", "n_embd", "d_model")
+    heads = _field(cfg, source, "num_attention_heads", "n_head")
+    kv_heads = _field(cfg, source, "num_key_value_heads", required=False, default=heads)
+    if heads % kv_heads:
+        raise ModelConfigError(f"{source}: num_attention_heads ({heads}) is not a multiple of "
+                               f"num_key_value_heads ({kv_heads})")
+    if "head_dim" in cfg and cfg["head_dim"] is not None:
+        head_dim = _field(cfg, source, "head_dim")
+    else:
+        if hidden % heads:
+            raise ModelConfigError(f"{source}: hidden_size ({hidden}) is not a multiple of "
+                                   f"num_attention_heads ({heads}) and there is no 'head_dim'")
+        head_dim = hidden // heads
+    intermediate = _field(cfg, source, "intermediate_size", "n_inner", "ffn_dim")
+    vocab = _field(cfg, source, "vocab_size")
+    theta = cfg.get("rope_theta", 10000.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 1:
+        raise ModelConfigError(f"{source}: field 'rope_theta' must be a number > 1, got {theta!r}")
+    scaling = cfg.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, Mapping):
+        raise ModelConfigError(f"{source}: field 'rope_scaling' must be an object or null, got "
+                               f"{scaling!r}")
+    partial = cfg.get("partial_rotary_factor", 1.0)
+    if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+        raise ModelConfigError(f"{source}: field 'partial_rotary_factor' must lie in (0, 1], got "
+                               f"{partial!r}")
+    window = None
+    if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
+        window = _field(cfg, source, "sliding_window")
+    tie = cfg.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise ModelConfigError(f"{source}: field 'tie_word_embeddings' must be true or false, "
+                               f"got {tie!r}")
+    qkv_bias = cfg.get("attention_bias")
+    if qkv_bias is None:
+        qkv_bias = cfg.get("model_type") in _QKV_BIAS_MODEL_TYPES
+    return ModelConfig(
+        name=name, num_layers=layers, hidden_size=hidden, num_heads=heads, num_kv_heads=kv_heads,
+        head_dim=head_dim, intermediate_size=intermediate, vocab_size=vocab,
+        tie_word_embeddings=tie, qkv_bias=bool(qkv_bias), rope_theta=float(theta),
+        rope_scaling=dict(scaling) if scaling else None, partial_rotary_factor=float(partial),
+        max_position_embeddings=_field(cfg, source, "max_position_embeddings", required=False),
+        original_max_position_embeddings=_field(cfg, source, "original_max_position_embeddings",
+                                                required=False),
+        sliding_window=window,
+    )
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Reads a HuggingFace config.json (or a checkpoint folder holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ModelConfigError(f"{p}: cannot read: {e.strerror or e}") from None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(f"{p}: not valid JSON: {e.msg} at line {e.lineno} column "
+                               f"{e.colno}") from None
+    return config_from_dict(cfg, name=str(path), source=str(p))
+
+
+def resolve_model(name_or_path: str) -> ModelConfig:
+    """A preset by name (case-insensitive), else a path to a config.json or its folder."""
+    key = name_or_path.strip().lower()
+    if key in PRESETS:
+        return PRESETS[key]
+    if Path(name_or_path).exists():
+        return load_config(name_or_path)
+    if name_or_path.endswith(".json") or "/" in name_or_path or "\\" in name_or_path:
+        raise ModelConfigError(f"{name_or_path}: no such file (give a preset name or the path "
+                               "of a HuggingFace config.json)")
+    raise ModelConfigError(f"unknown model {name_or_path!r} (not a preset, and no such file); "
+                           f"known presets: {', '.join(PRESETS)}; or give the path of a "
+                           "HuggingFace config.json")
