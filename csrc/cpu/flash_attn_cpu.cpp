@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
-    int64_t window_left, int64_t window_right) {
+    int64_t window_left, int64_t window_right, bool /*deterministic: backward only*/) {
   constexpr const char* op = "flash_attn_fwd";
   const auto shapes = flash_fwd_output_shapes(q, cu_seqlens_q.has_value(), op);
   auto out = at::empty(shapes.out, q.options());
