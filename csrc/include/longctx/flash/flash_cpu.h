@@ -118,11 +118,22 @@ inline void gemm_a_bt(const Acc* A, const Acc* BT, int m, int n, int d, int ldb,
   }
 }
 
-// O[r * d + :] += sum_c P[r * ldp + c] * V[c * d + :] for r < m, c < n.
+// Two-level accumulation: each tile product is summed into the zeroed scratch tmp (at most 64
+// terms per element) and then added to the running accumulator O, so an fp32 accumulator sums
+// 64 + (number of tiles) terms in a chain instead of 64 * (number of tiles): the error of long
+// sequences and large GQA groups grows like the tile count, not like the row count.
 template <typename Acc>
-inline void gemm_p_v_acc(const Acc* P, int ldp, const Acc* V, int m, int n, int d, Acc* O) {
+inline void add_into(Acc* O, Acc* tmp, int rows, int d) {
+  for (int64_t i = 0, n = int64_t(rows) * d; i < n; ++i) O[i] += tmp[i];
+}
+
+// O[r * d + :] += sum_c P[r * ldp + c] * V[c * d + :] for r < m, c < n (through tmp).
+template <typename Acc>
+inline void gemm_p_v_acc(const Acc* P, int ldp, const Acc* V, int m, int n, int d, Acc* O,
+                         Acc* tmp) {
+  std::fill(tmp, tmp + int64_t(m) * d, Acc(0));
   for (int r = 0; r < m; ++r) {
-    Acc* orow = O + int64_t(r) * d;
+    Acc* orow = tmp + int64_t(r) * d;
     const Acc* prow = P + int64_t(r) * ldp;
     for (int c = 0; c < n; ++c) {
       const Acc pc = prow[c];
@@ -131,13 +142,17 @@ inline void gemm_p_v_acc(const Acc* P, int ldp, const Acc* V, int m, int n, int 
       for (int k = 0; k < d; ++k) orow[k] += pc * vrow[k];
     }
   }
+  add_into(O, tmp, m, d);
 }
 
-// O[c * d + :] += sum_r P[r * ldp + c] * X[r * d + :] for c < n, r < m (O += P^T X).
+// O[c * d + :] += sum_r P[r * ldp + c] * X[r * d + :] for c < n, r < m (O += P^T X), through
+// tmp.
 template <typename Acc>
-inline void gemm_pt_x_acc(const Acc* P, int ldp, const Acc* X, int m, int n, int d, Acc* O) {
+inline void gemm_pt_x_acc(const Acc* P, int ldp, const Acc* X, int m, int n, int d, Acc* O,
+                          Acc* tmp) {
+  std::fill(tmp, tmp + int64_t(n) * d, Acc(0));
   for (int c = 0; c < n; ++c) {
-    Acc* orow = O + int64_t(c) * d;
+    Acc* orow = tmp + int64_t(c) * d;
     for (int r = 0; r < m; ++r) {
       const Acc pc = P[int64_t(r) * ldp + c];
       if (pc == Acc(0)) continue;
@@ -145,6 +160,7 @@ inline void gemm_pt_x_acc(const Acc* P, int ldp, const Acc* X, int m, int n, int
       for (int k = 0; k < d; ++k) orow[k] += pc * xrow[k];
     }
   }
+  add_into(O, tmp, n, d);
 }
 
 // Applies the mask to a scaled score tile (masked -> -inf) unless the tile is fully visible.
@@ -162,12 +178,12 @@ inline void mask_tile(Acc* S, int ld, int m_block, int n_block, int rows, int co
 // Scratch of one worker, sized for head_dim d; reused across its tasks.
 template <typename Acc>
 struct Workspace {
-  std::vector<Acc> q, kt, k, v, vt, s, dp, o, dout, rowv, rowv2;
+  std::vector<Acc> q, kt, k, v, vt, s, dp, o, dout, rowv, rowv2, tmp;
   explicit Workspace(int d)
       : q(size_t(kBlockM) * d), kt(size_t(d) * kBlockN), k(size_t(kBlockN) * d),
         v(size_t(kBlockN) * d), vt(size_t(d) * kBlockN), s(size_t(kBlockM) * kBlockN),
         dp(size_t(kBlockM) * kBlockN), o(size_t(kBlockM) * d), dout(size_t(kBlockM) * d),
-        rowv(kBlockM), rowv2(kBlockM) {}
+        rowv(kBlockM), rowv2(kBlockM), tmp(size_t(std::max(kBlockM, kBlockN)) * d) {}
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -238,7 +254,7 @@ void fwd_task(const FwdParams& p, int b, int h, int m_block, Workspace<Acc>& ws)
         for (int k2 = 0; k2 < d; ++k2) orow[k2] *= alpha;
       }
     }
-    gemm_p_v_acc(S, kBlockN, ws.v.data(), rows, cols, d, O);
+    gemm_p_v_acc(S, kBlockN, ws.v.data(), rows, cols, d, O, ws.tmp.data());
   }
 
   T* out = static_cast<T*>(p.out) +
@@ -393,8 +409,9 @@ void bwd_dkdv_task(const BwdParams& bp, int b, int hk, int n_block, Workspace<Ac
     for (int m = tiles.begin; m < tiles.end; ++m) {
       const int rows = bwd_load_query_tile<T, Acc>(bp, sb, b, h, m, ws);
       bwd_p_ds(p, sb, m, n_block, rows, cols, ws);
-      gemm_pt_x_acc(ws.s.data(), kBlockN, ws.dout.data(), rows, cols, d, dV);  // dV += P^T dO
-      gemm_pt_x_acc(ws.dp.data(), kBlockN, ws.q.data(), rows, cols, d, dK);    // dK += dS^T Q
+      // dV += P^T dO; dK += dS^T Q
+      gemm_pt_x_acc(ws.s.data(), kBlockN, ws.dout.data(), rows, cols, d, dV, ws.tmp.data());
+      gemm_pt_x_acc(ws.dp.data(), kBlockN, ws.q.data(), rows, cols, d, dK, ws.tmp.data());
     }
   }
   const Acc scale = static_cast<Acc>(p.softmax_scale);
@@ -425,7 +442,8 @@ void bwd_dq_task(const BwdParams& bp, int b, int h, int m_block, Workspace<Acc>&
   for (int n = tiles.begin; n < tiles.end; ++n) {
     const int cols = bwd_load_key_tile<T, Acc>(p, sb, b, hk, n, ws);
     bwd_p_ds(p, sb, m_block, n, rows, cols, ws);
-    gemm_p_v_acc(ws.dp.data(), kBlockN, ws.k.data(), rows, cols, d, dQ);  // dQ += dS K
+    // dQ += dS K
+    gemm_p_v_acc(ws.dp.data(), kBlockN, ws.k.data(), rows, cols, d, dQ, ws.tmp.data());
   }
   T* dq = static_cast<T*>(bp.dq) +
           row_offset(p, b, sb.q_start, r0, h, bp.dq_batch_stride, bp.dq_row_stride,
