@@ -118,6 +118,25 @@ def test_odd_head_dim_and_scale_fp32():
     _check_batched(1, 65, 65, 3, 1, 40, True, (10, -1), FP32, scale=0.3)
 
 
+def test_long_window_skips_and_full_tiles():
+    # 300 keys in 5 tiles: per query tile, some KV tiles are skipped, some fully visible
+    # (unmasked path), some cut by the window edges
+    _check_batched(1, 300, 300, 4, 1, 64, False, (70, 10), BF16)
+    _check_batched(1, 200, 300, 2, 2, 32, True, (100, -1), FP32)
+
+
+def test_empty_shapes():
+    for b, sq, sk in [(0, 5, 5), (2, 0, 5), (2, 5, 0)]:
+        q = _rand(b, sq, 4, 32, dtype=FP32)
+        k = _rand(b, sk, 2, 32, dtype=FP32)
+        v = _rand(b, sk, 2, 32, dtype=FP32)
+        out, lse = longctx.flash_attn_func(q, k, v, causal=True, return_lse=True)
+        assert out.shape == q.shape and lse.shape == (b, 4, sq)
+        assert (out == 0).all() and (lse == -math.inf).all()
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
+
+
 VARLEN_MASKS = [("full", False, (-1, -1)), ("causal", True, (-1, -1)), ("both", False, (20, 5))]
 
 

@@ -11,8 +11,11 @@
 //
 // Forward task (batch, head, query tile): for each KV tile in mask.h's fwd_key_tiles range,
 //   S = (Q K^T) * scale*log2(e)    (masked elements -inf; interior tiles skip the mask)
-//   m' = max(m, rowmax S); P = exp2(S - m'); l = l*exp2(m - m') + rowsum P; O = O*exp2(m - m') + P V
+//   m' = max(m, rowmax S); P = exp2(S - m'); l = l*exp2(m - m') + rowsum P;
+//   O = O*exp2(m - m') + P V
 // then out = O / l and lse = m*ln(2) + ln(l); a row that sees no key gets out 0 and lse -inf.
+// Running sums over tiles (O, dQ, dK, dV) add one finished tile product at a time (add_into), so
+// an fp32 accumulator's rounding error grows with the number of tiles, not of rows.
 //
 // Backward, three task kinds (see flash_attn_cpu.cpp for the order and the parallel split):
 //   bwd_dot_task    (batch, head, query tile): D = rowsum(dout * out) into dsoftmax_sum.
