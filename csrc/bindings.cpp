@@ -20,10 +20,13 @@ TORCH_LIBRARY(longctx, m) {
   // Flash attention. Batched: q (b, sq, h, d), k/v (b, sk, hk, d), lse (b, h, sq).
   // Varlen (cu_seqlens given): q (total_q, h, d), k/v (total_k, hk, d), lse (h, total_q).
   // Causal is bottom-right aligned; window (left, right), -1 = unbounded.
+  // deterministic does not change the forward: the registered autograd formula hands it to
+  // flash_attn_bwd (an op's autograd sees only the op's arguments, and wrapping the op in an
+  // autograd.Function instead breaks torch.compile(fullgraph=True) for flash_attn(x, x, x)).
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, "
-      "int window_right) -> (Tensor out, Tensor lse)");
+      "int window_right, bool deterministic=False) -> (Tensor out, Tensor lse)");
   m.def(
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "

@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.longctx.*)
+from .attention import flash_attn_func, flash_attn_varlen_func
 from .info import build_info
 from .rope import apply_rope
 from .rope_scaling import ROPE_TYPES, RopeFrequencies, rope_frequencies
@@ -15,6 +16,8 @@ from .rope_scaling import ROPE_TYPES, RopeFrequencies, rope_frequencies
 __all__ = [
     "__version__",
     "build_info",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
     "apply_rope",
     "rope_frequencies",
     "RopeFrequencies",

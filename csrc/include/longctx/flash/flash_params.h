@@ -1,4 +1,5 @@
-// Plain-data description of one flash-attention launch (forward; the backward extends it).
+// Plain-data description of one flash-attention launch: FwdParams for the forward, BwdParams
+// (a FwdParams plus the gradient tensors) for the backward.
 // Framework-free: raw pointers and element strides, shared by the CPU twin and the CUDA kernels.
 //
 // Batched: q (batch, seqlen_q, heads, head_dim), k/v (batch, seqlen_k, heads_kv, head_dim),
@@ -43,6 +44,32 @@ struct FwdParams {
   int window_left = -1, window_right = -1;  // causal => window_right == 0
 
   bool is_bf16 = true;  // else fp16 (CPU twin also accepts fp32 through its own path)
+};
+
+// Backward: fwd describes q, k, v, out and lse (all read), with the same mask and scale as the
+// forward that produced out and lse. dout has q's shape; dq/dk/dv have the shapes of q/k/v (for
+// GQA, dk/dv sum the contributions of the heads / heads_kv query heads of each kv head).
+// dsoftmax_sum (D = rowsum(dout * out), fp32) is a scratch buffer laid out like lse: batched
+// (batch, heads, seqlen_q), varlen (heads, total_q); its batch stride is 0 for varlen.
+struct BwdParams {
+  FwdParams fwd;
+
+  const void* dout = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* dsoftmax_sum = nullptr;
+
+  // Element strides, same conventions as FwdParams (last dimension contiguous).
+  int64_t dout_batch_stride = 0, dout_row_stride = 0, dout_head_stride = 0;
+  int64_t dq_batch_stride = 0, dq_row_stride = 0, dq_head_stride = 0;
+  int64_t dk_batch_stride = 0, dk_row_stride = 0, dk_head_stride = 0;
+  int64_t dv_batch_stride = 0, dv_row_stride = 0, dv_head_stride = 0;
+  int64_t dsoftmax_sum_batch_stride = 0, dsoftmax_sum_head_stride = 0;  // rows contiguous
+
+  // Bitwise-reproducible gradients (CUDA: dQ accumulated in a fixed order). The CPU twin is
+  // deterministic whatever this says.
+  bool deterministic = false;
 };
 
 }  // namespace flash

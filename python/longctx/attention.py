@@ -1,0 +1,161 @@
+"""Flash attention: `flash_attn_func` (batched) and `flash_attn_varlen_func` (packed sequences).
+
+FlashAttention semantics and layouts, so a user can swap: q (batch, seqlen_q, heads, head_dim),
+k/v (batch, seqlen_k, heads_kv, head_dim) with heads % heads_kv == 0 (GQA/MQA); varlen packs the
+sequences as (total_tokens, heads, head_dim) with int32 cu_seqlens offsets. Causal masking is
+aligned to the bottom-right corner (query i sees keys j <= i + seqlen_k - seqlen_q), and
+window_size=(left, right) keeps keys in [i + sk - sq - left, i + sk - sq + right] (-1: unbounded).
+A query row that sees no key gets out = 0 and lse = -inf (its gradient is 0).
+
+The kernels live in the extension as torch.ops.longctx.flash_attn_fwd / flash_attn_bwd. This
+module registers their fake implementations (torch.compile, opcheck) and the autograd formula of
+flash_attn_fwd (backward = flash_attn_bwd).
+
+Gradients:
+- lse is returned for use (e.g. merging attention over chunks), but its gradient is ignored: the
+  backward only propagates the gradient of out. A loss that depends on lse gets no gradient
+  through it (as in FlashAttention).
+- deterministic=True asks for bitwise-reproducible gradients (on CUDA the dQ accumulation then
+  runs in a fixed order); torch.use_deterministic_algorithms(True) asks for it too. The CPU
+  backward is deterministic whatever the flag. The flag is an argument of the forward op (which
+  ignores it) so that the op's registered autograd can hand it to the backward; an
+  autograd.Function wrapper could carry it too, but Dynamo cannot trace one that receives the
+  same tensor twice (flash_attn_func(x, x, x), or cu_seqlens_q is cu_seqlens_k), and
+  torch.compile(fullgraph=True) must work for those calls.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import _C  # noqa: F401  (loads the extension: registers torch.ops.longctx.*)
+
+__all__ = ["flash_attn_func", "flash_attn_varlen_func"]
+
+_ops = torch.ops.longctx
+
+
+@torch.library.register_fake("longctx::flash_attn_fwd")
+def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         softmax_scale, causal, window_left, window_right, deterministic=False):
+    out = q.new_empty(q.shape)
+    if cu_seqlens_q is None:
+        torch._check(q.dim() == 4, lambda: "longctx.flash_attn_fwd: q must have 4 dimensions")
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    else:
+        torch._check(q.dim() == 3, lambda: "longctx.flash_attn_fwd: q must have 3 dimensions")
+        lse_shape = (q.shape[1], q.shape[0])
+    return out, q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("longctx::flash_attn_bwd")
+def _flash_attn_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, softmax_scale, causal, window_left, window_right,
+                         deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+              softmax_scale, causal, window_left, window_right, deterministic):
+    if dout is None:
+        dout = torch.zeros_like(out)
+    # Autograd may hand in an expanded (stride-0) or otherwise strided gradient; the kernels need
+    # the last dimension contiguous.
+    dout = dout.contiguous()
+    return _ops.flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k, softmax_scale, causal, window_left, window_right,
+                               deterministic)
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+     window_left, window_right, *rest) = inputs
+    deterministic = bool(rest[0]) if rest else False
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right)
+    ctx.deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+
+
+def _op_backward(ctx, dout, dlse):  # dlse: ignored, see the module docstring
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = _backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("longctx::flash_attn_fwd", _op_backward,
+                                setup_context=_setup_context)
+
+
+# --- the public API -----------------------------------------------------------------------------
+
+def _window(window_size, causal: bool) -> Tuple[int, int]:
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
+    left, right = int(window_size[0]), int(window_size[1])
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size values must be -1 (unbounded) or >= 0, got {window_size!r}")
+    if causal and right > 0:
+        raise ValueError(f"window_size right = {right} contradicts causal=True (causal means "
+                         "window_size right = 0)")
+    return left, (0 if causal else right)
+
+
+def _scale(softmax_scale: Optional[float], q: torch.Tensor) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+
+
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+    deterministic: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """softmax(softmax_scale * q k^T + mask) v, per head, without materializing the scores.
+
+    q: (batch, seqlen_q, heads, head_dim); k, v: (batch, seqlen_k, heads_kv, head_dim).
+    CUDA: bf16/fp16, head_dim 64/128/256; CPU: also fp32/float64, any head_dim <= 256. The last
+    dimension must be contiguous. softmax_scale defaults to 1/sqrt(head_dim).
+    Returns out (q's shape and dtype), or (out, lse) with return_lse, lse (batch, heads,
+    seqlen_q) fp32 = logsumexp_j(softmax_scale * q.k_j) (-inf for rows that see no key).
+    """
+    left, right = _window(window_size, causal)
+    out, lse = _ops.flash_attn_fwd(q, k, v, None, None, q.shape[1], k.shape[1],
+                                   _scale(softmax_scale, q), bool(causal), left, right,
+                                   bool(deterministic))
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+    deterministic: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Attention over packed sequences of different lengths.
+
+    q: (total_q, heads, head_dim); k, v: (total_k, heads_kv, head_dim). cu_seqlens_q/_k: int32,
+    (batch + 1,), offsets of each sequence's first row, starting at 0 and ending at total_q /
+    total_k (a zero-length sequence is allowed). max_seqlen_q/_k bound every sequence length.
+    The mask applies within each sequence, bottom-right aligned per sequence.
+    Returns out, or (out, lse) with lse (heads, total_q) fp32.
+    """
+    left, right = _window(window_size, causal)
+    out, lse = _ops.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                   int(max_seqlen_k), _scale(softmax_scale, q), bool(causal),
+                                   left, right, bool(deterministic))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,87 @@
+"""Reference attention in plain torch, materializing the scores (small shapes only).
+
+Same semantics as longctx.flash_attn_func / flash_attn_varlen_func: bottom-right aligned causal
+and sliding-window masks, GQA by repeating each kv head over its group of query heads, rows that
+see no key give out = 0 and lse = -inf.
+
+Two precisions (`upcast`):
+- upcast=True: everything in float64 (the ground truth the tests measure errors against).
+- upcast=False: "the same computation done by PyTorch at the input precision": the products
+  q k^T and P v run in the input dtype (torch's CPU matmul accumulates in fp32 and rounds the
+  result to the dtype), scaling, mask, softmax and lse run in fp32 (float64 for float64 inputs),
+  and P is rounded to the input dtype before P v. This is FlashAttention-3's attention_ref with
+  upcast=False; its error against the float64 truth sets the tolerance of the tests.
+Both are differentiable (autograd gives the reference gradients).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+
+def visible_mask(sq: int, sk: int, causal: bool, window_size=(-1, -1),
+                 device=None) -> torch.Tensor:
+    """(sq, sk) bool: query row i sees key j (bottom-right aligned)."""
+    left, right = window_size
+    if causal:
+        right = 0
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    shift = sk - sq
+    vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if left >= 0:
+        vis &= j >= i + shift - left
+    if right >= 0:
+        vis &= j <= i + shift + right
+    return vis
+
+
+def _attend_one(q, k, v, scale, causal, window_size, upcast):
+    """q (sq, h, d), k/v (sk, hk, d) -> out (sq, h, d), lse (h, sq)."""
+    sq, h, _ = q.shape
+    sk, hk, _ = k.shape
+    dtype = q.dtype
+    soft_dtype = torch.float64 if (upcast or dtype == torch.float64) else torch.float32
+    if upcast:
+        q, k, v = q.double(), k.double(), v.double()
+    k = k.repeat_interleave(h // hk, dim=1)
+    v = v.repeat_interleave(h // hk, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k).to(soft_dtype) * scale
+    vis = visible_mask(sq, sk, causal, window_size, device=q.device)
+    empty = ~vis.any(dim=-1)  # rows that see no key
+    scores = scores.masked_fill(~vis, -math.inf).masked_fill(empty[:, None], 0.0)
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.softmax(scores, dim=-1).masked_fill(~vis, 0.0)
+    out = torch.einsum("hqk,khd->qhd", p.to(v.dtype), v)
+    lse = lse.masked_fill(empty, -math.inf)
+    return out, lse
+
+
+def attention_ref(q, k, v, softmax_scale: Optional[float] = None, causal: bool = False,
+                  window_size=(-1, -1), upcast: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batched: q (b, sq, h, d), k/v (b, sk, hk, d) -> out (b, sq, h, d), lse (b, h, sq)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        o, l = _attend_one(q[b], k[b], v[b], scale, causal, window_size, upcast)
+        outs.append(o)
+        lses.append(l)
+    return torch.stack(outs), torch.stack(lses)
+
+
+def attention_varlen_ref(q, k, v, cu_seqlens_q: Sequence[int], cu_seqlens_k: Sequence[int],
+                         softmax_scale: Optional[float] = None, causal: bool = False,
+                         window_size=(-1, -1), upcast: bool = True):
+    """Varlen: q (total_q, h, d), k/v (total_k, hk, d) -> out (total_q, h, d), lse (h, total_q)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    cq = [int(x) for x in cu_seqlens_q]
+    ck = [int(x) for x in cu_seqlens_k]
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        o, l = _attend_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], scale,
+                           causal, window_size, upcast)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
