@@ -162,6 +162,7 @@ setup(
     cmdclass=cmdclass(),
     python_requires=">=3.10",
     install_requires=["numpy"],
+    extras_require={"plot": ["matplotlib"], "progress": ["tqdm"]},
     entry_points={"console_scripts": ["longctx=longctx.cli:main"]},
     zip_safe=False,
 )
