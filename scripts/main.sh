@@ -9,5 +9,5 @@ export VENV
 bash "$ROOT/scripts/setup.sh"
 cd "$ROOT/tests"
 "$VENV/bin/longctx" info
-"$VENV/bin/longctx" plan --model llama-3.1-70b --context 128k --kv-dtype bf16 --gpus 2
+"$VENV/bin/longctx" plan --model llama-3.1-70b --context 128k --kv-dtype bf16 --gpus 4
 "$VENV/bin/longctx" bench --quick
