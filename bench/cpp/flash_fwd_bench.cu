@@ -3,13 +3,16 @@
 // Random bf16/fp16 inputs (batch*seqlen = 32K tokens, heads*hdim = 2048, as in ANCHORS.md),
 // CUDA-event timing after warm-up, median of N runs, TFLOP/s with the DESIGN.md convention
 // fwd FLOPs = 4 * b * h * pairs * d (pairs = visible (query, key) pairs; causal s(s+1)/2).
-// Usage: flash_fwd_bench [reps]. Prints one line per case.
+// Usage: flash_fwd_bench [reps]. Prints one line per case and schedule: "dynamic" (the default:
+// persistent grid, atomic tile counter), "static" (persistent, round-robin) and "tiles" (one CTA
+// per query tile, same order), set through LONGCTX_FLASH_FWD_GRID.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <vector>
 #include "longctx/flash/flash_fwd_dispatch.cuh"
@@ -36,6 +39,8 @@ struct BenchCase { int d; bool bf16; int seqlen; bool causal; int wl; };
 
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? atoi(argv[1]) : 20;
+  int* counter = nullptr;
+  CK(cudaMalloc(&counter, sizeof(int)));
   std::vector<BenchCase> cases = {
       {128, true, 16384, false, -1}, {128, true, 16384, true, -1},
       {128, true, 1024, false, -1},  {128, true, 1024, true, -1},
@@ -44,8 +49,10 @@ int main(int argc, char** argv) {
       {64, true, 16384, false, -1},  {64, true, 16384, true, -1},
       {256, true, 16384, false, -1}, {256, true, 16384, true, -1},
   };
-  printf("%-5s %-5s %-7s %-7s %-6s %10s %9s\n", "hdim", "dtype", "seqlen", "causal", "window", "ms", "TFLOP/s");
-  for (const auto& c : cases) {
+  printf("%-5s %-5s %-7s %-7s %-6s %-10s %10s %9s\n", "hdim", "dtype", "seqlen", "causal", "window", "grid", "ms", "TFLOP/s");
+  for (const auto& c : cases)
+  for (const char* grid : {"dynamic", "static", "tiles"}) {
+    setenv("LONGCTX_FLASH_FWD_GRID", grid, 1);
     auto fn = longctx::flash::flash_fwd_lookup(c.d, c.bf16);
     if (!fn) { printf("%d %s not compiled\n", c.d, c.bf16 ? "bf16" : "fp16"); continue; }
     const int b = 32768 / c.seqlen, h = 2048 / c.d, s = c.seqlen, d = c.d;
@@ -72,19 +79,19 @@ int main(int argc, char** argv) {
       pairs += hi - lo + 1;
     }
     const double flops = 4.0 * b * h * pairs * d;
-    for (int i = 0; i < 3; ++i) CK(fn(p, 0, 0, 0));
+    for (int i = 0; i < 3; ++i) CK(fn(p, 0, 0, counter, 0));
     CK(cudaDeviceSynchronize());
     cudaEvent_t e0, e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
     std::vector<float> ms(reps);
     for (int r = 0; r < reps; ++r) {
-      CK(cudaEventRecord(e0)); CK(fn(p, 0, 0, 0)); CK(cudaEventRecord(e1));
+      CK(cudaEventRecord(e0)); CK(fn(p, 0, 0, counter, 0)); CK(cudaEventRecord(e1));
       CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms[r], e0, e1));
     }
     CK(cudaGetLastError());
     std::sort(ms.begin(), ms.end());
     const float med = ms[reps / 2];
-    printf("%-5d %-5s %-7d %-7d %-6d %10.3f %9.1f   (min %.3f max %.3f)\n", d, c.bf16 ? "bf16" : "fp16", s,
-           int(c.causal), c.wl, med, flops / (med * 1e-3) / 1e12, ms[0], ms[reps - 1]);
+    printf("%-5d %-5s %-7d %-7d %-6d %-10s %10.3f %9.1f   (min %.3f max %.3f)\n", d, c.bf16 ? "bf16" : "fp16", s,
+           int(c.causal), c.wl, grid, med, flops / (med * 1e-3) / 1e12, ms[0], ms[reps - 1]);
     cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o); cudaFree(lse);
     cudaEventDestroy(e0); cudaEventDestroy(e1);
   }

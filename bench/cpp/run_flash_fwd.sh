@@ -2,7 +2,9 @@
 # Builds the standalone flash-forward test and benchmark (all six instantiations, in parallel)
 # and runs them. Needs nvcc (sm_90a) and CUTLASS headers: CUTLASS_INC or the nvidia-cutlass
 # package. Logs go to $OUT (or build/flash_fwd) when set.
-# Usage: bench/cpp/run_flash_fwd.sh [test|bench|all|torch] (default all)
+# Usage: bench/cpp/run_flash_fwd.sh [test|bench|all|build|run|torch] (default all)
+#   build: compile + link only; run: run the already built test and bench; test/bench/all: build
+#   then run that part.
 #   torch: build the extension in place (setup.py), run tests/test_attention_gpu.py and time
 #          torch.ops.longctx.flash_attn_fwd against torch SDPA (cuDNN, flash) in one process.
 set -uo pipefail
@@ -15,12 +17,20 @@ if [ "$WHAT" = torch ]; then
   LOG=${OUT:-build}; mkdir -p $LOG
   export PYTHONUNBUFFERED=1
   export PYTHONPATH=$(python3 -c 'import cutlass_library,os;print(os.path.dirname(os.path.dirname(cutlass_library.__file__)))'):${PYTHONPATH:-}
+  # The GPU machines' default CXX links libstdc++ statically (exceptions crossing into torch
+  # crash); build with the system compiler as scripts/gpu_check.sh does.
+  if [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
   start=$(date +%s)
   MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace > $LOG/torch_build.log 2>&1 \
     || { grep -E "error" $LOG/torch_build.log | head -30; exit 1; }
   echo "extension build: $(( $(date +%s) - start )) s"
   export PYTHONPATH=$PWD/python:$PYTHONPATH
-  python3 -m pytest tests/test_attention_gpu.py -q -p no:cacheprovider 2>&1 | tail -25
+  python3 -X faulthandler -m pytest tests/test_attention_gpu.py -v -p no:cacheprovider > $LOG/pytest.txt 2>&1
+  echo "pytest exit code $?"
+  grep -E -A14 "Fatal Python error" $LOG/pytest.txt | head -16
+  grep -E "PASSED|FAILED|ERROR|SKIPPED" $LOG/pytest.txt | awk '{print $NF}' | sort | uniq -c
+  grep -E "FAILED|ERROR|Error|assert" $LOG/pytest.txt | head -20
+  tail -3 $LOG/pytest.txt
   python3 - <<'PY' 2>&1 | tee $LOG/peers.log
 import torch, longctx
 from torch.nn.attention import sdpa_kernel, SDPBackend
@@ -58,10 +68,11 @@ mkdir -p $BUILD $LOG
 FLAGS="-O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I csrc -I csrc/include -I $CUTLASS_INC"
 HDIMS=${FLASH_HDIMS:-"64 128 256"}
 OBJS=()
+for d in $HDIMS; do for t in bf16 fp16; do OBJS+=($BUILD/flash_fwd_hdim${d}_${t}_sm90.o); done; done
+if [ "$WHAT" != run ]; then
 pids=()
 for d in $HDIMS; do for t in bf16 fp16; do
   f=flash_fwd_hdim${d}_${t}_sm90
-  OBJS+=($BUILD/$f.o)
   $NVCC $FLAGS -Xptxas -v -c csrc/ops/$f.cu -o $BUILD/$f.o > $LOG/build_$f.log 2>&1 &
   pids+=($!)
 done; done
@@ -77,11 +88,13 @@ grep -h -E "error|spill|registers" $LOG/build_*.log | sort | uniq -c
 if [ $fail = 1 ]; then echo "BUILD FAILED"; cat $LOG/build_*.log | grep -B2 -A5 error | head -60; exit 1; fi
 $NVCC -gencode=arch=compute_90a,code=sm_90a $BUILD/flash_fwd_test.o "${OBJS[@]}" $BUILD/build_registry.o -o $BUILD/flash_fwd_test || exit 1
 $NVCC -gencode=arch=compute_90a,code=sm_90a $BUILD/flash_fwd_bench.o "${OBJS[@]}" $BUILD/build_registry.o -o $BUILD/flash_fwd_bench || exit 1
+fi
+[ "$WHAT" = build ] && exit 0
 rc=0
-if [ $WHAT = test ] || [ $WHAT = all ]; then
+if [ $WHAT = test ] || [ $WHAT = all ] || [ $WHAT = run ]; then
   $BUILD/flash_fwd_test 2>&1 | tee $LOG/test.log; rc=${PIPESTATUS[0]}
 fi
-if [ $WHAT = bench ] || [ $WHAT = all ]; then
+if [ $WHAT = bench ] || [ $WHAT = all ] || [ $WHAT = run ]; then
   $BUILD/flash_fwd_bench 2>&1 | tee $LOG/bench.log
 fi
 exit $rc

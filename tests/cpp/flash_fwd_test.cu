@@ -8,7 +8,8 @@
 // the same computation done on the CPU at the kernel's precision (fp32 scores, P rounded to the
 // 16-bit type before P V, output rounded). lse (fp32, natural log) must match within 1e-3 and
 // be -inf exactly where the reference is. Outputs are poisoned with NaN first (every element
-// must be written), and the kernel is run twice: results must be bitwise identical.
+// must be written), and the kernel is run twice, with the dynamic and then the static tile
+// schedule: results must be bitwise identical.
 // Build: see bench/cpp/run_flash_fwd.sh. Exit code 0 iff every case passes.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -144,10 +145,12 @@ static bool run_case(const Case& c, std::mt19937& rng) {
   if (!fn) { printf("SKIP %s (not compiled)\n", c.name().c_str()); return true; }
   std::vector<uint16_t> out1(n_out), out2(n_out);
   std::vector<float> lse1(n_lse), lse2(n_lse);
+  static int* counter = nullptr;
+  if (!counter) CK(cudaMalloc(&counter, sizeof(int)));
   for (int rep = 0; rep < 2; ++rep) {
     CK(cudaMemset(dout, 0xFF, n_out * 2));  // NaN poison
     CK(cudaMemset(dlse, 0xFF, n_lse * 4));
-    CK(fn(p, tq, tk, 0));
+    CK(fn(p, tq, tk, rep == 0 ? counter : nullptr, 0));  // dynamic, then static schedule
     CK(cudaDeviceSynchronize());
     CK(cudaMemcpy(rep ? out2.data() : out1.data(), dout, n_out * 2, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(rep ? lse2.data() : lse1.data(), dlse, n_lse * 4, cudaMemcpyDeviceToHost));
@@ -254,6 +257,17 @@ int main(int argc, char** argv) {
   cases.push_back({128, true, 1, 2, 2, 2048, 2048, false, 300, 300});
   cases.push_back({64, true, 1, 2, 2, 1, 5000, false, -1, -1});
   cases.push_back({128, true, 1, 2, 1, 8192, 8192, true, -1, -1});  // long causal, GQA
+  // More tiles than SMs: persistent CTAs run several query tiles each.
+  cases.push_back({128, true, 4, 16, 4, 1024, 1024, true, -1, -1});
+  cases.push_back({128, false, 4, 16, 16, 1024, 1024, false, -1, -1});
+  cases.push_back({64, true, 2, 32, 8, 700, 900, true, -1, -1});
+  cases.push_back({256, true, 2, 16, 16, 600, 600, false, 200, 0});
+  {
+    Case vl{128, true, 0, 32, 8, 0, 0, true, -1, -1};
+    vl.lens_q = {17, 300, 0, 128, 1, 257, 640};
+    vl.lens_k = {17, 400, 5, 128, 90, 200, 640};
+    cases.push_back(vl);
+  }
   int fails = 0;
   for (const auto& c : cases) fails += run_case(c, rng) ? 0 : 1;
   printf("%s: %d / %zu cases failed\n", fails ? "FAIL" : "PASS", fails, cases.size());

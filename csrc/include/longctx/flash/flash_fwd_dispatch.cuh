@@ -15,8 +15,10 @@ namespace longctx {
 namespace flash {
 
 // total_q / total_k: rows of the packed q / k tensors in varlen mode (ignored when batched).
+// tile_counter: 4 bytes of device scratch for the dynamic tile scheduler, private to this
+// launch (stream-ordered; it is zeroed on the stream), or nullptr for the static schedule.
 using FlashFwdFn = cudaError_t (*)(const FwdParams&, int64_t total_q, int64_t total_k,
-                                   cudaStream_t);
+                                   int* tile_counter, cudaStream_t);
 
 inline int flash_fwd_hdim_slot(int head_dim) {
   return head_dim == 64 ? 0 : head_dim == 128 ? 1 : head_dim == 256 ? 2 : -1;

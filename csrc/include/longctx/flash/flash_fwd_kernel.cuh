@@ -1,11 +1,12 @@
-// The Hopper (sm_90a) flash-attention forward kernel: one CTA per (query tile, head, batch).
+// The Hopper (sm_90a) flash-attention forward kernel: persistent CTAs over (query tile, head, batch).
 //
-// Computes out = softmax(softmax_scale * Q K^T + mask) V and lse (natural log, fp32) for one
-// tile of kBlockM = 128 query rows of one head. 384 threads: warpgroup 0 drops to 24 registers
+// Computes out = softmax(softmax_scale * Q K^T + mask) V and lse (natural log, fp32), one tile
+// of kBlockM = 128 query rows of one head at a time; the CTA is persistent and walks the tiles
+// tile_scheduler.cuh gives it (longest first within L2-sized sections of heads). 384 threads: warpgroup 0 drops to 24 registers
 // (setmaxnreg) and one of its threads issues the TMA loads; warpgroups 1-2 rise to 240 and run
 // the wgmma main loop (mainloop_fwd_sm90.cuh), the online softmax (softmax.cuh) and the
-// epilogue (epilogue_fwd.cuh). Query tiles are launched longest-first (blockIdx.x = 0 takes the
-// last tile, which under causal masks has the most KV tiles) so the last wave is short.
+// epilogue (epilogue_fwd.cuh). The K/V pipeline runs on across query tiles, so the next tile's
+// first K/V loads overlap the current tile's last P V and epilogue.
 // A tile whose rows see no key writes out = 0, lse = -inf and loads nothing.
 // GQA: kv head = head / (heads / heads_kv).
 #pragma once
@@ -20,6 +21,7 @@
 #include "longctx/flash/seqlen_info.cuh"
 #include "longctx/flash/softmax.cuh"
 #include "longctx/flash/tile_range.cuh"
+#include "longctx/flash/tile_scheduler.cuh"
 
 namespace longctx {
 namespace flash {
@@ -30,6 +32,8 @@ struct FwdKernelParams {
   typename Traits::ShapeQKV shape_q, shape_k;  // (rows, D, heads, batch) as the TMA sees them
   typename Traits::TMA_Q tma_q;
   typename Traits::TMA_KV tma_k, tma_v;
+  FwdTileScheduler sched;
+  int* tile_counter;  // zeroed before launch; nullptr: static round-robin schedule
 };
 
 template <typename Traits>
@@ -46,19 +50,17 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
   auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
   const FwdParams& p = kp.p;
 
-  const int m_block = int(gridDim.x) - 1 - int(blockIdx.x);
-  const int h = blockIdx.y, b = blockIdx.z;
-  const SeqInfo si(p, b);
-  if (m_block * kBlockM >= si.sq) return;  // varlen: this sequence is shorter (uniform exit)
-  const KvTileRange tr = kv_tile_range(m_block, kBlockM, kBlockN, si.sq, si.sk, p.window_left,
-                                     p.window_right);
-
   const int warp_idx = cutlass::canonical_warp_idx_sync();
   const int warp_group_idx = warp_idx / 4;
   const int lane_predicate = cute::elect_one_sync();
 
   if (warp_idx == 0 && lane_predicate) {
     ss.barrier_q.init(1);
+    ss.barrier_q_empty.init(Traits::kNumMmaThreads);
+    for (int i = 0; i < 2; ++i) {
+      ss.tile_full[i].init(1);
+      ss.tile_empty[i].init(Traits::kNumMmaThreads);
+    }
     cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
     cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
@@ -75,41 +77,84 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
   cutlass::arch::fence_barrier_init();
   __syncthreads();
 
+  const FwdTileScheduler& sched = kp.sched;
+  int q_iter = 0;  // query tiles of this CTA that loaded Q (the Q barriers' phase count)
   if (warp_group_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
-    if (threadIdx.x == 0 && tr.n_max > tr.n_min) {
-      const int h_kv = h / (p.heads / p.heads_kv);
+    if (threadIdx.x == 0) {
+      typename Traits::PipelineState st =
+          cutlass::make_producer_start_state<MainloopPipeline>();
       Tensor mQ = kp.tma_q.get_tma_tensor(kp.shape_q);
       Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k);
       Tensor mV = kp.tma_v.get_tma_tensor(kp.shape_k);
-      Tensor gQ = local_tile(domain_offset(make_coord(si.q_off, _0{}), mQ(_, _, h, si.tma_batch)),
-                             select<0, 2>(typename Traits::TileShape_MNK{}), make_coord(m_block, _0{}));
-      Tensor gK = local_tile(domain_offset(make_coord(si.k_off, _0{}), mK(_, _, h_kv, si.tma_batch)),
-                             select<1, 2>(typename Traits::TileShape_MNK{}), make_coord(_, _0{}));
-      Tensor gV = local_tile(domain_offset(make_coord(si.k_off, _0{}), mV(_, _, h_kv, si.tma_batch)),
-                             select<1, 2>(typename Traits::TileShape_MNK{}), make_coord(_, _0{}));
-      producer_load<Traits>(ss, kp.tma_q, kp.tma_k, kp.tma_v, gQ, gK, gV, pipe_k, pipe_v,
-                            tr.n_min, tr.n_max);
+      int t = blockIdx.x;
+      for (int it = 0;; ++it) {
+        // Hand tile t to the consumers (slot it % 2; wait until they read the id written two
+        // hand-offs ago), then load it; t >= total tells them to stop.
+        const int slot = it & 1, use = it >> 1;
+        if (use > 0) ss.tile_empty[slot].wait((use - 1) & 1);
+        ss.tile_ids[slot] = t;
+        ss.tile_full[slot].arrive();
+        if (t >= sched.total) break;
+        const int t_cur = t;
+        // Next tile: dynamic (atomic counter, greedy: a CTA takes the next tile in the
+        // longest-first order as soon as its producer has issued the current one) or static.
+        t = kp.tile_counter != nullptr ? int(gridDim.x) + atomicAdd(kp.tile_counter, 1)
+                                       : t + int(gridDim.x);
+        int m_block, h, b;
+        sched.decode(t_cur, m_block, h, b);
+        const SeqInfo si(p, b);
+        if (m_block * kBlockM >= si.sq) continue;  // varlen: past this sequence
+        const KvTileRange tr = kv_tile_range(m_block, kBlockM, kBlockN, si.sq, si.sk,
+                                             p.window_left, p.window_right);
+        if (tr.n_max <= tr.n_min) continue;  // no key visible: nothing to load
+        const int h_kv = h / (p.heads / p.heads_kv);
+        Tensor gQ = local_tile(domain_offset(make_coord(si.q_off, _0{}), mQ(_, _, h, si.tma_batch)),
+                               select<0, 2>(typename Traits::TileShape_MNK{}), make_coord(m_block, _0{}));
+        Tensor gK = local_tile(domain_offset(make_coord(si.k_off, _0{}), mK(_, _, h_kv, si.tma_batch)),
+                               select<1, 2>(typename Traits::TileShape_MNK{}), make_coord(_, _0{}));
+        Tensor gV = local_tile(domain_offset(make_coord(si.k_off, _0{}), mV(_, _, h_kv, si.tma_batch)),
+                               select<1, 2>(typename Traits::TileShape_MNK{}), make_coord(_, _0{}));
+        producer_load<Traits>(ss, kp.tma_q, kp.tma_k, kp.tma_v, gQ, gK, gV, pipe_k, pipe_v, st,
+                              q_iter, tr.n_min, tr.n_max);
+        ++q_iter;
+      }
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
     const int mma_tidx = int(threadIdx.x) - 128;
+    typename Traits::PipelineState st_k, st_v;  // consumer start state: index 0, phase 0
     typename Traits::TiledMma1 tiled_mma1;
-    Tensor tOrO = partition_fragment_C(tiled_mma1, select<0, 2>(typename Traits::TileShape_MNK{}));
-    clear(tOrO);
-    OnlineSoftmax<2> softmax(p.softmax_scale_log2);
-    if (tr.n_max > tr.n_min) {
-      const MaskArgs ma{m_block, si.sq, si.sk, p.window_left, p.window_right};
-      consumer_mma<Traits>(ss, mma_tidx, pipe_k, pipe_v, tr.n_min, tr.n_max, ma, tOrO, softmax);
+    for (int it = 0;; ++it) {
+      const int slot = it & 1, use = it >> 1;
+      ss.tile_full[slot].wait(use & 1);
+      const int t = ss.tile_ids[slot];
+      ss.tile_empty[slot].arrive();
+      if (t >= sched.total) break;
+      int m_block, h, b;
+      sched.decode(t, m_block, h, b);
+      const SeqInfo si(p, b);
+      if (m_block * kBlockM >= si.sq) continue;
+      const KvTileRange tr = kv_tile_range(m_block, kBlockM, kBlockN, si.sq, si.sk,
+                                           p.window_left, p.window_right);
+      Tensor tOrO = partition_fragment_C(tiled_mma1, select<0, 2>(typename Traits::TileShape_MNK{}));
+      clear(tOrO);
+      OnlineSoftmax<2> softmax(p.softmax_scale_log2);
+      if (tr.n_max > tr.n_min) {
+        const MaskArgs ma{m_block, si.sq, si.sk, p.window_left, p.window_right};
+        consumer_mma<Traits>(ss, mma_tidx, pipe_k, pipe_v, st_k, st_v, q_iter, tr.n_min,
+                             tr.n_max, ma, tOrO, softmax);
+        ++q_iter;
+      }
+      float inv_sum[2], lse[2];
+      softmax.finalize(p.softmax_scale, inv_sum, lse);
+      Tensor O_rc = make_tensor(tOrO.data(), acc_layout_rowcol(tOrO.layout()));
+      rescale_rows(O_rc, inv_sum);
+      auto thr_mma1 = tiled_mma1.get_thread_slice(mma_tidx);
+      Tensor cO = make_identity_tensor(select<0, 2>(typename Traits::TileShape_MNK{}));
+      Tensor tOcO = thr_mma1.partition_C(cO);
+      store_o_lse<Element>(p, si, b, h, m_block * kBlockM, tOrO, tOcO, lse);
     }
-    float inv_sum[2], lse[2];
-    softmax.finalize(p.softmax_scale, inv_sum, lse);
-    Tensor O_rc = make_tensor(tOrO.data(), acc_layout_rowcol(tOrO.layout()));
-    rescale_rows(O_rc, inv_sum);
-    auto thr_mma1 = tiled_mma1.get_thread_slice(mma_tidx);
-    Tensor cO = make_identity_tensor(select<0, 2>(typename Traits::TileShape_MNK{}));
-    Tensor tOcO = thr_mma1.partition_C(cO);
-    store_o_lse<Element>(p, si, b, h, m_block * kBlockM, tOrO, tOcO, lse);
   }
 #endif
 }

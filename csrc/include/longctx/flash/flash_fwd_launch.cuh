@@ -7,13 +7,17 @@
 // FwdParams does not carry: the caller passes them). TMA needs a 16-byte-aligned base and
 // 16-byte-multiple strides: flash_fwd_tma_unsupported_reason() says why a layout cannot be
 // used (the launcher turns that into a user-facing error).
-// Grid: (ceil(seqlen_q / 128), heads, batch); seqlen_q is max_seqlen_q in varlen.
+// Grid: persistent, min(#tiles, #SMs) CTAs over ceil(seqlen_q / 128) x heads x batch tiles
+// (seqlen_q is max_seqlen_q in varlen).
 #pragma once
 #include <cuda_runtime.h>
+#include <cstdlib>
+#include <cstring>
 #include <cute/tensor.hpp>
 #include "longctx/flash/flash_fwd_dispatch.cuh"
 #include "longctx/flash/flash_fwd_kernel.cuh"
 #include "longctx/flash/flash_fwd_traits.cuh"
+#include "longctx/flash/tile_scheduler.cuh"
 #include "longctx/flash/flash_params.h"
 
 namespace longctx {
@@ -21,8 +25,10 @@ namespace flash {
 
 // total_q / total_k: rows of the packed tensors in varlen mode (ignored when batched).
 template <typename Element, int kHeadDim>
+// tile_counter: >= 4 bytes of device scratch for the dynamic tile scheduler, used by no other
+// launch in flight (it is zeroed here, on the stream); nullptr selects the static schedule.
 cudaError_t run_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t total_k,
-                               cudaStream_t stream) {
+                               int* tile_counter, cudaStream_t stream) {
   using namespace cute;
   using Traits = FlashFwdTraits<Element, kHeadDim>;
   if (p.head_dim != kHeadDim) return cudaErrorInvalidValue;
@@ -61,8 +67,36 @@ cudaError_t run_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t tota
   constexpr int smem = Traits::kSmemBytes;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const int m_blocks = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-  dim3 grid(m_blocks, p.heads, p.batch);
+  // Tile order: sections of (head, batch) pairs whose K/V (shared by a GQA group) fit in
+  // ~32 MB of L2, longest query tiles first inside a section (tile_scheduler.cuh).
+  FwdTileScheduler& sc = kp.sched;
+  sc.num_m = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  sc.heads = p.heads;
+  sc.num_hb = p.heads * p.batch;
+  const int64_t group = p.heads / (p.heads_kv > 0 ? p.heads_kv : 1);
+  const int64_t kv_bytes = int64_t(p.seqlen_k > 0 ? p.seqlen_k : 1) * kHeadDim * 2 * sizeof(Element);
+  const int64_t hps = (int64_t(32) << 20) * group / kv_bytes;
+  sc.hb_per_section = int(hps < 1 ? 1 : hps > sc.num_hb ? sc.num_hb : hps);
+  const int64_t total = int64_t(sc.num_m) * sc.num_hb;
+  if (total >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
+  sc.total = int(total);
+  // Persistent grid: one CTA per SM (the kernel's smem allows one), dynamic schedule when a
+  // tile counter is given (hdim 256: one CTA per tile by default, see the traits). For A/B
+  // timing LONGCTX_FLASH_FWD_GRID=tiles launches one CTA per tile (same tile order), =static
+  // keeps the persistent grid with the static schedule, =dynamic forces the persistent one.
+  int dev = 0, sms = 132;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const char* mode = std::getenv("LONGCTX_FLASH_FWD_GRID");
+  const bool one_per_tile = mode != nullptr && std::strcmp(mode, "tiles") == 0;
+  const int ctas = one_per_tile ? sc.total : (sc.total < sms ? sc.total : sms);
+  dim3 grid(ctas > 0 ? ctas : 1);
+  const bool static_sched = mode != nullptr && std::strcmp(mode, "static") == 0;
+  kp.tile_counter = (one_per_tile || static_sched) ? nullptr : tile_counter;
+  if (kp.tile_counter != nullptr) {
+    err = cudaMemsetAsync(kp.tile_counter, 0, sizeof(int), stream);
+    if (err != cudaSuccess) return err;
+  }
   kernel<<<grid, Traits::kNumThreads, smem, stream>>>(kp);
   return cudaGetLastError();
 }

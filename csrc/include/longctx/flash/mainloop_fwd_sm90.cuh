@@ -12,7 +12,9 @@
 // so the softmax of tile n runs while the tensor cores do P V(n+1). Tiles are walked from the
 // last (the diagonal, masked ones first) to the first. The per-element mask is applied only to
 // tiles kv_tile_needs_mask flags. Invariants: consumer and producer walk the same tile range;
-// each pipeline state advances exactly once per tile on both sides.
+// each pipeline state advances exactly once per KV tile on both sides and persists across the
+// query tiles of a persistent CTA; the Q barriers flip once per query tile that loads Q
+// (q_iter counts those), barrier_q_empty tells the producer sQ may be overwritten.
 #pragma once
 #include <cute/tensor.hpp>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
@@ -50,6 +52,7 @@ __device__ __forceinline__ void producer_load(typename Traits::SharedStorage& ss
                                               const GV& gV,
                                               typename Traits::MainloopPipeline& pipe_k,
                                               typename Traits::MainloopPipeline& pipe_v,
+                                              typename Traits::PipelineState& st, int q_iter,
                                               int n_min, int n_max) {
   using namespace cute;
   Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename Traits::SmemLayoutQ{});
@@ -59,11 +62,20 @@ __device__ __forceinline__ void producer_load(typename Traits::SharedStorage& ss
   auto [tKgK, tKsK] = tma_partition(tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
   auto [tVgV, tVsV] = tma_partition(tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
 
+  // Persistent CTA: the previous tile's consumers must be done reading sQ (their last
+  // S = Q K^T has completed) before it is overwritten. q_iter = Q tiles loaded before this one.
+  // The first K tile is issued before that wait, so it overlaps the previous tile's tail.
+  int n = n_max - 1;
+  pipe_k.producer_acquire(st);
+  copy(tma_k.with(*pipe_k.producer_get_barrier(st), 0), tKgK(_, n), tKsK(_, st.index()));
+  if (q_iter > 0) ss.barrier_q_empty.wait((q_iter - 1) & 1);
   ss.barrier_q.arrive_and_expect_tx(Traits::kTmaBytesQ);
   copy(tma_q.with(reinterpret_cast<uint64_t&>(ss.barrier_q), 0), tQgQ, tQsQ);
+  pipe_v.producer_acquire(st);
+  copy(tma_v.with(*pipe_v.producer_get_barrier(st), 0), tVgV(_, n), tVsV(_, st.index()));
+  ++st;
 
-  typename Traits::PipelineState st = cutlass::make_producer_start_state<typename Traits::MainloopPipeline>();
-  for (int n = n_max - 1; n >= n_min; --n) {
+  for (n = n_max - 2; n >= n_min; --n) {
     pipe_k.producer_acquire(st);
     copy(tma_k.with(*pipe_k.producer_get_barrier(st), 0), tKgK(_, n), tKsK(_, st.index()));
     pipe_v.producer_acquire(st);
@@ -81,6 +93,8 @@ template <typename Traits, typename TensorO, typename Softmax>
 __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss, int mma_tidx,
                                              typename Traits::MainloopPipeline& pipe_k,
                                              typename Traits::MainloopPipeline& pipe_v,
+                                             typename Traits::PipelineState& st_k,
+                                             typename Traits::PipelineState& st_v, int q_iter,
                                              int n_min, int n_max, const MaskArgs& ma,
                                              TensorO& tOrO, Softmax& softmax) {
   using namespace cute;
@@ -119,8 +133,7 @@ __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss,
     }
   };
 
-  typename Traits::PipelineState st_k, st_v;  // consumer start state: index 0, phase 0
-  ss.barrier_q.wait(0);
+  ss.barrier_q.wait(q_iter & 1);
 
   int n = n_max - 1;
   pipe_k.consumer_wait(st_k);
@@ -151,6 +164,8 @@ __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss,
     rescale_rows(O_rc, scale_o);
     convert_p();
   }
+  // Every S = Q K^T of this tile has completed: sQ may be refilled for the next tile.
+  ss.barrier_q_empty.arrive();
   pipe_v.consumer_wait(st_v);
   wg_gemm<false>(tiled_mma1, tOrP, tOrV(_, _, _, st_v.index()), tOrO);
   warpgroup_wait<0>();

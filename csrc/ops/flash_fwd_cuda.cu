@@ -2,10 +2,9 @@
 // make_flash_fwd_args, allocates out and lse, and runs the compiled (head_dim, dtype)
 // instantiation from the dispatch table (csrc/ops/flash_fwd_hdim<D>_<dtype>_sm90.cu) on the
 // current stream.
-//
-// STAGED: this file moves to csrc/ops/flash_fwd_cuda.cu once csrc/common/attn_args.cpp (the
-// definition of make_flash_fwd_args / flash_fwd_output_shapes) is merged into main; until then
-// it would not link, and setup.py / CMake compile every .cu under csrc/ops.
+// deterministic is accepted for signature parity with the backward: the forward is always
+// deterministic (no atomics on outputs; the dynamic tile scheduler changes only which CTA
+// computes a tile, never the arithmetic).
 //
 // The build report: each instantiation file registers its own LONGCTX_REGISTER_KERNEL entry
 // ("flash_fwd", "cuda", "<dtype>", "hdim<D>,causal,window,gqa,varlen"), so the report lists
@@ -27,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
-    int64_t window_left, int64_t window_right) {
+    int64_t window_left, int64_t window_right, bool /*deterministic*/) {
   constexpr const char* op = "flash_attn_fwd";
   NvtxRange range("longctx::flash_attn_fwd");
   const bool varlen = cu_seqlens_q.has_value();
@@ -63,7 +62,11 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-  const cudaError_t err = fn(p, total_q, total_k, at::cuda::getCurrentCUDAStream());
+  // 4 bytes of scratch for the dynamic tile scheduler, private to this launch (stream-ordered
+  // through the caching allocator; the kernel launcher zeroes it on the stream).
+  auto tile_counter = at::empty({1}, q.options().dtype(at::kInt));
+  const cudaError_t err = fn(p, total_q, total_k, tile_counter.data_ptr<int>(),
+                             at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "longctx.", op, ": kernel launch failed: ",
               cudaGetErrorString(err));
   return {out, lse};
