@@ -112,4 +112,30 @@ void check_positions_in_range(const at::Tensor& positions, int64_t max_position,
                     ", ", hi, "]");
 }
 
+void apply_rope_inplace(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                        const at::Tensor& inv_freq, double attention_factor, bool interleaved,
+                        bool inverse, int64_t max_position, RopeRunner run) {
+  constexpr const char* op = "apply_rope_";
+  check_writable(q, op, "q");
+  check_writable(k, op, "k");
+  const auto p = make_rope_params(q, k, q, k, positions, inv_freq, attention_factor, interleaved,
+                                  inverse, op);
+  check_positions_in_range(positions, max_position, op);
+  run(p, q.scalar_type(), q);
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_rope_out_of_place(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+    const at::Tensor& inv_freq, double attention_factor, bool interleaved, bool inverse,
+    int64_t max_position, RopeRunner run) {
+  constexpr const char* op = "apply_rope";
+  auto q_out = at::empty_like(q);
+  auto k_out = at::empty_like(k);
+  const auto p = make_rope_params(q, k, q_out, k_out, positions, inv_freq, attention_factor,
+                                  interleaved, inverse, op);
+  check_positions_in_range(positions, max_position, op);
+  run(p, q.scalar_type(), q);
+  return {q_out, k_out};
+}
+
 }  // namespace longctx

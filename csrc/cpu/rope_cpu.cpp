@@ -4,14 +4,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include "common/build_registry.h"
-#include "common/checks.h"
 #include "common/rope_args.h"
 #include "longctx/rope/rope_host.h"
 
 namespace longctx {
 namespace {
 
-void run_rope_cpu(const rope::Params& p, at::ScalarType dtype) {
+void run_rope_cpu(const rope::Params& p, at::ScalarType dtype, const at::Tensor&) {
   const int64_t tokens = p.batch * p.seqlen;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max(1, (p.q.heads + p.k.heads) * p.head_dim));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "longctx_rope_cpu", [&] {
@@ -24,13 +23,8 @@ void run_rope_cpu(const rope::Params& p, at::ScalarType dtype) {
 void apply_rope_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                             const at::Tensor& inv_freq, double attention_factor, bool interleaved,
                             bool inverse, int64_t max_position) {
-  constexpr const char* op = "apply_rope_";
-  check_writable(q, op, "q");
-  check_writable(k, op, "k");
-  const auto p = make_rope_params(q, k, q, k, positions, inv_freq, attention_factor, interleaved,
-                                  inverse, op);
-  check_positions_in_range(positions, max_position, op);
-  run_rope_cpu(p, q.scalar_type());
+  apply_rope_inplace(q, k, positions, inv_freq, attention_factor, interleaved, inverse,
+                     max_position, &run_rope_cpu);
 }
 
 std::tuple<at::Tensor, at::Tensor> apply_rope_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -38,14 +32,8 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_cpu(const at::Tensor& q, const at:
                                                   const at::Tensor& inv_freq,
                                                   double attention_factor, bool interleaved,
                                                   bool inverse, int64_t max_position) {
-  constexpr const char* op = "apply_rope";
-  auto q_out = at::empty_like(q);
-  auto k_out = at::empty_like(k);
-  const auto p = make_rope_params(q, k, q_out, k_out, positions, inv_freq, attention_factor,
-                                  interleaved, inverse, op);
-  check_positions_in_range(positions, max_position, op);
-  run_rope_cpu(p, q.scalar_type());
-  return {q_out, k_out};
+  return apply_rope_out_of_place(q, k, positions, inv_freq, attention_factor, interleaved,
+                                 inverse, max_position, &run_rope_cpu);
 }
 
 }  // namespace

@@ -5,7 +5,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include "common/build_registry.h"
-#include "common/checks.h"
 #include "common/nvtx.h"
 #include "common/rope_args.h"
 #include "longctx/rope/rope_kernel.cuh"
@@ -30,14 +29,9 @@ void run_rope_cuda(const rope::Params& p, at::ScalarType dtype, const at::Tensor
 void apply_rope_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
                              const at::Tensor& inv_freq, double attention_factor, bool interleaved,
                              bool inverse, int64_t max_position) {
-  constexpr const char* op = "apply_rope_";
   NvtxRange range("longctx::apply_rope_");
-  check_writable(q, op, "q");
-  check_writable(k, op, "k");
-  const auto p = make_rope_params(q, k, q, k, positions, inv_freq, attention_factor, interleaved,
-                                  inverse, op);
-  check_positions_in_range(positions, max_position, op);
-  run_rope_cuda(p, q.scalar_type(), q);
+  apply_rope_inplace(q, k, positions, inv_freq, attention_factor, interleaved, inverse,
+                     max_position, &run_rope_cuda);
 }
 
 std::tuple<at::Tensor, at::Tensor> apply_rope_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -45,15 +39,9 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_cuda(const at::Tensor& q, const at
                                                    const at::Tensor& inv_freq,
                                                    double attention_factor, bool interleaved,
                                                    bool inverse, int64_t max_position) {
-  constexpr const char* op = "apply_rope";
   NvtxRange range("longctx::apply_rope");
-  auto q_out = at::empty_like(q);
-  auto k_out = at::empty_like(k);
-  const auto p = make_rope_params(q, k, q_out, k_out, positions, inv_freq, attention_factor,
-                                  interleaved, inverse, op);
-  check_positions_in_range(positions, max_position, op);
-  run_rope_cuda(p, q.scalar_type(), q);
-  return {q_out, k_out};
+  return apply_rope_out_of_place(q, k, positions, inv_freq, attention_factor, interleaved,
+                                 inverse, max_position, &run_rope_cuda);
 }
 
 }  // namespace
