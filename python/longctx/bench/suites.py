@@ -1,5 +1,18 @@
 """The GPU benchmark suites `longctx bench` runs: name -> fn(quick=bool, progress=callable)
-returning longctx.bench.Results (contract in longctx/cli_bench.py)."""
+returning longctx.bench.Results (contract in longctx/cli_bench.py). A suite is registered only
+when its CUDA kernels are in this build (longctx.build_info())."""
+from ..info import build_info
 from .rope_suite import run_rope
 
-SUITES = {"rope": run_rope}
+
+def _compiled_for_cuda(family: str) -> bool:
+    return any(k["family"] == family and k["device"] == "cuda" for k in build_info()["kernels"])
+
+
+SUITES = {}
+if _compiled_for_cuda("rope"):
+    SUITES["rope"] = run_rope
+if _compiled_for_cuda("flash_fwd"):
+    from .attn_fwd_suite import run_attn_fwd
+
+    SUITES["attn_fwd"] = run_attn_fwd
