@@ -183,6 +183,30 @@ def test_flash_fwd_long_matches_sdpa():
     assert err <= 2 * err_low + 2e-3
 
 
+def test_flash_fwd_64bit_offsets():
+    """Packed q/out with more than 2^31 elements: the last sequences start past 2^31."""
+    _skip_unless(128, torch.bfloat16)
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs ~24 GB of free GPU memory")
+    lens = [1024] * 520 + [1000, 777]
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    h, hk, d = 32, 8, 128
+    assert cu[-2] * h * d > 2**31
+    q = torch.randn(cu[-1], h, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(cu[-1], hk, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(cu[-1], hk, d, device="cuda", dtype=torch.bfloat16)
+    t = torch.tensor(cu, dtype=torch.int32, device="cuda")
+    out, lse = torch.ops.longctx.flash_attn_fwd(q, k, v, t, t, 1024, 1024, d ** -0.5, True, -1, -1)
+    keep = [0, len(lens) - 2, len(lens) - 1]  # first and the two past 2^31 elements
+    for b in keep:
+        s0, s1 = cu[b], cu[b + 1]
+        _check(out[s0:s1][None], lse[:, s0:s1][None], q[s0:s1][None], k[s0:s1][None],
+               v[s0:s1][None], d ** -0.5, True, -1, -1)
+
+
 def test_flash_fwd_errors():
     _skip_unless(128, torch.bfloat16)
     q = torch.randn(1, 64, 2, 96, device="cuda", dtype=torch.bfloat16)

@@ -4,7 +4,8 @@
 # package. Logs go to $OUT (or build/flash_fwd) when set.
 # Usage: bench/cpp/run_flash_fwd.sh [test|bench|all|build|run|torch] (default all)
 #   build: compile + link only; run: run the already built test and bench; test/bench/all: build
-#   then run that part.
+#   then run that part; sanitize: run the built test's small cases under compute-sanitizer
+#   (memcheck, then synccheck).
 #   torch: build the extension in place (setup.py), run tests/test_attention_gpu.py and time
 #          torch.ops.longctx.flash_attn_fwd against torch SDPA (cuDNN, flash) in one process.
 set -uo pipefail
@@ -90,6 +91,17 @@ $NVCC -gencode=arch=compute_90a,code=sm_90a $BUILD/flash_fwd_test.o "${OBJS[@]}"
 $NVCC -gencode=arch=compute_90a,code=sm_90a $BUILD/flash_fwd_bench.o "${OBJS[@]}" $BUILD/build_registry.o -o $BUILD/flash_fwd_bench || exit 1
 fi
 [ "$WHAT" = build ] && exit 0
+if [ "$WHAT" = sanitize ]; then
+  CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  [ -z "$CS" ] && { echo "compute-sanitizer not found"; exit 1; }
+  rc=0
+  for tool in memcheck synccheck; do
+    $CS --tool $tool --error-exitcode 3 $BUILD/flash_fwd_test 7 quick > $LOG/sanitize_$tool.log 2>&1
+    r=$?; echo "compute-sanitizer $tool: exit $r"; [ $r = 0 ] || rc=$r
+    grep -E "ERROR SUMMARY|cases failed" $LOG/sanitize_$tool.log; grep -m5 -E "Invalid|Race|Error" $LOG/sanitize_$tool.log
+  done
+  exit $rc
+fi
 rc=0
 if [ $WHAT = test ] || [ $WHAT = all ] || [ $WHAT = run ]; then
   $BUILD/flash_fwd_test 2>&1 | tee $LOG/test.log; rc=${PIPESTATUS[0]}
