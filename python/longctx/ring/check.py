@@ -61,11 +61,12 @@ def _descriptor(q, k, v, layout, causal, window, scale, err) -> torch.Tensor:
     return torch.tensor(vals, dtype=torch.int64, device=dev)
 
 
-def _spans(desc: torch.Tensor) -> List[Tuple[str, slice]]:
-    return [("local check", slice(0, 1)), ("q shape", slice(1, 5)), ("k shape", slice(5, 9)),
-            ("v shape", slice(9, 13)), ("dtype", slice(13, 14)), ("layout", slice(14, 15)),
-            ("causal", slice(15, 16)), ("window_size", slice(16, 18)),
-            ("softmax_scale", slice(18, 19)), ("device type", slice(19, 20))]
+# the descriptor's fields: (name, slice of the int64 descriptor)
+_SPANS: List[Tuple[str, slice]] = [
+    ("local check", slice(0, 1)), ("q shape", slice(1, 5)), ("k shape", slice(5, 9)),
+    ("v shape", slice(9, 13)), ("dtype", slice(13, 14)), ("layout", slice(14, 15)),
+    ("causal", slice(15, 16)), ("window_size", slice(16, 18)),
+    ("softmax_scale", slice(18, 19)), ("device type", slice(19, 20))]
 
 
 def check_across_ranks(comm, group, q, k, v, layout, causal, window, scale) -> None:
@@ -78,14 +79,14 @@ def check_across_ranks(comm, group, q, k, v, layout, causal, window, scale) -> N
         return
     table = comm.all_gather(desc).cpu()
     bad_ranks = [r for r in range(comm.world_size) if table[r, 0] != 0]
-    differing = [name for name, sl in _spans(desc)
+    differing = [name for name, sl in _SPANS
                  if name != "local check" and not bool((table[:, sl] == table[0, sl]).all())]
     if not bad_ranks and not differing:
         return
     # Something is wrong somewhere: every rank takes part in gathering the details.
     mine = err or ""
     if differing and not err:
-        mine = "; ".join(f"{name} {_show(name, desc, sl)}" for name, sl in _spans(desc)
+        mine = "; ".join(f"{name} {_show(name, desc, sl)}" for name, sl in _SPANS
                          if name in differing)
     msgs: List[Optional[str]] = [None] * comm.world_size
     dist.all_gather_object(msgs, mine, group=group)
