@@ -10,6 +10,9 @@ efficiency). Ring times: every call between CUDA events on each rank, the per-ca
 over ranks (all_reduce MAX), then the median. NVTX ranges "ring step {i} compute/exchange/wait"
 come from the library; run under `nsys profile -t cuda,nvtx` to see the overlap.
 FLOPs (DESIGN.md): fwd 4*b*h*pairs*d, pairs = S(S+1)/2 causal; bwd 2.5x fwd.
+Peer: ring-flash-attention's zigzag_ring_flash_attn_func on the same zigzag shards, when the
+ring_flash_attn package (and flash_attn) is installed. Each 256K-per-GPU case takes seconds per
+call: on a machine with a per-command time limit run the sizes separately (--tokens 262144).
 """
 import argparse
 import datetime
@@ -27,7 +30,8 @@ from longctx.ring import ring_shard
 
 COLUMNS = [("mode", "case.mode"), ("layout", "layout"), ("tokens/GPU", "case.seqlen"),
            ("GPUs", "gpus"), ("ring ms", "ours_ms"), ("1-GPU share ms", "share_ms"),
-           ("efficiency", "efficiency"), ("TFLOP/s per GPU", "tflops")]
+           ("efficiency", "efficiency"), ("TFLOP/s per GPU", "tflops"),
+           ("ring-flash-attn zigzag ms", "peers.ring_flash_attn_zigzag")]
 
 
 def _time_ring(fn, reps, warmup):
@@ -62,6 +66,15 @@ def _time_single(fn, reps, warmup):
     return statistics.median(times)
 
 
+def _peer():
+    """ring-flash-attention's zigzag ring (zhuzilin/ring-flash-attention) when installed."""
+    try:
+        from ring_flash_attn import zigzag_ring_flash_attn_func
+    except Exception:
+        return None
+    return zigzag_ring_flash_attn_func
+
+
 def _fwd_flops(b, h, S, d, causal):
     pairs = S * (S + 1) // 2 if causal else S * S
     return 4 * b * h * pairs * d
@@ -93,7 +106,7 @@ def main(argv=None):
                             device_id=torch.device("cuda", local_rank))
     rank, n = dist.get_rank(), dist.get_world_size()
     tokens = [32768] if args.quick else [int(t) for t in args.tokens.split(",")]
-    reps, warmup = (3, 1) if args.quick else (10, 3)
+    peer = _peer()
     dt, dev = torch.bfloat16, torch.device("cuda")
     b, h, hk, d = args.batch, args.heads, args.heads_kv, args.hdim
 
@@ -103,6 +116,8 @@ def main(argv=None):
                       extra={"gpus": n})
     for s_local in tokens:
         S = s_local * n
+        # the largest cases take seconds per call: fewer repetitions
+        reps, warmup = (3, 1) if args.quick else ((10, 3) if s_local <= 65536 else (5, 2))
         torch.manual_seed(0)
         full = [torch.randn(b, S, hh, d, device=dev, dtype=dt) for hh in (h, hk, hk)]
         dout_full = torch.randn(b, S, h, d, device=dev, dtype=dt)
@@ -120,6 +135,7 @@ def main(argv=None):
                 share["fwd"] = _time_single(single_fwd, reps, warmup) / n
                 share["fwd_bwd"] = _time_single(single_fwd_bwd, reps, warmup) / n
             del q, k, v
+        dist.barrier()  # the other ranks wait here while rank 0 times the single GPU
         for layout in args.layouts.split(","):
             q, k, v = (ring_shard(t, rank, n, layout).contiguous().requires_grad_()
                        for t in full)
@@ -135,12 +151,23 @@ def main(argv=None):
                     continue
                 with nvtx_range(f"ring {mode} {layout} {s_local}"):
                     ms = _time_ring(fn, reps, warmup)
+                peers = {}
+                if peer is not None and layout == "zigzag":  # same shards, same process
+                    def peer_fwd():
+                        return peer(q, k, v, causal=True)
+
+                    def peer_fn():
+                        if mode == "fwd":
+                            return peer_fwd()
+                        torch.autograd.grad(peer_fwd(), (q, k, v), dout)
+                    with nvtx_range(f"ring-flash-attn {mode} {s_local}"):
+                        peers["ring_flash_attn_zigzag"] = _time_ring(peer_fn, reps, warmup)
                 if rank == 0:
                     flops = _fwd_flops(b, h, S, d, True) * (3.5 if mode == "fwd_bwd" else 1.0)
                     row = {"case": {"hdim": d, "seqlen": s_local, "total_seqlen": S,
                                     "causal": True, "window": None, "dtype": "bf16",
                                     "heads": h, "heads_kv": hk, "batch": b, "mode": mode},
-                           "ours_ms": ms, "peers": {}, "gpus": n, "layout": layout,
+                           "ours_ms": ms, "peers": peers, "gpus": n, "layout": layout,
                            "share_ms": share.get(mode),
                            "efficiency": share[mode] / ms if mode in share else None,
                            "tflops": flops / n / (ms * 1e-3) / 1e12}
