@@ -32,10 +32,25 @@ for CUDA tensors when the extension was built with it; nothing else changes.
 from __future__ import annotations
 
 import datetime
-from typing import List, Optional, Sequence
+from typing import List, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
+
+
+class RingHandle(Protocol):
+    def wait(self) -> None: ...
+
+
+class RingComm(Protocol):
+    """What ring_attn.py and check.py need from a communicator (the seam for NCCL from C++)."""
+    rank: int
+    world_size: int
+
+    def send_recv_kv(self, send_tensors: Sequence[torch.Tensor],
+                     recv_buffers: Sequence[torch.Tensor], channel: int = 0) -> RingHandle: ...
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
 class RingTimeoutError(RuntimeError):
@@ -116,7 +131,7 @@ def _group_timeout(group) -> Optional[datetime.timedelta]:
 
 
 def make_comm(group=None, device: Optional[torch.device] = None,
-              timeout: Optional[datetime.timedelta] = None):
+              timeout: Optional[datetime.timedelta] = None) -> RingComm:
     """The ring communicator for tensors on `device` over `group` (None: the default group).
 
     Today: TorchDistComm everywhere. The NCCL C++ communicator goes here, for CUDA devices.
