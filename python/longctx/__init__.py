@@ -10,6 +10,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C  # noqa: F401  (registers torch.ops.longctx.*)
 from .attention import flash_attn_func, flash_attn_varlen_func
 from .info import build_info
+from .ring import ring_flash_attn_func, ring_positions, ring_shard, ring_unshard
 from .rope import apply_rope
 from .rope_scaling import ROPE_TYPES, RopeFrequencies, rope_frequencies
 
