@@ -1,3 +1,5 @@
+import zlib
+
 import pytest
 import torch
 
@@ -16,5 +18,6 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # Fresh but reproducible random inputs per test.
-    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+    # Random inputs that differ per test but are reproducible run to run (Python's hash() of a
+    # string changes with each process, which made tolerance checks flaky).
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
