@@ -114,8 +114,8 @@ kvcache::PagedKV make_paged_kv(const KVCacheTensors& c, at::ScalarType elem,
         const at::Tensor h = t.to(at::kCPU);
         const float* x = h.data_ptr<float>();
         for (int64_t j = 0; j < kv_heads; ++j)
-          LONGCTX_CHECK_ARG(std::isfinite(x[j]) && x[j] > 0.f, op, names[i], "[", j,
-                            "] = ", x[j], " must be finite and > 0");
+          TORCH_CHECK(std::isfinite(x[j]) && x[j] > 0.f, "longctx.", op, ": ", names[i], "[", j,
+                      "] = ", x[j], " must be finite and > 0");
       }
     }
   } else {
@@ -195,26 +195,26 @@ void check_pages(const kvcache::PagedKV& p, const at::Tensor& block_table,
   const int32_t* len = sl.data_ptr<int32_t>();
   const int64_t bs = p.block_size, mb = p.max_blocks;
   for (int b = 0; b < p.batch; ++b) {
-    LONGCTX_CHECK_ARG(len[b] >= 0, op, "cache_seqlens", "[", b, "] = ", len[b],
-                      " must be >= 0");
+    TORCH_CHECK(len[b] >= 0, "longctx.", op, ": cache_seqlens[", b, "] = ", len[b],
+                " must be >= 0");
     const int64_t total = int64_t(len[b]) + new_len[b];
     const int64_t pages = (total + bs - 1) / bs;
     if (writes) {
-      LONGCTX_CHECK_ARG(pages <= mb, op, "cache_seqlens",
-                        "[", b, "] = ", len[b], " plus ", new_len[b], " new tokens = ", total,
-                        " tokens need ", pages, " pages of ", bs, " but block_table has ", mb,
-                        " columns (max_blocks): allocate pages before appending");
+      TORCH_CHECK(pages <= mb, "longctx.", op, ": cache_seqlens[", b, "] = ", len[b], " plus ",
+                  new_len[b], " new tokens = ", total, " tokens need ", pages, " pages of ", bs,
+                  " but block_table has ", mb,
+                  " columns (max_blocks): allocate pages before appending");
     } else {
-      LONGCTX_CHECK_ARG(pages <= mb, op, "cache_seqlens",
-                        "[", b, "] = ", len[b], " tokens need ", pages, " pages of ", bs,
-                        " but block_table has ", mb, " columns (max_blocks)");
+      TORCH_CHECK(pages <= mb, "longctx.", op, ": cache_seqlens[", b, "] = ", len[b],
+                  " tokens need ", pages, " pages of ", bs, " but block_table has ", mb,
+                  " columns (max_blocks)");
     }
     for (int64_t j = 0; j < pages; ++j) {
       const int32_t page = tab[b * mb + j];
-      LONGCTX_CHECK_ARG(page >= 0 && page < p.num_blocks, op, "block_table", "[", b, "][", j,
-                        "] = ", page, " is not a page of the pool: page ids must lie in "
-                        "[0, num_blocks = ", p.num_blocks, ") (sequence ", b, " holds ", total,
-                        " tokens, so its first ", pages, " entries are used)");
+      TORCH_CHECK(page >= 0 && page < p.num_blocks, "longctx.", op, ": block_table[", b, "][",
+                  j, "] = ", page, " is not a page of the pool: page ids must lie in "
+                  "[0, num_blocks = ", p.num_blocks, ") (sequence ", b, " holds ", total,
+                  " tokens, so its first ", pages, " entries are used)");
     }
   }
   if (!writes) return;
@@ -237,10 +237,10 @@ void check_pages(const kvcache::PagedKV& p, const at::Tensor& block_table,
     for (int64_t j = len[b] / bs; j <= (len[b] + new_len[b] - 1) / bs; ++j) {
       const int32_t page = tab[b * mb + j];
       const int64_t n = uses[page];
-      LONGCTX_CHECK_ARG(n == 1, op, "block_table", "[", b, "][", j, "] = ", page,
-                        " receives new tokens of sequence ", b, " but the page is used ", n,
-                        " times by the sequences of this batch: appending would overwrite "
-                        "another sequence's (or another position's) tokens");
+      TORCH_CHECK(n == 1, "longctx.", op, ": block_table[", b, "][", j, "] = ", page,
+                  " receives new tokens of sequence ", b, " but the page is used ", n,
+                  " times by the sequences of this batch: appending would overwrite another "
+                  "sequence's (or another position's) tokens");
     }
   }
 }
