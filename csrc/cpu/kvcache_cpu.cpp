@@ -143,9 +143,10 @@ TORCH_LIBRARY_IMPL(longctx, CPU, m) {
   m.impl("flash_attn_with_kvcache", &flash_attn_with_kvcache_cpu);
 }
 
-LONGCTX_REGISTER_KERNEL("kvcache_append", "cpu", "fp32,bf16,fp16->native,int8,fp8_e4m3",
-                        "paged,varlen,rope,any_block_size");
-LONGCTX_REGISTER_KERNEL("kvcache_attn", "cpu", "fp32,bf16,fp16;native,int8,fp8_e4m3",
-                        "hdim<=256,causal,window,gqa,varlen,split_kv,any_block_size");
+// One family, "kvcache" (the name longctx info plans for): append and attention.
+LONGCTX_REGISTER_KERNEL("kvcache", "cpu", "fp32,bf16,fp16",
+                        "append,attention,cache_bf16,cache_fp16,cache_fp32,cache_int8,"
+                        "cache_fp8_e4m3,rope,hdim<=256,causal,window,gqa,varlen,split_kv,"
+                        "any_block_size");
 
 }  // namespace longctx

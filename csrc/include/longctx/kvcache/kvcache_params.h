@@ -50,6 +50,7 @@
 // written by one sequence is used by another. When false (CUDA graphs: no host sync) the kernels
 // still never touch memory outside the pool: a token whose page id is out of range is not written
 // and a key whose page id is out of range is masked; sk is clamped to max_blocks * block_size.
+// cu_new / cu_seqlens_q are then trusted (they index the new tokens and q, not the pool).
 //
 // Offsets are int64: page * page_stride passes 2^31 elements for pools of a few GB.
 #pragma once
