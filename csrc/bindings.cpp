@@ -32,6 +32,33 @@ TORCH_LIBRARY(longctx, m) {
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "float softmax_scale, bool causal, int window_left, int window_right, bool deterministic) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
+  // Paged KV cache (layout and formats: csrc/include/longctx/kvcache/kvcache_params.h).
+  // Pools k_cache/v_cache (num_blocks, block_size, kv_heads, head_dim): bf16/fp16 (fp32 on CPU),
+  // int8 with k/v_scale_cache (num_blocks, block_size, kv_heads) fp32, or float8_e4m3fn with
+  // k/v_fp8_scale (kv_heads,) fp32; dequantization is x = stored * scale. block_table int32
+  // (batch, max_blocks), cache_seqlens int32 (batch,).
+  // kvcache_append writes new tokens k/v (batch, seqlen_new, kv_heads, d), or packed
+  // (total_new, kv_heads, d) with cu_new, at positions cache_seqlens[b] + i (cache_seqlens:
+  // lengths before the append; not updated), quantizing on write; with inv_freq, K is rotated
+  // (RoPE) at `positions` (default: its cache position) first. validate=True checks page ids and
+  // lengths on the host; with False nothing is checked but nothing outside the pool is written.
+  m.def(
+      "kvcache_append(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor(c!)? k_scale_cache, Tensor(d!)? v_scale_cache, Tensor? k_fp8_scale, "
+      "Tensor? v_fp8_scale, Tensor block_table, Tensor cache_seqlens, Tensor? cu_new, "
+      "Tensor? positions, Tensor? inv_freq, float attention_factor=1.0, "
+      "bool rope_interleaved=False, bool validate=True) -> ()");
+  // Attention of q (batch, seqlen_q, heads, d), or packed (total_q, heads, d) with
+  // cu_seqlens_q, over the first cache_seqlens[b] cached keys of each sequence (bottom-right
+  // aligned causal / window masks, GQA, dequantization in the kernel). num_splits > 1 splits the
+  // keys and merges by lse (0: automatic). lse: batched (batch, heads, seqlen_q), packed
+  // (heads, total_q), fp32.
+  m.def(
+      "flash_attn_with_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? k_scale_cache, "
+      "Tensor? v_scale_cache, Tensor? k_fp8_scale, Tensor? v_fp8_scale, Tensor block_table, "
+      "Tensor cache_seqlens, Tensor? cu_seqlens_q, int max_seqlen_q, float softmax_scale, "
+      "bool causal, int window_left, int window_right, int num_splits=0, bool validate=True) "
+      "-> (Tensor out, Tensor lse)");
 }
 
 namespace {

@@ -10,6 +10,8 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C  # noqa: F401  (registers torch.ops.longctx.*)
 from .attention import flash_attn_func, flash_attn_varlen_func
 from .info import build_info
+from .kvcache import (PagedKVCache, flash_attn_with_kvcache, fp8_scales_from_data,
+                      kvcache_append)
 from .ring import ring_flash_attn_func, ring_positions, ring_shard, ring_unshard
 from .rope import apply_rope
 from .rope_scaling import ROPE_TYPES, RopeFrequencies, rope_frequencies
@@ -19,6 +21,14 @@ __all__ = [
     "build_info",
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "kvcache_append",
+    "PagedKVCache",
+    "fp8_scales_from_data",
+    "ring_flash_attn_func",
+    "ring_shard",
+    "ring_unshard",
+    "ring_positions",
     "apply_rope",
     "rope_frequencies",
     "RopeFrequencies",

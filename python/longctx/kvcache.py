@@ -1,0 +1,423 @@
+"""Paged KV cache for long-context inference: storage, append and attention over the cache.
+
+Layout (the one vLLM and FlashInfer users know, "NHD" pages):
+- k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim) pools of pages, last dimension
+  contiguous (any strides elsewhere: k_cache = kv[:, 0] of a combined pool works);
+- block_table: int32 (batch, max_blocks); token t of sequence b lives in page
+  block_table[b, t // block_size], slot t % block_size; entries past a sequence's pages are never
+  read (PagedKVCache pads them with -1);
+- cache_seqlens: int32 (batch,) tokens per sequence.
+
+Formats, chosen by the pool dtype (dequantization is always x = stored * scale, in fp32):
+- bf16 / fp16 (fp32 on CPU): the dtype of q and of the new tokens;
+- torch.int8: symmetric, one fp32 scale per (token, kv head) in k_scale / v_scale tensors of shape
+  (num_blocks, block_size, kv_heads) beside the pages: scale = amax / 127,
+  q = clamp(rint(x / scale), -127, 127);
+- torch.float8_e4m3fn: one fixed fp32 scale per kv head, k_scale / v_scale of shape (kv_heads,):
+  q = e4m3(x / scale) (round to nearest even, saturating to +-448). `fp8_scales_from_data`
+  calibrates them (amax / 448 per head).
+
+Ops (torch.ops.longctx): kvcache_append (mutates the pools, quantizes on write, RoPE on K) and
+flash_attn_with_kvcache (attention over the cache, dequantization fused, split-KV for decode).
+Both have fake implementations registered here, so torch.compile(fullgraph=True) traces them.
+There is no backward: the cache is for inference.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _C  # noqa: F401  (loads the extension: registers torch.ops.longctx.*)
+from .attention import _scale, _window
+from .rope import apply_rope
+
+__all__ = [
+    "PagedKVCache",
+    "flash_attn_with_kvcache",
+    "kvcache_append",
+    "fp8_scales_from_data",
+    "FP8_E4M3_MAX",
+    "INT8_MAX",
+]
+
+_ops = torch.ops.longctx
+
+FP8_E4M3_MAX = 448.0
+INT8_MAX = 127.0
+_QUANTIZED = (torch.int8, torch.float8_e4m3fn)
+
+
+@torch.library.register_fake("longctx::kvcache_append")
+def _kvcache_append_fake(k, v, k_cache, v_cache, k_scale_cache, v_scale_cache, k_fp8_scale,
+                         v_fp8_scale, block_table, cache_seqlens, cu_new, positions, inv_freq,
+                         attention_factor=1.0, rope_interleaved=False, validate=True):
+    return None
+
+
+@torch.library.register_fake("longctx::flash_attn_with_kvcache")
+def _flash_attn_with_kvcache_fake(q, k_cache, v_cache, k_scale_cache, v_scale_cache, k_fp8_scale,
+                                  v_fp8_scale, block_table, cache_seqlens, cu_seqlens_q,
+                                  max_seqlen_q, softmax_scale, causal, window_left, window_right,
+                                  num_splits=0, validate=True):
+    if cu_seqlens_q is None:
+        torch._check(q.dim() == 4,
+                     lambda: "longctx.flash_attn_with_kvcache: q must have 4 dimensions")
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    else:
+        torch._check(q.dim() == 3,
+                     lambda: "longctx.flash_attn_with_kvcache: q must have 3 dimensions")
+        lse_shape = (q.shape[1], q.shape[0])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def fp8_scales_from_data(x: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """Per-kv-head fp8 e4m3 scales calibrated from data: amax over every dimension but the head
+    dimension (-2) of x (..., kv_heads, head_dim), times margin, divided by 448, as fp32
+    (kv_heads,). A head of zeros gets scale 1. margin > 1 leaves headroom for later, larger
+    values (they saturate at 448 * scale otherwise)."""
+    if x.dim() < 2:
+        raise ValueError(f"fp8_scales_from_data: x must be (..., kv_heads, head_dim), got shape "
+                         f"{tuple(x.shape)}")
+    if not (margin > 0 and math.isfinite(margin)):
+        raise ValueError(f"fp8_scales_from_data: margin must be finite and > 0, got {margin}")
+    dims = [d for d in range(x.dim()) if d != x.dim() - 2]
+    amax = x.detach().abs().float().amax(dim=dims) if x.numel() else x.new_zeros(
+        x.shape[-2], dtype=torch.float32)
+    scale = amax * (margin / FP8_E4M3_MAX)
+    return torch.where(scale > 0, scale, torch.ones_like(scale)).contiguous()
+
+
+def _scale_args(k_cache: torch.Tensor, k_scale, v_scale):
+    """(k_scale_cache, v_scale_cache, k_fp8_scale, v_fp8_scale) for the op, by cache dtype."""
+    if k_cache.dtype == torch.int8:
+        return k_scale, v_scale, None, None
+    if k_cache.dtype == torch.float8_e4m3fn:
+        def per_head(s):
+            if s is None or isinstance(s, torch.Tensor):
+                return s
+            return torch.full((k_cache.shape[2],), float(s), dtype=torch.float32,
+                              device=k_cache.device)
+        return None, None, per_head(k_scale), per_head(v_scale)
+    if k_scale is not None or v_scale is not None:
+        raise ValueError(f"k_scale / v_scale are given but the cache dtype {k_cache.dtype} is not "
+                         "quantized (scales belong to int8 and float8_e4m3fn caches)")
+    return None, None, None, None
+
+
+def _rope_args(rope) -> Tuple[Optional[torch.Tensor], float]:
+    if rope is None:
+        return None, 1.0
+    if isinstance(rope, torch.Tensor):
+        return rope, 1.0
+    inv_freq, factor = rope  # RopeFrequencies or (inv_freq, attention_factor)
+    return inv_freq, float(factor)
+
+
+def kvcache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, cache_seqlens: torch.Tensor, block_table: torch.Tensor,
+                   *, k_scale=None, v_scale=None, cu_new: Optional[torch.Tensor] = None,
+                   positions: Optional[torch.Tensor] = None, rope=None,
+                   rope_interleaved: bool = False, validate: bool = True) -> None:
+    """Write new tokens into their pages, in place (one fused op).
+
+    k, v: (batch, seqlen_new, kv_heads, head_dim), or packed (total_new, kv_heads, head_dim) with
+    int32 cu_new (batch + 1,). Token i of sequence b goes to position cache_seqlens[b] + i
+    (cache_seqlens: the lengths before the append; this function does not update it). The pages
+    must already be in block_table. k_scale / v_scale: the int8 scale tensors (num_blocks,
+    block_size, kv_heads) (written) or the fp8 per-head scales (kv_heads,) (read).
+    rope: (inv_freq, attention_factor) (e.g. a `rope_frequencies` result): K is rotated at
+    `positions` ((batch, seqlen_new) or (total_new,); default: the cache positions) before it is
+    stored, exactly as apply_rope followed by an append would do.
+    validate: check page ids and lengths on the host (a sync on CUDA); with False nothing is
+    checked, but nothing outside the pool is ever written.
+    """
+    ksc, vsc, kfp8, vfp8 = _scale_args(k_cache, k_scale, v_scale)
+    inv_freq, factor = _rope_args(rope)
+    _ops.kvcache_append(k, v, k_cache, v_cache, ksc, vsc, kfp8, vfp8, block_table, cache_seqlens,
+                        cu_new, positions, inv_freq, factor, bool(rope_interleaved),
+                        bool(validate))
+
+
+def _query_positions(q, total_len, sq, cu_seqlens_q):
+    """Positions of the query rows: the last sq of each sequence's total_len keys."""
+    if cu_seqlens_q is None:
+        i = torch.arange(q.shape[1], device=q.device, dtype=torch.int64)
+        return total_len.to(torch.int64)[:, None] - q.shape[1] + i[None, :]
+    cu = cu_seqlens_q.to(torch.int64)
+    lens = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(lens.shape[0], device=q.device), lens,
+                                  output_size=q.shape[0])
+    row = torch.arange(q.shape[0], device=q.device, dtype=torch.int64)
+    return total_len.to(torch.int64)[seq] - lens[seq] + (row - cu[seq])
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_table: torch.Tensor,
+    k: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+    k_scale=None,
+    v_scale=None,
+    *,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    max_seqlen_q: Optional[int] = None,
+    rope=None,
+    rotary_interleaved: bool = False,
+    num_splits: int = 0,
+    validate: bool = True,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Attention of q over a paged KV cache (FlashAttention's flash_attn_with_kvcache semantics).
+
+    q: (batch, seqlen_q, heads, head_dim), or packed (total_q, heads, head_dim) with int32
+    cu_seqlens_q (batch + 1,) and max_seqlen_q (chunked prefill of several sequences).
+    k_cache/v_cache, block_table, cache_seqlens: see the module docstring. k_scale/v_scale: the
+    int8 scale tensors or the fp8 per-head scales (a float is broadcast to every head).
+    k, v: optional new tokens (q's layout, kv_heads heads), appended at cache_seqlens first (the
+    pools are updated in place; cache_seqlens is not: as in FlashAttention, the caller advances
+    it); attention then covers cache_seqlens + new tokens.
+    Queries are the last seqlen_q positions of each sequence (bottom-right aligned causal and
+    window masks); heads % kv_heads == 0 (GQA). rope = (inv_freq, attention_factor): q is rotated
+    at its positions and the new k at theirs before they are used (rotary_interleaved: GPT-J
+    pairs). num_splits: key splits merged by lse (decode: one long sequence fills the device);
+    0 = automatic (1 on CPU). Returns out (q's shape and dtype) or (out, lse) with lse fp32,
+    (batch, heads, seqlen_q) or (heads, total_q) packed; a row that sees no key gets out = 0 and
+    lse = -inf.
+    """
+    left, right = _window(window_size, causal)
+    ksc, vsc, kfp8, vfp8 = _scale_args(k_cache, k_scale, v_scale)
+    inv_freq, factor = _rope_args(rope)
+    if max_seqlen_q is None:
+        if cu_seqlens_q is not None:
+            raise ValueError("flash_attn_with_kvcache: max_seqlen_q is required with cu_seqlens_q")
+        max_seqlen_q = q.shape[1]
+    total_len = cache_seqlens
+    if (k is None) != (v is None):
+        raise ValueError("flash_attn_with_kvcache: k and v must be given together")
+    if k is not None:
+        _ops.kvcache_append(k, v, k_cache, v_cache, ksc, vsc, kfp8, vfp8, block_table,
+                            cache_seqlens, cu_seqlens_q, None, inv_freq, factor,
+                            bool(rotary_interleaved), bool(validate))
+        if cu_seqlens_q is None:
+            total_len = cache_seqlens + k.shape[1]
+        else:
+            total_len = cache_seqlens + (cu_seqlens_q[1:] - cu_seqlens_q[:-1])
+        total_len = total_len.to(torch.int32)
+    if inv_freq is not None:
+        pos = _query_positions(q, total_len, max_seqlen_q, cu_seqlens_q)
+        q, _ = apply_rope(q, None, pos, inv_freq, factor, interleaved=rotary_interleaved,
+                          inplace=False)
+    out, lse = _ops.flash_attn_with_kvcache(q, k_cache, v_cache, ksc, vsc, kfp8, vfp8, block_table,
+                                            total_len, cu_seqlens_q, int(max_seqlen_q),
+                                            _scale(softmax_scale, q), bool(causal), left, right,
+                                            int(num_splits), bool(validate))
+    return (out, lse) if return_lse else out
+
+
+# --- the cache manager --------------------------------------------------------------------------
+
+class PagedKVCache:
+    """A pool of KV pages and the sequences that own them.
+
+    PagedKVCache(num_blocks, block_size, kv_heads, head_dim, dtype=torch.bfloat16,
+    cache_dtype=None, k_scale=None, v_scale=None, device=None, max_blocks_per_seq=None)
+
+    cache_dtype: None (store as dtype), torch.int8 (per-token-and-head scales, allocated here)
+    or torch.float8_e4m3fn (per-head scales: give them as k_scale / v_scale tensors (kv_heads,)
+    or floats; left as None they are calibrated from the first append with
+    `fp8_scales_from_data`). Sequences are integer ids: `add_sequence()`, `free(seq)`; pages are
+    taken from the pool as sequences grow and returned on free (`reserve` grows ahead of time).
+    `append(k, v)` / `attend(q)` work on a batch of sequences (`seq_ids`, default: all live
+    sequences in creation order); `block_table()` and `cache_seqlens()` give the plain tensors
+    the ops take.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.bfloat16, cache_dtype: Optional[torch.dtype] = None,
+                 k_scale=None, v_scale=None, device=None,
+                 max_blocks_per_seq: Optional[int] = None):
+        if num_blocks < 1 or block_size < 1 or kv_heads < 1 or head_dim < 1:
+            raise ValueError("PagedKVCache: num_blocks, block_size, kv_heads and head_dim must be "
+                             f">= 1, got {(num_blocks, block_size, kv_heads, head_dim)}")
+        cache_dtype = dtype if cache_dtype is None else cache_dtype
+        if cache_dtype not in (dtype,) + _QUANTIZED:
+            raise ValueError(f"PagedKVCache: cache_dtype must be {dtype}, torch.int8 or "
+                             f"torch.float8_e4m3fn, got {cache_dtype}")
+        self.num_blocks, self.block_size = int(num_blocks), int(block_size)
+        self.kv_heads, self.head_dim = int(kv_heads), int(head_dim)
+        self.dtype, self.cache_dtype = dtype, cache_dtype
+        self.max_blocks_per_seq = max_blocks_per_seq
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        self.k_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
+        self.k_scale: Optional[torch.Tensor] = None
+        self.v_scale: Optional[torch.Tensor] = None
+        if cache_dtype == torch.int8:
+            self.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
+        elif cache_dtype == torch.float8_e4m3fn:
+            self.k_scale = self._head_scale(k_scale)
+            self.v_scale = self._head_scale(v_scale)
+        elif k_scale is not None or v_scale is not None:
+            raise ValueError("PagedKVCache: k_scale / v_scale apply to float8_e4m3fn caches only")
+        self._free: List[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives page 0 first
+        self._pages: Dict[int, List[int]] = {}
+        self._lens: Dict[int, int] = {}
+        self._next_id = 0
+
+    def _head_scale(self, s):
+        if s is None:
+            return None
+        if not isinstance(s, torch.Tensor):
+            s = torch.full((self.kv_heads,), float(s))
+        return s.to(device=self.k_cache.device, dtype=torch.float32).contiguous()
+
+    # sequences and pages
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def seq_ids(self) -> List[int]:
+        return list(self._pages)
+
+    def add_sequence(self) -> int:
+        sid = self._next_id
+        self._next_id += 1
+        self._pages[sid] = []
+        self._lens[sid] = 0
+        return sid
+
+    def seqlen(self, seq_id: int) -> int:
+        return self._lens[self._check(seq_id)]
+
+    def pages(self, seq_id: int) -> List[int]:
+        return list(self._pages[self._check(seq_id)])
+
+    def free(self, seq_id: int) -> None:
+        """Return the sequence's pages to the pool (they are reused by later sequences)."""
+        self._free.extend(reversed(self._pages.pop(self._check(seq_id))))
+        del self._lens[seq_id]
+
+    def reserve(self, seq_id: int, num_tokens: int) -> None:
+        """Make sure the sequence has pages for num_tokens tokens in all."""
+        pages = self._pages[self._check(seq_id)]
+        need = -(-int(num_tokens) // self.block_size)
+        if self.max_blocks_per_seq is not None and need > self.max_blocks_per_seq:
+            raise RuntimeError(f"PagedKVCache: sequence {seq_id} needs {need} pages for "
+                               f"{num_tokens} tokens, more than max_blocks_per_seq = "
+                               f"{self.max_blocks_per_seq}")
+        if need - len(pages) > len(self._free):
+            raise RuntimeError(f"PagedKVCache: out of pages: sequence {seq_id} needs "
+                               f"{need - len(pages)} more, {len(self._free)} are free")
+        while len(pages) < need:
+            pages.append(self._free.pop())
+
+    def _check(self, seq_id: int) -> int:
+        if seq_id not in self._pages:
+            raise KeyError(f"PagedKVCache: no live sequence {seq_id}")
+        return seq_id
+
+    def _ids(self, seq_ids) -> List[int]:
+        ids = self.seq_ids if seq_ids is None else [self._check(int(s)) for s in seq_ids]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"PagedKVCache: seq_ids has duplicates: {ids}")
+        return ids
+
+    # the plain tensors the ops take
+    def block_table(self, seq_ids=None) -> torch.Tensor:
+        ids = self._ids(seq_ids)
+        width = self.max_blocks_per_seq or max([len(self._pages[s]) for s in ids] + [1])
+        table = torch.full((len(ids), width), -1, dtype=torch.int32)
+        for row, s in enumerate(ids):
+            pages = self._pages[s]
+            if pages:
+                table[row, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        return table.to(self.k_cache.device)
+
+    def cache_seqlens(self, seq_ids=None) -> torch.Tensor:
+        ids = self._ids(seq_ids)
+        return torch.tensor([self._lens[s] for s in ids], dtype=torch.int32,
+                            device=self.k_cache.device)
+
+    def _scales(self):
+        return self.k_scale, self.v_scale
+
+    # append / attend
+    def append(self, k: torch.Tensor, v: torch.Tensor, seq_ids=None, *,
+               cu_new: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+               positions: Optional[torch.Tensor] = None, rope=None,
+               rope_interleaved: bool = False) -> None:
+        """Append new tokens to the sequences seq_ids: k/v (batch, seqlen_new, kv_heads,
+        head_dim), or packed (total_new, kv_heads, head_dim) with cu_new offsets. Pages are
+        allocated as needed; RoPE (rope = (inv_freq, attention_factor)) rotates K at
+        `positions` (default: the cache positions); int8/fp8 caches quantize on write."""
+        ids = self._ids(seq_ids)
+        if cu_new is not None:
+            cu_t = torch.as_tensor(cu_new, dtype=torch.int32)
+            cu = [int(x) for x in cu_t.tolist()]
+            if len(cu) != len(ids) + 1:
+                raise ValueError(f"PagedKVCache.append: cu_new must have {len(ids) + 1} entries "
+                                 f"(one more than the {len(ids)} sequences), got {len(cu)}")
+            new = [cu[i + 1] - cu[i] for i in range(len(ids))]
+            cu_t = cu_t.to(self.k_cache.device)
+        else:
+            if k.dim() != 4 or k.shape[0] != len(ids):
+                raise ValueError(f"PagedKVCache.append: k must be (batch = {len(ids)}, seqlen_new, "
+                                 f"kv_heads, head_dim) without cu_new, got {tuple(k.shape)}")
+            new = [k.shape[1]] * len(ids)
+            cu_t = None
+        if self.cache_dtype == torch.float8_e4m3fn and self.k_scale is None:
+            self.k_scale = fp8_scales_from_data(k)
+            self.v_scale = fp8_scales_from_data(v)
+        for s, n in zip(ids, new):
+            self.reserve(s, self._lens[s] + n)
+        kvcache_append(k, v, self.k_cache, self.v_cache, self.cache_seqlens(ids),
+                       self.block_table(ids), k_scale=self.k_scale, v_scale=self.v_scale,
+                       cu_new=cu_t, positions=positions, rope=rope,
+                       rope_interleaved=rope_interleaved)
+        for s, n in zip(ids, new):
+            self._lens[s] += n
+
+    def attend(self, q: torch.Tensor, seq_ids=None, *, causal: bool = True,
+               window_size: Tuple[int, int] = (-1, -1), softmax_scale: Optional[float] = None,
+               return_lse: bool = False, cu_seqlens_q=None, max_seqlen_q: Optional[int] = None,
+               num_splits: int = 0):
+        """Attention of q (the last positions of each sequence: (batch, seqlen_q, heads,
+        head_dim), or packed with cu_seqlens_q) over everything cached for seq_ids."""
+        ids = self._ids(seq_ids)
+        if cu_seqlens_q is not None:
+            cu_seqlens_q = torch.as_tensor(cu_seqlens_q, dtype=torch.int32).to(q.device)
+            if max_seqlen_q is None:
+                max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) \
+                    if len(ids) else 0
+        return flash_attn_with_kvcache(
+            q, self.k_cache, self.v_cache, self.cache_seqlens(ids), self.block_table(ids),
+            softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+            return_lse=return_lse, k_scale=self.k_scale, v_scale=self.v_scale,
+            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, num_splits=num_splits)
+
+    def gather(self, seq_id: int, dtype: torch.dtype = torch.float32):
+        """The sequence's K and V as contiguous (seqlen, kv_heads, head_dim) tensors,
+        dequantized (x = stored * scale) and cast to dtype: for tests and debugging."""
+        n = self.seqlen(seq_id)
+        idx = torch.tensor(self._pages[seq_id], dtype=torch.long, device=self.k_cache.device)
+        out = []
+        for pool, scale in ((self.k_cache, self.k_scale), (self.v_cache, self.v_scale)):
+            x = pool[idx].flatten(0, 1)[:n].float()
+            if self.cache_dtype == torch.int8:
+                x = x * scale[idx].flatten(0, 1)[:n, :, None]
+            elif self.cache_dtype == torch.float8_e4m3fn:
+                x = x * scale[None, :, None]
+            out.append(x.to(dtype))
+        return out[0], out[1]
