@@ -41,7 +41,8 @@ def quantize_int8_ref(x: torch.Tensor):
 
 def quantize_fp8_ref(x: torch.Tensor, head_scale: torch.Tensor):
     """x (..., kv_heads, head_dim), head_scale (kv_heads,) -> float8_e4m3fn codes of x / scale."""
-    return (x.float() / head_scale.float()[:, None]).to(torch.float8_e4m3fn)
+    # saturating to +-448 as CUDA's __NV_SATFINITE does (torch's cast saturates from 2.14 on)
+    return (x.float() / head_scale.float()[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
 
 
 def keys_with_outliers(*shape, dtype=torch.bfloat16, outlier_channels=4, outlier_gain=20.0,
