@@ -115,10 +115,16 @@ def _metric(rows: List[Dict[str, Any]]) -> Tuple[Optional[str], str]:
     return None, ""
 
 
+def _trivial_window(window, causal: bool) -> bool:
+    """(-1, -1), or (-1, 0) with causal (the causal mask itself): no window to show."""
+    w = list(window)
+    return w == [-1, -1] or (causal and w == [-1, 0])
+
+
 def _case_label(case: Mapping[str, Any], skip: Tuple[str, ...] = ()) -> str:
     parts = []
     for k, v in case.items():
-        if k in skip or (k == "window" and list(v) == [-1, -1]):
+        if k in skip or (k == "window" and _trivial_window(v, case.get("causal", False))):
             continue
         parts.append(f"{k}={v}" if not isinstance(v, bool) else (k if v else f"no-{k}"))
     return " ".join(parts)
@@ -207,7 +213,8 @@ def plot_results(result: Mapping[str, Any], root: Path) -> Tuple[Optional[Path],
         import matplotlib.pyplot as plt
     except ImportError:
         return None, "matplotlib is not installed (pip install matplotlib)"
-    common = _common_case_keys(rows) + ("seqlen",)
+    # batch follows seqlen in the benchmarks (batch * seqlen fixed): not a series of its own
+    common = _common_case_keys(rows) + ("seqlen", "batch")
     series: Dict[str, List[Tuple[int, float]]] = {}
     for r in rows:
         case = r.get("case", {})
@@ -231,7 +238,7 @@ def plot_results(result: Mapping[str, Any], root: Path) -> Tuple[Optional[Path],
     ax.set_ylabel(unit)
     ax.set_title(table_cells(result)[0], fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     out = Path(root) / str(result.get("gpu", "unknown")) / f"{result.get('name', 'bench')}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
