@@ -167,6 +167,38 @@ inline void gemm_pt_x_acc(const Acc* P, int ldp, const Acc* X, int m, int n, int
 }
 
 // Applies the mask to a scaled score tile (masked -> -inf) unless the tile is fully visible.
+// One step of the online softmax over a tile of scores S (log2 units, masked entries -inf):
+// updates the running row max mx and row sum l, rescales the output accumulator O (rows x d) when
+// a row's max grows, and turns S into P = exp2(S - max) (0 for rows that see nothing yet).
+template <typename Acc>
+inline void online_softmax_step(Acc* S, int ld, int rows, int cols, int d, Acc* mx, Acc* l,
+                                Acc* O) {
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  for (int r = 0; r < rows; ++r) {
+    Acc* srow = S + int64_t(r) * ld;
+    Acc tile_max = neg_inf;
+    for (int c = 0; c < cols; ++c) tile_max = std::max(tile_max, srow[c]);
+    const Acc m_new = std::max(mx[r], tile_max);
+    if (m_new == neg_inf) {  // nothing visible to this row yet: P row is 0
+      for (int c = 0; c < cols; ++c) srow[c] = Acc(0);
+      continue;
+    }
+    const Acc alpha = std::exp2(mx[r] - m_new);  // 0 when mx was -inf
+    Acc sum = 0;
+    for (int c = 0; c < cols; ++c) {
+      const Acc e = std::exp2(srow[c] - m_new);
+      srow[c] = e;
+      sum += e;
+    }
+    l[r] = l[r] * alpha + sum;
+    mx[r] = m_new;
+    if (alpha != Acc(1)) {
+      Acc* orow = O + int64_t(r) * d;
+      for (int k = 0; k < d; ++k) orow[k] *= alpha;
+    }
+  }
+}
+
 template <typename Acc>
 inline void mask_tile(Acc* S, int ld, int m_block, int n_block, int rows, int cols, int sq, int sk,
                       int wl, int wr) {
@@ -234,29 +266,7 @@ void fwd_task(const FwdParams& p, int b, int h, int m_block, Workspace<Acc>& ws)
       for (int c = 0; c < cols; ++c) S[int64_t(r) * kBlockN + c] *= scale_log2;
     mask_tile(S, kBlockN, m_block, n, rows, cols, sb.sq, sb.sk, p.window_left, p.window_right);
 
-    for (int r = 0; r < rows; ++r) {
-      Acc* srow = S + int64_t(r) * kBlockN;
-      Acc tile_max = neg_inf;
-      for (int c = 0; c < cols; ++c) tile_max = std::max(tile_max, srow[c]);
-      const Acc m_new = std::max(mx[r], tile_max);
-      if (m_new == neg_inf) {  // nothing visible to this row yet: P row is 0
-        for (int c = 0; c < cols; ++c) srow[c] = Acc(0);
-        continue;
-      }
-      const Acc alpha = std::exp2(mx[r] - m_new);  // 0 when mx was -inf
-      Acc sum = 0;
-      for (int c = 0; c < cols; ++c) {
-        const Acc e = std::exp2(srow[c] - m_new);
-        srow[c] = e;
-        sum += e;
-      }
-      l[r] = l[r] * alpha + sum;
-      mx[r] = m_new;
-      if (alpha != Acc(1)) {
-        Acc* orow = O + int64_t(r) * d;
-        for (int k2 = 0; k2 < d; ++k2) orow[k2] *= alpha;
-      }
-    }
+    online_softmax_step(S, kBlockN, rows, cols, d, mx, l, O);
     gemm_p_v_acc(S, kBlockN, ws.v.data(), rows, cols, d, O, ws.tmp.data());
   }
 

@@ -276,30 +276,7 @@ void attn_task(const AttnParams& p, int b, int hk, int m_block, int split,
             S[int64_t(r) * kBlockN + c] = neg_inf;
       }
     }
-    // Online softmax, as flash_cpu.h's fwd_task.
-    for (int r = 0; r < rows; ++r) {
-      float* srow = S + int64_t(r) * kBlockN;
-      float tile_max = neg_inf;
-      for (int c = 0; c < cols; ++c) tile_max = std::max(tile_max, srow[c]);
-      const float m_new = std::max(mx[r], tile_max);
-      if (m_new == neg_inf) {
-        for (int c = 0; c < cols; ++c) srow[c] = 0.f;
-        continue;
-      }
-      const float alpha = std::exp2(mx[r] - m_new);
-      float sum = 0;
-      for (int c = 0; c < cols; ++c) {
-        const float e = std::exp2(srow[c] - m_new);
-        srow[c] = e;
-        sum += e;
-      }
-      l[r] = l[r] * alpha + sum;
-      mx[r] = m_new;
-      if (alpha != 1.f) {
-        float* orow = O + int64_t(r) * d;
-        for (int k = 0; k < d; ++k) orow[k] *= alpha;
-      }
-    }
+    flash::cpu::online_softmax_step(S, kBlockN, rows, cols, d, mx, l, O);
     flash::cpu::gemm_p_v_acc(S, kBlockN, ws.v.data(), rows, cols, d, O, ws.tmp.data());
   }
 
