@@ -1,0 +1,65 @@
+// Flash-attention backward, step 1 of 3 (preprocess): D = rowsum(dout * out) in fp32, written to
+// params.dsoftmax_sum (laid out like lse), and zeroing of the fp32 dQ accumulator and of the
+// per-(batch, head, query tile) semaphores that the deterministic mode orders its dQ additions by.
+//
+// Tiling: one warp per (row, head); each lane reads 16-byte chunks of dout and out (head_dim / 8
+// chunks per row, so hdim 64/128/256 use 8/16/32 lanes), accumulates in fp32, reduces with
+// shuffles. Rows past a varlen sequence do not exist (varlen rows are the packed rows), batched
+// rows are all real. The accumulator is zeroed by a grid-stride loop over float4s.
+// Invariants: dq_accum holds heads * total_q_rows * head_dim floats (see flash_bwd_launch.cuh),
+// 16-byte aligned; out/dout rows are 16-byte aligned (checked by the launcher).
+#pragma once
+#include <cuda_runtime.h>
+#include <cstdint>
+#include "longctx/flash/flash_params.h"
+
+namespace longctx {
+namespace flash {
+
+template <typename Element, int kHeadDim>
+__global__ void flash_bwd_preprocess_kernel(BwdParams p, int64_t total_q_rows, float* dq_accum,
+                                            int64_t accum_elems, int* sems, int64_t n_sems) {
+  // Zero the accumulator and the semaphores.
+  const int64_t gtid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t gsize = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = gtid; i < accum_elems / 4; i += gsize)
+    reinterpret_cast<float4*>(dq_accum)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (sems != nullptr)
+    for (int64_t i = gtid; i < n_sems; i += gsize) sems[i] = 0;
+
+  // D: one warp per (row, head); row = packed row index in [0, total_q_rows).
+  const FwdParams& f = p.fwd;
+  const bool varlen = f.cu_seqlens_q != nullptr;
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = gtid >> 5, nwarps = gsize >> 5;
+  constexpr int kChunks = kHeadDim / 8;
+  const int64_t work = total_q_rows * f.heads;
+  for (int64_t w = warp; w < work; w += nwarps) {
+    const int64_t row = w / f.heads;
+    const int h = int(w % f.heads);
+    int64_t b = 0, i = row;
+    if (!varlen) { b = row / f.seqlen_q; i = row % f.seqlen_q; }
+    float acc = 0.f;
+    if (lane < kChunks) {
+      const Element* o = reinterpret_cast<const Element*>(f.out) + b * f.out_batch_stride +
+                         i * f.out_row_stride + h * f.out_head_stride + lane * 8;
+      const Element* d = reinterpret_cast<const Element*>(p.dout) + b * p.dout_batch_stride +
+                         i * p.dout_row_stride + h * p.dout_head_stride + lane * 8;
+      const uint4 ov = *reinterpret_cast<const uint4*>(o);
+      const uint4 dv = *reinterpret_cast<const uint4*>(d);
+      const Element* oe = reinterpret_cast<const Element*>(&ov);
+      const Element* de = reinterpret_cast<const Element*>(&dv);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc += float(oe[e]) * float(de[e]);
+    }
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+    if (lane == 0) {
+      // varlen: dsoftmax_sum is (heads, total_q) with head stride = total_q, batch stride 0.
+      p.dsoftmax_sum[b * p.dsoftmax_sum_batch_stride + h * p.dsoftmax_sum_head_stride + i] = acc;
+    }
+  }
+}
+
+}  // namespace flash
+}  // namespace longctx
