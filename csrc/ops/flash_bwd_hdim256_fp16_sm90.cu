@@ -1,0 +1,15 @@
+// Instantiation of the flash-attention backward (first version: mma.sync, kBlockM = kBlockN = 64)
+// for head_dim 256, fp16; registers itself in the backward dispatch table and the build report.
+#include "common/build_registry.h"
+#include "longctx/flash/flash_bwd_launch.cuh"
+
+namespace longctx {
+namespace flash {
+namespace {
+const FlashBwdRegistration registration(256, false, &run_flash_bwd_sm90<cutlass::half_t, 256>);
+}  // namespace
+}  // namespace flash
+
+LONGCTX_REGISTER_KERNEL("flash_bwd", "cuda", "fp16", "hdim256,causal,window,gqa,varlen,deterministic");
+
+}  // namespace longctx
