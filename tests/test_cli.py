@@ -10,12 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+import longctx
+
+# The subprocess must import the same longctx as this process (the installed package in CI, the
+# source tree in a development checkout built in place), not whatever the source tree holds.
+LONGCTX_PARENT = str(Path(longctx.__file__).resolve().parents[1])
 
 
 def run_cli(*args, cwd=None, timeout=240):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "python")] + (
+    env["PYTHONPATH"] = os.pathsep.join([LONGCTX_PARENT] + (
         [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.pop("LONGCTX_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "longctx", *args], capture_output=True,
