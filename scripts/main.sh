@@ -7,7 +7,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$ROOT/.venv}
 export VENV
 bash "$ROOT/scripts/setup.sh"
-cd "$ROOT/tests"
+cd "$ROOT"  # longctx bench writes bench/results/<gpu>/ here
 "$VENV/bin/longctx" info
 "$VENV/bin/longctx" plan --model llama-3.1-70b --context 128k --kv-dtype bf16 --gpus 4
 "$VENV/bin/longctx" bench --quick
