@@ -10,11 +10,11 @@
 #include <random>
 #include <vector>
 #include "longctx/flash/flash_bwd_launch.cuh"
+#include "../../tests/cpp/cuda_test_util.cuh"
 
 using longctx::flash::BwdParams;
 using longctx::flash::FlashBwdFn;
 extern FlashBwdFn flash_bwd_blockn128 __attribute__((weak));
-#define CK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); exit(2); } } while (0)
 
 __global__ void fill(uint16_t* p, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {

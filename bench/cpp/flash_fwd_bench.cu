@@ -16,15 +16,7 @@
 #include <random>
 #include <vector>
 #include "longctx/flash/flash_fwd_dispatch.cuh"
-
-#define CK(x)                                                                          \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      exit(2);                                                                         \
-    }                                                                                  \
-  } while (0)
+#include "../../tests/cpp/cuda_test_util.cuh"
 
 __global__ void fill_random(uint16_t* x, size_t n, uint32_t seed, bool bf16) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {

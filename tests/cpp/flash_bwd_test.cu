@@ -26,30 +26,12 @@
 #include <thread>
 #include <vector>
 #include "longctx/flash/flash_bwd_launch.cuh"
+#include "cuda_test_util.cuh"
 
 using longctx::flash::BwdParams;
 using longctx::flash::FlashBwdFn;
 extern FlashBwdFn flash_bwd_fallback __attribute__((weak));
 extern FlashBwdFn flash_bwd_blockn128 __attribute__((weak));
-
-#define CK(x)                                                                                  \
-  do {                                                                                         \
-    cudaError_t e_ = (x);                                                                      \
-    if (e_ != cudaSuccess) {                                                                   \
-      fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      exit(2);                                                                                 \
-    }                                                                                          \
-  } while (0)
-
-static float bits_to_float(uint16_t h, bool bf16) {
-  if (bf16) { uint32_t u = uint32_t(h) << 16; float f; memcpy(&f, &u, 4); return f; }
-  return __half2float(__ushort_as_half(h));
-}
-static uint16_t float_to_bits(float f, bool bf16) {
-  if (bf16) return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-  return __half_as_ushort(__float2half_rn(f));
-}
-static float round16(float f, bool bf16) { return bits_to_float(float_to_bits(f, bf16), bf16); }
 
 static void parallel_for(int n, const std::function<void(int)>& fn) {
   int nt = std::max(1u, std::thread::hardware_concurrency());

@@ -27,27 +27,9 @@
 #include <thread>
 #include <vector>
 #include "longctx/flash/flash_fwd_dispatch.cuh"
+#include "cuda_test_util.cuh"
 
 using longctx::flash::FwdParams;
-
-#define CK(x)                                                                          \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-      exit(2);                                                                         \
-    }                                                                                  \
-  } while (0)
-
-static float bits_to_float(uint16_t h, bool bf16) {
-  if (bf16) { uint32_t u = uint32_t(h) << 16; float f; memcpy(&f, &u, 4); return f; }
-  return __half2float(__ushort_as_half(h));
-}
-static uint16_t float_to_bits(float f, bool bf16) {
-  if (bf16) return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-  return __half_as_ushort(__float2half_rn(f));
-}
-static float round16(float f, bool bf16) { return bits_to_float(float_to_bits(f, bf16), bf16); }
 
 struct Case {
   int d; bool bf16; int b, h, hk, sq, sk; bool causal; int wl, wr;

@@ -1,0 +1,40 @@
+// Helpers shared by the standalone CUDA tests and microbenchmarks (tests/cpp, bench/cpp): abort on
+// a CUDA error with its location, and convert between float and the raw bits of bf16/fp16 on the
+// host (round to nearest even, as the kernels' conversions do).
+#pragma once
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#define CK(x)                                                                                  \
+  do {                                                                                         \
+    cudaError_t e_ = (x);                                                                      \
+    if (e_ != cudaSuccess) {                                                                   \
+      fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+      exit(2);                                                                                 \
+    }                                                                                          \
+  } while (0)
+
+[[maybe_unused]] static float bits_to_float(uint16_t h, bool bf16) {
+  if (bf16) {
+    uint32_t u = uint32_t(h) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+  }
+  return __half2float(__ushort_as_half(h));
+}
+
+[[maybe_unused]] static uint16_t float_to_bits(float f, bool bf16) {
+  if (bf16) return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  return __half_as_ushort(__float2half_rn(f));
+}
+
+// f rounded to bf16 or fp16 and back.
+[[maybe_unused]] static float round16(float f, bool bf16) {
+  return bits_to_float(float_to_bits(f, bf16), bf16);
+}
