@@ -12,32 +12,13 @@ import pytest
 import torch
 
 import longctx  # noqa: F401  (registers the ops)
+from gpu_kernels import skip_unless_compiled
 
 pytestmark = pytest.mark.gpu
 
 
-def _fwd_compiled():
-    try:
-        cfg = longctx._C.build_config()
-    except Exception:  # pragma: no cover
-        return set()
-    return {
-        (int(f[4:]), k["dtypes"])
-        for k in cfg["kernels"]
-        if k["family"] == "flash_fwd" and k["device"] == "cuda"
-        for f in k["features"].split(",")
-        if f.startswith("hdim")
-    }
-
-
 def _skip_unless(hdim, dtype):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the forward kernel needs a Hopper GPU (sm_90)")
-    name = "bf16" if dtype == torch.bfloat16 else "fp16"
-    if (hdim, name) not in _fwd_compiled():
-        pytest.skip(f"flash_fwd hdim {hdim} {name} not compiled in this build")
+    skip_unless_compiled(hdim, dtype, ("flash_fwd",))
 
 
 def _mask(sq, sk, causal, wl, wr, device):

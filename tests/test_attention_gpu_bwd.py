@@ -11,34 +11,14 @@ import pytest
 import torch
 
 import longctx
+from gpu_kernels import skip_unless_compiled
 from attention_reference import attention_ref, attention_varlen_ref
 
 pytestmark = pytest.mark.gpu
 
 
-def _compiled(family):
-    try:
-        cfg = longctx._C.build_config()
-    except Exception:  # pragma: no cover
-        return set()
-    return {
-        (int(f[4:]), k["dtypes"])
-        for k in cfg["kernels"]
-        if k["family"] == family and k["device"] == "cuda"
-        for f in k["features"].split(",")
-        if f.startswith("hdim")
-    }
-
-
 def _skip_unless(hdim, dtype):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the kernels need a Hopper GPU (sm_90)")
-    name = "bf16" if dtype == torch.bfloat16 else "fp16"
-    for fam in ("flash_fwd", "flash_bwd"):
-        if (hdim, name) not in _compiled(fam):
-            pytest.skip(f"{fam} hdim {hdim} {name} not compiled in this build")
+    skip_unless_compiled(hdim, dtype, ("flash_fwd", "flash_bwd"))
 
 
 def _atol(ref64, dtype):
