@@ -1,6 +1,7 @@
 // Helpers shared by the standalone CUDA tests and microbenchmarks (tests/cpp, bench/cpp): abort on
-// a CUDA error with its location, and convert between float and the raw bits of bf16/fp16 on the
-// host (round to nearest even, as the kernels' conversions do).
+// a CUDA error with its location, convert between float and the raw bits of bf16/fp16 on the
+// host (round to nearest even, as the kernels' conversions do), and spread a host reference loop
+// over all cores.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -9,6 +10,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
+#include <atomic>
+#include <functional>
+#include <thread>
+#include <vector>
 
 #define CK(x)                                                                                  \
   do {                                                                                         \
@@ -37,4 +43,14 @@
 // f rounded to bf16 or fp16 and back.
 [[maybe_unused]] static float round16(float f, bool bf16) {
   return bits_to_float(float_to_bits(f, bf16), bf16);
+}
+
+// fn(0) .. fn(n - 1) on all hardware threads, each index once.
+[[maybe_unused]] static void parallel_for(int n, const std::function<void(int)>& fn) {
+  int nt = std::max(1u, std::thread::hardware_concurrency());
+  std::vector<std::thread> ts;
+  std::atomic<int> next{0};
+  for (int t = 0; t < nt; ++t)
+    ts.emplace_back([&] { for (int i; (i = next++) < n;) fn(i); });
+  for (auto& t : ts) t.join();
 }

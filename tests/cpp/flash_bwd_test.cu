@@ -33,15 +33,6 @@ using longctx::flash::FlashBwdFn;
 extern FlashBwdFn flash_bwd_fallback __attribute__((weak));
 extern FlashBwdFn flash_bwd_blockn128 __attribute__((weak));
 
-static void parallel_for(int n, const std::function<void(int)>& fn) {
-  int nt = std::max(1u, std::thread::hardware_concurrency());
-  std::vector<std::thread> ts;
-  std::atomic<int> next{0};
-  for (int t = 0; t < nt; ++t)
-    ts.emplace_back([&] { for (int i; (i = next++) < n;) fn(i); });
-  for (auto& t : ts) t.join();
-}
-
 struct Case {
   int d; bool bf16; int b, h, hk, sq, sk; bool causal; int wl, wr;
   std::vector<int> lens_q = {}, lens_k = {};

@@ -44,15 +44,6 @@ struct Case {
   }
 };
 
-static void parallel_for(int n, const std::function<void(int)>& fn) {
-  int nt = std::max(1u, std::thread::hardware_concurrency());
-  std::vector<std::thread> ts;
-  std::atomic<int> next{0};
-  for (int t = 0; t < nt; ++t)
-    ts.emplace_back([&] { for (int i; (i = next++) < n;) fn(i); });
-  for (auto& t : ts) t.join();
-}
-
 static bool run_case(const Case& c, std::mt19937& rng) {
   const bool varlen = !c.lens_q.empty();
   const int B = varlen ? int(c.lens_q.size()) : c.b;
