@@ -11,6 +11,9 @@ CPU-only extension is built. Environment switches restrict what is compiled (see
   LONGCTX_DTYPES=bf16,fp16    attention dtypes to instantiate
   LONGCTX_DISABLE_BWD=1       skip the attention backward instantiations
   LONGCTX_CUDA_ARCHS=90a      gencode targets (semicolon- or comma-separated)
+  LONGCTX_DISABLE_NCCL=1      build without the NCCL ring communicator (ring attention then
+                              exchanges through torch.distributed); with LONGCTX_REQUIRE_CUDA=1
+                              a CUDA build without NCCL headers/library fails instead
   MAX_JOBS=N                  parallel compile jobs (ninja)
 """
 import os
@@ -71,6 +74,23 @@ def nvidia_include():
     return None
 
 
+def nccl_paths():
+    """(include dir, library dir) of NCCL: the nvidia-nccl wheel torch depends on, else NCCL_HOME
+    or the system. None when nccl.h or libnccl.so* is missing."""
+    candidates = []
+    if os.environ.get("NCCL_HOME"):
+        home = Path(os.environ["NCCL_HOME"])
+        candidates.append((home / "include", home / "lib"))
+    for p in sys.path:
+        base = Path(p) / "nvidia" / "nccl"
+        candidates.append((base / "include", base / "lib"))
+    candidates.append((Path("/usr/include"), Path("/usr/lib/x86_64-linux-gnu")))
+    for inc, lib in candidates:
+        if (inc / "nccl.h").is_file() and any(lib.glob("libnccl.so*")):
+            return str(inc), str(lib)
+    return None
+
+
 def write_build_config(torch, with_cuda, archs, switches):
     gen = CSRC / "generated"
     gen.mkdir(exist_ok=True)
@@ -115,7 +135,8 @@ def extensions():
             raise RuntimeError(f"LONGCTX_DTYPES: {d} is not one of {ALL_DTYPES}")
     switches = (
         f"kernels={','.join(kernels) if kernels else 'all'};headdims={','.join(headdims)};"
-        f"dtypes={','.join(dtypes)};bwd={int(with_bwd)}"
+        f"dtypes={','.join(dtypes)};bwd={int(with_bwd)};"
+        f"nccl={int(not env_flag('LONGCTX_DISABLE_NCCL'))}"
     )
     write_build_config(torch, with_cuda, archs, switches)
 
@@ -138,13 +159,30 @@ def extensions():
     for inc in (cutlass_include(), nvidia_include()):
         if inc:
             include_dirs.append(inc)
+    cxx_defs = ["-DLONGCTX_WITH_CUDA"]
+    library_dirs, link_args = [], []
+    nccl = None if env_flag("LONGCTX_DISABLE_NCCL") else nccl_paths()
+    if nccl is None and env_flag("LONGCTX_REQUIRE_CUDA") and not env_flag("LONGCTX_DISABLE_NCCL"):
+        raise RuntimeError("LONGCTX_REQUIRE_CUDA=1 but NCCL was not found (nccl.h and libnccl.so "
+                           "from the nvidia-nccl wheel, NCCL_HOME or /usr); set "
+                           "LONGCTX_DISABLE_NCCL=1 to build without the ring communicator")
+    if nccl is not None:
+        inc, lib = nccl
+        include_dirs.append(inc)
+        sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "comm").glob("*.cpp"))
+        cxx_defs.append("-DLONGCTX_WITH_NCCL")
+        # torch already loads this libnccl.so.2 (same soname): link by soname, no rpath needed
+        soname = sorted(Path(lib).glob("libnccl.so*"))[0].name
+        library_dirs.append(lib)
+        link_args.append(f"-l:{soname}")
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     nvcc = [
         "-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "--expt-extended-lambda",
         "-DLONGCTX_WITH_CUDA", "-Xfatbin", "-compress-all", *gencode,
     ]
     return [CUDAExtension("longctx._C", sources, include_dirs=include_dirs,
-                          extra_compile_args={"cxx": cxx + ["-DLONGCTX_WITH_CUDA"], "nvcc": nvcc})]
+                          library_dirs=library_dirs, extra_link_args=link_args,
+                          extra_compile_args={"cxx": cxx + cxx_defs, "nvcc": nvcc})]
 
 
 def cmdclass():

@@ -10,6 +10,10 @@ efficiency). Ring times: every call between CUDA events on each rank, the per-ca
 over ranks (all_reduce MAX), then the median. NVTX ranges "ring step {i} compute/exchange/wait"
 come from the library; run under `nsys profile -t cuda,nvtx` to see the overlap.
 FLOPs (DESIGN.md): fwd 4*b*h*pairs*d, pairs = S(S+1)/2 causal; bwd 2.5x fwd.
+Overlap (--trace TOKENS): one zigzag fwd+bwd at TOKENS per GPU under torch.profiler on every
+rank; rank 0 writes the kernel timeline (ring_trace.json.gz, chrome://tracing or Perfetto) and
+both ranks measure, from the kernel intervals, how much of the NCCL kernels' time overlaps
+compute kernels on the other stream ("hidden") and how long only communication ran ("exposed").
 Peer: ring-flash-attention's zigzag_ring_flash_attn_func on the same zigzag shards, when the
 ring_flash_attn package (and flash_attn) is installed. Each 256K-per-GPU case takes seconds per
 call: on a machine with a per-command time limit run the sizes separately (--tokens 262144).
@@ -66,6 +70,66 @@ def _time_single(fn, reps, warmup):
     return statistics.median(times)
 
 
+def _intervals_union(iv):
+    out = []
+    for a, b in sorted(iv):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _overlap(a, b, union):
+    """Length of [a, b] covered by the sorted disjoint intervals `union`."""
+    total = 0.0
+    for u0, u1 in union:
+        if u1 <= a:
+            continue
+        if u0 >= b:
+            break
+        total += min(b, u1) - max(a, u0)
+    return total
+
+
+def _trace_overlap(fn, path):
+    """Runs fn under torch.profiler; kernel-level overlap of NCCL kernels with compute kernels.
+
+    Returns {nccl_ms, hidden_ms, exposed_ms, hidden_fraction, span_ms, kernels}. `path`: where to
+    write the chrome trace (None: do not write)."""
+    import gzip
+    import json
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    fn()  # warm (communicator, allocator)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        prof.export_chrome_trace(tmp.name)
+        with open(tmp.name) as f:
+            trace = json.load(f)
+        if path is not None:
+            with gzip.open(path, "wt") as g:
+                json.dump(trace, g)
+    kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"]
+    nccl = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" in e["name"].lower()]
+    comp = _intervals_union([(e["ts"], e["ts"] + e["dur"]) for e in kernels
+                             if "nccl" not in e["name"].lower()])
+    nccl_us = sum(b - a for a, b in nccl)
+    hidden_us = sum(_overlap(a, b, comp) for a, b in nccl)
+    # exposed: time where an NCCL kernel runs and no compute kernel does
+    nccl_union = _intervals_union(nccl)
+    exposed_us = sum((b - a) - _overlap(a, b, comp) for a, b in nccl_union)
+    span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)
+            if kernels else 0.0)
+    return {"nccl_ms": nccl_us / 1e3, "hidden_ms": hidden_us / 1e3,
+            "exposed_ms": exposed_us / 1e3, "span_ms": span / 1e3,
+            "hidden_fraction": hidden_us / nccl_us if nccl_us else None,
+            "nccl_kernels": len(nccl), "kernels": len(kernels)}
+
+
 def _peer():
     """ring-flash-attention's zigzag ring (zhuzilin/ring-flash-attention) when installed."""
     try:
@@ -92,6 +156,9 @@ def main(argv=None):
     ap.add_argument("--single-max", type=int, default=524288,
                     help="longest full sequence timed on one GPU for the efficiency")
     ap.add_argument("--quick", action="store_true", help="32K tokens per GPU, few reps")
+    ap.add_argument("--reps", type=int, default=0, help="timed repetitions (0: by size)")
+    ap.add_argument("--trace", type=int, default=0,
+                    help="tokens per GPU of one profiled zigzag fwd+bwd (kernel overlap + trace)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -118,6 +185,8 @@ def main(argv=None):
         S = s_local * n
         # the largest cases take seconds per call: fewer repetitions
         reps, warmup = (3, 1) if args.quick else ((10, 3) if s_local <= 65536 else (5, 2))
+        if args.reps:
+            reps, warmup = args.reps, 1
         torch.manual_seed(0)
         full = [torch.randn(b, S, hh, d, device=dev, dtype=dt) for hh in (h, hk, hk)]
         dout_full = torch.randn(b, S, h, d, device=dev, dtype=dt)
@@ -128,9 +197,8 @@ def main(argv=None):
             def single_fwd():
                 return longctx.flash_attn_func(q, k, v, causal=True)
 
-            def single_fwd_bwd():
-                torch.autograd.grad(longctx.flash_attn_func(q, k, v, causal=True), (q, k, v),
-                                    dout_full)
+            def single_fwd_bwd(g=dout_full):
+                torch.autograd.grad(longctx.flash_attn_func(q, k, v, causal=True), (q, k, v), g)
             with nvtx_range(f"single {S}"):
                 share["fwd"] = _time_single(single_fwd, reps, warmup) / n
                 share["fwd_bwd"] = _time_single(single_fwd_bwd, reps, warmup) / n
@@ -178,9 +246,44 @@ def main(argv=None):
             del q, k, v, dout
         del full, dout_full
         torch.cuda.empty_cache()
+    if args.trace:
+        S = args.trace * n
+        torch.manual_seed(0)
+        full = [torch.randn(b, S, hh, d, device=dev, dtype=dt) for hh in (h, hk, hk)]
+        q, k, v = (ring_shard(t, rank, n, "zigzag").contiguous().requires_grad_() for t in full)
+        dout = torch.randn_like(q)
+
+        def traced():
+            out = longctx.ring_flash_attn_func(q, k, v, causal=True, layout="zigzag")
+            torch.autograd.grad(out, (q, k, v), dout)
+        path = None
+        if rank == 0:
+            gpu_dir = Path(args.out) / res.meta["gpu"]
+            gpu_dir.mkdir(parents=True, exist_ok=True)
+            path = str(gpu_dir / "ring_trace.json.gz")
+        ov = _trace_overlap(traced, path)
+        t = torch.tensor([ov["exposed_ms"], ov["nccl_ms"], ov["hidden_ms"], ov["span_ms"]],
+                         device=dev, dtype=torch.float64)
+        all_t = [torch.empty_like(t) for _ in range(n)]
+        dist.all_gather(all_t, t)
+        if rank == 0:
+            per_rank = [dict(zip(("exposed_ms", "nccl_ms", "hidden_ms", "span_ms"), x.tolist()))
+                        for x in all_t]
+            res.meta["overlap"] = {"tokens_per_gpu": args.trace, "layout": "zigzag",
+                                    "mode": "fwd_bwd", "per_rank": per_rank,
+                                    "kernels_rank0": ov["kernels"],
+                                    "nccl_kernels_rank0": ov["nccl_kernels"]}
+            for r, x in enumerate(per_rank):
+                frac = x["hidden_ms"] / x["nccl_ms"] if x["nccl_ms"] else float("nan")
+                print(f"overlap rank {r}: NCCL kernels {x['nccl_ms']:.2f} ms, hidden behind "
+                      f"compute {frac:.1%}, exposed {x['exposed_ms']:.3f} ms of "
+                      f"{x['span_ms']:.1f} ms", flush=True)
+        del q, k, v, dout, full
     if rank == 0:
         path = res.write(args.out, COLUMNS)
         print(res.markdown(COLUMNS))
+        if "overlap" in res.meta:
+            print("overlap:", res.meta["overlap"])
         print(f"wrote {path}")
     dist.destroy_process_group()
     return 0

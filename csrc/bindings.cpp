@@ -6,6 +6,9 @@
 #include "common/build_registry.h"
 #include "common/nvtx.h"
 #include "generated/build_config.h"
+#if defined(LONGCTX_WITH_NCCL)
+#include "comm/nccl_ring.h"
+#endif
 
 TORCH_LIBRARY(longctx, m) {
   // RoPE: rotates the first 2 * len(inv_freq) channels of every head of q and k by
@@ -74,6 +77,11 @@ pybind11::dict build_config() {
 #else
   d["with_cuda"] = false;
 #endif
+#if defined(LONGCTX_WITH_NCCL)
+  d["with_nccl"] = true;
+#else
+  d["with_nccl"] = false;
+#endif
   pybind11::list kernels;
   for (const auto& e : longctx::kernel_registry()) {
     pybind11::dict k;
@@ -96,4 +104,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("nvtx_push", &longctx::nvtx_push,
         "Open an NVTX range in the 'longctx' domain (no-op in CPU-only builds).");
   m.def("nvtx_pop", &longctx::nvtx_pop, "Close the innermost 'longctx' NVTX range.");
+#if defined(LONGCTX_WITH_NCCL)
+  longctx::comm::register_nccl_ring(m);  // ring attention's NCCL exchange
+#endif
 }

@@ -218,3 +218,35 @@ def test_merge_handles_empty_rows():
 def test_public_api_exports():
     for name in ("ring_flash_attn_func", "ring_shard", "ring_unshard", "ring_positions"):
         assert callable(getattr(longctx, name))
+
+
+def test_make_comm_choice(tmp_path, monkeypatch):
+    """CPU tensors use torch.distributed; LONGCTX_RING_COMM is validated; the timeout override."""
+    import datetime
+
+    import torch.distributed as dist
+    from longctx.ring import comm as ring_comm
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=42))
+    try:
+        c = ring_comm.make_comm(None, torch.device("cpu"))
+        assert isinstance(c, ring_comm.TorchDistComm) and c.world_size == 1
+        monkeypatch.setenv("LONGCTX_RING_COMM", "nccl")
+        with pytest.raises(RuntimeError, match="not on a CUDA device"):
+            ring_comm.make_comm(None, torch.device("cpu"))
+        monkeypatch.setenv("LONGCTX_RING_COMM", "mpi")
+        with pytest.raises(ValueError, match="LONGCTX_RING_COMM must be auto, nccl or torch"):
+            ring_comm.make_comm(None, torch.device("cpu"))
+        monkeypatch.delenv("LONGCTX_RING_COMM")
+        assert ring_comm._timeout_seconds(None, None) == 42.0
+        assert ring_comm._timeout_seconds(None, datetime.timedelta(seconds=5)) == 5.0
+        monkeypatch.setenv("LONGCTX_RING_TIMEOUT", "7.5")
+        assert ring_comm._timeout_seconds(None, None) == 7.5
+        monkeypatch.setenv("LONGCTX_RING_TIMEOUT", "-1")
+        with pytest.raises(ValueError, match="LONGCTX_RING_TIMEOUT must be positive"):
+            ring_comm._timeout_seconds(None, None)
+    finally:
+        dist.destroy_process_group()
+    # the NCCL communicator is compiled exactly when the build says so
+    assert ring_comm.nccl_available() == bool(longctx.build_info().get("with_nccl"))

@@ -121,6 +121,8 @@ def format_info(info: Dict[str, Any]) -> str:
         lines.append(f"  CUDA        {b['cuda_built']}, archs {', '.join(b['cuda_archs']) or '-'}")
     else:
         lines.append("  CUDA        none (CPU-only build)")
+    lines.append("  ring comm   " + ("NCCL from C++ (csrc/comm/nccl_ring.cpp)" if b.get("with_nccl")
+                                     else "torch.distributed (no NCCL communicator compiled)"))
     lines.append(f"  switches    {b['switches']}")
     lines.append("  kernels" + ("     none" if not b["kernels"] else ":"))
     for k in b["kernels"]:

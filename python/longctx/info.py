@@ -32,6 +32,7 @@ def build_info() -> Dict[str, Any]:
         "torch_built": cfg["torch_version"],
         "torch_runtime": torch.__version__,
         "with_cuda": bool(cfg["with_cuda"]),
+        "with_nccl": bool(cfg.get("with_nccl", False)),
         "cuda_built": cfg["cuda_version"] or None,
         "cuda_archs": [a for a in cfg["cuda_archs"].split(",") if a],
         "switches": cfg["switches"],

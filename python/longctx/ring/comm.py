@@ -23,15 +23,20 @@ rank whose peer died or raised gets a RingTimeoutError naming the peer and step 
 hanging forever. Create the group with a timeout that fits your step time
 (init_process_group(..., timeout=timedelta(seconds=...))).
 
-The seam for the NCCL C++ implementation: make_comm. A class with the same three members
-(send_recv_kv returning an object with wait(), all_gather, rank/world_size) that calls
-ncclGroupStart / ncclSend / ncclRecv / ncclGroupEnd on a dedicated stream from C++
-(communicator bootstrapped from an ncclUniqueId broadcast over `group`) plugs in there, chosen
-for CUDA tensors when the extension was built with it; nothing else changes.
+NcclRingComm (CUDA tensors, when the extension was built with NCCL: longctx.build_info()
+["with_nccl"]) does the exchange from C++ (csrc/comm/nccl_ring.cpp): its own NCCL communicator,
+bootstrapped from an ncclUniqueId that rank 0 makes and broadcasts over `group`, one grouped
+ncclSend/ncclRecv per exchange on a dedicated high-priority stream that first waits for the
+caller's stream; wait() makes the caller's stream wait (no host sync). It is created once per
+(group, device) and cached. finish(handle) at the end of a ring pass waits on the host for the
+last exchange with the timeout: if it passes (a peer died or diverged) the communicator is
+aborted and RingTimeoutError raised, on every rank whose peer is gone, instead of a hang.
+LONGCTX_RING_COMM=torch in the environment selects TorchDistComm on GPUs too.
 """
 from __future__ import annotations
 
 import datetime
+import os
 from typing import List, Optional, Protocol, Sequence
 
 import torch
@@ -51,6 +56,8 @@ class RingComm(Protocol):
                      recv_buffers: Sequence[torch.Tensor], channel: int = 0) -> RingHandle: ...
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def finish(self, handle: RingHandle) -> None: ...
 
 
 class RingTimeoutError(RuntimeError):
@@ -120,23 +127,120 @@ class TorchDistComm:
                 self.group).wait()
         return torch.stack(parts)
 
+    def finish(self, handle: _Handle) -> None:
+        """Nothing to do: every wait() above already waited with the timeout."""
+
+
+class _NcclHandle:
+    def __init__(self, work):
+        self._work = work
+
+    def wait(self) -> None:
+        self._work.wait()  # the current stream waits; the host goes on
+
+
+class NcclRingComm:
+    """Ring exchange through longctx's own NCCL communicator (C++, csrc/comm/nccl_ring.cpp)."""
+
+    def __init__(self, group, device: torch.device, timeout: Optional[datetime.timedelta]):
+        from .. import _C
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.device = device
+        self.timeout_s = _timeout_seconds(group, timeout)
+        uid = [_C.nccl_unique_id() if self.rank == 0 else None]
+        root = 0 if group is None else dist.get_global_rank(group, 0)
+        with torch.cuda.device(device):
+            dist.broadcast_object_list(uid, src=root, group=group)
+            self._native = _C.NcclRing(uid[0], self.rank, self.world_size, device.index)
+        self._torch = TorchDistComm(group, timeout)  # for the small argument check
+
+    def send_recv_kv(self, send_tensors: Sequence[torch.Tensor],
+                     recv_buffers: Sequence[torch.Tensor], channel: int = 0) -> _NcclHandle:
+        what = (f"rank {self.rank}: {'K/V' if channel == 0 else 'dK/dV'} exchange "
+                f"(send to rank {(self.rank + 1) % self.world_size}, receive from rank "
+                f"{(self.rank - 1) % self.world_size})")
+        try:
+            return _NcclHandle(self._native.send_recv(list(send_tensors), list(recv_buffers), what))
+        except RuntimeError as e:
+            raise RingTimeoutError(str(e)) from e
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        return self._torch.all_gather(t)
+
+    def finish(self, handle: _NcclHandle) -> None:
+        try:
+            self._native.wait_host(handle._work, self.timeout_s)
+        except RuntimeError as e:
+            _NCCL_COMMS.pop(self._key(), None)  # the next call builds a fresh communicator
+            raise RingTimeoutError(f"longctx ring attention: {e}") from e
+
+    def _key(self):
+        return _nccl_key(self.group, self.device)
+
+
+_NCCL_COMMS: dict = {}
+
+
+def _timeout_seconds(group, timeout: Optional[datetime.timedelta]) -> float:
+    """LONGCTX_RING_TIMEOUT (seconds) if set, else `timeout`, else the group's, else 10 min."""
+    env = os.environ.get("LONGCTX_RING_TIMEOUT")
+    if env:
+        try:
+            value = float(env)
+        except ValueError:
+            raise ValueError(f"LONGCTX_RING_TIMEOUT must be a number of seconds, got {env!r}")
+        if value <= 0:
+            raise ValueError(f"LONGCTX_RING_TIMEOUT must be positive, got {env!r}")
+        return value
+    limit = timeout or _group_timeout(group) or datetime.timedelta(minutes=10)
+    return limit.total_seconds()
+
+
+def _nccl_key(group, device):
+    pg = group if group is not None else dist.group.WORLD
+    return (id(pg), device.index)
+
 
 def _group_timeout(group) -> Optional[datetime.timedelta]:
     """The group's timeout, for error messages (None if this torch does not expose it)."""
-    try:
-        pg = group if group is not None else dist.group.WORLD
-        return pg._get_backend(torch.device("cpu")).options._timeout
-    except Exception:
-        return None
+    pg = group if group is not None else dist.group.WORLD
+    for dev in ("cpu", "cuda"):
+        try:
+            return pg._get_backend(torch.device(dev)).options._timeout
+        except Exception:
+            continue
+    return None
 
 
 def make_comm(group=None, device: Optional[torch.device] = None,
               timeout: Optional[datetime.timedelta] = None) -> RingComm:
-    """The ring communicator for tensors on `device` over `group` (None: the default group).
-
-    Today: TorchDistComm everywhere. The NCCL C++ communicator goes here, for CUDA devices.
-    """
+    """The ring communicator for tensors on `device` over `group` (None: the default group):
+    NcclRingComm for CUDA devices when the extension has NCCL (cached per group and device),
+    TorchDistComm otherwise or with LONGCTX_RING_COMM=torch."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("longctx ring attention needs torch.distributed initialized "
                            "(init_process_group with gloo on CPU or nccl on GPUs)")
+    choice = os.environ.get("LONGCTX_RING_COMM", "auto").lower()
+    if choice not in ("auto", "nccl", "torch"):
+        raise ValueError(f"LONGCTX_RING_COMM must be auto, nccl or torch, got {choice!r}")
+    if device is not None and device.type == "cuda" and choice != "torch" and nccl_available():
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = _nccl_key(group, device)
+        comm = _NCCL_COMMS.get(key)
+        if comm is None or comm.group is not group:
+            comm = _NCCL_COMMS[key] = NcclRingComm(group, device, timeout)
+        return comm
+    if choice == "nccl":
+        raise RuntimeError("LONGCTX_RING_COMM=nccl but " + (
+            "the tensors are not on a CUDA device" if device is None or device.type != "cuda"
+            else "this longctx build has no NCCL communicator (build_info()['with_nccl'])"))
     return TorchDistComm(group, timeout)
+
+
+def nccl_available() -> bool:
+    """Whether this build carries the NCCL ring communicator."""
+    from .. import _C
+    return hasattr(_C, "NcclRing")

@@ -48,6 +48,7 @@ def ring_forward(q, k, v, comm, layout: str, causal: bool, window: Tuple[int, in
     lse_acc = torch.full((b, h, s), float("-inf"), dtype=adt, device=q.device)
     kv = (k.contiguous(), v.contiguous())
     spare = [tuple(torch.empty_like(t) for t in kv) for _ in range(2 if n > 2 else n - 1)]
+    last = None
     for step in range(n):
         handle = None
         if step + 1 < n:
@@ -66,7 +67,9 @@ def ring_forward(q, k, v, comm, layout: str, causal: bool, window: Tuple[int, in
         if handle is not None:
             with nvtx_range(f"ring step {step} wait"):
                 handle.wait()
-            kv = nxt
+            kv, last = nxt, handle
+    if last is not None:
+        comm.finish(last)  # host check that the exchanges completed (raises instead of hanging)
     return out_acc.to(q.dtype), lse_acc.to(torch.float32)
 
 
@@ -123,5 +126,6 @@ def ring_backward(dout, q, k, v, out, lse, comm, layout: str, causal: bool,
     if n > 1:
         with nvtx_range("ring dkv home"):
             dkv_handle.wait()
+        comm.finish(dkv_handle)  # the last exchange posted: every earlier one has completed too
         dk, dv = received
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,0 +1,84 @@
+"""Ring attention on 2 GPUs over longctx's NCCL communicator (skipped with fewer GPUs).
+
+Spawns one process per GPU (tests/ring_gpu_worker.py). Output, lse, dq, dk, dv of every rank's
+shard against float64 attention over the full sequence with FlashAttention-3's rule (at most 2x
+the single-GPU flash kernel's own error), bf16, head dim 128, both layouts, causal / full /
+causal window / two-sided window, GQA 4/2 and MQA 4/1, shards whose chunks are not tile
+multiples. And a rank failing inside the loop: the other raises RingTimeoutError after the
+timeout instead of hanging.
+"""
+import json
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gpu_kernels import compiled_cuda
+import ring_gpu_worker
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                       reason="needs 2 CUDA GPUs"),
+]
+
+MASKS = {"causal": (True, (-1, -1)), "full": (False, (-1, -1)),
+         "causalwin": (True, (300, 0)), "symwin": (False, (200, 200))}
+
+
+def _cases():
+    cases = []
+    for layout in ("zigzag", "contiguous"):
+        for mask, (causal, window) in MASKS.items():
+            for h, hk in ((4, 2), (4, 1)):
+                # 2 ranks x 2 chunks of 333 tokens: chunks are not tile multiples
+                cases.append(dict(layout=layout, mask=mask, causal=causal, window=window,
+                                  h=h, hk=hk, seqlen=4 * 333))
+    return cases
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, args, tmp_path, name, world=2):
+    out = str(tmp_path / name)
+    mp.spawn(fn, args=(world, _free_port(), *args, out), nprocs=world, join=True)
+    return [json.loads(open(f"{out}.{r}.json").read()) for r in range(world)]
+
+
+_results = {}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    if not all((128, "bf16") in compiled_cuda(f) for f in ("flash_fwd", "flash_bwd")):
+        pytest.skip("the hdim 128 bf16 CUDA kernels are not compiled")
+    if "r" not in _results:
+        _results["r"] = _spawn(ring_gpu_worker.run_cases, (_cases(),),
+                               tmp_path_factory.mktemp("ringgpu"), "res")
+    return _results["r"]
+
+
+@pytest.mark.parametrize("case", _cases(), ids=ring_gpu_worker.case_id)
+def test_ring_gpu_matches_single_device(results, case):
+    cid = ring_gpu_worker.case_id(case)
+    errors = [f"rank {r}: {res[cid]['error']}" for r, res in enumerate(results)
+              if res[cid]["error"]]
+    assert not errors, "\n".join(errors)
+
+
+def test_ring_gpu_peer_failure_raises(tmp_path):
+    timeout_s = 8
+    t0 = time.time()
+    res = _spawn(ring_gpu_worker.run_peer_failure, (timeout_s,), tmp_path, "fail")
+    assert res[0]["first"] is None and res[1]["first"] is None, res
+    assert "injected failure on rank 1" in res[1]["peer_fails"]
+    assert res[0]["peer_fails"].startswith("RingTimeoutError"), res[0]["peer_fails"]
+    assert "receive from rank 1" in res[0]["peer_fails"], res[0]["peer_fails"]
+    assert res[0]["peer_fails_s"] < timeout_s + 10
+    assert time.time() - t0 < 120
