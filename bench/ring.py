@@ -101,11 +101,17 @@ def _trace_overlap(fn, path):
     import json
     import tempfile
     from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import record_function
     fn()  # warm (communicator, allocator)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
+        # the ranks start the profiler at different times: line them up first, so that an
+        # NCCL kernel waiting for a peer that is still starting its profiler is not counted
+        dist.barrier()
         torch.cuda.synchronize()
+        with record_function("ring traced call"):
+            fn()
+            torch.cuda.synchronize()
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         prof.export_chrome_trace(tmp.name)
         with open(tmp.name) as f:
@@ -113,10 +119,16 @@ def _trace_overlap(fn, path):
         if path is not None:
             with gzip.open(path, "wt") as g:
                 json.dump(trace, g)
-    kernels = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"]
-    nccl = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if "nccl" in e["name"].lower()]
+    events = trace.get("traceEvents", [])
+    marks = [e["ts"] for e in events if e.get("name") == "ring traced call" and "ts" in e]
+    t0 = min(marks) if marks else float("-inf")
+    kernels = [e for e in events if e.get("cat") == "kernel" and e["ts"] >= t0]
+    # the ring's exchanges (SendRecv); the argument check's small all-gather is not an exchange
+    nccl = [(e["ts"], e["ts"] + e["dur"]) for e in kernels if "sendrecv" in e["name"].lower()]
     comp = _intervals_union([(e["ts"], e["ts"] + e["dur"]) for e in kernels
                              if "nccl" not in e["name"].lower()])
+    # exposed per exchange, in order: the last one (dK/dV home) has nothing left to hide behind
+    per_exchange = [round((b - a) / 1e3, 3) for a, b in nccl]
     nccl_us = sum(b - a for a, b in nccl)
     hidden_us = sum(_overlap(a, b, comp) for a, b in nccl)
     # exposed: time where an NCCL kernel runs and no compute kernel does
@@ -127,7 +139,8 @@ def _trace_overlap(fn, path):
     return {"nccl_ms": nccl_us / 1e3, "hidden_ms": hidden_us / 1e3,
             "exposed_ms": exposed_us / 1e3, "span_ms": span / 1e3,
             "hidden_fraction": hidden_us / nccl_us if nccl_us else None,
-            "nccl_kernels": len(nccl), "kernels": len(kernels)}
+            "nccl_kernels": len(nccl), "kernels": len(kernels),
+            "exchange_ms_rank": per_exchange}
 
 
 def _peer():
@@ -272,7 +285,8 @@ def main(argv=None):
             res.meta["overlap"] = {"tokens_per_gpu": args.trace, "layout": "zigzag",
                                     "mode": "fwd_bwd", "per_rank": per_rank,
                                     "kernels_rank0": ov["kernels"],
-                                    "nccl_kernels_rank0": ov["nccl_kernels"]}
+                                    "nccl_kernels_rank0": ov["nccl_kernels"],
+                                    "exchange_kernel_ms_rank0": ov["exchange_ms_rank"]}
             for r, x in enumerate(per_rank):
                 frac = x["hidden_ms"] / x["nccl_ms"] if x["nccl_ms"] else float("nan")
                 print(f"overlap rank {r}: NCCL kernels {x['nccl_ms']:.2f} ms, hidden behind "
