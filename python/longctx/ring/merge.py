@@ -19,12 +19,17 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor,
-           lse: torch.Tensor) -> None:
+           lse: torch.Tensor, first: bool = False) -> None:
     """Merges (out, lse) into the accumulators (out_acc, lse_acc) in place.
 
     out_acc/lse_acc may be views (a slice of rows of the full accumulators); out/lse any float
-    dtype, converted to the accumulator's.
+    dtype, converted to the accumulator's. first=True: these rows hold nothing yet (lse -inf,
+    out 0), so the merge is a copy (one pass over out instead of four).
     """
+    if first:
+        out_acc.copy_(out)
+        lse_acc.copy_(lse)
+        return
     lse = lse.to(lse_acc.dtype)
     m = torch.maximum(lse_acc, lse)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # both -inf: weights exp(-inf) = 0
@@ -35,5 +40,5 @@ def merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor,
     # (b, h, s) -> (b, s, h, 1), to scale out's rows
     a = (w_acc * inv).transpose(1, 2).unsqueeze(-1).to(out_acc.dtype)
     b = (w_new * inv).transpose(1, 2).unsqueeze(-1).to(out_acc.dtype)
-    out_acc.mul_(a).add_(out.to(out_acc.dtype) * b)
+    out_acc.mul_(a).addcmul_(out, b)  # out's dtype is promoted inside the kernel
     lse_acc.copy_(m + torch.log(total))  # log(0) = -inf for rows that saw nothing

@@ -49,6 +49,7 @@ def ring_forward(q, k, v, comm, layout: str, causal: bool, window: Tuple[int, in
     kv = (k.contiguous(), v.contiguous())
     spare = [tuple(torch.empty_like(t) for t in kv) for _ in range(2 if n > 2 else n - 1)]
     last = None
+    merged = []  # row ranges that hold a partial result already
     for step in range(n):
         handle = None
         if step + 1 < n:
@@ -63,7 +64,9 @@ def ring_forward(q, k, v, comm, layout: str, causal: bool, window: Tuple[int, in
                 o, lse = _ops.flash_attn_fwd(qs, ks, vs, None, None, qs.shape[1], ks.shape[1],
                                              scale, blk.causal, blk.window_left,
                                              blk.window_right, deterministic)
-                merge_(out_acc[:, blk.q0:blk.q1], lse_acc[:, :, blk.q0:blk.q1], o, lse)
+                first = not any(a < blk.q1 and blk.q0 < b for a, b in merged)
+                merge_(out_acc[:, blk.q0:blk.q1], lse_acc[:, :, blk.q0:blk.q1], o, lse, first)
+                merged.append((blk.q0, blk.q1))
         if handle is not None:
             with nvtx_range(f"ring step {step} wait"):
                 handle.wait()
