@@ -1,4 +1,4 @@
-"""CPU tests of ring attention (longctx.ring_flash_attn_func) over gloo, 1, 2 and 4 processes.
+"""CPU tests of ring attention (longctx.ring_flash_attn_func) over gloo, 1, 2, 4 and 8 processes.
 
 - In the test process: the layout helpers (shard / unshard round trip, zigzag positions, length
   checks), the per-block mask plan against a brute-force mask over the full sequence, the LSE
@@ -42,7 +42,7 @@ def _cases(world):
             for h, hk in ((4, 2), (4, 1)):
                 for dtype in ("fp32", "fp64"):
                     # chunks of 3 (4 ranks) or 5 (2 ranks) tokens: windows cross chunk borders
-                    c = {1: 4, 2: 5, 4: 3}[world]
+                    c = {1: 4, 2: 5, 4: 3, 8: 2}[world]
                     cases.append(dict(layout=layout, mask=mask, causal=causal, window=window,
                                       h=h, hk=hk, dtype=dtype, seqlen=2 * world * c))
     return cases
@@ -82,6 +82,22 @@ def test_ring_matches_flash_attn(ring_results, world, case):
     per_rank = ring_results(world)
     cid = ring_worker.case_id(case)
     errors = [f"rank {r}: {res[cid]['error']}" for r, res in enumerate(per_rank)
+              if res[cid]["error"]]
+    assert not errors, "\n".join(errors)
+
+
+def _cases8():
+    """8 ranks (the node size of issue 7, over gloo): float64, GQA, every mask and layout."""
+    return [c for c in _cases(8) if c["dtype"] == "fp64" and (c["h"], c["hk"]) == (4, 2)]
+
+
+@pytest.mark.parametrize("case", _cases8(), ids=ring_worker.case_id)
+def test_ring_8_ranks_matches_flash_attn(tmp_path_factory, case):
+    if 8 not in _results:
+        _results[8] = _spawn(ring_worker.run_cases, 8, (_cases8(),),
+                             tmp_path_factory.mktemp("ring8"), "res")
+    cid = ring_worker.case_id(case)
+    errors = [f"rank {r}: {res[cid]['error']}" for r, res in enumerate(_results[8])
               if res[cid]["error"]]
     assert not errors, "\n".join(errors)
 
