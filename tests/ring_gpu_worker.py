@@ -17,10 +17,11 @@ import datetime
 import json
 import os
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
+
+import ring_spawn
 
 
 def case_id(c) -> str:
@@ -98,18 +99,8 @@ def check_case(c, rank, world):
 
 def run_cases(rank, world, port, cases, out):
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    results = {}
     _init(rank, world, port, 120)
-    for c in cases:
-        try:
-            err, ratios = check_case(c, rank, world)
-            results[case_id(c)] = {"error": err, "ratios": ratios}
-        except Exception:
-            results[case_id(c)] = {"error": traceback.format_exc(), "ratios": None}
-    with open(f"{out}.{rank}.json", "w") as f:
-        json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    ring_spawn.run_cases(rank, cases, lambda c: check_case(c, rank, world), case_id, out)
 
 
 def run_peer_failure(rank, world, port, timeout_s, out):

@@ -11,10 +11,11 @@ import datetime
 import json
 import os
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
+
+import ring_spawn
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 # relative tolerance: max|ours - ref| <= TOL * max|ref| per tensor
@@ -87,18 +88,8 @@ def check_case(c, rank, world):
 
 
 def run_cases(rank, world, port, cases, out):
-    results = {}
     _init(rank, world, port, 30)
-    for c in cases:
-        try:
-            err, worst = check_case(c, rank, world)
-            results[case_id(c)] = {"error": err, "worst": worst}
-        except Exception:
-            results[case_id(c)] = {"error": traceback.format_exc(), "worst": None}
-    with open(f"{out}.{rank}.json", "w") as f:
-        json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    ring_spawn.run_cases(rank, cases, lambda c: check_case(c, rank, world), case_id, out)
 
 
 def _expect_raise(fn):

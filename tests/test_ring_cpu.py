@@ -15,13 +15,10 @@
   on every rank; a rank failing inside the loop makes the other raise RingTimeoutError after the
   group's timeout instead of hanging.
 """
-import json
-import socket
 import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import longctx
 from attention_reference import visible_mask
@@ -29,6 +26,7 @@ from longctx.ring.layout import local_segments, ring_positions, ring_shard, ring
 from longctx.ring.merge import merge_
 from longctx.ring.plan import plan_step
 import ring_worker
+from ring_spawn import spawn
 
 
 MASKS = {"causal": (True, (-1, -1)), "full": (False, (-1, -1)), "causalwin": (True, (5, 0)),
@@ -48,18 +46,6 @@ def _cases(world):
     return cases
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, world, args, tmp_path, name):
-    out = str(tmp_path / name)
-    mp.spawn(fn, args=(world, _free_port(), *args, out), nprocs=world, join=True)
-    return [json.loads(open(f"{out}.{r}.json").read()) for r in range(world)]
-
-
 _results = {}
 
 
@@ -69,7 +55,7 @@ def ring_results(tmp_path_factory):
     def get(world):
         if world not in _results:
             t0 = time.time()
-            _results[world] = _spawn(ring_worker.run_cases, world, (_cases(world),),
+            _results[world] = spawn(ring_worker.run_cases, world, (_cases(world),),
                                      tmp_path_factory.mktemp(f"ring{world}"), "res")
             print(f"ring world {world}: {time.time() - t0:.1f} s")
         return _results[world]
@@ -94,7 +80,7 @@ def _cases8():
 @pytest.mark.parametrize("case", _cases8(), ids=ring_worker.case_id)
 def test_ring_8_ranks_matches_flash_attn(tmp_path_factory, case):
     if 8 not in _results:
-        _results[8] = _spawn(ring_worker.run_cases, 8, (_cases8(),),
+        _results[8] = spawn(ring_worker.run_cases, 8, (_cases8(),),
                              tmp_path_factory.mktemp("ring8"), "res")
     cid = ring_worker.case_id(case)
     errors = [f"rank {r}: {res[cid]['error']}" for r, res in enumerate(_results[8])
@@ -105,7 +91,7 @@ def test_ring_8_ranks_matches_flash_attn(tmp_path_factory, case):
 def test_ring_errors_raise_on_every_rank(tmp_path):
     timeout_s = 3
     t0 = time.time()
-    res = _spawn(ring_worker.run_errors, 2, (timeout_s,), tmp_path, "err")
+    res = spawn(ring_worker.run_errors, 2, (timeout_s,), tmp_path, "err")
     for r in range(2):
         m = res[r]["mismatch"]
         assert m.startswith("ValueError") and "disagree on q shape" in m, m

@@ -8,16 +8,14 @@ causal window / two-sided window, GQA 4/2 and MQA 4/1, shards whose chunks are n
 multiples. And a rank failing inside the loop: the other raises RingTimeoutError after the
 timeout instead of hanging.
 """
-import json
-import socket
 import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from gpu_kernels import compiled_cuda
 import ring_gpu_worker
+from ring_spawn import spawn
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,18 +38,6 @@ def _cases():
     return cases
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, args, tmp_path, name, world=2):
-    out = str(tmp_path / name)
-    mp.spawn(fn, args=(world, _free_port(), *args, out), nprocs=world, join=True)
-    return [json.loads(open(f"{out}.{r}.json").read()) for r in range(world)]
-
-
 _results = {}
 
 
@@ -60,7 +46,7 @@ def results(tmp_path_factory):
     if not all((128, "bf16") in compiled_cuda(f) for f in ("flash_fwd", "flash_bwd")):
         pytest.skip("the hdim 128 bf16 CUDA kernels are not compiled")
     if "r" not in _results:
-        _results["r"] = _spawn(ring_gpu_worker.run_cases, (_cases(),),
+        _results["r"] = spawn(ring_gpu_worker.run_cases, 2, (_cases(),),
                                tmp_path_factory.mktemp("ringgpu"), "res")
     return _results["r"]
 
@@ -76,7 +62,7 @@ def test_ring_gpu_matches_single_device(results, case):
 def test_ring_gpu_peer_failure_raises(tmp_path):
     timeout_s = 8
     t0 = time.time()
-    res = _spawn(ring_gpu_worker.run_peer_failure, (timeout_s,), tmp_path, "fail")
+    res = spawn(ring_gpu_worker.run_peer_failure, 2, (timeout_s,), tmp_path, "fail")
     assert res[0]["first"] is None and res[1]["first"] is None, res
     assert "injected failure on rank 1" in res[1]["peer_fails"]
     assert res[0]["peer_fails"].startswith("RingTimeoutError"), res[0]["peer_fails"]
