@@ -14,6 +14,8 @@ Overlap (--trace TOKENS): one zigzag fwd+bwd at TOKENS per GPU under torch.profi
 rank; rank 0 writes the kernel timeline (ring_trace.json.gz, chrome://tracing or Perfetto) and
 both ranks measure, from the kernel intervals, how much of the NCCL kernels' time overlaps
 compute kernels on the other stream ("hidden") and how long only communication ran ("exposed").
+--torch-comm also times zigzag with LONGCTX_RING_COMM=torch: the same ring with the exchange over
+torch.distributed P2P on the NCCL process group instead of longctx's C++ communicator.
 Peer: ring-flash-attention's zigzag_ring_flash_attn_func on the same zigzag shards, when the
 ring_flash_attn package (and flash_attn) is installed. Each 256K-per-GPU case takes seconds per
 call: on a machine with a per-command time limit run the sizes separately (--tokens 262144).
@@ -35,6 +37,7 @@ from longctx.ring import ring_shard
 COLUMNS = [("mode", "case.mode"), ("layout", "layout"), ("tokens/GPU", "case.seqlen"),
            ("GPUs", "gpus"), ("ring ms", "ours_ms"), ("1-GPU share ms", "share_ms"),
            ("efficiency", "efficiency"), ("TFLOP/s per GPU", "tflops"),
+           ("same ring, torch.distributed P2P ms", "peers.torch_dist_comm"),
            ("ring-flash-attn zigzag ms", "peers.ring_flash_attn_zigzag")]
 
 
@@ -170,6 +173,8 @@ def main(argv=None):
                     help="longest full sequence timed on one GPU for the efficiency")
     ap.add_argument("--quick", action="store_true", help="32K tokens per GPU, few reps")
     ap.add_argument("--reps", type=int, default=0, help="timed repetitions (0: by size)")
+    ap.add_argument("--torch-comm", action="store_true",
+                    help="also time zigzag with the exchange over torch.distributed P2P")
     ap.add_argument("--trace", type=int, default=0,
                     help="tokens per GPU of one profiled zigzag fwd+bwd (kernel overlap + trace)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -243,6 +248,15 @@ def main(argv=None):
                         torch.autograd.grad(peer_fwd(), (q, k, v), dout)
                     with nvtx_range(f"ring-flash-attn {mode} {s_local}"):
                         peers["ring_flash_attn_zigzag"] = _time_ring(peer_fn, reps, warmup)
+                if args.torch_comm and layout == "zigzag":
+                    # the same ring over torch.distributed P2P (batch_isend_irecv on the NCCL
+                    # process group) instead of longctx's C++ communicator
+                    os.environ["LONGCTX_RING_COMM"] = "torch"
+                    try:
+                        with nvtx_range(f"ring torch-comm {mode} {s_local}"):
+                            peers["torch_dist_comm"] = _time_ring(fn, reps, warmup)
+                    finally:
+                        os.environ.pop("LONGCTX_RING_COMM", None)
                 if rank == 0:
                     flops = _fwd_flops(b, h, S, d, True) * (3.5 if mode == "fwd_bwd" else 1.0)
                     row = {"case": {"hdim": d, "seqlen": s_local, "total_seqlen": S,
