@@ -18,6 +18,8 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include "longctx/flash/flash_params.h"
 #include "longctx/flash/flash_bwd_preprocess.cuh"
 
@@ -133,11 +135,11 @@ cudaError_t run_flash_bwd_sm90(const BwdParams& p, int64_t total_q, int64_t /*to
 
 // The TMA + wgmma main kernel (flash_bwd_sm90.cuh) between the same preprocess (which also
 // writes the padded lse2 / D) and postprocess.
-template <typename Element, int kHeadDim>
-cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_t total_k,
-                                     float* dq_accum, int* sems, cudaStream_t stream) {
+template <typename Element, int kHeadDim, bool kDqWarp>
+cudaError_t run_flash_bwd_sm90_wgmma_impl(const BwdParams& p, int64_t total_q, int64_t total_k,
+                                          float* dq_accum, int* sems, cudaStream_t stream) {
   using namespace cute;
-  using Traits = FlashBwdSm90Traits<Element, kHeadDim>;
+  using Traits = FlashBwdSm90Traits<Element, kHeadDim, kDqWarp>;
   const FwdParams& f = p.fwd;
   if (f.head_dim != kHeadDim) return cudaErrorInvalidValue;
   if (flash_bwd_unsupported_reason(p) != nullptr) return cudaErrorInvalidValue;
@@ -209,6 +211,18 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
   }
   flash_bwd_postprocess_kernel<Element, kHeadDim><<<sms * 8, 256, 0, stream>>>(p, rows, dq_accum);
   return cudaGetLastError();
+}
+
+// LONGCTX_FLASH_BWD_DQ=barrier selects the variant without the dQ writer warp (A/B timing).
+template <typename Element, int kHeadDim>
+cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_t total_k,
+                                     float* dq_accum, int* sems, cudaStream_t stream) {
+  const char* mode = std::getenv("LONGCTX_FLASH_BWD_DQ");
+  if (mode != nullptr && std::strcmp(mode, "barrier") == 0)
+    return run_flash_bwd_sm90_wgmma_impl<Element, kHeadDim, false>(p, total_q, total_k, dq_accum,
+                                                                   sems, stream);
+  return run_flash_bwd_sm90_wgmma_impl<Element, kHeadDim, true>(p, total_q, total_k, dq_accum,
+                                                                sems, stream);
 }
 
 }  // namespace flash

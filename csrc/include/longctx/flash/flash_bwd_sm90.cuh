@@ -26,9 +26,12 @@
 // lse2 and D values (1-D bulk copies from the padded preprocess buffers) into stage s of a
 // 2-stage PipelineTmaAsync. WGs 1-2: consumers, 240 registers; WG w owns keys [64w, 64w + 64)
 // of the tile for S^T, dP^T, dK and dV, and columns [wD/2, (w+1)D/2) of dQ.
-// Per-iteration synchronization of the consumers (named barriers, 256 threads):
-//   B1 after dS^T is in smem (and the previous dQ bulk reduce has finished reading sdQ);
-//   B2 after dQ is in smem, then thread 0 issues the bulk reduce.
+// dQ reduce (kDqWarp, default): warp 1 of WG 0 is the dQ writer; sdQ is double-buffered with
+// full/empty mbarriers, so the consumers only wait for a buffer the writer has not yet read.
+// Per-iteration synchronization of the consumers: named barrier B1 (256 threads) after dS^T
+// is in smem (the dQ product reads both halves). kDqWarp = false (LONGCTX_FLASH_BWD_DQ=barrier,
+// for A/B timing): single sdQ, a second barrier after dQ is in smem, consumer thread 0 issues
+// the reduce.
 // The stage is released after dV, dK (the last readers of Q and dO) completed.
 // The per-element mask (causal/window/key >= sk/query >= sq) runs only on tile pairs that
 // tile_fully_visible says need it or that cross sk or sq, as in the first version.
@@ -68,10 +71,15 @@
 namespace longctx {
 namespace flash {
 
-template <typename Element_, int kHeadDim_>
+template <typename Element_, int kHeadDim_, bool kDqWarp_ = true>
 struct FlashBwdSm90Traits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
+  // true: a dedicated warp (warp 1 of the producer warpgroup) issues the dQ bulk reduces from a
+  // double-buffered sdQ (mbarrier hand-off, consumers never wait for the reduce); false: the
+  // consumers sync on a named barrier and their thread 0 issues it (single sdQ).
+  static constexpr bool kDqWarp = kDqWarp_;
+  static constexpr int kDqBufs = kDqWarp ? 2 : 1;
   static constexpr int kBlockM = 64;   // query rows per iteration
   static constexpr int kBlockN = 128;  // keys per CTA
   static constexpr int kStages = 2;
@@ -137,10 +145,12 @@ struct FlashBwdSm90Traits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> smem_q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> smem_do;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutdS>> smem_ds;
-    alignas(128) cute::array_aligned<float, kBlockM * kHeadDim> smem_dq;
+    alignas(128) cute::array_aligned<float, kBlockM * kHeadDim * kDqBufs> smem_dq;
     alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_lse;
     alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_d;
     alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_kv;
+    alignas(16) cutlass::arch::ClusterBarrier dq_full[2];   // kNumMmaThreads arrivals
+    alignas(16) cutlass::arch::ClusterBarrier dq_empty[2];  // 1 arrival (the dQ warp)
     alignas(16) typename MainloopPipeline::SharedStorage pipeline;
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
@@ -250,6 +260,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const int lane_predicate = cute::elect_one_sync();
   if (warp_idx == 0 && lane_predicate) {
     ss.barrier_kv.init(1);
+    for (int i = 0; i < 2; ++i) {
+      ss.dq_full[i].init(Traits::kNumMmaThreads);
+      ss.dq_empty[i].init(1);
+    }
     cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
     cute::prefetch_tma_descriptor(kp.tma_do.get_tma_descriptor());
     cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
@@ -291,9 +305,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
       typename Traits::PipelineState st = cutlass::make_producer_start_state<MainloopPipeline>();
       auto tile_q = Shape<Int<kM>, Int<kD>>{};
-#ifdef LCX_BWD_SPILL_PROBE
-      if (total > 1000000)
-#endif
       for (int it = 0; it < total; ++it) {
         const int h = hk * group + it / n_m, m = range.begin + it % n_m;
         Tensor gQ = local_tile(domain_offset(make_coord(si.q_off, _0{}), mQ(_, _, h, si.tma_batch)),
@@ -312,6 +323,42 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         bulk_g2s(ss.smem_d.data() + s * kM, kp.dpad + off, kM * 4, bar);
         ++st;
       }
+    } else if (Traits::kDqWarp && warp_idx == 1 && lane_predicate) {
+      // dQ writer: per iteration, wait for both consumer warpgroups' halves of dQ in sdQ[buf],
+      // add the tile to the fp32 accumulator with one bulk reduce, free the buffer once read.
+      const int64_t q_row0 = varlen ? int64_t(si.q_off) : int64_t(b) * p.seqlen_q;
+      for (int it = 0; it < total; ++it) {
+        const int h = hk * group + it / n_m, m = range.begin + it % n_m;
+        const int m0 = m * kM;
+        const int buf = it & 1, use = it >> 1;
+        ss.dq_full[buf].wait(use & 1);
+        float* dst = kp.dq_accum + (int64_t(h) * kp.total_q_rows + q_row0 + m0) * kD;
+        const int rows = min(kM, si.sq - m0);
+        int* sem = nullptr;
+        if (bp.deterministic) {
+          sem = kp.sems + (int64_t(b) * p.heads + h) * kp.num_m_max + m;
+          int lo = 0, hi = n_block;
+          while (lo < hi) {
+            const int mid = (lo + hi) / 2;
+            const TileRange rr = bwd_query_tiles(mid, kM, kN, si.sq, si.sk, wl, wr);
+            if (rr.end > m && rr.begin < rr.end) hi = mid; else lo = mid + 1;
+          }
+          const int expected = n_block - lo;
+          while (ld_acquire_gpu(sem) != expected) __nanosleep(32);
+        }
+        bulk_reduce_add_f32(dst, ss.smem_dq.data() + buf * (kM * kD), uint32_t(rows) * kD * 4);
+        bulk_commit();
+        if (bp.deterministic) {
+          bulk_wait_all();
+          asm volatile("fence.proxy.async.global;\n" ::: "memory");
+          __threadfence();
+          atomicAdd(sem, 1);
+        } else {
+          bulk_wait_read_all();
+        }
+        ss.dq_empty[buf].arrive();
+      }
+      bulk_wait_all();
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
@@ -332,7 +379,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     Tensor sKt = make_tensor(make_smem_ptr(ss.smem_k.data()), typename Traits::SmemLayoutKt{});
     Tensor sdS = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename Traits::SmemLayoutdS{});
     Tensor sdSt = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename Traits::SmemLayoutdSt{});
-    Tensor sdQ = make_tensor(make_smem_ptr(ss.smem_dq.data()), typename Traits::SmemLayoutdQ{});
 
     Tensor tSrK = thr_sdp.partition_fragment_A(sK);      // (MMA, MMA_M, MMA_K)
     Tensor tSrV = thr_sdp.partition_fragment_A(sV);
@@ -343,7 +389,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     Tensor tdQrdS = thr_dq.partition_fragment_A(sdSt);
     Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);
     Tensor tdSsdS = thr_sdp.partition_C(sdS);
-    Tensor tdQsdQ = thr_dq.partition_C(sdQ);
     Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kN>, Int<kM>>{}));
 
     Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kD>>{});
@@ -375,9 +420,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       for (int i = 0; i < size(acc_s); ++i) {
         const int key = int(get<0>(tScS(i))), col = int(get<1>(tScS(i)));
         float pv = fast_exp2(acc_s(i) * scale_log2 - s_lse[col]);
-#ifndef LCX_PROBE_NOMASK
         if (need_mask && !(m0 + col < sq && mask_visible(m0 + col, n0 + key, sq, sk, wl, wr))) pv = 0.f;
-#endif
         acc_s(i) = pv;
       }
       warpgroup_wait<0>();
@@ -406,46 +449,56 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       wg_gemm<false>(mma_dkv, rP, tdVrdOt(_, _, _, s), acc_dv);
       wg_gemm<false>(mma_dkv, rdS, tdKrQt(_, _, _, s), acc_dk);
       cutlass::arch::fence_view_async_shared();
-      if (tidx == 0) bulk_wait_read_all();  // the previous dQ reduce has read sdQ
-      cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 1);
+      if (!Traits::kDqWarp && tidx == 0) bulk_wait_read_all();  // previous reduce has read sdQ
+      cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 1);  // all of dS^T in smem
 
       Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kM>, Int<kD>>{});
       wg_gemm<true>(mma_dq, tdQrdS, tdQrKt, acc_dq);
+      const int buf = Traits::kDqWarp ? (it & 1) : 0;
+      if constexpr (Traits::kDqWarp) {
+        if (it >= 2) ss.dq_empty[buf].wait(((it >> 1) - 1) & 1);
+      }
       warpgroup_wait<0>();
       pipe.consumer_release(st);
       ++st;
+      Tensor tdQsdQ = thr_dq.partition_C(make_tensor(
+          make_smem_ptr(ss.smem_dq.data() + buf * (kM * kD)), typename Traits::SmemLayoutdQ{}));
 #pragma unroll
       for (int i = 0; i < size(acc_dq); i += 2)
         *reinterpret_cast<float2*>(&tdQsdQ(i)) = make_float2(acc_dq(i), acc_dq(i + 1));
       cutlass::arch::fence_view_async_shared();
-      cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 2);
-      if (tidx == 0) {
-        float* dst = kp.dq_accum + (int64_t(h) * kp.total_q_rows + q_row0 + m0) * kD;
-        const int rows = min(kM, sq - m0);
-        int* sem = nullptr;
-        if (bp.deterministic) {
-          sem = kp.sems + (int64_t(b) * p.heads + h) * kp.num_m_max + m;
-          // First KV tile whose query range contains m (the visiting tiles are contiguous).
-          int lo = 0, hi = n_block;
-          while (lo < hi) {
-            const int mid = (lo + hi) / 2;
-            const TileRange rr = bwd_query_tiles(mid, kM, kN, sq, sk, wl, wr);
-            if (rr.end > m && rr.begin < rr.end) hi = mid; else lo = mid + 1;
+      if constexpr (Traits::kDqWarp) {
+        ss.dq_full[buf].arrive();
+      } else {
+        cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 2);
+        if (tidx == 0) {
+          float* dst = kp.dq_accum + (int64_t(h) * kp.total_q_rows + q_row0 + m0) * kD;
+          const int rows = min(kM, sq - m0);
+          int* sem = nullptr;
+          if (bp.deterministic) {
+            sem = kp.sems + (int64_t(b) * p.heads + h) * kp.num_m_max + m;
+            // First KV tile whose query range contains m (the visiting tiles are contiguous).
+            int lo = 0, hi = n_block;
+            while (lo < hi) {
+              const int mid = (lo + hi) / 2;
+              const TileRange rr = bwd_query_tiles(mid, kM, kN, sq, sk, wl, wr);
+              if (rr.end > m && rr.begin < rr.end) hi = mid; else lo = mid + 1;
+            }
+            const int expected = n_block - lo;
+            while (ld_acquire_gpu(sem) != expected) __nanosleep(32);
           }
-          const int expected = n_block - lo;
-          while (ld_acquire_gpu(sem) != expected) __nanosleep(32);
-        }
-        bulk_reduce_add_f32(dst, ss.smem_dq.data(), uint32_t(rows) * kD * 4);
-        bulk_commit();
-        if (bp.deterministic) {
-          bulk_wait_all();
-          asm volatile("fence.proxy.async.global;\n" ::: "memory");
-          __threadfence();
-          atomicAdd(sem, 1);
+          bulk_reduce_add_f32(dst, ss.smem_dq.data(), uint32_t(rows) * kD * 4);
+          bulk_commit();
+          if (bp.deterministic) {
+            bulk_wait_all();
+            asm volatile("fence.proxy.async.global;\n" ::: "memory");
+            __threadfence();
+            atomicAdd(sem, 1);
+          }
         }
       }
     }
-    if (tidx == 0) bulk_wait_all();
+    if (!Traits::kDqWarp && tidx == 0) bulk_wait_all();
 
     // Epilogue: dK = scale * dK, dV, rows < sk, converted in registers, 4-byte stores.
     const float scale = p.softmax_scale;
