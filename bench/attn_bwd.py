@@ -23,7 +23,8 @@ def main(argv=None):
         print("bench/attn_bwd: no CUDA GPU; nothing to measure", file=sys.stderr)
         return 1
     res = run_attn_bwd(args.quick, progress=lambda label: print(label, flush=True),
-                       with_flex=not args.no_flex)
+                       with_flex=not args.no_flex,
+                       checkpoint=lambda r: r.write(args.out, COLUMNS))
     path = res.write(args.out, COLUMNS)
     print(res.markdown(COLUMNS))
     print(f"wrote {path}")

@@ -67,7 +67,9 @@ def _try(fn):
 
 
 def run_attn_bwd(quick: bool = False, progress: Optional[Callable[[str], None]] = None,
-                 with_flex: bool = True) -> Results:
+                 with_flex: bool = True,
+                 checkpoint: Optional[Callable[[Results], None]] = None) -> Results:
+    """checkpoint(res), if given, is called after every case (partial results survive a kill)."""
     from torch.nn.attention import SDPBackend
 
     from ..attention import flash_attn_func
@@ -128,4 +130,6 @@ def run_attn_bwd(quick: bool = False, progress: Optional[Callable[[str], None]] 
                  "fb_tflops": fb_flops / (ours_fb * 1e-3) / 1e12,
                  "fb_ratio": {n: (ms / ours_fb if ms else None) for n, ms in peers_fb.items()}})
         torch.cuda.empty_cache()
+        if checkpoint:
+            checkpoint(res)
     return res
