@@ -39,6 +39,10 @@
 // Deterministic mode: per-(batch, head, query tile of 64) semaphore as in the first version: the
 // thread issuing the reduce waits until the counter equals this KV tile's rank among the tiles
 // that visit the query tile, issues the reduce, waits for its completion, fences and increments.
+// Query tiles are walked from the last to the first: every KV tile's range ends at the same or a
+// later query tile than its predecessors' (bwd_query_tiles' bounds grow with n), so KV tile n
+// reaches each query tile no earlier (in iterations) than tile n - 1 and waits at most about one
+// reduce for it. (Walked first-to-last, tile n of a causal mask would start 2n iterations late.)
 //
 // smem (hdim 128): K, V 2 x 32 KB, Q, dO 2 stages x 2 x 16 KB, dS^T 16 KB, dQ (fp32) 32 KB,
 // lse2/D 1 KB: ~177 KB, one CTA per SM.
@@ -306,7 +310,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       typename Traits::PipelineState st = cutlass::make_producer_start_state<MainloopPipeline>();
       auto tile_q = Shape<Int<kM>, Int<kD>>{};
       for (int it = 0; it < total; ++it) {
-        const int h = hk * group + it / n_m, m = range.begin + it % n_m;
+        const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
         Tensor gQ = local_tile(domain_offset(make_coord(si.q_off, _0{}), mQ(_, _, h, si.tma_batch)),
                                tile_q, make_coord(m, _0{}));
         Tensor gdO = local_tile(domain_offset(make_coord(si.q_off, _0{}), mdO(_, _, h, si.tma_batch)),
@@ -328,7 +332,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       // add the tile to the fp32 accumulator with one bulk reduce, free the buffer once read.
       const int64_t q_row0 = varlen ? int64_t(si.q_off) : int64_t(b) * p.seqlen_q;
       for (int it = 0; it < total; ++it) {
-        const int h = hk * group + it / n_m, m = range.begin + it % n_m;
+        const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
         const int m0 = m * kM;
         const int buf = it & 1, use = it >> 1;
         ss.dq_full[buf].wait(use & 1);
@@ -403,7 +407,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     typename Traits::PipelineState st;
 
     for (int it = 0; it < total; ++it) {
-      const int h = hk * group + it / n_m, m = range.begin + it % n_m;
+      const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
       const int m0 = m * kM;
       pipe.consumer_wait(st);
       const int s = st.index();
