@@ -44,7 +44,7 @@ PY
   exit 0
 fi
 CUTLASS_INC=${CUTLASS_INC:-$(python3 -c 'import cutlass_library,os;print(os.path.join(os.path.dirname(cutlass_library.__file__),"source","include"))')}
-FLAGS="-O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I csrc -I csrc/include -I $CUTLASS_INC"
+FLAGS="-O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -DLONGCTX_BWD_AB_VARIANTS -I csrc -I csrc/include -I $CUTLASS_INC"
 # name:defines
 CONFIGS=${FLASH_BWD_CONFIGS:-"h128bf:-DLCX_HD=128_-DLCX_BF16=1 h128fp:-DLCX_HD=128_-DLCX_BF16=0 h64bf:-DLCX_HD=64_-DLCX_BF16=1 h64fp:-DLCX_HD=64_-DLCX_BF16=0 h256bf:-DLCX_HD=256_-DLCX_BF16=1 h256fp:-DLCX_HD=256_-DLCX_BF16=0 h128v1:-DLCX_HD=128_-DLCX_BF16=1_-DV1=1"}
 OBJS=()

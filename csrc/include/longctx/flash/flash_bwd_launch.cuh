@@ -213,14 +213,18 @@ cudaError_t run_flash_bwd_sm90_wgmma_impl(const BwdParams& p, int64_t total_q, i
   return cudaGetLastError();
 }
 
-// LONGCTX_FLASH_BWD_DQ=barrier selects the variant without the dQ writer warp (A/B timing).
+// Builds with LONGCTX_BWD_AB_VARIANTS defined (the standalone benchmark, run_flash_bwd.sh) also
+// hold the variant without the dQ writer warp, selected at run time by
+// LONGCTX_FLASH_BWD_DQ=barrier (A/B timing); the extension compiles only the default.
 template <typename Element, int kHeadDim>
 cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_t total_k,
                                      float* dq_accum, int* sems, cudaStream_t stream) {
+#ifdef LONGCTX_BWD_AB_VARIANTS
   const char* mode = std::getenv("LONGCTX_FLASH_BWD_DQ");
   if (mode != nullptr && std::strcmp(mode, "barrier") == 0)
     return run_flash_bwd_sm90_wgmma_impl<Element, kHeadDim, false>(p, total_q, total_k, dq_accum,
                                                                    sems, stream);
+#endif
   return run_flash_bwd_sm90_wgmma_impl<Element, kHeadDim, true>(p, total_q, total_k, dq_accum,
                                                                 sems, stream);
 }

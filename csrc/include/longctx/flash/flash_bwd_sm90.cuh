@@ -29,9 +29,9 @@
 // dQ reduce (kDqWarp, default): warp 1 of WG 0 is the dQ writer; sdQ is double-buffered with
 // full/empty mbarriers, so the consumers only wait for a buffer the writer has not yet read.
 // Per-iteration synchronization of the consumers: named barrier B1 (256 threads) after dS^T
-// is in smem (the dQ product reads both halves). kDqWarp = false (LONGCTX_FLASH_BWD_DQ=barrier,
-// for A/B timing): single sdQ, a second barrier after dQ is in smem, consumer thread 0 issues
-// the reduce.
+// is in smem (the dQ product reads both halves). kDqWarp = false (LONGCTX_FLASH_BWD_DQ=barrier
+// in builds with LONGCTX_BWD_AB_VARIANTS, for A/B timing): single sdQ, a second barrier after
+// dQ is in smem, consumer thread 0 issues the reduce.
 // The stage is released after dV, dK (the last readers of Q and dO) completed.
 // The per-element mask (causal/window/key >= sk/query >= sq) runs only on tile pairs that
 // tile_fully_visible says need it or that cross sk or sq, as in the first version.
