@@ -1,7 +1,7 @@
 // Times the flash-attention backward (preprocess + main + postprocess) at head_dim 128, bf16,
 // batch*seqlen = 32K, heads*hdim = 2048 (DESIGN.md convention: bwd FLOPs = 2.5 x 4*b*h*pairs*d,
-// causal pairs = s(s+1)/2), atomic and deterministic dQ, and the kBlockN = 128 variant when
-// linked. Random inputs (never zeros); median of 10 timed runs after 2 warm-ups (CUDA events).
+// causal pairs = s(s+1)/2), atomic and deterministic dQ, the registered kernel (TMA + wgmma)
+// and the first version (mma.sync, kBlockN = 128) when linked. Random inputs (never zeros); median of 10 timed runs after 2 warm-ups (CUDA events).
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <algorithm>
@@ -14,7 +14,7 @@
 
 using longctx::flash::BwdParams;
 using longctx::flash::FlashBwdFn;
-extern FlashBwdFn flash_bwd_blockn128 __attribute__((weak));
+extern FlashBwdFn flash_bwd_v1 __attribute__((weak));
 
 __global__ void fill(uint16_t* p, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
@@ -61,8 +61,8 @@ int main() {
     const double pairs = causal ? double(s) * (s + 1) / 2 : double(s) * s;
     const double flops = 2.5 * 4.0 * b * h * pairs * d;
     struct V { const char* name; FlashBwdFn fn; };
-    std::vector<V> vs = {{"N64", base}};
-    if (&flash_bwd_blockn128 && flash_bwd_blockn128) vs.push_back({"N128", flash_bwd_blockn128});
+    std::vector<V> vs = {{"wgmma", base}};
+    if (&flash_bwd_v1 && flash_bwd_v1) vs.push_back({"v1", flash_bwd_v1});
     for (auto& var : vs) for (int det : {0, 1}) {
       bp.deterministic = det;
       for (int w = 0; w < 2; ++w) CK(var.fn(bp, 0, 0, accum, sems, 0));

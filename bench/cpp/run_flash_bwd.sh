@@ -44,9 +44,9 @@ PY
   exit 0
 fi
 CUTLASS_INC=${CUTLASS_INC:-$(python3 -c 'import cutlass_library,os;print(os.path.join(os.path.dirname(cutlass_library.__file__),"source","include"))')}
-FLAGS="-O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I csrc -I csrc/include -I $CUTLASS_INC"
+FLAGS="-O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -DLONGCTX_BWD_AB_VARIANTS -I csrc -I csrc/include -I $CUTLASS_INC"
 # name:defines
-CONFIGS=${FLASH_BWD_CONFIGS:-"h128bf:-DLCX_HD=128_-DLCX_BF16=1 h128fp:-DLCX_HD=128_-DLCX_BF16=0 h64bf:-DLCX_HD=64_-DLCX_BF16=1 h64fp:-DLCX_HD=64_-DLCX_BF16=0 h256bf:-DLCX_HD=256_-DLCX_BF16=1 h256fp:-DLCX_HD=256_-DLCX_BF16=0 h128nold:-DLCX_HD=128_-DLCX_BF16=1_-DLDSM=0 h128n128:-DLCX_HD=128_-DLCX_BF16=1_-DBLOCKN=128"}
+CONFIGS=${FLASH_BWD_CONFIGS:-"h128bf:-DLCX_HD=128_-DLCX_BF16=1 h128fp:-DLCX_HD=128_-DLCX_BF16=0 h64bf:-DLCX_HD=64_-DLCX_BF16=1 h64fp:-DLCX_HD=64_-DLCX_BF16=0 h256bf:-DLCX_HD=256_-DLCX_BF16=1 h256fp:-DLCX_HD=256_-DLCX_BF16=0 h128v1:-DLCX_HD=128_-DLCX_BF16=1_-DV1=1"}
 OBJS=()
 if [ "$WHAT" != run ]; then
   pids=()
@@ -58,14 +58,14 @@ if [ "$WHAT" != run ]; then
   $NVCC $FLAGS -c tests/cpp/flash_bwd_test.cu -o $BUILD/test.o > $LOG/build_test.log 2>&1 & pids+=($!)
   $NVCC $FLAGS -c bench/cpp/flash_bwd_bench.cu -o $BUILD/bench.o > $LOG/build_bench.log 2>&1 & pids+=($!)
   fail=0; for p in "${pids[@]}"; do wait $p || fail=1; done
-  for cfg in $CONFIGS; do nm=${cfg%%:*}; echo "$nm: $(grep -A1 'flash_bwd_kernel' $LOG/build_$nm.log | grep -oE 'Used [0-9]+ registers|[0-9]+ bytes spill stores' | tr '\n' ' ')"; done
+  for cfg in $CONFIGS; do nm=${cfg%%:*}; echo "$nm: $(grep -A2 'flash_bwd_kernel\|flash_bwd_sm90_kernel' $LOG/build_$nm.log | grep -oE 'Used [0-9]+ registers|[0-9]+ bytes spill stores' | tr '\n' ' ')"; done
   if [ $fail = 1 ]; then echo "BUILD FAILED"; grep -h -B2 -A5 error $LOG/build_*.log | head -60; fi
 fi
 for cfg in $CONFIGS; do nm=${cfg%%:*}; [ -f $BUILD/inst_$nm.o ] && OBJS+=($BUILD/inst_$nm.o); done
 $NVCC -gencode=arch=compute_90a,code=sm_90a $BUILD/test.o "${OBJS[@]}" -o $BUILD/flash_bwd_test || exit 1
 $NVCC -gencode=arch=compute_90a,code=sm_90a $BUILD/bench.o "${OBJS[@]}" -o $BUILD/flash_bwd_bench || exit 1
 [ "$WHAT" = build ] && exit 0
-if [ "$WHAT" = sass ]; then cuobjdump --dump-sass $BUILD/inst_h128bf.o | grep -oE "HMMA[.A-Z0-9]*|LDSM[.A-Z0-9]*|RED[.A-Z0-9]*|LDL|STL" | sort | uniq -c; exit 0; fi
+if [ "$WHAT" = sass ]; then cuobjdump --dump-sass $BUILD/inst_h128bf.o | grep -oE "HGMMA[.A-Z0-9]*|UBLKRED[.A-Z0-9]*|UTMALDG[.A-Z0-9]*|HMMA[.A-Z0-9]*|LDSM[.A-Z0-9]*|RED[.A-Z0-9]*|LDL|STL" | sort | uniq -c; exit 0; fi
 rc=0
 if [ $WHAT = test ] || [ $WHAT = all ]; then $BUILD/flash_bwd_test 2>&1 | tee $LOG/test.log; rc=${PIPESTATUS[0]}; fi
 if [ $WHAT = bench ] || [ $WHAT = all ]; then $BUILD/flash_bwd_bench 2>&1 | tee $LOG/bench.log; fi

@@ -30,8 +30,7 @@
 
 using longctx::flash::BwdParams;
 using longctx::flash::FlashBwdFn;
-extern FlashBwdFn flash_bwd_fallback __attribute__((weak));
-extern FlashBwdFn flash_bwd_blockn128 __attribute__((weak));
+extern FlashBwdFn flash_bwd_v1 __attribute__((weak));  // first-version kernel (hdim 128 bf16)
 
 struct Case {
   int d; bool bf16; int b, h, hk, sq, sk; bool causal; int wl, wr;
@@ -264,16 +263,15 @@ int main(int argc, char** argv) {
     }
   cases.push_back({128, true, 1, 4, 1, 1024, 1024, true, -1, -1, {}, {}});   // more tiles, MQA
   cases.push_back({128, true, 2, 4, 4, 777, 1000, false, -1, -1, {}, {}});
+  cases.push_back({128, false, 1, 4, 2, 1500, 1400, false, 300, 0, {}, {}});  // sliding window, GQA
+  cases.push_back({64, true, 1, 8, 2, 1100, 1100, true, -1, -1, {}, {}});     // hdim 64, many tiles
   int fails = 0, ran = 0;
   for (const auto& c : cases) {
     FlashBwdFn fn = longctx::flash::flash_bwd_lookup(c.d, c.bf16);
     if (!fn) { printf("SKIP %s (not compiled)\n", c.name().c_str()); continue; }
     fails += run_case(c, rng, fn, "") ? 0 : 1; ++ran;
-    if (c.d == 128 && c.bf16 && &flash_bwd_fallback && flash_bwd_fallback) {
-      fails += run_case(c, rng, flash_bwd_fallback, "[no-ldsm]") ? 0 : 1; ++ran;
-    }
-    if (c.d == 128 && c.bf16 && &flash_bwd_blockn128 && flash_bwd_blockn128) {
-      fails += run_case(c, rng, flash_bwd_blockn128, "[N128]") ? 0 : 1; ++ran;
+    if (c.d == 128 && c.bf16 && &flash_bwd_v1 && flash_bwd_v1) {
+      fails += run_case(c, rng, flash_bwd_v1, "[v1]") ? 0 : 1; ++ran;
     }
   }
   printf("%s: %d / %d runs failed\n", fails ? "FAIL" : "PASS", fails, ran);

@@ -6,19 +6,44 @@
 // chunks per row, so hdim 64/128/256 use 8/16/32 lanes), accumulates in fp32, reduces with
 // shuffles. Rows past a varlen sequence do not exist (varlen rows are the packed rows), batched
 // rows are all real. The accumulator is zeroed by a grid-stride loop over float4s.
+// For the wgmma kernel (flash_bwd_sm90.cuh) it also writes, when pad.lse2 != nullptr, two
+// row-padded fp32 copies that its producer bulk-copies per query tile of 64 rows: lse2 =
+// lse * log2(e) (+inf where lse = -inf, so P = 0) and D, at [h * pad.head_stride +
+// bwd_pad_base(b) + i]; the pad rows [sq, roundup(sq, 64)) of every (sequence, head) get lse2 =
+// +inf and D = 0 (P = dS = 0 for those query columns).
 // Invariants: dq_accum holds heads * total_q_rows * head_dim floats (see flash_bwd_launch.cuh),
 // 16-byte aligned; out/dout rows are 16-byte aligned (checked by the launcher).
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
+#include "longctx/config.h"
 #include "longctx/flash/flash_params.h"
 
 namespace longctx {
 namespace flash {
 
+// Row-padded per-head layout of lse2 / D for the wgmma backward (see the header comment). Each
+// sequence starts at a 16-byte-aligned row and is followed by >= 64 spare rows, so a 64-row tile
+// starting inside it never reaches the next sequence. Batched: b * roundup(seqlen_q, 64).
+LONGCTX_HOST_DEVICE int64_t bwd_pad_base(bool varlen, int b, int64_t q_off, int seqlen_q) {
+  return varlen ? ((q_off + 72 * int64_t(b) + 3) & ~int64_t(3))
+                : int64_t(b) * ((int64_t(seqlen_q) + 63) / 64 * 64);
+}
+LONGCTX_HOST_DEVICE int64_t bwd_pad_head_stride(bool varlen, int batch, int64_t total_q,
+                                                int seqlen_q) {
+  return varlen ? ((total_q + 72 * int64_t(batch) + 8) & ~int64_t(3))
+                : int64_t(batch) * ((int64_t(seqlen_q) + 63) / 64 * 64);
+}
+struct BwdPad {
+  float* lse2 = nullptr;  // nullptr: not written (first-version kernel)
+  float* d = nullptr;
+  int64_t head_stride = 0;
+};
+
 template <typename Element, int kHeadDim>
 __global__ void flash_bwd_preprocess_kernel(BwdParams p, int64_t total_q_rows, float* dq_accum,
-                                            int64_t accum_elems, int* sems, int64_t n_sems) {
+                                            int64_t accum_elems, int* sems, int64_t n_sems,
+                                            BwdPad pad = BwdPad{}) {
   // Zero the accumulator and the semaphores.
   const int64_t gtid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t gsize = int64_t(gridDim.x) * blockDim.x;
@@ -57,6 +82,41 @@ __global__ void flash_bwd_preprocess_kernel(BwdParams p, int64_t total_q_rows, f
     if (lane == 0) {
       // varlen: dsoftmax_sum is (heads, total_q) with head stride = total_q, batch stride 0.
       p.dsoftmax_sum[b * p.dsoftmax_sum_batch_stride + h * p.dsoftmax_sum_head_stride + i] = acc;
+      if (pad.lse2 != nullptr) {
+        int64_t q_off = 0, li = i;
+        int bb = int(b);
+        if (varlen) {  // sequence of packed row `row`: last b with cu_seqlens_q[b] <= row
+          int lo = 0, hi = f.batch - 1;
+          while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (f.cu_seqlens_q[mid] <= row) lo = mid; else hi = mid - 1;
+          }
+          bb = lo;
+          q_off = f.cu_seqlens_q[lo];
+          li = row - q_off;
+        }
+        const float l = f.lse[b * f.lse_batch_stride + h * f.lse_head_stride + i];
+        const int64_t at = h * pad.head_stride + bwd_pad_base(varlen, bb, q_off, f.seqlen_q) + li;
+        pad.lse2[at] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
+        pad.d[at] = acc;
+      }
+    }
+  }
+  // Pad rows of every (sequence, head): lse2 = +inf, D = 0.
+  if (pad.lse2 != nullptr) {
+    const int64_t n_pad = int64_t(f.batch) * f.heads * 64;
+    for (int64_t t = gtid; t < n_pad; t += gsize) {
+      const int j = int(t % 64);
+      const int h = int((t / 64) % f.heads);
+      const int bb = int(t / (64 * int64_t(f.heads)));
+      int64_t q_off = 0;
+      int sq = f.seqlen_q;
+      if (varlen) { q_off = f.cu_seqlens_q[bb]; sq = f.cu_seqlens_q[bb + 1] - int(q_off); }
+      const int64_t li = int64_t(sq) + j;
+      if (li >= (int64_t(sq) + 63) / 64 * 64) continue;
+      const int64_t at = h * pad.head_stride + bwd_pad_base(varlen, bb, q_off, f.seqlen_q) + li;
+      pad.lse2[at] = INFINITY;
+      pad.d[at] = 0.f;
     }
   }
 }

@@ -1,0 +1,530 @@
+// Flash-attention backward, step 2 of 3 (main kernel), Hopper version: TMA + wgmma, warp
+// specialized (FA3 structure, own code). Replaces the mma.sync kernel (flash_bwd_kernel.cuh)
+// for the head dims it is instantiated for (64, 128); preprocess and postprocess are shared.
+//
+// What it computes. One CTA per (KV tile n of kBlockN = 128 keys, kv head hk, batch b). K and V
+// of the tile are TMA-loaded once. The CTA walks the query heads h of hk's GQA group and, for
+// each, the query tiles m (kBlockM = 64 rows) in bwd_query_tiles(n) (tiles outside the mask are
+// never loaded); per (h, m), with S^T and dP^T computed transposed ("swapAB", keys as the M
+// dimension, so P^T and dS^T come out of the accumulators in the register layout of a wgmma A
+// operand):
+//   S^T  = K Q^T, dP^T = V dO^T              SS wgmma, 128 x 64, K = D (one 64-key half per WG)
+//   P^T  = exp2(S^T * scale*log2e - lse2[q])   (lse2 = lse*log2e from the preprocess, +inf for
+//                                               rows that see no key and pad rows -> P = 0)
+//   dS^T = P^T * (dP^T - D[q])                 (D = rowsum(dO * O), preprocess)
+//   dV  += P^T dO ; dK += dS^T Q               RS wgmma (A from registers), 128 x D, K = 64
+//   dQ   = dS K                                 SS wgmma, 64 x D, K = 128 (dS through smem; the
+//                                               two WGs split D), then written to smem (fp32)
+//                                               and added to the global fp32 accumulator with
+//                                               ONE bulk reduce (cp.reduce.async.bulk .add.f32)
+//                                               per tile, issued by one thread.
+// Finally dK = scale * dK and dV are written in the input dtype (rows < sk). GQA: the group's
+// heads are summed in registers (no dK/dV scratch, deterministic for free).
+//
+// Warp roles: 3 warpgroups (384 threads). WG 0: producer, 24 registers (setmaxnreg); one thread
+// TMA-loads K, V once (transaction barrier) and, per (h, m), Q and dO tiles (64 x D) plus the 64
+// lse2 and D values (1-D bulk copies from the padded preprocess buffers) into stage s of a
+// 2-stage PipelineTmaAsync. WGs 1-2: consumers, 240 registers; WG w owns keys [64w, 64w + 64)
+// of the tile for S^T, dP^T, dK and dV, and columns [wD/2, (w+1)D/2) of dQ.
+// dQ reduce (kDqWarp, default): warp 1 of WG 0 is the dQ writer; sdQ is double-buffered with
+// full/empty mbarriers, so the consumers only wait for a buffer the writer has not yet read.
+// Per-iteration synchronization of the consumers: named barrier B1 (256 threads) after dS^T
+// is in smem (the dQ product reads both halves). kDqWarp = false (LONGCTX_FLASH_BWD_DQ=barrier
+// in builds with LONGCTX_BWD_AB_VARIANTS, for A/B timing): single sdQ, a second barrier after
+// dQ is in smem, consumer thread 0 issues the reduce.
+// The stage is released after dV, dK (the last readers of Q and dO) completed.
+// The per-element mask (causal/window/key >= sk/query >= sq) runs only on tile pairs that
+// tile_fully_visible says need it or that cross sk or sq, as in the first version.
+//
+// Deterministic mode: per-(batch, head, query tile of 64) semaphore as in the first version: the
+// thread issuing the reduce waits until the counter equals this KV tile's rank among the tiles
+// that visit the query tile, issues the reduce, waits for its completion, fences and increments.
+// Query tiles are walked from the last to the first: every KV tile's range ends at the same or a
+// later query tile than its predecessors' (bwd_query_tiles' bounds grow with n), so KV tile n
+// reaches each query tile no earlier (in iterations) than tile n - 1 and waits at most about one
+// reduce for it. (Walked first-to-last, tile n of a causal mask would start 2n iterations late.)
+//
+// smem (hdim 128): K, V 2 x 32 KB, Q, dO 2 stages x 2 x 16 KB, dS^T 16 KB, dQ (fp32) 32 KB,
+// lse2/D 1 KB: ~177 KB, one CTA per SM.
+#pragma once
+
+#ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#endif
+
+#include <cuda_runtime.h>
+#include <cstdint>
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/atom/copy_atom.hpp>
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cutlass/numeric_types.h>
+#include <cutlass/numeric_conversion.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include "longctx/flash/flash_params.h"
+#include "longctx/flash/flash_bwd_preprocess.cuh"
+#include "longctx/flash/mainloop_fwd_sm90.cuh"  // wg_gemm
+#include "longctx/flash/mask.h"
+#include "longctx/flash/seqlen_info.cuh"
+#include "longctx/flash/softmax.cuh"  // acc_layout_to_A_regs, fast_exp2
+
+namespace longctx {
+namespace flash {
+
+template <typename Element_, int kHeadDim_, bool kDqWarp_ = true>
+struct FlashBwdSm90Traits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  // true: a dedicated warp (warp 1 of the producer warpgroup) issues the dQ bulk reduces from a
+  // double-buffered sdQ (mbarrier hand-off, consumers never wait for the reduce); false: the
+  // consumers sync on a named barrier and their thread 0 issues it (single sdQ).
+  static constexpr bool kDqWarp = kDqWarp_;
+  static constexpr int kDqBufs = kDqWarp ? 2 : 1;
+  static constexpr int kBlockM = 64;   // query rows per iteration
+  static constexpr int kBlockN = 128;  // keys per CTA
+  static constexpr int kStages = 2;
+  static constexpr int kNumMmaThreads = 256;
+  static constexpr int kNumThreads = 384;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 168 * 384, "setmaxnreg pool");
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: hdim 64 or 128");
+
+  using TileSdP = cute::Shape<cute::Int<kBlockN>, cute::Int<kBlockM>, cute::Int<kHeadDim>>;
+  using TileDKV = cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::Int<kBlockM>>;
+  using TileDQAtom = cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim / 2>, cute::Int<kBlockN>>;
+
+  using TiledMmaSdP = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float, TileSdP>(),
+      cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
+  using TiledMmadKV = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float, TileDKV, cute::GMMA::Major::K,
+                                 cute::GMMA::Major::MN>(),
+      cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
+  using TiledMmadQ = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float, TileDQAtom, cute::GMMA::Major::MN,
+                                 cute::GMMA::Major::MN>(),
+      cute::Layout<cute::Shape<cute::_1, cute::_2, cute::_1>>{}));
+
+  // Q, dO, dS: 128-byte swizzle. K, V: the dQ product reads K^T MN-major split at D/2 between
+  // the warpgroups, so the swizzle atom must not be wider than D/2 (64 B swizzle for hdim 64).
+  using AtomQ = cute::GMMA::Layout_K_SW128_Atom<Element>;
+  using AtomK = std::conditional_t<(kHeadDim / 2) % 64 == 0, cute::GMMA::Layout_K_SW128_Atom<Element>,
+                                   cute::GMMA::Layout_K_SW64_Atom<Element>>;
+  using SmemLayoutQ = decltype(cute::tile_to_shape(
+      AtomQ{}, cute::make_shape(cute::Int<kBlockM>{}, cute::Int<kHeadDim>{}, cute::Int<kStages>{})));
+  using SmemLayoutK = decltype(cute::tile_to_shape(
+      AtomK{}, cute::make_shape(cute::Int<kBlockN>{}, cute::Int<kHeadDim>{})));
+  // (D, rows, stage) views: B operands of dV (dO^T) and dK (Q^T), MN-major.
+  using SmemLayoutQt = decltype(cute::composition(
+      SmemLayoutQ{},
+      cute::make_ordered_layout(
+          cute::make_shape(cute::Int<kHeadDim>{}, cute::Int<kBlockM>{}, cute::Int<kStages>{}),
+          cute::Step<cute::_2, cute::_1, cute::_3>{})));
+  // (D, keys) view of K: B operand of dQ, MN-major.
+  using SmemLayoutKt = decltype(cute::composition(
+      SmemLayoutK{}, cute::make_ordered_layout(
+                         cute::make_shape(cute::Int<kHeadDim>{}, cute::Int<kBlockN>{}),
+                         cute::Step<cute::_2, cute::_1>{})));
+  // dS^T as (keys, queries), queries contiguous; (queries, keys) view: A operand of dQ, MN-major.
+  using SmemLayoutdS = decltype(cute::tile_to_shape(
+      AtomQ{}, cute::make_shape(cute::Int<kBlockN>{}, cute::Int<kBlockM>{})));
+  using SmemLayoutdSt = decltype(cute::composition(
+      SmemLayoutdS{}, cute::make_ordered_layout(
+                          cute::make_shape(cute::Int<kBlockM>{}, cute::Int<kBlockN>{}),
+                          cute::Step<cute::_2, cute::_1>{})));
+  // dQ tile, fp32, row-major and unpadded: it is the source of one contiguous bulk reduce.
+  using SmemLayoutdQ = cute::Layout<cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>,
+                                    cute::Stride<cute::Int<kHeadDim>, cute::_1>>;
+
+  using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
+  using PipelineState = typename cutlass::PipelineState<kStages>;
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> smem_k;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> smem_v;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> smem_q;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> smem_do;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutdS>> smem_ds;
+    alignas(128) cute::array_aligned<float, kBlockM * kHeadDim * kDqBufs> smem_dq;
+    alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_lse;
+    alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_d;
+    alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_kv;
+    alignas(16) cutlass::arch::ClusterBarrier dq_full[2];   // kNumMmaThreads arrivals
+    alignas(16) cutlass::arch::ClusterBarrier dq_empty[2];  // 1 arrival (the dQ warp)
+    alignas(16) typename MainloopPipeline::SharedStorage pipeline;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+
+  static constexpr uint32_t kTmaBytesKV = 2 * kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kTmaBytesStage = 2 * kBlockM * kHeadDim * sizeof(Element) + 2 * kBlockM * 4;
+
+  using ShapeQKV = cute::Shape<int32_t, int32_t, int32_t, int32_t>;  // (rows, D, heads, batch)
+  using StrideQKV = cute::Stride<int64_t, cute::_1, int64_t, int64_t>;
+  using TMA_Q = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_LOAD{},
+      cute::make_tensor(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQKV{}, StrideQKV{}),
+      cute::take<0, 2>(SmemLayoutQ{}), cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}, cute::_1{}));
+  using TMA_K = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_LOAD{},
+      cute::make_tensor(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQKV{}, StrideQKV{}),
+      SmemLayoutK{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}, cute::_1{}));
+};
+
+template <typename Traits>
+struct BwdKernelParams {
+  BwdParams p;
+  typename Traits::ShapeQKV shape_q, shape_k;
+  typename Traits::TMA_Q tma_q, tma_do;
+  typename Traits::TMA_K tma_k, tma_v;
+  float* dq_accum;         // (heads, total_q_rows, D) fp32, zeroed by the preprocess
+  const float* lse2;       // padded, see flash_bwd_preprocess.cuh
+  const float* dpad;
+  int64_t pad_head_stride;
+  int64_t total_q_rows;
+  int* sems;               // deterministic mode
+  int num_m_max;           // semaphores per (batch, head)
+};
+
+namespace bwd_sm90 {
+
+__device__ __forceinline__ void bulk_g2s(void* smem, const void* gmem, uint32_t bytes,
+                                         uint64_t* mbar) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(mbar));
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+      ::"r"(s), "l"(gmem), "r"(bytes), "r"(b) : "memory");
+}
+__device__ __forceinline__ void bulk_reduce_add_f32(float* gmem, const float* smem, uint32_t bytes) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               ::"l"(gmem), "r"(s), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read_all() {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+}  // namespace bwd_sm90
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kNumThreads, 1)
+    flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> kp) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using namespace cute;
+  using namespace bwd_sm90;
+  using Element = typename Traits::Element;
+  using MainloopPipeline = typename Traits::MainloopPipeline;
+  constexpr int kM = Traits::kBlockM, kN = Traits::kBlockN, kD = Traits::kHeadDim;
+
+  extern __shared__ __align__(1024) char smem_buf[];
+  auto& ss = *reinterpret_cast<typename Traits::SharedStorage*>(smem_buf);
+  const BwdParams& bp = kp.p;
+  const FwdParams& p = bp.fwd;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+
+  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const SeqInfo si(p, b);
+  const int n0 = n_block * kN;
+  if (n0 >= si.sk) return;
+  const int rows_k = min(kN, si.sk - n0);
+  const int wl = p.window_left, wr = p.window_right;
+  const TileRange range = bwd_query_tiles(n_block, kM, kN, si.sq, si.sk, wl, wr);
+  const int n_m = range.end > range.begin ? range.end - range.begin : 0;
+  const int group = p.heads / p.heads_kv;
+  const int total = n_m * group;
+
+  Element* gdK = reinterpret_cast<Element*>(bp.dk) + int64_t(b) * bp.dk_batch_stride +
+                 int64_t(si.k_off + n0) * bp.dk_row_stride + int64_t(hk) * bp.dk_head_stride;
+  Element* gdV = reinterpret_cast<Element*>(bp.dv) + int64_t(b) * bp.dv_batch_stride +
+                 int64_t(si.k_off + n0) * bp.dv_row_stride + int64_t(hk) * bp.dv_head_stride;
+  if (total == 0) {  // no query sees these keys: zero gradients
+    constexpr int kChunks = kD / 8;
+    for (int t = threadIdx.x; t < rows_k * kChunks; t += blockDim.x) {
+      const int r = t / kChunks, c = (t % kChunks) * 8;
+      *reinterpret_cast<uint4*>(gdK + int64_t(r) * bp.dk_row_stride + c) = make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(gdV + int64_t(r) * bp.dv_row_stride + c) = make_uint4(0, 0, 0, 0);
+    }
+    return;
+  }
+
+  const int warp_idx = cutlass::canonical_warp_idx_sync();
+  const int warp_group_idx = warp_idx / 4;
+  const int lane_predicate = cute::elect_one_sync();
+  if (warp_idx == 0 && lane_predicate) {
+    ss.barrier_kv.init(1);
+    for (int i = 0; i < 2; ++i) {
+      ss.dq_full[i].init(Traits::kNumMmaThreads);
+      ss.dq_empty[i].init(1);
+    }
+    cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(kp.tma_do.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
+  }
+  typename MainloopPipeline::Params pp;
+  pp.role = warp_group_idx == 0 ? MainloopPipeline::ThreadCategory::Producer
+                                : MainloopPipeline::ThreadCategory::Consumer;
+  pp.is_leader = threadIdx.x == 0;
+  pp.num_consumers = Traits::kNumMmaThreads;
+  pp.transaction_bytes = Traits::kTmaBytesStage;
+  MainloopPipeline pipe(ss.pipeline, pp, Shape<_1, _1, _1>{});
+  cutlass::arch::fence_barrier_init();
+  __syncthreads();
+
+  const int64_t pad_base = bwd_pad_base(varlen, b, si.q_off, p.seqlen_q);
+
+  if (warp_group_idx == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    if (threadIdx.x == 0) {
+      Tensor mQ = kp.tma_q.get_tma_tensor(kp.shape_q);
+      Tensor mdO = kp.tma_do.get_tma_tensor(kp.shape_q);
+      Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k);
+      Tensor mV = kp.tma_v.get_tma_tensor(kp.shape_k);
+      Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename Traits::SmemLayoutQ{});
+      Tensor sdO = make_tensor(make_smem_ptr(ss.smem_do.data()), typename Traits::SmemLayoutQ{});
+      Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename Traits::SmemLayoutK{});
+      Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutK{});
+      auto tile_k = Shape<Int<kN>, Int<kD>>{};
+      Tensor gK = local_tile(domain_offset(make_coord(si.k_off, _0{}), mK(_, _, hk, si.tma_batch)),
+                             tile_k, make_coord(n_block, _0{}));
+      Tensor gV = local_tile(domain_offset(make_coord(si.k_off, _0{}), mV(_, _, hk, si.tma_batch)),
+                             tile_k, make_coord(n_block, _0{}));
+      auto [tKgK, tKsK] = tma_partition(kp.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVgV, tVsV] = tma_partition(kp.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      ss.barrier_kv.arrive_and_expect_tx(Traits::kTmaBytesKV);
+      copy(kp.tma_k.with(reinterpret_cast<uint64_t&>(ss.barrier_kv), 0), tKgK, tKsK);
+      copy(kp.tma_v.with(reinterpret_cast<uint64_t&>(ss.barrier_kv), 0), tVgV, tVsV);
+
+      typename Traits::PipelineState st = cutlass::make_producer_start_state<MainloopPipeline>();
+      auto tile_q = Shape<Int<kM>, Int<kD>>{};
+      for (int it = 0; it < total; ++it) {
+        const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
+        Tensor gQ = local_tile(domain_offset(make_coord(si.q_off, _0{}), mQ(_, _, h, si.tma_batch)),
+                               tile_q, make_coord(m, _0{}));
+        Tensor gdO = local_tile(domain_offset(make_coord(si.q_off, _0{}), mdO(_, _, h, si.tma_batch)),
+                                tile_q, make_coord(m, _0{}));
+        auto [tQgQ, tQsQ] = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+        auto [tdOgdO, tdOsdO] = tma_partition(kp.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+        pipe.producer_acquire(st);
+        uint64_t* bar = pipe.producer_get_barrier(st);
+        const int s = st.index();
+        copy(kp.tma_q.with(*bar, 0), tQgQ, tQsQ(_, s));
+        copy(kp.tma_do.with(*bar, 0), tdOgdO, tdOsdO(_, s));
+        const int64_t off = int64_t(h) * kp.pad_head_stride + pad_base + int64_t(m) * kM;
+        bulk_g2s(ss.smem_lse.data() + s * kM, kp.lse2 + off, kM * 4, bar);
+        bulk_g2s(ss.smem_d.data() + s * kM, kp.dpad + off, kM * 4, bar);
+        ++st;
+      }
+    } else if (Traits::kDqWarp && warp_idx == 1 && lane_predicate) {
+      // dQ writer: per iteration, wait for both consumer warpgroups' halves of dQ in sdQ[buf],
+      // add the tile to the fp32 accumulator with one bulk reduce, free the buffer once read.
+      const int64_t q_row0 = varlen ? int64_t(si.q_off) : int64_t(b) * p.seqlen_q;
+      for (int it = 0; it < total; ++it) {
+        const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
+        const int m0 = m * kM;
+        const int buf = it & 1, use = it >> 1;
+        ss.dq_full[buf].wait(use & 1);
+        float* dst = kp.dq_accum + (int64_t(h) * kp.total_q_rows + q_row0 + m0) * kD;
+        const int rows = min(kM, si.sq - m0);
+        int* sem = nullptr;
+        if (bp.deterministic) {
+          sem = kp.sems + (int64_t(b) * p.heads + h) * kp.num_m_max + m;
+          int lo = 0, hi = n_block;
+          while (lo < hi) {
+            const int mid = (lo + hi) / 2;
+            const TileRange rr = bwd_query_tiles(mid, kM, kN, si.sq, si.sk, wl, wr);
+            if (rr.end > m && rr.begin < rr.end) hi = mid; else lo = mid + 1;
+          }
+          const int expected = n_block - lo;
+          while (ld_acquire_gpu(sem) != expected) __nanosleep(32);
+        }
+        bulk_reduce_add_f32(dst, ss.smem_dq.data() + buf * (kM * kD), uint32_t(rows) * kD * 4);
+        bulk_commit();
+        if (bp.deterministic) {
+          bulk_wait_all();
+          asm volatile("fence.proxy.async.global;\n" ::: "memory");
+          __threadfence();
+          atomicAdd(sem, 1);
+        } else {
+          bulk_wait_read_all();
+        }
+        ss.dq_empty[buf].arrive();
+      }
+      bulk_wait_all();
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+    const int tidx = int(threadIdx.x) - 128;
+    typename Traits::TiledMmaSdP mma_sdp;
+    typename Traits::TiledMmadKV mma_dkv;
+    typename Traits::TiledMmadQ mma_dq;
+    auto thr_sdp = mma_sdp.get_thread_slice(tidx);
+    auto thr_dkv = mma_dkv.get_thread_slice(tidx);
+    auto thr_dq = mma_dq.get_thread_slice(tidx);
+
+    Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename Traits::SmemLayoutQ{});
+    Tensor sdO = make_tensor(make_smem_ptr(ss.smem_do.data()), typename Traits::SmemLayoutQ{});
+    Tensor sQt = make_tensor(make_smem_ptr(ss.smem_q.data()), typename Traits::SmemLayoutQt{});
+    Tensor sdOt = make_tensor(make_smem_ptr(ss.smem_do.data()), typename Traits::SmemLayoutQt{});
+    Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename Traits::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutK{});
+    Tensor sKt = make_tensor(make_smem_ptr(ss.smem_k.data()), typename Traits::SmemLayoutKt{});
+    Tensor sdS = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename Traits::SmemLayoutdS{});
+    Tensor sdSt = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename Traits::SmemLayoutdSt{});
+
+    Tensor tSrK = thr_sdp.partition_fragment_A(sK);      // (MMA, MMA_M, MMA_K)
+    Tensor tSrV = thr_sdp.partition_fragment_A(sV);
+    Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);      // (MMA, MMA_N, MMA_K, PIPE)
+    Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
+    Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_N, MMA_K, PIPE)
+    Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
+    Tensor tdQrdS = thr_dq.partition_fragment_A(sdSt);
+    Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);
+    Tensor tdSsdS = thr_sdp.partition_C(sdS);
+    Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kN>, Int<kM>>{}));
+
+    Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kD>>{});
+    Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kD>>{});
+    clear(acc_dk);
+    clear(acc_dv);
+
+    const float scale_log2 = p.softmax_scale_log2;
+    const int sq = si.sq, sk = si.sk;
+    const int64_t q_row0 = varlen ? int64_t(si.q_off) : int64_t(b) * p.seqlen_q;
+    ss.barrier_kv.wait(0);
+    typename Traits::PipelineState st;
+
+    for (int it = 0; it < total; ++it) {
+      const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
+      const int m0 = m * kM;
+      pipe.consumer_wait(st);
+      const int s = st.index();
+      Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kN>, Int<kM>>{});
+      Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kN>, Int<kM>>{});
+      wg_gemm<true>(mma_sdp, tSrK, tSrQ(_, _, _, s), acc_s);
+      wg_gemm<true>(mma_sdp, tSrV, tSrdO(_, _, _, s), acc_dp);
+      const float* s_lse = ss.smem_lse.data() + s * kM;
+      const float* s_d = ss.smem_d.data() + s * kM;
+      const bool need_mask = n0 + kN > sk || m0 + kM > sq ||
+                             !tile_fully_visible(m, n_block, kM, kN, sq, sk, wl, wr);
+      warpgroup_wait<1>();
+#pragma unroll
+      for (int i = 0; i < size(acc_s); ++i) {
+        const int key = int(get<0>(tScS(i))), col = int(get<1>(tScS(i)));
+        float pv = fast_exp2(acc_s(i) * scale_log2 - s_lse[col]);
+        if (need_mask && !(m0 + col < sq && mask_visible(m0 + col, n0 + key, sq, sk, wl, wr))) pv = 0.f;
+        acc_s(i) = pv;
+      }
+      warpgroup_wait<0>();
+#pragma unroll
+      for (int i = 0; i < size(acc_dp); ++i) {
+        const int col = int(get<1>(tScS(i)));
+        acc_dp(i) = acc_s(i) * (acc_dp(i) - s_d[col]);
+      }
+      constexpr int kFrag = decltype(size(acc_s))::value;
+      Tensor rP = make_tensor<Element>(acc_layout_to_A_regs(acc_s.layout()));
+      Tensor rdS = make_tensor<Element>(acc_layout_to_A_regs(acc_dp.layout()));
+      {
+        cutlass::NumericArrayConverter<Element, float, kFrag> cvt;
+        *reinterpret_cast<cutlass::Array<Element, kFrag>*>(rP.data()) =
+            cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(acc_s.data()));
+        *reinterpret_cast<cutlass::Array<Element, kFrag>*>(rdS.data()) =
+            cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(acc_dp.data()));
+      }
+      // dS^T -> smem (pairs of adjacent queries are adjacent in smem: 4-byte stores).
+      {
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(rdS.data());
+#pragma unroll
+        for (int i = 0; i < kFrag; i += 2)
+          *reinterpret_cast<uint32_t*>(&tdSsdS(i)) = src[i / 2];
+      }
+      wg_gemm<false>(mma_dkv, rP, tdVrdOt(_, _, _, s), acc_dv);
+      wg_gemm<false>(mma_dkv, rdS, tdKrQt(_, _, _, s), acc_dk);
+      cutlass::arch::fence_view_async_shared();
+      if (!Traits::kDqWarp && tidx == 0) bulk_wait_read_all();  // previous reduce has read sdQ
+      cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 1);  // all of dS^T in smem
+
+      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kM>, Int<kD>>{});
+      wg_gemm<true>(mma_dq, tdQrdS, tdQrKt, acc_dq);
+      const int buf = Traits::kDqWarp ? (it & 1) : 0;
+      if constexpr (Traits::kDqWarp) {
+        if (it >= 2) ss.dq_empty[buf].wait(((it >> 1) - 1) & 1);
+      }
+      warpgroup_wait<0>();
+      pipe.consumer_release(st);
+      ++st;
+      Tensor tdQsdQ = thr_dq.partition_C(make_tensor(
+          make_smem_ptr(ss.smem_dq.data() + buf * (kM * kD)), typename Traits::SmemLayoutdQ{}));
+#pragma unroll
+      for (int i = 0; i < size(acc_dq); i += 2)
+        *reinterpret_cast<float2*>(&tdQsdQ(i)) = make_float2(acc_dq(i), acc_dq(i + 1));
+      cutlass::arch::fence_view_async_shared();
+      if constexpr (Traits::kDqWarp) {
+        ss.dq_full[buf].arrive();
+      } else {
+        cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 2);
+        if (tidx == 0) {
+          float* dst = kp.dq_accum + (int64_t(h) * kp.total_q_rows + q_row0 + m0) * kD;
+          const int rows = min(kM, sq - m0);
+          int* sem = nullptr;
+          if (bp.deterministic) {
+            sem = kp.sems + (int64_t(b) * p.heads + h) * kp.num_m_max + m;
+            // First KV tile whose query range contains m (the visiting tiles are contiguous).
+            int lo = 0, hi = n_block;
+            while (lo < hi) {
+              const int mid = (lo + hi) / 2;
+              const TileRange rr = bwd_query_tiles(mid, kM, kN, sq, sk, wl, wr);
+              if (rr.end > m && rr.begin < rr.end) hi = mid; else lo = mid + 1;
+            }
+            const int expected = n_block - lo;
+            while (ld_acquire_gpu(sem) != expected) __nanosleep(32);
+          }
+          bulk_reduce_add_f32(dst, ss.smem_dq.data(), uint32_t(rows) * kD * 4);
+          bulk_commit();
+          if (bp.deterministic) {
+            bulk_wait_all();
+            asm volatile("fence.proxy.async.global;\n" ::: "memory");
+            __threadfence();
+            atomicAdd(sem, 1);
+          }
+        }
+      }
+    }
+    if (!Traits::kDqWarp && tidx == 0) bulk_wait_all();
+
+    // Epilogue: dK = scale * dK, dV, rows < sk, converted in registers, 4-byte stores.
+    const float scale = p.softmax_scale;
+    constexpr int kAcc = decltype(size(acc_dk))::value;
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) acc_dk(i) *= scale;
+    Tensor tcKV = thr_dkv.partition_C(make_identity_tensor(Shape<Int<kN>, Int<kD>>{}));
+    auto store = [&](auto& acc, Element* g, int64_t row_stride) {
+      cutlass::NumericArrayConverter<Element, float, kAcc> cvt;
+      cutlass::Array<Element, kAcc> r = cvt(*reinterpret_cast<const cutlass::Array<float, kAcc>*>(acc.data()));
+      const uint32_t* r32 = reinterpret_cast<const uint32_t*>(r.data());
+#pragma unroll
+      for (int i = 0; i < kAcc; i += 2) {
+        const int row = int(get<0>(tcKV(i))), c = int(get<1>(tcKV(i)));
+        if (row < rows_k) *reinterpret_cast<uint32_t*>(g + int64_t(row) * row_stride + c) = r32[i / 2];
+      }
+    };
+    store(acc_dk, gdK, bp.dk_row_stride);
+    store(acc_dv, gdV, bp.dv_row_stride);
+  }
+#endif
+}
+
+}  // namespace flash
+}  // namespace longctx
