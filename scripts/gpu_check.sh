@@ -25,9 +25,10 @@ python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 # shared objects; a private libstdc++ inside the extension crashes on its first iostream use
 # against torch's shared one (seen 2026-11-23). Build with the system compiler.
 if [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
-echo "== build (setup.py, MAX_JOBS=16, CXX=${CXX:-default})"
+JOBS=${MAX_JOBS:-$(nproc)}
+echo "== build (setup.py, MAX_JOBS=$JOBS, CXX=${CXX:-default})"
 start=$(date +%s)
-if ! MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+if ! MAX_JOBS=$JOBS python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
   grep -E "error" "$OUT/build.log" | head -40; tail -20 "$OUT/build.log"; exit 1
 fi
 echo "build: $(( $(date +%s) - start )) s"

@@ -3,7 +3,8 @@
 # run the multi-GPU ring tests and bench/ring.py under torchrun. Logs to $OUT/log.txt, results
 # to $OUT/results/<gpu>/ring.{json,md} (+ ring_trace.json.gz with --trace).
 #   scripts/gpu_ring.sh [bench/ring.py arguments...]      e.g. scripts/gpu_ring.sh --quick --trace 32768
-# LONGCTX_RING_TESTS=0 skips the pytest part. NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
+# LONGCTX_RING_TESTS=0 skips the pytest part; LONGCTX_RING_SKIP_BUILD=1 reuses an in-place build
+# (after scripts/gpu_check.sh in the same call). NVLink multicast stays off (NCCL_NVLS_ENABLE=0).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,11 +22,15 @@ python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda, 
 if [ -x /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi  # see gpu_check.sh
 export LONGCTX_KERNELS=${LONGCTX_KERNELS:-flash_fwd,flash_bwd} LONGCTX_HEADDIMS=${LONGCTX_HEADDIMS:-128} \
        LONGCTX_DTYPES=${LONGCTX_DTYPES:-bf16}
-start=$(date +%s)
-if ! MAX_JOBS=32 LONGCTX_REQUIRE_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-  grep -E "error" "$OUT/build.log" | head -40; tail -20 "$OUT/build.log"; exit 1
+if [ "${LONGCTX_RING_SKIP_BUILD:-0}" = 1 ]; then
+  echo "build: skipped (LONGCTX_RING_SKIP_BUILD=1: using the in-place build already there)"
+else
+  start=$(date +%s)
+  if ! MAX_JOBS=32 LONGCTX_REQUIRE_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+    grep -E "error" "$OUT/build.log" | head -40; tail -20 "$OUT/build.log"; exit 1
+  fi
+  echo "build: $(( $(date +%s) - start )) s"; rm -f "$OUT/build.log"
 fi
-echo "build: $(( $(date +%s) - start )) s"; rm -f "$OUT/build.log"
 export PYTHONPATH=$ROOT/python:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import longctx; b = longctx.build_info(); print('with_nccl', b['with_nccl'], b['switches'])"
 if [ "${LONGCTX_RING_TESTS:-1}" != 0 ]; then
