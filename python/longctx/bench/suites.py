@@ -16,3 +16,7 @@ if _compiled_for_cuda("flash_fwd"):
     from .attn_fwd_suite import run_attn_fwd
 
     SUITES["attn_fwd"] = run_attn_fwd
+if _compiled_for_cuda("kvcache"):
+    from .kvcache_suite import run_kvcache
+
+    SUITES["kvcache"] = run_kvcache
