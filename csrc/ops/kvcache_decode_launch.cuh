@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include "longctx/kvcache/kvcache_decode.cuh"
+#include "longctx/kvcache/kvcache_decode_mma.cuh"
 
 namespace longctx {
 namespace kvcache_launch {
@@ -33,14 +34,24 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
 
 #ifdef LONGCTX_KVCACHE_DECODE_IMPL
 
-// Variant 0: U = 4 (native) / 8 (8-bit) keys per key group per batch (GT = 8: half), no
-// register cap. Variant 1 (bf16, head_dim 128, GT = 4 only: the benchmark's shape, kept to
-// compare by measurement): half the batch and at most 128 registers (4 CTAs per SM).
-template <typename T, Format F, int D, int GT, int Variant = 0>
+// The decode kernels. Variant 0 (default): tensor cores (kvcache_decode_mma.cuh) for head_dim 128,
+// the CUDA-core kernel (kvcache_decode.cuh) for 64 and 256. Variant 1: the CUDA-core kernel for
+// every head_dim (the first design, kept to compare by measurement and as a second
+// implementation in the tests). Both take 128 threads and the same (split, kv head x row tile,
+// sequence) grid.
+// Variant 2: the tensor-core kernel with twice the tiles in flight per warp.
+template <typename T, Format F, int D, int GT, int Variant>
 struct DecodeKernel {
-  static constexpr int kU = (F == Format::kNative ? 4 : 8) / (GT == 8 || Variant == 1 ? 2 : 1);
-  static constexpr int kMinBlocks = Variant == 1 ? 4 : 1;
-  static constexpr auto fn() { return &kc::kvcache_decode_kernel<T, F, D, GT, kU, kMinBlocks>; }
+  static constexpr bool kMma = Variant != 1 && D == 128;
+  static constexpr int kU = (F == Format::kNative ? 4 : 8) / (GT == 8 ? 2 : 1);
+  static constexpr int kNT = (F == Format::kNative ? 1 : 2) * (Variant == 2 ? 2 : 1);
+  static constexpr auto fn() {
+    if constexpr (kMma) {
+      return &kc::kvcache_decode_mma_kernel<T, F, D, GT, kNT>;
+    } else {
+      return &kc::kvcache_decode_kernel<T, F, D, GT, kU, 1>;
+    }
+  }
   static int occupancy() {
     static const int occ = [] {
       int n = 0;
@@ -51,11 +62,11 @@ struct DecodeKernel {
   }
 };
 
-// LONGCTX_KV_DECODE_VARIANT=1 selects variant 1 where it exists (read per call: the benchmark
-// measures both in one process).
+// LONGCTX_KV_DECODE_VARIANT=1 / 2 selects variant 1 / 2 (read per call: the benchmark and the tests
+// measure both in one process).
 inline int decode_variant() {
   const char* e = std::getenv("LONGCTX_KV_DECODE_VARIANT");
-  return e != nullptr && e[0] == '1' ? 1 : 0;
+  return e == nullptr ? 0 : (e[0] == '1' ? 1 : (e[0] == '2' ? 2 : 0));
 }
 
 // Split count for `base` CTAs of `occ` per SM: the smallest count whose waves are >= 95% full of
@@ -77,7 +88,7 @@ inline int choose_splits(int64_t base, int occ, int sms, int64_t max_keys) {
   return max_s;
 }
 
-template <typename T, Format F, int D, int GT, int Variant = 0>
+template <typename T, Format F, int D, int GT, int Variant>
 void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
                    int64_t max_keys, at::Tensor& out_accum, at::Tensor& lse_accum,
                    cudaStream_t stream) {
@@ -113,22 +124,16 @@ void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_spli
   }
 }
 
-template <typename T, Format F, int D>
+template <typename T, Format F, int D, int Variant>
 void launch_decode_gt(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
                       int64_t max_keys, at::Tensor& oa, at::Tensor& la, cudaStream_t stream) {
   const int64_t rows = int64_t(p.seqlen_q) * (p.heads / p.cache.kv_heads);
   if (rows <= 1) {
-    launch_decode<T, F, D, 1>(p, q, num_splits, max_keys, oa, la, stream);
+    launch_decode<T, F, D, 1, Variant>(p, q, num_splits, max_keys, oa, la, stream);
   } else if (rows <= 4) {
-    if constexpr (std::is_same_v<T, __nv_bfloat16> && D == 128) {
-      if (decode_variant() == 1) {
-        launch_decode<T, F, D, 4, 1>(p, q, num_splits, max_keys, oa, la, stream);
-        return;
-      }
-    }
-    launch_decode<T, F, D, 4>(p, q, num_splits, max_keys, oa, la, stream);
+    launch_decode<T, F, D, 4, Variant>(p, q, num_splits, max_keys, oa, la, stream);
   } else {
-    launch_decode<T, F, D, 8>(p, q, num_splits, max_keys, oa, la, stream);
+    launch_decode<T, F, D, 8, Variant>(p, q, num_splits, max_keys, oa, la, stream);
   }
 }
 
@@ -136,9 +141,17 @@ template <typename T, Format F>
 void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
                 int64_t max_keys, at::Tensor& oa, at::Tensor& la, cudaStream_t stream) {
   switch (p.cache.head_dim) {
-    case 64: launch_decode_gt<T, F, 64>(p, q, num_splits, max_keys, oa, la, stream); break;
-    case 128: launch_decode_gt<T, F, 128>(p, q, num_splits, max_keys, oa, la, stream); break;
-    default: launch_decode_gt<T, F, 256>(p, q, num_splits, max_keys, oa, la, stream); break;
+    case 64: launch_decode_gt<T, F, 64, 1>(p, q, num_splits, max_keys, oa, la, stream); break;
+    case 128:
+      if (decode_variant() == 1) {
+        launch_decode_gt<T, F, 128, 1>(p, q, num_splits, max_keys, oa, la, stream);
+      } else if (decode_variant() == 2) {
+        launch_decode_gt<T, F, 128, 2>(p, q, num_splits, max_keys, oa, la, stream);
+      } else {
+        launch_decode_gt<T, F, 128, 0>(p, q, num_splits, max_keys, oa, la, stream);
+      }
+      break;
+    default: launch_decode_gt<T, F, 256, 1>(p, q, num_splits, max_keys, oa, la, stream); break;
   }
 }
 

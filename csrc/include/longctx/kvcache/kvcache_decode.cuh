@@ -1,4 +1,7 @@
-// Split-KV decode attention over the paged KV cache (CUDA cores, memory bound): the few query
+// Split-KV decode attention over the paged KV cache on CUDA cores: the first design, now used for
+// head_dim 64 and 256 (head_dim 128 runs kvcache_decode_mma.cuh; this kernel stays selectable
+// with LONGCTX_KV_DECODE_VARIANT=1 for comparison: it measured instruction-bound, 0.34-0.42x of
+// copy bandwidth on 8-bit caches, see bench/NOTES.md). The merge kernel here serves both. The few query
 // rows of a decode step (seqlen_q * heads / kv_heads <= 32 packed rows per kv head) against up to
 // millions of cached keys, dequantized in registers.
 //
