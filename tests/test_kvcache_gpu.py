@@ -293,6 +293,9 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
     return out, lse
 
 
+# decode kernel configurations (LONGCTX_KV_DECODE_VARIANT), see csrc/ops/kvcache_decode_launch.cuh
+VARIANTS = {"mma": None, "cuda_cores": "1", "mma_prefetch": "2", "mma_3ctas": "3"}
+
 DECODE_CASES = [  # h, hk, d, bs, causal, window
     (8, 2, 128, 16, True, (-1, -1)),     # GQA 4: one CTA row tile of 4
     (32, 8, 128, 16, True, (-1, -1)),    # the benchmark's GQA 32/8
@@ -307,12 +310,12 @@ DECODE_CASES = [  # h, hk, d, bs, causal, window
                          ids=lambda c: f"h{c[0]}-hk{c[1]}-d{c[2]}-bs{c[3]}-"
                          f"{'causal' if c[4] else 'full'}-w{c[5][0]}_{c[5][1]}")
 @pytest.mark.parametrize("splits", [0, 1, 7])
-@pytest.mark.parametrize("variant", ["mma", "cuda_cores"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_decode_matches_reference(cache_dtype, case, splits, variant, monkeypatch):
-    """Both decode kernels (LONGCTX_KV_DECODE_VARIANT: tensor cores for head_dim 128 by
-    default, CUDA cores otherwise)."""
-    if variant == "cuda_cores":
-        monkeypatch.setenv("LONGCTX_KV_DECODE_VARIANT", "1")
+    """Every decode kernel configuration (LONGCTX_KV_DECODE_VARIANT: tensor cores for head_dim
+    128 by default, CUDA cores otherwise)."""
+    if VARIANTS[variant] is not None:
+        monkeypatch.setenv("LONGCTX_KV_DECODE_VARIANT", VARIANTS[variant])
     h, hk, d, bs, causal, window = case
     dtype = FP16 if cache_dtype == FP16 else BF16
     gen = torch.Generator().manual_seed(4)
@@ -323,11 +326,11 @@ def test_decode_matches_reference(cache_dtype, case, splits, variant, monkeypatc
 
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
-@pytest.mark.parametrize("variant", ["mma", "cuda_cores"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_decode_several_queries_packed_and_pool_view(cache_dtype, variant, monkeypatch):
     """Speculative decode: 1-3 query rows per sequence, packed (cu_seqlens_q), a strided pool."""
-    if variant == "cuda_cores":
-        monkeypatch.setenv("LONGCTX_KV_DECODE_VARIANT", "1")
+    if VARIANTS[variant] is not None:
+        monkeypatch.setenv("LONGCTX_KV_DECODE_VARIANT", VARIANTS[variant])
     gen = torch.Generator().manual_seed(5)
     _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [3, 900, 2500], [1, 3, 2], True,
                      (-1, -1), 0, packed=True, pool_view=True, gen=gen)

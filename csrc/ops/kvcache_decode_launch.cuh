@@ -39,15 +39,21 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
 // every head_dim (the first design, kept to compare by measurement and as a second
 // implementation in the tests). Both take 128 threads and the same (split, kv head x row tile,
 // sequence) grid.
-// Variant 2: the tensor-core kernel with twice the tiles in flight per warp.
+// Tensor-core configurations (measured side by side in bench/kvcache.py): variant 0 loads NT
+// tiles of 16 keys per warp (1 for bf16/fp16, 2 for 8-bit caches) and computes them; variant 2
+// (8-bit caches) loads one tile ahead while computing the current one (register double buffer);
+// variant 3 is variant 0 capped at 168 registers (3 CTAs per SM).
 template <typename T, Format F, int D, int GT, int Variant>
 struct DecodeKernel {
   static constexpr bool kMma = Variant != 1 && D == 128;
-  static constexpr int kU = (F == Format::kNative ? 4 : 8) / (GT == 8 ? 2 : 1);
-  static constexpr int kNT = (F == Format::kNative ? 1 : 2) * (Variant == 2 ? 2 : 1);
+  static constexpr bool k8bit = F != Format::kNative;
+  static constexpr int kU = (F == Format::kNative ? 4 : 8) / (GT == 8 ? 2 : 1);  // CUDA cores
+  static constexpr bool kPrefetch = Variant == 2 && k8bit;
+  static constexpr int kNT = (k8bit && !kPrefetch) ? 2 : 1;
+  static constexpr int kMinBlocks = Variant == 3 ? 3 : 1;
   static constexpr auto fn() {
     if constexpr (kMma) {
-      return &kc::kvcache_decode_mma_kernel<T, F, D, GT, kNT>;
+      return &kc::kvcache_decode_mma_kernel<T, F, D, GT, kNT, kPrefetch, kMinBlocks>;
     } else {
       return &kc::kvcache_decode_kernel<T, F, D, GT, kU, 1>;
     }
@@ -62,11 +68,11 @@ struct DecodeKernel {
   }
 };
 
-// LONGCTX_KV_DECODE_VARIANT=1 / 2 selects variant 1 / 2 (read per call: the benchmark and the tests
+// LONGCTX_KV_DECODE_VARIANT=1 / 2 / 3 selects that variant (read per call: the benchmark and the tests
 // measure both in one process).
 inline int decode_variant() {
   const char* e = std::getenv("LONGCTX_KV_DECODE_VARIANT");
-  return e == nullptr ? 0 : (e[0] == '1' ? 1 : (e[0] == '2' ? 2 : 0));
+  return e == nullptr || e[0] < '1' || e[0] > '3' ? 0 : e[0] - '0';
 }
 
 // Split count for `base` CTAs of `occ` per SM: the smallest count whose waves are >= 95% full of
@@ -147,6 +153,8 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
         launch_decode_gt<T, F, 128, 1>(p, q, num_splits, max_keys, oa, la, stream);
       } else if (decode_variant() == 2) {
         launch_decode_gt<T, F, 128, 2>(p, q, num_splits, max_keys, oa, la, stream);
+      } else if (decode_variant() == 3) {
+        launch_decode_gt<T, F, 128, 3>(p, q, num_splits, max_keys, oa, la, stream);
       } else {
         launch_decode_gt<T, F, 128, 0>(p, q, num_splits, max_keys, oa, la, stream);
       }

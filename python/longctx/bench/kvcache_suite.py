@@ -170,12 +170,15 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
     # design alternatives, measured in the same run (not the default path): the CUDA-core
     # decode kernel (LONGCTX_KV_DECODE_VARIANT=1) and fixed split counts
     alt: Dict[str, float] = {}
-    os.environ["LONGCTX_KV_DECODE_VARIANT"] = "1"
-    try:
-        alt["cuda_cores_ms"] = _graph_time(ours)
-    finally:
-        os.environ.pop("LONGCTX_KV_DECODE_VARIANT", None)
-    for sp in ((33, 66, 132) if batch == 1 else (1, 2, 4, 8)):
+    for name, var in (("cuda_cores_ms", "1"), ("mma_prefetch_ms", "2"), ("mma_3ctas_ms", "3")):
+        if var == "2" and fmt == "bf16":
+            continue  # variant 2 changes only the 8-bit kernels
+        os.environ["LONGCTX_KV_DECODE_VARIANT"] = var
+        try:
+            alt[name] = _graph_time(ours)
+        finally:
+            os.environ.pop("LONGCTX_KV_DECODE_VARIANT", None)
+    for sp in ((33, 66) if batch == 1 else (2, 4)):
         alt[f"splits{sp}_ms"] = _graph_time(
             lambda: flash_attn_with_kvcache(q, kc, vc, seqlens, table, k_scale=ks,
                                             v_scale=vs, validate=False,

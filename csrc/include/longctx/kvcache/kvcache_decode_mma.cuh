@@ -77,20 +77,21 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi, bool bf16) {
 template <Format F>
 __device__ __forceinline__ uint32_t codes2_to_h2(uint32_t x) {
   if constexpr (F == Format::kFp8E4M3) {
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
-        static_cast<__nv_fp8x2_storage_t>(x & 0xffffu), __NV_E4M3);
-    return uint32_t(h.x) | (uint32_t(h.y) << 16);
+    uint32_t h;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h) : "h"(static_cast<uint16_t>(x & 0xffffu)));
+    return h;
   } else {
-    // int8: (0x64 << 8 | (b ^ 0x80)) is 1024 + b + 128 in fp16; subtract 1152.
-    const uint32_t t = __byte_perm(x ^ 0x8080u, 0x64646464u, 0x4140u);
+    // int8 (x already biased: each code xor 0x80, i.e. code + 128 as a byte):
+    // (0x64 << 8 | (code + 128)) is 1024 + code + 128 in fp16; subtract 1152.
+    const uint32_t t = __byte_perm(x, 0x64646464u, 0x4140u);
     __half2 h = *reinterpret_cast<const __half2*>(&t);
     h = __hsub2(h, __half2half2(__ushort_as_half(0x6480)));  // 1152.0
     return *reinterpret_cast<uint32_t*>(&h);
   }
 }
 
-template <typename T, Format F, int D, int GT, int NT>
-__global__ void __launch_bounds__(kMmaWarps * 32)
+template <typename T, Format F, int D, int GT, int NT, bool kPrefetch = false, int MinBlocks = 1>
+__global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     kvcache_decode_mma_kernel(const AttnParams p, int m_tiles) {
   static_assert(D == 64 || D == 128, "mma decode: head_dim 64 or 128");
   static_assert(GT <= 8, "mma decode: at most 8 packed rows per CTA");
@@ -287,8 +288,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
           b0 = w[2 * st];
           b1 = w[2 * st + 1];
         } else {
-          b0 = codes2_to_h2<F>(w[st]);
-          b1 = codes2_to_h2<F>(w[st] >> 16);
+          const uint32_t x = F == Format::kInt8 ? w[st] ^ 0x80808080u : w[st];
+          b0 = codes2_to_h2<F>(x);
+          b1 = codes2_to_h2<F>(x >> 16);
         }
         mma16816<kBf16>(sacc[h], qa[st][0], 0u, qa[st][1], 0u, b0, b1);
       }
@@ -341,9 +343,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
         b1 = __byte_perm(v2[jb / 2], v3[jb / 2], sel);
       } else {
         const int wi = jb / 4, by = jb % 4;
-        const uint32_t sel = 0x4040u + by * 0x0101u;  // bytes (k0.by, k1.by) in the low half
-        b0 = codes2_to_h2<F>(__byte_perm(v0[wi], v1[wi], sel));
-        b1 = codes2_to_h2<F>(__byte_perm(v2[wi], v3[wi], sel));
+        const uint32_t sel = 0x40u + by * 0x11u;  // bytes (k0.by, k1.by) in the low half
+        const uint32_t bias = F == Format::kInt8 ? 0x80808080u : 0u;
+        b0 = codes2_to_h2<F>(__byte_perm(v0[wi], v1[wi], sel) ^ bias);
+        b1 = codes2_to_h2<F>(__byte_perm(v2[wi], v3[wi], sel) ^ bias);
       }
       float acc[4] = {o[jb][0], o[jb][1], 0.f, 0.f};
       mma16816<kBf16>(acc, pa0, 0u, pa2, 0u, b0, b1);
@@ -352,12 +355,31 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     }
   };
 
-  for (int c0 = kb + kChunk * warp; c0 < ke; c0 += kCtaKeys) {
-    Loaded ld[NT];
+  if constexpr (!kPrefetch) {
+    for (int c0 = kb + kChunk * warp; c0 < ke; c0 += kCtaKeys) {
+      Loaded ld[NT];
 #pragma unroll
-    for (int u = 0; u < NT; ++u) load_tile(c0 + kMmaTile * u, ld[u]);
+      for (int u = 0; u < NT; ++u) load_tile(c0 + kMmaTile * u, ld[u]);
 #pragma unroll
-    for (int u = 0; u < NT; ++u) compute_tile(c0 + kMmaTile * u, ld[u]);
+      for (int u = 0; u < NT; ++u) compute_tile(c0 + kMmaTile * u, ld[u]);
+    }
+  } else {  // the next chunk's loads are in flight while this one is computed
+    Loaded cur[NT], nxt[NT];
+    int c0 = kb + kChunk * warp;
+    if (c0 < ke) {
+#pragma unroll
+      for (int u = 0; u < NT; ++u) load_tile(c0 + kMmaTile * u, cur[u]);
+    }
+    for (; c0 < ke; c0 += kCtaKeys) {
+      if (c0 + kCtaKeys < ke) {
+#pragma unroll
+        for (int u = 0; u < NT; ++u) load_tile(c0 + kCtaKeys + kMmaTile * u, nxt[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < NT; ++u) compute_tile(c0 + kMmaTile * u, cur[u]);
+#pragma unroll
+      for (int u = 0; u < NT; ++u) cur[u] = nxt[u];
+    }
   }
 
   // Merge the warps: row r's max, sum and its dims [D/4 c, D/4 (c+1)).
