@@ -206,18 +206,20 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     float kscale[4], vscale[4];
     bool svalid[4];
   };
+  // Page id of the 16-key tile at t0 when block_size is a multiple of 16 (the tile lies in one
+  // page), -1 if invalid or past the block table. Loaded one iteration ahead of the data, so the
+  // data loads never wait for the block table.
+  auto tile_page_of = [&](int t0) -> int {
+    if (!fast_pages || t0 >= cap) return -1;
+    const int pi = pow2 ? (t0 >> bs_shift) : t0 / bs;
+    const int pg = __ldg(bt + pi);
+    return (pg >= 0 && int64_t(pg) < cache.num_blocks) ? pg : -1;
+  };
   // Issues the loads of the tile at t0 (K, V, int8 scales); invalid keys read nothing (zeros).
-  auto load_tile = [&](int t0, Loaded& L) {
-    // page of the tile (fast path) or of each key
-    int tile_page = -1, tile_slot = 0;
-    if (fast_pages) {
-      if (t0 < cap) {
-        const int pi = pow2 ? (t0 >> bs_shift) : t0 / bs;
-        const int pg = __ldg(bt + pi);
-        tile_page = (pg >= 0 && int64_t(pg) < cache.num_blocks) ? pg : -1;
-        tile_slot = t0 - pi * bs;
-      }
-    }
+  // tile_page: tile_page_of(t0) (fast path; ignored otherwise).
+  auto load_tile = [&](int t0, int tile_page, Loaded& L) {
+    int tile_slot = 0;
+    if (fast_pages) tile_slot = pow2 ? (t0 & (bs - 1)) : t0 % bs;
     auto key_loc = [&](int j, int& page, int& slot) {
       if (fast_pages) {
         page = tile_page;
@@ -356,24 +358,37 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   };
 
   if constexpr (!kPrefetch) {
-    for (int c0 = kb + kChunk * warp; c0 < ke; c0 += kCtaKeys) {
+    int c0 = kb + kChunk * warp;
+    int pg_cur[NT];
+#pragma unroll
+    for (int u = 0; u < NT; ++u) pg_cur[u] = c0 < ke ? tile_page_of(c0 + kMmaTile * u) : -1;
+    for (; c0 < ke; c0 += kCtaKeys) {
+      int pg_nxt[NT];
+#pragma unroll
+      for (int u = 0; u < NT; ++u)
+        pg_nxt[u] = c0 + kCtaKeys < ke ? tile_page_of(c0 + kCtaKeys + kMmaTile * u) : -1;
       Loaded ld[NT];
 #pragma unroll
-      for (int u = 0; u < NT; ++u) load_tile(c0 + kMmaTile * u, ld[u]);
+      for (int u = 0; u < NT; ++u) load_tile(c0 + kMmaTile * u, pg_cur[u], ld[u]);
 #pragma unroll
       for (int u = 0; u < NT; ++u) compute_tile(c0 + kMmaTile * u, ld[u]);
+#pragma unroll
+      for (int u = 0; u < NT; ++u) pg_cur[u] = pg_nxt[u];
     }
   } else {  // the next chunk's loads are in flight while this one is computed
     Loaded cur[NT], nxt[NT];
     int c0 = kb + kChunk * warp;
     if (c0 < ke) {
 #pragma unroll
-      for (int u = 0; u < NT; ++u) load_tile(c0 + kMmaTile * u, cur[u]);
+      for (int u = 0; u < NT; ++u)
+        load_tile(c0 + kMmaTile * u, tile_page_of(c0 + kMmaTile * u), cur[u]);
     }
     for (; c0 < ke; c0 += kCtaKeys) {
       if (c0 + kCtaKeys < ke) {
 #pragma unroll
-        for (int u = 0; u < NT; ++u) load_tile(c0 + kCtaKeys + kMmaTile * u, nxt[u]);
+        for (int u = 0; u < NT; ++u)
+          load_tile(c0 + kCtaKeys + kMmaTile * u, tile_page_of(c0 + kCtaKeys + kMmaTile * u),
+                    nxt[u]);
       }
 #pragma unroll
       for (int u = 0; u < NT; ++u) compute_tile(c0 + kMmaTile * u, cur[u]);
