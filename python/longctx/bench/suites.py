@@ -20,3 +20,7 @@ if _compiled_for_cuda("flash_bwd") and _compiled_for_cuda("flash_fwd"):
     from .attn_bwd_suite import run_attn_bwd
 
     SUITES["attn_bwd"] = run_attn_bwd
+if _compiled_for_cuda("kvcache"):
+    from .kvcache_suite import run_kvcache
+
+    SUITES["kvcache"] = run_kvcache

@@ -1,0 +1,451 @@
+// Split-KV decode attention over the paged KV cache on tensor cores (mma.sync m16n8k16, fp32
+// accumulation), head_dim 64 or 128: the default decode kernel (kvcache_decode.cuh's CUDA-core
+// kernel serves head_dim 256 and stays as the reference design).
+//
+// Work decomposition: as kvcache_decode.cuh (CTA per (split, kv head, tile of GT <= 8 packed GQA
+// rows, sequence)); inside the CTA each of the 4 warps takes tiles of 16 keys in turn
+// (NT tiles of 16 keys per warp and iteration: all their loads are issued before the first is
+// used, so NT x 16 keys x 2 x D elements per warp are in flight) and keeps its own online
+// softmax; the warps are merged through shared memory at the end, then splits by the merge
+// kernel.
+//
+// Per 16-key tile and warp (lane = 4 r + c, r = lane / 4, c = lane % 4):
+//   S (16 rows x 16 keys) = Q K^T: A = Q (rows r, r + 8; rows >= 8 are always zero since
+//   GT <= 8), B = K. Key 8 h + r of the tile (n-block h) is loaded by lanes 4 r + c, each reading
+//   D / 4 contiguous-in-pieces elements with 16-byte loads; the head dimension is permuted
+//   consistently in Q and K (a dot product does not depend on the order of its terms), so the
+//   loaded registers are the B fragments as they are (8-bit caches: one cvt per pair).
+//   Thread (r, c) then holds S[r][keys 8 h + 2 c + {0, 1}], h = 0, 1.
+//   O (16 rows x D) += P V: A = P (the S accumulators repacked, FlashAttention's register reuse),
+//   B = V: thread (r, c) loads keys 2 c, 2 c + 1, 2 c + 8, 2 c + 9 at dims [D/8 r, D/8 (r + 1))
+//   (16-byte loads) and pairs the two keys' values per dim with one byte permute; column n of
+//   n-block j is dim (D / 8) n + j, so thread (r, c) accumulates dims [D/4 c, D/4 (c + 1)) of row r.
+// Dequantization: fp8 codes -> fp16 by cvt (exact), int8 -> fp16 by the 0x6400 magic number
+// (exact); Q is then fp16 (bf16 q converts exactly within fp16's range), the mma is f16 with fp32
+// accumulation; scales are applied in fp32: S *= softmax_scale * log2(e) * (fp8: K head scale;
+// int8: the key's scale), P *= the int8 V scale of its key before packing, the fp8 V scale
+// multiplies the output. bf16 / fp16 caches use their own mma type. P is rounded to the mma type
+// (bf16 for a bf16 cache, as FlashAttention does; fp16 otherwise).
+// Invariants: keys past a row's mask interval or on invalid pages get P = 0 and their V is not
+// loaded (zero), so stale or NaN slots never reach the output; pool offsets are int64.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+#include <cstdint>
+#include <type_traits>
+#include "longctx/kvcache/kvcache_decode.cuh"
+#include "longctx/kvcache/kvcache_params.h"
+#include "longctx/kvcache/paged.h"
+
+namespace longctx {
+namespace kvcache {
+namespace cuda {
+
+constexpr int kMmaWarps = 4;
+constexpr int kMmaTile = 16;  // keys per warp tile
+
+template <bool kBf16>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, bool bf16) {
+  if (bf16) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Two 8-bit codes (bytes 0, 1 of x) -> fp16x2 (exact).
+template <Format F>
+__device__ __forceinline__ uint32_t codes2_to_h2(uint32_t x) {
+  if constexpr (F == Format::kFp8E4M3) {
+    uint32_t h;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h) : "h"(static_cast<uint16_t>(x & 0xffffu)));
+    return h;
+  } else {
+    // int8 (x already biased: each code xor 0x80, i.e. code + 128 as a byte):
+    // (0x64 << 8 | (code + 128)) is 1024 + code + 128 in fp16; subtract 1152.
+    const uint32_t t = __byte_perm(x, 0x64646464u, 0x4140u);
+    __half2 h = *reinterpret_cast<const __half2*>(&t);
+    h = __hsub2(h, __half2half2(__ushort_as_half(0x6480)));  // 1152.0
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
+template <typename T, Format F, int D, int GT, int NT, bool kPrefetch = false, int MinBlocks = 1>
+__global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
+    kvcache_decode_mma_kernel(const AttnParams p, int m_tiles) {
+  static_assert(D == 64 || D == 128, "mma decode: head_dim 64 or 128");
+  static_assert(GT <= 8, "mma decode: at most 8 packed rows per CTA");
+  constexpr bool kNative = F == Format::kNative;
+  constexpr bool kBf16 = kNative && std::is_same_v<T, __nv_bfloat16>;  // mma type
+  constexpr int kEB = kNative ? 2 : 1;                 // bytes per stored element
+  constexpr int kKElems = D / 4;                       // K elements per thread per key
+  constexpr int kKLoads = kKElems * kEB / 16;          // 16-byte K loads per key
+  constexpr int kKPiece = 16 / kEB;                    // elements per K load
+  constexpr int kVDims = D / 8;                        // V dims per thread per key
+  constexpr int kVLoads = kVDims * kEB / 16;           // 16-byte V loads per key (1 or 2)
+  constexpr int kSteps = D / 16;                       // k-steps of QK
+  constexpr int kNB = D / 8;                           // n-blocks of PV
+  static_assert(kKLoads >= 1 && kVLoads >= 1, "tile shape");
+
+  __shared__ float sm_m[kMmaWarps][8], sm_l[kMmaWarps][8];
+  __shared__ float sm_o[kMmaWarps][8][D];
+
+  const int split = blockIdx.x;
+  const int hk = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles;
+  const int b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r = lane / 4, c = lane % 4;
+  const PagedKV& cache = p.cache;
+  const int group = p.heads / cache.kv_heads;
+  const DecodeSeq s = decode_seq(p, b);
+  const int R = s.sq * group;
+  const int r0 = mt * GT;
+  if (r0 >= R) return;
+
+  // This thread's query row (r < GT) and its mask interval; the CTA's key range.
+  int lo = 0, hi = 0, klo = 0x7fffffff, khi = 0;
+  for (int g = 0; g < GT; ++g) {
+    const int rr = r0 + g;
+    if (rr >= R) break;
+    int a, e;
+    row_interval(rr / group, s.sq, s.sk, p.window_left, p.window_right, a, e);
+    if (g == r) {
+      lo = a;
+      hi = e;
+    }
+    if (e > a) {
+      klo = min(klo, a);
+      khi = max(khi, e);
+    }
+  }
+  const bool row_active = r < GT && r0 + r < R;
+  if (!row_active) {
+    lo = 0;
+    hi = 0;
+  }
+  if (khi <= klo) {
+    klo = 0;
+    khi = 0;
+  }
+  klo &= ~(kMmaTile - 1);
+  constexpr int kChunk = kMmaTile * NT;  // keys per warp per iteration (NT tiles in flight)
+  constexpr int kCtaKeys = kChunk * kMmaWarps;
+  const int64_t nkeys = khi - klo;
+  const int64_t per = ((nkeys + p.num_splits - 1) / p.num_splits + kCtaKeys - 1) / kCtaKeys *
+                      kCtaKeys;
+  const int64_t kb64 = klo + per * split;
+  const int kb = static_cast<int>(kb64 < khi ? kb64 : khi);
+  const int ke = static_cast<int>(kb64 + per < khi ? kb64 + per : khi);
+
+  // Q fragments (row r; rows r + 8 are zero): list index L of this thread's K elements is the
+  // physical dim kdim(L).
+  auto kdim = [&](int L) { return (L / kKPiece) * (4 * kKPiece) + c * kKPiece + L % kKPiece; };
+  float qscale = p.softmax_scale * 1.4426950408889634f;
+  if constexpr (F == Format::kFp8E4M3) qscale *= cache.k.head_scale[hk];
+  uint32_t qa[kSteps][2];
+  {
+    const T* qp = nullptr;
+    if (row_active) {
+      const int rr = r0 + r;
+      qp = static_cast<const T*>(p.q) + s.q_off + int64_t(rr / group) * p.q_row_stride +
+           int64_t(hk * group + rr % group) * p.q_head_stride;
+    }
+#pragma unroll
+    for (int st = 0; st < kSteps; ++st) {
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        float x0 = 0.f, x1 = 0.f;
+        if (qp != nullptr) {
+          x0 = to_float(qp[kdim(4 * st + 2 * h2)]);
+          x1 = to_float(qp[kdim(4 * st + 2 * h2 + 1)]);
+        }
+        qa[st][h2] = pack2(x0, x1, kBf16);
+      }
+    }
+  }
+
+  float o[kNB][2];
+#pragma unroll
+  for (int j = 0; j < kNB; ++j) o[j][0] = o[j][1] = 0.f;
+  float m = -INFINITY, l = 0.f;
+
+  const int bs = cache.block_size;
+  const bool pow2 = (bs & (bs - 1)) == 0;
+  const int bs_shift = __ffs(bs) - 1;
+  const bool fast_pages = bs % kMmaTile == 0;
+  const int64_t cap = seq_capacity(cache);
+  const int32_t* bt = cache.block_table + int64_t(b) * cache.block_table_stride;
+  const uint8_t* kbase = static_cast<const uint8_t*>(cache.k.data);
+  const uint8_t* vbase = static_cast<const uint8_t*>(cache.v.data);
+  const int64_t k_head = int64_t(hk) * cache.k.head_stride;
+  const int64_t v_head = int64_t(hk) * cache.v.head_stride;
+
+  struct Loaded {
+    uint4 kr[2][kKLoads];
+    uint4 vr[4][kVLoads];
+    float kscale[4], vscale[4];
+    bool svalid[4];
+  };
+  // Page id of the 16-key tile at t0 when block_size is a multiple of 16 (the tile lies in one
+  // page), -1 if invalid or past the block table. Loaded one iteration ahead of the data, so the
+  // data loads never wait for the block table.
+  auto tile_page_of = [&](int t0) -> int {
+    if (!fast_pages || t0 >= cap) return -1;
+    const int pi = pow2 ? (t0 >> bs_shift) : t0 / bs;
+    const int pg = __ldg(bt + pi);
+    return (pg >= 0 && int64_t(pg) < cache.num_blocks) ? pg : -1;
+  };
+  // Issues the loads of the tile at t0 (K, V, int8 scales); invalid keys read nothing (zeros).
+  // tile_page: tile_page_of(t0) (fast path; ignored otherwise).
+  auto load_tile = [&](int t0, int tile_page, Loaded& L) {
+    int tile_slot = 0;
+    if (fast_pages) tile_slot = pow2 ? (t0 & (bs - 1)) : t0 % bs;
+    auto key_loc = [&](int j, int& page, int& slot) {
+      if (fast_pages) {
+        page = tile_page;
+        slot = tile_slot + (j - t0);
+      } else if (j < cap) {
+        const int pi = pow2 ? (j >> bs_shift) : j / bs;
+        const int pg = __ldg(bt + pi);
+        page = (pg >= 0 && int64_t(pg) < cache.num_blocks) ? pg : -1;
+        slot = j - pi * bs;
+      } else {
+        page = -1;
+        slot = 0;
+      }
+    };
+    // K: keys t0 + 8 h + r
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int j = t0 + 8 * h + r;
+      int page, slot;
+      key_loc(j, page, slot);
+      const bool kvalid = page >= 0 && j < khi;
+      const uint8_t* src = kbase + (int64_t(page) * cache.k.page_stride +
+                                    int64_t(slot) * cache.k.slot_stride + k_head) * kEB;
+#pragma unroll
+      for (int i = 0; i < kKLoads; ++i)
+        L.kr[h][i] = kvalid ? __ldg(reinterpret_cast<const uint4*>(src) + i * 4 + c)
+                            : make_uint4(0, 0, 0, 0);
+    }
+    // V: keys t0 + {2c, 2c + 1, 2c + 8, 2c + 9}, dims [kVDims r, + kVDims)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = t0 + 2 * c + (e & 1) + 8 * (e >> 1);
+      int page, slot;
+      key_loc(j, page, slot);
+      L.svalid[e] = page >= 0 && j < khi;
+      const uint8_t* src = vbase + (int64_t(page) * cache.v.page_stride +
+                                    int64_t(slot) * cache.v.slot_stride + v_head) * kEB;
+#pragma unroll
+      for (int i = 0; i < kVLoads; ++i)
+        L.vr[e][i] = L.svalid[e] ? __ldg(reinterpret_cast<const uint4*>(src) + r * kVLoads + i)
+                                 : make_uint4(0, 0, 0, 0);
+      L.kscale[e] = L.vscale[e] = 1.f;
+      if constexpr (F == Format::kInt8) {
+        if (L.svalid[e]) {
+          L.kscale[e] = __ldg(cache.k.token_scale + scale_offset(cache.k, page, slot, hk));
+          L.vscale[e] = __ldg(cache.v.token_scale + scale_offset(cache.v, page, slot, hk));
+        }
+      }
+    }
+  };
+
+  auto compute_tile = [&](int t0, const Loaded& L) {
+    const auto& kr = L.kr;
+    const auto& vr = L.vr;
+    const auto& kscale = L.kscale;
+    const auto& vscale = L.vscale;
+    const auto& svalid = L.svalid;
+    // S = Q K^T
+    float sacc[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      sacc[h][0] = sacc[h][1] = sacc[h][2] = sacc[h][3] = 0.f;
+      const uint32_t* w = reinterpret_cast<const uint32_t*>(kr[h]);
+#pragma unroll
+      for (int st = 0; st < kSteps; ++st) {
+        uint32_t b0, b1;
+        if constexpr (kNative) {
+          b0 = w[2 * st];
+          b1 = w[2 * st + 1];
+        } else {
+          const uint32_t x = F == Format::kInt8 ? w[st] ^ 0x80808080u : w[st];
+          b0 = codes2_to_h2<F>(x);
+          b1 = codes2_to_h2<F>(x >> 16);
+        }
+        mma16816<kBf16>(sacc[h], qa[st][0], 0u, qa[st][1], 0u, b0, b1);
+      }
+    }
+    // scale, mask, online softmax (row r; the 4 lanes of a row agree on m)
+    float sv[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = t0 + 2 * c + (e & 1) + 8 * (e >> 1);
+      float x = sacc[e >> 1][e & 1] * qscale;
+      if constexpr (F == Format::kInt8) x *= kscale[e];
+      sv[e] = (svalid[e] && j >= lo && j < hi) ? x : -INFINITY;
+    }
+    float mx = fmaxf(fmaxf(sv[0], sv[1]), fmaxf(sv[2], sv[3]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    if (__any_sync(0xffffffffu, m_new != m)) {
+      const float alpha = m_new == m ? 1.f : exp2f(m - m_new);  // m = -inf: 0
+      l *= alpha;
+#pragma unroll
+      for (int j = 0; j < kNB; ++j) {
+        o[j][0] *= alpha;
+        o[j][1] *= alpha;
+      }
+      m = m_new;
+    }
+    const float mref = m == -INFINITY ? 0.f : m;
+    float pr[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      pr[e] = exp2f(sv[e] - mref);
+      l += pr[e];
+      if constexpr (F == Format::kInt8) pr[e] *= vscale[e];
+    }
+    const uint32_t pa0 = pack2(pr[0], pr[1], kBf16);  // keys 2c, 2c+1
+    const uint32_t pa2 = pack2(pr[2], pr[3], kBf16);  // keys 2c+8, 2c+9
+
+    // O += P V
+    const uint32_t* v0 = reinterpret_cast<const uint32_t*>(vr[0]);
+    const uint32_t* v1 = reinterpret_cast<const uint32_t*>(vr[1]);
+    const uint32_t* v2 = reinterpret_cast<const uint32_t*>(vr[2]);
+    const uint32_t* v3 = reinterpret_cast<const uint32_t*>(vr[3]);
+#pragma unroll
+    for (int jb = 0; jb < kNB; ++jb) {
+      uint32_t b0, b1;
+      if constexpr (kNative) {
+        const uint32_t sel = (jb & 1) ? 0x7632u : 0x5410u;
+        b0 = __byte_perm(v0[jb / 2], v1[jb / 2], sel);
+        b1 = __byte_perm(v2[jb / 2], v3[jb / 2], sel);
+      } else {
+        const int wi = jb / 4, by = jb % 4;
+        const uint32_t sel = 0x40u + by * 0x11u;  // bytes (k0.by, k1.by) in the low half
+        const uint32_t bias = F == Format::kInt8 ? 0x80808080u : 0u;
+        b0 = codes2_to_h2<F>(__byte_perm(v0[wi], v1[wi], sel) ^ bias);
+        b1 = codes2_to_h2<F>(__byte_perm(v2[wi], v3[wi], sel) ^ bias);
+      }
+      float acc[4] = {o[jb][0], o[jb][1], 0.f, 0.f};
+      mma16816<kBf16>(acc, pa0, 0u, pa2, 0u, b0, b1);
+      o[jb][0] = acc[0];
+      o[jb][1] = acc[1];
+    }
+  };
+
+  if constexpr (!kPrefetch) {
+    int c0 = kb + kChunk * warp;
+    int pg_cur[NT];
+#pragma unroll
+    for (int u = 0; u < NT; ++u) pg_cur[u] = c0 < ke ? tile_page_of(c0 + kMmaTile * u) : -1;
+    for (; c0 < ke; c0 += kCtaKeys) {
+      int pg_nxt[NT];
+#pragma unroll
+      for (int u = 0; u < NT; ++u)
+        pg_nxt[u] = c0 + kCtaKeys < ke ? tile_page_of(c0 + kCtaKeys + kMmaTile * u) : -1;
+      Loaded ld[NT];
+#pragma unroll
+      for (int u = 0; u < NT; ++u) load_tile(c0 + kMmaTile * u, pg_cur[u], ld[u]);
+#pragma unroll
+      for (int u = 0; u < NT; ++u) compute_tile(c0 + kMmaTile * u, ld[u]);
+#pragma unroll
+      for (int u = 0; u < NT; ++u) pg_cur[u] = pg_nxt[u];
+    }
+  } else {  // the next chunk's loads are in flight while this one is computed
+    Loaded cur[NT], nxt[NT];
+    int c0 = kb + kChunk * warp;
+    if (c0 < ke) {
+#pragma unroll
+      for (int u = 0; u < NT; ++u)
+        load_tile(c0 + kMmaTile * u, tile_page_of(c0 + kMmaTile * u), cur[u]);
+    }
+    for (; c0 < ke; c0 += kCtaKeys) {
+      if (c0 + kCtaKeys < ke) {
+#pragma unroll
+        for (int u = 0; u < NT; ++u)
+          load_tile(c0 + kCtaKeys + kMmaTile * u, tile_page_of(c0 + kCtaKeys + kMmaTile * u),
+                    nxt[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < NT; ++u) compute_tile(c0 + kMmaTile * u, cur[u]);
+#pragma unroll
+      for (int u = 0; u < NT; ++u) cur[u] = nxt[u];
+    }
+  }
+
+  // Merge the warps: row r's max, sum and its dims [D/4 c, D/4 (c+1)).
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  if (c == 0) {
+    sm_m[warp][r] = m;
+    sm_l[warp][r] = l;
+  }
+#pragma unroll
+  for (int jb = 0; jb < kNB; ++jb) {
+    sm_o[warp][r][(D / 8) * (2 * c) + jb] = o[jb][0];
+    sm_o[warp][r][(D / 8) * (2 * c + 1) + jb] = o[jb][1];
+  }
+  __syncthreads();
+  float vs_head = 1.f;
+  if constexpr (F == Format::kFp8E4M3) vs_head = cache.v.head_scale[hk];
+  for (int idx = threadIdx.x; idx < GT * D; idx += kMmaWarps * 32) {
+    const int g = idx / D, e = idx % D;
+    const int rr = r0 + g;
+    if (rr >= R) continue;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) M = fmaxf(M, sm_m[w][g]);
+    float L = 0.f, acc = 0.f;
+    if (M != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kMmaWarps; ++w) {
+        const float wt = exp2f(sm_m[w][g] - M);
+        L = fmaf(sm_l[w][g], wt, L);
+        acc = fmaf(sm_o[w][g][e], wt, acc);
+      }
+    }
+    const bool empty = !(L > 0.f);
+    const float val = empty ? 0.f : acc / L * vs_head;
+    const float lse = empty ? -INFINITY : M * 0.6931471805599453f + logf(L);
+    const int i = rr / group;
+    const int h = hk * group + rr % group;
+    if (p.num_splits == 1) {
+      T* op = static_cast<T*>(p.out) + s.out_off + int64_t(i) * p.out_row_stride +
+              int64_t(h) * p.out_head_stride;
+      op[e] = from_float<T>(val);
+      if (e == 0) p.lse[s.lse_off + int64_t(h) * p.lse_head_stride + i] = lse;
+    } else {
+      const int64_t grow = s.row0 + i;
+      p.out_accum[((int64_t(split) * p.total_q + grow) * p.heads + h) * D + e] = val;
+      if (e == 0) p.lse_accum[(int64_t(split) * p.heads + h) * p.total_q + grow] = lse;
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace kvcache
+}  // namespace longctx

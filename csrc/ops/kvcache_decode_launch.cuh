@@ -1,0 +1,174 @@
+// Host side of the split-KV decode (kvcache_decode.cuh): split-count choice, scratch, launches of
+// the decode and merge kernels for one (element type, cache format). Instantiated per format in
+// kvcache_decode_{native,int8,fp8}.cu (nvcc compiles one file serially: three files build in
+// parallel) and called by the op in kvcache_cuda.cu.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <cuda_runtime.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include "longctx/kvcache/kvcache_decode.cuh"
+#include "longctx/kvcache/kvcache_decode_mma.cuh"
+
+namespace longctx {
+namespace kvcache_launch {
+
+namespace kc = kvcache::cuda;
+using kvcache::Format;
+
+inline void check_launch(const char* op, const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  TORCH_CHECK(err == cudaSuccess, "longctx.", op, ": ", what, " launch failed: ",
+              cudaGetErrorString(err));
+}
+
+// Runs the decode path for element type T (__nv_bfloat16 / __half) and format F; head_dim must
+// be 64, 128 or 256. num_splits = 0: automatic. out_accum / lse_accum receive the split scratch
+// (kept alive by the caller until the kernels are enqueued).
+template <typename T, Format F>
+void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
+                int64_t max_keys, at::Tensor& out_accum, at::Tensor& lse_accum,
+                cudaStream_t stream);
+
+#ifdef LONGCTX_KVCACHE_DECODE_IMPL
+
+// The decode kernels. Variant 0 (default): tensor cores (kvcache_decode_mma.cuh) for head_dim 128,
+// the CUDA-core kernel (kvcache_decode.cuh) for 64 and 256. Variant 1: the CUDA-core kernel for
+// every head_dim (the first design, kept to compare by measurement and as a second
+// implementation in the tests). Both take 128 threads and the same (split, kv head x row tile,
+// sequence) grid.
+// Tensor-core configurations (measured side by side in bench/kvcache.py): variant 0 loads NT
+// tiles of 16 keys per warp (1 for bf16/fp16, 2 for 8-bit caches) and computes them; variant 2
+// (8-bit caches) loads one tile ahead while computing the current one (register double buffer);
+// variant 3 is variant 0 capped at 168 registers (3 CTAs per SM).
+template <typename T, Format F, int D, int GT, int Variant>
+struct DecodeKernel {
+  static constexpr bool kMma = Variant != 1 && D == 128;
+  static constexpr bool k8bit = F != Format::kNative;
+  static constexpr int kU = (F == Format::kNative ? 4 : 8) / (GT == 8 ? 2 : 1);  // CUDA cores
+  static constexpr bool kPrefetch = Variant == 2 && k8bit;
+  static constexpr int kNT = (k8bit && !kPrefetch) ? 2 : 1;
+  static constexpr int kMinBlocks = Variant == 3 ? 3 : 1;
+  static constexpr auto fn() {
+    if constexpr (kMma) {
+      return &kc::kvcache_decode_mma_kernel<T, F, D, GT, kNT, kPrefetch, kMinBlocks>;
+    } else {
+      return &kc::kvcache_decode_kernel<T, F, D, GT, kU, 1>;
+    }
+  }
+  static int occupancy() {
+    static const int occ = [] {
+      int n = 0;
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn(), kc::kDecodeThreads, 0);
+      return std::max(1, n);
+    }();
+    return occ;
+  }
+};
+
+// LONGCTX_KV_DECODE_VARIANT=1 / 2 / 3 selects that variant (read per call: the benchmark and the tests
+// measure both in one process).
+inline int decode_variant() {
+  const char* e = std::getenv("LONGCTX_KV_DECODE_VARIANT");
+  return e == nullptr || e[0] < '1' || e[0] > '3' ? 0 : e[0] - '0';
+}
+
+// Split count for `base` CTAs of `occ` per SM: the smallest count whose waves are >= 95% full of
+// the best one's, with at least 256 keys per split and at most 256 splits.
+inline int choose_splits(int64_t base, int occ, int sms, int64_t max_keys) {
+  const int64_t slots = int64_t(occ) * sms;
+  if (base >= slots) return 1;
+  const int max_s = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(256, max_keys / 256)));
+  auto eff = [&](int s) {
+    const double waves = double(base * s) / double(slots);
+    return waves / std::ceil(waves);
+  };
+  double best = 0;
+  for (int s = 1; s <= max_s; ++s) best = std::max(best, eff(s));
+  for (int s = 1; s <= max_s; ++s)
+    if (eff(s) >= 0.95 * best && base * s >= slots / 2) return s;
+  for (int s = 1; s <= max_s; ++s)
+    if (eff(s) >= 0.95 * best) return s;
+  return max_s;
+}
+
+template <typename T, Format F, int D, int GT, int Variant>
+void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
+                   int64_t max_keys, at::Tensor& out_accum, at::Tensor& lse_accum,
+                   cudaStream_t stream) {
+  using K = DecodeKernel<T, F, D, GT, Variant>;
+  const int group = p.heads / p.cache.kv_heads;
+  const int64_t rows = int64_t(p.seqlen_q) * group;
+  const int m_tiles = static_cast<int>((rows + GT - 1) / GT);
+  const int64_t base = int64_t(p.cache.batch) * p.cache.kv_heads * m_tiles;
+  TORCH_CHECK(int64_t(p.cache.kv_heads) * m_tiles <= 65535 && p.cache.batch <= 65535,
+              "longctx.flash_attn_with_kvcache: batch (", p.cache.batch, ") and kv_heads x query "
+              "tiles (", int64_t(p.cache.kv_heads) * m_tiles, ") must be <= 65535 on CUDA");
+  int splits = static_cast<int>(num_splits);
+  if (splits == 0) {
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    splits = choose_splits(base, K::occupancy(), sms, max_keys);
+  }
+  p.num_splits = splits;
+  if (splits > 1) {
+    out_accum = at::empty({splits, p.total_q, p.heads, p.cache.head_dim},
+                          q.options().dtype(at::kFloat));
+    lse_accum = at::empty({splits, p.heads, p.total_q}, q.options().dtype(at::kFloat));
+    p.out_accum = out_accum.data_ptr<float>();
+    p.lse_accum = lse_accum.data_ptr<float>();
+  }
+  K::fn()<<<dim3(splits, p.cache.kv_heads * m_tiles, p.cache.batch), kc::kDecodeThreads, 0,
+            stream>>>(p, m_tiles);
+  check_launch("flash_attn_with_kvcache", "decode kernel");
+  if (splits > 1) {
+    TORCH_CHECK(p.heads <= 65535, "longctx.flash_attn_with_kvcache: heads must be <= 65535");
+    kc::kvcache_merge_kernel<T><<<dim3(static_cast<unsigned>(p.total_q), p.heads), 128, 0,
+                                  stream>>>(p);
+    check_launch("flash_attn_with_kvcache", "merge kernel");
+  }
+}
+
+template <typename T, Format F, int D, int Variant>
+void launch_decode_gt(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
+                      int64_t max_keys, at::Tensor& oa, at::Tensor& la, cudaStream_t stream) {
+  const int64_t rows = int64_t(p.seqlen_q) * (p.heads / p.cache.kv_heads);
+  if (rows <= 1) {
+    launch_decode<T, F, D, 1, Variant>(p, q, num_splits, max_keys, oa, la, stream);
+  } else if (rows <= 4) {
+    launch_decode<T, F, D, 4, Variant>(p, q, num_splits, max_keys, oa, la, stream);
+  } else {
+    launch_decode<T, F, D, 8, Variant>(p, q, num_splits, max_keys, oa, la, stream);
+  }
+}
+
+template <typename T, Format F>
+void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
+                int64_t max_keys, at::Tensor& oa, at::Tensor& la, cudaStream_t stream) {
+  switch (p.cache.head_dim) {
+    case 64: launch_decode_gt<T, F, 64, 1>(p, q, num_splits, max_keys, oa, la, stream); break;
+    case 128:
+      if (decode_variant() == 1) {
+        launch_decode_gt<T, F, 128, 1>(p, q, num_splits, max_keys, oa, la, stream);
+      } else if (decode_variant() == 2) {
+        launch_decode_gt<T, F, 128, 2>(p, q, num_splits, max_keys, oa, la, stream);
+      } else if (decode_variant() == 3) {
+        launch_decode_gt<T, F, 128, 3>(p, q, num_splits, max_keys, oa, la, stream);
+      } else {
+        launch_decode_gt<T, F, 128, 0>(p, q, num_splits, max_keys, oa, la, stream);
+      }
+      break;
+    default: launch_decode_gt<T, F, 256, 1>(p, q, num_splits, max_keys, oa, la, stream); break;
+  }
+}
+
+#define LONGCTX_INSTANTIATE_KV_DECODE(F)                                                       \
+  template void run_decode<__nv_bfloat16, F>(kvcache::AttnParams&, const at::Tensor&, int64_t, \
+                                             int64_t, at::Tensor&, at::Tensor&, cudaStream_t); \
+  template void run_decode<__half, F>(kvcache::AttnParams&, const at::Tensor&, int64_t,        \
+                                      int64_t, at::Tensor&, at::Tensor&, cudaStream_t);
+#endif  // LONGCTX_KVCACHE_DECODE_IMPL
+
+}  // namespace kvcache_launch
+}  // namespace longctx

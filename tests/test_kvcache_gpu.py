@@ -1,0 +1,456 @@
+"""GPU tests of the paged KV cache (CUDA kernels of kvcache_append / flash_attn_with_kvcache).
+
+Accuracy rules (as in test_kvcache_cpu.py):
+- append without RoPE is bitwise the CPU op (same quant.h arithmetic); with RoPE it is bitwise
+  GPU apply_rope followed by an append (same device sincosf), and close to the CPU op;
+- attention (decode split-KV path and gather + forward prefill path) is compared with the float64
+  reference on the dequantized K/V under FlashAttention-3's rule (err <= 2 * err of PyTorch in
+  the same precision + atol), so the fused dequantization must be right;
+- chunked prefill vs one pass: close within bf16 rounding, both close to the reference.
+"""
+import math
+
+import pytest
+import torch
+
+import longctx
+from attention_reference import attention_varlen_ref
+from kvcache_reference import gather_kv, keys_with_outliers
+from test_attention_cpu import assert_fa3_close
+
+pytestmark = pytest.mark.gpu
+
+ops = torch.ops.longctx
+BF16, FP16 = torch.bfloat16, torch.float16
+INT8, FP8 = torch.int8, torch.float8_e4m3fn
+FMT_IDS = {BF16: "bf16", FP16: "fp16", INT8: "int8", FP8: "fp8"}
+
+
+def _kvcache_cuda_compiled():
+    return any(k["family"] == "kvcache" and k["device"] == "cuda"
+               for k in longctx.build_info()["kernels"])
+
+
+def _flash_fwd_compiled(d, dtype):
+    name = "bf16" if dtype == BF16 else "fp16"
+    return any(k["family"] == "flash_fwd" and k["device"] == "cuda" and f"hdim{d}" in k["features"]
+               and name in k["dtypes"] for k in longctx.build_info()["kernels"])
+
+
+@pytest.fixture(autouse=True)
+def _needs_kernels():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the kvcache kernels need a Hopper GPU (sm_90)")
+    if not _kvcache_cuda_compiled():
+        pytest.skip("kvcache CUDA kernels not compiled in this build")
+
+
+def _cu(lens, device="cpu"):
+    return torch.tensor([0] + list(lens), dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+
+
+def _pool(num_blocks, bs, hk, d, cache_dtype, device):
+    """Random pool contents (so stale values would show), scales of each format."""
+    shape = (num_blocks, bs, hk, d)
+    if cache_dtype == INT8:
+        kc = torch.randint(-127, 128, shape, dtype=INT8)
+        vc = torch.randint(-127, 128, shape, dtype=INT8)
+        ks, vs = torch.rand(shape[:3]) * 0.05, torch.rand(shape[:3]) * 0.05
+        return [t.to(device) for t in (kc, vc)], (ks.to(device), vs.to(device)), (None, None)
+    if cache_dtype == FP8:
+        kc = (torch.randn(shape) * 50).to(FP8)
+        vc = (torch.randn(shape) * 50).to(FP8)
+        kf, vf = torch.rand(hk) * 0.05 + 0.01, torch.rand(hk) * 0.05 + 0.01
+        return [t.to(device) for t in (kc, vc)], (None, None), (kf.to(device), vf.to(device))
+    kc = torch.randn(shape).to(cache_dtype)
+    vc = torch.randn(shape).to(cache_dtype)
+    return [kc.to(device), vc.to(device)], (None, None), (None, None)
+
+
+def _random_table(batch, max_blocks, num_blocks, gen):
+    perm = torch.randperm(num_blocks, generator=gen)[: batch * max_blocks]
+    return perm.view(batch, max_blocks).to(torch.int32)
+
+
+def _bytes(t):
+    return t.contiguous().view(torch.uint8) if t.dtype != torch.float32 else t.view(torch.int32)
+
+
+# ---- append ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cache_dtype,dtype", [(BF16, BF16), (FP16, FP16), (INT8, BF16),
+                                               (FP8, BF16), (INT8, FP16), (FP8, FP16)],
+                         ids=["bf16", "fp16", "int8-bf16", "fp8-bf16", "int8-fp16", "fp8-fp16"])
+@pytest.mark.parametrize("bs,d", [(16, 128), (5, 64), (1, 96)], ids=["bs16-d128", "bs5-d64",
+                                                                     "bs1-d96"])
+def test_append_matches_cpu(cache_dtype, dtype, bs, d):
+    gen = torch.Generator().manual_seed(1)
+    hk, batch = 3, 4
+    lens_before, new = [7, 0, 33, 2], [5, 19, 1, 0]
+    max_blocks = -(-max(a + b for a, b in zip(lens_before, new)) // bs)
+    num_blocks = batch * max_blocks + 3
+    table = _random_table(batch, max_blocks, num_blocks, gen)
+    seqlens = torch.tensor(lens_before, dtype=torch.int32)
+    k = keys_with_outliers(sum(new), hk, d, dtype=dtype, generator=gen)
+    v = torch.randn(sum(new), hk, d, generator=gen).to(dtype)
+    cu = _cu(new)
+    res = {}
+    for dev in ("cpu", "cuda"):
+        torch.manual_seed(5)
+        (kc, vc), (ksc, vsc), (kf, vf) = _pool(num_blocks, bs, hk, d, cache_dtype, "cpu")
+        t = [x.to(dev) if x is not None else None for x in (kc, vc, ksc, vsc, kf, vf)]
+        ops.kvcache_append(k.to(dev), v.to(dev), t[0], t[1], t[2], t[3], t[4], t[5],
+                           table.to(dev), seqlens.to(dev), cu.to(dev), None, None, 1.0, False,
+                           True)
+        res[dev] = [x.cpu() for x in t[:4] if x is not None]
+    for a, b in zip(res["cpu"], res["cuda"]):
+        assert torch.equal(_bytes(a), _bytes(b))
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=["bf16", "int8", "fp8"])
+@pytest.mark.parametrize("interleaved,partial,scaling",
+                         [(False, False, None), (True, True, "yarn"), (False, True, "llama3")],
+                         ids=["neox", "interleaved-partial-yarn", "neox-partial-llama3"])
+def test_append_rope_equals_apply_rope_then_append(cache_dtype, interleaved, partial, scaling):
+    gen = torch.Generator().manual_seed(2)
+    hk, d, bs = 2, 128, 16
+    sc = {"yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
+          "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+          None: None}[scaling]
+    rf = longctx.rope_frequencies(d, base=500000.0, rotary_dim=96 if partial else None,
+                                  scaling=sc)
+    inv = rf.inv_freq.cuda()
+    lens_before, new = [5, 0, 33], [7, 20, 1]
+    cu = _cu(new, "cuda")
+    k = keys_with_outliers(sum(new), hk, d, generator=gen).cuda()
+    v = torch.randn(sum(new), hk, d, generator=gen).to(BF16).cuda()
+    positions = torch.randint(0, 200000, (sum(new),), generator=gen).cuda()
+    table = _random_table(3, 4, 14, gen).cuda()
+    seqlens = torch.tensor(lens_before, dtype=torch.int32).cuda()
+    for pos in (None, positions):
+        outs = []
+        for fused in (True, False):
+            torch.manual_seed(6)
+            (kc, vc), (ksc, vsc), (kf, vf) = _pool(14, bs, hk, d, cache_dtype, "cuda")
+            if fused:
+                ops.kvcache_append(k, v, kc, vc, ksc, vsc, kf, vf, table, seqlens, cu, pos, inv,
+                                   rf.attention_factor, interleaved, True)
+            else:
+                p = pos if pos is not None else torch.cat(
+                    [torch.arange(a, a + b) for a, b in zip(lens_before, new)]).cuda()
+                kr, _ = longctx.apply_rope(k.clone(), None, p, inv, rf.attention_factor,
+                                           interleaved=interleaved)
+                ops.kvcache_append(kr, v, kc, vc, ksc, vsc, kf, vf, table, seqlens, cu, None,
+                                   None, 1.0, False, True)
+            outs.append((kc, vc, ksc, vsc))
+        (ka, va, ksa, vsa), (kb, vb, ksb, vsb) = outs
+        # V (never rotated) and its scales: bitwise
+        assert torch.equal(_bytes(va), _bytes(vb))
+        if vsa is not None:
+            assert torch.equal(vsa, vsb)
+        # K: the rotation is the same rope_math.h code in both kernels, but nvcc may contract
+        # x1 * cos - x2 * sin into an FMA differently in each, so a rare element differs by one
+        # rounding of the rotated bf16 value (seen once in 9 cases): at most one step per element
+        # and a small fraction of the elements.
+        if cache_dtype == BF16:
+            x, y = ka.float(), kb.float()
+            bad = x != y
+            assert ((x - y).abs() <= 2 ** -7 * x.abs().clamp_min(2 ** -20))[bad].all()
+        elif cache_dtype == INT8:
+            x, y = ka.int(), kb.int()
+            bad = x != y
+            assert ((x - y).abs() <= 1).all()
+            assert ((ksa - ksb).abs() <= 2 ** -7 * ksa.abs()).all()
+        else:
+            x, y = ka.float(), kb.float()
+            bad = x != y
+            assert ((x - y).abs() <= 2 ** -3 * x.abs())[bad].all()
+        assert bad.float().mean() <= 2e-3, f"{int(bad.sum())} of {bad.numel()} K elements differ"
+    # and close to the CPU op (host sin/cos differ from the device's in the last bit)
+    if cache_dtype == BF16:
+        torch.manual_seed(6)
+        (kc, vc), _, _ = _pool(14, bs, hk, d, BF16, "cpu")
+        kc_gpu = kc.cuda()
+        ops.kvcache_append(k.cpu(), v.cpu(), kc, vc, None, None, None, None, table.cpu(),
+                           seqlens.cpu(), cu.cpu(), positions.cpu(), rf.inv_freq,
+                           rf.attention_factor, interleaved, True)
+        ops.kvcache_append(k, v, kc_gpu, vc.cuda(), None, None, None, None, table, seqlens, cu,
+                           positions, inv, rf.attention_factor, interleaved, True)
+        diff = (kc_gpu.cpu().float() - kc.float()).abs()
+        assert diff.max() <= 2 ** -7 * kc.float().abs().max()
+
+
+def test_append_unvalidated_bad_pages_not_written():
+    hk, d, bs = 2, 64, 4
+    kc = torch.full((6, bs, hk, d), math.nan, dtype=BF16, device="cuda")
+    vc = kc.clone()
+    table = torch.tensor([[0, 99], [2, -5]], dtype=torch.int32, device="cuda")
+    seqlens = torch.tensor([2, 3], dtype=torch.int32, device="cuda")
+    k = torch.ones(2, 3, hk, d, dtype=BF16, device="cuda")
+    before = kc.clone()
+    ops.kvcache_append(k, k, kc, vc, None, None, None, None, table, seqlens, None, None, None,
+                       1.0, False, False)
+    assert (kc[0, 2:] == 1).all() and (kc[2, 3] == 1).all()
+    untouched = torch.ones(6, bs, dtype=torch.bool, device="cuda")
+    untouched[0, 2:] = False
+    untouched[2, 3] = False
+    assert torch.equal(kc[untouched].view(torch.int16), before[untouched].view(torch.int16))
+    # attention masks keys on invalid pages: sequence 0 with 5 keys sees keys 0..3 only
+    kc.nan_to_num_(0.0)
+    vc.normal_()
+    q = torch.randn(2, 1, 4, d, dtype=BF16, device="cuda")
+    out, lse = ops.flash_attn_with_kvcache(q, kc, vc, None, None, None, None, table,
+                                           seqlens + 3, None, 1, 0.125, True, -1, -1, 0, False)
+    ref, ref_lse = attention_varlen_ref(q[0].cpu(), kc[0].cpu(), vc[0].cpu(), [0, 1], [0, 4],
+                                        0.125, False)
+    assert (out[0].cpu().double() - ref).abs().max() < 1e-2
+    assert (lse[0].cpu().double() - ref_lse).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=["bf16", "int8", "fp8"])
+def test_nothing_written_outside_own_slots(cache_dtype):
+    gen = torch.Generator().manual_seed(3)
+    hk, d, bs = 2, 64, 16
+    scale = torch.tensor([0.1, 0.1]) if cache_dtype == FP8 else None
+    c = longctx.PagedKVCache(30, bs, hk, d, cache_dtype=cache_dtype, k_scale=scale,
+                             v_scale=scale, device="cuda")
+    ids = [c.add_sequence() for _ in range(4)]
+    for s, n in zip(ids, [40, 0, 17, 5]):
+        c.reserve(s, n + 30)
+    for pool in (c.k_cache, c.v_cache):
+        pool.view(torch.uint8).fill_(0x7F)
+    if cache_dtype == INT8:
+        c.k_scale.fill_(math.nan)
+        c.v_scale.fill_(math.nan)
+    snap = lambda: [x.view(torch.uint8).clone() if x.dtype != torch.float32 else  # noqa: E731
+                    x.view(torch.int32).clone()
+                    for x in (c.k_cache, c.v_cache) + ((c.k_scale, c.v_scale)
+                                                       if cache_dtype == INT8 else ())]
+    before = snap()
+    new = [20, 3, 0, 27]
+    c.append(torch.randn(sum(new), hk, d, generator=gen).to(BF16).cuda(),
+             torch.randn(sum(new), hk, d, generator=gen).to(BF16).cuda(), ids,
+             cu_new=_cu(new))
+    written = torch.zeros(30, bs, dtype=torch.bool)
+    for s, n in zip(ids, new):
+        for t in range(n):
+            written[c.pages(s)[t // bs], t % bs] = True
+    written = written.cuda()
+    for x, y in zip(before, snap()):
+        same = (x == y).flatten(2).all(-1) if x.dim() == 4 else (x == y).all(-1)
+        assert same[~written].all(), "a slot outside the appended tokens changed"
+        assert not same[written].any(), "an appended slot was not written"
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, window, splits,
+                     packed, pool_view=False, gen=None):
+    """Random pool + table, attention vs the float64 reference on the dequantized K/V."""
+    batch = len(lens)
+    max_blocks = max(1, -(-max(lens) // bs))
+    num_blocks = batch * max_blocks + 5
+    table = _random_table(batch, max_blocks, num_blocks, gen)
+    (kc, vc), (ksc, vsc), (kf, vf) = _pool(num_blocks, bs, hk, d, cache_dtype, "cpu")
+    if cache_dtype in (BF16, FP16):
+        kc = keys_with_outliers(num_blocks, bs, hk, d, dtype=cache_dtype, generator=gen)
+    if pool_view:  # k_cache = kv[:, 0] of a combined pool (strided pages)
+        kv = torch.stack([kc, vc], 1).cuda()
+        kc_d, vc_d = kv[:, 0], kv[:, 1]
+    else:
+        kc_d, vc_d = kc.cuda(), vc.cuda()
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    if packed:
+        q = torch.randn(sum(q_lens), h, d, generator=gen).to(dtype)
+        cu_q = _cu(q_lens)
+    else:
+        q = torch.randn(batch, q_lens[0], h, d, generator=gen).to(dtype)
+        cu_q = None
+    cd = lambda x: None if x is None else x.cuda()  # noqa: E731
+    left, right = window
+    if causal:
+        right = 0
+    out, lse = ops.flash_attn_with_kvcache(
+        q.cuda(), kc_d, vc_d, cd(ksc), cd(vsc), cd(kf), cd(vf), table.cuda(), seqlens.cuda(),
+        cd(cu_q), max(q_lens), 1.0 / math.sqrt(d), causal, left, right, splits, True)
+    out, lse = out.cpu(), lse.cpu()
+    ks_, vs_ = (ksc, vsc) if cache_dtype == INT8 else (kf, vf)
+    deq = [gather_kv(kc, vc, table, n, b, ks_, vs_) for b, n in enumerate(lens)]
+    kd, vd = torch.cat([x[0] for x in deq]), torch.cat([x[1] for x in deq])
+    qf = q if packed else q.flatten(0, 1)
+    cq = cu_q if packed else _cu([q_lens[0]] * batch)
+    ck = _cu(lens)
+    out64, lse64 = attention_varlen_ref(qf.double(), kd, vd, cq, ck, None, causal, window)
+    out_pt, lse_pt = attention_varlen_ref(qf, kd.to(dtype), vd.to(dtype), cq, ck, None, causal,
+                                          window, upcast=False)
+    of = out if packed else out.flatten(0, 1)
+    lf = lse if packed else lse.permute(1, 0, 2).flatten(1, 2)
+    assert_fa3_close("out", of, out64, out_pt, dtype)
+    assert_fa3_close("lse", lf, lse64, lse_pt, dtype)
+    return out, lse
+
+
+# decode kernel configurations (LONGCTX_KV_DECODE_VARIANT), see csrc/ops/kvcache_decode_launch.cuh
+VARIANTS = {"mma": None, "cuda_cores": "1", "mma_prefetch": "2", "mma_3ctas": "3"}
+
+DECODE_CASES = [  # h, hk, d, bs, causal, window
+    (8, 2, 128, 16, True, (-1, -1)),     # GQA 4: one CTA row tile of 4
+    (32, 8, 128, 16, True, (-1, -1)),    # the benchmark's GQA 32/8
+    (4, 4, 64, 7, False, (-1, -1)),      # MHA, odd page size
+    (16, 1, 256, 32, True, (100, -1)),   # group 16: two row tiles; sliding window
+    (6, 2, 128, 64, False, (40, 7)),     # group 3 (tile of 4 with an inactive row), 2-sided
+]
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, FP16, INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("case", DECODE_CASES,
+                         ids=lambda c: f"h{c[0]}-hk{c[1]}-d{c[2]}-bs{c[3]}-"
+                         f"{'causal' if c[4] else 'full'}-w{c[5][0]}_{c[5][1]}")
+@pytest.mark.parametrize("splits", [0, 1, 7])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_decode_matches_reference(cache_dtype, case, splits, variant, monkeypatch):
+    """Every decode kernel configuration (LONGCTX_KV_DECODE_VARIANT: tensor cores for head_dim
+    128 by default, CUDA cores otherwise)."""
+    if VARIANTS[variant] is not None:
+        monkeypatch.setenv("LONGCTX_KV_DECODE_VARIANT", VARIANTS[variant])
+    h, hk, d, bs, causal, window = case
+    dtype = FP16 if cache_dtype == FP16 else BF16
+    gen = torch.Generator().manual_seed(4)
+    lens = [0, 1, 300, 1537, 5000]  # an empty sequence, one key, long ones
+    out, lse = _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, [1], causal, window,
+                                splits, packed=False, gen=gen)
+    assert (out[0] == 0).all() and torch.isinf(lse[0]).all()
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_decode_several_queries_packed_and_pool_view(cache_dtype, variant, monkeypatch):
+    """Speculative decode: 1-3 query rows per sequence, packed (cu_seqlens_q), a strided pool."""
+    if VARIANTS[variant] is not None:
+        monkeypatch.setenv("LONGCTX_KV_DECODE_VARIANT", VARIANTS[variant])
+    gen = torch.Generator().manual_seed(5)
+    _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [3, 900, 2500], [1, 3, 2], True,
+                     (-1, -1), 0, packed=True, pool_view=True, gen=gen)
+    _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [10, 700], [4, 4], False, (64, 2), 5,
+                     packed=False, gen=gen)
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("window", [(-1, -1), (200, -1)], ids=["causal", "window200"])
+def test_prefill_matches_reference(cache_dtype, window):
+    if not _flash_fwd_compiled(128, BF16):
+        pytest.skip("flash_fwd hdim128 bf16 not compiled")
+    gen = torch.Generator().manual_seed(6)
+    _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [300, 1000, 77], [100, 513, 77], True,
+                     window, 0, packed=True, gen=gen)
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
+def test_chunked_prefill_equals_single_pass(cache_dtype):
+    """A 4000-token prompt prefilled in chunks of 1024 (append the chunk, attend its queries,
+    then decode a few tokens) equals one pass over the whole prompt."""
+    if not _flash_fwd_compiled(128, BF16):
+        pytest.skip("flash_fwd hdim128 bf16 not compiled")
+    gen = torch.Generator().manual_seed(7)
+    h, hk, d, bs, n, chunk = 8, 2, 128, 16, 4000, 1024
+    k = keys_with_outliers(1, n, hk, d, generator=gen).cuda()
+    v = torch.randn(1, n, hk, d, generator=gen).to(BF16).cuda()
+    q = torch.randn(1, n, h, d, generator=gen).to(BF16).cuda()
+    scale = longctx.fp8_scales_from_data(k) if cache_dtype == FP8 else None
+    vscale = longctx.fp8_scales_from_data(v) if cache_dtype == FP8 else None
+    outs = []
+    for step in (chunk, n):
+        c = longctx.PagedKVCache(-(-n // bs) + 3, bs, hk, d, dtype=BF16, cache_dtype=cache_dtype,
+                                 k_scale=scale, v_scale=vscale, device="cuda")
+        sid = c.add_sequence()
+        parts = []
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            c.append(k[:, s:e], v[:, s:e], [sid])
+            parts.append(c.attend(q[:, s:e], [sid], causal=True, return_lse=True))
+        outs.append((torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 2)))
+    (o1, l1), (o2, l2) = outs
+    assert (o1.float() - o2.float()).abs().max() <= 2 ** -8
+    assert (l1 - l2).abs().max() <= 1e-4
+    if cache_dtype == BF16:
+        ref = longctx.flash_attn_func(q, k, v, causal=True)
+        assert (o2.float() - ref.float()).abs().max() <= 2 ** -8
+
+
+def test_int64_offsets_large_page_id():
+    """Pages past 2^31 elements of the pool (int64 offsets): append and decode on page ids
+    131072+ of an fp8 pool with 16384-element pages (~2.2 GB per pool)."""
+    hk, d, bs = 8, 128, 16
+    num_blocks = 2 ** 31 // (bs * hk * d) + 64
+    try:
+        kc = torch.zeros(num_blocks, bs, hk, d, dtype=FP8, device="cuda")
+        vc = torch.zeros_like(kc)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a > 2^31-element pool")
+    gen = torch.Generator().manual_seed(8)
+    n = 200
+    pages = torch.arange(num_blocks - 13, num_blocks - 13 + (n + bs - 1) // bs, dtype=torch.int32)
+    table = pages[None].cuda()
+    k = keys_with_outliers(1, n, hk, d, generator=gen).cuda()
+    v = torch.randn(1, n, hk, d, generator=gen).to(BF16).cuda()
+    ks, vs = longctx.fp8_scales_from_data(k), longctx.fp8_scales_from_data(v)
+    zero = torch.zeros(1, dtype=torch.int32, device="cuda")
+    ops.kvcache_append(k, v, kc, vc, None, None, ks, vs, table, zero, None, None, None, 1.0,
+                       False, True)
+    q = torch.randn(1, 1, 4 * hk, d, generator=gen).to(BF16).cuda()
+    out = longctx.flash_attn_with_kvcache(q, kc, vc, torch.full_like(zero, n), table,
+                                          k_scale=ks, v_scale=vs)
+    kd, vd = gather_kv(kc[pages.long().cuda()].cpu(), vc[pages.long().cuda()].cpu(),
+                       torch.arange(len(pages), dtype=torch.int32)[None], n, 0, ks.cpu(),
+                       vs.cpu())
+    out64, _ = attention_varlen_ref(q[0].cpu().double(), kd, vd, [0, 1], [0, n])
+    assert (out[0].cpu().double() - out64).abs().max() < 2e-2
+    assert kc[: num_blocks - 13].view(torch.uint8).max() == 0  # nothing written below
+
+
+def test_errors_name_the_argument_cuda():
+    hk, d, bs = 2, 64, 4
+    kc = torch.zeros(6, bs, hk, d, dtype=BF16, device="cuda")
+    vc = torch.zeros_like(kc)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device="cuda")
+    seqlens = torch.tensor([3, 0], dtype=torch.int32, device="cuda")
+    k = torch.randn(2, 2, hk, d, dtype=BF16, device="cuda")
+    q = torch.randn(2, 1, 4, d, dtype=BF16, device="cuda")
+
+    def app(table=table, seqlens=seqlens, kc=kc, vc=vc):
+        ops.kvcache_append(k, k, kc, vc, None, None, None, None, table, seqlens, None, None, None)
+
+    def attn(table=table, seqlens=seqlens, q=q, kc=kc, vc=vc):
+        return ops.flash_attn_with_kvcache(q, kc, vc, None, None, None, None, table, seqlens,
+                                           None, q.shape[1], 0.125, True, -1, -1, 0, True)
+
+    app()
+    attn()
+    with pytest.raises(RuntimeError, match=r"block_table\[0\]\[1\] = 9 is not a page"):
+        app(table=torch.tensor([[0, 9], [2, 3]], dtype=torch.int32, device="cuda"))
+    with pytest.raises(RuntimeError, match=r"cache_seqlens\[0\] = 7 plus 2 new tokens"):
+        app(seqlens=torch.tensor([7, 0], dtype=torch.int32, device="cuda"))
+    with pytest.raises(RuntimeError, match=r"block_table\[1\]\[0\] = 7 is not a page"):
+        attn(table=torch.tensor([[0, 1], [7, 3]], dtype=torch.int32, device="cuda"),
+             seqlens=torch.tensor([3, 1], dtype=torch.int32, device="cuda"))
+    with pytest.raises(RuntimeError, match=r"cache_seqlens\[0\] = 9 tokens need 3 pages"):
+        attn(seqlens=torch.tensor([9, 0], dtype=torch.int32, device="cuda"))
+    with pytest.raises(RuntimeError, match=r"k_cache must have the dtype of q"):
+        attn(q=q.half())
+    with pytest.raises(RuntimeError, match=r"v_cache must have the dtype of k_cache"):
+        attn(vc=vc.to(INT8))
+    with pytest.raises(RuntimeError, match=r"k_scale_cache is required for an int8 cache"):
+        attn(kc=kc.to(INT8), vc=vc.to(INT8))
+    with pytest.raises(RuntimeError, match=r"k_cache must have the dtype of k"):
+        app(kc=kc.half(), vc=vc.half())
+    with pytest.raises(RuntimeError, match=r"head_dim must be 64, 128 or 256 on CUDA"):
+        kc2 = torch.zeros(6, bs, hk, 32, dtype=BF16, device="cuda")
+        attn(q=torch.randn(2, 1, 4, 32, dtype=BF16, device="cuda"), kc=kc2, vc=kc2.clone())
+
+
+def test_build_info_lists_kvcache_cuda():
+    fams = [k for k in longctx.build_info()["kernels"] if k["family"] == "kvcache"]
+    assert {k["device"] for k in fams} >= {"cpu", "cuda"}
