@@ -243,8 +243,10 @@ def test_make_comm_choice(tmp_path, monkeypatch):
         monkeypatch.delenv("LONGCTX_RING_COMM")
         assert ring_comm._timeout_seconds(None, None) == 42.0
         assert ring_comm._timeout_seconds(None, datetime.timedelta(seconds=5)) == 5.0
+        assert ring_comm.make_comm(None, torch.device("cpu")).timeout is None  # the group's
         monkeypatch.setenv("LONGCTX_RING_TIMEOUT", "7.5")
         assert ring_comm._timeout_seconds(None, None) == 7.5
+        assert ring_comm.make_comm(None, torch.device("cpu")).timeout.total_seconds() == 7.5
         monkeypatch.setenv("LONGCTX_RING_TIMEOUT", "-1")
         with pytest.raises(ValueError, match="LONGCTX_RING_TIMEOUT must be positive"):
             ring_comm._timeout_seconds(None, None)

@@ -96,6 +96,8 @@ class TorchDistComm:
         self.world_size = dist.get_world_size(group)
         self._next = self._global((self.rank + 1) % self.world_size)
         self._prev = self._global((self.rank - 1) % self.world_size)
+        if os.environ.get("LONGCTX_RING_TIMEOUT"):  # the override applies here too
+            timeout = datetime.timedelta(seconds=_timeout_seconds(group, timeout))
         self.timeout = timeout  # None: the group's own timeout (gloo and NCCL apply it)
 
     def _global(self, r: int) -> int:
