@@ -135,8 +135,8 @@ def extensions():
             raise RuntimeError(f"LONGCTX_DTYPES: {d} is not one of {ALL_DTYPES}")
     switches = (
         f"kernels={','.join(kernels) if kernels else 'all'};headdims={','.join(headdims)};"
-        f"dtypes={','.join(dtypes)};bwd={int(with_bwd)};"
-        f"nccl={int(not env_flag('LONGCTX_DISABLE_NCCL'))}"
+        f"dtypes={','.join(dtypes)};bwd={int(with_bwd)}"
+        + (";nccl=0" if env_flag("LONGCTX_DISABLE_NCCL") else "")
     )
     write_build_config(torch, with_cuda, archs, switches)
 

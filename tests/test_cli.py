@@ -70,6 +70,11 @@ def test_info_json():
     assert info["build"]["torch_runtime"] == torch.__version__
     assert info["features"]["rope"]["cpu"] is True
     assert "flash_bwd" in info["planned_not_built"] or "flash_bwd" in info["features"]
+    # ring attention is listed where the forward and backward both are
+    assert ("ring" in info["features"]) == ("flash_fwd" in info["features"]
+                                            and "flash_bwd" in info["features"])
+    if "ring" in info["features"]:
+        assert info["features"]["ring"]["cpu"] == info["features"]["flash_bwd"]["cpu"]
 
 
 def test_arch_compatibility():

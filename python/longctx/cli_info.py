@@ -6,7 +6,8 @@ device's kind ("cpu" or "cuda") and, for CUDA, the build targets an architecture
 an arch-specific target such as 90a runs only on that exact compute capability (9.0), a plain
 target such as 90 on the same major version at an equal or higher minor one. The families come
 from build_info(); `PLANNED_FAMILIES` only names the ones the roadmap adds, so that the report can
-say they are not in this build yet.
+say they are not in this build yet. Ring attention has no kernels of its own: it runs where both
+flash_fwd and flash_bwd run, and its exchange is NCCL from C++ or torch.distributed.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = ["collect_info", "format_info", "arch_runs_on", "gpu_properties", "PLANNED_FAMILIES"]
 
-PLANNED_FAMILIES = ("flash_fwd", "flash_bwd", "kvcache", "ring")
+PLANNED_FAMILIES = ("flash_fwd", "flash_bwd", "kvcache")
 
 
 def arch_runs_on(arch: str, capability: Tuple[int, int]) -> bool:
@@ -94,12 +95,27 @@ def feature_availability(build: Dict[str, Any], gpus: List[Dict[str, Any]]
     return out
 
 
+def ring_availability(build: Dict[str, Any], features: Dict[str, Dict[str, Any]]
+                      ) -> Optional[Dict[str, Any]]:
+    """Ring attention = the flash forward and backward ops + an exchange: where both run."""
+    if "flash_fwd" not in features or "flash_bwd" not in features:
+        return None
+    fwd, bwd = features["flash_fwd"], features["flash_bwd"]
+    comm = "NCCL exchange" if build.get("with_nccl") else "torch.distributed exchange"
+    return {"cpu": fwd["cpu"] and bwd["cpu"],
+            "cuda": {i: ok and bwd["cuda"].get(i, False) for i, ok in fwd["cuda"].items()},
+            "why": fwd["why"] or bwd["why"] or f"flash_fwd + flash_bwd, {comm} on GPUs"}
+
+
 def collect_info() -> Dict[str, Any]:
     from . import build_info
 
     build = build_info()
     gpus, why_no_gpu = gpu_properties()
     features = feature_availability(build, gpus)
+    ring = ring_availability(build, features)
+    if ring is not None:
+        features["ring"] = ring
     return {"build": build, "gpus": gpus, "no_gpu_reason": why_no_gpu or None,
             "features": features,
             "planned_not_built": [f for f in PLANNED_FAMILIES if f not in features]}
