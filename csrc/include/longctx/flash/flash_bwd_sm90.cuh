@@ -419,13 +419,27 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       const float* s_d = ss.smem_d.data() + s * kM;
       const bool need_mask = n0 + kN > sk || m0 + kM > sq ||
                              !tile_fully_visible(m, n_block, kM, kN, sq, sk, wl, wr);
+      // mask_visible in tile-local int32 terms: key r (of this KV tile) and query c (of this
+      // query tile) are visible iff r < sk - n0, c < sq - m0 and d_lo <= r - c <= d_hi (diagonal
+      // bounds clamped to [-1024, 1024], |r - c| < 256). Tiles that need no mask get bounds
+      // that keep everything: one branch-free path (two paths spilled more registers).
+      int key_lim = 1 << 30, q_lim = 1 << 30, d_hi = 1024, d_lo = -1024;
+      if (need_mask) {
+        const int64_t base = int64_t(sk) - sq - n0 + m0;
+        auto clampd = [](int64_t v) { return int(v < -1024 ? -1024 : v > 1024 ? 1024 : v); };
+        if (wr >= 0) d_hi = clampd(base + wr);
+        if (wl >= 0) d_lo = clampd(base - wl);
+        key_lim = sk - n0;
+        q_lim = sq - m0;
+      }
       warpgroup_wait<1>();
 #pragma unroll
       for (int i = 0; i < size(acc_s); ++i) {
         const int key = int(get<0>(tScS(i))), col = int(get<1>(tScS(i)));
-        float pv = fast_exp2(acc_s(i) * scale_log2 - s_lse[col]);
-        if (need_mask && !(m0 + col < sq && mask_visible(m0 + col, n0 + key, sq, sk, wl, wr))) pv = 0.f;
-        acc_s(i) = pv;
+        const int dlt = key - col;
+        const bool vis = key < key_lim && col < q_lim && dlt <= d_hi && dlt >= d_lo;
+        const float pv = fast_exp2(acc_s(i) * scale_log2 - s_lse[col]);
+        acc_s(i) = vis ? pv : 0.f;
       }
       warpgroup_wait<0>();
 #pragma unroll
