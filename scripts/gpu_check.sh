@@ -2,7 +2,10 @@
 # One device call: build the extension, run the standalone CUDA tests (ctest), the GPU test
 # suite and the named benchmarks. Logs go to $OUT/log.txt, results to $OUT/results/<gpu>/.
 #   scripts/gpu_check.sh [-k PYTEST_EXPR] [bench ...]        e.g. scripts/gpu_check.sh rope
-# Build switches (LONGCTX_KERNELS, LONGCTX_HEADDIMS, ...) pass through from the environment.
+# A bench argument may carry options: 'attn_bwd --only "d=128 s=16384"' (word-split by eval).
+# Build switches (LONGCTX_KERNELS, LONGCTX_HEADDIMS, ...) pass through from the environment;
+# PYTEST_TARGETS (default: tests) narrows the GPU test run, LONGCTX_SKIP_CTEST=1 skips the
+# standalone CMake tests.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,22 +39,26 @@ grep -E "warning" "$OUT/build.log" | grep -v "cpp_extension" | head -10
 rm -f "$OUT/build.log"
 export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
 
-echo "== standalone CUDA tests (CMake + ctest)"
-cmake -S . -B /tmp/longctx_cmake -DLONGCTX_WITH_TORCH=OFF > /dev/null \
-  && cmake --build /tmp/longctx_cmake -j16 > /dev/null \
-  && ctest --test-dir /tmp/longctx_cmake --output-on-failure | tail -15
-[ -x /tmp/longctx_cmake/rope_bench ] && /tmp/longctx_cmake/rope_bench
+if [ "${LONGCTX_SKIP_CTEST:-0}" != 1 ]; then
+  echo "== standalone CUDA tests (CMake + ctest)"
+  cmake -S . -B /tmp/longctx_cmake -DLONGCTX_WITH_TORCH=OFF > /dev/null \
+    && cmake --build /tmp/longctx_cmake -j16 > /dev/null \
+    && ctest --test-dir /tmp/longctx_cmake --output-on-failure | tail -15
+  [ -x /tmp/longctx_cmake/rope_bench ] && /tmp/longctx_cmake/rope_bench
+fi
 
 echo "== smoke"
 python3 -X faulthandler scripts/diag_import.py 2>&1 | head -40
 echo "== pytest"
-python3 -X faulthandler -m pytest tests -q -p no:cacheprovider -p no:logging "${KEXPR[@]}" \
+read -r -a TARGETS <<< "${PYTEST_TARGETS:-tests}"
+python3 -X faulthandler -m pytest "${TARGETS[@]}" -q -p no:cacheprovider -p no:logging "${KEXPR[@]}" \
   > "$OUT/pytest.txt" 2>&1
 echo "pytest exit code $?"
 grep -E -A30 "Fatal Python error" "$OUT/pytest.txt" | grep -v "site-packages/(_pytest|pluggy)" | head -40
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.txt" | tail -30
 
 for b in "$@"; do
-  echo "== bench/$b.py"
-  python3 -X faulthandler "bench/$b.py" --out "$OUT/results"
+  read -r name rest <<< "$b"
+  echo "== bench/$name.py $rest"
+  eval "python3 -X faulthandler bench/$name.py $rest --out \"$OUT/results\""
 done

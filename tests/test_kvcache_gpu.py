@@ -294,12 +294,17 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
 
 
 # decode kernel configurations (LONGCTX_KV_DECODE_VARIANT), see csrc/ops/kvcache_decode_launch.cuh
-VARIANTS = {"mma": None, "cuda_cores": "1", "mma_prefetch": "2", "mma_3ctas": "3"}
+# default: the cp.async-staged tensor-core kernel for 8-bit caches (head_dim 64/128, page size a
+# multiple of 16), the register tensor-core kernel for 16-bit caches at head_dim 128, CUDA cores
+# otherwise; 2: the register tensor-core kernel for every cache at head_dim 128; 3: the staged
+# kernel with 6 stages / 2 CTAs per SM.
+VARIANTS = {"default": None, "cuda_cores": "1", "mma_registers": "2", "staged_6": "3"}
 
 DECODE_CASES = [  # h, hk, d, bs, causal, window
     (8, 2, 128, 16, True, (-1, -1)),     # GQA 4: one CTA row tile of 4
     (32, 8, 128, 16, True, (-1, -1)),    # the benchmark's GQA 32/8
     (4, 4, 64, 7, False, (-1, -1)),      # MHA, odd page size
+    (8, 2, 64, 16, True, (-1, -1)),      # head_dim 64 through the staged kernel (8-bit)
     (16, 1, 256, 32, True, (100, -1)),   # group 16: two row tiles; sliding window
     (6, 2, 128, 64, False, (40, 7)),     # group 3 (tile of 4 with an inactive row), 2-sided
 ]
@@ -323,6 +328,53 @@ def test_decode_matches_reference(cache_dtype, case, splits, variant, monkeypatc
     out, lse = _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, [1], causal, window,
                                 splits, packed=False, gen=gen)
     assert (out[0] == 0).all() and torch.isinf(lse[0]).all()
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_decode_unvalidated_bad_pages_are_masked(cache_dtype, variant, monkeypatch):
+    """validate=False: page ids outside the pool inside a sequence's length mask their keys
+    (nothing read there), and pages the table does not reference hold NaN (NaN scales for int8):
+    the output must be the attention over the remaining keys, every kernel variant."""
+    if VARIANTS[variant] is not None:
+        monkeypatch.setenv("LONGCTX_KV_DECODE_VARIANT", VARIANTS[variant])
+    gen = torch.Generator().manual_seed(11)
+    h, hk, d, bs, n = 8, 2, 128, 16, 1000
+    nblk = -(-n // bs)
+    num_blocks = nblk + 8
+    table = _random_table(1, nblk, num_blocks, gen)
+    (kc, vc), (ksc, vsc), (kf, vf) = _pool(num_blocks, bs, hk, d, cache_dtype, "cpu")
+    used = torch.zeros(num_blocks, dtype=torch.bool)
+    used[table[0].long()] = True
+    if cache_dtype == INT8:
+        ksc[~used] = float("nan")
+        vsc[~used] = float("nan")
+    else:
+        kc[~used] = float("nan")
+        vc[~used] = float("nan")
+    bad = [3, 17, nblk - 1]  # table slots whose page id is out of range (the last one partial)
+    table_bad = table.clone()
+    for blk, pid in zip(bad, (-1, num_blocks, num_blocks + 100)):
+        table_bad[0, blk] = pid
+    q = torch.randn(1, 1, h, d, generator=gen).to(BF16)
+    cd = lambda x: None if x is None else x.cuda()  # noqa: E731
+    out, lse = ops.flash_attn_with_kvcache(
+        q.cuda(), kc.cuda(), vc.cuda(), cd(ksc), cd(vsc), cd(kf), cd(vf), table_bad.cuda(),
+        torch.tensor([n], dtype=torch.int32).cuda(), None, 1, 1.0 / math.sqrt(d), False, -1, -1,
+        0, False)
+    ks_, vs_ = (ksc, vsc) if cache_dtype == INT8 else (kf, vf)
+    kd, vd = gather_kv(kc, vc, table, n, 0, ks_, vs_)
+    keep = torch.ones(n, dtype=torch.bool)
+    for blk in bad:
+        keep[blk * bs: (blk + 1) * bs] = False
+    kd, vd = kd[keep], vd[keep]
+    m = int(keep.sum())
+    out64, lse64 = attention_varlen_ref(q[0].double(), kd, vd, [0, 1], [0, m])
+    out_pt, lse_pt = attention_varlen_ref(q[0], kd.to(BF16), vd.to(BF16), [0, 1], [0, m],
+                                          upcast=False)
+    assert torch.isfinite(out).all()
+    assert_fa3_close("out", out[0].cpu(), out64, out_pt, BF16)
+    assert_fa3_close("lse", lse[0].cpu(), lse64, lse_pt, BF16)  # (heads, 1)
 
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)

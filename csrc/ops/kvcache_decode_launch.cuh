@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include "longctx/kvcache/kvcache_decode.cuh"
 #include "longctx/kvcache/kvcache_decode_mma.cuh"
+#include "longctx/kvcache/kvcache_decode_staged.cuh"
 
 namespace longctx {
 namespace kvcache_launch {
@@ -34,39 +35,63 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
 
 #ifdef LONGCTX_KVCACHE_DECODE_IMPL
 
-// The decode kernels. Variant 0 (default): tensor cores (kvcache_decode_mma.cuh) for head_dim 128,
-// the CUDA-core kernel (kvcache_decode.cuh) for 64 and 256. Variant 1: the CUDA-core kernel for
-// every head_dim (the first design, kept to compare by measurement and as a second
-// implementation in the tests). Both take 128 threads and the same (split, kv head x row tile,
-// sequence) grid.
-// Tensor-core configurations (measured side by side in bench/kvcache.py): variant 0 loads NT
-// tiles of 16 keys per warp (1 for bf16/fp16, 2 for 8-bit caches) and computes them; variant 2
-// (8-bit caches) loads one tile ahead while computing the current one (register double buffer);
-// variant 3 is variant 0 capped at 168 registers (3 CTAs per SM).
+// The decode kernels, all 128 threads on the same (split, kv head x row tile, sequence) grid.
+// Variant 0 (default): 8-bit caches at head_dim 64/128 whose layout allows 16-byte copies
+// (staged_decode_ok): the cp.async-staged tensor-core kernel (kvcache_decode_staged.cuh, 4 stages,
+// 3 CTAs per SM); other head_dim 128 cases: the register tensor-core kernel
+// (kvcache_decode_mma.cuh); the rest: the CUDA-core kernel (kvcache_decode.cuh).
+// Variant 1: the CUDA-core kernel everywhere (the first design, a second implementation for the
+// tests). Variant 2: the register tensor-core kernel at head_dim 128 (the previous 8-bit default).
+// Variant 3: the staged kernel with 6 stages and 2 CTAs per SM (depth against occupancy).
+// Variants 2 and 3 are measured beside the default in bench/kvcache.py.
 template <typename T, Format F, int D, int GT, int Variant>
 struct DecodeKernel {
-  static constexpr bool kMma = Variant != 1 && D == 128;
   static constexpr bool k8bit = F != Format::kNative;
+  static constexpr bool kStaged = k8bit && (D == 64 || D == 128) && (Variant == 0 || Variant == 3);
+  static constexpr bool kMma = !kStaged && D == 128 && Variant != 1;
   static constexpr int kU = (F == Format::kNative ? 4 : 8) / (GT == 8 ? 2 : 1);  // CUDA cores
-  static constexpr bool kPrefetch = Variant == 2 && k8bit;
-  static constexpr int kNT = (k8bit && !kPrefetch) ? 2 : 1;
-  static constexpr int kMinBlocks = Variant == 3 ? 3 : 1;
+  static constexpr int kNT = k8bit ? 2 : 1;
+  static constexpr int kStages = Variant == 3 ? 6 : 4;
+  static constexpr int kStagedMinBlocks = Variant == 3 ? 2 : 3;
+  static constexpr int smem_bytes() {
+    if constexpr (kStaged) {
+      return kc::StagedLayout<F, D, kStages>::kSmemBytes;
+    } else {
+      return 0;
+    }
+  }
   static constexpr auto fn() {
-    if constexpr (kMma) {
-      return &kc::kvcache_decode_mma_kernel<T, F, D, GT, kNT, kPrefetch, kMinBlocks>;
+    if constexpr (kStaged) {
+      return &kc::kvcache_decode_staged_kernel<T, F, D, GT, kStages, kStagedMinBlocks>;
+    } else if constexpr (kMma) {
+      return &kc::kvcache_decode_mma_kernel<T, F, D, GT, kNT, 1>;
     } else {
       return &kc::kvcache_decode_kernel<T, F, D, GT, kU, 1>;
     }
   }
-  static int occupancy() {
+  // Sets the dynamic shared memory limit (once) and returns CTAs per SM.
+  static int prepare() {
     static const int occ = [] {
+      if (smem_bytes() > 48 * 1024)
+        cudaFuncSetAttribute(fn(), cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes());
       int n = 0;
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn(), kc::kDecodeThreads, 0);
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn(), kc::kDecodeThreads, smem_bytes());
       return std::max(1, n);
     }();
     return occ;
   }
 };
+
+// Whether the staged kernel can take this cache: every 16-byte piece of a key row must be a
+// 16-byte aligned address (base pointers and page / slot / head strides; for 8-bit caches the
+// element strides are bytes) and a 16-key tile must lie in one page.
+inline bool staged_decode_ok(const kvcache::PagedKV& c) {
+  auto a16 = [](const kvcache::CacheView& v) {
+    return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.page_stride % 16 == 0 &&
+           v.slot_stride % 16 == 0 && v.head_stride % 16 == 0;
+  };
+  return c.format != Format::kNative && c.block_size % 16 == 0 && a16(c.k) && a16(c.v);
+}
 
 // LONGCTX_KV_DECODE_VARIANT=1 / 2 / 3 selects that variant (read per call: the benchmark and the tests
 // measure both in one process).
@@ -109,7 +134,7 @@ void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_spli
   int splits = static_cast<int>(num_splits);
   if (splits == 0) {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    splits = choose_splits(base, K::occupancy(), sms, max_keys);
+    splits = choose_splits(base, K::prepare(), sms, max_keys);
   }
   p.num_splits = splits;
   if (splits > 1) {
@@ -119,8 +144,9 @@ void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_spli
     p.out_accum = out_accum.data_ptr<float>();
     p.lse_accum = lse_accum.data_ptr<float>();
   }
-  K::fn()<<<dim3(splits, p.cache.kv_heads * m_tiles, p.cache.batch), kc::kDecodeThreads, 0,
-            stream>>>(p, m_tiles);
+  K::prepare();
+  K::fn()<<<dim3(splits, p.cache.kv_heads * m_tiles, p.cache.batch), kc::kDecodeThreads,
+            K::smem_bytes(), stream>>>(p, m_tiles);
   check_launch("flash_attn_with_kvcache", "decode kernel");
   if (splits > 1) {
     TORCH_CHECK(p.heads <= 65535, "longctx.flash_attn_with_kvcache: heads must be <= 65535");
@@ -146,14 +172,23 @@ void launch_decode_gt(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_s
 template <typename T, Format F>
 void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
                 int64_t max_keys, at::Tensor& oa, at::Tensor& la, cudaStream_t stream) {
+  // Variants 0 and 3 use the staged kernel only where its layout rule holds, else variant 2's.
+  int v = decode_variant();
+  if ((v == 0 || v == 3) && F != Format::kNative && !staged_decode_ok(p.cache)) v = 2;
   switch (p.cache.head_dim) {
-    case 64: launch_decode_gt<T, F, 64, 1>(p, q, num_splits, max_keys, oa, la, stream); break;
+    case 64:
+      if (v == 0) {
+        launch_decode_gt<T, F, 64, 0>(p, q, num_splits, max_keys, oa, la, stream);
+      } else {
+        launch_decode_gt<T, F, 64, 1>(p, q, num_splits, max_keys, oa, la, stream);
+      }
+      break;
     case 128:
-      if (decode_variant() == 1) {
+      if (v == 1) {
         launch_decode_gt<T, F, 128, 1>(p, q, num_splits, max_keys, oa, la, stream);
-      } else if (decode_variant() == 2) {
+      } else if (v == 2) {
         launch_decode_gt<T, F, 128, 2>(p, q, num_splits, max_keys, oa, la, stream);
-      } else if (decode_variant() == 3) {
+      } else if (v == 3) {
         launch_decode_gt<T, F, 128, 3>(p, q, num_splits, max_keys, oa, la, stream);
       } else {
         launch_decode_gt<T, F, 128, 0>(p, q, num_splits, max_keys, oa, la, stream);

@@ -14,7 +14,7 @@ A peer that cannot run a case is recorded as null.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -68,8 +68,11 @@ def _try(fn):
 
 def run_attn_bwd(quick: bool = False, progress: Optional[Callable[[str], None]] = None,
                  with_flex: bool = True,
-                 checkpoint: Optional[Callable[[Results], None]] = None) -> Results:
-    """checkpoint(res), if given, is called after every case (partial results survive a kill)."""
+                 checkpoint: Optional[Callable[[Results], None]] = None,
+                 only: Sequence[str] = ()) -> Results:
+    """checkpoint(res), if given, is called after every case (partial results survive a kill).
+    only: run just the cases whose tag ("d=128 s=16384 causal=True window=-1 h=16/16")
+    contains one of these substrings (development runs; committed results use the full grid)."""
     from torch.nn.attention import SDPBackend
 
     from ..attention import flash_attn_func
@@ -79,6 +82,8 @@ def run_attn_bwd(quick: bool = False, progress: Optional[Callable[[str], None]] 
     for hdim, s, causal, wl, heads, heads_kv in grid(quick):
         b = max(1, tokens // s)
         tag = f"attn_bwd d={hdim} s={s} causal={causal} window={wl} h={heads}/{heads_kv}"
+        if only and not any(o in tag for o in only):
+            continue
         if progress:
             progress(tag)
         q = torch.randn(b, s, heads, hdim, device="cuda", dtype=torch.bfloat16)

@@ -168,11 +168,12 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
         ours_ms = _graph_time(ours)
         eager_ms = time_cuda(ours, warmup=5, reps=30, min_time_ms=100)
     # design alternatives, measured in the same run (not the default path): the CUDA-core
-    # decode kernel (LONGCTX_KV_DECODE_VARIANT=1) and fixed split counts
+    # decode kernel (LONGCTX_KV_DECODE_VARIANT=1), the register tensor-core kernel (2: the
+    # previous 8-bit default), the staged kernel with 6 stages / 2 CTAs per SM (3), fixed splits
     alt: Dict[str, float] = {}
-    for name, var in (("cuda_cores_ms", "1"), ("mma_prefetch_ms", "2"), ("mma_3ctas_ms", "3")):
-        if var == "2" and fmt == "bf16":
-            continue  # variant 2 changes only the 8-bit kernels
+    for name, var in (("cuda_cores_ms", "1"), ("mma_registers_ms", "2"), ("staged6_ms", "3")):
+        if var in ("2", "3") and fmt == "bf16":
+            continue  # variants 2 and 3 change only the 8-bit kernels
         os.environ["LONGCTX_KV_DECODE_VARIANT"] = var
         try:
             alt[name] = _graph_time(ours)
@@ -341,17 +342,20 @@ def _error_rows(res, ctx, progress):
                  "rel_vs_fp64": (d_exact.norm() / exact.norm()).item()})
 
 
-def run_kvcache(quick: bool = False, progress: Optional[Callable[[str], None]] = None
-                ) -> Results:
+def run_kvcache(quick: bool = False, progress: Optional[Callable[[str], None]] = None,
+                prefill: bool = True) -> Results:
+    """prefill=False skips the chunked-prefill rows (development runs of the decode kernels)."""
     copy = copy_bandwidth_gbps()
     res = Results("kvcache", copy_gbps=copy, matmul_tflops=matmul_tflops())
     _error_rows(res, 32768, progress)
     if quick:
         _decode_rows(res, [32768], [1], copy, progress)
-        _prefill_rows(res, 16384, 8192, progress)
+        if prefill:
+            _prefill_rows(res, 16384, 8192, progress)
     else:
         _decode_rows(res, [32768, 131072], [1, 16], copy, progress)
-        _prefill_rows(res, 131072, 8192, progress)
+        if prefill:
+            _prefill_rows(res, 131072, 8192, progress)
     return res
 
 

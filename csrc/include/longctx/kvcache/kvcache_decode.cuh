@@ -37,6 +37,7 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 #include <type_traits>
+#include "longctx/kvcache/kvcache_decode_common.cuh"
 #include "longctx/kvcache/kvcache_params.h"
 #include "longctx/kvcache/paged.h"
 
@@ -44,29 +45,8 @@ namespace longctx {
 namespace kvcache {
 namespace cuda {
 
-constexpr int kDecodeThreads = 128;
-constexpr int kDecodeMaxRows = 32;  // packed rows per kv head handled by the decode path
-
 template <Format F>
 using RawVec = std::conditional_t<F == Format::kNative, uint4, uint2>;  // 8 elements
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __bfloat162float(x);
-  } else {
-    return __half2float(x);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    return __float2bfloat16_rn(x);
-  } else {
-    return __float2half_rn(x);
-  }
-}
 
 // 8 stored elements -> fp32 (the stored value; scales are applied by the caller).
 template <typename T, Format F>
@@ -122,42 +102,6 @@ __device__ __forceinline__ RawVec<F> load_raw(const void* base, int64_t elem_off
   }
 }
 
-// Per-sequence view of the query rows (batched or packed layout).
-struct DecodeSeq {
-  int sq = 0, sk = 0;
-  int64_t q_off = 0, out_off = 0, lse_off = 0, row0 = 0;
-};
-
-__device__ __forceinline__ DecodeSeq decode_seq(const AttnParams& p, int b) {
-  DecodeSeq s;
-  s.sk = static_cast<int>(cached_len(p.cache, b));
-  if (p.cu_seqlens_q != nullptr) {
-    const int64_t start = p.cu_seqlens_q[b];
-    s.sq = static_cast<int>(p.cu_seqlens_q[b + 1] - start);
-    s.q_off = start * p.q_row_stride;
-    s.out_off = start * p.out_row_stride;
-    s.lse_off = start;
-    s.row0 = start;
-  } else {
-    s.sq = p.seqlen_q;
-    s.q_off = int64_t(b) * p.q_batch_stride;
-    s.out_off = int64_t(b) * p.out_batch_stride;
-    s.lse_off = int64_t(b) * p.lse_batch_stride;
-    s.row0 = int64_t(b) * p.seqlen_q;
-  }
-  return s;
-}
-
-// Keys the tile's rows see are [lo, hi) per row (mask.h's rule as an interval).
-__device__ __forceinline__ void row_interval(int64_t i, int sq, int sk, int wl, int wr, int& lo,
-                                             int& hi) {
-  const int64_t shift = int64_t(sk) - sq;
-  int64_t a = 0, e = sk;
-  if (wl >= 0) a = i + shift - wl > 0 ? i + shift - wl : 0;
-  if (wr >= 0) e = i + shift + wr + 1 < sk ? i + shift + wr + 1 : sk;
-  lo = static_cast<int>(a);
-  hi = static_cast<int>(e > a ? e : a);
-}
 
 template <int D, int GT>
 struct DecodeShape {
@@ -369,38 +313,8 @@ __global__ void __launch_bounds__(kDecodeThreads, MinBlocks)
   __syncthreads();
   float vscale = 1.f;
   if constexpr (F == Format::kFp8E4M3) vscale = c.v.head_scale[hk];
-  for (int idx = tid; idx < GT * D; idx += kDecodeThreads) {
-    const int g = idx / D, e = idx % D;
-    const int r = r0 + g;
-    if (r >= R) continue;
-    float M = -INFINITY;
-#pragma unroll
-    for (int k = 0; k < NG; ++k) M = fmaxf(M, sm_m[k][g]);
-    float L = 0.f, o = 0.f;
-    if (M != -INFINITY) {
-#pragma unroll
-      for (int k = 0; k < NG; ++k) {
-        const float w = exp2f(sm_m[k][g] - M);
-        L = fmaf(sm_l[k][g], w, L);
-        o = fmaf(sm_acc[k][g][e], w, o);
-      }
-    }
-    const bool empty = !(L > 0.f);
-    const float val = empty ? 0.f : o / L * vscale;
-    const float lse = empty ? -INFINITY : M * 0.6931471805599453f + logf(L);
-    const int i = r / group;
-    const int h = hk * group + r % group;
-    if (p.num_splits == 1) {
-      T* op = static_cast<T*>(p.out) + s.out_off + int64_t(i) * p.out_row_stride +
-              int64_t(h) * p.out_head_stride;
-      op[e] = from_float<T>(val);
-      if (e == 0) p.lse[s.lse_off + int64_t(h) * p.lse_head_stride + i] = lse;
-    } else {
-      const int64_t grow = s.row0 + i;
-      p.out_accum[((int64_t(split) * p.total_q + grow) * p.heads + h) * D + e] = val;
-      if (e == 0) p.lse_accum[(int64_t(split) * p.heads + h) * p.total_q + grow] = lse;
-    }
-  }
+  combine_and_store<T, D, GT, NG, GT>(p, s, split, hk, r0, R, group, vscale, &sm_m[0][0],
+                                      &sm_l[0][0], &sm_acc[0][0][0]);
 }
 
 // One CTA per (row of q, head): combines the num_splits partials. Batched rows are

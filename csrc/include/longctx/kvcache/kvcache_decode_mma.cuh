@@ -35,7 +35,7 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 #include <type_traits>
-#include "longctx/kvcache/kvcache_decode.cuh"
+#include "longctx/kvcache/kvcache_decode_common.cuh"
 #include "longctx/kvcache/kvcache_params.h"
 #include "longctx/kvcache/paged.h"
 
@@ -90,25 +90,229 @@ __device__ __forceinline__ uint32_t codes2_to_h2(uint32_t x) {
   }
 }
 
-template <typename T, Format F, int D, int GT, int NT, bool kPrefetch = false, int MinBlocks = 1>
+// The rows of one CTA (GT packed rows from r0) and the keys they see: this thread's row r's
+// interval [lo, hi) (empty for rows >= GT or past R) and the union [klo, khi) (klo rounded down
+// to a 16-key tile).
+struct MmaRows {
+  int lo = 0, hi = 0, klo = 0, khi = 0;
+  bool row_active = false;
+};
+
+template <int GT>
+__device__ __forceinline__ MmaRows mma_rows(const AttnParams& p, const DecodeSeq& s, int r0,
+                                            int R, int group, int r) {
+  MmaRows m;
+  int klo = 0x7fffffff, khi = 0;
+  for (int g = 0; g < GT; ++g) {
+    const int rr = r0 + g;
+    if (rr >= R) break;
+    int a, e;
+    row_interval(rr / group, s.sq, s.sk, p.window_left, p.window_right, a, e);
+    if (g == r) {
+      m.lo = a;
+      m.hi = e;
+    }
+    if (e > a) {
+      klo = min(klo, a);
+      khi = max(khi, e);
+    }
+  }
+  m.row_active = r < GT && r0 + r < R;
+  if (!m.row_active) m.lo = m.hi = 0;
+  if (khi <= klo) klo = khi = 0;
+  m.klo = klo & ~(kMmaTile - 1);
+  m.khi = khi;
+  return m;
+}
+
+// The split's key range [kb, ke): contiguous ranges of whole multiples of `unit` keys.
+__device__ __forceinline__ void split_range(const MmaRows& m, int num_splits, int split, int unit,
+                                            int& kb, int& ke) {
+  const int64_t nkeys = m.khi - m.klo;
+  const int64_t per = ((nkeys + num_splits - 1) / num_splits + unit - 1) / unit * unit;
+  const int64_t kb64 = m.klo + per * split;
+  kb = static_cast<int>(kb64 < m.khi ? kb64 : m.khi);
+  ke = static_cast<int>(kb64 + per < m.khi ? kb64 + per : m.khi);
+}
+
+// One 16-key tile in the registers of one warp, as the mma consumes it (see the header for the
+// fragment maps): k[h] = this thread's 16-byte pieces i * 4 + c of key 8 h + r; v[e] = bytes
+// [r * D/8 * EB, +D/8 * EB) of key 2 c + (e & 1) + 8 (e >> 1); kscale / vscale its int8 scales
+// (1 otherwise); svalid whether key e may be used (page valid, key < khi).
+template <Format F, int D>
+struct MmaTileFrags {
+  static constexpr int kEB = F == Format::kNative ? 2 : 1;  // bytes per stored element
+  static constexpr int kKLoads = D / 4 * kEB / 16;           // 16-byte K pieces per key
+  static constexpr int kKWords = kKLoads * 4;
+  static constexpr int kVBytes = D / 8 * kEB;                // V bytes per key and thread
+  static constexpr int kVWords = kVBytes / 4;
+  uint32_t k[2][kKWords];
+  uint32_t v[4][kVWords];
+  float kscale[4], vscale[4];
+  bool svalid[4];
+};
+
+// Q fragments of row r (rows r + 8 are zero): list index L of this thread's K elements is the
+// physical dim (L / P) * 4P + c P + L % P, P = elements per 16-byte piece (the permutation the
+// K pieces i * 4 + c imply); Q is rounded to the mma type.
+template <typename T, Format F, int D>
+__device__ __forceinline__ void load_q_frags(const T* qp, int c, uint32_t (&qa)[D / 16][2]) {
+  constexpr bool kBf16 = F == Format::kNative && std::is_same_v<T, __nv_bfloat16>;
+  constexpr int kPiece = 16 / MmaTileFrags<F, D>::kEB;
+  auto kdim = [&](int L) { return (L / kPiece) * (4 * kPiece) + c * kPiece + L % kPiece; };
+#pragma unroll
+  for (int st = 0; st < D / 16; ++st) {
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      float x0 = 0.f, x1 = 0.f;
+      if (qp != nullptr) {
+        x0 = to_float(qp[kdim(4 * st + 2 * h2)]);
+        x1 = to_float(qp[kdim(4 * st + 2 * h2 + 1)]);
+      }
+      qa[st][h2] = pack2(x0, x1, kBf16);
+    }
+  }
+}
+
+// One warp's online-softmax state for its row r (thread (r, c) holds dims [D/4 c, D/4 (c + 1))
+// as o[jb][0..1] = dims (D/8) (2c) + jb and (D/8) (2c + 1) + jb) and the tile update.
+template <typename T, Format F, int D>
+struct MmaRowState {
+  static constexpr bool kNative = F == Format::kNative;
+  static constexpr bool kBf16 = kNative && std::is_same_v<T, __nv_bfloat16>;  // mma type
+  static constexpr int kSteps = D / 16;  // k-steps of QK
+  static constexpr int kNB = D / 8;      // n-blocks of PV
+  float o[kNB][2];
+  float m = -INFINITY, l = 0.f;
+
+  __device__ __forceinline__ MmaRowState() {
+#pragma unroll
+    for (int j = 0; j < kNB; ++j) o[j][0] = o[j][1] = 0.f;
+  }
+
+  // Consume the tile at t0 (keys t0 .. t0 + 15): S = Q K^T, mask to [lo, hi) and svalid, online
+  // softmax, O += P V. qscale = softmax_scale * log2(e) (* fp8 K scale).
+  __device__ __forceinline__ void consume(const MmaTileFrags<F, D>& L, int t0, int lo, int hi,
+                                          const uint32_t (&qa)[kSteps][2], float qscale, int c) {
+    float sacc[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      sacc[h][0] = sacc[h][1] = sacc[h][2] = sacc[h][3] = 0.f;
+      const uint32_t* w = L.k[h];
+#pragma unroll
+      for (int st = 0; st < kSteps; ++st) {
+        uint32_t b0, b1;
+        if constexpr (kNative) {
+          b0 = w[2 * st];
+          b1 = w[2 * st + 1];
+        } else {
+          const uint32_t x = F == Format::kInt8 ? w[st] ^ 0x80808080u : w[st];
+          b0 = codes2_to_h2<F>(x);
+          b1 = codes2_to_h2<F>(x >> 16);
+        }
+        mma16816<kBf16>(sacc[h], qa[st][0], 0u, qa[st][1], 0u, b0, b1);
+      }
+    }
+    // scale, mask, online softmax (row r; the 4 lanes of a row agree on m)
+    float sv[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = t0 + 2 * c + (e & 1) + 8 * (e >> 1);
+      float x = sacc[e >> 1][e & 1] * qscale;
+      if constexpr (F == Format::kInt8) x *= L.kscale[e];
+      sv[e] = (L.svalid[e] && j >= lo && j < hi) ? x : -INFINITY;
+    }
+    float mx = fmaxf(fmaxf(sv[0], sv[1]), fmaxf(sv[2], sv[3]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    if (__any_sync(0xffffffffu, m_new != m)) {
+      const float alpha = m_new == m ? 1.f : exp2f(m - m_new);  // m = -inf: 0
+      l *= alpha;
+#pragma unroll
+      for (int j = 0; j < kNB; ++j) {
+        o[j][0] *= alpha;
+        o[j][1] *= alpha;
+      }
+      m = m_new;
+    }
+    const float mref = m == -INFINITY ? 0.f : m;
+    float pr[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      pr[e] = exp2f(sv[e] - mref);
+      l += pr[e];
+      if constexpr (F == Format::kInt8) pr[e] *= L.vscale[e];
+    }
+    const uint32_t pa0 = pack2(pr[0], pr[1], kBf16);  // keys 2c, 2c+1
+    const uint32_t pa2 = pack2(pr[2], pr[3], kBf16);  // keys 2c+8, 2c+9
+
+    // O += P V
+#pragma unroll
+    for (int jb = 0; jb < kNB; ++jb) {
+      uint32_t b0, b1;
+      if constexpr (kNative) {
+        const uint32_t sel = (jb & 1) ? 0x7632u : 0x5410u;
+        b0 = __byte_perm(L.v[0][jb / 2], L.v[1][jb / 2], sel);
+        b1 = __byte_perm(L.v[2][jb / 2], L.v[3][jb / 2], sel);
+      } else {
+        const int wi = jb / 4, by = jb % 4;
+        const uint32_t sel = 0x40u + by * 0x11u;  // bytes (k0.by, k1.by) in the low half
+        const uint32_t bias = F == Format::kInt8 ? 0x80808080u : 0u;
+        b0 = codes2_to_h2<F>(__byte_perm(L.v[0][wi], L.v[1][wi], sel) ^ bias);
+        b1 = codes2_to_h2<F>(__byte_perm(L.v[2][wi], L.v[3][wi], sel) ^ bias);
+      }
+      float acc[4] = {o[jb][0], o[jb][1], 0.f, 0.f};
+      mma16816<kBf16>(acc, pa0, 0u, pa2, 0u, b0, b1);
+      o[jb][0] = acc[0];
+      o[jb][1] = acc[1];
+    }
+  }
+
+  // Writes this warp's state into the CTA's combine arrays (slot warp * 8 + r) and, after the
+  // caller's __syncthreads(), combine_and_store reads them.
+  __device__ __forceinline__ void to_smem(float* sm_m, float* sm_l, float* sm_o, int warp, int r,
+                                          int c) {
+    float lsum = l;
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+    if (c == 0) {
+      sm_m[warp * 8 + r] = m;
+      sm_l[warp * 8 + r] = lsum;
+    }
+    float* orow = sm_o + (warp * 8 + r) * D;
+#pragma unroll
+    for (int jb = 0; jb < kNB; ++jb) {
+      orow[(D / 8) * (2 * c) + jb] = o[jb][0];
+      orow[(D / 8) * (2 * c + 1) + jb] = o[jb][1];
+    }
+  }
+};
+
+// The query row pointer of thread row r (nullptr if the row is inactive).
+template <typename T>
+__device__ __forceinline__ const T* mma_q_row(const AttnParams& p, const DecodeSeq& s, int r0,
+                                              int r, int group, int hk, bool active) {
+  if (!active) return nullptr;
+  const int rr = r0 + r;
+  return static_cast<const T*>(p.q) + s.q_off + int64_t(rr / group) * p.q_row_stride +
+         int64_t(hk * group + rr % group) * p.q_head_stride;
+}
+
+template <typename T, Format F, int D, int GT, int NT, int MinBlocks = 1>
 __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     kvcache_decode_mma_kernel(const AttnParams p, int m_tiles) {
   static_assert(D == 64 || D == 128, "mma decode: head_dim 64 or 128");
   static_assert(GT <= 8, "mma decode: at most 8 packed rows per CTA");
-  constexpr bool kNative = F == Format::kNative;
-  constexpr bool kBf16 = kNative && std::is_same_v<T, __nv_bfloat16>;  // mma type
-  constexpr int kEB = kNative ? 2 : 1;                 // bytes per stored element
-  constexpr int kKElems = D / 4;                       // K elements per thread per key
-  constexpr int kKLoads = kKElems * kEB / 16;          // 16-byte K loads per key
-  constexpr int kKPiece = 16 / kEB;                    // elements per K load
-  constexpr int kVDims = D / 8;                        // V dims per thread per key
-  constexpr int kVLoads = kVDims * kEB / 16;           // 16-byte V loads per key (1 or 2)
-  constexpr int kSteps = D / 16;                       // k-steps of QK
-  constexpr int kNB = D / 8;                           // n-blocks of PV
+  using Frags = MmaTileFrags<F, D>;
+  using State = MmaRowState<T, F, D>;
+  constexpr int kEB = Frags::kEB;
+  constexpr int kKLoads = Frags::kKLoads;
+  constexpr int kVLoads = Frags::kVBytes / 16;  // 16-byte V loads per key (1 or 2)
   static_assert(kKLoads >= 1 && kVLoads >= 1, "tile shape");
 
-  __shared__ float sm_m[kMmaWarps][8], sm_l[kMmaWarps][8];
-  __shared__ float sm_o[kMmaWarps][8][D];
+  __shared__ float sm_m[kMmaWarps * 8], sm_l[kMmaWarps * 8];
+  __shared__ float sm_o[kMmaWarps * 8 * D];
 
   const int split = blockIdx.x;
   const int hk = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles;
@@ -122,72 +326,18 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   const int r0 = mt * GT;
   if (r0 >= R) return;
 
-  // This thread's query row (r < GT) and its mask interval; the CTA's key range.
-  int lo = 0, hi = 0, klo = 0x7fffffff, khi = 0;
-  for (int g = 0; g < GT; ++g) {
-    const int rr = r0 + g;
-    if (rr >= R) break;
-    int a, e;
-    row_interval(rr / group, s.sq, s.sk, p.window_left, p.window_right, a, e);
-    if (g == r) {
-      lo = a;
-      hi = e;
-    }
-    if (e > a) {
-      klo = min(klo, a);
-      khi = max(khi, e);
-    }
-  }
-  const bool row_active = r < GT && r0 + r < R;
-  if (!row_active) {
-    lo = 0;
-    hi = 0;
-  }
-  if (khi <= klo) {
-    klo = 0;
-    khi = 0;
-  }
-  klo &= ~(kMmaTile - 1);
+  const MmaRows rows = mma_rows<GT>(p, s, r0, R, group, r);
+  const int lo = rows.lo, hi = rows.hi, khi = rows.khi;
   constexpr int kChunk = kMmaTile * NT;  // keys per warp per iteration (NT tiles in flight)
   constexpr int kCtaKeys = kChunk * kMmaWarps;
-  const int64_t nkeys = khi - klo;
-  const int64_t per = ((nkeys + p.num_splits - 1) / p.num_splits + kCtaKeys - 1) / kCtaKeys *
-                      kCtaKeys;
-  const int64_t kb64 = klo + per * split;
-  const int kb = static_cast<int>(kb64 < khi ? kb64 : khi);
-  const int ke = static_cast<int>(kb64 + per < khi ? kb64 + per : khi);
+  int kb, ke;
+  split_range(rows, p.num_splits, split, kCtaKeys, kb, ke);
 
-  // Q fragments (row r; rows r + 8 are zero): list index L of this thread's K elements is the
-  // physical dim kdim(L).
-  auto kdim = [&](int L) { return (L / kKPiece) * (4 * kKPiece) + c * kKPiece + L % kKPiece; };
   float qscale = p.softmax_scale * 1.4426950408889634f;
   if constexpr (F == Format::kFp8E4M3) qscale *= cache.k.head_scale[hk];
-  uint32_t qa[kSteps][2];
-  {
-    const T* qp = nullptr;
-    if (row_active) {
-      const int rr = r0 + r;
-      qp = static_cast<const T*>(p.q) + s.q_off + int64_t(rr / group) * p.q_row_stride +
-           int64_t(hk * group + rr % group) * p.q_head_stride;
-    }
-#pragma unroll
-    for (int st = 0; st < kSteps; ++st) {
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        float x0 = 0.f, x1 = 0.f;
-        if (qp != nullptr) {
-          x0 = to_float(qp[kdim(4 * st + 2 * h2)]);
-          x1 = to_float(qp[kdim(4 * st + 2 * h2 + 1)]);
-        }
-        qa[st][h2] = pack2(x0, x1, kBf16);
-      }
-    }
-  }
-
-  float o[kNB][2];
-#pragma unroll
-  for (int j = 0; j < kNB; ++j) o[j][0] = o[j][1] = 0.f;
-  float m = -INFINITY, l = 0.f;
+  uint32_t qa[D / 16][2];
+  load_q_frags<T, F, D>(mma_q_row<T>(p, s, r0, r, group, hk, rows.row_active), c, qa);
+  State st;
 
   const int bs = cache.block_size;
   const bool pow2 = (bs & (bs - 1)) == 0;
@@ -200,12 +350,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   const int64_t k_head = int64_t(hk) * cache.k.head_stride;
   const int64_t v_head = int64_t(hk) * cache.v.head_stride;
 
-  struct Loaded {
-    uint4 kr[2][kKLoads];
-    uint4 vr[4][kVLoads];
-    float kscale[4], vscale[4];
-    bool svalid[4];
-  };
   // Page id of the 16-key tile at t0 when block_size is a multiple of 16 (the tile lies in one
   // page), -1 if invalid or past the block table. Loaded one iteration ahead of the data, so the
   // data loads never wait for the block table.
@@ -217,7 +361,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   };
   // Issues the loads of the tile at t0 (K, V, int8 scales); invalid keys read nothing (zeros).
   // tile_page: tile_page_of(t0) (fast path; ignored otherwise).
-  auto load_tile = [&](int t0, int tile_page, Loaded& L) {
+  auto load_tile = [&](int t0, int tile_page, Frags& L) {
     int tile_slot = 0;
     if (fast_pages) tile_slot = pow2 ? (t0 & (bs - 1)) : t0 % bs;
     auto key_loc = [&](int j, int& page, int& slot) {
@@ -244,11 +388,16 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
       const uint8_t* src = kbase + (int64_t(page) * cache.k.page_stride +
                                     int64_t(slot) * cache.k.slot_stride + k_head) * kEB;
 #pragma unroll
-      for (int i = 0; i < kKLoads; ++i)
-        L.kr[h][i] = kvalid ? __ldg(reinterpret_cast<const uint4*>(src) + i * 4 + c)
-                            : make_uint4(0, 0, 0, 0);
+      for (int i = 0; i < kKLoads; ++i) {
+        const uint4 x = kvalid ? __ldg(reinterpret_cast<const uint4*>(src) + i * 4 + c)
+                               : make_uint4(0, 0, 0, 0);
+        L.k[h][4 * i] = x.x;
+        L.k[h][4 * i + 1] = x.y;
+        L.k[h][4 * i + 2] = x.z;
+        L.k[h][4 * i + 3] = x.w;
+      }
     }
-    // V: keys t0 + {2c, 2c + 1, 2c + 8, 2c + 9}, dims [kVDims r, + kVDims)
+    // V: keys t0 + {2c, 2c + 1, 2c + 8, 2c + 9}, this thread's bytes of row r
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = t0 + 2 * c + (e & 1) + 8 * (e >> 1);
@@ -258,9 +407,15 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
       const uint8_t* src = vbase + (int64_t(page) * cache.v.page_stride +
                                     int64_t(slot) * cache.v.slot_stride + v_head) * kEB;
 #pragma unroll
-      for (int i = 0; i < kVLoads; ++i)
-        L.vr[e][i] = L.svalid[e] ? __ldg(reinterpret_cast<const uint4*>(src) + r * kVLoads + i)
-                                 : make_uint4(0, 0, 0, 0);
+      for (int i = 0; i < kVLoads; ++i) {
+        const uint4 x = L.svalid[e]
+                            ? __ldg(reinterpret_cast<const uint4*>(src) + r * kVLoads + i)
+                            : make_uint4(0, 0, 0, 0);
+        L.v[e][4 * i] = x.x;
+        L.v[e][4 * i + 1] = x.y;
+        L.v[e][4 * i + 2] = x.z;
+        L.v[e][4 * i + 3] = x.w;
+      }
       L.kscale[e] = L.vscale[e] = 1.f;
       if constexpr (F == Format::kInt8) {
         if (L.svalid[e]) {
@@ -271,179 +426,30 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     }
   };
 
-  auto compute_tile = [&](int t0, const Loaded& L) {
-    const auto& kr = L.kr;
-    const auto& vr = L.vr;
-    const auto& kscale = L.kscale;
-    const auto& vscale = L.vscale;
-    const auto& svalid = L.svalid;
-    // S = Q K^T
-    float sacc[2][4];
+  int c0 = kb + kChunk * warp;
+  int pg_cur[NT];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      sacc[h][0] = sacc[h][1] = sacc[h][2] = sacc[h][3] = 0.f;
-      const uint32_t* w = reinterpret_cast<const uint32_t*>(kr[h]);
+  for (int u = 0; u < NT; ++u) pg_cur[u] = c0 < ke ? tile_page_of(c0 + kMmaTile * u) : -1;
+  for (; c0 < ke; c0 += kCtaKeys) {
+    int pg_nxt[NT];
 #pragma unroll
-      for (int st = 0; st < kSteps; ++st) {
-        uint32_t b0, b1;
-        if constexpr (kNative) {
-          b0 = w[2 * st];
-          b1 = w[2 * st + 1];
-        } else {
-          const uint32_t x = F == Format::kInt8 ? w[st] ^ 0x80808080u : w[st];
-          b0 = codes2_to_h2<F>(x);
-          b1 = codes2_to_h2<F>(x >> 16);
-        }
-        mma16816<kBf16>(sacc[h], qa[st][0], 0u, qa[st][1], 0u, b0, b1);
-      }
-    }
-    // scale, mask, online softmax (row r; the 4 lanes of a row agree on m)
-    float sv[4];
+    for (int u = 0; u < NT; ++u)
+      pg_nxt[u] = c0 + kCtaKeys < ke ? tile_page_of(c0 + kCtaKeys + kMmaTile * u) : -1;
+    Frags ld[NT];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int j = t0 + 2 * c + (e & 1) + 8 * (e >> 1);
-      float x = sacc[e >> 1][e & 1] * qscale;
-      if constexpr (F == Format::kInt8) x *= kscale[e];
-      sv[e] = (svalid[e] && j >= lo && j < hi) ? x : -INFINITY;
-    }
-    float mx = fmaxf(fmaxf(sv[0], sv[1]), fmaxf(sv[2], sv[3]));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m, mx);
-    if (__any_sync(0xffffffffu, m_new != m)) {
-      const float alpha = m_new == m ? 1.f : exp2f(m - m_new);  // m = -inf: 0
-      l *= alpha;
+    for (int u = 0; u < NT; ++u) load_tile(c0 + kMmaTile * u, pg_cur[u], ld[u]);
 #pragma unroll
-      for (int j = 0; j < kNB; ++j) {
-        o[j][0] *= alpha;
-        o[j][1] *= alpha;
-      }
-      m = m_new;
-    }
-    const float mref = m == -INFINITY ? 0.f : m;
-    float pr[4];
+    for (int u = 0; u < NT; ++u) st.consume(ld[u], c0 + kMmaTile * u, lo, hi, qa, qscale, c);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      pr[e] = exp2f(sv[e] - mref);
-      l += pr[e];
-      if constexpr (F == Format::kInt8) pr[e] *= vscale[e];
-    }
-    const uint32_t pa0 = pack2(pr[0], pr[1], kBf16);  // keys 2c, 2c+1
-    const uint32_t pa2 = pack2(pr[2], pr[3], kBf16);  // keys 2c+8, 2c+9
-
-    // O += P V
-    const uint32_t* v0 = reinterpret_cast<const uint32_t*>(vr[0]);
-    const uint32_t* v1 = reinterpret_cast<const uint32_t*>(vr[1]);
-    const uint32_t* v2 = reinterpret_cast<const uint32_t*>(vr[2]);
-    const uint32_t* v3 = reinterpret_cast<const uint32_t*>(vr[3]);
-#pragma unroll
-    for (int jb = 0; jb < kNB; ++jb) {
-      uint32_t b0, b1;
-      if constexpr (kNative) {
-        const uint32_t sel = (jb & 1) ? 0x7632u : 0x5410u;
-        b0 = __byte_perm(v0[jb / 2], v1[jb / 2], sel);
-        b1 = __byte_perm(v2[jb / 2], v3[jb / 2], sel);
-      } else {
-        const int wi = jb / 4, by = jb % 4;
-        const uint32_t sel = 0x40u + by * 0x11u;  // bytes (k0.by, k1.by) in the low half
-        const uint32_t bias = F == Format::kInt8 ? 0x80808080u : 0u;
-        b0 = codes2_to_h2<F>(__byte_perm(v0[wi], v1[wi], sel) ^ bias);
-        b1 = codes2_to_h2<F>(__byte_perm(v2[wi], v3[wi], sel) ^ bias);
-      }
-      float acc[4] = {o[jb][0], o[jb][1], 0.f, 0.f};
-      mma16816<kBf16>(acc, pa0, 0u, pa2, 0u, b0, b1);
-      o[jb][0] = acc[0];
-      o[jb][1] = acc[1];
-    }
-  };
-
-  if constexpr (!kPrefetch) {
-    int c0 = kb + kChunk * warp;
-    int pg_cur[NT];
-#pragma unroll
-    for (int u = 0; u < NT; ++u) pg_cur[u] = c0 < ke ? tile_page_of(c0 + kMmaTile * u) : -1;
-    for (; c0 < ke; c0 += kCtaKeys) {
-      int pg_nxt[NT];
-#pragma unroll
-      for (int u = 0; u < NT; ++u)
-        pg_nxt[u] = c0 + kCtaKeys < ke ? tile_page_of(c0 + kCtaKeys + kMmaTile * u) : -1;
-      Loaded ld[NT];
-#pragma unroll
-      for (int u = 0; u < NT; ++u) load_tile(c0 + kMmaTile * u, pg_cur[u], ld[u]);
-#pragma unroll
-      for (int u = 0; u < NT; ++u) compute_tile(c0 + kMmaTile * u, ld[u]);
-#pragma unroll
-      for (int u = 0; u < NT; ++u) pg_cur[u] = pg_nxt[u];
-    }
-  } else {  // the next chunk's loads are in flight while this one is computed
-    Loaded cur[NT], nxt[NT];
-    int c0 = kb + kChunk * warp;
-    if (c0 < ke) {
-#pragma unroll
-      for (int u = 0; u < NT; ++u)
-        load_tile(c0 + kMmaTile * u, tile_page_of(c0 + kMmaTile * u), cur[u]);
-    }
-    for (; c0 < ke; c0 += kCtaKeys) {
-      if (c0 + kCtaKeys < ke) {
-#pragma unroll
-        for (int u = 0; u < NT; ++u)
-          load_tile(c0 + kCtaKeys + kMmaTile * u, tile_page_of(c0 + kCtaKeys + kMmaTile * u),
-                    nxt[u]);
-      }
-#pragma unroll
-      for (int u = 0; u < NT; ++u) compute_tile(c0 + kMmaTile * u, cur[u]);
-#pragma unroll
-      for (int u = 0; u < NT; ++u) cur[u] = nxt[u];
-    }
+    for (int u = 0; u < NT; ++u) pg_cur[u] = pg_nxt[u];
   }
 
-  // Merge the warps: row r's max, sum and its dims [D/4 c, D/4 (c+1)).
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
-  if (c == 0) {
-    sm_m[warp][r] = m;
-    sm_l[warp][r] = l;
-  }
-#pragma unroll
-  for (int jb = 0; jb < kNB; ++jb) {
-    sm_o[warp][r][(D / 8) * (2 * c) + jb] = o[jb][0];
-    sm_o[warp][r][(D / 8) * (2 * c + 1) + jb] = o[jb][1];
-  }
+  st.to_smem(sm_m, sm_l, sm_o, warp, r, c);
   __syncthreads();
   float vs_head = 1.f;
   if constexpr (F == Format::kFp8E4M3) vs_head = cache.v.head_scale[hk];
-  for (int idx = threadIdx.x; idx < GT * D; idx += kMmaWarps * 32) {
-    const int g = idx / D, e = idx % D;
-    const int rr = r0 + g;
-    if (rr >= R) continue;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kMmaWarps; ++w) M = fmaxf(M, sm_m[w][g]);
-    float L = 0.f, acc = 0.f;
-    if (M != -INFINITY) {
-#pragma unroll
-      for (int w = 0; w < kMmaWarps; ++w) {
-        const float wt = exp2f(sm_m[w][g] - M);
-        L = fmaf(sm_l[w][g], wt, L);
-        acc = fmaf(sm_o[w][g][e], wt, acc);
-      }
-    }
-    const bool empty = !(L > 0.f);
-    const float val = empty ? 0.f : acc / L * vs_head;
-    const float lse = empty ? -INFINITY : M * 0.6931471805599453f + logf(L);
-    const int i = rr / group;
-    const int h = hk * group + rr % group;
-    if (p.num_splits == 1) {
-      T* op = static_cast<T*>(p.out) + s.out_off + int64_t(i) * p.out_row_stride +
-              int64_t(h) * p.out_head_stride;
-      op[e] = from_float<T>(val);
-      if (e == 0) p.lse[s.lse_off + int64_t(h) * p.lse_head_stride + i] = lse;
-    } else {
-      const int64_t grow = s.row0 + i;
-      p.out_accum[((int64_t(split) * p.total_q + grow) * p.heads + h) * D + e] = val;
-      if (e == 0) p.lse_accum[(int64_t(split) * p.heads + h) * p.total_q + grow] = lse;
-    }
-  }
+  combine_and_store<T, D, GT, kMmaWarps, 8>(p, s, split, hk, r0, R, group, vs_head, sm_m, sm_l,
+                                            sm_o);
 }
 
 }  // namespace cuda

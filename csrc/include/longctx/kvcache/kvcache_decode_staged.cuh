@@ -1,0 +1,254 @@
+// Split-KV decode over an 8-bit (int8 / fp8 e4m3) paged KV cache, head_dim 64 or 128: tensor
+// cores fed from a cp.async shared-memory pipeline. The default decode kernel for 8-bit caches
+// whose layout allows 16-byte copies (see staged_decode_ok in the launcher).
+//
+// Why: 8-bit decode is bound by the bytes in flight per SM, not by math. The register kernel
+// (kvcache_decode_mma.cuh) holds in-flight K/V in registers (210-222 per thread, 2 CTAs per SM)
+// and its loads and compute alternate, so an SM keeps too few bytes in flight to reach the copy
+// bandwidth (0.59-0.79x measured). Here each warp owns a ring of S stages of 16-key tiles in
+// shared memory filled by cp.async (no registers while in flight); while it computes tile i, tiles
+// i + 1 .. i + S - 1 are being copied, so S - 1 tiles (4 KiB each for D = 128) per warp are always
+// in flight, with 3 CTAs (12 warps) per SM.
+//
+// Work decomposition: as the register kernel (CTA of 4 warps per (split, kv head, tile of
+// GT <= 8 packed GQA rows, sequence); the split's keys are 16-key tiles, warp w takes tiles
+// w, w + 4, w + 8, ...). Per tile and warp the math is MmaRowState::consume (kvcache_decode_mma.cuh:
+// S = Q K^T and O += P V with mma.sync m16n8k16, online softmax in fp32, dequantization exact to
+// fp16 and scales in fp32); only where the fragments come from differs.
+//
+// Stage layout (one warp, one 16-key tile): K codes [16 keys][D bytes], V codes [16][D], then
+// (int8) K scales [16] and V scales [16] fp32. The 16-byte pieces of a key row are XOR-swizzled
+// (piece ^ piece_swizzle(key)) so that the fragment reads (K: pieces i * 4 + c of keys 8 h + r;
+// V: piece r of keys 2 c + ...) and the copies hit distinct banks per 8-lane phase at D = 128.
+// Page ids: bs must be a multiple of 16 (a tile lies in one page); lane j holds the page of the
+// warp's tile 32 n + j of the current batch of 32 tiles, and the next batch's ids are loaded one
+// batch ahead, so no copy waits for the block table.
+// Invariants: invalid keys (page id outside the pool, past the block table, key >= khi) are
+// zero-filled by the copy (nothing is read) and masked (P = 0); pool offsets are int64; every
+// cp.async group is waited for before the CTA's shared memory is reused for the combine.
+#pragma once
+#include <cuda_runtime.h>
+#include <cstdint>
+#include "longctx/kvcache/kvcache_decode_common.cuh"
+#include "longctx/kvcache/kvcache_decode_mma.cuh"
+#include "longctx/kvcache/kvcache_params.h"
+#include "longctx/kvcache/paged.h"
+
+namespace longctx {
+namespace kvcache {
+namespace cuda {
+
+__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4_zfill(uint32_t dst, const void* src, bool pred) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+               "r"(pred ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <Format F, int D, int S>
+struct StagedLayout {
+  static_assert(F != Format::kNative, "staged decode: 8-bit caches");
+  static constexpr int kPieces = D / 16;                 // 16-byte pieces per key row
+  static constexpr int kTileBytes = kMmaTile * D;        // K (or V) codes of one tile
+  static constexpr int kScaleOff = 2 * kTileBytes;       // int8 scales after K and V
+  static constexpr int kStageBytes = kScaleOff + (F == Format::kInt8 ? 2 * kMmaTile * 4 : 0);
+  static constexpr int kWarpBytes = S * kStageBytes;
+  static constexpr int kRingBytes = kMmaWarps * kWarpBytes;
+  static constexpr int kCombineBytes = kMmaWarps * 8 * (D + 2) * 4;  // m, l, o per warp and row
+  static constexpr int kSmemBytes = kRingBytes > kCombineBytes ? kRingBytes : kCombineBytes;
+};
+
+// XOR swizzle of the 16-byte pieces of key row `key` (a permutation of [0, P) for P = D / 16).
+template <int P>
+__device__ __forceinline__ int piece_swizzle(int key) {
+  return ((((key >> 1) & 3) << 1) ^ ((key & 1) << 2)) & (P - 1);
+}
+
+template <typename T, Format F, int D, int GT, int S, int MinBlocks>
+__global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
+    kvcache_decode_staged_kernel(const AttnParams p, int m_tiles) {
+  static_assert(D == 64 || D == 128, "staged decode: head_dim 64 or 128");
+  static_assert(GT <= 8, "staged decode: at most 8 packed rows per CTA");
+  static_assert(S >= 2, "staged decode: at least two stages");
+  using Lay = StagedLayout<F, D, S>;
+  using Frags = MmaTileFrags<F, D>;
+  using State = MmaRowState<T, F, D>;
+  constexpr int P = Lay::kPieces;
+  extern __shared__ __align__(128) uint8_t smem[];
+
+  const int split = blockIdx.x;
+  const int hk = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles;
+  const int b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r = lane / 4, c = lane % 4;
+  const PagedKV& cache = p.cache;
+  const int group = p.heads / cache.kv_heads;
+  const DecodeSeq s = decode_seq(p, b);
+  const int R = s.sq * group;
+  const int r0 = mt * GT;
+  if (r0 >= R) return;
+
+  const MmaRows rows = mma_rows<GT>(p, s, r0, R, group, r);
+  const int lo = rows.lo, hi = rows.hi, khi = rows.khi;
+  int kb, ke;
+  split_range(rows, p.num_splits, split, kMmaTile * kMmaWarps, kb, ke);
+
+  float qscale = p.softmax_scale * 1.4426950408889634f;
+  if constexpr (F == Format::kFp8E4M3) qscale *= cache.k.head_scale[hk];
+  uint32_t qa[D / 16][2];
+  load_q_frags<T, F, D>(mma_q_row<T>(p, s, r0, r, group, hk, rows.row_active), c, qa);
+  State st;
+
+  // This warp's tiles: t0(i) = kb + 16 (warp + 4 i), i < n_tiles.
+  const int first = kb + kMmaTile * warp;
+  const int n_tiles = first < ke ? (ke - first + kMmaTile * kMmaWarps - 1) /
+                                       (kMmaTile * kMmaWarps)
+                                 : 0;
+  auto tile_t0 = [&](int i) { return first + kMmaTile * kMmaWarps * i; };
+
+  const int bs = cache.block_size;  // a multiple of 16 (launcher)
+  const bool pow2 = (bs & (bs - 1)) == 0;
+  const int bs_shift = __ffs(bs) - 1;
+  const int64_t cap = seq_capacity(cache);
+  const int32_t* bt = cache.block_table + int64_t(b) * cache.block_table_stride;
+  // Page id (-1: invalid) of this warp's tile i; lane j loads tile 32 n + j of a batch.
+  auto page_of_tile = [&](int i) -> int {
+    if (i >= n_tiles) return -1;
+    const int t0 = tile_t0(i);
+    if (t0 >= cap) return -1;
+    const int pg = __ldg(bt + (pow2 ? (t0 >> bs_shift) : t0 / bs));
+    return (pg >= 0 && int64_t(pg) < cache.num_blocks) ? pg : -1;
+  };
+  int pg_cur = page_of_tile(lane), pg_nxt = page_of_tile(32 + lane);
+
+  const uint8_t* kbase = static_cast<const uint8_t*>(cache.k.data) + int64_t(hk) * cache.k.head_stride;
+  const uint8_t* vbase = static_cast<const uint8_t*>(cache.v.data) + int64_t(hk) * cache.v.head_stride;
+  uint8_t* ring = smem + warp * Lay::kWarpBytes;
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  uint32_t stage_ok = 0;  // bit k: the tile in stage k has a valid page (warp-uniform)
+
+  // Issue the copies of tile i into stage i % S (an empty group past the warp's tiles). Called
+  // with i in increasing order; i % 32 == 0 rotates the page-id registers.
+  auto issue = [&](int i) {
+    if (i > 0 && i % 32 == 0) {
+      pg_cur = pg_nxt;
+      pg_nxt = page_of_tile(i + 32 + lane);
+    }
+    if (i < n_tiles) {
+      const int t0 = tile_t0(i);
+      const int pg = __shfl_sync(0xffffffffu, pg_cur, i % 32);
+      const int slot0 = pow2 ? (t0 & (bs - 1)) : t0 % bs;
+      const uint32_t stage = ring_s + (i % S) * Lay::kStageBytes;
+      stage_ok = (stage_ok & ~(1u << (i % S))) | (uint32_t(pg >= 0) << (i % S));
+      // K and V: 16 keys x P pieces each; lane takes pieces q = lane + 32 u.
+#pragma unroll
+      for (int u = 0; u < (kMmaTile * P + 31) / 32; ++u) {
+        const int q = lane + 32 * u;
+        if (kMmaTile * P % 32 == 0 || q < kMmaTile * P) {
+          const int key = q / P, piece = q % P;
+          const bool ok = pg >= 0 && t0 + key < khi;
+          const int64_t slot = slot0 + key;
+          const uint32_t dst = stage + key * D + ((piece ^ piece_swizzle<P>(key)) << 4);
+          const uint8_t* ks = kbase + (ok ? int64_t(pg) * cache.k.page_stride +
+                                                slot * cache.k.slot_stride + piece * 16
+                                          : 0);
+          const uint8_t* vs = vbase + (ok ? int64_t(pg) * cache.v.page_stride +
+                                                slot * cache.v.slot_stride + piece * 16
+                                          : 0);
+          cp_async16_zfill(dst, ks, ok);
+          cp_async16_zfill(dst + Lay::kTileBytes, vs, ok);
+        }
+      }
+      if constexpr (F == Format::kInt8) {
+        const int key = lane % kMmaTile;
+        const bool ok = pg >= 0 && t0 + key < khi;
+        const CacheView& cv = lane < kMmaTile ? cache.k : cache.v;
+        const float* src = cv.token_scale + (ok ? scale_offset(cv, pg, slot0 + key, hk) : 0);
+        cp_async4_zfill(stage + Lay::kScaleOff + lane * 4, src, ok);
+      }
+    }
+    cp_async_commit();
+  };
+
+  // The fragments of tile i from its stage (see MmaTileFrags for the maps).
+  auto read_frags = [&](int i, Frags& L) {
+    const uint8_t* stage = ring + (i % S) * Lay::kStageBytes;
+    const int t0 = tile_t0(i);
+    const bool page_ok = (stage_ok >> (i % S)) & 1u;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int key = 8 * h + r;
+#pragma unroll
+      for (int u = 0; u < Frags::kKLoads; ++u) {
+        const int piece = 4 * u + c;
+        const uint4 x = *reinterpret_cast<const uint4*>(
+            stage + key * D + ((piece ^ piece_swizzle<P>(key)) << 4));
+        L.k[h][4 * u] = x.x;
+        L.k[h][4 * u + 1] = x.y;
+        L.k[h][4 * u + 2] = x.z;
+        L.k[h][4 * u + 3] = x.w;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = 2 * c + (e & 1) + 8 * (e >> 1);
+      const int byte = r * Frags::kVBytes;  // D = 128: piece r; D = 64: half of piece r / 2
+      const uint8_t* src = stage + Lay::kTileBytes + key * D +
+                           (((byte >> 4) ^ piece_swizzle<P>(key)) << 4) + (byte & 15);
+      if constexpr (Frags::kVWords == 4) {
+        const uint4 x = *reinterpret_cast<const uint4*>(src);
+        L.v[e][0] = x.x;
+        L.v[e][1] = x.y;
+        L.v[e][2] = x.z;
+        L.v[e][3] = x.w;
+      } else {
+        const uint2 x = *reinterpret_cast<const uint2*>(src);
+        L.v[e][0] = x.x;
+        L.v[e][1] = x.y;
+      }
+      L.svalid[e] = page_ok && t0 + key < khi;
+      if constexpr (F == Format::kInt8) {
+        const float* sc = reinterpret_cast<const float*>(stage + Lay::kScaleOff);
+        L.kscale[e] = sc[key];
+        L.vscale[e] = sc[kMmaTile + key];
+      } else {
+        L.kscale[e] = L.vscale[e] = 1.f;
+      }
+    }
+  };
+
+  static_assert(S <= 32, "staged decode: at most 32 stages (one page-id batch)");
+#pragma unroll
+  for (int i = 0; i < S; ++i) issue(i);
+  for (int i = 0; i < n_tiles; ++i) {
+    cp_async_wait<S - 1>();
+    __syncwarp();
+    Frags L;
+    read_frags(i, L);
+    __syncwarp();  // every lane has read stage i % S before it is refilled
+    issue(i + S);
+    st.consume(L, tile_t0(i), lo, hi, qa, qscale, c);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // all warps done with their rings: the combine arrays alias them
+  float* sm_m = reinterpret_cast<float*>(smem);
+  float* sm_l = sm_m + kMmaWarps * 8;
+  float* sm_o = sm_l + kMmaWarps * 8;
+  st.to_smem(sm_m, sm_l, sm_o, warp, r, c);
+  __syncthreads();
+  float vs_head = 1.f;
+  if constexpr (F == Format::kFp8E4M3) vs_head = cache.v.head_scale[hk];
+  combine_and_store<T, D, GT, kMmaWarps, 8>(p, s, split, hk, r0, R, group, vs_head, sm_m, sm_l,
+                                            sm_o);
+}
+
+}  // namespace cuda
+}  // namespace kvcache
+}  // namespace longctx
