@@ -297,8 +297,18 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
 # default: the cp.async-staged tensor-core kernel for 8-bit caches (head_dim 64/128, page size a
 # multiple of 16), the register tensor-core kernel for 16-bit caches at head_dim 128, CUDA cores
 # otherwise; 2: the register tensor-core kernel for every cache at head_dim 128; 3: the staged
-# kernel with 6 stages / 2 CTAs per SM.
-VARIANTS = {"default": None, "cuda_cores": "1", "mma_registers": "2", "staged_6": "3"}
+# kernel with 4 stages / 3 CTAs per SM.
+# split_grid: the default kernels on the split-major grid without the L2 hint
+# (LONGCTX_KV_DECODE_GRID=splits, LONGCTX_KV_DECODE_L2HINT=0).
+VARIANTS = {"default": {}, "cuda_cores": {"LONGCTX_KV_DECODE_VARIANT": "1"},
+            "mma_registers": {"LONGCTX_KV_DECODE_VARIANT": "2"},
+            "staged_4": {"LONGCTX_KV_DECODE_VARIANT": "3"},
+            "split_grid": {"LONGCTX_KV_DECODE_GRID": "splits", "LONGCTX_KV_DECODE_L2HINT": "0"}}
+
+
+def _use_variant(monkeypatch, variant):
+    for k, v in VARIANTS[variant].items():
+        monkeypatch.setenv(k, v)
 
 DECODE_CASES = [  # h, hk, d, bs, causal, window
     (8, 2, 128, 16, True, (-1, -1)),     # GQA 4: one CTA row tile of 4
@@ -319,8 +329,7 @@ DECODE_CASES = [  # h, hk, d, bs, causal, window
 def test_decode_matches_reference(cache_dtype, case, splits, variant, monkeypatch):
     """Every decode kernel configuration (LONGCTX_KV_DECODE_VARIANT: tensor cores for head_dim
     128 by default, CUDA cores otherwise)."""
-    if VARIANTS[variant] is not None:
-        monkeypatch.setenv("LONGCTX_KV_DECODE_VARIANT", VARIANTS[variant])
+    _use_variant(monkeypatch, variant)
     h, hk, d, bs, causal, window = case
     dtype = FP16 if cache_dtype == FP16 else BF16
     gen = torch.Generator().manual_seed(4)
@@ -336,8 +345,7 @@ def test_decode_unvalidated_bad_pages_are_masked(cache_dtype, variant, monkeypat
     """validate=False: page ids outside the pool inside a sequence's length mask their keys
     (nothing read there), and pages the table does not reference hold NaN (NaN scales for int8):
     the output must be the attention over the remaining keys, every kernel variant."""
-    if VARIANTS[variant] is not None:
-        monkeypatch.setenv("LONGCTX_KV_DECODE_VARIANT", VARIANTS[variant])
+    _use_variant(monkeypatch, variant)
     gen = torch.Generator().manual_seed(11)
     h, hk, d, bs, n = 8, 2, 128, 16, 1000
     nblk = -(-n // bs)
@@ -349,6 +357,9 @@ def test_decode_unvalidated_bad_pages_are_masked(cache_dtype, variant, monkeypat
     if cache_dtype == INT8:
         ksc[~used] = float("nan")
         vsc[~used] = float("nan")
+    elif cache_dtype == FP8:  # no masked_fill for float8: write the NaN code 0x7f
+        kc.view(torch.uint8)[~used] = 0x7F
+        vc.view(torch.uint8)[~used] = 0x7F
     else:
         kc[~used] = float("nan")
         vc[~used] = float("nan")
@@ -381,8 +392,7 @@ def test_decode_unvalidated_bad_pages_are_masked(cache_dtype, variant, monkeypat
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_decode_several_queries_packed_and_pool_view(cache_dtype, variant, monkeypatch):
     """Speculative decode: 1-3 query rows per sequence, packed (cu_seqlens_q), a strided pool."""
-    if VARIANTS[variant] is not None:
-        monkeypatch.setenv("LONGCTX_KV_DECODE_VARIANT", VARIANTS[variant])
+    _use_variant(monkeypatch, variant)
     gen = torch.Generator().manual_seed(5)
     _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [3, 900, 2500], [1, 3, 2], True,
                      (-1, -1), 0, packed=True, pool_view=True, gen=gen)

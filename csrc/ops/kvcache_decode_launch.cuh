@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <string>
 #include "longctx/kvcache/kvcache_decode.cuh"
 #include "longctx/kvcache/kvcache_decode_mma.cuh"
 #include "longctx/kvcache/kvcache_decode_staged.cuh"
@@ -37,12 +38,13 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
 
 // The decode kernels, all 128 threads on the same (split, kv head x row tile, sequence) grid.
 // Variant 0 (default): 8-bit caches at head_dim 64/128 whose layout allows 16-byte copies
-// (staged_decode_ok): the cp.async-staged tensor-core kernel (kvcache_decode_staged.cuh, 4 stages,
-// 3 CTAs per SM); other head_dim 128 cases: the register tensor-core kernel
+// (staged_decode_ok): the cp.async-staged tensor-core kernel (kvcache_decode_staged.cuh, 6 stages,
+// 2 CTAs per SM); other head_dim 128 cases: the register tensor-core kernel
 // (kvcache_decode_mma.cuh); the rest: the CUDA-core kernel (kvcache_decode.cuh).
 // Variant 1: the CUDA-core kernel everywhere (the first design, a second implementation for the
 // tests). Variant 2: the register tensor-core kernel at head_dim 128 (the previous 8-bit default).
-// Variant 3: the staged kernel with 6 stages and 2 CTAs per SM (depth against occupancy).
+// Variant 3: the staged kernel with 4 stages and 3 CTAs per SM (depth against occupancy; it
+// spills 64 bytes at int8 and measured 2-8% slower than 6 stages / 2 CTAs in the first run).
 // Variants 2 and 3 are measured beside the default in bench/kvcache.py.
 template <typename T, Format F, int D, int GT, int Variant>
 struct DecodeKernel {
@@ -51,8 +53,8 @@ struct DecodeKernel {
   static constexpr bool kMma = !kStaged && D == 128 && Variant != 1;
   static constexpr int kU = (F == Format::kNative ? 4 : 8) / (GT == 8 ? 2 : 1);  // CUDA cores
   static constexpr int kNT = k8bit ? 2 : 1;
-  static constexpr int kStages = Variant == 3 ? 6 : 4;
-  static constexpr int kStagedMinBlocks = Variant == 3 ? 2 : 3;
+  static constexpr int kStages = Variant == 3 ? 4 : 6;
+  static constexpr int kStagedMinBlocks = Variant == 3 ? 3 : 2;
   static constexpr int smem_bytes() {
     if constexpr (kStaged) {
       return kc::StagedLayout<F, D, kStages>::kSmemBytes;
@@ -95,6 +97,13 @@ inline bool staged_decode_ok(const kvcache::PagedKV& c) {
 
 // LONGCTX_KV_DECODE_VARIANT=1 / 2 / 3 selects that variant (read per call: the benchmark and the tests
 // measure both in one process).
+// LONGCTX_KV_DECODE_GRID=splits launches the split-major grid (the first design),
+// LONGCTX_KV_DECODE_L2HINT=0 drops the evict-first hint (both for A/B timing; read per call).
+inline bool env_is(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e != nullptr && std::string(e) == value;
+}
+
 inline int decode_variant() {
   const char* e = std::getenv("LONGCTX_KV_DECODE_VARIANT");
   return e == nullptr || e[0] < '1' || e[0] > '3' ? 0 : e[0] - '0';
@@ -145,8 +154,12 @@ void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_spli
     p.lse_accum = lse_accum.data_ptr<float>();
   }
   K::prepare();
-  K::fn()<<<dim3(splits, p.cache.kv_heads * m_tiles, p.cache.batch), kc::kDecodeThreads,
-            K::smem_bytes(), stream>>>(p, m_tiles);
+  p.decode_heads_fastest = !env_is("LONGCTX_KV_DECODE_GRID", "splits");
+  p.decode_l2_hint = !env_is("LONGCTX_KV_DECODE_L2HINT", "0");
+  const unsigned hy = static_cast<unsigned>(p.cache.kv_heads * m_tiles);
+  const dim3 grid = p.decode_heads_fastest ? dim3(hy, splits, p.cache.batch)
+                                           : dim3(splits, hy, p.cache.batch);
+  K::fn()<<<grid, kc::kDecodeThreads, K::smem_bytes(), stream>>>(p, m_tiles);
   check_launch("flash_attn_with_kvcache", "decode kernel");
   if (splits > 1) {
     TORCH_CHECK(p.heads <= 65535, "longctx.flash_attn_with_kvcache: heads must be <= 65535");

@@ -169,16 +169,21 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
         eager_ms = time_cuda(ours, warmup=5, reps=30, min_time_ms=100)
     # design alternatives, measured in the same run (not the default path): the CUDA-core
     # decode kernel (LONGCTX_KV_DECODE_VARIANT=1), the register tensor-core kernel (2: the
-    # previous 8-bit default), the staged kernel with 6 stages / 2 CTAs per SM (3), fixed splits
+    # previous 8-bit default), the staged kernel with 4 stages / 3 CTAs per SM (3), the
+    # split-major grid, the staged copies without the L2 evict-first hint, fixed split counts
     alt: Dict[str, float] = {}
-    for name, var in (("cuda_cores_ms", "1"), ("mma_registers_ms", "2"), ("staged6_ms", "3")):
-        if var in ("2", "3") and fmt == "bf16":
-            continue  # variants 2 and 3 change only the 8-bit kernels
-        os.environ["LONGCTX_KV_DECODE_VARIANT"] = var
+    for name, env, val, only8 in (("cuda_cores_ms", "LONGCTX_KV_DECODE_VARIANT", "1", False),
+                                  ("mma_registers_ms", "LONGCTX_KV_DECODE_VARIANT", "2", True),
+                                  ("staged4_ms", "LONGCTX_KV_DECODE_VARIANT", "3", True),
+                                  ("grid_splits_ms", "LONGCTX_KV_DECODE_GRID", "splits", False),
+                                  ("no_l2hint_ms", "LONGCTX_KV_DECODE_L2HINT", "0", True)):
+        if only8 and fmt == "bf16":
+            continue  # these change only the 8-bit kernels
+        os.environ[env] = val
         try:
             alt[name] = _graph_time(ours)
         finally:
-            os.environ.pop("LONGCTX_KV_DECODE_VARIANT", None)
+            os.environ.pop(env, None)
     for sp in ((33, 66) if batch == 1 else (2, 4)):
         alt[f"splits{sp}_ms"] = _graph_time(
             lambda: flash_attn_with_kvcache(q, kc, vc, seqlens, table, k_scale=ks,

@@ -120,9 +120,8 @@ __global__ void __launch_bounds__(kDecodeThreads, MinBlocks)
   __shared__ float sm_m[NG][GT], sm_l[NG][GT];
   __shared__ float sm_acc[NG][GT][D];
 
-  const int split = blockIdx.x;
-  const int hk = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles;
-  const int b = blockIdx.z;
+  const DecodeCta cta = decode_cta(p, m_tiles);
+  const int split = cta.split, hk = cta.hk, mt = cta.mt, b = cta.b;
   const int tid = threadIdx.x, kg = tid / TPK, ld = tid % TPK;
   const PagedKV& c = p.cache;
   const int group = p.heads / c.kv_heads;
@@ -317,14 +316,22 @@ __global__ void __launch_bounds__(kDecodeThreads, MinBlocks)
                                       &sm_l[0][0], &sm_acc[0][0][0]);
 }
 
-// One CTA per (row of q, head): combines the num_splits partials. Batched rows are
-// b * seqlen_q + i; packed rows index q directly.
+constexpr int kMaxSplits = 1024;  // the op's bound on num_splits
+
+// One CTA (128 threads) per (row of q, head): combines the num_splits partials. Batched rows are
+// b * seqlen_q + i; packed rows index q directly. The split weights exp(lse_s - max) are computed
+// once into shared memory (block reductions), then each output element is a dot product over the
+// splits with independent, unrolled loads (the first version recomputed exp per element and
+// walked the splits with one dependent load at a time).
 template <typename T>
 __global__ void __launch_bounds__(128) kvcache_merge_kernel(const AttnParams p) {
+  __shared__ float w[kMaxSplits];
+  __shared__ float red[4];
   const int64_t row = blockIdx.x;
   const int h = blockIdx.y;
   const int D = p.cache.head_dim;
   const int S = p.num_splits;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   int64_t out_off, lse_off;
   if (p.cu_seqlens_q != nullptr) {
     out_off = row * p.out_row_stride;
@@ -336,28 +343,52 @@ __global__ void __launch_bounds__(128) kvcache_merge_kernel(const AttnParams p) 
   }
   const float* la = p.lse_accum + int64_t(h) * p.total_q + row;
   const int64_t lstride = int64_t(p.heads) * p.total_q;
-  float M = -INFINITY;
-  for (int sp = 0; sp < S; ++sp) M = fmaxf(M, la[sp * lstride]);
+  auto block_reduce = [&](float v, bool is_max) {
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) {
+      const float o = __shfl_xor_sync(0xffffffffu, v, off);
+      v = is_max ? fmaxf(v, o) : v + o;
+    }
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = is_max ? fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]))
+               : (red[0] + red[1]) + (red[2] + red[3]);
+    __syncthreads();
+    return v;
+  };
+  float mx = -INFINITY;
+  for (int sp = tid; sp < S; sp += blockDim.x) {
+    const float v = la[sp * lstride];
+    w[sp] = v;
+    mx = fmaxf(mx, v);
+  }
+  const float M = block_reduce(mx, true);
   T* op = static_cast<T*>(p.out) + out_off + int64_t(h) * p.out_head_stride;
   if (M == -INFINITY) {
-    for (int e = threadIdx.x; e < D; e += blockDim.x) op[e] = from_float<T>(0.f);
-    if (threadIdx.x == 0) p.lse[lse_off + int64_t(h) * p.lse_head_stride] = -INFINITY;
+    for (int e = tid; e < D; e += blockDim.x) op[e] = from_float<T>(0.f);
+    if (tid == 0) p.lse[lse_off + int64_t(h) * p.lse_head_stride] = -INFINITY;
     return;
   }
   float sum = 0.f;
-  for (int sp = 0; sp < S; ++sp) sum += expf(la[sp * lstride] - M);
-  const float total = M + logf(sum);
+  for (int sp = tid; sp < S; sp += blockDim.x) {
+    const float e = expf(w[sp] - M);  // lse_s = -inf (a split without keys): 0
+    w[sp] = e;
+    sum += e;
+  }
+  const float total = block_reduce(sum, false);  // also orders the w[] writes before the reads
+  const float inv = 1.f / total;
   const int64_t ostride = p.total_q * int64_t(p.heads) * D;
   const float* oa = p.out_accum + (row * p.heads + h) * D;
-  for (int e = threadIdx.x; e < D; e += blockDim.x) {
+  for (int e = tid; e < D; e += blockDim.x) {
     float a = 0.f;
+#pragma unroll 8
     for (int sp = 0; sp < S; ++sp) {
-      const float w = expf(la[sp * lstride] - total);
-      if (w > 0.f) a = fmaf(w, oa[sp * ostride + e], a);
+      const float x = oa[sp * ostride + e];
+      a = w[sp] > 0.f ? fmaf(w[sp], x, a) : a;
     }
-    op[e] = from_float<T>(a);
+    op[e] = from_float<T>(a * inv);
   }
-  if (threadIdx.x == 0) p.lse[lse_off + int64_t(h) * p.lse_head_stride] = total;
+  if (tid == 0) p.lse[lse_off + int64_t(h) * p.lse_head_stride] = M + logf(total);
 }
 
 }  // namespace cuda

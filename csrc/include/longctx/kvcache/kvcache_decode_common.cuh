@@ -71,6 +71,18 @@ __device__ __forceinline__ DecodeSeq decode_seq(const AttnParams& p, int b) {
   return s;
 }
 
+// The CTA's (split, kv head, row tile, sequence) from the launch grid: (kv_heads * m_tiles,
+// splits, batch) when decode_heads_fastest, else (splits, kv_heads * m_tiles, batch).
+struct DecodeCta {
+  int split, hk, mt, b;
+};
+
+__device__ __forceinline__ DecodeCta decode_cta(const AttnParams& p, int m_tiles) {
+  const int hy = p.decode_heads_fastest ? blockIdx.x : blockIdx.y;
+  const int split = p.decode_heads_fastest ? blockIdx.y : blockIdx.x;
+  return {split, hy / m_tiles, hy % m_tiles, static_cast<int>(blockIdx.z)};
+}
+
 // Keys the tile's rows see are [lo, hi) per row (mask.h's rule as an interval).
 __device__ __forceinline__ void row_interval(int64_t i, int sq, int sk, int wl, int wr, int& lo,
                                              int& hi) {

@@ -314,9 +314,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   __shared__ float sm_m[kMmaWarps * 8], sm_l[kMmaWarps * 8];
   __shared__ float sm_o[kMmaWarps * 8 * D];
 
-  const int split = blockIdx.x;
-  const int hk = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles;
-  const int b = blockIdx.z;
+  const DecodeCta cta = decode_cta(p, m_tiles);
+  const int split = cta.split, hk = cta.hk, mt = cta.mt, b = cta.b;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int r = lane / 4, c = lane % 4;
   const PagedKV& cache = p.cache;

@@ -42,6 +42,17 @@ __device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(pred ? 16 : 0));
 }
+// The same with an L2 cache policy (createpolicy), e.g. evict-first for data read once.
+__device__ __forceinline__ void cp_async16_zfill_hint(uint32_t dst, const void* src, bool pred,
+                                                      uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
+               "l"(src), "r"(pred ? 16 : 0), "l"(policy));
+}
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
 __device__ __forceinline__ void cp_async4_zfill(uint32_t dst, const void* src, bool pred) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
                "r"(pred ? 4 : 0));
@@ -83,9 +94,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   constexpr int P = Lay::kPieces;
   extern __shared__ __align__(128) uint8_t smem[];
 
-  const int split = blockIdx.x;
-  const int hk = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles;
-  const int b = blockIdx.z;
+  const DecodeCta cta = decode_cta(p, m_tiles);
+  const int split = cta.split, hk = cta.hk, mt = cta.mt, b = cta.b;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int r = lane / 4, c = lane % 4;
   const PagedKV& cache = p.cache;
@@ -133,6 +143,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   uint8_t* ring = smem + warp * Lay::kWarpBytes;
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   uint32_t stage_ok = 0;  // bit k: the tile in stage k has a valid page (warp-uniform)
+  // K/V are read once: evict them first, so that the int8 scales (one 32-byte sector holds the
+  // scales of all kv heads of a slot, read by every head's CTA) stay in L2 between the heads.
+  const uint64_t l2_policy = l2_evict_first_policy();
 
   // Issue the copies of tile i into stage i % S (an empty group past the warp's tiles). Called
   // with i in increasing order; i % 32 == 0 rotates the page-id registers.
@@ -162,8 +175,13 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
           const uint8_t* vs = vbase + (ok ? int64_t(pg) * cache.v.page_stride +
                                                 slot * cache.v.slot_stride + piece * 16
                                           : 0);
-          cp_async16_zfill(dst, ks, ok);
-          cp_async16_zfill(dst + Lay::kTileBytes, vs, ok);
+          if (p.decode_l2_hint) {
+            cp_async16_zfill_hint(dst, ks, ok, l2_policy);
+            cp_async16_zfill_hint(dst + Lay::kTileBytes, vs, ok, l2_policy);
+          } else {
+            cp_async16_zfill(dst, ks, ok);
+            cp_async16_zfill(dst + Lay::kTileBytes, vs, ok);
+          }
         }
       }
       if constexpr (F == Format::kInt8) {
