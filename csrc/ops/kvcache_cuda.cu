@@ -5,11 +5,13 @@
 //
 // flash_attn_with_kvcache picks one of two paths:
 //  - decode (seqlen_q * heads / kv_heads <= 32 packed rows per kv head, head_dim 64/128/256):
-//    split-KV, dequantization fused: kvcache_decode_mma.cuh (tensor cores) for head_dim 128,
-//    kvcache_decode.cuh (CUDA cores) for 64 and 256 (and for 128 with
-//    LONGCTX_KV_DECODE_VARIANT=1), then (num_splits > 1) the merge kernel; launches in
-//    kvcache_decode_launch.cuh. num_splits = 0 chooses the split count so that the CTAs fill
-//    whole waves of the device (occupancy x SMs), with at least 256 keys per split.
+//    split-KV, dequantization fused: 8-bit caches at head_dim 64/128 run
+//    kvcache_decode_staged.cuh (tensor cores fed by a cp.async shared-memory pipeline), 16-bit
+//    caches at head_dim 128 kvcache_decode_mma.cuh (tensor cores, loads in registers), the rest
+//    kvcache_decode.cuh (CUDA cores); LONGCTX_KV_DECODE_VARIANT selects the alternatives for
+//    measurement. Then (num_splits > 1) the merge kernel; launches in kvcache_decode_launch.cuh.
+//    num_splits = 0 chooses the split count from the occupancy (waves / splits, see
+//    choose_splits), with at least 256 keys per split.
 //  - chunked prefill (more query rows): the cache pages of each sequence are gathered and
 //    dequantized into a contiguous bf16/fp16 K/V (kvcache_gather_kernel), then the Hopper forward
 //    kernel (longctx::flash_attn_fwd, varlen, bottom-right masks) runs on it. Dequantization is
@@ -251,8 +253,9 @@ TORCH_LIBRARY_IMPL(longctx, CUDA, m) {
 }
 
 LONGCTX_REGISTER_KERNEL("kvcache", "cuda", "bf16,fp16",
-                        "append,attention,decode_split_kv,decode_mma_hdim128,prefill_gather_fwd,cache_bf16,"
-                        "cache_fp16,cache_int8,cache_fp8_e4m3,rope,hdim64,hdim128,hdim256,causal,"
+                        "append,attention,decode_split_kv,decode_mma_hdim128,decode_staged_8bit,"
+                        "prefill_gather_fwd,cache_bf16,cache_fp16,cache_int8,cache_fp8_e4m3,rope,"
+                        "hdim64,hdim128,hdim256,causal,"
                         "window,gqa,varlen,any_block_size");
 
 }  // namespace longctx

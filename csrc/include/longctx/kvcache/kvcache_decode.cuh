@@ -316,22 +316,27 @@ __global__ void __launch_bounds__(kDecodeThreads, MinBlocks)
                                       &sm_l[0][0], &sm_acc[0][0][0]);
 }
 
-constexpr int kMaxSplits = 1024;  // the op's bound on num_splits
+constexpr int kMaxSplits = 1024;    // the op's bound on num_splits
+constexpr int kMergeThreads = 512;  // D x G threads: G = 512 / D groups of splits
 
-// One CTA (128 threads) per (row of q, head): combines the num_splits partials. Batched rows are
+// One CTA (512 threads) per (row of q, head): combines the num_splits partials. Batched rows are
 // b * seqlen_q + i; packed rows index q directly. The split weights exp(lse_s - max) are computed
-// once into shared memory (block reductions), then each output element is a dot product over the
-// splits with independent, unrolled loads (the first version recomputed exp per element and
-// walked the splits with one dependent load at a time).
+// once into shared memory (block reductions); then thread (g, e) sums w_s * out_s[e] over the
+// splits s = g mod G with unrolled independent loads (one or two rounds of L2 latency for tens of
+// splits) and the G partial sums meet in shared memory. Latency-bound by design: at batch 1 this
+// kernel is on the critical path of every decode step (the first version walked the splits with
+// one dependent load at a time and recomputed exp per element).
 template <typename T>
-__global__ void __launch_bounds__(128) kvcache_merge_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kMergeThreads) kvcache_merge_kernel(const AttnParams p) {
   __shared__ float w[kMaxSplits];
-  __shared__ float red[4];
+  __shared__ float part[kMergeThreads];
+  __shared__ float red[kMergeThreads / 32];
   const int64_t row = blockIdx.x;
   const int h = blockIdx.y;
   const int D = p.cache.head_dim;
   const int S = p.num_splits;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  constexpr int kWarps = kMergeThreads / 32;
   int64_t out_off, lse_off;
   if (p.cu_seqlens_q != nullptr) {
     out_off = row * p.out_row_stride;
@@ -351,13 +356,14 @@ __global__ void __launch_bounds__(128) kvcache_merge_kernel(const AttnParams p) 
     }
     if (lane == 0) red[warp] = v;
     __syncthreads();
-    v = is_max ? fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]))
-               : (red[0] + red[1]) + (red[2] + red[3]);
+    v = red[0];
+#pragma unroll
+    for (int k = 1; k < kWarps; ++k) v = is_max ? fmaxf(v, red[k]) : v + red[k];
     __syncthreads();
     return v;
   };
   float mx = -INFINITY;
-  for (int sp = tid; sp < S; sp += blockDim.x) {
+  for (int sp = tid; sp < S; sp += kMergeThreads) {
     const float v = la[sp * lstride];
     w[sp] = v;
     mx = fmaxf(mx, v);
@@ -365,28 +371,32 @@ __global__ void __launch_bounds__(128) kvcache_merge_kernel(const AttnParams p) 
   const float M = block_reduce(mx, true);
   T* op = static_cast<T*>(p.out) + out_off + int64_t(h) * p.out_head_stride;
   if (M == -INFINITY) {
-    for (int e = tid; e < D; e += blockDim.x) op[e] = from_float<T>(0.f);
+    for (int e = tid; e < D; e += kMergeThreads) op[e] = from_float<T>(0.f);
     if (tid == 0) p.lse[lse_off + int64_t(h) * p.lse_head_stride] = -INFINITY;
     return;
   }
   float sum = 0.f;
-  for (int sp = tid; sp < S; sp += blockDim.x) {
+  for (int sp = tid; sp < S; sp += kMergeThreads) {
     const float e = expf(w[sp] - M);  // lse_s = -inf (a split without keys): 0
     w[sp] = e;
     sum += e;
   }
   const float total = block_reduce(sum, false);  // also orders the w[] writes before the reads
-  const float inv = 1.f / total;
+  const int G = kMergeThreads / D;               // D in {64, 128, 256}: G = 8, 4, 2
+  const int e = tid % D, g = tid / D;
   const int64_t ostride = p.total_q * int64_t(p.heads) * D;
-  const float* oa = p.out_accum + (row * p.heads + h) * D;
-  for (int e = tid; e < D; e += blockDim.x) {
-    float a = 0.f;
+  const float* oa = p.out_accum + (row * p.heads + h) * D + e;
+  float a = 0.f;
 #pragma unroll 8
-    for (int sp = 0; sp < S; ++sp) {
-      const float x = oa[sp * ostride + e];
-      a = w[sp] > 0.f ? fmaf(w[sp], x, a) : a;
-    }
-    op[e] = from_float<T>(a * inv);
+  for (int sp = g; sp < S; sp += G) {
+    const float x = oa[sp * ostride];
+    a = w[sp] > 0.f ? fmaf(w[sp], x, a) : a;
+  }
+  part[tid] = a;
+  __syncthreads();
+  if (g == 0) {
+    for (int k = 1; k < G; ++k) a += part[k * D + e];
+    op[e] = from_float<T>(a / total);
   }
   if (tid == 0) p.lse[lse_off + int64_t(h) * p.lse_head_stride] = M + logf(total);
 }
