@@ -297,12 +297,14 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
 # default: the cp.async-staged tensor-core kernel for 8-bit caches (head_dim 64/128, page size a
 # multiple of 16), the register tensor-core kernel for 16-bit caches at head_dim 128, CUDA cores
 # otherwise; 2: the register tensor-core kernel for every cache at head_dim 128; 3: the staged
-# kernel with 4 stages / 3 CTAs per SM.
+# kernel with 4 stages / 3 CTAs per SM; 4: the staged kernel copying the int8 scales of all kv
+# heads as whole lines (int8, contiguous scales, kv_heads <= 8; else the default).
 # split_grid: the default kernels on the split-major grid without the L2 hint
 # (LONGCTX_KV_DECODE_GRID=splits, LONGCTX_KV_DECODE_L2HINT=0).
 VARIANTS = {"default": {}, "cuda_cores": {"LONGCTX_KV_DECODE_VARIANT": "1"},
             "mma_registers": {"LONGCTX_KV_DECODE_VARIANT": "2"},
             "staged_4": {"LONGCTX_KV_DECODE_VARIANT": "3"},
+            "line_scales": {"LONGCTX_KV_DECODE_VARIANT": "4"},
             "split_grid": {"LONGCTX_KV_DECODE_GRID": "splits", "LONGCTX_KV_DECODE_L2HINT": "0"}}
 
 

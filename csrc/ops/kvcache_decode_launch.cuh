@@ -45,26 +45,32 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
 // tests). Variant 2: the register tensor-core kernel at head_dim 128 (the previous 8-bit default).
 // Variant 3: the staged kernel with 4 stages and 3 CTAs per SM (depth against occupancy; it
 // spills 64 bytes at int8 and measured 2-8% slower than 6 stages / 2 CTAs in the first run).
-// Variants 2 and 3 are measured beside the default in bench/kvcache.py.
+// Variant 4: int8 caches whose scales are contiguous per page with kv_heads <= 8
+// (staged_line_scales_ok): the staged kernel copying the scales of all kv heads of a tile's
+// slots as whole 16-byte pieces (5 stages to stay at 2 CTAs per SM); other caches: variant 0.
+// Variants 2-4 are measured beside the default in bench/kvcache.py.
 template <typename T, Format F, int D, int GT, int Variant>
 struct DecodeKernel {
   static constexpr bool k8bit = F != Format::kNative;
-  static constexpr bool kStaged = k8bit && (D == 64 || D == 128) && (Variant == 0 || Variant == 3);
+  static constexpr bool kLineScales = Variant == 4 && F == Format::kInt8;
+  static constexpr bool kStaged =
+      k8bit && (D == 64 || D == 128) && (Variant == 0 || Variant == 3 || Variant == 4);
   static constexpr bool kMma = !kStaged && D == 128 && Variant != 1;
   static constexpr int kU = (F == Format::kNative ? 4 : 8) / (GT == 8 ? 2 : 1);  // CUDA cores
   static constexpr int kNT = k8bit ? 2 : 1;
-  static constexpr int kStages = Variant == 3 ? 4 : 6;
+  static constexpr int kStages = Variant == 3 ? 4 : kLineScales ? 5 : 6;
   static constexpr int kStagedMinBlocks = Variant == 3 ? 3 : 2;
   static constexpr int smem_bytes() {
     if constexpr (kStaged) {
-      return kc::StagedLayout<F, D, kStages>::kSmemBytes;
+      return kc::StagedLayout<F, D, kStages, kLineScales>::kSmemBytes;
     } else {
       return 0;
     }
   }
   static constexpr auto fn() {
     if constexpr (kStaged) {
-      return &kc::kvcache_decode_staged_kernel<T, F, D, GT, kStages, kStagedMinBlocks>;
+      return &kc::kvcache_decode_staged_kernel<T, F, D, GT, kStages, kStagedMinBlocks,
+                                               kLineScales>;
     } else if constexpr (kMma) {
       return &kc::kvcache_decode_mma_kernel<T, F, D, GT, kNT, 1>;
     } else {
@@ -95,7 +101,17 @@ inline bool staged_decode_ok(const kvcache::PagedKV& c) {
   return c.format != Format::kNative && c.block_size % 16 == 0 && a16(c.k) && a16(c.v);
 }
 
-// LONGCTX_KV_DECODE_VARIANT=1 / 2 / 3 selects that variant (read per call: the benchmark and the tests
+// Whether variant 4's scale copies apply: int8, scales (num_blocks, block_size, kv_heads)
+// contiguous within a page, 16-byte aligned page starts, kv_heads <= 8.
+inline bool staged_line_scales_ok(const kvcache::PagedKV& c) {
+  auto ok = [&](const kvcache::CacheView& v) {
+    return v.scale_head_stride == 1 && v.scale_slot_stride == c.kv_heads &&
+           reinterpret_cast<uintptr_t>(v.token_scale) % 16 == 0 && v.scale_page_stride % 4 == 0;
+  };
+  return c.format == Format::kInt8 && c.kv_heads <= kc::kLineScaleHeads && ok(c.k) && ok(c.v);
+}
+
+// LONGCTX_KV_DECODE_VARIANT=1 / 2 / 3 / 4 selects that variant (read per call: the benchmark and the tests
 // measure both in one process).
 // LONGCTX_KV_DECODE_GRID=splits launches the split-major grid (the first design),
 // LONGCTX_KV_DECODE_L2HINT=0 drops the evict-first hint (both for A/B timing; read per call).
@@ -106,7 +122,7 @@ inline bool env_is(const char* name, const char* value) {
 
 inline int decode_variant() {
   const char* e = std::getenv("LONGCTX_KV_DECODE_VARIANT");
-  return e == nullptr || e[0] < '1' || e[0] > '3' ? 0 : e[0] - '0';
+  return e == nullptr || e[0] < '1' || e[0] > '4' ? 0 : e[0] - '0';
 }
 
 // Split count for `base` CTAs of `occ` per SM. A call's time goes as waves / splits (each CTA
@@ -187,10 +203,11 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
                 int64_t max_keys, at::Tensor& oa, at::Tensor& la, cudaStream_t stream) {
   // Variants 0 and 3 use the staged kernel only where its layout rule holds, else variant 2's.
   int v = decode_variant();
-  if ((v == 0 || v == 3) && F != Format::kNative && !staged_decode_ok(p.cache)) v = 2;
+  if (v == 4 && !staged_line_scales_ok(p.cache)) v = 0;
+  if ((v == 0 || v == 3 || v == 4) && F != Format::kNative && !staged_decode_ok(p.cache)) v = 2;
   switch (p.cache.head_dim) {
     case 64:
-      if (v == 0) {
+      if (v == 0 || v == 4) {
         launch_decode_gt<T, F, 64, 0>(p, q, num_splits, max_keys, oa, la, stream);
       } else {
         launch_decode_gt<T, F, 64, 1>(p, q, num_splits, max_keys, oa, la, stream);
@@ -203,6 +220,9 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
         launch_decode_gt<T, F, 128, 2>(p, q, num_splits, max_keys, oa, la, stream);
       } else if (v == 3) {
         launch_decode_gt<T, F, 128, 3>(p, q, num_splits, max_keys, oa, la, stream);
+      } else if (v == 4) {  // int8 only (staged_line_scales_ok)
+        if constexpr (F == Format::kInt8)
+          launch_decode_gt<T, F, 128, 4>(p, q, num_splits, max_keys, oa, la, stream);
       } else {
         launch_decode_gt<T, F, 128, 0>(p, q, num_splits, max_keys, oa, la, stream);
       }

@@ -169,16 +169,17 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
         eager_ms = time_cuda(ours, warmup=5, reps=30, min_time_ms=100)
     # design alternatives, measured in the same run (not the default path): the CUDA-core
     # decode kernel (LONGCTX_KV_DECODE_VARIANT=1), the register tensor-core kernel (2: the
-    # previous 8-bit default), the staged kernel with 4 stages / 3 CTAs per SM (3), the
-    # split-major grid, the staged copies without the L2 evict-first hint, fixed split counts
+    # previous 8-bit default), the staged kernel with 4 stages / 3 CTAs per SM (3), int8 scales
+    # copied as whole lines for all kv heads (4), the split-major grid, the staged copies without the L2 evict-first hint, fixed split counts
     alt: Dict[str, float] = {}
-    for name, env, val, only8 in (("cuda_cores_ms", "LONGCTX_KV_DECODE_VARIANT", "1", False),
-                                  ("mma_registers_ms", "LONGCTX_KV_DECODE_VARIANT", "2", True),
-                                  ("staged4_ms", "LONGCTX_KV_DECODE_VARIANT", "3", True),
-                                  ("grid_splits_ms", "LONGCTX_KV_DECODE_GRID", "splits", False),
-                                  ("no_l2hint_ms", "LONGCTX_KV_DECODE_L2HINT", "0", True)):
-        if only8 and fmt == "bf16":
-            continue  # these change only the 8-bit kernels
+    for name, env, val, fmts in (("cuda_cores_ms", "LONGCTX_KV_DECODE_VARIANT", "1", "*"),
+                                 ("mma_registers_ms", "LONGCTX_KV_DECODE_VARIANT", "2", "8bit"),
+                                 ("staged4_ms", "LONGCTX_KV_DECODE_VARIANT", "3", "8bit"),
+                                 ("line_scales_ms", "LONGCTX_KV_DECODE_VARIANT", "4", "int8"),
+                                 ("grid_splits_ms", "LONGCTX_KV_DECODE_GRID", "splits", "*"),
+                                 ("no_l2hint_ms", "LONGCTX_KV_DECODE_L2HINT", "0", "8bit")):
+        if (fmts == "8bit" and fmt == "bf16") or (fmts == "int8" and fmt != "int8"):
+            continue  # the alternative does not change this format's kernel
         os.environ[env] = val
         try:
             alt[name] = _graph_time(ours)

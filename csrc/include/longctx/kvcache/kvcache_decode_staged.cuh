@@ -63,13 +63,21 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-template <Format F, int D, int S>
+// kLineScales (int8, scales contiguous per page as (block_size, kv_heads) with kv_heads <= 8):
+// the stage holds the scales of the tile's 16 slots for ALL kv heads (16 x kv_heads fp32 for K,
+// then for V), copied as whole 16-byte pieces, instead of this head's 16 scales copied 4 bytes
+// at a time (32 single-sector requests per tile, a 4-byte scale per 32-byte sector).
+constexpr int kLineScaleHeads = 8;
+
+template <Format F, int D, int S, bool kLineScales = false>
 struct StagedLayout {
   static_assert(F != Format::kNative, "staged decode: 8-bit caches");
+  static_assert(!kLineScales || F == Format::kInt8, "line scales: int8 caches");
   static constexpr int kPieces = D / 16;                 // 16-byte pieces per key row
   static constexpr int kTileBytes = kMmaTile * D;        // K (or V) codes of one tile
   static constexpr int kScaleOff = 2 * kTileBytes;       // int8 scales after K and V
-  static constexpr int kStageBytes = kScaleOff + (F == Format::kInt8 ? 2 * kMmaTile * 4 : 0);
+  static constexpr int kScaleBytes = kMmaTile * 4 * (kLineScales ? kLineScaleHeads : 1);  // K or V
+  static constexpr int kStageBytes = kScaleOff + (F == Format::kInt8 ? 2 * kScaleBytes : 0);
   static constexpr int kWarpBytes = S * kStageBytes;
   static constexpr int kRingBytes = kMmaWarps * kWarpBytes;
   static constexpr int kCombineBytes = kMmaWarps * 8 * (D + 2) * 4;  // m, l, o per warp and row
@@ -82,13 +90,13 @@ __device__ __forceinline__ int piece_swizzle(int key) {
   return ((((key >> 1) & 3) << 1) ^ ((key & 1) << 2)) & (P - 1);
 }
 
-template <typename T, Format F, int D, int GT, int S, int MinBlocks>
+template <typename T, Format F, int D, int GT, int S, int MinBlocks, bool kLineScales = false>
 __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     kvcache_decode_staged_kernel(const AttnParams p, int m_tiles) {
   static_assert(D == 64 || D == 128, "staged decode: head_dim 64 or 128");
   static_assert(GT <= 8, "staged decode: at most 8 packed rows per CTA");
   static_assert(S >= 2, "staged decode: at least two stages");
-  using Lay = StagedLayout<F, D, S>;
+  using Lay = StagedLayout<F, D, S, kLineScales>;
   using Frags = MmaTileFrags<F, D>;
   using State = MmaRowState<T, F, D>;
   constexpr int P = Lay::kPieces;
@@ -184,7 +192,17 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
           }
         }
       }
-      if constexpr (F == Format::kInt8) {
+      if constexpr (kLineScales) {
+        // 16 slots x kv_heads fp32 = 4 kv_heads 16-byte pieces per pool, contiguous from
+        // (page, slot0, head 0); lanes [0, 4 kvh) copy K's, [16, 16 + 4 kvh) V's. Slots past
+        // khi are copied too (possibly stale, even NaN): read_frags gives them scale 0.
+        const int piece = lane % 16;
+        const bool ok = pg >= 0 && piece < 4 * cache.kv_heads;
+        const CacheView& cv = lane < 16 ? cache.k : cache.v;
+        const float* src = cv.token_scale + (ok ? scale_offset(cv, pg, slot0, 0) + 4 * piece : 0);
+        cp_async16_zfill(stage + Lay::kScaleOff + (lane < 16 ? 0 : Lay::kScaleBytes) + piece * 16,
+                         src, ok);
+      } else if constexpr (F == Format::kInt8) {
         const int key = lane % kMmaTile;
         const bool ok = pg >= 0 && t0 + key < khi;
         const CacheView& cv = lane < kMmaTile ? cache.k : cache.v;
@@ -232,7 +250,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
         L.v[e][1] = x.y;
       }
       L.svalid[e] = page_ok && t0 + key < khi;
-      if constexpr (F == Format::kInt8) {
+      if constexpr (kLineScales) {
+        const float* sc = reinterpret_cast<const float*>(stage + Lay::kScaleOff);
+        L.kscale[e] = L.svalid[e] ? sc[key * cache.kv_heads + hk] : 0.f;
+        L.vscale[e] = L.svalid[e] ? sc[Lay::kScaleBytes / 4 + key * cache.kv_heads + hk] : 0.f;
+      } else if constexpr (F == Format::kInt8) {
         const float* sc = reinterpret_cast<const float*>(stage + Lay::kScaleOff);
         L.kscale[e] = sc[key];
         L.vscale[e] = sc[kMmaTile + key];
