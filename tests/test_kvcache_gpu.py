@@ -297,14 +297,14 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
 # default: the cp.async-staged tensor-core kernel for 8-bit caches (head_dim 64/128, page size a
 # multiple of 16), the register tensor-core kernel for 16-bit caches at head_dim 128, CUDA cores
 # otherwise; 2: the register tensor-core kernel for every cache at head_dim 128; 3: the staged
-# kernel with 4 stages / 3 CTAs per SM; 4: the staged kernel copying the int8 scales of all kv
-# heads as whole lines (int8, contiguous scales, kv_heads <= 8; else the default).
+# kernel with 4 stages / 3 CTAs per SM; 4: int8 scales copied 4 bytes per key (the default copies
+# the scales of all kv heads of a tile's slots as whole 16-byte pieces where their layout allows).
 # split_grid: the default kernels on the split-major grid without the L2 hint
 # (LONGCTX_KV_DECODE_GRID=splits, LONGCTX_KV_DECODE_L2HINT=0).
 VARIANTS = {"default": {}, "cuda_cores": {"LONGCTX_KV_DECODE_VARIANT": "1"},
             "mma_registers": {"LONGCTX_KV_DECODE_VARIANT": "2"},
             "staged_4": {"LONGCTX_KV_DECODE_VARIANT": "3"},
-            "line_scales": {"LONGCTX_KV_DECODE_VARIANT": "4"},
+            "scales_per_key": {"LONGCTX_KV_DECODE_VARIANT": "4"},
             "split_grid": {"LONGCTX_KV_DECODE_GRID": "splits", "LONGCTX_KV_DECODE_L2HINT": "0"}}
 
 
@@ -319,6 +319,8 @@ DECODE_CASES = [  # h, hk, d, bs, causal, window
     (8, 2, 64, 16, True, (-1, -1)),      # head_dim 64 through the staged kernel (8-bit)
     (16, 1, 256, 32, True, (100, -1)),   # group 16: two row tiles; sliding window
     (6, 2, 128, 64, False, (40, 7)),     # group 3 (tile of 4 with an inactive row), 2-sided
+    (12, 3, 128, 32, False, (-1, -1)),   # 3 kv heads: int8 line scales of 12 pieces per pool
+    (16, 16, 128, 16, True, (-1, -1)),   # 16 kv heads: int8 scales fall back to per-key copies
 ]
 
 

@@ -45,10 +45,11 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
 // tests). Variant 2: the register tensor-core kernel at head_dim 128 (the previous 8-bit default).
 // Variant 3: the staged kernel with 4 stages and 3 CTAs per SM (depth against occupancy; it
 // spills 64 bytes at int8 and measured 2-8% slower than 6 stages / 2 CTAs in the first run).
-// Variant 4: int8 caches whose scales are contiguous per page with kv_heads <= 8
-// (staged_line_scales_ok): the staged kernel copying the scales of all kv heads of a tile's
-// slots as whole 16-byte pieces (5 stages to stay at 2 CTAs per SM); other caches: variant 0.
-// Variants 2-4 are measured beside the default in bench/kvcache.py.
+// Kernel 4 (the default for int8 caches whose scales are contiguous per page with kv_heads <= 8,
+// staged_line_scales_ok): the staged kernel copying the scales of all kv heads of a tile's slots
+// as whole 16-byte pieces (5 stages to stay at 2 CTAs per SM) instead of this head's scales 4
+// bytes at a time; LONGCTX_KV_DECODE_VARIANT=4 selects the per-key 4-byte copies (kernel 0) for
+// measurement. The alternatives are measured beside the default in bench/kvcache.py.
 template <typename T, Format F, int D, int GT, int Variant>
 struct DecodeKernel {
   static constexpr bool k8bit = F != Format::kNative;
@@ -201,13 +202,19 @@ void launch_decode_gt(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_s
 template <typename T, Format F>
 void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
                 int64_t max_keys, at::Tensor& oa, at::Tensor& la, cudaStream_t stream) {
-  // Variants 0 and 3 use the staged kernel only where its layout rule holds, else variant 2's.
-  int v = decode_variant();
-  if (v == 4 && !staged_line_scales_ok(p.cache)) v = 0;
+  // The staged kernels run only where staged_decode_ok holds, else variant 2's kernel.
+  // Kernel configuration (DecodeKernel's Variant) from the env variant: 4 -> 0 (per-key int8
+  // scale copies); the default takes 4 (line scales) where staged_line_scales_ok holds.
+  const int env_v = decode_variant();
+  int v = env_v == 4 ? 0 : env_v;
+  if (env_v == 0 && staged_line_scales_ok(p.cache)) v = 4;
   if ((v == 0 || v == 3 || v == 4) && F != Format::kNative && !staged_decode_ok(p.cache)) v = 2;
   switch (p.cache.head_dim) {
     case 64:
-      if (v == 0 || v == 4) {
+      if (v == 4) {  // int8 only (staged_line_scales_ok)
+        if constexpr (F == Format::kInt8)
+          launch_decode_gt<T, F, 64, 4>(p, q, num_splits, max_keys, oa, la, stream);
+      } else if (v == 0) {
         launch_decode_gt<T, F, 64, 0>(p, q, num_splits, max_keys, oa, la, stream);
       } else {
         launch_decode_gt<T, F, 64, 1>(p, q, num_splits, max_keys, oa, la, stream);

@@ -194,14 +194,24 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
       }
       if constexpr (kLineScales) {
         // 16 slots x kv_heads fp32 = 4 kv_heads 16-byte pieces per pool, contiguous from
-        // (page, slot0, head 0); lanes [0, 4 kvh) copy K's, [16, 16 + 4 kvh) V's. Slots past
-        // khi are copied too (possibly stale, even NaN): read_frags gives them scale 0.
-        const int piece = lane % 16;
-        const bool ok = pg >= 0 && piece < 4 * cache.kv_heads;
-        const CacheView& cv = lane < 16 ? cache.k : cache.v;
-        const float* src = cv.token_scale + (ok ? scale_offset(cv, pg, slot0, 0) + 4 * piece : 0);
-        cp_async16_zfill(stage + Lay::kScaleOff + (lane < 16 ? 0 : Lay::kScaleBytes) + piece * 16,
-                         src, ok);
+        // (page, slot0, head 0): pieces q < 4 kvh are K's, the next 4 kvh V's (at most 64,
+        // two per lane). Slots past khi are copied too (possibly stale, even NaN): read_frags
+        // gives them scale 0.
+        const int per_pool = 4 * cache.kv_heads;
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int q = lane + 32 * u;
+          if (q < 2 * per_pool) {
+            const bool is_v = q >= per_pool;
+            const int piece = is_v ? q - per_pool : q;
+            const CacheView& cv = is_v ? cache.v : cache.k;
+            const bool ok = pg >= 0;
+            const float* src =
+                cv.token_scale + (ok ? scale_offset(cv, pg, slot0, 0) + 4 * piece : 0);
+            cp_async16_zfill(stage + Lay::kScaleOff + (is_v ? Lay::kScaleBytes : 0) + piece * 16,
+                             src, ok);
+          }
+        }
       } else if constexpr (F == Format::kInt8) {
         const int key = lane % kMmaTile;
         const bool ok = pg >= 0 && t0 + key < khi;
