@@ -7,6 +7,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_runtime.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -78,16 +79,26 @@ struct DecodeKernel {
       return &kc::kvcache_decode_kernel<T, F, D, GT, kU, 1>;
     }
   }
-  // Sets the dynamic shared memory limit (once) and returns CTAs per SM.
+  // Sets the dynamic shared memory limit on the current device (on every call: the attribute
+  // belongs to a device, and one driver call is nothing next to a decode) and returns the CTAs
+  // per SM (computed once per device).
   static int prepare() {
-    static const int occ = [] {
-      if (smem_bytes() > 48 * 1024)
-        cudaFuncSetAttribute(fn(), cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes());
-      int n = 0;
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn(), kc::kDecodeThreads, smem_bytes());
-      return std::max(1, n);
-    }();
-    return occ;
+    if (smem_bytes() > 48 * 1024) {
+      const cudaError_t err = cudaFuncSetAttribute(
+          fn(), cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes());
+      TORCH_CHECK(err == cudaSuccess, "longctx.flash_attn_with_kvcache: cannot give the decode "
+                  "kernel ", smem_bytes(), " bytes of shared memory: ", cudaGetErrorString(err));
+    }
+    static std::atomic<int> occ_by_device[64];  // 0: not computed yet
+    int dev = 0;
+    cudaGetDevice(&dev);
+    const bool cached = dev >= 0 && dev < 64;
+    if (cached && occ_by_device[dev].load() > 0) return occ_by_device[dev].load();
+    int n = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn(), kc::kDecodeThreads, smem_bytes());
+    n = std::max(1, n);
+    if (cached) occ_by_device[dev].store(n);
+    return n;
   }
 };
 
@@ -102,7 +113,7 @@ inline bool staged_decode_ok(const kvcache::PagedKV& c) {
   return c.format != Format::kNative && c.block_size % 16 == 0 && a16(c.k) && a16(c.v);
 }
 
-// Whether variant 4's scale copies apply: int8, scales (num_blocks, block_size, kv_heads)
+// Whether kernel 4's scale copies apply: int8, scales (num_blocks, block_size, kv_heads)
 // contiguous within a page, 16-byte aligned page starts, kv_heads <= 8.
 inline bool staged_line_scales_ok(const kvcache::PagedKV& c) {
   auto ok = [&](const kvcache::CacheView& v) {
@@ -112,10 +123,10 @@ inline bool staged_line_scales_ok(const kvcache::PagedKV& c) {
   return c.format == Format::kInt8 && c.kv_heads <= kc::kLineScaleHeads && ok(c.k) && ok(c.v);
 }
 
-// LONGCTX_KV_DECODE_VARIANT=1 / 2 / 3 / 4 selects that variant (read per call: the benchmark and the tests
-// measure both in one process).
-// LONGCTX_KV_DECODE_GRID=splits launches the split-major grid (the first design),
-// LONGCTX_KV_DECODE_L2HINT=0 drops the evict-first hint (both for A/B timing; read per call).
+// Measurement switches, read per call (the benchmark and the tests time or check several in one
+// process): LONGCTX_KV_DECODE_GRID=splits launches the split-major grid (the first design),
+// LONGCTX_KV_DECODE_L2HINT=0 drops the evict-first hint, LONGCTX_KV_DECODE_VARIANT=1 / 2 / 3
+// selects that variant and 4 the per-key int8 scale copies (run_decode maps it to kernel 0).
 inline bool env_is(const char* name, const char* value) {
   const char* e = std::getenv(name);
   return e != nullptr && std::string(e) == value;

@@ -1,6 +1,8 @@
 // Split-KV decode attention over the paged KV cache on tensor cores (mma.sync m16n8k16, fp32
-// accumulation), head_dim 64 or 128: the default decode kernel (kvcache_decode.cuh's CUDA-core
-// kernel serves head_dim 256 and stays as the reference design).
+// accumulation), head_dim 64 or 128, with the loads in flight held in registers: the default
+// for 16-bit caches at head_dim 128 and for 8-bit caches the staged kernel cannot take
+// (kvcache_decode_staged.cuh, which reuses this file's tile math: MmaTileFrags, MmaRowState).
+// kvcache_decode.cuh's CUDA-core kernel serves head_dim 256 and stays as the reference design.
 //
 // Work decomposition: as kvcache_decode.cuh (CTA per (split, kv head, tile of GT <= 8 packed GQA
 // rows, sequence)); inside the CTA each of the 4 warps takes tiles of 16 keys in turn

@@ -8,7 +8,8 @@
 // bandwidth (0.59-0.79x measured). Here each warp owns a ring of S stages of 16-key tiles in
 // shared memory filled by cp.async (no registers while in flight); while it computes tile i, tiles
 // i + 1 .. i + S - 1 are being copied, so S - 1 tiles (4 KiB each for D = 128) per warp are always
-// in flight, with 3 CTAs (12 warps) per SM.
+// in flight: with the default S = 6 and 2 CTAs (8 warps) per SM, ~160 KiB per SM (measured: 6
+// stages x 2 CTAs beat 4 stages x 3 CTAs, bench/NOTES.md).
 //
 // Work decomposition: as the register kernel (CTA of 4 warps per (split, kv head, tile of
 // GT <= 8 packed GQA rows, sequence); the split's keys are 16-key tiles, warp w takes tiles
@@ -17,7 +18,8 @@
 // fp16 and scales in fp32); only where the fragments come from differs.
 //
 // Stage layout (one warp, one 16-key tile): K codes [16 keys][D bytes], V codes [16][D], then
-// (int8) K scales [16] and V scales [16] fp32. The 16-byte pieces of a key row are XOR-swizzled
+// (int8) K scales [16] and V scales [16] fp32, or with kLineScales the scales of the tile's
+// slots for all kv heads ([16][kv_heads] for K, then for V), copied as whole 16-byte pieces. The 16-byte pieces of a key row are XOR-swizzled
 // (piece ^ piece_swizzle(key)) so that the fragment reads (K: pieces i * 4 + c of keys 8 h + r;
 // V: piece r of keys 2 c + ...) and the copies hit distinct banks per 8-lane phase at D = 128.
 // Page ids: bs must be a multiple of 16 (a tile lies in one page); lane j holds the page of the
