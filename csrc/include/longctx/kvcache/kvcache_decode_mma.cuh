@@ -152,6 +152,14 @@ struct MmaTileFrags {
   uint32_t v[4][kVWords];
   float kscale[4], vscale[4];
   bool svalid[4];
+
+  // Piece u (16 bytes) of key half h's K fragment.
+  __device__ __forceinline__ void set_k_piece(int h, int u, const uint4& x) {
+    k[h][4 * u] = x.x;
+    k[h][4 * u + 1] = x.y;
+    k[h][4 * u + 2] = x.z;
+    k[h][4 * u + 3] = x.w;
+  }
 };
 
 // Q fragments of row r (rows r + 8 are zero): list index L of this thread's K elements is the
@@ -274,7 +282,7 @@ struct MmaRowState {
   // Writes this warp's state into the CTA's combine arrays (slot warp * 8 + r) and, after the
   // caller's __syncthreads(), combine_and_store reads them.
   __device__ __forceinline__ void to_smem(float* sm_m, float* sm_l, float* sm_o, int warp, int r,
-                                          int c) {
+                                          int c) const {
     float lsum = l;
     lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
     lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
@@ -301,6 +309,55 @@ __device__ __forceinline__ const T* mma_q_row(const AttnParams& p, const DecodeS
          int64_t(hk * group + rr % group) * p.q_head_stride;
 }
 
+// What the tensor-core decode kernels (this file's and kvcache_decode_staged.cuh's) share
+// around their key loops: the CTA's grid coordinates, this thread's (warp, r, c), the sequence
+// and its packed rows; then (past_rows() false) the rows' key intervals and the query fragments,
+// and at the end the combine of the warps' states and the store.
+template <typename T, Format F, int D, int GT>
+struct MmaCta {
+  int split, hk, b, warp, r, c, group, R, r0;
+  DecodeSeq s;
+
+  __device__ __forceinline__ MmaCta(const AttnParams& p, int m_tiles) {
+    const DecodeCta cta = decode_cta(p, m_tiles);
+    split = cta.split;
+    hk = cta.hk;
+    b = cta.b;
+    warp = threadIdx.x / 32;
+    r = threadIdx.x % 32 / 4;
+    c = threadIdx.x % 4;
+    group = p.heads / p.cache.kv_heads;
+    s = decode_seq(p, b);
+    R = s.sq * group;
+    r0 = cta.mt * GT;
+  }
+  // The row tile lies past the sequence's rows: the CTA has nothing to do.
+  __device__ __forceinline__ bool past_rows() const { return r0 >= R; }
+  __device__ __forceinline__ MmaRows rows(const AttnParams& p) const {
+    return mma_rows<GT>(p, s, r0, R, group, r);
+  }
+  // Loads this thread's query fragments; returns the score scale (softmax_scale * log2(e),
+  // times the fp8 K scale of the head).
+  __device__ __forceinline__ float load_q(const AttnParams& p, bool row_active,
+                                          uint32_t (&qa)[D / 16][2]) const {
+    float qscale = p.softmax_scale * 1.4426950408889634f;
+    if constexpr (F == Format::kFp8E4M3) qscale *= p.cache.k.head_scale[hk];
+    load_q_frags<T, F, D>(mma_q_row<T>(p, s, r0, r, group, hk, row_active), c, qa);
+    return qscale;
+  }
+  // Combines the warps' states through sm_m / sm_l (kMmaWarps * 8) and sm_o (kMmaWarps * 8 * D)
+  // and stores the rows; the caller has finished every read of what those arrays alias.
+  __device__ __forceinline__ void finish(const AttnParams& p, const MmaRowState<T, F, D>& st,
+                                         float* sm_m, float* sm_l, float* sm_o) const {
+    st.to_smem(sm_m, sm_l, sm_o, warp, r, c);
+    __syncthreads();
+    float vs_head = 1.f;
+    if constexpr (F == Format::kFp8E4M3) vs_head = p.cache.v.head_scale[hk];
+    combine_and_store<T, D, GT, kMmaWarps, 8>(p, s, split, hk, r0, R, group, vs_head, sm_m,
+                                              sm_l, sm_o);
+  }
+};
+
 template <typename T, Format F, int D, int GT, int NT, int MinBlocks = 1>
 __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     kvcache_decode_mma_kernel(const AttnParams p, int m_tiles) {
@@ -316,28 +373,18 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   __shared__ float sm_m[kMmaWarps * 8], sm_l[kMmaWarps * 8];
   __shared__ float sm_o[kMmaWarps * 8 * D];
 
-  const DecodeCta cta = decode_cta(p, m_tiles);
-  const int split = cta.split, hk = cta.hk, mt = cta.mt, b = cta.b;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int r = lane / 4, c = lane % 4;
+  const MmaCta<T, F, D, GT> cta(p, m_tiles);
+  if (cta.past_rows()) return;
+  const int hk = cta.hk, b = cta.b, warp = cta.warp, r = cta.r, c = cta.c;
   const PagedKV& cache = p.cache;
-  const int group = p.heads / cache.kv_heads;
-  const DecodeSeq s = decode_seq(p, b);
-  const int R = s.sq * group;
-  const int r0 = mt * GT;
-  if (r0 >= R) return;
-
-  const MmaRows rows = mma_rows<GT>(p, s, r0, R, group, r);
+  const MmaRows rows = cta.rows(p);
   const int lo = rows.lo, hi = rows.hi, khi = rows.khi;
   constexpr int kChunk = kMmaTile * NT;  // keys per warp per iteration (NT tiles in flight)
   constexpr int kCtaKeys = kChunk * kMmaWarps;
   int kb, ke;
-  split_range(rows, p.num_splits, split, kCtaKeys, kb, ke);
-
-  float qscale = p.softmax_scale * 1.4426950408889634f;
-  if constexpr (F == Format::kFp8E4M3) qscale *= cache.k.head_scale[hk];
+  split_range(rows, p.num_splits, cta.split, kCtaKeys, kb, ke);
   uint32_t qa[D / 16][2];
-  load_q_frags<T, F, D>(mma_q_row<T>(p, s, r0, r, group, hk, rows.row_active), c, qa);
+  const float qscale = cta.load_q(p, rows.row_active, qa);
   State st;
 
   const int bs = cache.block_size;
@@ -390,12 +437,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
                                     int64_t(slot) * cache.k.slot_stride + k_head) * kEB;
 #pragma unroll
       for (int i = 0; i < kKLoads; ++i) {
-        const uint4 x = kvalid ? __ldg(reinterpret_cast<const uint4*>(src) + i * 4 + c)
-                               : make_uint4(0, 0, 0, 0);
-        L.k[h][4 * i] = x.x;
-        L.k[h][4 * i + 1] = x.y;
-        L.k[h][4 * i + 2] = x.z;
-        L.k[h][4 * i + 3] = x.w;
+        L.set_k_piece(h, i, kvalid ? __ldg(reinterpret_cast<const uint4*>(src) + i * 4 + c)
+                                   : make_uint4(0, 0, 0, 0));
       }
     }
     // V: keys t0 + {2c, 2c + 1, 2c + 8, 2c + 9}, this thread's bytes of row r
@@ -445,12 +488,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     for (int u = 0; u < NT; ++u) pg_cur[u] = pg_nxt[u];
   }
 
-  st.to_smem(sm_m, sm_l, sm_o, warp, r, c);
-  __syncthreads();
-  float vs_head = 1.f;
-  if constexpr (F == Format::kFp8E4M3) vs_head = cache.v.head_scale[hk];
-  combine_and_store<T, D, GT, kMmaWarps, 8>(p, s, split, hk, r0, R, group, vs_head, sm_m, sm_l,
-                                            sm_o);
+  cta.finish(p, st, sm_m, sm_l, sm_o);
 }
 
 }  // namespace cuda

@@ -104,26 +104,17 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   constexpr int P = Lay::kPieces;
   extern __shared__ __align__(128) uint8_t smem[];
 
-  const DecodeCta cta = decode_cta(p, m_tiles);
-  const int split = cta.split, hk = cta.hk, mt = cta.mt, b = cta.b;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int r = lane / 4, c = lane % 4;
+  const MmaCta<T, F, D, GT> cta(p, m_tiles);
+  if (cta.past_rows()) return;
+  const int hk = cta.hk, b = cta.b, warp = cta.warp, r = cta.r, c = cta.c;
+  const int lane = threadIdx.x % 32;
   const PagedKV& cache = p.cache;
-  const int group = p.heads / cache.kv_heads;
-  const DecodeSeq s = decode_seq(p, b);
-  const int R = s.sq * group;
-  const int r0 = mt * GT;
-  if (r0 >= R) return;
-
-  const MmaRows rows = mma_rows<GT>(p, s, r0, R, group, r);
+  const MmaRows rows = cta.rows(p);
   const int lo = rows.lo, hi = rows.hi, khi = rows.khi;
   int kb, ke;
-  split_range(rows, p.num_splits, split, kMmaTile * kMmaWarps, kb, ke);
-
-  float qscale = p.softmax_scale * 1.4426950408889634f;
-  if constexpr (F == Format::kFp8E4M3) qscale *= cache.k.head_scale[hk];
+  split_range(rows, p.num_splits, cta.split, kMmaTile * kMmaWarps, kb, ke);
   uint32_t qa[D / 16][2];
-  load_q_frags<T, F, D>(mma_q_row<T>(p, s, r0, r, group, hk, rows.row_active), c, qa);
+  const float qscale = cta.load_q(p, rows.row_active, qa);
   State st;
 
   // This warp's tiles: t0(i) = kb + 16 (warp + 4 i), i < n_tiles.
@@ -236,12 +227,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
 #pragma unroll
       for (int u = 0; u < Frags::kKLoads; ++u) {
         const int piece = 4 * u + c;
-        const uint4 x = *reinterpret_cast<const uint4*>(
-            stage + key * D + ((piece ^ piece_swizzle<P>(key)) << 4));
-        L.k[h][4 * u] = x.x;
-        L.k[h][4 * u + 1] = x.y;
-        L.k[h][4 * u + 2] = x.z;
-        L.k[h][4 * u + 3] = x.w;
+        L.set_k_piece(h, u, *reinterpret_cast<const uint4*>(
+                                stage + key * D + ((piece ^ piece_swizzle<P>(key)) << 4)));
       }
     }
 #pragma unroll
@@ -292,13 +279,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   __syncthreads();  // all warps done with their rings: the combine arrays alias them
   float* sm_m = reinterpret_cast<float*>(smem);
   float* sm_l = sm_m + kMmaWarps * 8;
-  float* sm_o = sm_l + kMmaWarps * 8;
-  st.to_smem(sm_m, sm_l, sm_o, warp, r, c);
-  __syncthreads();
-  float vs_head = 1.f;
-  if constexpr (F == Format::kFp8E4M3) vs_head = cache.v.head_scale[hk];
-  combine_and_store<T, D, GT, kMmaWarps, 8>(p, s, split, hk, r0, R, group, vs_head, sm_m, sm_l,
-                                            sm_o);
+  cta.finish(p, st, sm_m, sm_l, sm_l + kMmaWarps * 8);
 }
 
 }  // namespace cuda
