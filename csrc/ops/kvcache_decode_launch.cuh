@@ -191,21 +191,8 @@ void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_spli
   check_launch("flash_attn_with_kvcache", "decode kernel");
   if (splits > 1) {
     TORCH_CHECK(p.heads <= 65535, "longctx.flash_attn_with_kvcache: heads must be <= 65535");
-    // A programmatic dependent launch (the decode CTAs allow it once they have all started):
-    // the merge's launch latency overlaps the decode's tail. LONGCTX_KV_DECODE_PDL=0: an
-    // ordinary launch (A/B timing).
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(p.total_q), p.heads);
-    cfg.blockDim = dim3(kc::kMergeThreads);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = env_is("LONGCTX_KV_DECODE_PDL", "0") ? 0 : 1;
-    const cudaError_t err = cudaLaunchKernelEx(&cfg, kc::kvcache_merge_kernel<T>, p);
-    TORCH_CHECK(err == cudaSuccess, "longctx.flash_attn_with_kvcache: merge kernel launch failed: ",
-                cudaGetErrorString(err));
+    kc::kvcache_merge_kernel<T><<<dim3(static_cast<unsigned>(p.total_q), p.heads),
+                                  kc::kMergeThreads, 0, stream>>>(p);
     check_launch("flash_attn_with_kvcache", "merge kernel");
   }
 }

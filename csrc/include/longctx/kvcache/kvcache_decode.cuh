@@ -328,9 +328,6 @@ constexpr int kMergeThreads = 512;  // D x G threads: G = 512 / D groups of spli
 // one dependent load at a time and recomputed exp per element).
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads) kvcache_merge_kernel(const AttnParams p) {
-  // Launched as a programmatic dependent of the decode kernel: wait for all of it (and its
-  // partials in memory) before reading them; a no-op for an ordinary launch.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   __shared__ float w[kMaxSplits];
   __shared__ float part[kMergeThreads];
   __shared__ float red[kMergeThreads / 32];

@@ -77,12 +77,7 @@ struct DecodeCta {
   int split, hk, mt, b;
 };
 
-// Also lets the merge kernel (launched as a programmatic dependent of the decode kernel) start
-// as soon as every decode CTA has started: its CTAs take the SMs the decode CTAs leave and wait
-// (griddepcontrol.wait) for the whole decode grid and its memory, so the merge's launch latency
-// hides behind the decode's tail. Without a programmatic launch this is a no-op.
 __device__ __forceinline__ DecodeCta decode_cta(const AttnParams& p, int m_tiles) {
-  if (p.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   const int hy = p.decode_heads_fastest ? blockIdx.x : blockIdx.y;
   const int split = p.decode_heads_fastest ? blockIdx.y : blockIdx.x;
   return {split, hy / m_tiles, hy % m_tiles, static_cast<int>(blockIdx.z)};
