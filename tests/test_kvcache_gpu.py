@@ -312,6 +312,7 @@ def _use_variant(monkeypatch, variant):
     for k, v in VARIANTS[variant].items():
         monkeypatch.setenv(k, v)
 
+
 DECODE_CASES = [  # h, hk, d, bs, causal, window
     (8, 2, 128, 16, True, (-1, -1)),     # GQA 4: one CTA row tile of 4
     (32, 8, 128, 16, True, (-1, -1)),    # the benchmark's GQA 32/8

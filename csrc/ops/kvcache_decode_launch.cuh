@@ -168,10 +168,11 @@ void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_spli
   TORCH_CHECK(int64_t(p.cache.kv_heads) * m_tiles <= 65535 && p.cache.batch <= 65535,
               "longctx.flash_attn_with_kvcache: batch (", p.cache.batch, ") and kv_heads x query "
               "tiles (", int64_t(p.cache.kv_heads) * m_tiles, ") must be <= 65535 on CUDA");
+  const int occ = K::prepare();  // shared memory limit set on this device, CTAs per SM
   int splits = static_cast<int>(num_splits);
   if (splits == 0) {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    splits = choose_splits(base, K::prepare(), sms, max_keys);
+    splits = choose_splits(base, occ, sms, max_keys);
   }
   p.num_splits = splits;
   if (splits > 1) {
@@ -181,7 +182,6 @@ void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_spli
     p.out_accum = out_accum.data_ptr<float>();
     p.lse_accum = lse_accum.data_ptr<float>();
   }
-  K::prepare();
   p.decode_heads_fastest = !env_is("LONGCTX_KV_DECODE_GRID", "splits");
   p.decode_l2_hint = !env_is("LONGCTX_KV_DECODE_L2HINT", "0");
   const unsigned hy = static_cast<unsigned>(p.cache.kv_heads * m_tiles);
