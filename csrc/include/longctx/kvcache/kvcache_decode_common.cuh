@@ -133,6 +133,91 @@ __device__ __forceinline__ void combine_and_store(const AttnParams& p, const Dec
   }
 }
 
+// Split-KV merge inside the decode kernel (AttnParams::merge_counters non-null): each row tile
+// (sequence, kv head, packed-row tile) has a counter, zero before the launch; every CTA of the
+// tile counts itself after storing its partial, and the one that counts last merges the tile's
+// num_splits partials (merge_splits_in_cta) and puts the counter back to zero. Writers: partial
+// stores, __threadfence, barrier, atomicAdd (the threadFenceReduction pattern); the last CTA:
+// atomicAdd, barrier, __threadfence, then L2 loads (__ldcg) of the partials.
+__device__ __forceinline__ bool last_split_of_tile(const AttnParams& p, int64_t tile) {
+  __shared__ int is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int old = atomicAdd(p.merge_counters + tile, 1);
+    is_last = old == p.num_splits - 1;
+    if (is_last) atomicExch(p.merge_counters + tile, 0);
+  }
+  __syncthreads();
+  const bool last = is_last != 0;
+  if (last) __threadfence();
+  return last;
+}
+
+// The merge of one row tile's splits by one CTA (any block size that is a multiple of 32):
+// lse = log(sum_s exp(lse_s)), out = sum_s exp(lse_s - lse) * out_s, written to out / lse as the
+// merge kernel writes them. sm_w: GT * num_splits floats of shared memory (the launcher checks
+// the kernel has them). Rows without any key get out = 0, lse = -inf.
+template <typename T, int D, int GT>
+__device__ __forceinline__ void merge_splits_in_cta(const AttnParams& p, const DecodeSeq& s,
+                                                    int hk, int r0, int R, int group,
+                                                    float* sm_w) {
+  const int S = p.num_splits;
+  const int rows = R - r0 < GT ? R - r0 : GT;
+  const int tid = threadIdx.x, lane = tid % 32, nwarps = blockDim.x / 32;
+  auto head_of = [&](int g) { return hk * group + (r0 + g) % group; };
+  auto qrow_of = [&](int g) { return (r0 + g) / group; };
+  for (int idx = tid; idx < rows * S; idx += blockDim.x) {
+    const int g = idx / S, sp = idx % S;
+    sm_w[idx] = __ldcg(p.lse_accum + (int64_t(sp) * p.heads + head_of(g)) * p.total_q +
+                       s.row0 + qrow_of(g));
+  }
+  __syncthreads();
+  for (int g = tid / 32; g < rows; g += nwarps) {  // one warp per row: weights exp(lse_s - lse)
+    float* w = sm_w + g * S;
+    float mx = -INFINITY;
+    for (int sp = lane; sp < S; sp += 32) mx = fmaxf(mx, w[sp]);
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    float sum = 0.f;
+    if (mx != -INFINITY)
+      for (int sp = lane; sp < S; sp += 32) sum += expf(w[sp] - mx);
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    const float lse = mx == -INFINITY ? -INFINITY : mx + logf(sum);
+    for (int sp = lane; sp < S; sp += 32) w[sp] = lse == -INFINITY ? 0.f : expf(w[sp] - lse);
+    if (lane == 0) p.lse[s.lse_off + int64_t(head_of(g)) * p.lse_head_stride + qrow_of(g)] = lse;
+  }
+  __syncthreads();
+  constexpr int V = D / 4;  // float4 pieces of a row
+  const int64_t stride4 = p.total_q * int64_t(p.heads) * V;
+  for (int idx = tid; idx < rows * V; idx += blockDim.x) {
+    const int g = idx / V, e4 = idx % V;
+    const int h = head_of(g), i = qrow_of(g);
+    const float4* src = reinterpret_cast<const float4*>(p.out_accum) +
+                        ((s.row0 + i) * p.heads + h) * V + e4;
+    const float* w = sm_w + g * S;
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 16
+    for (int sp = 0; sp < S; ++sp) {
+      const float4 x = __ldcg(src + sp * stride4);
+      const float ws = w[sp];
+      if (ws > 0.f) {  // a split without keys (weight 0) adds nothing, whatever it stored
+        a.x = fmaf(ws, x.x, a.x);
+        a.y = fmaf(ws, x.y, a.y);
+        a.z = fmaf(ws, x.z, a.z);
+        a.w = fmaf(ws, x.w, a.w);
+      }
+    }
+    T* op = static_cast<T*>(p.out) + s.out_off + int64_t(i) * p.out_row_stride +
+            int64_t(h) * p.out_head_stride + 4 * e4;
+    op[0] = from_float<T>(a.x);
+    op[1] = from_float<T>(a.y);
+    op[2] = from_float<T>(a.z);
+    op[3] = from_float<T>(a.w);
+  }
+}
+
 }  // namespace cuda
 }  // namespace kvcache
 }  // namespace longctx

@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   const MmaRows rows = cta.rows(p);
   const int lo = rows.lo, hi = rows.hi, khi = rows.khi;
   int kb, ke;
-  split_range(rows, p.num_splits, cta.split, kMmaTile * kMmaWarps, kb, ke);
+  split_range(rows, p.num_splits, cta.split, p.decode_split_unit, kb, ke);
   uint32_t qa[D / 16][2];
   const float qscale = cta.load_q(p, rows.row_active, qa);
   State st;
