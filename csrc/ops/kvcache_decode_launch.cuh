@@ -84,7 +84,8 @@ struct DecodeKernel {
   // belongs to a device, and one driver call is nothing next to a decode) and returns the CTAs
   // per SM (computed once per device).
   static int prepare() {
-    if (smem_bytes() > 48 * 1024) {
+    // (also at <= 48 KiB: dynamic plus static shared memory may pass the default limit)
+    if (smem_bytes() > 0) {
       const cudaError_t err = cudaFuncSetAttribute(
           fn(), cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes());
       TORCH_CHECK(err == cudaSuccess, "longctx.flash_attn_with_kvcache: cannot give the decode "
@@ -200,20 +201,22 @@ void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_spli
   p.decode_heads_fastest = !env_is("LONGCTX_KV_DECODE_GRID", "splits");
   p.decode_l2_hint = !env_is("LONGCTX_KV_DECODE_L2HINT", "0");
   p.decode_split_unit = env_is("LONGCTX_KV_DECODE_SPLIT_UNIT", "64") ? 64 : kc::kMmaTile;
-  // Split merge: in the decode kernel's last CTA per row tile (tensor-core kernels, weights
-  // fitting in their shared memory) unless LONGCTX_KV_DECODE_MERGE=kernel; counters zeroed per
+  // Split merge: in the decode kernel's last CTA per row tile (tensor-core kernels) unless
+  // LONGCTX_KV_DECODE_MERGE=kernel; counters zeroed per
   // call, or (LONGCTX_KV_DECODE_MERGE=persistent, measurement only) a per-device buffer the
   // kernels leave at zero.
   at::Tensor counters;
   p.merge_counters = nullptr;
-  if (splits > 1 && (K::kStaged || K::kMma) &&
-      int64_t(GT) * splits <= kc::MmaCta<T, F, D, GT>::kFusedMergeFloats &&
-      !env_is("LONGCTX_KV_DECODE_MERGE", "kernel")) {
+  if (splits > 1 && (K::kStaged || K::kMma) && !env_is("LONGCTX_KV_DECODE_MERGE", "kernel")) {
     if (env_is("LONGCTX_KV_DECODE_MERGE", "persistent")) {
       p.merge_counters = persistent_counters(base, q.device().index());
     } else {
-      counters = at::zeros({base}, q.options().dtype(at::kInt));
+      counters = at::empty({base}, q.options().dtype(at::kInt));
       p.merge_counters = counters.data_ptr<int>();
+      const cudaError_t err =
+          cudaMemsetAsync(p.merge_counters, 0, sizeof(int) * size_t(base), stream);
+      TORCH_CHECK(err == cudaSuccess, "longctx.flash_attn_with_kvcache: merge counter memset "
+                  "failed: ", cudaGetErrorString(err));
     }
   }
   const unsigned hy = static_cast<unsigned>(p.cache.kv_heads * m_tiles);
@@ -223,8 +226,8 @@ void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_spli
   check_launch("flash_attn_with_kvcache", "decode kernel");
   if (splits > 1 && p.merge_counters == nullptr) {
     TORCH_CHECK(p.heads <= 65535, "longctx.flash_attn_with_kvcache: heads must be <= 65535");
-    kc::kvcache_merge_kernel<T><<<dim3(static_cast<unsigned>(p.total_q), p.heads),
-                                  kc::kMergeThreads, 0, stream>>>(p);
+    kc::kvcache_merge_kernel<T, D><<<dim3(static_cast<unsigned>(p.total_q), p.heads),
+                                     kc::kMergeThreads, 0, stream>>>(p);
     check_launch("flash_attn_with_kvcache", "merge kernel");
   }
 }

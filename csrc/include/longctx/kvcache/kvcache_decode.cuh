@@ -316,27 +316,19 @@ __global__ void __launch_bounds__(kDecodeThreads, MinBlocks)
                                       &sm_l[0][0], &sm_acc[0][0][0]);
 }
 
-constexpr int kMaxSplits = 1024;    // the op's bound on num_splits
-constexpr int kMergeThreads = 512;  // D x G threads: G = 512 / D groups of splits
+constexpr int kMergeThreads = 256;  // 8 warps per (row of q, head)
 
-// One CTA (512 threads) per (row of q, head): combines the num_splits partials. Batched rows are
-// b * seqlen_q + i; packed rows index q directly. The split weights exp(lse_s - max) are computed
-// once into shared memory (block reductions); then thread (g, e) sums w_s * out_s[e] over the
-// splits s = g mod G with unrolled independent loads (one or two rounds of L2 latency for tens of
-// splits) and the G partial sums meet in shared memory. Latency-bound by design: at batch 1 this
-// kernel is on the critical path of every decode step (the first version walked the splits with
-// one dependent load at a time and recomputed exp per element).
-template <typename T>
+// One CTA per (row of q, head) combines the num_splits partials (merge_splits in
+// kvcache_decode_common.cuh: 8 warps take every 8th split, all of a chunk's loads in flight, and
+// meet in shared memory). Batched rows are b * seqlen_q + i; packed rows index q directly. At
+// batch 1 this kernel is on the critical path of every decode step (4.9 us for 33 splits in its
+// first form, which loaded the lse values, reduced them over the block, and only then loaded the
+// partial outputs); where the decode kernel can merge in its last CTA (merge counters) it does not run.
+template <typename T, int D>
 __global__ void __launch_bounds__(kMergeThreads) kvcache_merge_kernel(const AttnParams p) {
-  __shared__ float w[kMaxSplits];
-  __shared__ float part[kMergeThreads];
-  __shared__ float red[kMergeThreads / 32];
+  __shared__ float sm[kMergeThreads / 32 * (D + 2)];
   const int64_t row = blockIdx.x;
   const int h = blockIdx.y;
-  const int D = p.cache.head_dim;
-  const int S = p.num_splits;
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  constexpr int kWarps = kMergeThreads / 32;
   int64_t out_off, lse_off;
   if (p.cu_seqlens_q != nullptr) {
     out_off = row * p.out_row_stride;
@@ -346,59 +338,9 @@ __global__ void __launch_bounds__(kMergeThreads) kvcache_merge_kernel(const Attn
     out_off = b * p.out_batch_stride + i * p.out_row_stride;
     lse_off = b * p.lse_batch_stride + i;
   }
-  const float* la = p.lse_accum + int64_t(h) * p.total_q + row;
-  const int64_t lstride = int64_t(p.heads) * p.total_q;
-  auto block_reduce = [&](float v, bool is_max) {
-#pragma unroll
-    for (int off = 16; off >= 1; off >>= 1) {
-      const float o = __shfl_xor_sync(0xffffffffu, v, off);
-      v = is_max ? fmaxf(v, o) : v + o;
-    }
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    v = red[0];
-#pragma unroll
-    for (int k = 1; k < kWarps; ++k) v = is_max ? fmaxf(v, red[k]) : v + red[k];
-    __syncthreads();
-    return v;
-  };
-  float mx = -INFINITY;
-  for (int sp = tid; sp < S; sp += kMergeThreads) {
-    const float v = la[sp * lstride];
-    w[sp] = v;
-    mx = fmaxf(mx, v);
-  }
-  const float M = block_reduce(mx, true);
-  T* op = static_cast<T*>(p.out) + out_off + int64_t(h) * p.out_head_stride;
-  if (M == -INFINITY) {
-    for (int e = tid; e < D; e += kMergeThreads) op[e] = from_float<T>(0.f);
-    if (tid == 0) p.lse[lse_off + int64_t(h) * p.lse_head_stride] = -INFINITY;
-    return;
-  }
-  float sum = 0.f;
-  for (int sp = tid; sp < S; sp += kMergeThreads) {
-    const float e = expf(w[sp] - M);  // lse_s = -inf (a split without keys): 0
-    w[sp] = e;
-    sum += e;
-  }
-  const float total = block_reduce(sum, false);  // also orders the w[] writes before the reads
-  const int G = kMergeThreads / D;               // D in {64, 128, 256}: G = 8, 4, 2
-  const int e = tid % D, g = tid / D;
-  const int64_t ostride = p.total_q * int64_t(p.heads) * D;
-  const float* oa = p.out_accum + (row * p.heads + h) * D + e;
-  float a = 0.f;
-#pragma unroll 8
-  for (int sp = g; sp < S; sp += G) {
-    const float x = oa[sp * ostride];
-    a = w[sp] > 0.f ? fmaf(w[sp], x, a) : a;
-  }
-  part[tid] = a;
-  __syncthreads();
-  if (g == 0) {
-    for (int k = 1; k < G; ++k) a += part[k * D + e];
-    op[e] = from_float<T>(a / total);
-  }
-  if (tid == 0) p.lse[lse_off + int64_t(h) * p.lse_head_stride] = M + logf(total);
+  const MergeRow mr{row, h, out_off + int64_t(h) * p.out_head_stride,
+                    lse_off + int64_t(h) * p.lse_head_stride};
+  merge_splits<T, D>(p, 1, [&](int) { return mr; }, sm);
 }
 
 }  // namespace cuda

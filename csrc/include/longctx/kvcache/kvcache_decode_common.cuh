@@ -154,68 +154,157 @@ __device__ __forceinline__ bool last_split_of_tile(const AttnParams& p, int64_t 
   return last;
 }
 
-// The merge of one row tile's splits by one CTA (any block size that is a multiple of 32):
-// lse = log(sum_s exp(lse_s)), out = sum_s exp(lse_s - lse) * out_s, written to out / lse as the
-// merge kernel writes them. sm_w: GT * num_splits floats of shared memory (the launcher checks
-// the kernel has them). Rows without any key get out = 0, lse = -inf.
-template <typename T, int D, int GT>
-__device__ __forceinline__ void merge_splits_in_cta(const AttnParams& p, const DecodeSeq& s,
-                                                    int hk, int r0, int R, int group,
-                                                    float* sm_w) {
-  const int S = p.num_splits;
-  const int rows = R - r0 < GT ? R - r0 : GT;
-  const int tid = threadIdx.x, lane = tid % 32, nwarps = blockDim.x / 32;
-  auto head_of = [&](int g) { return hk * group + (r0 + g) % group; };
-  auto qrow_of = [&](int g) { return (r0 + g) / group; };
-  for (int idx = tid; idx < rows * S; idx += blockDim.x) {
-    const int g = idx / S, sp = idx % S;
-    sm_w[idx] = __ldcg(p.lse_accum + (int64_t(sp) * p.heads + head_of(g)) * p.total_q +
-                       s.row0 + qrow_of(g));
-  }
-  __syncthreads();
-  for (int g = tid / 32; g < rows; g += nwarps) {  // one warp per row: weights exp(lse_s - lse)
-    float* w = sm_w + g * S;
-    float mx = -INFINITY;
-    for (int sp = lane; sp < S; sp += 32) mx = fmaxf(mx, w[sp]);
+// The split merge of `rows` output rows by the NW = blockDim.x / 32 warps of a CTA (the merge
+// kernel: one row, 8 warps; the decode kernels' last CTA: its GT packed rows, 4 warps). Row g
+// gets wpr = max(1, NW / rows) warps; warp w < rows * wpr takes row w % rows and the splits
+// j, j + wpr, ... (j = w / rows), lane l dims [l E, l E + E) (E = D / 32). A warp folds its
+// splits into an online state (m: max lse, l: sum exp(lse_s - m), acc: sum exp(lse_s - m) out_s)
+// chunk by chunk, every load of a chunk (C partial rows and their lse) issued before any is
+// used: latency, not bandwidth, is what a merge costs (a few tens of KB from L2). With wpr > 1
+// the warps' states meet in shared memory (sm: NW * (D + 2) floats). Writes
+// out = acc / l (T) and lse = m + log l; a row without keys gets out = 0, lse = -inf.
+// row_of(g) -> MergeRow: the row of q (grow), the head, and where its output and lse go.
+struct MergeRow {
+  int64_t grow;
+  int h;
+  int64_t out_off;  // elements from p.out to the row's first output element
+  int64_t lse_off;  // elements from p.lse
+};
+
+template <int D, int C>
+struct MergeState {
+  static constexpr int E = D / 32;
+  float m = -INFINITY, l = 0.f, acc[E];
+  __device__ __forceinline__ MergeState() {
 #pragma unroll
-    for (int off = 16; off >= 1; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    float sum = 0.f;
-    if (mx != -INFINITY)
-      for (int sp = lane; sp < S; sp += 32) sum += expf(w[sp] - mx);
-#pragma unroll
-    for (int off = 16; off >= 1; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    const float lse = mx == -INFINITY ? -INFINITY : mx + logf(sum);
-    for (int sp = lane; sp < S; sp += 32) w[sp] = lse == -INFINITY ? 0.f : expf(w[sp] - lse);
-    if (lane == 0) p.lse[s.lse_off + int64_t(head_of(g)) * p.lse_head_stride + qrow_of(g)] = lse;
+    for (int e = 0; e < E; ++e) acc[e] = 0.f;
   }
-  __syncthreads();
-  constexpr int V = D / 4;  // float4 pieces of a row
-  const int64_t stride4 = p.total_q * int64_t(p.heads) * V;
-  for (int idx = tid; idx < rows * V; idx += blockDim.x) {
-    const int g = idx / V, e4 = idx % V;
-    const int h = head_of(g), i = qrow_of(g);
-    const float4* src = reinterpret_cast<const float4*>(p.out_accum) +
-                        ((s.row0 + i) * p.heads + h) * V + e4;
-    const float* w = sm_w + g * S;
-    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 16
-    for (int sp = 0; sp < S; ++sp) {
-      const float4 x = __ldcg(src + sp * stride4);
-      const float ws = w[sp];
-      if (ws > 0.f) {  // a split without keys (weight 0) adds nothing, whatever it stored
-        a.x = fmaf(ws, x.x, a.x);
-        a.y = fmaf(ws, x.y, a.y);
-        a.z = fmaf(ws, x.z, a.z);
-        a.w = fmaf(ws, x.w, a.w);
+  // Folds splits sp0, sp0 + step, ... (< S) of row (grow, h) into the state, lane's dims.
+  __device__ __forceinline__ void fold(const AttnParams& p, int64_t grow, int h, int sp0,
+                                       int step, int lane) {
+    const int S = p.num_splits;
+    const float* la = p.lse_accum + int64_t(h) * p.total_q + grow;
+    const int64_t lstride = int64_t(p.heads) * p.total_q;
+    const float* oa = p.out_accum + (grow * p.heads + h) * D + lane * E;
+    const int64_t ostride = p.total_q * int64_t(p.heads) * D;
+    for (int base = sp0; base < S; base += C * step) {
+      float lv[C], xv[C][E];
+#pragma unroll
+      for (int j = 0; j < C; ++j) {
+        const int sp = base + j * step;
+        const bool ok = sp < S;
+        lv[j] = ok ? __ldcg(la + sp * lstride) : -INFINITY;
+        const float* src = oa + (ok ? sp * ostride : 0);
+        if constexpr (E % 4 == 0) {
+#pragma unroll
+          for (int e = 0; e < E; e += 4) {
+            const float4 x = __ldcg(reinterpret_cast<const float4*>(src + e));
+            xv[j][e] = x.x;
+            xv[j][e + 1] = x.y;
+            xv[j][e + 2] = x.z;
+            xv[j][e + 3] = x.w;
+          }
+        } else {
+          const float2 x = __ldcg(reinterpret_cast<const float2*>(src));
+          xv[j][0] = x.x;
+          xv[j][1] = x.y;
+        }
       }
+      float cm = m;
+#pragma unroll
+      for (int j = 0; j < C; ++j) cm = fmaxf(cm, lv[j]);
+      if (cm == -INFINITY) continue;
+      const float sc = m == -INFINITY ? 0.f : expf(m - cm);
+      l *= sc;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[e] *= sc;
+#pragma unroll
+      for (int j = 0; j < C; ++j) {
+        const float w = expf(lv[j] - cm);  // lse -inf (no keys, or past S): 0
+        if (w > 0.f) {
+          l += w;
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[e] = fmaf(w, xv[j][e], acc[e]);
+        }
+      }
+      m = cm;
     }
-    T* op = static_cast<T*>(p.out) + s.out_off + int64_t(i) * p.out_row_stride +
-            int64_t(h) * p.out_head_stride + 4 * e4;
-    op[0] = from_float<T>(a.x);
-    op[1] = from_float<T>(a.y);
-    op[2] = from_float<T>(a.z);
-    op[3] = from_float<T>(a.w);
   }
+  // Folds another state in.
+  __device__ __forceinline__ void join(float m2, float l2, const float* acc2) {
+    const float M = fmaxf(m, m2);
+    if (M == -INFINITY) return;
+    const float a = m == -INFINITY ? 0.f : expf(m - M), b = m2 == -INFINITY ? 0.f : expf(m2 - M);
+    l = l * a + l2 * b;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] = acc[e] * a + acc2[e] * b;
+    m = M;
+  }
+  template <typename T>
+  __device__ __forceinline__ void store(const AttnParams& p, const MergeRow& row,
+                                        int lane) const {
+    const bool empty = !(l > 0.f);
+    T* op = static_cast<T*>(p.out) + row.out_off + lane * E;
+#pragma unroll
+    for (int e = 0; e < E; ++e) op[e] = from_float<T>(empty ? 0.f : acc[e] / l);
+    if (lane == 0) p.lse[row.lse_off] = empty ? -INFINITY : m + logf(l);
+  }
+};
+
+template <typename T, int D, int C = 8, typename RowOf>
+__device__ __forceinline__ void merge_splits(const AttnParams& p, int rows, RowOf row_of,
+                                             float* sm) {
+  using State = MergeState<D, C>;
+  constexpr int E = State::E;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+  const int wpr = nw / rows > 1 ? nw / rows : 1;
+  if (wpr == 1) {  // each warp its rows, every split
+    for (int g = warp; g < rows; g += nw) {
+      const MergeRow row = row_of(g);
+      State st;
+      st.fold(p, row.grow, row.h, 0, 1, lane);
+      st.template store<T>(p, row, lane);
+    }
+    return;
+  }
+  const int g = warp % rows, j = warp / rows;
+  const bool active = warp < rows * wpr;
+  const MergeRow row = row_of(g);
+  State st;
+  if (active) st.fold(p, row.grow, row.h, j, wpr, lane);
+  float* sm_m = sm;
+  float* sm_l = sm + nw;
+  float* sm_acc = sm + 2 * nw;  // [nw][D]
+  if (active && j > 0) {
+    if (lane == 0) {
+      sm_m[warp] = st.m;
+      sm_l[warp] = st.l;
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) sm_acc[warp * D + lane * E + e] = st.acc[e];
+  }
+  __syncthreads();
+  if (active && j == 0) {
+    for (int k = 1; k < wpr; ++k) {
+      const int w2 = k * rows + g;
+      st.join(sm_m[w2], sm_l[w2], sm_acc + w2 * D + lane * E);
+    }
+    st.template store<T>(p, row, lane);
+  }
+}
+
+// The decode kernels' last CTA of a row tile: merge its GT packed rows (from r0, < R).
+template <typename T, int D>
+__device__ __forceinline__ void merge_tile_splits(const AttnParams& p, const DecodeSeq& s,
+                                                  int hk, int r0, int R, int group, int gt,
+                                                  float* sm) {
+  const int rows = R - r0 < gt ? R - r0 : gt;
+  merge_splits<T, D>(p, rows, [&](int g) {
+    const int rr = r0 + g, i = rr / group, h = hk * group + rr % group;
+    return MergeRow{s.row0 + i, h, s.out_off + int64_t(i) * p.out_row_stride +
+                                       int64_t(h) * p.out_head_stride,
+                    s.lse_off + int64_t(h) * p.lse_head_stride + i};
+  }, sm);
 }
 
 }  // namespace cuda

@@ -349,9 +349,8 @@ struct MmaCta {
   }
   // Combines the warps' states through sm_m / sm_l (kMmaWarps * 8) and sm_o (kMmaWarps * 8 * D)
   // and stores the rows; the caller has finished every read of what those arrays alias. With
-  // merge counters, the tile's last CTA then merges the splits, with sm_o as its GT x num_splits
-  // weights (the launcher checks they fit: kFusedMergeFloats).
-  static constexpr int kFusedMergeFloats = kMmaWarps * 8 * D;
+  // merge counters, the tile's last CTA then merges the splits (merge_tile_splits, sm_o as its
+  // kMmaWarps * (D + 2) floats of scratch).
   __device__ __forceinline__ void finish(const AttnParams& p, const MmaRowState<T, F, D>& st,
                                          float* sm_m, float* sm_l, float* sm_o) const {
     st.to_smem(sm_m, sm_l, sm_o, warp, r, c);
@@ -361,7 +360,7 @@ struct MmaCta {
     combine_and_store<T, D, GT, kMmaWarps, 8>(p, s, split, hk, r0, R, group, vs_head, sm_m,
                                               sm_l, sm_o);
     if (p.merge_counters != nullptr && p.num_splits > 1 && last_split_of_tile(p, tile))
-      merge_splits_in_cta<T, D, GT>(p, s, hk, r0, R, group, sm_o);
+      merge_tile_splits<T, D>(p, s, hk, r0, R, group, GT, sm_o);
   }
 };
 
