@@ -305,9 +305,7 @@ VARIANTS = {"default": {}, "cuda_cores": {"LONGCTX_KV_DECODE_VARIANT": "1"},
             "mma_registers": {"LONGCTX_KV_DECODE_VARIANT": "2"},
             "staged_4": {"LONGCTX_KV_DECODE_VARIANT": "3"},
             "scales_per_key": {"LONGCTX_KV_DECODE_VARIANT": "4"},
-            "split_grid": {"LONGCTX_KV_DECODE_GRID": "splits", "LONGCTX_KV_DECODE_L2HINT": "0"},
-            "merge_kernel": {"LONGCTX_KV_DECODE_MERGE": "kernel",
-                             "LONGCTX_KV_DECODE_SPLIT_UNIT": "64"}}
+            "split_grid": {"LONGCTX_KV_DECODE_GRID": "splits", "LONGCTX_KV_DECODE_L2HINT": "0"}}
 
 
 def _use_variant(monkeypatch, variant):
@@ -349,9 +347,8 @@ def test_decode_matches_reference(cache_dtype, case, splits, variant, monkeypatc
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
 @pytest.mark.parametrize("splits", [255, 300, 1024])
 def test_decode_many_splits(cache_dtype, splits):
-    """Split counts at and past what the in-kernel merge holds in shared memory (8 packed rows x
-    splits weights: 2048 floats at head_dim 64, so 300 splits fall back to the merge kernel),
-    and the op's maximum; most splits see no key."""
+    """Many splits, up to the op's maximum: most see no key (lse -inf partials), and the merge
+    kernel's warps fold several chunks of splits each (8 warps x 8 splits per chunk)."""
     gen = torch.Generator().manual_seed(12)
     _check_attention(cache_dtype, BF16, 8, 1, 64, 16, [700, 4500], [1], True, (-1, -1),
                      splits, packed=False, gen=gen)

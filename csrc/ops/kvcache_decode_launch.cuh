@@ -10,7 +10,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
-#include <mutex>
 #include <string>
 #include "longctx/kvcache/kvcache_decode.cuh"
 #include "longctx/kvcache/kvcache_decode_mma.cuh"
@@ -158,20 +157,6 @@ inline int choose_splits(int64_t base, int occ, int sms, int64_t max_keys) {
   return best;
 }
 
-// Measurement only (LONGCTX_KV_DECODE_MERGE=persistent): merge counters that live across calls;
-// every launch leaves them at zero. Not safe for concurrent decodes on different streams.
-inline int* persistent_counters(int64_t n, int device) {
-  static std::mutex mu;
-  static at::Tensor buf[64];
-  std::lock_guard<std::mutex> lock(mu);
-  at::Tensor& b = buf[device];
-  if (!b.defined() || b.numel() < n) {
-    b = at::zeros({std::max<int64_t>(n, 4096)},
-                  at::TensorOptions().dtype(at::kInt).device(at::kCUDA, device));
-  }
-  return b.data_ptr<int>();
-}
-
 template <typename T, Format F, int D, int GT, int Variant>
 void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
                    int64_t max_keys, at::Tensor& out_accum, at::Tensor& lse_accum,
@@ -200,31 +185,12 @@ void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_spli
   }
   p.decode_heads_fastest = !env_is("LONGCTX_KV_DECODE_GRID", "splits");
   p.decode_l2_hint = !env_is("LONGCTX_KV_DECODE_L2HINT", "0");
-  p.decode_split_unit = env_is("LONGCTX_KV_DECODE_SPLIT_UNIT", "64") ? 64 : kc::kMmaTile;
-  // Split merge: in the decode kernel's last CTA per row tile (tensor-core kernels) unless
-  // LONGCTX_KV_DECODE_MERGE=kernel; counters zeroed per
-  // call, or (LONGCTX_KV_DECODE_MERGE=persistent, measurement only) a per-device buffer the
-  // kernels leave at zero.
-  at::Tensor counters;
-  p.merge_counters = nullptr;
-  if (splits > 1 && (K::kStaged || K::kMma) && !env_is("LONGCTX_KV_DECODE_MERGE", "kernel")) {
-    if (env_is("LONGCTX_KV_DECODE_MERGE", "persistent")) {
-      p.merge_counters = persistent_counters(base, q.device().index());
-    } else {
-      counters = at::empty({base}, q.options().dtype(at::kInt));
-      p.merge_counters = counters.data_ptr<int>();
-      const cudaError_t err =
-          cudaMemsetAsync(p.merge_counters, 0, sizeof(int) * size_t(base), stream);
-      TORCH_CHECK(err == cudaSuccess, "longctx.flash_attn_with_kvcache: merge counter memset "
-                  "failed: ", cudaGetErrorString(err));
-    }
-  }
   const unsigned hy = static_cast<unsigned>(p.cache.kv_heads * m_tiles);
   const dim3 grid = p.decode_heads_fastest ? dim3(hy, splits, p.cache.batch)
                                            : dim3(splits, hy, p.cache.batch);
   K::fn()<<<grid, kc::kDecodeThreads, K::smem_bytes(), stream>>>(p, m_tiles);
   check_launch("flash_attn_with_kvcache", "decode kernel");
-  if (splits > 1 && p.merge_counters == nullptr) {
+  if (splits > 1) {
     TORCH_CHECK(p.heads <= 65535, "longctx.flash_attn_with_kvcache: heads must be <= 65535");
     kc::kvcache_merge_kernel<T, D><<<dim3(static_cast<unsigned>(p.total_q), p.heads),
                                      kc::kMergeThreads, 0, stream>>>(p);

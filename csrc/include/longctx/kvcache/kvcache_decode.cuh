@@ -318,12 +318,12 @@ __global__ void __launch_bounds__(kDecodeThreads, MinBlocks)
 
 constexpr int kMergeThreads = 256;  // 8 warps per (row of q, head)
 
-// One CTA per (row of q, head) combines the num_splits partials (merge_splits in
-// kvcache_decode_common.cuh: 8 warps take every 8th split, all of a chunk's loads in flight, and
+// One CTA per (row of q, head) combines the num_splits partials (merge_split_row in
+// kvcache_decode_common.cuh: 8 warps take every 8th split, a chunk's loads all in flight, and
 // meet in shared memory). Batched rows are b * seqlen_q + i; packed rows index q directly. At
-// batch 1 this kernel is on the critical path of every decode step (4.9 us for 33 splits in its
-// first form, which loaded the lse values, reduced them over the block, and only then loaded the
-// partial outputs); where the decode kernel can merge in its last CTA (merge counters) it does not run.
+// batch 1 this kernel is on the critical path of every decode step: 3.4 us for 33 splits
+// (bench/NOTES.md; the first form loaded the lse values, reduced them over a 512-thread block,
+// and only then loaded the partial outputs: 4.9 us).
 template <typename T, int D>
 __global__ void __launch_bounds__(kMergeThreads) kvcache_merge_kernel(const AttnParams p) {
   __shared__ float sm[kMergeThreads / 32 * (D + 2)];
@@ -338,9 +338,8 @@ __global__ void __launch_bounds__(kMergeThreads) kvcache_merge_kernel(const Attn
     out_off = b * p.out_batch_stride + i * p.out_row_stride;
     lse_off = b * p.lse_batch_stride + i;
   }
-  const MergeRow mr{row, h, out_off + int64_t(h) * p.out_head_stride,
-                    lse_off + int64_t(h) * p.lse_head_stride};
-  merge_splits<T, D>(p, 1, [&](int) { return mr; }, sm);
+  merge_split_row<T, D>(p, row, h, out_off + int64_t(h) * p.out_head_stride,
+                        lse_off + int64_t(h) * p.lse_head_stride, sm);
 }
 
 }  // namespace cuda

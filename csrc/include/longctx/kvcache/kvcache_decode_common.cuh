@@ -133,44 +133,14 @@ __device__ __forceinline__ void combine_and_store(const AttnParams& p, const Dec
   }
 }
 
-// Split-KV merge inside the decode kernel (AttnParams::merge_counters non-null): each row tile
-// (sequence, kv head, packed-row tile) has a counter, zero before the launch; every CTA of the
-// tile counts itself after storing its partial, and the one that counts last merges the tile's
-// num_splits partials (merge_splits_in_cta) and puts the counter back to zero. Writers: partial
-// stores, __threadfence, barrier, atomicAdd (the threadFenceReduction pattern); the last CTA:
-// atomicAdd, barrier, __threadfence, then L2 loads (__ldcg) of the partials.
-__device__ __forceinline__ bool last_split_of_tile(const AttnParams& p, int64_t tile) {
-  __shared__ int is_last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int old = atomicAdd(p.merge_counters + tile, 1);
-    is_last = old == p.num_splits - 1;
-    if (is_last) atomicExch(p.merge_counters + tile, 0);
-  }
-  __syncthreads();
-  const bool last = is_last != 0;
-  if (last) __threadfence();
-  return last;
-}
-
-// The split merge of `rows` output rows by the NW = blockDim.x / 32 warps of a CTA (the merge
-// kernel: one row, 8 warps; the decode kernels' last CTA: its GT packed rows, 4 warps). Row g
-// gets wpr = max(1, NW / rows) warps; warp w < rows * wpr takes row w % rows and the splits
-// j, j + wpr, ... (j = w / rows), lane l dims [l E, l E + E) (E = D / 32). A warp folds its
-// splits into an online state (m: max lse, l: sum exp(lse_s - m), acc: sum exp(lse_s - m) out_s)
-// chunk by chunk, every load of a chunk (C partial rows and their lse) issued before any is
-// used: latency, not bandwidth, is what a merge costs (a few tens of KB from L2). With wpr > 1
-// the warps' states meet in shared memory (sm: NW * (D + 2) floats). Writes
-// out = acc / l (T) and lse = m + log l; a row without keys gets out = 0, lse = -inf.
-// row_of(g) -> MergeRow: the row of q (grow), the head, and where its output and lse go.
-struct MergeRow {
-  int64_t grow;
-  int h;
-  int64_t out_off;  // elements from p.out to the row's first output element
-  int64_t lse_off;  // elements from p.lse
-};
-
+// The split merge of one output row (row of q `grow`, head h) by the NW = blockDim.x / 32 warps
+// of a CTA (kvcache_merge_kernel). Warp w takes the splits w, w + NW, ..., lane l the dims
+// [l E, l E + E) (E = D / 32), and folds its splits into an online state (m: max lse,
+// l: sum exp(lse_s - m), acc: sum exp(lse_s - m) out_s) C splits at a time, every load of the C
+// partial rows and their lse issued before any is used: a merge moves a few tens of KB from L2,
+// so its cost is rounds of latency, not bandwidth. The warps' states meet in shared memory
+// (sm: NW * (D + 2) floats); warp 0 writes out = acc / l (T) at p.out + out_off and
+// lse = m + log l at p.lse + lse_off. A row without keys gets out = 0, lse = -inf.
 template <int D, int C>
 struct MergeState {
   static constexpr int E = D / 32;
@@ -179,7 +149,7 @@ struct MergeState {
 #pragma unroll
     for (int e = 0; e < E; ++e) acc[e] = 0.f;
   }
-  // Folds splits sp0, sp0 + step, ... (< S) of row (grow, h) into the state, lane's dims.
+  // Folds splits sp0, sp0 + step, ... (< num_splits) of row (grow, h), this lane's dims.
   __device__ __forceinline__ void fold(const AttnParams& p, int64_t grow, int h, int sp0,
                                        int step, int lane) {
     const int S = p.num_splits;
@@ -220,7 +190,7 @@ struct MergeState {
       for (int e = 0; e < E; ++e) acc[e] *= sc;
 #pragma unroll
       for (int j = 0; j < C; ++j) {
-        const float w = expf(lv[j] - cm);  // lse -inf (no keys, or past S): 0
+        const float w = expf(lv[j] - cm);  // lse -inf (a split without keys, or past S): 0
         if (w > 0.f) {
           l += w;
 #pragma unroll
@@ -240,42 +210,20 @@ struct MergeState {
     for (int e = 0; e < E; ++e) acc[e] = acc[e] * a + acc2[e] * b;
     m = M;
   }
-  template <typename T>
-  __device__ __forceinline__ void store(const AttnParams& p, const MergeRow& row,
-                                        int lane) const {
-    const bool empty = !(l > 0.f);
-    T* op = static_cast<T*>(p.out) + row.out_off + lane * E;
-#pragma unroll
-    for (int e = 0; e < E; ++e) op[e] = from_float<T>(empty ? 0.f : acc[e] / l);
-    if (lane == 0) p.lse[row.lse_off] = empty ? -INFINITY : m + logf(l);
-  }
 };
 
-template <typename T, int D, int C = 8, typename RowOf>
-__device__ __forceinline__ void merge_splits(const AttnParams& p, int rows, RowOf row_of,
-                                             float* sm) {
+template <typename T, int D, int C = 8>
+__device__ __forceinline__ void merge_split_row(const AttnParams& p, int64_t grow, int h,
+                                                int64_t out_off, int64_t lse_off, float* sm) {
   using State = MergeState<D, C>;
   constexpr int E = State::E;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
-  const int wpr = nw / rows > 1 ? nw / rows : 1;
-  if (wpr == 1) {  // each warp its rows, every split
-    for (int g = warp; g < rows; g += nw) {
-      const MergeRow row = row_of(g);
-      State st;
-      st.fold(p, row.grow, row.h, 0, 1, lane);
-      st.template store<T>(p, row, lane);
-    }
-    return;
-  }
-  const int g = warp % rows, j = warp / rows;
-  const bool active = warp < rows * wpr;
-  const MergeRow row = row_of(g);
   State st;
-  if (active) st.fold(p, row.grow, row.h, j, wpr, lane);
+  st.fold(p, grow, h, warp, nw, lane);
   float* sm_m = sm;
   float* sm_l = sm + nw;
   float* sm_acc = sm + 2 * nw;  // [nw][D]
-  if (active && j > 0) {
+  if (warp > 0) {
     if (lane == 0) {
       sm_m[warp] = st.m;
       sm_l[warp] = st.l;
@@ -284,27 +232,13 @@ __device__ __forceinline__ void merge_splits(const AttnParams& p, int rows, RowO
     for (int e = 0; e < E; ++e) sm_acc[warp * D + lane * E + e] = st.acc[e];
   }
   __syncthreads();
-  if (active && j == 0) {
-    for (int k = 1; k < wpr; ++k) {
-      const int w2 = k * rows + g;
-      st.join(sm_m[w2], sm_l[w2], sm_acc + w2 * D + lane * E);
-    }
-    st.template store<T>(p, row, lane);
-  }
-}
-
-// The decode kernels' last CTA of a row tile: merge its GT packed rows (from r0, < R).
-template <typename T, int D>
-__device__ __forceinline__ void merge_tile_splits(const AttnParams& p, const DecodeSeq& s,
-                                                  int hk, int r0, int R, int group, int gt,
-                                                  float* sm) {
-  const int rows = R - r0 < gt ? R - r0 : gt;
-  merge_splits<T, D>(p, rows, [&](int g) {
-    const int rr = r0 + g, i = rr / group, h = hk * group + rr % group;
-    return MergeRow{s.row0 + i, h, s.out_off + int64_t(i) * p.out_row_stride +
-                                       int64_t(h) * p.out_head_stride,
-                    s.lse_off + int64_t(h) * p.lse_head_stride + i};
-  }, sm);
+  if (warp != 0) return;
+  for (int w = 1; w < nw; ++w) st.join(sm_m[w], sm_l[w], sm_acc + w * D + lane * E);
+  const bool empty = !(st.l > 0.f);
+  T* op = static_cast<T*>(p.out) + out_off + lane * E;
+#pragma unroll
+  for (int e = 0; e < E; ++e) op[e] = from_float<T>(empty ? 0.f : st.acc[e] / st.l);
+  if (lane == 0) p.lse[lse_off] = empty ? -INFINITY : st.m + logf(st.l);
 }
 
 }  // namespace cuda

@@ -316,7 +316,6 @@ __device__ __forceinline__ const T* mma_q_row(const AttnParams& p, const DecodeS
 template <typename T, Format F, int D, int GT>
 struct MmaCta {
   int split, hk, b, warp, r, c, group, R, r0;
-  int64_t tile;  // (b, hk, row tile) index: the merge counter
   DecodeSeq s;
 
   __device__ __forceinline__ MmaCta(const AttnParams& p, int m_tiles) {
@@ -331,7 +330,6 @@ struct MmaCta {
     s = decode_seq(p, b);
     R = s.sq * group;
     r0 = cta.mt * GT;
-    tile = (int64_t(b) * p.cache.kv_heads + hk) * m_tiles + cta.mt;
   }
   // The row tile lies past the sequence's rows: the CTA has nothing to do.
   __device__ __forceinline__ bool past_rows() const { return r0 >= R; }
@@ -348,9 +346,7 @@ struct MmaCta {
     return qscale;
   }
   // Combines the warps' states through sm_m / sm_l (kMmaWarps * 8) and sm_o (kMmaWarps * 8 * D)
-  // and stores the rows; the caller has finished every read of what those arrays alias. With
-  // merge counters, the tile's last CTA then merges the splits (merge_tile_splits, sm_o as its
-  // kMmaWarps * (D + 2) floats of scratch).
+  // and stores the rows; the caller has finished every read of what those arrays alias.
   __device__ __forceinline__ void finish(const AttnParams& p, const MmaRowState<T, F, D>& st,
                                          float* sm_m, float* sm_l, float* sm_o) const {
     st.to_smem(sm_m, sm_l, sm_o, warp, r, c);
@@ -359,8 +355,6 @@ struct MmaCta {
     if constexpr (F == Format::kFp8E4M3) vs_head = p.cache.v.head_scale[hk];
     combine_and_store<T, D, GT, kMmaWarps, 8>(p, s, split, hk, r0, R, group, vs_head, sm_m,
                                               sm_l, sm_o);
-    if (p.merge_counters != nullptr && p.num_splits > 1 && last_split_of_tile(p, tile))
-      merge_tile_splits<T, D>(p, s, hk, r0, R, group, GT, sm_o);
   }
 };
 

@@ -134,19 +134,13 @@ struct AttnParams {
   int num_splits = 1;
   float* out_accum = nullptr;
   float* lse_accum = nullptr;
-  // CUDA: non-null, the decode kernel merges the splits itself (one zeroed int32 counter per
-  // (sequence, kv head, packed-row tile); kvcache_decode_common.cuh) and no merge kernel runs.
-  int* merge_counters = nullptr;
 
   // CUDA decode launch knobs (set by the launcher, ignored on the CPU): grid order (true: the
   // CTAs of one split for all kv heads are adjacent in launch order, so they stream the same
   // pages at the same time) and whether the staged kernel's K/V copies carry an L2 evict-first
-  // hint (the int8 scales, re-read by every kv head's CTA, then stay in L2); the staged
-  // kernel's split granularity in keys (a multiple of 16: one 16-key tile balances the splits
-  // best; 64 gives every warp of the CTA the same tile count).
+  // hint (the int8 scales, re-read by every kv head's CTA, then stay in L2).
   bool decode_heads_fastest = true;
   bool decode_l2_hint = true;
-  int decode_split_unit = 16;
 };
 
 }  // namespace kvcache
