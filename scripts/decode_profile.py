@@ -41,60 +41,64 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default="int8,fp8")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--ctx", type=int, default=131072)
+    ap.add_argument("--ctx", default="131072", help="comma-separated contexts")
     ap.add_argument("--splits", default="")
     ap.add_argument("--env", action="append", default=[])
     args = ap.parse_args()
     copy = copy_bandwidth_gbps()
     print(f"copy bandwidth {copy:.0f} GB/s")
-    for fmt in args.formats.split(","):
-        dt = FORMATS[fmt]
-        q = torch.randn(args.batch, 1, H, D, device="cuda", dtype=torch.bfloat16)
-        if fmt == "bf16":
-            pages = args.ctx // BS
-            kc = torch.randn(args.batch * pages, BS, HK, D, device="cuda", dtype=dt)
-            vc = torch.randn_like(kc)
-            ks = vs = None
-            table = torch.arange(args.batch * pages, dtype=torch.int32,
-                                 device="cuda").view(args.batch, pages)
-            seqlens = torch.full((args.batch,), args.ctx, dtype=torch.int32, device="cuda")
-        else:
-            kc, vc, ks, vs, table, seqlens, _ = _fill_quantized(dt, args.batch, args.ctx)
-        nbytes = 2 * kc.numel() * kc.element_size() + table.numel() * 4
-        if ks is not None and ks.dim() == 3:
-            nbytes += 2 * ks.numel() * 4
+    for ctx in [int(c) for c in args.ctx.split(",")]:
+        for fmt in args.formats.split(","):
+            probe(args, fmt, ctx, copy)
+            torch.cuda.empty_cache()
 
-        def call(splits=0):
-            return flash_attn_with_kvcache(q, kc, vc, seqlens, table, k_scale=ks, v_scale=vs,
-                                           validate=False, num_splits=splits)
 
-        def report(label, ms):
-            print(f"{fmt} b{args.batch} {label:28s} {ms * 1e3:8.2f} us  "
-                  f"x copy {nbytes / (ms * 1e-3) / 1e9 / copy:.3f}", flush=True)
+def probe(args, fmt, ctx, copy):
+    dt = FORMATS[fmt]
+    q = torch.randn(args.batch, 1, H, D, device="cuda", dtype=torch.bfloat16)
+    if fmt == "bf16":
+        pages = ctx // BS
+        kc = torch.randn(args.batch * pages, BS, HK, D, device="cuda", dtype=dt)
+        vc = torch.randn_like(kc)
+        ks = vs = None
+        table = torch.arange(args.batch * pages, dtype=torch.int32,
+                             device="cuda").view(args.batch, pages)
+        seqlens = torch.full((args.batch,), ctx, dtype=torch.int32, device="cuda")
+    else:
+        kc, vc, ks, vs, table, seqlens, _ = _fill_quantized(dt, args.batch, ctx)
+    nbytes = 2 * kc.numel() * kc.element_size() + table.numel() * 4
+    if ks is not None and ks.dim() == 3:
+        nbytes += 2 * ks.numel() * 4
 
-        ref = call().float()
-        report("default", _graph_time(call))
-        kd, gaps = kernel_durations(call)
-        for name, (us, n) in kd.items():
-            print(f"    kernel {name:60s} {us:8.2f} us x{n}")
-        print(f"    gaps between kernels: median {statistics.median(gaps):.2f} us")
-        for sp in [int(s) for s in args.splits.split(",") if s]:
-            report(f"splits={sp}", _graph_time(lambda: call(sp)))
-        for spec in args.env:
-            pairs = [kv.split("=", 1) for kv in spec.split(",")]
-            for k, v in pairs:
-                os.environ[k] = v
-            try:
-                err = (call().float() - ref).abs().max().item()
-                report(spec + f" (diff {err:.1e})", _graph_time(call))
-                kd, gaps = kernel_durations(call)
-                for name, (us, n) in kd.items():
-                    print(f"    kernel {name:60s} {us:8.2f} us x{n}")
-            finally:
-                for k, _ in pairs:
-                    os.environ.pop(k, None)
-        del kc, vc, ks, vs
-        torch.cuda.empty_cache()
+    def call(splits=0):
+        return flash_attn_with_kvcache(q, kc, vc, seqlens, table, k_scale=ks, v_scale=vs,
+                                       validate=False, num_splits=splits)
+
+    def report(label, ms):
+        print(f"{fmt} ctx {ctx} b{args.batch} {label:28s} {ms * 1e3:8.2f} us  "
+              f"x copy {nbytes / (ms * 1e-3) / 1e9 / copy:.3f}", flush=True)
+
+    ref = call().float()
+    report("default", _graph_time(call))
+    kd, gaps = kernel_durations(call)
+    for name, (us, n) in kd.items():
+        print(f"    kernel {name:60s} {us:8.2f} us x{n}")
+    print(f"    gaps between kernels: median {statistics.median(gaps):.2f} us")
+    for sp in [int(s) for s in args.splits.split(",") if s]:
+        report(f"splits={sp}", _graph_time(lambda: call(sp)))
+    for spec in args.env:
+        pairs = [kv.split("=", 1) for kv in spec.split(",")]
+        for k, v in pairs:
+            os.environ[k] = v
+        try:
+            err = (call().float() - ref).abs().max().item()
+            report(spec + f" (diff {err:.1e})", _graph_time(call))
+            kd, gaps = kernel_durations(call)
+            for name, (us, n) in kd.items():
+                print(f"    kernel {name:60s} {us:8.2f} us x{n}")
+        finally:
+            for k, _ in pairs:
+                os.environ.pop(k, None)
 
 
 if __name__ == "__main__":
