@@ -105,11 +105,13 @@ struct DecodeKernel {
 
 // Whether the staged kernel can take this cache: every 16-byte piece of a key row must be a
 // 16-byte aligned address (base pointers and page / slot / head strides; for 8-bit caches the
-// element strides are bytes) and a 16-key tile must lie in one page.
+// element strides are bytes), a 16-key tile must lie in one page, and the offsets of a tile's
+// 16 slots must fit in int32 (the kernel's per-lane copy offsets).
 inline bool staged_decode_ok(const kvcache::PagedKV& c) {
-  auto a16 = [](const kvcache::CacheView& v) {
+  auto a16 = [&](const kvcache::CacheView& v) {
     return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.page_stride % 16 == 0 &&
-           v.slot_stride % 16 == 0 && v.head_stride % 16 == 0;
+           v.slot_stride % 16 == 0 && v.head_stride % 16 == 0 && v.slot_stride >= 0 &&
+           16 * v.slot_stride + c.head_dim < (int64_t(1) << 31);
   };
   return c.format != Format::kNative && c.block_size % 16 == 0 && a16(c.k) && a16(c.v);
 }

@@ -105,11 +105,16 @@ __device__ __forceinline__ MmaRows mma_rows(const AttnParams& p, const DecodeSeq
                                             int R, int group, int r) {
   MmaRows m;
   int klo = 0x7fffffff, khi = 0;
+  int i = r0 / group, in_group = r0 - i * group;  // row of q and head in the group of r0 + g
   for (int g = 0; g < GT; ++g) {
     const int rr = r0 + g;
     if (rr >= R) break;
     int a, e;
-    row_interval(rr / group, s.sq, s.sk, p.window_left, p.window_right, a, e);
+    row_interval(i, s.sq, s.sk, p.window_left, p.window_right, a, e);
+    if (++in_group == group) {
+      in_group = 0;
+      ++i;
+    }
     if (g == r) {
       m.lo = a;
       m.hi = e;
@@ -127,11 +132,14 @@ __device__ __forceinline__ MmaRows mma_rows(const AttnParams& p, const DecodeSeq
   return m;
 }
 
-// The split's key range [kb, ke): contiguous ranges of whole multiples of `unit` keys.
+// The split's key range [kb, ke): contiguous ranges of whole multiples of `unit` keys (a
+// constant at every call site). 32-bit division: it sits on the path from the kernel's start to
+// its first copy (the 64-bit one was a called routine).
 __device__ __forceinline__ void split_range(const MmaRows& m, int num_splits, int split, int unit,
                                             int& kb, int& ke) {
-  const int64_t nkeys = m.khi - m.klo;
-  const int64_t per = ((nkeys + num_splits - 1) / num_splits + unit - 1) / unit * unit;
+  const unsigned nkeys = static_cast<unsigned>(m.khi - m.klo);  // < 2^31
+  const unsigned s = static_cast<unsigned>(num_splits);
+  const int64_t per = int64_t((nkeys + s - 1) / s + unit - 1) / unit * unit;
   const int64_t kb64 = m.klo + per * split;
   kb = static_cast<int>(kb64 < m.khi ? kb64 : m.khi);
   ke = static_cast<int>(kb64 + per < m.khi ? kb64 + per : m.khi);
@@ -333,6 +341,9 @@ struct MmaCta {
   }
   // The row tile lies past the sequence's rows: the CTA has nothing to do.
   __device__ __forceinline__ bool past_rows() const { return r0 >= R; }
+  // Whether this thread's row r is a query row (as MmaRows::row_active, without the key
+  // intervals: load_q can go before the rows' intervals, which wait for cache_seqlens).
+  __device__ __forceinline__ bool row_active() const { return r < GT && r0 + r < R; }
   __device__ __forceinline__ MmaRows rows(const AttnParams& p) const {
     return mma_rows<GT>(p, s, r0, R, group, r);
   }

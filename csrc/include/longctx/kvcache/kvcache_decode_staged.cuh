@@ -109,14 +109,14 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   const int hk = cta.hk, b = cta.b, warp = cta.warp, r = cta.r, c = cta.c;
   const int lane = threadIdx.x % 32;
   const PagedKV& cache = p.cache;
+  uint32_t qa[D / 16][2];  // first: the query loads need no key count
+  const float qscale = cta.load_q(p, cta.row_active(), qa);
   const MmaRows rows = cta.rows(p);
   const int lo = rows.lo, hi = rows.hi, khi = rows.khi;
   int kb, ke;
   // Splits of whole 16-key tiles (not of 4 tiles, one per warp): at batch 1 the split ranges
   // then differ by at most a tile (measured 0.9 us of 109 faster for int8, bench/NOTES.md).
   split_range(rows, p.num_splits, cta.split, kMmaTile, kb, ke);
-  uint32_t qa[D / 16][2];
-  const float qscale = cta.load_q(p, rows.row_active, qa);
   State st;
 
   // This warp's tiles: t0(i) = kb + 16 (warp + 4 i), i < n_tiles.
@@ -141,6 +141,20 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   };
   int pg_cur = page_of_tile(lane), pg_nxt = page_of_tile(32 + lane);
 
+  // Per-lane constants of the K/V copies (computed once: the copy issue runs every tile and
+  // its address math was most of its ~200 instructions): lane copies pieces q = lane + 32 u of a
+  // tile's 16 keys x P pieces, key q / P, piece q % P; offsets from the tile's first slot (int32:
+  // the launcher checks 16 slot strides fit) and swizzled destinations in a stage.
+  constexpr int kCopies = (kMmaTile * P + 31) / 32;
+  int32_t koff[kCopies], voff[kCopies];
+  uint32_t doff[kCopies];
+#pragma unroll
+  for (int u = 0; u < kCopies; ++u) {
+    const int q = lane + 32 * u, key = q / P, piece = q % P;
+    koff[u] = key * static_cast<int32_t>(cache.k.slot_stride) + piece * 16;
+    voff[u] = key * static_cast<int32_t>(cache.v.slot_stride) + piece * 16;
+    doff[u] = key * D + ((piece ^ piece_swizzle<P>(key)) << 4);
+  }
   const uint8_t* kbase = static_cast<const uint8_t*>(cache.k.data) + int64_t(hk) * cache.k.head_stride;
   const uint8_t* vbase = static_cast<const uint8_t*>(cache.v.data) + int64_t(hk) * cache.v.head_stride;
   uint8_t* ring = smem + warp * Lay::kWarpBytes;
@@ -163,21 +177,20 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
       const int slot0 = pow2 ? (t0 & (bs - 1)) : t0 % bs;
       const uint32_t stage = ring_s + (i % S) * Lay::kStageBytes;
       stage_ok = (stage_ok & ~(1u << (i % S))) | (uint32_t(pg >= 0) << (i % S));
-      // K and V: 16 keys x P pieces each; lane takes pieces q = lane + 32 u.
+      // K and V: 16 keys x P pieces each; lane takes pieces q = lane + 32 u (koff / voff / doff).
+      const uint8_t* ktile = kbase + (int64_t(pg) * cache.k.page_stride +
+                                      int64_t(slot0) * cache.k.slot_stride);
+      const uint8_t* vtile = vbase + (int64_t(pg) * cache.v.page_stride +
+                                      int64_t(slot0) * cache.v.slot_stride);
+      const int keys_left = khi - t0;
 #pragma unroll
-      for (int u = 0; u < (kMmaTile * P + 31) / 32; ++u) {
+      for (int u = 0; u < kCopies; ++u) {
         const int q = lane + 32 * u;
         if (kMmaTile * P % 32 == 0 || q < kMmaTile * P) {
-          const int key = q / P, piece = q % P;
-          const bool ok = pg >= 0 && t0 + key < khi;
-          const int64_t slot = slot0 + key;
-          const uint32_t dst = stage + key * D + ((piece ^ piece_swizzle<P>(key)) << 4);
-          const uint8_t* ks = kbase + (ok ? int64_t(pg) * cache.k.page_stride +
-                                                slot * cache.k.slot_stride + piece * 16
-                                          : 0);
-          const uint8_t* vs = vbase + (ok ? int64_t(pg) * cache.v.page_stride +
-                                                slot * cache.v.slot_stride + piece * 16
-                                          : 0);
+          const bool ok = pg >= 0 && q / P < keys_left;
+          const uint32_t dst = stage + doff[u];
+          const uint8_t* ks = ok ? ktile + koff[u] : kbase;
+          const uint8_t* vs = ok ? vtile + voff[u] : vbase;
           if (p.decode_l2_hint) {
             cp_async16_zfill_hint(dst, ks, ok, l2_policy);
             cp_async16_zfill_hint(dst + Lay::kTileBytes, vs, ok, l2_policy);
