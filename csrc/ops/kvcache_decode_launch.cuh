@@ -190,19 +190,10 @@ void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_spli
   const unsigned hy = static_cast<unsigned>(p.cache.kv_heads * m_tiles);
   const dim3 grid = p.decode_heads_fastest ? dim3(hy, splits, p.cache.batch)
                                            : dim3(splits, hy, p.cache.batch);
-  if (env_is("LONGCTX_KV_DECODE_CARVEOUT", "1") || env_is("LONGCTX_KV_DECODE_CARVEOUT", "0")) {
-    cudaFuncSetAttribute(K::fn(), cudaFuncAttributePreferredSharedMemoryCarveout,
-                         env_is("LONGCTX_KV_DECODE_CARVEOUT", "1") ? 100 : -1);
-  }
   K::fn()<<<grid, kc::kDecodeThreads, K::smem_bytes(), stream>>>(p, m_tiles);
   check_launch("flash_attn_with_kvcache", "decode kernel");
   if (splits > 1) {
     TORCH_CHECK(p.heads <= 65535, "longctx.flash_attn_with_kvcache: heads must be <= 65535");
-    {
-      const int carve = env_is("LONGCTX_KV_DECODE_CARVEOUT", "1") ? 100 : -1;
-      cudaFuncSetAttribute(kc::kvcache_merge_kernel<T, D>,
-                           cudaFuncAttributePreferredSharedMemoryCarveout, carve);
-    }
     kc::kvcache_merge_kernel<T, D><<<dim3(static_cast<unsigned>(p.total_q), p.heads),
                                      kc::kMergeThreads, 0, stream>>>(p);
     check_launch("flash_attn_with_kvcache", "merge kernel");
