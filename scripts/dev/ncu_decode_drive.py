@@ -1,3 +1,9 @@
+"""Driver for Nsight Compute on the paged decode (development): a batch-1 fp8 cache of CTX
+tokens, eight decode calls. Example (bench/NOTES.md, session 4):
+    ncu --clock-control none --cache-control none -k regex:decode_staged --launch-skip 5 \
+        --launch-count 1 --section SpeedOfLight --section WarpStateStats \
+        python3 scripts/dev/ncu_decode_drive.py 32768
+"""
 import sys, torch
 from longctx.bench.kvcache_suite import BS, D, H, HK, _fill_quantized
 from longctx.kvcache import flash_attn_with_kvcache

@@ -13,8 +13,8 @@
 //
 // Work decomposition: as the register kernel (CTA of 4 warps per (split, kv head, tile of
 // GT <= 8 packed GQA rows, sequence); the split's keys are 16-key tiles, warp w takes tiles
-// w, w + 4, w + 8, ..., so warps of a CTA may differ by one tile). Per tile and warp the math is MmaRowState::consume (kvcache_decode_mma.cuh:
-// S = Q K^T and O += P V with mma.sync m16n8k16, online softmax in fp32, dequantization exact to
+// w, w + 4, w + 8, ..., so warps of a CTA may differ by one tile). Per tile and warp the math is
+// MmaRowState::consume (kvcache_decode_mma.cuh: S = Q K^T and O += P V with mma.sync m16n8k16, online softmax in fp32, dequantization exact to
 // fp16 and scales in fp32); only where the fragments come from differs.
 //
 // Stage layout (one warp, one 16-key tile): K codes [16 keys][D bytes], V codes [16][D], then
@@ -141,8 +141,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   };
   int pg_cur = page_of_tile(lane), pg_nxt = page_of_tile(32 + lane);
 
-  // Per-lane constants of the K/V copies (computed once: the copy issue runs every tile and
-  // its address math was most of its ~200 instructions): lane copies pieces q = lane + 32 u of a
+  // Per-lane constants of the K/V copies, computed once (the copy issue runs every tile; its
+  // 64-bit address math was most of its ~200 instructions, though removing it measured no
+  // change in time, bench/NOTES.md): lane copies pieces q = lane + 32 u of a
   // tile's 16 keys x P pieces, key q / P, piece q % P; offsets from the tile's first slot (int32:
   // the launcher checks 16 slot strides fit) and swizzled destinations in a stage.
   constexpr int kCopies = (kMmaTile * P + 31) / 32;
