@@ -5,7 +5,7 @@ tokens, eight decode calls. Example (bench/NOTES.md, session 4):
         python3 scripts/dev/ncu_decode_drive.py 32768
 """
 import sys, torch
-from longctx.bench.kvcache_suite import BS, D, H, HK, _fill_quantized
+from longctx.bench.kvcache_suite import D, H, _fill_quantized
 from longctx.kvcache import flash_attn_with_kvcache
 ctx = int(sys.argv[1])
 kc, vc, ks, vs, table, seqlens, _ = _fill_quantized(torch.float8_e4m3fn, 1, ctx)

@@ -14,8 +14,9 @@
 // Work decomposition: as the register kernel (CTA of 4 warps per (split, kv head, tile of
 // GT <= 8 packed GQA rows, sequence); the split's keys are 16-key tiles, warp w takes tiles
 // w, w + 4, w + 8, ..., so warps of a CTA may differ by one tile). Per tile and warp the math is
-// MmaRowState::consume (kvcache_decode_mma.cuh: S = Q K^T and O += P V with mma.sync m16n8k16, online softmax in fp32, dequantization exact to
-// fp16 and scales in fp32); only where the fragments come from differs.
+// MmaRowState::consume (kvcache_decode_mma.cuh: S = Q K^T and O += P V with mma.sync m16n8k16,
+// online softmax in fp32, dequantization exact to fp16 and scales in fp32); only where the
+// fragments come from differs.
 //
 // Stage layout (one warp, one 16-key tile): K codes [16 keys][D bytes], V codes [16][D], then
 // (int8) K scales [16] and V scales [16] fp32, or with kLineScales the scales of the tile's
