@@ -13,7 +13,7 @@ import statistics
 import torch
 
 from longctx.bench.ceilings import copy_bandwidth_gbps
-from longctx.bench.kvcache_suite import BS, D, FORMATS, H, HK, _fill_quantized, _graph_time
+from longctx.bench.kvcache_suite import FORMATS, _decode_inputs, _graph_time, decode_bytes
 from longctx.kvcache import flash_attn_with_kvcache
 
 
@@ -54,21 +54,8 @@ def main():
 
 
 def probe(args, fmt, ctx, copy):
-    dt = FORMATS[fmt]
-    q = torch.randn(args.batch, 1, H, D, device="cuda", dtype=torch.bfloat16)
-    if fmt == "bf16":
-        pages = ctx // BS
-        kc = torch.randn(args.batch * pages, BS, HK, D, device="cuda", dtype=dt)
-        vc = torch.randn_like(kc)
-        ks = vs = None
-        table = torch.arange(args.batch * pages, dtype=torch.int32,
-                             device="cuda").view(args.batch, pages)
-        seqlens = torch.full((args.batch,), ctx, dtype=torch.int32, device="cuda")
-    else:
-        kc, vc, ks, vs, table, seqlens, _ = _fill_quantized(dt, args.batch, ctx)
-    nbytes = 2 * kc.numel() * kc.element_size() + table.numel() * 4
-    if ks is not None and ks.dim() == 3:
-        nbytes += 2 * ks.numel() * 4
+    q, kc, vc, ks, vs, table, seqlens, _ = _decode_inputs(fmt, FORMATS[fmt], args.batch, ctx)
+    nbytes = decode_bytes(kc, ks, table)
 
     def call(splits=0):
         return flash_attn_with_kvcache(q, kc, vc, seqlens, table, k_scale=ks, v_scale=vs,

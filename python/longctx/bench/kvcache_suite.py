@@ -122,6 +122,29 @@ def _fill_quantized(cache_dtype, batch, ctx, gen_chunk=8192):
     return kc, vc, ks, vs, table, seqlens, ms
 
 
+def _decode_inputs(fmt, cache_dtype, batch, ctx):
+    """One bf16 query token per sequence and a cache of `fmt` holding batch sequences of ctx
+    random tokens (bf16: pages in order, the peers' contiguous cache is the same memory);
+    returns (q, k_cache, v_cache, k_scale, v_scale, table, seqlens, append_ms)."""
+    q = torch.randn(batch, 1, H, D, device="cuda", dtype=torch.bfloat16)
+    if fmt != "bf16":
+        return (q,) + _fill_quantized(cache_dtype, batch, ctx)
+    pages = ctx // BS
+    kc = torch.randn(batch * pages, BS, HK, D, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    table = torch.arange(batch * pages, dtype=torch.int32, device="cuda").view(batch, pages)
+    seqlens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    return q, kc, vc, None, None, table, seqlens, None
+
+
+def decode_bytes(k_cache, k_scale, table) -> int:
+    """Bytes a decode must read: K and V, int8 scales (per token and head), the block table."""
+    n = 2 * k_cache.numel() * k_cache.element_size() + table.numel() * 4
+    if k_scale is not None and k_scale.dim() == 3:
+        n += 2 * k_scale.numel() * 4
+    return n
+
+
 def _decode_rows(res, contexts, batches, copy_gbps, progress):
     for ctx in contexts:
         for batch in batches:
@@ -146,20 +169,7 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
 
     from ..kvcache import flash_attn_with_kvcache
 
-    q = torch.randn(batch, 1, H, D, device="cuda", dtype=torch.bfloat16)
-    append_ms = None
-    if fmt == "bf16":
-        pages = ctx // BS
-        kc = torch.randn(batch * pages, BS, HK, D, device="cuda",
-                         dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
-        ks = vs = None
-        table = torch.arange(batch * pages, dtype=torch.int32,
-                             device="cuda").view(batch, pages)
-        seqlens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    else:
-        kc, vc, ks, vs, table, seqlens, append_ms = _fill_quantized(cache_dtype,
-                                                                    batch, ctx)
+    q, kc, vc, ks, vs, table, seqlens, append_ms = _decode_inputs(fmt, cache_dtype, batch, ctx)
 
     def ours():
         return flash_attn_with_kvcache(q, kc, vc, seqlens, table, k_scale=ks,
@@ -191,9 +201,7 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
             lambda: flash_attn_with_kvcache(q, kc, vc, seqlens, table, k_scale=ks,
                                             v_scale=vs, validate=False,
                                             num_splits=sp))
-    nbytes = 2 * kc.numel() * kc.element_size() + table.numel() * 4
-    if ks is not None and ks.dim() == 3:
-        nbytes += 2 * ks.numel() * 4
+    nbytes = decode_bytes(kc, ks, table)
     if fmt == "bf16":  # peers on the same memory, contiguous (b, s, HK, D)
         kb, vb = kc.view(batch, ctx, HK, D), vc.view(batch, ctx, HK, D)
         for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
