@@ -106,14 +106,16 @@ struct DecodeKernel {
 // Whether the staged kernel can take this cache: every 16-byte piece of a key row must be a
 // 16-byte aligned address (base pointers and page / slot / head strides; for 8-bit caches the
 // element strides are bytes), a 16-key tile must lie in one page, and the offsets of a tile's
-// 16 slots must fit in int32 (the kernel's per-lane copy offsets).
+// 16 slots must fit in int32 (the kernel's per-lane copy offsets); the pool must hold a page
+// (copies of invalid tiles point into page 0 with size 0).
 inline bool staged_decode_ok(const kvcache::PagedKV& c) {
   auto a16 = [&](const kvcache::CacheView& v) {
     return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.page_stride % 16 == 0 &&
            v.slot_stride % 16 == 0 && v.head_stride % 16 == 0 && v.slot_stride >= 0 &&
            16 * v.slot_stride + c.head_dim < (int64_t(1) << 31);
   };
-  return c.format != Format::kNative && c.block_size % 16 == 0 && a16(c.k) && a16(c.v);
+  return c.format != Format::kNative && c.block_size % 16 == 0 && c.num_blocks >= 1 &&
+         a16(c.k) && a16(c.v);
 }
 
 // Whether kernel 4's scale copies apply: int8, scales (num_blocks, block_size, kv_heads)

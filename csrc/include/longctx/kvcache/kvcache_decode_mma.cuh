@@ -92,6 +92,25 @@ __device__ __forceinline__ uint32_t codes2_to_h2(uint32_t x) {
   }
 }
 
+// Four 8-bit codes (bytes 0..3 of x) -> fp16x2 of bytes 0, 1 (lo) and of bytes 2, 3 (hi), exact.
+// fp8: the cvt reads the high half of x in place (ptxas folds the b16 split into the operand:
+// no shift per pair); int8 as codes2_to_h2.
+template <Format F>
+__device__ __forceinline__ void codes4_to_h2x2(uint32_t x, uint32_t& lo, uint32_t& hi) {
+  if constexpr (F == Format::kFp8E4M3) {
+    asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n"
+        " cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+        : "=r"(lo), "=r"(hi)
+        : "r"(x));
+  } else {
+    lo = codes2_to_h2<F>(x);
+    const uint32_t t = __byte_perm(x, 0x64646464u, 0x4342u);
+    __half2 h = *reinterpret_cast<const __half2*>(&t);
+    h = __hsub2(h, __half2half2(__ushort_as_half(0x6480)));  // 1152.0
+    hi = *reinterpret_cast<uint32_t*>(&h);
+  }
+}
+
 // The rows of one CTA (GT packed rows from r0) and the keys they see: this thread's row r's
 // interval [lo, hi) (empty for rows >= GT or past R) and the union [klo, khi) (klo rounded down
 // to a 16-key tile).
@@ -224,9 +243,7 @@ struct MmaRowState {
           b0 = w[2 * st];
           b1 = w[2 * st + 1];
         } else {
-          const uint32_t x = F == Format::kInt8 ? w[st] ^ 0x80808080u : w[st];
-          b0 = codes2_to_h2<F>(x);
-          b1 = codes2_to_h2<F>(x >> 16);
+          codes4_to_h2x2<F>(F == Format::kInt8 ? w[st] ^ 0x80808080u : w[st], b0, b1);
         }
         mma16816<kBf16>(sacc[h], qa[st][0], 0u, qa[st][1], 0u, b0, b1);
       }
@@ -265,25 +282,32 @@ struct MmaRowState {
     const uint32_t pa0 = pack2(pr[0], pr[1], kBf16);  // keys 2c, 2c+1
     const uint32_t pa2 = pack2(pr[2], pr[3], kBf16);  // keys 2c+8, 2c+9
 
-    // O += P V
+    // O += P V: n-block jb takes byte jb % 4 of word jb / 4 of the four keys; 8-bit codes are
+    // paired per two n-blocks (one byte permute gives (k0.b, k1.b, k0.b+1, k1.b+1)).
 #pragma unroll
-    for (int jb = 0; jb < kNB; ++jb) {
-      uint32_t b0, b1;
+    for (int jb = 0; jb < kNB; jb += 2) {
+      uint32_t b0[2], b1[2];
       if constexpr (kNative) {
-        const uint32_t sel = (jb & 1) ? 0x7632u : 0x5410u;
-        b0 = __byte_perm(L.v[0][jb / 2], L.v[1][jb / 2], sel);
-        b1 = __byte_perm(L.v[2][jb / 2], L.v[3][jb / 2], sel);
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          const uint32_t sel = x ? 0x7632u : 0x5410u;
+          b0[x] = __byte_perm(L.v[0][jb / 2], L.v[1][jb / 2], sel);
+          b1[x] = __byte_perm(L.v[2][jb / 2], L.v[3][jb / 2], sel);
+        }
       } else {
-        const int wi = jb / 4, by = jb % 4;
-        const uint32_t sel = 0x40u + by * 0x11u;  // bytes (k0.by, k1.by) in the low half
+        const int wi = jb / 4;
+        const uint32_t sel = (jb % 4) ? 0x7362u : 0x5140u;
         const uint32_t bias = F == Format::kInt8 ? 0x80808080u : 0u;
-        b0 = codes2_to_h2<F>(__byte_perm(L.v[0][wi], L.v[1][wi], sel) ^ bias);
-        b1 = codes2_to_h2<F>(__byte_perm(L.v[2][wi], L.v[3][wi], sel) ^ bias);
+        codes4_to_h2x2<F>(__byte_perm(L.v[0][wi], L.v[1][wi], sel) ^ bias, b0[0], b0[1]);
+        codes4_to_h2x2<F>(__byte_perm(L.v[2][wi], L.v[3][wi], sel) ^ bias, b1[0], b1[1]);
       }
-      float acc[4] = {o[jb][0], o[jb][1], 0.f, 0.f};
-      mma16816<kBf16>(acc, pa0, 0u, pa2, 0u, b0, b1);
-      o[jb][0] = acc[0];
-      o[jb][1] = acc[1];
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        float acc[4] = {o[jb + x][0], o[jb + x][1], 0.f, 0.f};
+        mma16816<kBf16>(acc, pa0, 0u, pa2, 0u, b0[x], b1[x]);
+        o[jb + x][0] = acc[0];
+        o[jb + x][1] = acc[1];
+      }
     }
   }
 

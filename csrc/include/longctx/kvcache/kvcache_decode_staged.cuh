@@ -51,9 +51,15 @@ __device__ __forceinline__ void cp_async16_zfill_hint(uint32_t dst, const void* 
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
                "l"(src), "r"(pred ? 16 : 0), "l"(policy));
 }
-__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+// L2 policy of the K/V copies: evict-first (the default), or evict-normal (what a copy without
+// a hint gets) for measurement; one copy instruction either way.
+__device__ __forceinline__ uint64_t l2_copy_policy(bool evict_first) {
   uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  if (evict_first) {
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  } else {
+    asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
+  }
   return policy;
 }
 __device__ __forceinline__ void cp_async4_zfill(uint32_t dst, const void* src, bool pred) {
@@ -71,6 +77,46 @@ __device__ __forceinline__ void cp_async_wait() {
 // then for V), copied as whole 16-byte pieces, instead of this head's 16 scales copied 4 bytes
 // at a time (32 single-sector requests per tile, a 4-byte scale per 32-byte sector).
 constexpr int kLineScaleHeads = 8;
+
+// Development only (bench/NOTES.md, "Decode, session 5"): with LONGCTX_DECODE_STAMPS defined,
+// lane 0 of every warp prints its SM, tile count, global-timer start and end, and SM-clock
+// stamps of the prologue phases and the time spent waiting for copies and computing
+// (scripts/dev/decode_stamps.py parses them). Never defined in a build.
+#ifdef LONGCTX_DECODE_STAMPS
+struct DecodeStamps {
+  uint64_t g0, c[10] = {}, wait = 0, comp = 0;
+  __device__ __forceinline__ static uint64_t gtimer() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+  }
+  __device__ __forceinline__ static uint64_t clock() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(t)::"memory");
+    return t;
+  }
+  __device__ __forceinline__ void print(int n_tiles) const {
+    uint32_t sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    if (threadIdx.x % 32 == 0)
+      printf("ST %d %d %d %d %u %d %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu\n",
+             blockIdx.x, blockIdx.y, blockIdx.z, int(threadIdx.x / 32), sm, n_tiles,
+             (unsigned long long)g0, (unsigned long long)gtimer(),
+             (unsigned long long)(c[1] - c[0]), (unsigned long long)(c[2] - c[0]),
+             (unsigned long long)(c[3] - c[0]), (unsigned long long)(c[4] - c[0]),
+             (unsigned long long)(clock() - c[0]), (unsigned long long)wait,
+             (unsigned long long)comp, (unsigned long long)(c[5] - c[0]));
+    if (threadIdx.x % 32 == 0)
+      printf("SX %d %d %d %d %llu %llu %llu %llu\n", blockIdx.x, blockIdx.y, blockIdx.z,
+             int(threadIdx.x / 32), (unsigned long long)(c[6] - c[0]),
+             (unsigned long long)(c[7] - c[0]), (unsigned long long)(c[8] - c[0]),
+             (unsigned long long)(c[9] - c[0]));
+  }
+};
+#define LONGCTX_STAMP(k) (stamps.c[k] = DecodeStamps::clock())
+#else
+#define LONGCTX_STAMP(k) ((void)0)
+#endif
 
 template <Format F, int D, int S, bool kLineScales = false>
 struct StagedLayout {
@@ -104,8 +150,17 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   using State = MmaRowState<T, F, D>;
   constexpr int P = Lay::kPieces;
   extern __shared__ __align__(128) uint8_t smem[];
+#ifdef LONGCTX_DECODE_STAMPS
+  DecodeStamps stamps;
+  stamps.g0 = DecodeStamps::gtimer();
+#endif
+  LONGCTX_STAMP(0);
 
   const MmaCta<T, F, D, GT> cta(p, m_tiles);
+#ifdef LONGCTX_DECODE_STAMPS
+  asm volatile("" ::"r"(cta.s.sk));
+#endif
+  LONGCTX_STAMP(9);
   if (cta.past_rows()) return;
   const int hk = cta.hk, b = cta.b, warp = cta.warp, r = cta.r, c = cta.c;
   const int lane = threadIdx.x % 32;
@@ -119,6 +174,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   // then differ by at most a tile (measured 0.9 us of 109 faster for int8, bench/NOTES.md).
   split_range(rows, p.num_splits, cta.split, kMmaTile, kb, ke);
   State st;
+#ifdef LONGCTX_DECODE_STAMPS
+  asm volatile("" ::"r"(kb), "r"(ke), "f"(qscale), "r"(qa[0][0]), "r"(qa[D / 16 - 1][1]));
+#endif
+  LONGCTX_STAMP(1);
 
   // This warp's tiles: t0(i) = kb + 16 (warp + 4 i), i < n_tiles.
   const int first = kb + kMmaTile * warp;
@@ -142,11 +201,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   };
   int pg_cur = page_of_tile(lane), pg_nxt = page_of_tile(32 + lane);
 
-  // Per-lane constants of the K/V copies, computed once (the copy issue runs every tile; its
-  // 64-bit address math was most of its ~200 instructions, though removing it measured no
-  // change in time, bench/NOTES.md): lane copies pieces q = lane + 32 u of a
-  // tile's 16 keys x P pieces, key q / P, piece q % P; offsets from the tile's first slot (int32:
-  // the launcher checks 16 slot strides fit) and swizzled destinations in a stage.
+  // Per-lane constants of the K/V copies, computed once (the copy issue runs every tile): lane
+  // copies pieces q = lane + 32 u of a tile's 16 keys x P pieces, key q / P, piece q % P;
+  // offsets from the tile's first slot (int32: the launcher checks 16 slot strides fit) and
+  // swizzled destinations in a stage.
   constexpr int kCopies = (kMmaTile * P + 31) / 32;
   int32_t koff[kCopies], voff[kCopies];
   uint32_t doff[kCopies];
@@ -164,10 +222,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   uint32_t stage_ok = 0;  // bit k: the tile in stage k has a valid page (warp-uniform)
   // K/V are read once: evict them first, so that the int8 scales (one 32-byte sector holds the
   // scales of all kv heads of a slot, read by every head's CTA) stay in L2 between the heads.
-  const uint64_t l2_policy = l2_evict_first_policy();
+  const uint64_t l2_policy = l2_copy_policy(p.decode_l2_hint);
 
   // Issue the copies of tile i into stage i % S (an empty group past the warp's tiles). Called
-  // with i in increasing order; i % 32 == 0 rotates the page-id registers.
+  // with i in increasing order; i % 32 == 0 rotates the page-id registers. The source addresses
+  // are always inside the pool (an invalid page copies from page 0 with size 0, reading
+  // nothing), so a copy costs one add and one predicate: no address selects.
   auto issue = [&](int i) {
     if (i > 0 && i % 32 == 0) {
       pg_cur = pg_nxt;
@@ -179,27 +239,20 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
       const int slot0 = pow2 ? (t0 & (bs - 1)) : t0 % bs;
       const uint32_t stage = ring_s + (i % S) * Lay::kStageBytes;
       stage_ok = (stage_ok & ~(1u << (i % S))) | (uint32_t(pg >= 0) << (i % S));
-      // K and V: 16 keys x P pieces each; lane takes pieces q = lane + 32 u (koff / voff / doff).
-      const uint8_t* ktile = kbase + (int64_t(pg) * cache.k.page_stride +
-                                      int64_t(slot0) * cache.k.slot_stride);
-      const uint8_t* vtile = vbase + (int64_t(pg) * cache.v.page_stride +
-                                      int64_t(slot0) * cache.v.slot_stride);
-      const int keys_left = khi - t0;
+      const int64_t page = pg >= 0 ? pg : 0;
+      const uint8_t* ktile =
+          kbase + (page * cache.k.page_stride + int64_t(slot0) * cache.k.slot_stride);
+      const uint8_t* vtile =
+          vbase + (page * cache.v.page_stride + int64_t(slot0) * cache.v.slot_stride);
+      const int keys_left = pg >= 0 ? khi - t0 : 0;
 #pragma unroll
       for (int u = 0; u < kCopies; ++u) {
         const int q = lane + 32 * u;
         if (kMmaTile * P % 32 == 0 || q < kMmaTile * P) {
-          const bool ok = pg >= 0 && q / P < keys_left;
-          const uint32_t dst = stage + doff[u];
-          const uint8_t* ks = ok ? ktile + koff[u] : kbase;
-          const uint8_t* vs = ok ? vtile + voff[u] : vbase;
-          if (p.decode_l2_hint) {
-            cp_async16_zfill_hint(dst, ks, ok, l2_policy);
-            cp_async16_zfill_hint(dst + Lay::kTileBytes, vs, ok, l2_policy);
-          } else {
-            cp_async16_zfill(dst, ks, ok);
-            cp_async16_zfill(dst + Lay::kTileBytes, vs, ok);
-          }
+          const bool ok = q / P < keys_left;
+          cp_async16_zfill_hint(stage + doff[u], ktile + koff[u], ok, l2_policy);
+          cp_async16_zfill_hint(stage + doff[u] + Lay::kTileBytes, vtile + voff[u], ok,
+                                l2_policy);
         }
       }
       if constexpr (kLineScales) {
@@ -215,19 +268,16 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
             const bool is_v = q >= per_pool;
             const int piece = is_v ? q - per_pool : q;
             const CacheView& cv = is_v ? cache.v : cache.k;
-            const bool ok = pg >= 0;
-            const float* src =
-                cv.token_scale + (ok ? scale_offset(cv, pg, slot0, 0) + 4 * piece : 0);
+            const float* src = cv.token_scale + scale_offset(cv, page, slot0, 0) + 4 * piece;
             cp_async16_zfill(stage + Lay::kScaleOff + (is_v ? Lay::kScaleBytes : 0) + piece * 16,
-                             src, ok);
+                             src, pg >= 0);
           }
         }
       } else if constexpr (F == Format::kInt8) {
         const int key = lane % kMmaTile;
-        const bool ok = pg >= 0 && t0 + key < khi;
         const CacheView& cv = lane < kMmaTile ? cache.k : cache.v;
-        const float* src = cv.token_scale + (ok ? scale_offset(cv, pg, slot0 + key, hk) : 0);
-        cp_async4_zfill(stage + Lay::kScaleOff + lane * 4, src, ok);
+        const float* src = cv.token_scale + scale_offset(cv, page, slot0 + key, hk);
+        cp_async4_zfill(stage + Lay::kScaleOff + lane * 4, src, key < keys_left);
       }
     }
     cp_async_commit();
@@ -283,20 +333,52 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   static_assert(S <= 32, "staged decode: at most 32 stages (one page-id batch)");
 #pragma unroll
   for (int i = 0; i < S; ++i) issue(i);
+  LONGCTX_STAMP(2);
   for (int i = 0; i < n_tiles; ++i) {
+#ifdef LONGCTX_DECODE_STAMPS
+    const uint64_t w0 = DecodeStamps::clock();
+#endif
     cp_async_wait<S - 1>();
     __syncwarp();
+#ifdef LONGCTX_DECODE_STAMPS
+    const uint64_t w1 = DecodeStamps::clock();
+    stamps.wait += w1 - w0;
+    if (i == 0) stamps.c[3] = w1;
+#endif
     Frags L;
     read_frags(i, L);
     __syncwarp();  // every lane has read stage i % S before it is refilled
     issue(i + S);
     st.consume(L, tile_t0(i), lo, hi, qa, qscale, c);
+#ifdef LONGCTX_DECODE_STAMPS
+    asm volatile("" ::"f"(st.m), "f"(st.l), "f"(st.o[0][0]), "f"(st.o[State::kNB - 1][1]));
+    stamps.comp += DecodeStamps::clock() - w1;
+#endif
   }
   cp_async_wait<0>();
+  LONGCTX_STAMP(4);
   __syncthreads();  // all warps done with their rings: the combine arrays alias them
+  LONGCTX_STAMP(5);
   float* sm_m = reinterpret_cast<float*>(smem);
   float* sm_l = sm_m + kMmaWarps * 8;
+#ifdef LONGCTX_DECODE_STAMPS
+  {  // cta.finish with stamps between its steps
+    float* sm_o = sm_l + kMmaWarps * 8;
+    st.to_smem(sm_m, sm_l, sm_o, warp, r, c);
+    LONGCTX_STAMP(6);
+    __syncthreads();
+    LONGCTX_STAMP(7);
+    float vs_head = 1.f;
+    if constexpr (F == Format::kFp8E4M3) vs_head = p.cache.v.head_scale[hk];
+    asm volatile("" ::"f"(vs_head));
+    LONGCTX_STAMP(8);
+    combine_and_store<T, D, GT, kMmaWarps, 8>(p, cta.s, cta.split, hk, cta.r0, cta.R, cta.group,
+                                              vs_head, sm_m, sm_l, sm_o);
+  }
+  stamps.print(n_tiles);
+#else
   cta.finish(p, st, sm_m, sm_l, sm_l + kMmaWarps * 8);
+#endif
 }
 
 }  // namespace cuda
