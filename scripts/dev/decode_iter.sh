@@ -21,6 +21,14 @@ if [ "${PYTEST_K:-}" != skip ]; then
   echo "pytest rc $?"; tail -3 $OUT/pytest.txt
 fi
 python3 scripts/decode_profile.py ${PROFILE_ARGS:---formats fp8,int8 --ctx 1024,32768,131072} 2>&1 | tee $OUT/profile.txt | grep -v "^\s*$" | head -80
+for c in ${NCU_CTX:-}; do  # warp stall reasons of the decode kernel (Nsight Compute)
+  echo "== ncu $c"
+  ncu --clock-control none --cache-control none -k regex:decode_staged --launch-skip 5 \
+    --launch-count 1 --section SpeedOfLight --section WarpStateStats \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+    python3 scripts/dev/ncu_decode_drive.py $c > $OUT/ncu_$c.txt 2>&1
+  grep -E "Duration|Throughput|Warp Cycles|stalled" $OUT/ncu_$c.txt | awk '$NF+0 > 0.05 || !/stalled/' | head -40
+done
 if [ "${STAMPS:-0}" = 1 ]; then
   sed -i '1i #define LONGCTX_DECODE_STAMPS' csrc/include/longctx/kvcache/kvcache_decode_staged.cuh
   build

@@ -7,7 +7,7 @@
 //
 // combine_and_store input (shared memory, written by the groups, __syncthreads() done by the
 // caller): per group w and packed row g (slot w * RS + g): the running max m (log2 domain), the
-// sum l of exp2(s - m) and the unnormalized output o[D] (o at (w * RS + g) * D + e). Rows
+// sum l of exp2(s - m) and the unnormalized output o[D] (o at (w * RS + g) * OS + o_pos(e)). Rows
 // r0 + g >= R are skipped. Output: num_splits == 1: out (T, normalized, times vscale) and lse
 // (natural log, fp32); otherwise the split's fp32 partial (normalized out and its lse) into
 // out_accum / lse_accum for kvcache_merge_kernel. A row that saw no key gets out = 0, lse = -inf.
@@ -94,30 +94,55 @@ __device__ __forceinline__ void row_interval(int64_t i, int sq, int sk, int wl, 
   hi = static_cast<int>(e > a ? e : a);
 }
 
-template <typename T, int D, int GT, int NW, int RS>
+// Position of element e of a row of o in shared memory: e, or with kSkew (the tensor-core
+// kernels' layout, MmaRowState::to_smem) e + 8 (e / (D / 4)): each quarter of the row shifted
+// by 8 words, so that with a row stride of 1 mod 32 words the 32 lanes of a warp storing their
+// (row r, quarter c) values hit 32 distinct banks.
+template <int D, bool kSkew>
+__device__ __forceinline__ int o_pos(int e) {
+  return kSkew ? e + 8 * (e / (D / 4)) : e;
+}
+
+// OS: the row stride of sm_o in floats (D unless padded). Two steps: one thread per row folds
+// the groups' (m, l) into per-group weights exp2(m_w - M) / L (times vscale), written over sm_m,
+// and the row's lse, written over sm_l[g]; then every element is a weighted sum of NW partial
+// rows (no exponentials or divisions per element; kDecodeThreads threads, unrolled, so the loads
+// of all of a thread's elements are in flight together). Every thread of the CTA calls it.
+template <typename T, int D, int GT, int NW, int RS, int OS = D, bool kSkew = false>
 __device__ __forceinline__ void combine_and_store(const AttnParams& p, const DecodeSeq& s,
                                                   int split, int hk, int r0, int R, int group,
-                                                  float vscale, const float* sm_m,
-                                                  const float* sm_l, const float* sm_o) {
-  for (int idx = threadIdx.x; idx < GT * D; idx += blockDim.x) {
-    const int g = idx / D, e = idx % D;
-    const int rr = r0 + g;
-    if (rr >= R) continue;
+                                                  float vscale, float* sm_m, float* sm_l,
+                                                  const float* sm_o) {
+  if (threadIdx.x < GT) {
+    const int g = threadIdx.x;
     float M = -INFINITY;
 #pragma unroll
     for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w * RS + g]);
-    float L = 0.f, acc = 0.f;
-    if (M != -INFINITY) {
+    float wt[NW], L = 0.f;
 #pragma unroll
-      for (int w = 0; w < NW; ++w) {
-        const float wt = exp2f(sm_m[w * RS + g] - M);
-        L = fmaf(sm_l[w * RS + g], wt, L);
-        acc = fmaf(sm_o[(w * RS + g) * D + e], wt, acc);
-      }
+    for (int w = 0; w < NW; ++w) {
+      wt[w] = M == -INFINITY ? 0.f : exp2f(sm_m[w * RS + g] - M);
+      L = fmaf(sm_l[w * RS + g], wt[w], L);
     }
     const bool empty = !(L > 0.f);
-    const float val = empty ? 0.f : acc / L * vscale;
-    const float lse = empty ? -INFINITY : M * 0.6931471805599453f + logf(L);
+    const float scale = empty ? 0.f : vscale / L;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) sm_m[w * RS + g] = wt[w] * scale;
+    sm_l[g] = empty ? -INFINITY : M * 0.6931471805599453f + logf(L);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < (GT * D + kDecodeThreads - 1) / kDecodeThreads; ++k) {
+    const int idx = static_cast<int>(threadIdx.x) + k * kDecodeThreads;
+    if (GT * D % kDecodeThreads != 0 && idx >= GT * D) break;
+    const int g = idx / D, e = idx % D;
+    const int rr = r0 + g;
+    if (rr >= R) continue;
+    float val = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w)
+      val = fmaf(sm_o[(w * RS + g) * OS + o_pos<D, kSkew>(e)], sm_m[w * RS + g], val);
+    const float lse = sm_l[g];
     const int i = rr / group;
     const int h = hk * group + rr % group;
     if (p.num_splits == 1) {

@@ -47,6 +47,10 @@ namespace cuda {
 
 constexpr int kMmaWarps = 4;
 constexpr int kMmaTile = 16;  // keys per warp tile
+// Row stride (floats) of the warps' partial outputs in shared memory (MmaRowState::to_smem):
+// 1 mod 32 words and room for the skewed layout o_pos<D, true> (at most D + 23).
+template <int D>
+constexpr int kMmaOStride = D + 33;
 
 template <bool kBf16>
 __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -322,7 +326,10 @@ struct MmaRowState {
       sm_m[warp * 8 + r] = m;
       sm_l[warp * 8 + r] = lsum;
     }
-    float* orow = sm_o + (warp * 8 + r) * D;
+    // Row stride kMmaOStride, skewed positions (o_pos): dims (D/8) (2c) + jb and
+    // (D/8) (2c + 1) + jb lie in quarter c, so each store of the warp hits 32 distinct banks
+    // (unskewed, all 32 lanes hit one bank).
+    float* orow = sm_o + (warp * 8 + r) * kMmaOStride<D> + 8 * c;
 #pragma unroll
     for (int jb = 0; jb < kNB; ++jb) {
       orow[(D / 8) * (2 * c) + jb] = o[jb][0];
@@ -380,16 +387,17 @@ struct MmaCta {
     load_q_frags<T, F, D>(mma_q_row<T>(p, s, r0, r, group, hk, row_active), c, qa);
     return qscale;
   }
-  // Combines the warps' states through sm_m / sm_l (kMmaWarps * 8) and sm_o (kMmaWarps * 8 * D)
-  // and stores the rows; the caller has finished every read of what those arrays alias.
+  // Combines the warps' states through sm_m / sm_l (kMmaWarps * 8) and sm_o (kMmaWarps * 8 rows
+  // of kMmaOStride<D> floats) and stores the rows; the caller has finished every read of what
+  // those arrays alias.
   __device__ __forceinline__ void finish(const AttnParams& p, const MmaRowState<T, F, D>& st,
                                          float* sm_m, float* sm_l, float* sm_o) const {
     st.to_smem(sm_m, sm_l, sm_o, warp, r, c);
     __syncthreads();
     float vs_head = 1.f;
     if constexpr (F == Format::kFp8E4M3) vs_head = p.cache.v.head_scale[hk];
-    combine_and_store<T, D, GT, kMmaWarps, 8>(p, s, split, hk, r0, R, group, vs_head, sm_m,
-                                              sm_l, sm_o);
+    combine_and_store<T, D, GT, kMmaWarps, 8, kMmaOStride<D>, true>(
+        p, s, split, hk, r0, R, group, vs_head, sm_m, sm_l, sm_o);
   }
 };
 
@@ -406,7 +414,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   static_assert(kKLoads >= 1 && kVLoads >= 1, "tile shape");
 
   __shared__ float sm_m[kMmaWarps * 8], sm_l[kMmaWarps * 8];
-  __shared__ float sm_o[kMmaWarps * 8 * D];
+  __shared__ float sm_o[kMmaWarps * 8 * kMmaOStride<D>];
 
   const MmaCta<T, F, D, GT> cta(p, m_tiles);
   if (cta.past_rows()) return;

@@ -129,7 +129,7 @@ struct StagedLayout {
   static constexpr int kStageBytes = kScaleOff + (F == Format::kInt8 ? 2 * kScaleBytes : 0);
   static constexpr int kWarpBytes = S * kStageBytes;
   static constexpr int kRingBytes = kMmaWarps * kWarpBytes;
-  static constexpr int kCombineBytes = kMmaWarps * 8 * (D + 2) * 4;  // m, l, o per warp and row
+  static constexpr int kCombineBytes = kMmaWarps * 8 * (2 + kMmaOStride<D>) * 4;  // m, l, o
   static constexpr int kSmemBytes = kRingBytes > kCombineBytes ? kRingBytes : kCombineBytes;
 };
 
@@ -372,8 +372,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     if constexpr (F == Format::kFp8E4M3) vs_head = p.cache.v.head_scale[hk];
     asm volatile("" ::"f"(vs_head));
     LONGCTX_STAMP(8);
-    combine_and_store<T, D, GT, kMmaWarps, 8>(p, cta.s, cta.split, hk, cta.r0, cta.R, cta.group,
-                                              vs_head, sm_m, sm_l, sm_o);
+    combine_and_store<T, D, GT, kMmaWarps, 8, kMmaOStride<D>, true>(
+        p, cta.s, cta.split, hk, cta.r0, cta.R, cta.group, vs_head, sm_m, sm_l, sm_o);
   }
   stamps.print(n_tiles);
 #else
