@@ -23,7 +23,8 @@
 //   (16-byte loads) and pairs the two keys' values per dim with one byte permute; column n of
 //   n-block j is dim (D / 8) n + j, so thread (r, c) accumulates dims [D/4 c, D/4 (c + 1)) of row r.
 // Dequantization: fp8 codes -> fp16 by cvt (exact), int8 -> fp16 by the 0x6400 magic number
-// (exact); Q is then fp16 (bf16 q converts exactly within fp16's range), the mma is f16 with fp32
+// (exact; for K the magic's offset 1152 stays in and 1152 sum(q) leaves the scores in their
+// scaling FMA, MmaRowState::kbias); Q is then fp16 (bf16 q converts exactly within fp16's range), the mma is f16 with fp32
 // accumulation; scales are applied in fp32: S *= softmax_scale * log2(e) * (fp8: K head scale;
 // int8: the key's scale), P *= the int8 V scale of its key before packing, the fp8 V scale
 // multiplies the output. bf16 / fp16 caches use their own mma type. P is rounded to the mma type
@@ -225,10 +226,34 @@ struct MmaRowState {
   static constexpr int kNB = D / 8;      // n-blocks of PV
   float o[kNB][2];
   float m = -INFINITY, l = 0.f;
+  // int8: K enters the mma as 1152 + code (the 0x6400 magic number without its subtraction,
+  // one byte permute per pair), so S = Q K^T + 1152 sum(q); kbias = 1152 sum(q) qscale of this
+  // thread's row is subtracted in the score's scaling FMA (set_key_bias). Exact up to fp32
+  // rounding of a sum ~1152 |q| (relative 2^-23 of it, far below the int8 error).
+  float kbias = 0.f;
 
   __device__ __forceinline__ MmaRowState() {
 #pragma unroll
     for (int j = 0; j < kNB; ++j) o[j][0] = o[j][1] = 0.f;
+  }
+
+  // int8 caches: kbias from this thread's row of Q (fragments qa, fp16); every lane of the warp
+  // calls it (the row sum goes across the row's 4 lanes).
+  __device__ __forceinline__ void set_key_bias(const uint32_t (&qa)[kSteps][2], float qscale) {
+    if constexpr (F == Format::kInt8) {
+      float sum = 0.f;
+#pragma unroll
+      for (int st = 0; st < kSteps; ++st) {
+#pragma unroll
+        for (int h2 = 0; h2 < 2; ++h2) {
+          const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&qa[st][h2]));
+          sum += f.x + f.y;
+        }
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      kbias = 1152.f * sum * qscale;
+    }
   }
 
   // Consume the tile at t0 (keys t0 .. t0 + 15): S = Q K^T, mask to [lo, hi) and svalid, online
@@ -246,8 +271,12 @@ struct MmaRowState {
         if constexpr (kNative) {
           b0 = w[2 * st];
           b1 = w[2 * st + 1];
+        } else if constexpr (F == Format::kInt8) {
+          const uint32_t x = w[st] ^ 0x80808080u;  // 1152 + code in fp16 (see kbias)
+          b0 = __byte_perm(x, 0x64646464u, 0x4140u);
+          b1 = __byte_perm(x, 0x64646464u, 0x4342u);
         } else {
-          codes4_to_h2x2<F>(F == Format::kInt8 ? w[st] ^ 0x80808080u : w[st], b0, b1);
+          codes4_to_h2x2<F>(w[st], b0, b1);
         }
         mma16816<kBf16>(sacc[h], qa[st][0], 0u, qa[st][1], 0u, b0, b1);
       }
@@ -257,8 +286,12 @@ struct MmaRowState {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int j = t0 + 2 * c + (e & 1) + 8 * (e >> 1);
-      float x = sacc[e >> 1][e & 1] * qscale;
-      if constexpr (F == Format::kInt8) x *= L.kscale[e];
+      float x;
+      if constexpr (F == Format::kInt8) {
+        x = fmaf(sacc[e >> 1][e & 1], qscale, -kbias) * L.kscale[e];
+      } else {
+        x = sacc[e >> 1][e & 1] * qscale;
+      }
       sv[e] = (L.svalid[e] && j >= lo && j < hi) ? x : -INFINITY;
     }
     float mx = fmaxf(fmaxf(sv[0], sv[1]), fmaxf(sv[2], sv[3]));
@@ -429,6 +462,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   uint32_t qa[D / 16][2];
   const float qscale = cta.load_q(p, rows.row_active, qa);
   State st;
+  st.set_key_bias(qa, qscale);
 
   const int bs = cache.block_size;
   const bool pow2 = (bs & (bs - 1)) == 0;

@@ -174,6 +174,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   // then differ by at most a tile (measured 0.9 us of 109 faster for int8, bench/NOTES.md).
   split_range(rows, p.num_splits, cta.split, kMmaTile, kb, ke);
   State st;
+  st.set_key_bias(qa, qscale);
 #ifdef LONGCTX_DECODE_STAMPS
   asm volatile("" ::"r"(kb), "r"(ke), "f"(qscale), "r"(qa[0][0]), "r"(qa[D / 16 - 1][1]));
 #endif
