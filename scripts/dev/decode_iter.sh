@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/python CC=/usr/bin/gcc CXX=/usr/bin/g++ PYTHONUNBUFFERED=1
-export LONGCTX_KERNELS=${LONGCTX_KERNELS:-kvcache,flash_fwd} LONGCTX_HEADDIMS=${LONGCTX_HEADDIMS:-128}
+export LONGCTX_KERNELS=${LONGCTX_KERNELS:-kvcache,flash_fwd,rope} LONGCTX_HEADDIMS=${LONGCTX_HEADDIMS:-128}
 export LONGCTX_DTYPES=${LONGCTX_DTYPES:-bf16} LONGCTX_DISABLE_NCCL=1 MAX_JOBS=16
 build() {
   local t=$(date +%s)
@@ -34,7 +34,7 @@ if [ "${STAMPS:-0}" = 1 ]; then
   build
   for c in ${STAMP_CTX:-1024 32768}; do for f in fp8 int8; do
     python3 scripts/dev/decode_stamps.py run $c $f > $OUT/st_${c}_$f.txt 2>&1
-    echo "== stamps $c $f"; python3 scripts/dev/decode_stamps.py parse $OUT/st_${c}_$f.txt | head -16
+    echo "== stamps $c $f"; python3 scripts/dev/decode_stamps.py parse $OUT/st_${c}_$f.txt | head -24
   done; done
   sed -i '1d' csrc/include/longctx/kvcache/kvcache_decode_staged.cuh
 fi

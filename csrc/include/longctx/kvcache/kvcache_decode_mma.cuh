@@ -24,11 +24,11 @@
 //   n-block j is dim (D / 8) n + j, so thread (r, c) accumulates dims [D/4 c, D/4 (c + 1)) of row r.
 // Dequantization: fp8 codes -> fp16 by cvt (exact), int8 -> fp16 by the 0x6400 magic number
 // (exact; for K the magic's offset 1152 stays in and 1152 sum(q) leaves the scores in their
-// scaling FMA, MmaRowState::kbias); Q is then fp16 (bf16 q converts exactly within fp16's range), the mma is f16 with fp32
-// accumulation; scales are applied in fp32: S *= softmax_scale * log2(e) * (fp8: K head scale;
-// int8: the key's scale), P *= the int8 V scale of its key before packing, the fp8 V scale
-// multiplies the output. bf16 / fp16 caches use their own mma type. P is rounded to the mma type
-// (bf16 for a bf16 cache, as FlashAttention does; fp16 otherwise).
+// scaling FMA, MmaRowState::kbias); Q is then fp16 (bf16 q converts exactly within fp16's
+// range), the mma is f16 with fp32 accumulation; scales are applied in fp32: S *= softmax_scale *
+// log2(e) * (fp8: K head scale; int8: the key's scale), P *= the int8 V scale of its key before
+// packing, the fp8 V scale multiplies the output. bf16 / fp16 caches use their own mma type. P is
+// rounded to the mma type (bf16 for a bf16 cache, as FlashAttention does; fp16 otherwise).
 // Invariants: keys past a row's mask interval or on invalid pages get P = 0 and their V is not
 // loaded (zero), so stale or NaN slots never reach the output; pool offsets are int64.
 #pragma once
