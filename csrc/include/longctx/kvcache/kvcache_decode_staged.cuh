@@ -84,7 +84,7 @@ constexpr int kLineScaleHeads = 8;
 // (scripts/dev/decode_stamps.py parses them). Never defined in a build.
 #ifdef LONGCTX_DECODE_STAMPS
 struct DecodeStamps {
-  uint64_t g0, c[10] = {}, wait = 0, comp = 0;
+  uint64_t g0, c[10] = {}, wait = 0, comp = 0;  // c[6..8]: free for more stamps
   __device__ __forceinline__ static uint64_t gtimer() {
     uint64_t t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -107,9 +107,7 @@ struct DecodeStamps {
              (unsigned long long)(clock() - c[0]), (unsigned long long)wait,
              (unsigned long long)comp, (unsigned long long)(c[5] - c[0]));
     if (threadIdx.x % 32 == 0)
-      printf("SX %d %d %d %d %llu %llu %llu %llu\n", blockIdx.x, blockIdx.y, blockIdx.z,
-             int(threadIdx.x / 32), (unsigned long long)(c[6] - c[0]),
-             (unsigned long long)(c[7] - c[0]), (unsigned long long)(c[8] - c[0]),
+      printf("SX %d %d %d %d %llu\n", blockIdx.x, blockIdx.y, blockIdx.z, int(threadIdx.x / 32),
              (unsigned long long)(c[9] - c[0]));
   }
 };
@@ -362,23 +360,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   LONGCTX_STAMP(5);
   float* sm_m = reinterpret_cast<float*>(smem);
   float* sm_l = sm_m + kMmaWarps * 8;
-#ifdef LONGCTX_DECODE_STAMPS
-  {  // cta.finish with stamps between its steps
-    float* sm_o = sm_l + kMmaWarps * 8;
-    st.to_smem(sm_m, sm_l, sm_o, warp, r, c);
-    LONGCTX_STAMP(6);
-    __syncthreads();
-    LONGCTX_STAMP(7);
-    float vs_head = 1.f;
-    if constexpr (F == Format::kFp8E4M3) vs_head = p.cache.v.head_scale[hk];
-    asm volatile("" ::"f"(vs_head));
-    LONGCTX_STAMP(8);
-    combine_and_store<T, D, GT, kMmaWarps, 8, kMmaOStride<D>, true>(
-        p, cta.s, cta.split, hk, cta.r0, cta.R, cta.group, vs_head, sm_m, sm_l, sm_o);
-  }
-  stamps.print(n_tiles);
-#else
   cta.finish(p, st, sm_m, sm_l, sm_l + kMmaWarps * 8);
+#ifdef LONGCTX_DECODE_STAMPS
+  stamps.print(n_tiles);
 #endif
 }
 
