@@ -457,6 +457,69 @@ def test_chunked_prefill_equals_single_pass(cache_dtype):
         assert (o2.float() - ref.float()).abs().max() <= 2 ** -8
 
 
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
+def test_decode_steps_in_graph_equal_plain_launches(cache_dtype, monkeypatch):
+    """The decode and merge kernels are launched as programmatic dependents (they may start
+    while the kernel before them runs and wait for it before any memory access). A chain of
+    decode steps where every input is written by the kernel just before - the appended token
+    (append kernel), the lengths (a torch add), the query and the new K/V (the previous step's
+    merge output) - gives bitwise the same outputs eagerly, captured in a CUDA graph, and with
+    plain launches (LONGCTX_KV_DECODE_PDL=0)."""
+    gen = torch.Generator().manual_seed(21)
+    h, hk, d, bs, steps = 8, 2, 128, 16, 6
+    lens = [5000, 1200, 33]
+    batch = len(lens)
+    max_blocks = -(-(max(lens) + steps) // bs)
+    num_blocks = batch * max_blocks + 3
+    table = _random_table(batch, max_blocks, num_blocks, gen).cuda()
+    (kc, vc), (ksc, vsc), (kf, vf) = _pool(num_blocks, bs, hk, d, cache_dtype, "cuda")
+    k_scale, v_scale = (ksc, vsc) if cache_dtype == INT8 else (kf, vf)
+    seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q0 = torch.randn(batch, 1, h, d, generator=gen).to(BF16).cuda()
+    state = [t for t in (kc, vc, ksc, vsc, seqlens, q0) if t is not None]
+    initial = [t.clone() for t in state]
+    q = q0  # the chain's input (restored with the state)
+
+    def run_steps():
+        outs, x = [], q
+        for _ in range(steps):
+            kv = (x[:, :, :hk] * 0.5).contiguous()  # new K/V from the previous output
+            x = longctx.flash_attn_with_kvcache(x, kc, vc, seqlens, table, k=kv, v=kv,
+                                                causal=True, k_scale=k_scale, v_scale=v_scale,
+                                                validate=False)
+            seqlens.add_(1)
+            outs.append(x)
+        return torch.stack(outs)
+
+    def restore():
+        for t, t0 in zip(state, initial):
+            t.copy_(t0)
+
+    monkeypatch.setenv("LONGCTX_KV_DECODE_PDL", "0")
+    restore()
+    plain = run_steps().clone()
+    monkeypatch.delenv("LONGCTX_KV_DECODE_PDL")
+    restore()
+    eager = run_steps().clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture (allocator, kernel attributes)
+        restore()
+        run_steps()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = run_steps()
+    restore()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(plain.float()).all() and plain.float().abs().max() > 0
+    assert torch.equal(_bytes(eager), _bytes(plain))
+    assert torch.equal(_bytes(captured), _bytes(plain))
+    # the chain really depends on each step: the lengths advanced by one per step
+    assert seqlens.cpu().tolist() == [n + steps for n in lens]
+
+
 def test_int64_offsets_large_page_id():
     """Pages past 2^31 elements of the pool (int64 offsets): append and decode on page ids
     131072+ of an fp8 pool with 16384-element pages (~2.2 GB per pool)."""

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include "longctx/kvcache/kvcache_decode.cuh"
 #include "longctx/kvcache/kvcache_decode_mma.cuh"
 #include "longctx/kvcache/kvcache_decode_staged.cuh"
@@ -21,8 +22,10 @@ namespace kvcache_launch {
 namespace kc = kvcache::cuda;
 using kvcache::Format;
 
-inline void check_launch(const char* op, const char* what) {
-  const cudaError_t err = cudaGetLastError();
+// err: the launch call's own result; a launch error also stays in cudaGetLastError (cleared here).
+inline void check_launch(const char* op, const char* what, cudaError_t err = cudaSuccess) {
+  const cudaError_t last = cudaGetLastError();
+  if (err == cudaSuccess) err = last;
   TORCH_CHECK(err == cudaSuccess, "longctx.", op, ": ", what, " launch failed: ",
               cudaGetErrorString(err));
 }
@@ -137,6 +140,34 @@ inline bool env_is(const char* name, const char* value) {
   return e != nullptr && std::string(e) == value;
 }
 
+// Programmatic dependent launch (grid_dependency.cuh) on sm_90+: the decode and merge kernels
+// may be launched while the kernel before them runs, and wait for it before their first memory
+// access (the same ordering, the launch latency hidden). LONGCTX_KV_DECODE_PDL=0 launches them
+// plainly, =early lets the staged kernel release the merge kernel at its start instead of after
+// its key loop (measurement).
+inline bool use_pdl() {
+  return at::cuda::getCurrentDeviceProperties()->major >= 9 &&
+         !env_is("LONGCTX_KV_DECODE_PDL", "0");
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...), with the programmatic stream
+// serialization attribute when pdl (the kernel must call grid_dependency_wait() first).
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, int block, int smem, cudaStream_t stream,
+                   bool pdl, Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(static_cast<unsigned>(block));
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
 inline int decode_variant() {
   const char* e = std::getenv("LONGCTX_KV_DECODE_VARIANT");
   return e == nullptr || e[0] < '1' || e[0] > '4' ? 0 : e[0] - '0';
@@ -189,16 +220,22 @@ void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_spli
   }
   p.decode_heads_fastest = !env_is("LONGCTX_KV_DECODE_GRID", "splits");
   p.decode_l2_hint = !env_is("LONGCTX_KV_DECODE_L2HINT", "0");
+  p.decode_pdl_early = env_is("LONGCTX_KV_DECODE_PDL", "early");
   const unsigned hy = static_cast<unsigned>(p.cache.kv_heads * m_tiles);
   const dim3 grid = p.decode_heads_fastest ? dim3(hy, splits, p.cache.batch)
                                            : dim3(splits, hy, p.cache.batch);
-  K::fn()<<<grid, kc::kDecodeThreads, K::smem_bytes(), stream>>>(p, m_tiles);
-  check_launch("flash_attn_with_kvcache", "decode kernel");
+  const bool pdl = use_pdl();
+  const kvcache::AttnParams& cp = p;
+  check_launch("flash_attn_with_kvcache", "decode kernel",
+               launch_kernel(K::fn(), grid, kc::kDecodeThreads, K::smem_bytes(), stream, pdl, cp,
+                             m_tiles));
   if (splits > 1) {
     TORCH_CHECK(p.heads <= 65535, "longctx.flash_attn_with_kvcache: heads must be <= 65535");
-    kc::kvcache_merge_kernel<T, D><<<dim3(static_cast<unsigned>(p.total_q), p.heads),
-                                     kc::kMergeThreads, 0, stream>>>(p);
-    check_launch("flash_attn_with_kvcache", "merge kernel");
+    check_launch("flash_attn_with_kvcache", "merge kernel",
+                 launch_kernel(&kc::kvcache_merge_kernel<T, D>,
+                               dim3(static_cast<unsigned>(p.total_q),
+                                    static_cast<unsigned>(p.heads)),
+                               kc::kMergeThreads, 0, stream, pdl, cp));
   }
 }
 

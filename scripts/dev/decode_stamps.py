@@ -66,8 +66,11 @@ def parse(path):
           ("  loop: reading + computing", lambda r: ns(r[14])),
           ("lifetime", lambda r: ns(r[12]))]
     print(f"mean tiles per warp {tiles:.1f}")
-    if extra:  # SX: clock when cache_seqlens is loaded
-        ph += [("  entry -> seqlens loaded", lambda r: ns(extra[tuple(r[:4])][0]))]
+    if extra:  # SX: clocks when cache_seqlens is loaded, after the grid dependency wait, and
+        # from the copies issued to the query's row sum done (int8 key bias)
+        ph += [("  entry -> seqlens loaded", lambda r: ns(extra[tuple(r[:4])][0])),
+               ("  entry -> grid dependency wait done", lambda r: ns(extra[tuple(r[:4])][1])),
+               ("  copies issued -> query row sum", lambda r: ns(extra[tuple(r[:4])][2]))]
     for name, f in ph:
         vals = sorted(f(r) for r in L)
         print(f"{name:36s} mean {mean(f):8.0f}  min {vals[0]:8.0f}  max {vals[-1]:8.0f}")

@@ -181,14 +181,16 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
     # decode kernel (LONGCTX_KV_DECODE_VARIANT=1), the register tensor-core kernel (2: the
     # previous 8-bit default), the staged kernel with 4 stages / 3 CTAs per SM (3), int8 scales
     # copied 4 bytes per key instead of as whole pieces for all kv heads (4), the split-major
-    # grid, the staged copies without the L2 evict-first hint, fixed split counts
+    # grid, the staged copies without the L2 evict-first hint, plain launches instead of
+    # programmatic dependent ones, fixed split counts
     alt: Dict[str, float] = {}
     for name, env, val, fmts in (("cuda_cores_ms", "LONGCTX_KV_DECODE_VARIANT", "1", "*"),
                                  ("mma_registers_ms", "LONGCTX_KV_DECODE_VARIANT", "2", "8bit"),
                                  ("staged4_ms", "LONGCTX_KV_DECODE_VARIANT", "3", "8bit"),
                                  ("scales_per_key_ms", "LONGCTX_KV_DECODE_VARIANT", "4", "int8"),
                                  ("grid_splits_ms", "LONGCTX_KV_DECODE_GRID", "splits", "*"),
-                                 ("no_l2hint_ms", "LONGCTX_KV_DECODE_L2HINT", "0", "8bit")):
+                                 ("no_l2hint_ms", "LONGCTX_KV_DECODE_L2HINT", "0", "8bit"),
+                                 ("no_pdl_ms", "LONGCTX_KV_DECODE_PDL", "0", "*")):
         if (fmts == "8bit" and fmt == "bf16") or (fmts == "int8" and fmt != "int8"):
             continue  # the alternative does not change this format's kernel
         os.environ[env] = val

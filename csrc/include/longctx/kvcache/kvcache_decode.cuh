@@ -120,6 +120,8 @@ __global__ void __launch_bounds__(kDecodeThreads, MinBlocks)
   __shared__ float sm_m[NG][GT], sm_l[NG][GT];
   __shared__ float sm_acc[NG][GT][D];
 
+  grid_dependency_wait();  // before the first read (grid_dependency.cuh)
+  grid_dependents_may_launch();
   const DecodeCta cta = decode_cta(p, m_tiles);
   const int split = cta.split, hk = cta.hk, mt = cta.mt, b = cta.b;
   const int tid = threadIdx.x, kg = tid / TPK, ld = tid % TPK;
@@ -435,6 +437,8 @@ constexpr int kMergeThreads = 256;  // 8 warps per (row of q, head)
 template <typename T, int D>
 __global__ void __launch_bounds__(kMergeThreads) kvcache_merge_kernel(const AttnParams p) {
   __shared__ float sm[kMergeThreads / 32 * (D + 2)];
+  grid_dependency_wait();  // the decode kernel's partials (grid_dependency.cuh)
+  grid_dependents_may_launch();
   const int64_t row = blockIdx.x;
   const int h = blockIdx.y;
   int64_t out_off, lse_off;

@@ -17,6 +17,7 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 #include <type_traits>
+#include "longctx/kvcache/grid_dependency.cuh"
 #include "longctx/kvcache/kvcache_params.h"
 #include "longctx/kvcache/paged.h"
 

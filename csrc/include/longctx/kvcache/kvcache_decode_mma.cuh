@@ -196,23 +196,39 @@ struct MmaTileFrags {
 
 // Q fragments of row r (rows r + 8 are zero): list index L of this thread's K elements is the
 // physical dim (L / P) * 4P + c P + L % P, P = elements per 16-byte piece (the permutation the
-// K pieces i * 4 + c imply); Q is rounded to the mma type.
+// K pieces i * 4 + c imply); Q is rounded to the mma type. Two steps, so that a kernel can issue
+// the loads first and convert after other work (the staged kernel: after its first copies):
+// QueryRaw holds this thread's D / 4 query elements as loaded (bits; zeros for a null row).
+template <typename T, int D>
+struct QueryRaw {
+  uint16_t x[D / 4];
+};
+
 template <typename T, Format F, int D>
-__device__ __forceinline__ void load_q_frags(const T* qp, int c, uint32_t (&qa)[D / 16][2]) {
-  constexpr bool kBf16 = F == Format::kNative && std::is_same_v<T, __nv_bfloat16>;
+__device__ __forceinline__ void load_q_raw(const T* qp, int c, QueryRaw<T, D>& raw) {
   constexpr int kPiece = 16 / MmaTileFrags<F, D>::kEB;
-  auto kdim = [&](int L) { return (L / kPiece) * (4 * kPiece) + c * kPiece + L % kPiece; };
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(qp);
+#pragma unroll
+  for (int L = 0; L < D / 4; ++L)
+    raw.x[L] = qp != nullptr ? bits[(L / kPiece) * (4 * kPiece) + c * kPiece + L % kPiece] : 0;
+}
+
+template <typename T, Format F, int D>
+__device__ __forceinline__ void q_frags_from_raw(const QueryRaw<T, D>& raw,
+                                                 uint32_t (&qa)[D / 16][2]) {
+  constexpr bool kBf16 = F == Format::kNative && std::is_same_v<T, __nv_bfloat16>;
+  auto value = [&](int L) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      return __uint_as_float(uint32_t(raw.x[L]) << 16);
+    } else {
+      return __half2float(__ushort_as_half(raw.x[L]));
+    }
+  };
 #pragma unroll
   for (int st = 0; st < D / 16; ++st) {
 #pragma unroll
-    for (int h2 = 0; h2 < 2; ++h2) {
-      float x0 = 0.f, x1 = 0.f;
-      if (qp != nullptr) {
-        x0 = to_float(qp[kdim(4 * st + 2 * h2)]);
-        x1 = to_float(qp[kdim(4 * st + 2 * h2 + 1)]);
-      }
-      qa[st][h2] = pack2(x0, x1, kBf16);
-    }
+    for (int h2 = 0; h2 < 2; ++h2)
+      qa[st][h2] = pack2(value(4 * st + 2 * h2), value(4 * st + 2 * h2 + 1), kBf16);
   }
 }
 
@@ -389,6 +405,9 @@ template <typename T, Format F, int D, int GT>
 struct MmaCta {
   int split, hk, b, warp, r, c, group, R, r0;
   DecodeSeq s;
+  // fp8: the head's K and V scales (1 otherwise), loaded at the start: a load in the epilogue
+  // waits behind the other CTAs' streams (measured up to several us at 32K tokens).
+  float k_head_scale = 1.f, v_head_scale = 1.f;
 
   __device__ __forceinline__ MmaCta(const AttnParams& p, int m_tiles) {
     const DecodeCta cta = decode_cta(p, m_tiles);
@@ -399,6 +418,10 @@ struct MmaCta {
     r = threadIdx.x % 32 / 4;
     c = threadIdx.x % 4;
     group = p.heads / p.cache.kv_heads;
+    if constexpr (F == Format::kFp8E4M3) {
+      k_head_scale = p.cache.k.head_scale[hk];
+      v_head_scale = p.cache.v.head_scale[hk];
+    }
     s = decode_seq(p, b);
     R = s.sq * group;
     r0 = cta.mt * GT;
@@ -411,14 +434,22 @@ struct MmaCta {
   __device__ __forceinline__ MmaRows rows(const AttnParams& p) const {
     return mma_rows<GT>(p, s, r0, R, group, r);
   }
-  // Loads this thread's query fragments; returns the score scale (softmax_scale * log2(e),
-  // times the fp8 K scale of the head).
+  // The score scale: softmax_scale * log2(e), times the fp8 K scale of the head.
+  __device__ __forceinline__ float score_scale(const AttnParams& p) const {
+    return p.softmax_scale * 1.4426950408889634f * k_head_scale;
+  }
+  // This thread's query elements (load_q_raw; convert with q_frags_from_raw).
+  __device__ __forceinline__ void load_q_raw(const AttnParams& p, bool row_active,
+                                             QueryRaw<T, D>& raw) const {
+    cuda::load_q_raw<T, F, D>(mma_q_row<T>(p, s, r0, r, group, hk, row_active), c, raw);
+  }
+  // Loads and converts this thread's query fragments; returns score_scale(p).
   __device__ __forceinline__ float load_q(const AttnParams& p, bool row_active,
                                           uint32_t (&qa)[D / 16][2]) const {
-    float qscale = p.softmax_scale * 1.4426950408889634f;
-    if constexpr (F == Format::kFp8E4M3) qscale *= p.cache.k.head_scale[hk];
-    load_q_frags<T, F, D>(mma_q_row<T>(p, s, r0, r, group, hk, row_active), c, qa);
-    return qscale;
+    QueryRaw<T, D> raw;
+    load_q_raw(p, row_active, raw);
+    q_frags_from_raw<T, F, D>(raw, qa);
+    return score_scale(p);
   }
   // Combines the warps' states through sm_m / sm_l (kMmaWarps * 8) and sm_o (kMmaWarps * 8 rows
   // of kMmaOStride<D> floats) and stores the rows; the caller has finished every read of what
@@ -427,10 +458,8 @@ struct MmaCta {
                                          float* sm_m, float* sm_l, float* sm_o) const {
     st.to_smem(sm_m, sm_l, sm_o, warp, r, c);
     __syncthreads();
-    float vs_head = 1.f;
-    if constexpr (F == Format::kFp8E4M3) vs_head = p.cache.v.head_scale[hk];
     combine_and_store<T, D, GT, kMmaWarps, 8, kMmaOStride<D>, true>(
-        p, s, split, hk, r0, R, group, vs_head, sm_m, sm_l, sm_o);
+        p, s, split, hk, r0, R, group, v_head_scale, sm_m, sm_l, sm_o);
   }
 };
 
@@ -449,6 +478,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   __shared__ float sm_m[kMmaWarps * 8], sm_l[kMmaWarps * 8];
   __shared__ float sm_o[kMmaWarps * 8 * kMmaOStride<D>];
 
+  grid_dependency_wait();  // before the first read (grid_dependency.cuh)
+  grid_dependents_may_launch();
   const MmaCta<T, F, D, GT> cta(p, m_tiles);
   if (cta.past_rows()) return;
   const int hk = cta.hk, b = cta.b, warp = cta.warp, r = cta.r, c = cta.c;

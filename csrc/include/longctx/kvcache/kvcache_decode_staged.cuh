@@ -84,7 +84,7 @@ constexpr int kLineScaleHeads = 8;
 // (scripts/dev/decode_stamps.py parses them). Never defined in a build.
 #ifdef LONGCTX_DECODE_STAMPS
 struct DecodeStamps {
-  uint64_t g0, c[10] = {}, wait = 0, comp = 0;  // c[6..8]: free for more stamps
+  uint64_t g0, c[10] = {}, wait = 0, comp = 0;  // c[8]: free for more stamps
   __device__ __forceinline__ static uint64_t gtimer() {
     uint64_t t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -107,8 +107,9 @@ struct DecodeStamps {
              (unsigned long long)(clock() - c[0]), (unsigned long long)wait,
              (unsigned long long)comp, (unsigned long long)(c[5] - c[0]));
     if (threadIdx.x % 32 == 0)
-      printf("SX %d %d %d %d %llu\n", blockIdx.x, blockIdx.y, blockIdx.z, int(threadIdx.x / 32),
-             (unsigned long long)(c[9] - c[0]));
+      printf("SX %d %d %d %d %llu %llu %llu\n", blockIdx.x, blockIdx.y, blockIdx.z,
+             int(threadIdx.x / 32), (unsigned long long)(c[9] - c[0]),
+             (unsigned long long)(c[7] - c[0]), (unsigned long long)(c[6] - c[2]));
   }
 };
 #define LONGCTX_STAMP(k) (stamps.c[k] = DecodeStamps::clock())
@@ -153,8 +154,13 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   stamps.g0 = DecodeStamps::gtimer();
 #endif
   LONGCTX_STAMP(0);
+  grid_dependency_wait();  // before the first read (grid_dependency.cuh)
+  if (p.decode_pdl_early) grid_dependents_may_launch();
+  LONGCTX_STAMP(7);
 
   const MmaCta<T, F, D, GT> cta(p, m_tiles);
+  QueryRaw<T, D> qraw;  // loads issued first (they need no key count), converted after the
+  cta.load_q_raw(p, cta.row_active(), qraw);  // first copies (off the path to the first byte)
 #ifdef LONGCTX_DECODE_STAMPS
   asm volatile("" ::"r"(cta.s.sk));
 #endif
@@ -163,18 +169,14 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   const int hk = cta.hk, b = cta.b, warp = cta.warp, r = cta.r, c = cta.c;
   const int lane = threadIdx.x % 32;
   const PagedKV& cache = p.cache;
-  uint32_t qa[D / 16][2];  // first: the query loads need no key count
-  const float qscale = cta.load_q(p, cta.row_active(), qa);
   const MmaRows rows = cta.rows(p);
   const int lo = rows.lo, hi = rows.hi, khi = rows.khi;
   int kb, ke;
   // Splits of whole 16-key tiles (not of 4 tiles, one per warp): at batch 1 the split ranges
   // then differ by at most a tile (measured 0.9 us of 109 faster for int8, bench/NOTES.md).
   split_range(rows, p.num_splits, cta.split, kMmaTile, kb, ke);
-  State st;
-  st.set_key_bias(qa, qscale);
 #ifdef LONGCTX_DECODE_STAMPS
-  asm volatile("" ::"r"(kb), "r"(ke), "f"(qscale), "r"(qa[0][0]), "r"(qa[D / 16 - 1][1]));
+  asm volatile("" ::"r"(kb), "r"(ke));
 #endif
   LONGCTX_STAMP(1);
 
@@ -333,6 +335,17 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
 #pragma unroll
   for (int i = 0; i < S; ++i) issue(i);
   LONGCTX_STAMP(2);
+  // The query fragments and their row sum after the first copies are issued: the query loads
+  // (issued first) are then off the chain cache_seqlens -> key range -> page ids -> copies.
+  uint32_t qa[D / 16][2];
+  q_frags_from_raw<T, F, D>(qraw, qa);
+  const float qscale = cta.score_scale(p);
+  State st;
+  st.set_key_bias(qa, qscale);
+#ifdef LONGCTX_DECODE_STAMPS
+  asm volatile("" ::"f"(st.kbias), "r"(qa[0][0]), "r"(qa[D / 16 - 1][1]));
+#endif
+  LONGCTX_STAMP(6);
   for (int i = 0; i < n_tiles; ++i) {
 #ifdef LONGCTX_DECODE_STAMPS
     const uint64_t w0 = DecodeStamps::clock();
@@ -355,6 +368,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
 #endif
   }
   cp_async_wait<0>();
+  // The merge kernel may launch once every CTA is here (grid_dependency.cuh; measured faster
+  // than at the start, where its waiting CTAs shared the SMs with the key loops).
+  if (!p.decode_pdl_early) grid_dependents_may_launch();
   LONGCTX_STAMP(4);
   __syncthreads();  // all warps done with their rings: the combine arrays alias them
   LONGCTX_STAMP(5);

@@ -141,6 +141,9 @@ struct AttnParams {
   // hint (the int8 scales, re-read by every kv head's CTA, then stay in L2).
   bool decode_heads_fastest = true;
   bool decode_l2_hint = true;
+  // Staged kernel (measurement): let the merge kernel launch at the kernel's start instead of
+  // after the key loop (grid_dependency.cuh).
+  bool decode_pdl_early = false;
 };
 
 }  // namespace kvcache
