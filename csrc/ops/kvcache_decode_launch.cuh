@@ -153,8 +153,8 @@ inline bool use_pdl() {
 // Launches kernel<<<grid, block, smem, stream>>>(args...), with the programmatic stream
 // serialization attribute when pdl (the kernel must call grid_dependency_wait() first).
 template <typename... Params, typename... Args>
-cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, int block, int smem, cudaStream_t stream,
-                   bool pdl, Args&&... args) {
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, int block, int smem,
+                          cudaStream_t stream, bool pdl, Args&&... args) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;

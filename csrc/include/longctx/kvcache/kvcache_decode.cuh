@@ -25,6 +25,8 @@
 // out and its natural-log lse) per split into out_accum / lse_accum and kvcache_merge_kernel
 // combines them: lse = log(sum_s exp(lse_s)), out = sum_s exp(lse_s - lse) * out_s.
 //
+// Launch (all decode kernels and the merge kernel): programmatic dependent, each waits for the
+// previous grid (grid_dependency_wait) before its first memory access.
 // Invariants: every pool access goes through the block table with the page id checked against
 // [0, num_blocks) (invalid pages are masked keys, never read), keys past cached_len are masked,
 // offsets are int64. A row that sees no key gets out = 0, lse = -inf. Requires the pool base

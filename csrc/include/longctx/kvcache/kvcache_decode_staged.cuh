@@ -26,6 +26,8 @@
 // Page ids: bs must be a multiple of 16 (a tile lies in one page); lane j holds the page of the
 // warp's tile 32 n + j of the current batch of 32 tiles, and the next batch's ids are loaded one
 // batch ahead, so no copy waits for the block table.
+// Launch: programmatic dependent (grid_dependency.cuh): nothing is read or written before the
+// grid dependency wait; the merge kernel is released after the key loop.
 // Invariants: invalid keys (page id outside the pool, past the block table, key >= khi) are
 // zero-filled by the copy (nothing is read) and masked (P = 0); pool offsets are int64; every
 // cp.async group is waited for before the CTA's shared memory is reused for the combine.
