@@ -80,26 +80,23 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi, bool bf16) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// Two 8-bit codes (bytes 0, 1 of x) -> fp16x2 (exact).
-template <Format F>
-__device__ __forceinline__ uint32_t codes2_to_h2(uint32_t x) {
-  if constexpr (F == Format::kFp8E4M3) {
-    uint32_t h;
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h) : "h"(static_cast<uint16_t>(x & 0xffffu)));
-    return h;
-  } else {
-    // int8 (x already biased: each code xor 0x80, i.e. code + 128 as a byte):
-    // (0x64 << 8 | (code + 128)) is 1024 + code + 128 in fp16; subtract 1152.
-    const uint32_t t = __byte_perm(x, 0x64646464u, 0x4140u);
-    __half2 h = *reinterpret_cast<const __half2*>(&t);
-    h = __hsub2(h, __half2half2(__ushort_as_half(0x6480)));  // 1152.0
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
+// int8 codes biased by 128 (code ^ 0x80, i.e. code + 128 as a byte) in the two bytes of x that
+// sel picks (a __byte_perm selector: 0x4140 bytes 0, 1; 0x4342 bytes 2, 3) -> fp16x2 of
+// 1152 + code: (0x64 << 8 | (code + 128)) is 1024 + code + 128 in fp16 (the 0x6400 magic number).
+__device__ __forceinline__ uint32_t int8_plus_1152_h2(uint32_t x, uint32_t sel) {
+  return __byte_perm(x, 0x64646464u, sel);
+}
+
+// fp16x2 t - 1152 (each half): with int8_plus_1152_h2, the int8 codes exactly.
+__device__ __forceinline__ uint32_t minus_1152_h2(uint32_t t) {
+  __half2 h = *reinterpret_cast<const __half2*>(&t);
+  h = __hsub2(h, __half2half2(__ushort_as_half(0x6480)));  // 1152.0
+  return *reinterpret_cast<uint32_t*>(&h);
 }
 
 // Four 8-bit codes (bytes 0..3 of x) -> fp16x2 of bytes 0, 1 (lo) and of bytes 2, 3 (hi), exact.
 // fp8: the cvt reads the high half of x in place (ptxas folds the b16 split into the operand:
-// no shift per pair); int8 as codes2_to_h2.
+// no shift per pair); int8 (x already biased, see int8_plus_1152_h2): the magic number minus 1152.
 template <Format F>
 __device__ __forceinline__ void codes4_to_h2x2(uint32_t x, uint32_t& lo, uint32_t& hi) {
   if constexpr (F == Format::kFp8E4M3) {
@@ -108,11 +105,8 @@ __device__ __forceinline__ void codes4_to_h2x2(uint32_t x, uint32_t& lo, uint32_
         : "=r"(lo), "=r"(hi)
         : "r"(x));
   } else {
-    lo = codes2_to_h2<F>(x);
-    const uint32_t t = __byte_perm(x, 0x64646464u, 0x4342u);
-    __half2 h = *reinterpret_cast<const __half2*>(&t);
-    h = __hsub2(h, __half2half2(__ushort_as_half(0x6480)));  // 1152.0
-    hi = *reinterpret_cast<uint32_t*>(&h);
+    lo = minus_1152_h2(int8_plus_1152_h2(x, 0x4140u));
+    hi = minus_1152_h2(int8_plus_1152_h2(x, 0x4342u));
   }
 }
 
@@ -289,8 +283,8 @@ struct MmaRowState {
           b1 = w[2 * st + 1];
         } else if constexpr (F == Format::kInt8) {
           const uint32_t x = w[st] ^ 0x80808080u;  // 1152 + code in fp16 (see kbias)
-          b0 = __byte_perm(x, 0x64646464u, 0x4140u);
-          b1 = __byte_perm(x, 0x64646464u, 0x4342u);
+          b0 = int8_plus_1152_h2(x, 0x4140u);
+          b1 = int8_plus_1152_h2(x, 0x4342u);
         } else {
           codes4_to_h2x2<F>(w[st], b0, b1);
         }
