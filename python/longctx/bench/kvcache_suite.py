@@ -182,7 +182,8 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
     # previous 8-bit default), the staged kernel with 4 stages / 3 CTAs per SM (3), int8 scales
     # copied 4 bytes per key instead of as whole pieces for all kv heads (4), the split-major
     # grid, the staged copies without the L2 evict-first hint, plain launches instead of
-    # programmatic dependent ones, fixed split counts
+    # programmatic dependent ones, the staged kernel's splits as contiguous key ranges instead
+    # of 16-key tiles dealt round-robin, fixed split counts
     alt: Dict[str, float] = {}
     for name, env, val, fmts in (("cuda_cores_ms", "LONGCTX_KV_DECODE_VARIANT", "1", "*"),
                                  ("mma_registers_ms", "LONGCTX_KV_DECODE_VARIANT", "2", "8bit"),
@@ -190,7 +191,9 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
                                  ("scales_per_key_ms", "LONGCTX_KV_DECODE_VARIANT", "4", "int8"),
                                  ("grid_splits_ms", "LONGCTX_KV_DECODE_GRID", "splits", "*"),
                                  ("no_l2hint_ms", "LONGCTX_KV_DECODE_L2HINT", "0", "8bit"),
-                                 ("no_pdl_ms", "LONGCTX_KV_DECODE_PDL", "0", "*")):
+                                 ("no_pdl_ms", "LONGCTX_KV_DECODE_PDL", "0", "*"),
+                                 ("contiguous_splits_ms", "LONGCTX_KV_DECODE_TILES", "contiguous",
+                                  "8bit")):
         if (fmts == "8bit" and fmt == "bf16") or (fmts == "int8" and fmt != "int8"):
             continue  # the alternative does not change this format's kernel
         os.environ[env] = val

@@ -11,9 +11,12 @@
 // in flight: with the default S = 6 and 2 CTAs (8 warps) per SM, ~160 KiB per SM (measured: 6
 // stages x 2 CTAs beat 4 stages x 3 CTAs, bench/NOTES.md).
 //
-// Work decomposition: as the register kernel (CTA of 4 warps per (split, kv head, tile of
-// GT <= 8 packed GQA rows, sequence); the split's keys are 16-key tiles, warp w takes tiles
-// w, w + 4, w + 8, ..., so warps of a CTA may differ by one tile). Per tile and warp the math is
+// Work decomposition: the register kernel's grid (CTA of 4 warps per (split, kv head, tile of
+// GT <= 8 packed GQA rows, sequence)), but a split is not a contiguous key range: the row tile's
+// 16-key tiles go round-robin to its num_splits x 4 warps (warp gw = split * 4 + warp takes
+// tiles gw, gw + G, ...), so warps differ by at most one tile and, without a left window, a
+// tile's keys do not depend on the key count: the first page ids are loaded while
+// cache_seqlens is in flight (bench/NOTES.md, "Decode, session 8"). Per tile and warp the math is
 // MmaRowState::consume (kvcache_decode_mma.cuh: S = Q K^T and O += P V with mma.sync m16n8k16,
 // online softmax in fp32, dequantization exact to fp16 and scales in fp32); only where the
 // fragments come from differs.
@@ -25,7 +28,8 @@
 // V: piece r of keys 2 c + ...) and the copies hit distinct banks per 8-lane phase at D = 128.
 // Page ids: bs must be a multiple of 16 (a tile lies in one page); lane j holds the page of the
 // warp's tile 32 n + j of the current batch of 32 tiles, and the next batch's ids are loaded one
-// batch ahead, so no copy waits for the block table.
+// batch ahead, so no copy waits for the block table after the first batch (whose loads, without a
+// left window, are issued before the key count is known).
 // Launch: programmatic dependent (grid_dependency.cuh): nothing is read or written before the
 // grid dependency wait; the merge kernel is released after the key loop.
 // Invariants: invalid keys (page id outside the pool, past the block table, key >= khi) are
@@ -171,38 +175,54 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   const int hk = cta.hk, b = cta.b, warp = cta.warp, r = cta.r, c = cta.c;
   const int lane = threadIdx.x % 32;
   const PagedKV& cache = p.cache;
-  const MmaRows rows = cta.rows(p);
-  const int lo = rows.lo, hi = rows.hi, khi = rows.khi;
-  int kb, ke;
-  // Splits of whole 16-key tiles (not of 4 tiles, one per warp): at batch 1 the split ranges
-  // then differ by at most a tile (measured 0.9 us of 109 faster for int8, bench/NOTES.md).
-  split_range(rows, p.num_splits, cta.split, kMmaTile, kb, ke);
-#ifdef LONGCTX_DECODE_STAMPS
-  asm volatile("" ::"r"(kb), "r"(ke));
-#endif
-  LONGCTX_STAMP(1);
-
-  // This warp's tiles: t0(i) = kb + 16 (warp + 4 i), i < n_tiles.
-  const int first = kb + kMmaTile * warp;
-  const int n_tiles = first < ke ? (ke - first + kMmaTile * kMmaWarps - 1) /
-                                       (kMmaTile * kMmaWarps)
-                                 : 0;
-  auto tile_t0 = [&](int i) { return first + kMmaTile * kMmaWarps * i; };
+  // The row tile's keys are 16-key tiles taken round-robin by its G = num_splits x 4 warps: warp
+  // gw = split * 4 + warp takes tiles gw, gw + G, gw + 2 G, ... (a split is the set of its 4
+  // warps' tiles), so the warps' tile counts differ by at most one whatever the key count, and
+  // the tiles' positions do not depend on it: without a left window tile 0 starts at key 0, and
+  // the page ids of the first tiles are loaded before cache_seqlens has arrived (one memory
+  // round trip off the path from the kernel's start to its first copy). With a left window the
+  // tiles start at the rows' first tile (known once cache_seqlens is).
+  // (p.decode_contiguous_splits, measurement: the first design, contiguous split ranges of whole
+  // tiles, warp w of a CTA taking its tiles w, w + 4, ...: org = the split's first key, gw = warp,
+  // G = 4; the page ids then wait for the key count.)
+  const bool contiguous = p.decode_contiguous_splits;
+  const int G = contiguous ? kMmaWarps : p.num_splits * kMmaWarps;
+  const int gw = contiguous ? warp : cta.split * kMmaWarps + warp;
+  int org = 0;  // the first key of tile 0
+  auto tile_t0 = [&](int i) { return org + kMmaTile * (gw + G * i); };  // for i < n_tiles
 
   const int bs = cache.block_size;  // a multiple of 16 (launcher)
   const bool pow2 = (bs & (bs - 1)) == 0;
   const int bs_shift = __ffs(bs) - 1;
   const int64_t cap = seq_capacity(cache);
   const int32_t* bt = cache.block_table + int64_t(b) * cache.block_table_stride;
-  // Page id (-1: invalid) of this warp's tile i; lane j loads tile 32 n + j of a batch.
+  // Page id (-1: invalid or past the block table) of this warp's tile i, any i >= 0 (entries
+  // past the sequence's pages may be read, they are never used); lane j loads tile 32 n + j.
   auto page_of_tile = [&](int i) -> int {
-    if (i >= n_tiles) return -1;
-    const int t0 = tile_t0(i);
+    const int64_t t0 = org + int64_t(kMmaTile) * (gw + int64_t(G) * i);
     if (t0 >= cap) return -1;
     const int pg = __ldg(bt + (pow2 ? (t0 >> bs_shift) : t0 / bs));
     return (pg >= 0 && int64_t(pg) < cache.num_blocks) ? pg : -1;
   };
-  int pg_cur = page_of_tile(lane), pg_nxt = page_of_tile(32 + lane);
+  const bool org0 = p.window_left < 0 && !contiguous;
+  int pg_cur = org0 ? page_of_tile(lane) : -1;
+  const MmaRows rows = cta.rows(p);  // waits for cache_seqlens
+  const int lo = rows.lo, hi = rows.hi, khi = rows.khi;
+  int kend = khi;  // the warps' tiles lie in [org, kend)
+  if (contiguous) {
+    split_range(rows, p.num_splits, cta.split, kMmaTile, org, kend);
+    pg_cur = page_of_tile(lane);
+  } else if (!org0) {
+    org = rows.klo;  // a multiple of 16 (0 without a left window)
+    pg_cur = page_of_tile(lane);
+  }
+  const int row_tiles = (kend - org + kMmaTile - 1) / kMmaTile;  // kend >= org
+  const int n_tiles = gw < row_tiles ? (row_tiles - gw + G - 1) / G : 0;
+  int pg_nxt = n_tiles > 32 ? page_of_tile(32 + lane) : -1;  // needed from tile 32 on
+#ifdef LONGCTX_DECODE_STAMPS
+  asm volatile("" ::"r"(n_tiles));
+#endif
+  LONGCTX_STAMP(1);
 
   // Per-lane constants of the K/V copies, computed once (the copy issue runs every tile): lane
   // copies pieces q = lane + 32 u of a tile's 16 keys x P pieces, key q / P, piece q % P;
@@ -234,7 +254,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   auto issue = [&](int i) {
     if (i > 0 && i % 32 == 0) {
       pg_cur = pg_nxt;
-      pg_nxt = page_of_tile(i + 32 + lane);
+      pg_nxt = i + 32 < n_tiles ? page_of_tile(i + 32 + lane) : -1;
     }
     if (i < n_tiles) {
       const int t0 = tile_t0(i);
@@ -338,7 +358,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   for (int i = 0; i < S; ++i) issue(i);
   LONGCTX_STAMP(2);
   // The query fragments and their row sum after the first copies are issued: the query loads
-  // (issued first) are then off the chain cache_seqlens -> key range -> page ids -> copies.
+  // (issued first) are then off the chain (cache_seqlens, page ids) -> key count -> copies.
   uint32_t qa[D / 16][2];
   q_frags_from_raw<T, F, D>(qraw, qa);
   const float qscale = cta.score_scale(p);

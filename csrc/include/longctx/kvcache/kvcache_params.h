@@ -9,8 +9,8 @@
 //                      k_cache = kv[:, 0] of a combined (num_blocks, 2, block_size, ...) pool works).
 //   block_table        int32 (batch, max_blocks), rows with a unit column stride: token t of
 //                      sequence b lives in page block_table[b][t / block_size], slot
-//                      t % block_size. Entries past a sequence's last needed page are never read
-//                      (PagedKVCache pads them with -1).
+//                      t % block_size. Entries past a sequence's last needed page are never used
+//                      (the decode kernel may read them; PagedKVCache pads them with -1).
 //   cache_seqlens      int32 (batch,): tokens in the cache per sequence. For append: the length
 //                      before the new tokens (they go to positions cache_seqlens[b] + i); for
 //                      attention: the number of keys each sequence attends to (new tokens
@@ -41,8 +41,9 @@
 // varlen (heads, total_q).
 //
 // Split-KV (decode): with num_splits > 1 the key tiles of each (sequence, kv head, query tile) are
-// divided into num_splits contiguous ranges; each writes an fp32 partial (out normalized by its
-// own sum, and its lse) into out_accum / lse_accum, and a merge pass combines them:
+// divided into num_splits sets (contiguous ranges; in the staged 8-bit kernel, 16-key tiles dealt
+// round-robin); each writes an fp32 partial (out normalized by its own sum, and its lse) into
+// out_accum / lse_accum, and a merge pass combines them:
 //   lse = log(sum_s exp(lse_s)),  out = sum_s exp(lse_s - lse) * out_s.
 //
 // validate: when true, the launcher has checked on the host that every page a sequence needs
@@ -144,6 +145,8 @@ struct AttnParams {
   // Staged kernel (measurement): let the merge kernel launch at the kernel's start instead of
   // after the key loop (grid_dependency.cuh).
   bool decode_pdl_early = false;
+  // Staged kernel (measurement): contiguous split ranges instead of round-robin tiles.
+  bool decode_contiguous_splits = false;
 };
 
 }  // namespace kvcache
