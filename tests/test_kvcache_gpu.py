@@ -302,15 +302,13 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
 # split_grid: the default kernels on the split-major grid without the L2 hint
 # (LONGCTX_KV_DECODE_GRID=splits, LONGCTX_KV_DECODE_L2HINT=0). contiguous_splits: the staged
 # kernel's splits as contiguous key ranges (LONGCTX_KV_DECODE_TILES=contiguous; the default deals
-# 16-key tiles round-robin to the CTAs of a row tile, then to their warps); warp_cyclic: dealt
-# straight to the warps (LONGCTX_KV_DECODE_TILES=warps).
+# 16-key tiles round-robin to the warps of a row tile).
 VARIANTS = {"default": {}, "cuda_cores": {"LONGCTX_KV_DECODE_VARIANT": "1"},
             "mma_registers": {"LONGCTX_KV_DECODE_VARIANT": "2"},
             "staged_4": {"LONGCTX_KV_DECODE_VARIANT": "3"},
             "scales_per_key": {"LONGCTX_KV_DECODE_VARIANT": "4"},
             "split_grid": {"LONGCTX_KV_DECODE_GRID": "splits", "LONGCTX_KV_DECODE_L2HINT": "0"},
-            "contiguous_splits": {"LONGCTX_KV_DECODE_TILES": "contiguous"},
-            "warp_cyclic": {"LONGCTX_KV_DECODE_TILES": "warps"}}
+            "contiguous_splits": {"LONGCTX_KV_DECODE_TILES": "contiguous"}}
 
 
 def _use_variant(monkeypatch, variant):

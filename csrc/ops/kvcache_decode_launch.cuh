@@ -135,8 +135,8 @@ inline bool staged_line_scales_ok(const kvcache::PagedKV& c) {
 // process): LONGCTX_KV_DECODE_GRID=splits launches the split-major grid (the first design),
 // LONGCTX_KV_DECODE_L2HINT=0 drops the evict-first hint, LONGCTX_KV_DECODE_VARIANT=1 / 2 / 3
 // selects that variant and 4 the per-key int8 scale copies (run_decode maps it to kernel 0),
-// LONGCTX_KV_DECODE_TILES=contiguous gives the staged kernel's splits contiguous key ranges and
-// =warps deals its 16-key tiles warp-cyclic (the default deals them CTA-cyclic).
+// LONGCTX_KV_DECODE_TILES=contiguous gives the staged kernel's splits contiguous key ranges (the
+// default deals 16-key tiles round-robin to all warps of a row tile).
 inline bool env_is(const char* name, const char* value) {
   const char* e = std::getenv(name);
   return e != nullptr && std::string(e) == value;
@@ -223,9 +223,7 @@ void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_spli
   p.decode_heads_fastest = !env_is("LONGCTX_KV_DECODE_GRID", "splits");
   p.decode_l2_hint = !env_is("LONGCTX_KV_DECODE_L2HINT", "0");
   p.decode_pdl_early = env_is("LONGCTX_KV_DECODE_PDL", "early");
-  p.decode_tile_order = env_is("LONGCTX_KV_DECODE_TILES", "contiguous") ? 2
-                        : env_is("LONGCTX_KV_DECODE_TILES", "warps")    ? 1
-                                                                        : 0;
+  p.decode_contiguous_splits = env_is("LONGCTX_KV_DECODE_TILES", "contiguous");
   const unsigned hy = static_cast<unsigned>(p.cache.kv_heads * m_tiles);
   const dim3 grid = p.decode_heads_fastest ? dim3(hy, splits, p.cache.batch)
                                            : dim3(splits, hy, p.cache.batch);

@@ -13,9 +13,9 @@
 //
 // Work decomposition: the register kernel's grid (CTA of 4 warps per (split, kv head, tile of
 // GT <= 8 packed GQA rows, sequence)), but a split is not a contiguous key range: the row tile's
-// 16-key tiles are dealt round-robin (tile t to split t % num_splits, then to its warps in turn),
-// so CTAs and warps differ by at most one tile and, without a left window, a tile's keys do not
-// depend on the key count: the first page ids are loaded while
+// 16-key tiles go round-robin to its num_splits x 4 warps (warp gw = split * 4 + warp takes
+// tiles gw, gw + G, ...), so warps differ by at most one tile and, without a left window, a
+// tile's keys do not depend on the key count: the first page ids are loaded while
 // cache_seqlens is in flight (bench/NOTES.md, "Decode, session 8"). Per tile and warp the math is
 // MmaRowState::consume (kvcache_decode_mma.cuh: S = Q K^T and O += P V with mma.sync m16n8k16,
 // online softmax in fp32, dequantization exact to fp16 and scales in fp32); only where the
@@ -175,25 +175,19 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   const int hk = cta.hk, b = cta.b, warp = cta.warp, r = cta.r, c = cta.c;
   const int lane = threadIdx.x % 32;
   const PagedKV& cache = p.cache;
-  // The row tile's keys are 16-key tiles dealt round-robin to its G = num_splits x 4 warps: warp
-  // gw takes tiles gw, gw + G, gw + 2 G, ... (a split is the set of its 4 warps' tiles), so the
-  // warps' tile counts differ by at most one whatever the key count, and
+  // The row tile's keys are 16-key tiles taken round-robin by its G = num_splits x 4 warps: warp
+  // gw = split * 4 + warp takes tiles gw, gw + G, gw + 2 G, ... (a split is the set of its 4
+  // warps' tiles), so the warps' tile counts differ by at most one whatever the key count, and
   // the tiles' positions do not depend on it: without a left window tile 0 starts at key 0, and
   // the page ids of the first tiles are loaded before cache_seqlens has arrived (one memory
   // round trip off the path from the kernel's start to its first copy). With a left window the
   // tiles start at the rows' first tile (known once cache_seqlens is).
-  // Deal order (p.decode_tile_order): 0 (default) CTA-cyclic, tile t to split t % num_splits
-  // and, within the split's tiles, to warp (t / num_splits) % 4: the CTAs' tile counts differ by
-  // at most one (the SMs' loads by at most two tiles); 1 warp-cyclic, gw = split * 4 + warp (the
-  // CTAs' counts differ by up to 4); 2 (the first design) contiguous split ranges of whole tiles,
-  // warp w of a CTA taking its tiles w, w + 4, ...: org = the split's first key, gw = warp, G = 4
-  // (the page ids then wait for the key count). Measurement switch LONGCTX_KV_DECODE_TILES.
-  const int order = p.decode_tile_order;
-  const bool contiguous = order == 2;
+  // (p.decode_contiguous_splits, measurement: the first design, contiguous split ranges of whole
+  // tiles, warp w of a CTA taking its tiles w, w + 4, ...: org = the split's first key, gw = warp,
+  // G = 4; the page ids then wait for the key count.)
+  const bool contiguous = p.decode_contiguous_splits;
   const int G = contiguous ? kMmaWarps : p.num_splits * kMmaWarps;
-  const int gw = contiguous ? warp
-                 : order == 1 ? cta.split * kMmaWarps + warp
-                              : cta.split + p.num_splits * warp;
+  const int gw = contiguous ? warp : cta.split * kMmaWarps + warp;
   int org = 0;  // the first key of tile 0
   auto tile_t0 = [&](int i) { return org + kMmaTile * (gw + G * i); };  // for i < n_tiles
 

@@ -145,9 +145,8 @@ struct AttnParams {
   // Staged kernel (measurement): let the merge kernel launch at the kernel's start instead of
   // after the key loop (grid_dependency.cuh).
   bool decode_pdl_early = false;
-  // Staged kernel: how 16-key tiles are dealt to the splits' warps (kvcache_decode_staged.cuh):
-  // 0 CTA-cyclic (default), 1 warp-cyclic, 2 contiguous split ranges (measurement).
-  int decode_tile_order = 0;
+  // Staged kernel (measurement): contiguous split ranges instead of round-robin tiles.
+  bool decode_contiguous_splits = false;
 };
 
 }  // namespace kvcache
