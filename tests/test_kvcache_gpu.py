@@ -347,6 +347,24 @@ def test_decode_matches_reference(cache_dtype, case, splits, variant, monkeypatc
     assert (out[0] == 0).all() and torch.isinf(lse[0]).all()
 
 
+@pytest.mark.parametrize("cache_dtype", [INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("case", [DECODE_CASES[i] for i in (1, 3, 5, 6)],
+                         ids=lambda c: f"h{c[0]}-hk{c[1]}-d{c[2]}-bs{c[3]}-w{c[5][0]}_{c[5][1]}")
+@pytest.mark.parametrize("splits", [0, 3, 7])
+@pytest.mark.parametrize("runs", ["single", "pairs", "quads"])
+def test_decode_tile_runs(cache_dtype, case, splits, runs, monkeypatch):
+    """The staged 8-bit kernel's deal order (LONGCTX_KV_DECODE_TILES=single|pairs|quads: 1, 2
+    or 4 adjacent 16-key tiles per warp per round-robin step), whatever the default is: lengths
+    that end inside a warp's run, at a run's edge and past the last full round."""
+    monkeypatch.setenv("LONGCTX_KV_DECODE_TILES", runs)
+    h, hk, d, bs, causal, window = case
+    gen = torch.Generator().manual_seed(13)
+    # with 3 splits (12 warps): 16 * 12 * 4 = 768 keys per round of quads
+    lens = [17, 16 * 12 + 5, 768, 768 + 16 * 5 + 3, 4096 - 7]
+    _check_attention(cache_dtype, BF16, h, hk, d, bs, lens, [1], causal, window, splits,
+                     packed=False, gen=gen)
+
+
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
 @pytest.mark.parametrize("splits", [255, 300, 1024])
 def test_decode_many_splits(cache_dtype, splits):

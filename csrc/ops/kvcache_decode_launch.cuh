@@ -194,6 +194,21 @@ inline int choose_splits(int64_t base, int occ, int sms, int64_t max_keys) {
   return best;
 }
 
+// Staged 8-bit kernel: adjacent 16-key tiles a warp takes per round-robin step, as a log2.
+// Pairs where a warp has at least 48 tiles (max_keys, the block table's capacity, over the
+// row tile's splits x 4 warps): measured 0.5-1% faster at 128K batch 1 and at batch 16 on two
+// H100s, 0.2-0.6 us slower at 16K-64K batch 1, where single tiles stay (bench/NOTES.md,
+// "Decode, session 9"). The order is fixed before the key counts are read (the first page ids
+// are loaded while cache_seqlens is in flight), hence the capacity rather than the lengths.
+// LONGCTX_KV_DECODE_TILES=single|pairs|quads overrides (measurement).
+inline int tile_run_log2(int64_t max_keys, int splits) {
+  if (env_is("LONGCTX_KV_DECODE_TILES", "single")) return 0;
+  if (env_is("LONGCTX_KV_DECODE_TILES", "pairs")) return 1;
+  if (env_is("LONGCTX_KV_DECODE_TILES", "quads")) return 2;
+  const int64_t tiles_per_warp = (max_keys + 15) / 16 / (int64_t(splits) * kc::kMmaWarps);
+  return tiles_per_warp >= 48 ? 1 : 0;
+}
+
 template <typename T, Format F, int D, int GT, int Variant>
 void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
                    int64_t max_keys, at::Tensor& out_accum, at::Tensor& lse_accum,
@@ -224,6 +239,7 @@ void launch_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_spli
   p.decode_l2_hint = !env_is("LONGCTX_KV_DECODE_L2HINT", "0");
   p.decode_pdl_early = env_is("LONGCTX_KV_DECODE_PDL", "early");
   p.decode_contiguous_splits = env_is("LONGCTX_KV_DECODE_TILES", "contiguous");
+  p.decode_tile_run_log2 = tile_run_log2(max_keys, splits);
   const unsigned hy = static_cast<unsigned>(p.cache.kv_heads * m_tiles);
   const dim3 grid = p.decode_heads_fastest ? dim3(hy, splits, p.cache.batch)
                                            : dim3(splits, hy, p.cache.batch);

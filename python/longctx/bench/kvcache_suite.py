@@ -183,7 +183,8 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
     # copied 4 bytes per key instead of as whole pieces for all kv heads (4), the split-major
     # grid, the staged copies without the L2 evict-first hint, plain launches instead of
     # programmatic dependent ones, the staged kernel's splits as contiguous key ranges instead
-    # of 16-key tiles dealt round-robin, fixed split counts
+    # of 16-key tiles dealt round-robin, the round-robin deal with single tiles or pairs of
+    # adjacent tiles per warp and step (one of them is the default), fixed split counts
     alt: Dict[str, float] = {}
     for name, env, val, fmts in (("cuda_cores_ms", "LONGCTX_KV_DECODE_VARIANT", "1", "*"),
                                  ("mma_registers_ms", "LONGCTX_KV_DECODE_VARIANT", "2", "8bit"),
@@ -193,7 +194,9 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
                                  ("no_l2hint_ms", "LONGCTX_KV_DECODE_L2HINT", "0", "8bit"),
                                  ("no_pdl_ms", "LONGCTX_KV_DECODE_PDL", "0", "*"),
                                  ("contiguous_splits_ms", "LONGCTX_KV_DECODE_TILES", "contiguous",
-                                  "8bit")):
+                                  "8bit"),
+                                 ("tile_single_ms", "LONGCTX_KV_DECODE_TILES", "single", "8bit"),
+                                 ("tile_pairs_ms", "LONGCTX_KV_DECODE_TILES", "pairs", "8bit")):
         if (fmts == "8bit" and fmt == "bf16") or (fmts == "int8" and fmt != "int8"):
             continue  # the alternative does not change this format's kernel
         os.environ[env] = val

@@ -16,7 +16,9 @@
 // 16-key tiles go round-robin to its num_splits x 4 warps (warp gw = split * 4 + warp takes
 // tiles gw, gw + G, ...), so warps differ by at most one tile and, without a left window, a
 // tile's keys do not depend on the key count: the first page ids are loaded while
-// cache_seqlens is in flight (bench/NOTES.md, "Decode, session 8"). Per tile and warp the math is
+// cache_seqlens is in flight (bench/NOTES.md, "Decode, session 8"). Where warps have many tiles
+// the launcher deals runs of 2 adjacent tiles instead (warp gw takes 2 gw, 2 gw + 1, then
+// 2 (gw + G), ...; p.decode_tile_run_log2, "Decode, session 9"). Per tile and warp the math is
 // MmaRowState::consume (kvcache_decode_mma.cuh: S = Q K^T and O += P V with mma.sync m16n8k16,
 // online softmax in fp32, dequantization exact to fp16 and scales in fp32); only where the
 // fragments come from differs.
@@ -188,8 +190,13 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   const bool contiguous = p.decode_contiguous_splits;
   const int G = contiguous ? kMmaWarps : p.num_splits * kMmaWarps;
   const int gw = contiguous ? warp : cta.split * kMmaWarps + warp;
+  // With p.decode_tile_run_log2 = s > 0 a warp takes runs of R = 2^s adjacent tiles per
+  // round-robin step: warp gw's tile i is R (gw + G (i / R)) + i % R.
+  const int rs = contiguous ? 0 : p.decode_tile_run_log2;
+  const int PR = 1 << rs;
   int org = 0;  // the first key of tile 0
-  auto tile_t0 = [&](int i) { return org + kMmaTile * (gw + G * i); };  // for i < n_tiles
+  auto tile_idx = [&](int i) { return ((gw + G * (i >> rs)) << rs) + (i & (PR - 1)); };
+  auto tile_t0 = [&](int i) { return org + kMmaTile * tile_idx(i); };  // for i < n_tiles
 
   const int bs = cache.block_size;  // a multiple of 16 (launcher)
   const bool pow2 = (bs & (bs - 1)) == 0;
@@ -199,7 +206,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   // Page id (-1: invalid or past the block table) of this warp's tile i, any i >= 0 (entries
   // past the sequence's pages may be read, they are never used); lane j loads tile 32 n + j.
   auto page_of_tile = [&](int i) -> int {
-    const int64_t t0 = org + int64_t(kMmaTile) * (gw + int64_t(G) * i);
+    const int64_t t0 = org + int64_t(kMmaTile) * tile_idx(i);
     if (t0 >= cap) return -1;
     const int pg = __ldg(bt + (pow2 ? (t0 >> bs_shift) : t0 / bs));
     return (pg >= 0 && int64_t(pg) < cache.num_blocks) ? pg : -1;
@@ -217,7 +224,11 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     pg_cur = page_of_tile(lane);
   }
   const int row_tiles = (kend - org + kMmaTile - 1) / kMmaTile;  // kend >= org
-  const int n_tiles = gw < row_tiles ? (row_tiles - gw + G - 1) / G : 0;
+  int n_tiles = 0;
+  if (PR * gw < row_tiles) {
+    const int left = row_tiles - PR * gw;
+    n_tiles = left / (PR * G) * PR + min(left % (PR * G), PR);
+  }
   int pg_nxt = n_tiles > 32 ? page_of_tile(32 + lane) : -1;  // needed from tile 32 on
 #ifdef LONGCTX_DECODE_STAMPS
   asm volatile("" ::"r"(n_tiles));

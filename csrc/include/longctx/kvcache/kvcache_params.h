@@ -147,6 +147,9 @@ struct AttnParams {
   bool decode_pdl_early = false;
   // Staged kernel (measurement): contiguous split ranges instead of round-robin tiles.
   bool decode_contiguous_splits = false;
+  // Staged kernel: each warp takes runs of 2^decode_tile_run_log2 adjacent 16-key tiles per
+  // round-robin step (0: single tiles).
+  int decode_tile_run_log2 = 0;
 };
 
 }  // namespace kvcache
