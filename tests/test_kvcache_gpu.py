@@ -51,14 +51,41 @@ def _cu(lens, device="cpu"):
     return torch.tensor([0] + list(lens), dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
 
 
-def _pool(num_blocks, bs, hk, d, cache_dtype, device):
+def _int8_scales(num_blocks, bs, hk, layout):
+    """Random (num_blocks, bs, hk) int8 scales stored in `layout` (each picks a different scale
+    copy of the staged decode kernel, csrc/ops/kvcache_decode_launch.cuh):
+    "head": head-major within a page, as PagedKVCache / longctx.int8_scales store them;
+    "slot": contiguous (slot-major; all heads' scales of a slot copied where hk <= 8);
+    "head_padded": head-major with a head stride of bs + 4 (still 16-byte aligned heads);
+    "head_odd": head-major with a head stride of bs + 1 (unaligned: 4-byte copies per key);
+    "head_offset": head-major from a base one float past a 16-byte boundary (4-byte copies)."""
+    def make():
+        if layout == "slot":
+            return torch.rand(num_blocks, bs, hk) * 0.05
+        pad = {"head": 0, "head_padded": 4, "head_odd": 1, "head_offset": 0}[layout]
+        flat = torch.rand(num_blocks * hk * (bs + pad) + 4) * 0.05
+        start = 1 if layout == "head_offset" else 0
+        return flat[start:start + num_blocks * hk * (bs + pad)].view(
+            num_blocks, hk, bs + pad)[:, :, :bs].transpose(1, 2)
+    return make(), make()
+
+
+def _to(t, device):
+    """t on device with its strides and its offset within the storage (the layout under test)."""
+    if t.device.type == device:
+        return t
+    base = t.as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
+    return base.to(device).as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def _pool(num_blocks, bs, hk, d, cache_dtype, device, scale_layout="head"):
     """Random pool contents (so stale values would show), scales of each format."""
     shape = (num_blocks, bs, hk, d)
     if cache_dtype == INT8:
         kc = torch.randint(-127, 128, shape, dtype=INT8)
         vc = torch.randint(-127, 128, shape, dtype=INT8)
-        ks, vs = torch.rand(shape[:3]) * 0.05, torch.rand(shape[:3]) * 0.05
-        return [t.to(device) for t in (kc, vc)], (ks.to(device), vs.to(device)), (None, None)
+        ks, vs = _int8_scales(num_blocks, bs, hk, scale_layout)
+        return [t.to(device) for t in (kc, vc)], (_to(ks, device), _to(vs, device)), (None, None)
     if cache_dtype == FP8:
         kc = (torch.randn(shape) * 50).to(FP8)
         vc = (torch.randn(shape) * 50).to(FP8)
@@ -248,13 +275,14 @@ def test_nothing_written_outside_own_slots(cache_dtype):
 # ---- attention ------------------------------------------------------------------------------
 
 def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, window, splits,
-                     packed, pool_view=False, gen=None):
+                     packed, pool_view=False, gen=None, scale_layout="head"):
     """Random pool + table, attention vs the float64 reference on the dequantized K/V."""
     batch = len(lens)
     max_blocks = max(1, -(-max(lens) // bs))
     num_blocks = batch * max_blocks + 5
     table = _random_table(batch, max_blocks, num_blocks, gen)
-    (kc, vc), (ksc, vsc), (kf, vf) = _pool(num_blocks, bs, hk, d, cache_dtype, "cpu")
+    (kc, vc), (ksc, vsc), (kf, vf) = _pool(num_blocks, bs, hk, d, cache_dtype, "cpu",
+                                           scale_layout)
     if cache_dtype in (BF16, FP16):
         kc = keys_with_outliers(num_blocks, bs, hk, d, dtype=cache_dtype, generator=gen)
     if pool_view:  # k_cache = kv[:, 0] of a combined pool (strided pages)
@@ -269,7 +297,7 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
     else:
         q = torch.randn(batch, q_lens[0], h, d, generator=gen).to(dtype)
         cu_q = None
-    cd = lambda x: None if x is None else x.cuda()  # noqa: E731
+    cd = lambda x: None if x is None else _to(x, "cuda")  # noqa: E731
     left, right = window
     if causal:
         right = 0
@@ -302,18 +330,25 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
 # split_grid: the default kernels on the split-major grid without the L2 hint
 # (LONGCTX_KV_DECODE_GRID=splits, LONGCTX_KV_DECODE_L2HINT=0). contiguous_splits: the staged
 # kernel's splits as contiguous key ranges (LONGCTX_KV_DECODE_TILES=contiguous; the default deals
-# 16-key tiles round-robin to the warps of a row tile).
+# 16-key tiles round-robin to the warps of a row tile). slot_major_scales: the default kernels
+# on int8 scales stored slot-major (the tests' default is head-major, as PagedKVCache stores
+# them; see _int8_scales); int8 only.
 VARIANTS = {"default": {}, "cuda_cores": {"LONGCTX_KV_DECODE_VARIANT": "1"},
             "mma_registers": {"LONGCTX_KV_DECODE_VARIANT": "2"},
             "staged_4": {"LONGCTX_KV_DECODE_VARIANT": "3"},
             "scales_per_key": {"LONGCTX_KV_DECODE_VARIANT": "4"},
             "split_grid": {"LONGCTX_KV_DECODE_GRID": "splits", "LONGCTX_KV_DECODE_L2HINT": "0"},
-            "contiguous_splits": {"LONGCTX_KV_DECODE_TILES": "contiguous"}}
+            "contiguous_splits": {"LONGCTX_KV_DECODE_TILES": "contiguous"},
+            "slot_major_scales": {}}
 
 
-def _use_variant(monkeypatch, variant):
+def _use_variant(monkeypatch, variant, cache_dtype):
+    """Sets the variant's switches; returns the int8 scale layout it runs on."""
+    if variant == "slot_major_scales" and cache_dtype != INT8:
+        pytest.skip("the scale layout is an int8 variant")
     for k, v in VARIANTS[variant].items():
         monkeypatch.setenv(k, v)
+    return "slot" if variant == "slot_major_scales" else "head"
 
 
 DECODE_CASES = [  # h, hk, d, bs, causal, window
@@ -337,13 +372,13 @@ DECODE_CASES = [  # h, hk, d, bs, causal, window
 def test_decode_matches_reference(cache_dtype, case, splits, variant, monkeypatch):
     """Every decode kernel configuration (LONGCTX_KV_DECODE_VARIANT: tensor cores for head_dim
     128 by default, CUDA cores otherwise)."""
-    _use_variant(monkeypatch, variant)
+    layout = _use_variant(monkeypatch, variant, cache_dtype)
     h, hk, d, bs, causal, window = case
     dtype = FP16 if cache_dtype == FP16 else BF16
     gen = torch.Generator().manual_seed(4)
     lens = [0, 1, 300, 1537, 5000]  # an empty sequence, one key, long ones
     out, lse = _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, [1], causal, window,
-                                splits, packed=False, gen=gen)
+                                splits, packed=False, gen=gen, scale_layout=layout)
     assert (out[0] == 0).all() and torch.isinf(lse[0]).all()
 
 
@@ -381,13 +416,13 @@ def test_decode_unvalidated_bad_pages_are_masked(cache_dtype, variant, monkeypat
     """validate=False: page ids outside the pool inside a sequence's length mask their keys
     (nothing read there), and pages the table does not reference hold NaN (NaN scales for int8):
     the output must be the attention over the remaining keys, every kernel variant."""
-    _use_variant(monkeypatch, variant)
+    layout = _use_variant(monkeypatch, variant, cache_dtype)
     gen = torch.Generator().manual_seed(11)
     h, hk, d, bs, n = 8, 2, 128, 16, 1000
     nblk = -(-n // bs)
     num_blocks = nblk + 8
     table = _random_table(1, nblk, num_blocks, gen)
-    (kc, vc), (ksc, vsc), (kf, vf) = _pool(num_blocks, bs, hk, d, cache_dtype, "cpu")
+    (kc, vc), (ksc, vsc), (kf, vf) = _pool(num_blocks, bs, hk, d, cache_dtype, "cpu", layout)
     used = torch.zeros(num_blocks, dtype=torch.bool)
     used[table[0].long()] = True
     if cache_dtype == INT8:
@@ -404,7 +439,7 @@ def test_decode_unvalidated_bad_pages_are_masked(cache_dtype, variant, monkeypat
     for blk, pid in zip(bad, (-1, num_blocks, num_blocks + 100)):
         table_bad[0, blk] = pid
     q = torch.randn(1, 1, h, d, generator=gen).to(BF16)
-    cd = lambda x: None if x is None else x.cuda()  # noqa: E731
+    cd = lambda x: None if x is None else _to(x, "cuda")  # noqa: E731
     out, lse = ops.flash_attn_with_kvcache(
         q.cuda(), kc.cuda(), vc.cuda(), cd(ksc), cd(vsc), cd(kf), cd(vf), table_bad.cuda(),
         torch.tensor([n], dtype=torch.int32).cuda(), None, 1, 1.0 / math.sqrt(d), False, -1, -1,
@@ -428,12 +463,26 @@ def test_decode_unvalidated_bad_pages_are_masked(cache_dtype, variant, monkeypat
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_decode_several_queries_packed_and_pool_view(cache_dtype, variant, monkeypatch):
     """Speculative decode: 1-3 query rows per sequence, packed (cu_seqlens_q), a strided pool."""
-    _use_variant(monkeypatch, variant)
+    layout = _use_variant(monkeypatch, variant, cache_dtype)
     gen = torch.Generator().manual_seed(5)
     _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [3, 900, 2500], [1, 3, 2], True,
-                     (-1, -1), 0, packed=True, pool_view=True, gen=gen)
+                     (-1, -1), 0, packed=True, pool_view=True, gen=gen, scale_layout=layout)
     _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [10, 700], [4, 4], False, (64, 2), 5,
-                     packed=False, gen=gen)
+                     packed=False, gen=gen, scale_layout=layout)
+
+
+@pytest.mark.parametrize("layout", ["head", "slot", "head_padded", "head_odd", "head_offset"])
+@pytest.mark.parametrize("case", [DECODE_CASES[i] for i in (1, 3, 6, 7)],
+                         ids=lambda c: f"h{c[0]}-hk{c[1]}-d{c[2]}-bs{c[3]}")
+@pytest.mark.parametrize("splits", [0, 3])
+def test_decode_int8_scale_layouts(layout, case, splits):
+    """int8 scales in every layout the launcher tells apart (head-major 64-byte copies, slot-major
+    line copies for <= 8 kv heads, 4-byte copies per key where neither alignment holds): the
+    output matches the reference; lengths end inside a tile and at a page edge."""
+    h, hk, d, bs, causal, window = case
+    gen = torch.Generator().manual_seed(14)
+    _check_attention(INT8, BF16, h, hk, d, bs, [5, 16 * 9, 1000 + 3, 2048], [1], causal, window,
+                     splits, packed=False, gen=gen, scale_layout=layout)
 
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)

@@ -11,7 +11,7 @@ from . import _C  # noqa: F401  (registers torch.ops.longctx.*)
 from .attention import flash_attn_func, flash_attn_varlen_func
 from .info import build_info
 from .kvcache import (PagedKVCache, flash_attn_with_kvcache, fp8_scales_from_data,
-                      kvcache_append)
+                      int8_scales, kvcache_append)
 from .ring import ring_flash_attn_func, ring_positions, ring_shard, ring_unshard
 from .rope import apply_rope
 from .rope_scaling import ROPE_TYPES, RopeFrequencies, rope_frequencies
@@ -25,6 +25,7 @@ __all__ = [
     "kvcache_append",
     "PagedKVCache",
     "fp8_scales_from_data",
+    "int8_scales",
     "ring_flash_attn_func",
     "ring_shard",
     "ring_unshard",

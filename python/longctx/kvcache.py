@@ -12,7 +12,9 @@ Formats, chosen by the pool dtype (dequantization is always x = stored * scale, 
 - bf16 / fp16 (fp32 on CPU): the dtype of q and of the new tokens;
 - torch.int8: symmetric, one fp32 scale per (token, kv head) in k_scale / v_scale tensors of shape
   (num_blocks, block_size, kv_heads) beside the pages: scale = amax / 127,
-  q = clamp(rint(x / scale), -127, 127);
+  q = clamp(rint(x / scale), -127, 127). Any strides work; decode on CUDA reads them fastest
+  head-major within a page (strides (block_size * kv_heads, 1, block_size): a head's scales of
+  16 slots are 64 contiguous bytes), as `int8_scales` and PagedKVCache allocate them;
 - torch.float8_e4m3fn: one fixed fp32 scale per kv head, k_scale / v_scale of shape (kv_heads,):
   q = e4m3(x / scale) (round to nearest even, saturating to +-448). `fp8_scales_from_data`
   calibrates them (amax / 448 per head).
@@ -38,6 +40,7 @@ __all__ = [
     "flash_attn_with_kvcache",
     "kvcache_append",
     "fp8_scales_from_data",
+    "int8_scales",
     "FP8_E4M3_MAX",
     "INT8_MAX",
 ]
@@ -89,6 +92,18 @@ def fp8_scales_from_data(x: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
         x.shape[-2], dtype=torch.float32)
     scale = amax * (margin / FP8_E4M3_MAX)
     return torch.where(scale > 0, scale, torch.ones_like(scale)).contiguous()
+
+
+def int8_scales(num_blocks: int, block_size: int, kv_heads: int, device=None) -> torch.Tensor:
+    """A zeroed fp32 scale tensor for an int8 pool: shape (num_blocks, block_size, kv_heads),
+    stored head-major within each page (strides (block_size * kv_heads, 1, block_size)), the
+    layout the CUDA decode kernel reads with the fewest bytes (bench/NOTES.md, "Decode, session
+    10"). A contiguous (slot-major) tensor of the same shape works too, a little slower."""
+    if num_blocks < 1 or block_size < 1 or kv_heads < 1:
+        raise ValueError("int8_scales: num_blocks, block_size and kv_heads must be >= 1, got "
+                         f"{(num_blocks, block_size, kv_heads)}")
+    return torch.zeros(num_blocks, kv_heads, block_size, dtype=torch.float32,
+                       device=device).transpose(1, 2)
 
 
 def _scale_args(k_cache: torch.Tensor, k_scale, v_scale):
@@ -263,8 +278,8 @@ class PagedKVCache:
         self.k_scale: Optional[torch.Tensor] = None
         self.v_scale: Optional[torch.Tensor] = None
         if cache_dtype == torch.int8:
-            self.k_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
-            self.v_scale = torch.zeros(shape[:3], dtype=torch.float32, device=device)
+            self.k_scale = int8_scales(num_blocks, block_size, kv_heads, device)
+            self.v_scale = int8_scales(num_blocks, block_size, kv_heads, device)
         elif cache_dtype == torch.float8_e4m3fn:
             self.k_scale = self._head_scale(k_scale)
             self.v_scale = self._head_scale(v_scale)

@@ -92,15 +92,15 @@ def _sdpa_decode(backend, q, k, v):
 def _fill_quantized(cache_dtype, batch, ctx, gen_chunk=8192):
     """Pools of `cache_dtype` holding batch sequences of ctx random tokens, written by our append
     from bf16 chunks; returns (k_cache, v_cache, k_scale, v_scale, table, seqlens, append_ms)."""
-    from ..kvcache import kvcache_append
+    from ..kvcache import int8_scales, kvcache_append
 
     pages = ctx // BS
     shape = (batch * pages, BS, HK, D)
     kc = torch.empty(shape, dtype=cache_dtype, device="cuda")
     vc = torch.empty(shape, dtype=cache_dtype, device="cuda")
-    if cache_dtype == torch.int8:
-        ks = torch.empty(shape[:3], dtype=torch.float32, device="cuda")
-        vs = torch.empty(shape[:3], dtype=torch.float32, device="cuda")
+    if cache_dtype == torch.int8:  # head-major within a page, as PagedKVCache stores them
+        ks = int8_scales(*shape[:3], device="cuda")
+        vs = int8_scales(*shape[:3], device="cuda")
     else:  # N(0, 1) data: amax ~5; scale it to ~ 448 * 1.2
         ks = torch.full((HK,), 5.5 / 448, device="cuda")
         vs = torch.full((HK,), 5.5 / 448, device="cuda")
@@ -181,7 +181,7 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
     # decode kernel (LONGCTX_KV_DECODE_VARIANT=1), the register tensor-core kernel (2: the
     # previous 8-bit default), the staged kernel with 4 stages / 3 CTAs per SM (3), int8 scales
     # copied 4 bytes per key instead of as whole pieces for all kv heads (4), the split-major
-    # grid, the staged copies without the L2 evict-first hint, plain launches instead of
+    # grid, the staged copies without the L2 evict-first hint, int8 scales stored slot-major, plain launches instead of
     # programmatic dependent ones, the staged kernel's splits as contiguous key ranges instead
     # of 16-key tiles dealt round-robin, the round-robin deal with single tiles or pairs of
     # adjacent tiles per warp and step (one of them is the default), fixed split counts
@@ -204,6 +204,12 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
             alt[name] = _graph_time(ours)
         finally:
             os.environ.pop(env, None)
+    if fmt == "int8":  # the same scales stored slot-major (contiguous): line-scale copies
+        ks_slot, vs_slot = ks.contiguous(), vs.contiguous()
+        alt["scales_slot_major_ms"] = _graph_time(
+            lambda: flash_attn_with_kvcache(q, kc, vc, seqlens, table, k_scale=ks_slot,
+                                            v_scale=vs_slot, validate=False))
+        del ks_slot, vs_slot
     for sp in ((33, 66) if batch == 1 else (2, 4)):
         alt[f"splits{sp}_ms"] = _graph_time(
             lambda: flash_attn_with_kvcache(q, kc, vc, seqlens, table, k_scale=ks,
