@@ -52,19 +52,19 @@ def _cu(lens, device="cpu"):
 
 
 def _int8_scales(num_blocks, bs, hk, layout):
-    """Random (num_blocks, bs, hk) int8 scales stored in `layout` (each picks a different scale
-    copy of the staged decode kernel, csrc/ops/kvcache_decode_launch.cuh):
-    "head": head-major within a page, as PagedKVCache / longctx.int8_scales store them;
+    """Random (num_blocks, bs, hk) int8 scales stored in `layout` (the staged decode kernel's
+    scale copies depend on it, csrc/ops/kvcache_decode_launch.cuh):
+    "head": head-major within a page, as PagedKVCache / longctx.int8_scales store them (4-byte
+    copies per key, contiguous per tile);
     "slot": contiguous (slot-major; all heads' scales of a slot copied where hk <= 8);
-    "head_padded": head-major with a head stride of bs + 4 (still 16-byte aligned heads);
-    "head_odd": head-major with a head stride of bs + 1 (unaligned: 4-byte copies per key);
-    "head_offset": head-major from a base one float past a 16-byte boundary (4-byte copies)."""
+    "head_odd": head-major with a head stride of bs + 1 and a base one float past a 16-byte
+    boundary (nothing aligned)."""
     def make():
         if layout == "slot":
             return torch.rand(num_blocks, bs, hk) * 0.05
-        pad = {"head": 0, "head_padded": 4, "head_odd": 1, "head_offset": 0}[layout]
+        pad = {"head": 0, "head_odd": 1}[layout]
         flat = torch.rand(num_blocks * hk * (bs + pad) + 4) * 0.05
-        start = 1 if layout == "head_offset" else 0
+        start = 1 if layout == "head_odd" else 0
         return flat[start:start + num_blocks * hk * (bs + pad)].view(
             num_blocks, hk, bs + pad)[:, :, :bs].transpose(1, 2)
     return make(), make()
@@ -325,8 +325,9 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
 # default: the cp.async-staged tensor-core kernel for 8-bit caches (head_dim 64/128, page size a
 # multiple of 16), the register tensor-core kernel for 16-bit caches at head_dim 128, CUDA cores
 # otherwise; 2: the register tensor-core kernel for every cache at head_dim 128; 3: the staged
-# kernel with 4 stages / 3 CTAs per SM; 4: int8 scales copied 4 bytes per key (the default copies
-# the scales of all kv heads of a tile's slots as whole 16-byte pieces where their layout allows).
+# kernel with 4 stages / 3 CTAs per SM; 4: int8 scales copied 4 bytes per key whatever their layout
+# (the default for head-major scales; slot-major ones get the copies of all kv heads of a tile's
+# slots as whole 16-byte pieces where kv_heads <= 8).
 # split_grid: the default kernels on the split-major grid without the L2 hint
 # (LONGCTX_KV_DECODE_GRID=splits, LONGCTX_KV_DECODE_L2HINT=0). contiguous_splits: the staged
 # kernel's splits as contiguous key ranges (LONGCTX_KV_DECODE_TILES=contiguous; the default deals
@@ -336,7 +337,6 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
 VARIANTS = {"default": {}, "cuda_cores": {"LONGCTX_KV_DECODE_VARIANT": "1"},
             "mma_registers": {"LONGCTX_KV_DECODE_VARIANT": "2"},
             "staged_4": {"LONGCTX_KV_DECODE_VARIANT": "3"},
-            "scales_per_key": {"LONGCTX_KV_DECODE_VARIANT": "4"},
             "split_grid": {"LONGCTX_KV_DECODE_GRID": "splits", "LONGCTX_KV_DECODE_L2HINT": "0"},
             "contiguous_splits": {"LONGCTX_KV_DECODE_TILES": "contiguous"},
             "slot_major_scales": {}}
@@ -471,14 +471,19 @@ def test_decode_several_queries_packed_and_pool_view(cache_dtype, variant, monke
                      packed=False, gen=gen, scale_layout=layout)
 
 
-@pytest.mark.parametrize("layout", ["head", "slot", "head_padded", "head_odd", "head_offset"])
+@pytest.mark.parametrize("layout,per_key", [("head", False), ("slot", False), ("slot", True),
+                                            ("head_odd", False)],
+                         ids=["head", "slot", "slot-per_key", "head_odd"])
 @pytest.mark.parametrize("case", [DECODE_CASES[i] for i in (1, 3, 6, 7)],
                          ids=lambda c: f"h{c[0]}-hk{c[1]}-d{c[2]}-bs{c[3]}")
 @pytest.mark.parametrize("splits", [0, 3])
-def test_decode_int8_scale_layouts(layout, case, splits):
-    """int8 scales in every layout the launcher tells apart (head-major 64-byte copies, slot-major
-    line copies for <= 8 kv heads, 4-byte copies per key where neither alignment holds): the
-    output matches the reference; lengths end inside a tile and at a page edge."""
+def test_decode_int8_scale_layouts(layout, per_key, case, splits, monkeypatch):
+    """int8 scales head-major (per-key copies, contiguous per tile), slot-major (copies of all
+    heads' scales of a slot for <= 8 kv heads; per_key: LONGCTX_KV_DECODE_VARIANT=4 forces one
+    4-byte copy per key and sector) and unaligned: the output matches the reference; lengths end
+    inside a tile and at a page edge."""
+    if per_key:
+        monkeypatch.setenv("LONGCTX_KV_DECODE_VARIANT", "4")
     h, hk, d, bs, causal, window = case
     gen = torch.Generator().manual_seed(14)
     _check_attention(INT8, BF16, h, hk, d, bs, [5, 16 * 9, 1000 + 3, 2048], [1], causal, window,

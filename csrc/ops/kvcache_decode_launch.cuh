@@ -49,39 +49,39 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
 // tests). Variant 2: the register tensor-core kernel at head_dim 128 (the previous 8-bit default).
 // Variant 3: the staged kernel with 4 stages and 3 CTAs per SM (depth against occupancy; it
 // spills 64 bytes at int8 and measured 2-8% slower than 6 stages / 2 CTAs in the first run).
-// The staged kernel's int8 scale copies (kc::StagedScales) follow the scale tensors' layout:
-// kernel 5 (the default where the scales are head-major within a page, staged_head_scales_ok;
-// PagedKVCache and longctx.kvcache.int8_scales allocate them so) copies this head's 64 bytes
-// per tile and pool (6 stages); kernel 4 (the default for slot-major scales, contiguous per page
-// with kv_heads <= 8, staged_line_scales_ok) copies the scales of all kv heads of a tile's slots
-// as whole 16-byte pieces (5 stages to stay at 2 CTAs per SM); otherwise this head's scales go 4
-// bytes at a time. LONGCTX_KV_DECODE_VARIANT=4 selects the 4-byte copies (kernel 0) for
-// measurement. The alternatives are measured beside the default in bench/kvcache.py.
+// int8 scales: kernel 0 copies this head's 16 K and 16 V scales of a tile 4 bytes per key; with
+// the scales head-major within a page (as PagedKVCache and longctx.int8_scales store them) these
+// are 2 x 64 contiguous bytes, one request each, the bytes the tile needs and no more. Kernel 4
+// (the default where the scales are slot-major, contiguous per page with kv_heads <= 8,
+// staged_line_scales_ok) copies the scales of all kv heads of a tile's slots as whole 16-byte
+// pieces (5 stages to stay at 2 CTAs per SM) instead of one 4-byte scale per 32-byte sector;
+// LONGCTX_KV_DECODE_VARIANT=4 selects kernel 0 whatever the layout (measurement). Measured
+// (bench/NOTES.md, "Decode, session 10"): kernel 0 on head-major scales is 0.35 us (32K batch 1)
+// to 5 us (128K batch 1) faster than kernel 4 on slot-major ones; a head-major variant of kernel 4
+// (this head's 64 bytes as 4 + 4 16-byte pieces, evict-first, 6 stages) was 0.6-3 us slower than
+// kernel 0. The alternatives are measured beside the default in bench/kvcache.py.
 template <typename T, Format F, int D, int GT, int Variant>
 struct DecodeKernel {
   static constexpr bool k8bit = F != Format::kNative;
-  static constexpr kc::StagedScales kScales =
-      F != Format::kInt8 ? kc::StagedScales::kPerKey
-      : Variant == 4     ? kc::StagedScales::kLine
-      : Variant == 5     ? kc::StagedScales::kHeadMajor
-                         : kc::StagedScales::kPerKey;
-  static constexpr bool kStaged = k8bit && (D == 64 || D == 128) &&
-                                  (Variant == 0 || Variant == 3 || Variant == 4 || Variant == 5);
+  static constexpr bool kLineScales = Variant == 4 && F == Format::kInt8;
+  static constexpr bool kStaged =
+      k8bit && (D == 64 || D == 128) && (Variant == 0 || Variant == 3 || Variant == 4);
   static constexpr bool kMma = !kStaged && D == 128 && Variant != 1;
   static constexpr int kU = (F == Format::kNative ? 4 : 8) / (GT == 8 ? 2 : 1);  // CUDA cores
   static constexpr int kNT = k8bit ? 2 : 1;
-  static constexpr int kStages = Variant == 3 ? 4 : kScales == kc::StagedScales::kLine ? 5 : 6;
+  static constexpr int kStages = Variant == 3 ? 4 : kLineScales ? 5 : 6;
   static constexpr int kStagedMinBlocks = Variant == 3 ? 3 : 2;
   static constexpr int smem_bytes() {
     if constexpr (kStaged) {
-      return kc::StagedLayout<F, D, kStages, kScales>::kSmemBytes;
+      return kc::StagedLayout<F, D, kStages, kLineScales>::kSmemBytes;
     } else {
       return 0;
     }
   }
   static constexpr auto fn() {
     if constexpr (kStaged) {
-      return &kc::kvcache_decode_staged_kernel<T, F, D, GT, kStages, kStagedMinBlocks, kScales>;
+      return &kc::kvcache_decode_staged_kernel<T, F, D, GT, kStages, kStagedMinBlocks,
+                                               kLineScales>;
     } else if constexpr (kMma) {
       return &kc::kvcache_decode_mma_kernel<T, F, D, GT, kNT, 1>;
     } else {
@@ -135,17 +135,6 @@ inline bool staged_line_scales_ok(const kvcache::PagedKV& c) {
            reinterpret_cast<uintptr_t>(v.token_scale) % 16 == 0 && v.scale_page_stride % 4 == 0;
   };
   return c.format == Format::kInt8 && c.kv_heads <= kc::kLineScaleHeads && ok(c.k) && ok(c.v);
-}
-
-// Whether kernel 5's scale copies apply: int8, scales head-major within a page (slot stride 1)
-// with 16-byte aligned base, head and page starts (a tile's 16 slots start at a multiple of 16,
-// so its 64 bytes per head are four aligned 16-byte pieces).
-inline bool staged_head_scales_ok(const kvcache::PagedKV& c) {
-  auto ok = [&](const kvcache::CacheView& v) {
-    return v.scale_slot_stride == 1 && reinterpret_cast<uintptr_t>(v.token_scale) % 16 == 0 &&
-           v.scale_head_stride % 4 == 0 && v.scale_page_stride % 4 == 0;
-  };
-  return c.format == Format::kInt8 && ok(c.k) && ok(c.v);
 }
 
 // Measurement switches, read per call (the benchmark and the tests time or check several in one
@@ -293,22 +282,14 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
                 int64_t max_keys, at::Tensor& oa, at::Tensor& la, cudaStream_t stream) {
   // The staged kernels run only where staged_decode_ok holds, else variant 2's kernel.
   // Kernel configuration (DecodeKernel's Variant) from the env variant: 4 -> 0 (per-key int8
-  // scale copies); the default takes 5 (head-major scales) where staged_head_scales_ok holds,
-  // else 4 (line scales) where staged_line_scales_ok does.
+  // scale copies); the default takes 4 (line scales) where staged_line_scales_ok holds.
   const int env_v = decode_variant();
   int v = env_v == 4 ? 0 : env_v;
-  if (env_v == 0 && staged_head_scales_ok(p.cache)) {
-    v = 5;
-  } else if (env_v == 0 && staged_line_scales_ok(p.cache)) {
-    v = 4;
-  }
-  if ((v == 0 || v >= 3) && F != Format::kNative && !staged_decode_ok(p.cache)) v = 2;
+  if (env_v == 0 && staged_line_scales_ok(p.cache)) v = 4;
+  if ((v == 0 || v == 3 || v == 4) && F != Format::kNative && !staged_decode_ok(p.cache)) v = 2;
   switch (p.cache.head_dim) {
     case 64:
-      if (v == 5) {  // int8 only (staged_head_scales_ok)
-        if constexpr (F == Format::kInt8)
-          launch_decode_gt<T, F, 64, 5>(p, q, num_splits, max_keys, oa, la, stream);
-      } else if (v == 4) {  // int8 only (staged_line_scales_ok)
+      if (v == 4) {  // int8 only (staged_line_scales_ok)
         if constexpr (F == Format::kInt8)
           launch_decode_gt<T, F, 64, 4>(p, q, num_splits, max_keys, oa, la, stream);
       } else if (v == 0) {
@@ -327,9 +308,6 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
       } else if (v == 4) {  // int8 only (staged_line_scales_ok)
         if constexpr (F == Format::kInt8)
           launch_decode_gt<T, F, 128, 4>(p, q, num_splits, max_keys, oa, la, stream);
-      } else if (v == 5) {  // int8 only (staged_head_scales_ok)
-        if constexpr (F == Format::kInt8)
-          launch_decode_gt<T, F, 128, 5>(p, q, num_splits, max_keys, oa, la, stream);
       } else {
         launch_decode_gt<T, F, 128, 0>(p, q, num_splits, max_keys, oa, la, stream);
       }

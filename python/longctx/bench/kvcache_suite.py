@@ -179,17 +179,17 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
         eager_ms = time_cuda(ours, warmup=5, reps=30, min_time_ms=100)
     # design alternatives, measured in the same run (not the default path): the CUDA-core
     # decode kernel (LONGCTX_KV_DECODE_VARIANT=1), the register tensor-core kernel (2: the
-    # previous 8-bit default), the staged kernel with 4 stages / 3 CTAs per SM (3), int8 scales
-    # copied 4 bytes per key instead of as whole pieces for all kv heads (4), the split-major
-    # grid, the staged copies without the L2 evict-first hint, int8 scales stored slot-major, plain launches instead of
-    # programmatic dependent ones, the staged kernel's splits as contiguous key ranges instead
+    # previous 8-bit default), the staged kernel with 4 stages / 3 CTAs per SM (3), the
+    # split-major grid, the staged copies without the L2 evict-first hint, plain launches instead
+    # of programmatic dependent ones, the staged kernel's splits as contiguous key ranges instead
     # of 16-key tiles dealt round-robin, the round-robin deal with single tiles or pairs of
-    # adjacent tiles per warp and step (one of them is the default), fixed split counts
+    # adjacent tiles per warp and step (one of them is the default), int8 scales stored
+    # slot-major (the previous layout: copies of all kv heads' scales of a tile's slots), fixed
+    # split counts
     alt: Dict[str, float] = {}
     for name, env, val, fmts in (("cuda_cores_ms", "LONGCTX_KV_DECODE_VARIANT", "1", "*"),
                                  ("mma_registers_ms", "LONGCTX_KV_DECODE_VARIANT", "2", "8bit"),
                                  ("staged4_ms", "LONGCTX_KV_DECODE_VARIANT", "3", "8bit"),
-                                 ("scales_per_key_ms", "LONGCTX_KV_DECODE_VARIANT", "4", "int8"),
                                  ("grid_splits_ms", "LONGCTX_KV_DECODE_GRID", "splits", "*"),
                                  ("no_l2hint_ms", "LONGCTX_KV_DECODE_L2HINT", "0", "8bit"),
                                  ("no_pdl_ms", "LONGCTX_KV_DECODE_PDL", "0", "*"),

@@ -24,9 +24,8 @@
 // fragments come from differs.
 //
 // Stage layout (one warp, one 16-key tile): K codes [16 keys][D bytes], V codes [16][D], then
-// (int8) K scales [16] and V scales [16] fp32, or with StagedScales::kLine the scales of the
-// tile's slots for all kv heads ([16][kv_heads] for K, then for V); how they are copied depends
-// on the scales' layout (StagedScales below). The 16-byte pieces of a key row are XOR-swizzled
+// (int8) K scales [16] and V scales [16] fp32, or with kLineScales the scales of the tile's
+// slots for all kv heads ([16][kv_heads] for K, then for V), copied as whole 16-byte pieces. The 16-byte pieces of a key row are XOR-swizzled
 // (piece ^ piece_swizzle(key)) so that the fragment reads (K: pieces i * 4 + c of keys 8 h + r;
 // V: piece r of keys 2 c + ...) and the copies hit distinct banks per 8-lane phase at D = 128.
 // Page ids: bs must be a multiple of 16 (a tile lies in one page); lane j holds the page of the
@@ -81,18 +80,12 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// How an int8 tile's scales reach its stage, by the layout of the scale tensors
-// (num_blocks, block_size, kv_heads) (the launcher checks which applies):
-// - kPerKey (any strides): this head's 16 K and 16 V scales copied 4 bytes at a time (32
-//   single-sector requests per tile, a 4-byte scale per 32-byte sector);
-// - kLine (slot-major: contiguous per page as (block_size, kv_heads), kv_heads <= 8): the scales
-//   of the tile's 16 slots for ALL kv heads (16 x kv_heads fp32 for K, then for V), copied as
-//   whole 16-byte pieces; every head's CTA pulls all heads' sectors (kv_heads x the scale bytes
-//   from L2) and the stage is 1 KiB larger (5 stages, not 6, at 2 CTAs per SM);
-// - kHeadMajor (within a page (kv_heads, block_size): slot stride 1, 16-byte aligned head and
-//   page starts): this head's 16 scales of a tile are 64 contiguous bytes per pool, copied as 4
-//   + 4 pieces by 8 lanes: the bytes the tile needs and no more, in the kPerKey stage layout.
-enum class StagedScales { kPerKey, kLine, kHeadMajor };
+// kLineScales (int8, scales slot-major: contiguous per page as (block_size, kv_heads) with
+// kv_heads <= 8): the stage holds the scales of the tile's 16 slots for ALL kv heads (16 x
+// kv_heads fp32 for K, then for V), copied as whole 16-byte pieces, instead of this head's 16
+// scales copied 4 bytes at a time (32 single-sector requests per tile, a 4-byte scale per 32-byte
+// sector). Without it each lane copies one 4-byte scale; with head-major scales (slot stride 1,
+// the layout PagedKVCache allocates) a tile's 16 K and 16 V scales are then two 64-byte requests.
 constexpr int kLineScaleHeads = 8;
 
 // Development only (bench/NOTES.md, "Decode, session 5"): with LONGCTX_DECODE_STAMPS defined,
@@ -134,11 +127,10 @@ struct DecodeStamps {
 #define LONGCTX_STAMP(k) ((void)0)
 #endif
 
-template <Format F, int D, int S, StagedScales SC = StagedScales::kPerKey>
+template <Format F, int D, int S, bool kLineScales = false>
 struct StagedLayout {
   static_assert(F != Format::kNative, "staged decode: 8-bit caches");
-  static_assert(SC == StagedScales::kPerKey || F == Format::kInt8, "scale copies: int8 caches");
-  static constexpr bool kLineScales = SC == StagedScales::kLine;
+  static_assert(!kLineScales || F == Format::kInt8, "line scales: int8 caches");
   static constexpr int kPieces = D / 16;                 // 16-byte pieces per key row
   static constexpr int kTileBytes = kMmaTile * D;        // K (or V) codes of one tile
   static constexpr int kScaleOff = 2 * kTileBytes;       // int8 scales after K and V
@@ -156,16 +148,13 @@ __device__ __forceinline__ int piece_swizzle(int key) {
   return ((((key >> 1) & 3) << 1) ^ ((key & 1) << 2)) & (P - 1);
 }
 
-template <typename T, Format F, int D, int GT, int S, int MinBlocks,
-          StagedScales SC = StagedScales::kPerKey>
+template <typename T, Format F, int D, int GT, int S, int MinBlocks, bool kLineScales = false>
 __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     kvcache_decode_staged_kernel(const AttnParams p, int m_tiles) {
   static_assert(D == 64 || D == 128, "staged decode: head_dim 64 or 128");
   static_assert(GT <= 8, "staged decode: at most 8 packed rows per CTA");
   static_assert(S >= 2, "staged decode: at least two stages");
-  using Lay = StagedLayout<F, D, S, SC>;
-  constexpr bool kLineScales = SC == StagedScales::kLine;
-  constexpr bool kHeadScales = SC == StagedScales::kHeadMajor;
+  using Lay = StagedLayout<F, D, S, kLineScales>;
   using Frags = MmaTileFrags<F, D>;
   using State = MmaRowState<T, F, D>;
   constexpr int P = Lay::kPieces;
@@ -267,9 +256,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   uint8_t* ring = smem + warp * Lay::kWarpBytes;
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   uint32_t stage_ok = 0;  // bit k: the tile in stage k has a valid page (warp-uniform)
-  // K/V are read once: evict them first, so that slot-major int8 scales (kLine: one 32-byte
-  // sector holds the scales of all kv heads of a slot, read by every head's CTA) stay in L2
-  // between the heads. Head-major scales are read once too and get the same policy.
+  // K/V are read once: evict them first, so that the int8 scales (one 32-byte sector holds the
+  // scales of all kv heads of a slot, read by every head's CTA) stay in L2 between the heads.
   const uint64_t l2_policy = l2_copy_policy(p.decode_l2_hint);
 
   // Issue the copies of tile i into stage i % S (an empty group past the warp's tiles). Called
@@ -321,15 +309,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
                              src, pg >= 0);
           }
         }
-      } else if constexpr (kHeadScales) {
-        // this head's 16 scales of the tile, 64 contiguous bytes per pool from (page, slot0, hk):
-        // lanes 0-3 copy K's pieces, 4-7 V's. Slots past khi are copied too (possibly stale,
-        // even NaN): read_frags gives them scale 0.
-        if (lane < 8) {
-          const CacheView& cv = lane < 4 ? cache.k : cache.v;
-          const float* src = cv.token_scale + scale_offset(cv, page, slot0, hk) + 4 * (lane & 3);
-          cp_async16_zfill_hint(stage + Lay::kScaleOff + lane * 16, src, pg >= 0, l2_policy);
-        }
       } else if constexpr (F == Format::kInt8) {
         const int key = lane % kMmaTile;
         const CacheView& cv = lane < kMmaTile ? cache.k : cache.v;
@@ -377,10 +356,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
         const float* sc = reinterpret_cast<const float*>(stage + Lay::kScaleOff);
         L.kscale[e] = L.svalid[e] ? sc[key * cache.kv_heads + hk] : 0.f;
         L.vscale[e] = L.svalid[e] ? sc[Lay::kScaleBytes / 4 + key * cache.kv_heads + hk] : 0.f;
-      } else if constexpr (kHeadScales) {
-        const float* sc = reinterpret_cast<const float*>(stage + Lay::kScaleOff);
-        L.kscale[e] = L.svalid[e] ? sc[key] : 0.f;
-        L.vscale[e] = L.svalid[e] ? sc[kMmaTile + key] : 0.f;
       } else if constexpr (F == Format::kInt8) {
         const float* sc = reinterpret_cast<const float*>(stage + Lay::kScaleOff);
         L.kscale[e] = sc[key];
