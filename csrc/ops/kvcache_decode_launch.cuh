@@ -56,10 +56,11 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
 // staged_line_scales_ok) copies the scales of all kv heads of a tile's slots as whole 16-byte
 // pieces (5 stages to stay at 2 CTAs per SM) instead of one 4-byte scale per 32-byte sector;
 // LONGCTX_KV_DECODE_VARIANT=4 selects kernel 0 whatever the layout (measurement). Measured
-// (bench/NOTES.md, "Decode, session 10"): kernel 0 on head-major scales is 0.35 us (32K batch 1)
-// to 5 us (128K batch 1) faster than kernel 4 on slot-major ones; a head-major variant of kernel 4
-// (this head's 64 bytes as 4 + 4 16-byte pieces, evict-first, 6 stages) was 0.6-3 us slower than
-// kernel 0. The alternatives are measured beside the default in bench/kvcache.py.
+// (bench/NOTES.md, "Decode, session 10"): kernel 0 on head-major scales against kernel 4 on
+// slot-major ones, 128K batch 1 -4.9 us (-4.7%), batch 16 -0.45%, 32K batch 1 even, batch 16
+// +0.45%; a kernel copying this head's 64 bytes as 4 + 4 16-byte pieces (evict-first, 6 stages)
+// was 0.6-3 us slower than kernel 0. The alternatives are measured beside the default in
+// bench/kvcache.py.
 template <typename T, Format F, int D, int GT, int Variant>
 struct DecodeKernel {
   static constexpr bool k8bit = F != Format::kNative;
