@@ -586,6 +586,44 @@ def test_paged_cache_manager():
         longctx.PagedKVCache(4, 8, 1, 16, cache_dtype=torch.float16)
 
 
+def test_int8_scales_head_major_equals_slot_major():
+    """int8_scales / PagedKVCache store the scales head-major within a page (logical shape
+    (num_blocks, block_size, kv_heads)); append and attention through them give bitwise the
+    results of slot-major (contiguous) scale tensors."""
+    s = longctx.int8_scales(5, 16, 3)
+    assert s.shape == (5, 16, 3) and s.stride() == (48, 1, 16) and s.dtype == torch.float32
+    assert (s == 0).all()
+    with pytest.raises(ValueError, match=r"int8_scales: .*>= 1"):
+        longctx.int8_scales(0, 16, 3)
+    gen = torch.Generator().manual_seed(31)
+    c, ids, _, _ = _fill_cache([40, 77], 2, 32, 16, BF16, INT8, gen=gen)
+    assert c.k_scale.stride() == (32, 1, 16) and c.v_scale.stride() == (32, 1, 16)
+    # the same appends into slot-major scale tensors
+    k = keys_with_outliers(50, 2, 32, generator=gen)
+    v = torch.randn(50, 2, 32, generator=gen).to(BF16)
+    lens = c.cache_seqlens(ids)
+    for sid, n in zip(ids, (20, 30)):
+        c.reserve(sid, c.seqlen(sid) + n)
+    table, cu = c.block_table(ids), _cu([20, 30])
+    slot = [c.k_scale.contiguous(), c.v_scale.contiguous()]
+    pools = [c.k_cache.clone(), c.v_cache.clone()]
+    head = [c.k_scale.clone(), c.v_scale.clone()]
+    longctx.kvcache_append(k, v, c.k_cache, c.v_cache, lens, table, k_scale=c.k_scale,
+                           v_scale=c.v_scale, cu_new=cu)
+    longctx.kvcache_append(k, v, pools[0], pools[1], lens, table, k_scale=slot[0],
+                           v_scale=slot[1], cu_new=cu)
+    assert torch.equal(c.k_cache, pools[0]) and torch.equal(c.v_cache, pools[1])
+    assert torch.equal(c.k_scale, slot[0]) and torch.equal(c.v_scale, slot[1])
+    assert not torch.equal(c.k_scale, head[0])  # the append wrote scales
+    q = torch.randn(2, 1, 4, 32, generator=gen).to(BF16)
+    lens = lens + torch.tensor([20, 30], dtype=torch.int32)
+    o1 = longctx.flash_attn_with_kvcache(q, c.k_cache, c.v_cache, lens, table, causal=True,
+                                         k_scale=c.k_scale, v_scale=c.v_scale)
+    o2 = longctx.flash_attn_with_kvcache(q, pools[0], pools[1], lens, table, causal=True,
+                                         k_scale=slot[0], v_scale=slot[1])
+    assert torch.equal(o1, o2) and o1.abs().max() > 0
+
+
 # ---- opcheck and torch.compile --------------------------------------------------------------
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=["bf16", "int8", "fp8"])
