@@ -205,8 +205,9 @@ inline int choose_splits(int64_t base, int occ, int sms, int64_t max_keys) {
 // Pairs where a warp has at least 48 tiles (max_keys, the block table's capacity, over the
 // row tile's splits x 4 warps): measured 0-2.3 us faster at 128K batch 1 (three H100s) and
 // 0.6-0.9% at batch 16 (one), 0.2-0.6 us slower at 16K-64K batch 1, where single tiles stay
-// (bench/NOTES.md, "Decode, session 9"). The order is fixed before the key counts are read (the first page ids
-// are loaded while cache_seqlens is in flight), hence the capacity rather than the lengths.
+// (bench/NOTES.md, "Decode, session 9"). The order is fixed before the key counts are read
+// (the first page ids are loaded while cache_seqlens is in flight), hence the capacity rather
+// than the lengths.
 // LONGCTX_KV_DECODE_TILES=single|pairs|quads overrides (measurement).
 inline int tile_run_log2(int64_t max_keys, int splits) {
   if (env_is("LONGCTX_KV_DECODE_TILES", "single")) return 0;
