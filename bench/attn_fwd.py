@@ -4,30 +4,25 @@ Writes bench/results/<gpu>/attn_fwd.{json,md}.
 
     python bench/attn_fwd.py [--quick] [--no-flex] [--out bench/results]
 """
-import argparse
 import sys
 from pathlib import Path
 
-import torch
-
+from longctx.bench import bench_main
 from longctx.bench.attn_fwd_suite import COLUMNS, run_attn_fwd
 
 
+def _arguments(ap):
+    ap.add_argument("--no-flex", action="store_true",
+                    help="skip FlexAttention (compiles per shape)")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (compiles per shape)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/attn_fwd: no CUDA GPU; nothing to measure", file=sys.stderr)
-        return 1
-    res = run_attn_fwd(args.quick, progress=lambda label: print(label, flush=True),
-                       with_flex=not args.no_flex)
-    path = res.write(args.out, COLUMNS)
-    print(res.markdown(COLUMNS))
-    print(f"wrote {path}")
-    return 0
+    return bench_main(
+        "attn_fwd", __doc__,
+        lambda args, progress: run_attn_fwd(args.quick, progress=progress,
+                                            with_flex=not args.no_flex),
+        COLUMNS, default_out=Path(__file__).resolve().parent / "results",
+        add_arguments=_arguments, argv=argv)
 
 
 if __name__ == "__main__":

@@ -5,33 +5,25 @@ Writes bench/results/<gpu>/kvcache.{json,md}.
 
     python bench/kvcache.py [--quick] [--no-prefill] [--out bench/results]
 """
-import argparse
 import sys
 from pathlib import Path
 
-import torch
-
+from longctx.bench import bench_main
 from longctx.bench.kvcache_suite import COLUMNS, markdown, run_kvcache
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+def _arguments(ap):
     ap.add_argument("--no-prefill", action="store_true",
                     help="decode rows only (development runs of the decode kernels)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/kvcache: no CUDA GPU; nothing to measure", file=sys.stderr)
-        return 1
-    res = run_kvcache(args.quick, progress=lambda label: print(label, flush=True),
-                      prefill=not args.no_prefill)
-    path = res.write(args.out, COLUMNS)
-    md = markdown(res)
-    path.with_suffix(".md").write_text(md)
-    print(md)
-    print(f"wrote {path}")
-    return 0
+
+
+def main(argv=None):
+    return bench_main(
+        "kvcache", __doc__,
+        lambda args, progress: run_kvcache(args.quick, progress=progress,
+                                           prefill=not args.no_prefill),
+        COLUMNS, default_out=Path(__file__).resolve().parent / "results",
+        add_arguments=_arguments, markdown=markdown, argv=argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ the same kernels; for the largest sizes use --single-max to bound it, rows above
 efficiency). Ring times: every call between CUDA events on each rank, the per-call maximum
 over ranks (all_reduce MAX), then the median. NVTX ranges "ring step {i} compute/exchange/wait"
 come from the library; run under `nsys profile -t cuda,nvtx` to see the overlap.
-FLOPs (DESIGN.md): fwd 4*b*h*pairs*d, pairs = S(S+1)/2 causal; bwd 2.5x fwd.
+FLOPs (docs/design.md): fwd 4*b*h*pairs*d, pairs = S(S+1)/2 causal; bwd 2.5x fwd.
 Overlap (--trace TOKENS): one zigzag fwd+bwd at TOKENS per GPU under torch.profiler on every
 rank; rank 0 writes the kernel timeline (ring_trace.json.gz, chrome://tracing or Perfetto) and
 both ranks measure, from the kernel intervals, how much of the NCCL kernels' time overlaps

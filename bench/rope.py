@@ -4,33 +4,27 @@ Writes bench/results/<gpu>/rope.{json,md}.
 
     python bench/rope.py [--tokens 32768] [--quick] [--out bench/results]
 """
-import argparse
 import sys
 from pathlib import Path
 
-import torch
-
+from longctx.bench import bench_main
 from longctx.bench.rope_suite import COLUMNS, run_rope
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _arguments(ap):
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--heads-kv", type=int, default=8)
     ap.add_argument("--hdim", type=int, default=128)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/rope: no CUDA GPU; nothing to measure", file=sys.stderr)
-        return 1
-    res = run_rope(args.quick, args.tokens, args.heads, args.heads_kv, args.hdim,
-                   progress=lambda label: print(label, flush=True))
-    path = res.write(args.out, COLUMNS)
-    print(res.markdown(COLUMNS))
-    print(f"wrote {path}")
-    return 0
+
+
+def main(argv=None):
+    return bench_main(
+        "rope", __doc__,
+        lambda args, progress: run_rope(args.quick, args.tokens, args.heads, args.heads_kv,
+                                        args.hdim, progress=progress),
+        COLUMNS, default_out=Path(__file__).resolve().parent / "results",
+        add_arguments=_arguments, argv=argv)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def test_info_json():
 
 
 def test_arch_compatibility():
-    from longctx.cli_info import arch_runs_on, peak_bandwidth_gbps
+    from longctx.cli.info import arch_runs_on, peak_bandwidth_gbps
 
     assert arch_runs_on("90a", (9, 0))
     assert not arch_runs_on("90a", (10, 0))
@@ -90,7 +90,7 @@ def test_arch_compatibility():
 
 
 def test_feature_availability_reads_build_info():
-    from longctx.cli_info import feature_availability
+    from longctx.cli.info import feature_availability
 
     build = {"cuda_archs": ["90a"], "kernels": [
         {"family": "rope", "device": "cpu"}, {"family": "rope", "device": "cuda"},
@@ -245,7 +245,7 @@ def test_gpu_suite_registry(monkeypatch, tmp_path):
     and does not hide the others."""
     import types
 
-    from longctx import cli_bench
+    from longctx.cli import bench as cli_bench
 
     class FakeResults:
         name = "attn_fwd"
@@ -280,7 +280,7 @@ def test_gpu_suite_registry(monkeypatch, tmp_path):
 
 
 def test_gpu_suite_registry_absent():
-    from longctx import cli_bench
+    from longctx.cli import bench as cli_bench
 
     try:
         import longctx.bench.suites  # noqa: F401
@@ -294,7 +294,7 @@ def test_gpu_suite_registry_absent():
 def test_cpu_attention_cases_run_when_a_cpu_kernel_exists():
     """With a CPU kernel for flash_attn_fwd (here a stand-in built on SDPA, registered only for
     this test when the build has none), the CPU bench times attention and reports TFLOP/s."""
-    from longctx import bench_cpu
+    from longctx.cli import bench_cpu
 
     lib = None
     if not bench_cpu.attention_cpu_kernel_available():

@@ -1,12 +1,13 @@
-"""longctx.plan and longctx.models: hand-worked capacity numbers (every expected value below is
-worked out in the comment beside it, not computed by the code under test)."""
+"""longctx.planner (plan.py, models.py): hand-worked capacity numbers (every expected value below
+is worked out in the comment beside it, not computed by the code under test)."""
 import json
 import math
 
 import pytest
 
-from longctx.models import PRESETS, ModelConfigError, config_from_dict, load_config, resolve_model
-from longctx.plan import (
+from longctx.planner.models import (PRESETS, ModelConfigError, config_from_dict, load_config,
+                                    resolve_model)
+from longctx.planner.plan import (
     GPUS, PlanDoesNotFit, PlanError, activation_bytes, attention_bwd_flops, attention_fwd_flops,
     attention_pairs, format_bytes, format_tokens, kv_bytes_per_token_per_layer, kv_scale_bytes,
     make_plan, memory_per_gpu, min_gpus, param_count, parse_gpu, parse_tokens, ring_step,

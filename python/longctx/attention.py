@@ -25,12 +25,12 @@ Gradients:
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
 
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.longctx.*)
+from ._common import resolve_scale, resolve_window
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 
@@ -91,20 +91,13 @@ torch.library.register_autograd("longctx::flash_attn_fwd", _op_backward,
 
 # --- the public API -----------------------------------------------------------------------------
 
-def _window(window_size, causal: bool) -> Tuple[int, int]:
-    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2):
-        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
-    left, right = int(window_size[0]), int(window_size[1])
-    if left < -1 or right < -1:
-        raise ValueError(f"window_size values must be -1 (unbounded) or >= 0, got {window_size!r}")
-    if causal and right > 0:
-        raise ValueError(f"window_size right = {right} contradicts causal=True (causal means "
-                         "window_size right = 0)")
-    return left, (0 if causal else right)
-
-
-def _scale(softmax_scale: Optional[float], q: torch.Tensor) -> float:
-    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+             causal, window_size, return_lse, deterministic):
+    left, right = resolve_window(window_size, causal)
+    out, lse = _ops.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                   max_seqlen_k, resolve_scale(softmax_scale, q), bool(causal),
+                                   left, right, bool(deterministic))
+    return (out, lse) if return_lse else out
 
 
 def flash_attn_func(
@@ -125,11 +118,8 @@ def flash_attn_func(
     Returns out (q's shape and dtype), or (out, lse) with return_lse, lse (batch, heads,
     seqlen_q) fp32 = logsumexp_j(softmax_scale * q.k_j) (-inf for rows that see no key).
     """
-    left, right = _window(window_size, causal)
-    out, lse = _ops.flash_attn_fwd(q, k, v, None, None, q.shape[1], k.shape[1],
-                                   _scale(softmax_scale, q), bool(causal), left, right,
-                                   bool(deterministic))
-    return (out, lse) if return_lse else out
+    return _forward(q, k, v, None, None, q.shape[1], k.shape[1], softmax_scale, causal,
+                    window_size, return_lse, deterministic)
 
 
 def flash_attn_varlen_func(
@@ -154,8 +144,5 @@ def flash_attn_varlen_func(
     The mask applies within each sequence, bottom-right aligned per sequence.
     Returns out, or (out, lse) with lse (heads, total_q) fp32.
     """
-    left, right = _window(window_size, causal)
-    out, lse = _ops.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                   int(max_seqlen_k), _scale(softmax_scale, q), bool(causal),
-                                   left, right, bool(deterministic))
-    return (out, lse) if return_lse else out
+    return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                    softmax_scale, causal, window_size, return_lse, deterministic)

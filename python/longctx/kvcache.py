@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.longctx.*)
-from .attention import _scale, _window
+from ._common import resolve_scale, resolve_window
 from .rope import apply_rope
 
 __all__ = [
@@ -97,8 +97,8 @@ def fp8_scales_from_data(x: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
 def int8_scales(num_blocks: int, block_size: int, kv_heads: int, device=None) -> torch.Tensor:
     """A zeroed fp32 scale tensor for an int8 pool: shape (num_blocks, block_size, kv_heads),
     stored head-major within each page (strides (block_size * kv_heads, 1, block_size)), the
-    layout the CUDA decode kernel reads with the fewest bytes (bench/NOTES.md, "Decode, session
-    10"). A contiguous (slot-major) tensor of the same shape works too, a little slower."""
+    layout the CUDA decode kernel reads with the fewest bytes (docs/kernels/kvcache.md). A
+    contiguous (slot-major) tensor of the same shape works too, a little slower."""
     if num_blocks < 1 or block_size < 1 or kv_heads < 1:
         raise ValueError("int8_scales: num_blocks, block_size and kv_heads must be >= 1, got "
                          f"{(num_blocks, block_size, kv_heads)}")
@@ -209,7 +209,7 @@ def flash_attn_with_kvcache(
     (batch, heads, seqlen_q) or (heads, total_q) packed; a row that sees no key gets out = 0 and
     lse = -inf.
     """
-    left, right = _window(window_size, causal)
+    left, right = resolve_window(window_size, causal)
     ksc, vsc, kfp8, vfp8 = _scale_args(k_cache, k_scale, v_scale)
     inv_freq, factor = _rope_args(rope)
     if max_seqlen_q is None:
@@ -234,8 +234,8 @@ def flash_attn_with_kvcache(
                           inplace=False)
     out, lse = _ops.flash_attn_with_kvcache(q, k_cache, v_cache, ksc, vsc, kfp8, vfp8, block_table,
                                             total_len, cu_seqlens_q, int(max_seqlen_q),
-                                            _scale(softmax_scale, q), bool(causal), left, right,
-                                            int(num_splits), bool(validate))
+                                            resolve_scale(softmax_scale, q), bool(causal), left,
+                                            right, int(num_splits), bool(validate))
     return (out, lse) if return_lse else out
 
 

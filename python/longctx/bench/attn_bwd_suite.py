@@ -9,7 +9,7 @@ batch*seqlen = 32K and heads*hdim = 2048, causal and not, GQA 32/8 at hdim 128, 
   fwd+bwd  - forward then backward, what a training step pays;
   det      - ours with deterministic=True (backward alone), the cost of bitwise reproducibility
              (hdim 128 and the window/GQA cases only: it is the same kernel at every hdim).
-FLOPs (shared/DESIGN.md): bwd = 2.5 x 4 * batch * heads * pairs * hdim, fwd+bwd = 3.5 x ...
+FLOPs (docs/design.md): bwd = 2.5 x 4 * batch * heads * pairs * hdim, fwd+bwd = 3.5 x ...
 A peer that cannot run a case is recorded as null.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from .attn_fwd_suite import _flex_runner, grid, mask_pairs
 from .ceilings import copy_bandwidth_gbps, matmul_tflops
-from .nvtx import nvtx_range
+from .._common import nvtx_range
 from .results import Results
 from .timing import time_cuda
 

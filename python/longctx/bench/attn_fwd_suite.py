@@ -3,7 +3,7 @@ with the cuDNN and flash backends and FlexAttention with the same block mask, in
 
 Grid: hdim 64/128/256; seqlen 1K..32K with batch*seqlen = 32K and heads*hdim = 2048; causal and
 not; GQA 32/8 at hdim 128; sliding window 4096 (causal) at 16K and 32K. FLOPs follow
-shared/DESIGN.md: 4 * batch * heads * pairs * hdim, pairs = the (query, key) pairs the mask keeps.
+docs/design.md: 4 * batch * heads * pairs * hdim, pairs = the (query, key) pairs the mask keeps.
 A peer that cannot run a case (a backend that refuses the shape) is recorded as null.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from .ceilings import copy_bandwidth_gbps, matmul_tflops
-from .nvtx import nvtx_range
+from .._common import nvtx_range
 from .results import Results
 from .timing import time_cuda
 

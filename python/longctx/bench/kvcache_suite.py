@@ -23,13 +23,12 @@ Errors: decode output of the fp8 / int8 caches vs the bf16 cache (same keys with
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Dict, Optional
 
 import torch
 
 from .ceilings import copy_bandwidth_gbps, matmul_tflops
-from .nvtx import nvtx_range
+from .._common import nvtx_range
 from .results import Results
 from .timing import time_cuda
 
@@ -171,50 +170,22 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
 
     q, kc, vc, ks, vs, table, seqlens, append_ms = _decode_inputs(fmt, cache_dtype, batch, ctx)
 
-    def ours():
-        return flash_attn_with_kvcache(q, kc, vc, seqlens, table, k_scale=ks,
-                                       v_scale=vs, validate=False)
+    def ours(k_scale=ks, v_scale=vs, num_splits=0):
+        return flash_attn_with_kvcache(q, kc, vc, seqlens, table, k_scale=k_scale,
+                                       v_scale=v_scale, validate=False, num_splits=num_splits)
     with nvtx_range(tag + " longctx"):
         ours_ms = _graph_time(ours)
         eager_ms = time_cuda(ours, warmup=5, reps=30, min_time_ms=100)
-    # design alternatives, measured in the same run (not the default path): the CUDA-core
-    # decode kernel (LONGCTX_KV_DECODE_VARIANT=1), the register tensor-core kernel (2: the
-    # previous 8-bit default), the staged kernel with 4 stages / 3 CTAs per SM (3), the
-    # split-major grid, the staged copies without the L2 evict-first hint, plain launches instead
-    # of programmatic dependent ones, the staged kernel's splits as contiguous key ranges instead
-    # of 16-key tiles dealt round-robin, the round-robin deal with single tiles or pairs of
-    # adjacent tiles per warp and step (one of them is the default), int8 scales stored
-    # slot-major (the previous layout: copies of all kv heads' scales of a tile's slots), fixed
-    # split counts
+    # alternatives measured in the same run beside the default: int8 scales stored slot-major
+    # (contiguous: the decode copies all kv heads' scales of a tile's slots) and fixed split
+    # counts
     alt: Dict[str, float] = {}
-    for name, env, val, fmts in (("cuda_cores_ms", "LONGCTX_KV_DECODE_VARIANT", "1", "*"),
-                                 ("mma_registers_ms", "LONGCTX_KV_DECODE_VARIANT", "2", "8bit"),
-                                 ("staged4_ms", "LONGCTX_KV_DECODE_VARIANT", "3", "8bit"),
-                                 ("grid_splits_ms", "LONGCTX_KV_DECODE_GRID", "splits", "*"),
-                                 ("no_l2hint_ms", "LONGCTX_KV_DECODE_L2HINT", "0", "8bit"),
-                                 ("no_pdl_ms", "LONGCTX_KV_DECODE_PDL", "0", "*"),
-                                 ("contiguous_splits_ms", "LONGCTX_KV_DECODE_TILES", "contiguous",
-                                  "8bit"),
-                                 ("tile_single_ms", "LONGCTX_KV_DECODE_TILES", "single", "8bit"),
-                                 ("tile_pairs_ms", "LONGCTX_KV_DECODE_TILES", "pairs", "8bit")):
-        if (fmts == "8bit" and fmt == "bf16") or (fmts == "int8" and fmt != "int8"):
-            continue  # the alternative does not change this format's kernel
-        os.environ[env] = val
-        try:
-            alt[name] = _graph_time(ours)
-        finally:
-            os.environ.pop(env, None)
-    if fmt == "int8":  # the same scales stored slot-major (contiguous): line-scale copies
+    if fmt == "int8":
         ks_slot, vs_slot = ks.contiguous(), vs.contiguous()
-        alt["scales_slot_major_ms"] = _graph_time(
-            lambda: flash_attn_with_kvcache(q, kc, vc, seqlens, table, k_scale=ks_slot,
-                                            v_scale=vs_slot, validate=False))
+        alt["scales_slot_major_ms"] = _graph_time(lambda: ours(ks_slot, vs_slot))
         del ks_slot, vs_slot
     for sp in ((33, 66) if batch == 1 else (2, 4)):
-        alt[f"splits{sp}_ms"] = _graph_time(
-            lambda: flash_attn_with_kvcache(q, kc, vc, seqlens, table, k_scale=ks,
-                                            v_scale=vs, validate=False,
-                                            num_splits=sp))
+        alt[f"splits{sp}_ms"] = _graph_time(lambda: ours(num_splits=sp))
     nbytes = decode_bytes(kc, ks, table)
     if fmt == "bf16":  # peers on the same memory, contiguous (b, s, HK, D)
         kb, vb = kc.view(batch, ctx, HK, D), vc.view(batch, ctx, HK, D)
@@ -247,8 +218,6 @@ def _decode_case(res, fmt, cache_dtype, ctx, batch, copy_gbps, peer_ms, peer_mod
 
 def _prefill_rows(res, prompt, chunk, progress):
     from ..attention import flash_attn_func
-    from ..kvcache import PagedKVCache, fp8_scales_from_data, flash_attn_with_kvcache, \
-        kvcache_append
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, prompt, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -388,52 +357,61 @@ def run_kvcache(quick: bool = False, progress: Optional[Callable[[str], None]] =
     return res
 
 
+def _fmt(x, p=3) -> str:
+    return "-" if x is None else (f"{x:.{p}f}" if isinstance(x, float) else str(x))
+
+
+def _table(res: Results, kind: str, header, cells):
+    """Markdown table rows for the results of `kind` (failed cases are in the JSON only)."""
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cells(r["case"], r)) + " |" for r in res.rows
+            if r["case"]["kind"] == kind and "error" not in r]
+    return out
+
+
+def _decode_cells(c, r):
+    p, f = r["peers"], _fmt
+    return [c["format"], str(c["context"]), str(c["batch"]), f(r["ours_ms"], 4),
+            f(r["ours_eager_ms"], 4), f(r["gbps"], 0), f(r["frac_copy"]),
+            f(p.get("sdpa_cudnn"), 4), f(p.get("sdpa_flash"), 4), f(r["ratio_cudnn"]),
+            f(r["append_ms"], 2)]
+
+
+def _prefill_cells(c, r):
+    f = _fmt
+    return [c["format"], str(c["context"]), str(c["chunk"]), f(r["ours_ms"], 2),
+            f(r["fwd_ms"], 2), f(r["tflops"], 1), f(r["fwd_tflops"], 1), f(r["frac_fwd"]),
+            f(r["one_pass_fwd_ms"], 2), f(r["append_ms"], 2),
+            f"{r['max_abs_diff_chunked_vs_one_pass']:.2e}",
+            f"{r['max_abs_diff_vs_fwd_on_unquantized']:.2e}"]
+
+
+def _error_cells(c, r):
+    return [c["format"]] + [f"{r[k]:.2e}" for k in ("max_abs_vs_bf16_cache", "rel_vs_bf16_cache",
+                                                   "max_abs_vs_fp64", "rel_vs_fp64")]
+
+
 def markdown(res: Results) -> str:
     m = res.meta
-    f = lambda x, p=3: "-" if x is None else (f"{x:.{p}f}" if isinstance(x, float)  # noqa: E731
-                                               else str(x))
-    out = [f"# kvcache on {m['device_name']}", "",
-           f"torch {m['torch']}, {m['date']}. Copy bandwidth {f(m['copy_gbps'], 1)} GB/s "
-           "(read + write bytes of a device copy), measured in the same run. GQA 32/8, hdim 128, "
-           "page size 16.", "",
-           "## Decode (one query token per sequence; CUDA-graph time per call)", "",
-           "| format | context | batch | ours ms | eager ms | GB/s read | x copy BW | "
-           "cuDNN ms (bf16) | flash ms (bf16) | ours / cuDNN | append ms |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res.rows:
-        c = r["case"]
-        if c["kind"] != "decode":
-            continue
-        p = r["peers"]
-        out.append(f"| {c['format']} | {c['context']} | {c['batch']} | {f(r['ours_ms'], 4)} | "
-                   f"{f(r['ours_eager_ms'], 4)} | {f(r['gbps'], 0)} | {f(r['frac_copy'])} | "
-                   f"{f(p.get('sdpa_cudnn'), 4)} | {f(p.get('sdpa_flash'), 4)} | "
-                   f"{f(r['ratio_cudnn'])} | {f(r['append_ms'], 2)} |")
     modes = {k: v for r in res.rows if r["case"]["kind"] == "decode"
              for k, v in r.get("peer_mode", {}).items()}
+    out = [f"# kvcache on {m['device_name']}", "",
+           f"torch {m['torch']}, {m['date']}. Copy bandwidth {_fmt(m['copy_gbps'], 1)} GB/s "
+           "(read + write bytes of a device copy), measured in the same run. GQA 32/8, hdim 128, "
+           "page size 16.", "",
+           "## Decode (one query token per sequence; CUDA-graph time per call)", ""]
+    out += _table(res, "decode", ["format", "context", "batch", "ours ms", "eager ms",
+                                  "GB/s read", "x copy BW", "cuDNN ms (bf16)", "flash ms (bf16)",
+                                  "ours / cuDNN", "append ms"], _decode_cells)
     out += ["", f"Peers: {modes} (ratio uses the bf16 cuDNN time of the same context/batch).",
-            "", "## Chunked prefill (append + attend per chunk; attention time summed)", "",
-            "| format | prompt | chunk | ours ms | fwd ms (contiguous, same shapes) | ours TFLOP/s | "
-            "fwd TFLOP/s | x fwd | one-pass fwd ms | append ms | max diff chunked vs one pass |"
-            " max diff vs fwd (unquantized) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res.rows:
-        c = r["case"]
-        if c["kind"] != "prefill":
-            continue
-        out.append(f"| {c['format']} | {c['context']} | {c['chunk']} | {f(r['ours_ms'], 2)} | "
-                   f"{f(r['fwd_ms'], 2)} | {f(r['tflops'], 1)} | {f(r['fwd_tflops'], 1)} | "
-                   f"{f(r['frac_fwd'])} | {f(r['one_pass_fwd_ms'], 2)} | {f(r['append_ms'], 2)} | "
-                   f"{r['max_abs_diff_chunked_vs_one_pass']:.2e} | "
-                   f"{r['max_abs_diff_vs_fwd_on_unquantized']:.2e} |")
+            "", "## Chunked prefill (append + attend per chunk; attention time summed)", ""]
+    out += _table(res, "prefill", ["format", "prompt", "chunk", "ours ms",
+                                   "fwd ms (contiguous, same shapes)", "ours TFLOP/s",
+                                   "fwd TFLOP/s", "x fwd", "one-pass fwd ms", "append ms",
+                                   "max diff chunked vs one pass",
+                                   "max diff vs fwd (unquantized)"], _prefill_cells)
     out += ["", "## Output error of the quantized caches (decode, 32K keys with outlier channels)",
-            "", "| format | max abs vs bf16 cache | rel vs bf16 cache | max abs vs fp64 | "
-            "rel vs fp64 |", "|---|---|---|---|---|"]
-    for r in res.rows:
-        c = r["case"]
-        if c["kind"] != "error":
-            continue
-        out.append(f"| {c['format']} | {r['max_abs_vs_bf16_cache']:.2e} | "
-                   f"{r['rel_vs_bf16_cache']:.2e} | {r['max_abs_vs_fp64']:.2e} | "
-                   f"{r['rel_vs_fp64']:.2e} |")
+            ""]
+    out += _table(res, "error", ["format", "max abs vs bf16 cache", "rel vs bf16 cache",
+                                 "max abs vs fp64", "rel vs fp64"], _error_cells)
     return "\n".join(out) + "\n"

@@ -1,6 +1,6 @@
 """Benchmark results: bench/results/<gpu>/<name>.json and a markdown table beside it.
 
-JSON format (shared/DESIGN.md): {"gpu", "torch", "date", "copy_gbps", "matmul_tflops",
+JSON format (docs/design.md): {"gpu", "torch", "date", "copy_gbps", "matmul_tflops",
 "rows": [{"case": {...}, "ours_ms", "peers": {name: ms}, "tflops" or "gbps", ...}]}.
 """
 from __future__ import annotations

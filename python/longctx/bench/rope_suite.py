@@ -14,7 +14,7 @@ import torch
 from ..rope import apply_rope
 from ..rope_scaling import rope_frequencies
 from .ceilings import copy_bandwidth_gbps, matmul_tflops
-from .nvtx import nvtx_range
+from .._common import nvtx_range
 from .results import Results
 from .timing import time_cuda
 
@@ -48,7 +48,8 @@ _CASES = [  # (dtype, interleaved, rope_scaling)
     ("bf16", False, None),
     ("bf16", True, None),
     ("fp16", False, None),
-    ("bf16", False, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),
+    ("bf16", False,
+     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),
 ]
 
 

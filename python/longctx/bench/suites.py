@@ -1,5 +1,5 @@
 """The GPU benchmark suites `longctx bench` runs: name -> fn(quick=bool, progress=callable)
-returning longctx.bench.Results (contract in longctx/cli_bench.py). A suite is registered only
+returning longctx.bench.Results (contract in longctx/cli/bench.py). A suite is registered only
 when its CUDA kernels are in this build (longctx.build_info())."""
 from ..info import build_info
 from .rope_suite import run_rope

@@ -6,12 +6,11 @@ calls; compile the model around it (Dynamo graph-breaks at the call).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
 
-from ..attention import _window
+from .._common import resolve_scale, resolve_window
 from .check import check_across_ranks
 from .comm import make_comm
 from .ring_attn import ring_backward, ring_forward
@@ -65,8 +64,8 @@ def ring_flash_attn_func(
     must run on every rank too.
     Not supported: torch.compile tracing through this function (it graph-breaks).
     """
-    left, right = _window(window_size, causal)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    left, right = resolve_window(window_size, causal)
+    scale = resolve_scale(softmax_scale, q)
     comm = make_comm(group, q.device if isinstance(q, torch.Tensor) else None)
     check_across_ranks(comm, group, q, k, v, layout, causal, (left, right), scale)
     out, lse = _RingFlashAttn.apply(q, k, v, comm, layout, bool(causal), (left, right), scale,

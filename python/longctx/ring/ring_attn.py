@@ -26,7 +26,7 @@ from typing import Tuple
 
 import torch
 
-from ..bench.nvtx import nvtx_range
+from .._common import nvtx_range
 from .merge import acc_dtype, merge_
 from .plan import plan_step
 
@@ -38,6 +38,22 @@ def _plan(rank, src, world_size, local_seqlen, layout, causal, window):
     return tuple(plan_step(rank, src, world_size, local_seqlen, layout, causal, window))
 
 
+def _spare_kv(kv, n: int):
+    """The receive buffers of the K/V rotation: two, alternating (one is received into while the
+    other is computed with); one for 2 ranks, none for 1. The input K/V is only ever sent."""
+    return [tuple(torch.empty_like(t) for t in kv) for _ in range(2 if n > 2 else n - 1)]
+
+
+def _post_kv_exchange(comm, kv, spare, step: int):
+    """Posts the exchange that passes this step's K/V to rank r+1 and receives the next step's
+    from rank r-1 into a spare buffer: (handle, buffer), or (None, None) at the last step."""
+    if step + 1 >= comm.world_size:
+        return None, None
+    nxt = spare[step % len(spare)]
+    with nvtx_range(f"ring step {step} exchange"):
+        return comm.send_recv_kv(list(kv), list(nxt), channel=0), nxt
+
+
 def ring_forward(q, k, v, comm, layout: str, causal: bool, window: Tuple[int, int],
                  scale: float, deterministic: bool = False):
     """out (q's dtype) and lse (fp32, (batch, heads, local seqlen)) of this rank's queries."""
@@ -47,15 +63,11 @@ def ring_forward(q, k, v, comm, layout: str, causal: bool, window: Tuple[int, in
     out_acc = torch.zeros(b, s, h, v.shape[-1], dtype=adt, device=q.device)
     lse_acc = torch.full((b, h, s), float("-inf"), dtype=adt, device=q.device)
     kv = (k.contiguous(), v.contiguous())
-    spare = [tuple(torch.empty_like(t) for t in kv) for _ in range(2 if n > 2 else n - 1)]
+    spare = _spare_kv(kv, n)
     last = None
     merged = []  # row ranges that hold a partial result already
     for step in range(n):
-        handle = None
-        if step + 1 < n:
-            nxt = spare[step % len(spare)]
-            with nvtx_range(f"ring step {step} exchange"):
-                handle = comm.send_recv_kv(list(kv), list(nxt), channel=0)
+        handle, nxt = _post_kv_exchange(comm, kv, spare, step)
         src = (rank - step) % n
         with nvtx_range(f"ring step {step} compute"):
             for blk in _plan(rank, src, n, s, layout, causal, window):
@@ -85,7 +97,7 @@ def ring_backward(dout, q, k, v, out, lse, comm, layout: str, causal: bool,
     dout = dout.contiguous()
     dq = torch.zeros(q.shape, dtype=adt, device=q.device)
     kv = (k.contiguous(), v.contiguous())
-    spare = [tuple(torch.empty_like(t) for t in kv) for _ in range(2 if n > 2 else n - 1)]
+    spare = _spare_kv(kv, n)
     # dK/dV: the accumulator this rank adds to and sends (two, alternating: one may be in
     # flight) and the one received from rank r-1 (two, alternating).
     dkv_acc = [(torch.empty(k.shape, dtype=adt, device=k.device),
@@ -93,11 +105,7 @@ def ring_backward(dout, q, k, v, out, lse, comm, layout: str, causal: bool,
     dkv_in = [tuple(torch.empty_like(t) for t in dkv_acc[0]) for _ in range(min(n, 2))]
     dkv_handle, received = None, None
     for step in range(n):
-        kv_handle = None
-        if step + 1 < n:
-            nxt = spare[step % len(spare)]
-            with nvtx_range(f"ring step {step} exchange"):
-                kv_handle = comm.send_recv_kv(list(kv), list(nxt), channel=0)
+        kv_handle, nxt = _post_kv_exchange(comm, kv, spare, step)
         src = (rank - step) % n
         dk, dv = dkv_acc[step % len(dkv_acc)]
         dk.zero_()

@@ -11,10 +11,12 @@ flash_fwd and flash_bwd run, and its exchange is NCCL from C++ or torch.distribu
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["collect_info", "format_info", "arch_runs_on", "gpu_properties", "PLANNED_FAMILIES"]
+__all__ = ["collect_info", "format_info", "arch_runs_on", "gpu_properties", "PLANNED_FAMILIES",
+           "add_parser", "run"]
 
 PLANNED_FAMILIES = ("flash_fwd", "flash_bwd", "kvcache")
 
@@ -108,7 +110,7 @@ def ring_availability(build: Dict[str, Any], features: Dict[str, Dict[str, Any]]
 
 
 def collect_info() -> Dict[str, Any]:
-    from . import build_info
+    from .. import build_info
 
     build = build_info()
     gpus, why_no_gpu = gpu_properties()
@@ -126,7 +128,7 @@ def _yes(b: bool) -> str:
 
 
 def format_info(info: Dict[str, Any]) -> str:
-    from .plan import format_bytes
+    from ..planner.plan import format_bytes
 
     b = info["build"]
     lines = [f"longctx {b['version']}", "build:"]
@@ -164,3 +166,15 @@ def format_info(info: Dict[str, Any]) -> str:
     if info["planned_not_built"]:
         lines.append(f"  not in this build yet: {', '.join(info['planned_not_built'])}")
     return "\n".join(lines)
+
+
+def add_parser(sub):
+    p = sub.add_parser("info", help="the build, the GPUs found and the features on them")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def run(args) -> int:
+    info = collect_info()
+    print(json.dumps(info, indent=1) if args.json else format_info(info))
+    return 0

@@ -6,38 +6,21 @@ Cases: fused RoPE (torch.ops.longctx.apply_rope_, in place) against the eager Py
 written; attention forward (torch.ops.longctx.flash_attn_fwd) against
 torch.nn.functional.scaled_dot_product_attention, in TFLOP/s (4 x b x h x pairs x d), when this
 build has a CPU kernel for it. Each case is timed as the median of several calls with
-time.perf_counter (longctx.bench.time_cpu where that harness is installed). The results are dicts
-in the format of shared/DESIGN.md, one per capability, with "gpu": "cpu".
+time.perf_counter (longctx.bench.time_cpu). The results are dicts in the format of docs/design.md,
+one per capability, with "gpu": "cpu".
 """
 from __future__ import annotations
 
 import datetime
-import statistics
-import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ..bench.timing import time_cpu
+
 __all__ = ["cpu_cases", "run_cpu_benchmarks", "attention_cpu_kernel_available"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _time_ms(fn: Callable[[], Any], warmup: int, reps: int) -> float:
-    try:
-        from .bench.timing import time_cpu  # the shared harness, where installed
-    except ImportError:
-        time_cpu = None
-    if time_cpu is not None:
-        return time_cpu(fn, warmup=warmup, reps=reps)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def attention_cpu_kernel_available() -> bool:
@@ -76,8 +59,8 @@ def _rope_case(seqlen: int, dtype: str, reps: int) -> Dict[str, Any]:
 
         return rot(q), rot(k)
 
-    ours_ms = _time_ms(ours, warmup=2, reps=reps)
-    eager_ms = _time_ms(eager, warmup=2, reps=reps)
+    ours_ms = time_cpu(ours, warmup=2, reps=reps)
+    eager_ms = time_cpu(eager, warmup=2, reps=reps)
     nbytes = 2 * (q.numel() + k.numel()) * q.element_size()  # q and k read and written
     return {"case": {"seqlen": seqlen, "heads": heads, "heads_kv": heads_kv, "hdim": head_dim,
                      "dtype": dtype, "layout": "neox"},
@@ -107,8 +90,8 @@ def _attn_case(seqlen: int, dtype: str, reps: int) -> Dict[str, Any]:
         return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True,
                                                                 scale=scale, enable_gqa=True)
 
-    ours_ms = _time_ms(ours, warmup=1, reps=reps)
-    sdpa_ms = _time_ms(sdpa, warmup=1, reps=reps)
+    ours_ms = time_cpu(ours, warmup=1, reps=reps)
+    sdpa_ms = time_cpu(sdpa, warmup=1, reps=reps)
     flops = 4 * batch * heads * (seqlen * (seqlen + 1) // 2) * head_dim
     return {"case": {"seqlen": seqlen, "heads": heads, "heads_kv": heads_kv, "hdim": head_dim,
                      "causal": True, "window": [-1, -1], "dtype": dtype},
@@ -140,8 +123,8 @@ def cpu_cases(quick: bool) -> Tuple[List[Tuple[str, str, Callable[[], Dict[str, 
 
 def run_cpu_benchmarks(quick: bool, progress: Optional[Callable[[str], None]] = None
                        ) -> Tuple[List[Dict[str, Any]], List[str]]:
-    """Runs every CPU case; returns one DESIGN.md results dict per benchmark name, and the
-    skipped CPU cases."""
+    """Runs every CPU case; returns one results dict (docs/design.md format) per benchmark name,
+    and the skipped CPU cases."""
     cases, skipped = cpu_cases(quick)
     meta = {"gpu": "cpu", "device_name": "cpu", "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -25,7 +25,7 @@ Definitions (the units are exact: GB = 1e9 bytes, GiB = 2**30 bytes; K = 1024, M
   the ring's receive buffer: 2 x local_tokens x KV bytes per token and layer (double-buffered);
   plus the fp32 logits of the last position (batch x vocab x 4). A fixed reserve (default 2 GiB:
   CUDA context, allocator slack, communication buffers) is added on top.
-- Attention FLOPs (shared/DESIGN.md): forward 4 x batch x heads x pairs x head_dim per layer,
+- Attention FLOPs (docs/design.md): forward 4 x batch x heads x pairs x head_dim per layer,
   pairs = s (s + 1) / 2 causal, s^2 otherwise; backward 2.5 x forward.
 - Ring step: each GPU sends its K/V shard of one layer (local_tokens x KV bytes per token and
   layer) to the next GPU while it computes attention of its queries against the shard it holds.
@@ -302,7 +302,7 @@ class RopeReport:
 def rope_report(m: ModelConfig, context: int) -> RopeReport:
     """Validates the model's RoPE settings with longctx.rope_frequencies and reports them.
     Raises PlanError when rope_scaling is malformed."""
-    from .rope_scaling import rope_frequencies
+    from ..rope_scaling import rope_frequencies
 
     scaling = dict(m.rope_scaling or {})
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))

@@ -1,5 +1,5 @@
 """`longctx bench`: run the benchmark suites, print longctx against its peers, write the results
-(JSON and a markdown table, format of shared/DESIGN.md) and a plot per benchmark.
+(JSON and a markdown table, format of docs/design.md) and a plot per benchmark.
 
 On a machine with a CUDA GPU the GPU suites run. They come from the harness package through a
 small registry: the module `longctx.bench.suites` exposes
@@ -7,9 +7,10 @@ small registry: the module `longctx.bench.suites` exposes
     SUITES: Mapping[str, Callable[..., results]]   # name -> benchmark function
 
 and each function is called as fn(quick=bool[, progress=callable(label)]) and returns one
-results dict in the DESIGN.md format ({"gpu", "torch", "date", ..., "rows": [...]}), an object
-with .as_dict() (longctx.bench.Results), or a list of them. Without a GPU, or without that module,
-the CPU benchmark of longctx.bench_cpu runs instead and the GPU cases skipped are listed, with why.
+results dict in the docs/design.md format ({"gpu", "torch", "date", ..., "rows": [...]}), an
+object with .as_dict() (longctx.bench.Results), or a list of them. Without a GPU, or without that
+module, the CPU benchmark of longctx.cli.bench_cpu runs instead and the GPU cases skipped are
+listed, with why.
 
 Plots (TFLOP/s or GB/s against sequence length, ours and every peer) need matplotlib, an optional
 dependency; without it the plot is skipped and the command says so.
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 __all__ = ["run_bench", "load_gpu_suites", "format_table", "format_markdown", "write_results",
-           "plot_results"]
+           "plot_results", "add_parser", "run"]
 
 
 class Progress:
@@ -317,3 +318,20 @@ def run_bench(quick: bool, out_dir: Path, plot: bool = True, as_json: bool = Fal
         for note in plot_notes:
             print(note)
     return 1 if failed else 0
+
+
+def add_parser(sub):
+    bench = sub.add_parser("bench", help="benchmark longctx against its peers")
+    bench.add_argument("--quick", action="store_true", help="few, small cases (seconds)")
+    bench.add_argument("--out", default="bench/results",
+                       help="results folder: <out>/<gpu>/<name>.json, .md, .png "
+                            "(default bench/results)")
+    bench.add_argument("--no-plot", action="store_true", help="write no PNG plot")
+    bench.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    return bench
+
+
+def run(args) -> int:
+    return run_bench(quick=args.quick, out_dir=Path(args.out), plot=not args.no_plot,
+                     as_json=args.json, show_progress=not args.no_progress)

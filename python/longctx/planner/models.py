@@ -1,8 +1,8 @@
 """Model shapes for capacity planning: built-in presets and HuggingFace config.json parsing.
 
-A `ModelConfig` holds only what `longctx.plan` needs: the transformer's shape (layers, hidden
-size, attention heads with GQA, gated-MLP width, vocabulary, tied embeddings, q/k/v biases) and
-its RoPE settings (rope_theta, rope_scaling, context lengths).
+A `ModelConfig` holds only what the planner (plan.py) needs: the transformer's shape (layers,
+hidden size, attention heads with GQA, gated-MLP width, vocabulary, tied embeddings, q/k/v
+biases) and its RoPE settings (rope_theta, rope_scaling, context lengths).
 
 The presets are copied from the models' published config.json files (the base checkpoints):
 Llama 2 / 3.1 / 3.2 (meta-llama), Mistral 7B v0.3 and Mistral NeMo 12B (mistralai), Qwen2.5
