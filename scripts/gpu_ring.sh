@@ -31,11 +31,11 @@ else
   fi
   echo "build: $(( $(date +%s) - start )) s"; rm -f "$OUT/build.log"
 fi
-export PYTHONPATH=$ROOT/python:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import longctx; b = longctx.build_info(); print('with_nccl', b['with_nccl'], b['switches'])"
 if [ "${LONGCTX_RING_TESTS:-1}" != 0 ]; then
   echo "== pytest (ring on GPUs)"
-  timeout 300 python3 -X faulthandler -m pytest tests/test_ring_gpu.py -q -p no:cacheprovider \
+  timeout 300 python3 -X faulthandler -m pytest tests/ring/test_ring_gpu.py -q -p no:cacheprovider \
     > "$OUT/pytest_ring.txt" 2>&1
   echo "pytest exit code $?"
   grep -E "^(FAILED|ERROR)|passed|failed|Error" "$OUT/pytest_ring.txt" | tail -30
