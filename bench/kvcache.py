@@ -9,22 +9,6 @@ import sys
 from pathlib import Path
 
 from longctx.bench import bench_main
-from longctx.bench.kvcache_suite import COLUMNS, markdown, run_kvcache
-
-
-def _arguments(ap):
-    ap.add_argument("--no-prefill", action="store_true",
-                    help="decode rows only (development runs of the decode kernels)")
-
-
-def main(argv=None):
-    return bench_main(
-        "kvcache", __doc__,
-        lambda args, progress: run_kvcache(args.quick, progress=progress,
-                                           prefill=not args.no_prefill),
-        COLUMNS, default_out=Path(__file__).resolve().parent / "results",
-        add_arguments=_arguments, markdown=markdown, argv=argv)
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_main("kvcache", __doc__, Path(__file__).resolve().parent / "results"))

@@ -8,24 +8,6 @@ import sys
 from pathlib import Path
 
 from longctx.bench import bench_main
-from longctx.bench.rope_suite import COLUMNS, run_rope
-
-
-def _arguments(ap):
-    ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--heads-kv", type=int, default=8)
-    ap.add_argument("--hdim", type=int, default=128)
-
-
-def main(argv=None):
-    return bench_main(
-        "rope", __doc__,
-        lambda args, progress: run_rope(args.quick, args.tokens, args.heads, args.heads_kv,
-                                        args.hdim, progress=progress),
-        COLUMNS, default_out=Path(__file__).resolve().parent / "results",
-        add_arguments=_arguments, argv=argv)
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench_main("rope", __doc__, Path(__file__).resolve().parent / "results"))

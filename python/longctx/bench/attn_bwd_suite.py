@@ -1,4 +1,4 @@
-"""The attention backward benchmark (issue 4): longctx.flash_attn_func's backward against torch
+"""The attention backward benchmark: longctx.flash_attn_func's backward against torch
 SDPA with the cuDNN and flash backends and FlexAttention with the same block mask, in one process.
 
 Grid: the forward's (longctx.bench.attn_fwd_suite.grid): hdim 64/128/256, seqlen 1K..32K with
@@ -138,3 +138,19 @@ def run_attn_bwd(quick: bool = False, progress: Optional[Callable[[str], None]] 
         if checkpoint:
             checkpoint(res)
     return res
+
+
+# the command line of bench/attn_bwd.py (longctx.bench.bench_main)
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--no-flex", action="store_true",
+                    help="skip FlexAttention (compiles per shape)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated substrings of case tags to run (development runs)")
+
+
+def run_args(args, progress) -> Results:
+    # every finished case is written at once: partial results survive a kill
+    return run_attn_bwd(args.quick, progress=progress, with_flex=not args.no_flex,
+                        checkpoint=lambda r: r.write(args.out, COLUMNS),
+                        only=[o for o in args.only.split(",") if o])

@@ -1,4 +1,4 @@
-"""The attention forward benchmark (issue 3's grid): longctx.flash_attn_func against torch SDPA
+"""The attention forward benchmark: longctx.flash_attn_func against torch SDPA
 with the cuDNN and flash backends and FlexAttention with the same block mask, in one process.
 
 Grid: hdim 64/128/256; seqlen 1K..32K with batch*seqlen = 32K and heads*hdim = 2048; causal and
@@ -130,3 +130,14 @@ def run_attn_fwd(quick: bool = False, progress: Optional[Callable[[str], None]] 
                  "ratio": {n: (ms / ours if ms else None) for n, ms in peers.items()}})
         torch.cuda.empty_cache()
     return res
+
+
+# the command line of bench/attn_fwd.py (longctx.bench.bench_main)
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--no-flex", action="store_true",
+                    help="skip FlexAttention (compiles per shape)")
+
+
+def run_args(args, progress) -> Results:
+    return run_attn_fwd(args.quick, progress=progress, with_flex=not args.no_flex)

@@ -1,4 +1,4 @@
-"""The paged KV-cache benchmark (issue 5): decode and chunked prefill over the cache, with the
+"""The paged KV-cache benchmark: decode and chunked prefill over the cache, with the
 peers measured in the same run.
 
 Decode: GQA 32/8, hdim 128, page size 16, contexts 32K and 128K cached tokens, batch 1 and 16,
@@ -415,3 +415,14 @@ def markdown(res: Results) -> str:
     out += _table(res, "error", ["format", "max abs vs bf16 cache", "rel vs bf16 cache",
                                  "max abs vs fp64", "rel vs fp64"], _error_cells)
     return "\n".join(out) + "\n"
+
+
+# the command line of bench/kvcache.py (longctx.bench.bench_main)
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--no-prefill", action="store_true",
+                    help="decode rows only (development runs of the decode kernels)")
+
+
+def run_args(args, progress) -> Results:
+    return run_kvcache(args.quick, progress=progress, prefill=not args.no_prefill)

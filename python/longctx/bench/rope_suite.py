@@ -55,7 +55,7 @@ _CASES = [  # (dtype, interleaved, rope_scaling)
 
 def run_rope(quick: bool = False, tokens: int = 32768, heads: int = 32, heads_kv: int = 8,
              hdim: int = 128, progress: Optional[Callable[[str], None]] = None) -> Results:
-    """The issue's case (32K tokens, 32/8 heads of 128, bf16) and its variants; with quick, the
+    """The headline case (32K tokens, 32/8 heads of 128, bf16) and its variants; with quick, the
     bf16 NeoX case only. The full run adds a token sweep (4K..64K) of the bf16 NeoX case."""
     copy = copy_bandwidth_gbps()
     res = Results("rope", copy_gbps=copy, matmul_tflops=matmul_tflops())
@@ -103,3 +103,17 @@ def run_rope(quick: bool = False, tokens: int = 32768, heads: int = 32, heads_kv
                  "fraction_of_copy_same_bytes": copy_ms / ours,
                  "speedup_vs_compile": comp / ours})
     return res
+
+
+# the command line of bench/rope.py (longctx.bench.bench_main)
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--heads-kv", type=int, default=8)
+    ap.add_argument("--hdim", type=int, default=128)
+
+
+def run_args(args, progress) -> Results:
+    return run_rope(args.quick, args.tokens, args.heads, args.heads_kv, args.hdim,
+                    progress=progress)

@@ -49,53 +49,43 @@ def _llama31_scaling(factor: float = 8.0) -> Dict[str, Any]:
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
+# What the models of a family share (the checkpoints' config.json files agree on these).
+_LLAMA31 = dict(vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072)
+_LLAMA32 = dict(_LLAMA31, tie_word_embeddings=True, rope_scaling=_llama31_scaling(32.0))
+_QWEN25 = dict(vocab_size=152064, qkv_bias=True, rope_theta=1000000.0,
+               max_position_embeddings=131072)
+
+
+def _model(name, layers, hidden, heads, kv_heads, head_dim, intermediate, **kw) -> ModelConfig:
+    return ModelConfig(name, num_layers=layers, hidden_size=hidden, num_heads=heads,
+                       num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=intermediate,
+                       **kw)
+
+
 PRESETS: Dict[str, ModelConfig] = {
     m.name: m for m in [
-        ModelConfig("llama-2-7b", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=32,
-                    head_dim=128, intermediate_size=11008, vocab_size=32000,
-                    max_position_embeddings=4096),
-        ModelConfig("llama-3.1-8b", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8,
-                    head_dim=128, intermediate_size=14336, vocab_size=128256,
-                    rope_theta=500000.0, rope_scaling=_llama31_scaling(),
-                    max_position_embeddings=131072),
-        ModelConfig("llama-3.1-70b", num_layers=80, hidden_size=8192, num_heads=64, num_kv_heads=8,
-                    head_dim=128, intermediate_size=28672, vocab_size=128256,
-                    rope_theta=500000.0, rope_scaling=_llama31_scaling(),
-                    max_position_embeddings=131072),
-        ModelConfig("llama-3.1-405b", num_layers=126, hidden_size=16384, num_heads=128,
-                    num_kv_heads=8, head_dim=128, intermediate_size=53248, vocab_size=128256,
-                    rope_theta=500000.0, rope_scaling=_llama31_scaling(),
-                    max_position_embeddings=131072),
-        ModelConfig("llama-3.2-1b", num_layers=16, hidden_size=2048, num_heads=32, num_kv_heads=8,
-                    head_dim=64, intermediate_size=8192, vocab_size=128256,
-                    tie_word_embeddings=True, rope_theta=500000.0,
-                    rope_scaling=_llama31_scaling(32.0), max_position_embeddings=131072),
-        ModelConfig("llama-3.2-3b", num_layers=28, hidden_size=3072, num_heads=24, num_kv_heads=8,
-                    head_dim=128, intermediate_size=8192, vocab_size=128256,
-                    tie_word_embeddings=True, rope_theta=500000.0,
-                    rope_scaling=_llama31_scaling(32.0), max_position_embeddings=131072),
-        ModelConfig("mistral-7b", num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8,
-                    head_dim=128, intermediate_size=14336, vocab_size=32768,
-                    rope_theta=1000000.0, max_position_embeddings=32768),
-        ModelConfig("mistral-nemo-12b", num_layers=40, hidden_size=5120, num_heads=32,
-                    num_kv_heads=8, head_dim=128, intermediate_size=14336, vocab_size=131072,
-                    rope_theta=1000000.0, max_position_embeddings=1024000),
-        ModelConfig("qwen2.5-0.5b", num_layers=24, hidden_size=896, num_heads=14, num_kv_heads=2,
-                    head_dim=64, intermediate_size=4864, vocab_size=151936,
-                    tie_word_embeddings=True, qkv_bias=True, rope_theta=1000000.0,
-                    max_position_embeddings=32768),
-        ModelConfig("qwen2.5-7b", num_layers=28, hidden_size=3584, num_heads=28, num_kv_heads=4,
-                    head_dim=128, intermediate_size=18944, vocab_size=152064, qkv_bias=True,
-                    rope_theta=1000000.0, max_position_embeddings=131072),
-        ModelConfig("qwen2.5-14b", num_layers=48, hidden_size=5120, num_heads=40, num_kv_heads=8,
-                    head_dim=128, intermediate_size=13824, vocab_size=152064, qkv_bias=True,
-                    rope_theta=1000000.0, max_position_embeddings=131072),
-        ModelConfig("qwen2.5-32b", num_layers=64, hidden_size=5120, num_heads=40, num_kv_heads=8,
-                    head_dim=128, intermediate_size=27648, vocab_size=152064, qkv_bias=True,
-                    rope_theta=1000000.0, max_position_embeddings=131072),
-        ModelConfig("qwen2.5-72b", num_layers=80, hidden_size=8192, num_heads=64, num_kv_heads=8,
-                    head_dim=128, intermediate_size=29568, vocab_size=152064, qkv_bias=True,
-                    rope_theta=1000000.0, max_position_embeddings=131072),
+        #      name               layers hidden heads kv  hdim  intermediate
+        _model("llama-2-7b",         32,  4096,  32, 32, 128, 11008, vocab_size=32000,
+               max_position_embeddings=4096),
+        _model("llama-3.1-8b",       32,  4096,  32,  8, 128, 14336,
+               rope_scaling=_llama31_scaling(), **_LLAMA31),
+        _model("llama-3.1-70b",      80,  8192,  64,  8, 128, 28672,
+               rope_scaling=_llama31_scaling(), **_LLAMA31),
+        _model("llama-3.1-405b",    126, 16384, 128,  8, 128, 53248,
+               rope_scaling=_llama31_scaling(), **_LLAMA31),
+        _model("llama-3.2-1b",       16,  2048,  32,  8,  64,  8192, **_LLAMA32),
+        _model("llama-3.2-3b",       28,  3072,  24,  8, 128,  8192, **_LLAMA32),
+        _model("mistral-7b",         32,  4096,  32,  8, 128, 14336, vocab_size=32768,
+               rope_theta=1000000.0, max_position_embeddings=32768),
+        _model("mistral-nemo-12b",   40,  5120,  32,  8, 128, 14336, vocab_size=131072,
+               rope_theta=1000000.0, max_position_embeddings=1024000),
+        _model("qwen2.5-0.5b",       24,   896,  14,  2,  64,  4864,
+               **dict(_QWEN25, vocab_size=151936, tie_word_embeddings=True,
+                      max_position_embeddings=32768)),
+        _model("qwen2.5-7b",         28,  3584,  28,  4, 128, 18944, **_QWEN25),
+        _model("qwen2.5-14b",        48,  5120,  40,  8, 128, 13824, **_QWEN25),
+        _model("qwen2.5-32b",        64,  5120,  40,  8, 128, 27648, **_QWEN25),
+        _model("qwen2.5-72b",        80,  8192,  64,  8, 128, 29568, **_QWEN25),
     ]
 }
 
