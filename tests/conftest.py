@@ -1,12 +1,20 @@
+"""Shared by every test family (tests/<family>/): the helpers of tests/support are importable
+by name (`from attention_reference import attention_ref`), GPU-marked tests skip without a GPU,
+and each test gets its own reproducible seed.
+
+Processes spawned by the tests (the ring workers) inherit this sys.path."""
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
 
 import longctx  # noqa: F401  (registers the ops)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
+
 HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,54 +2,27 @@
 
 Tolerance (FlashAttention-3's rule): for every compared tensor X (out, lse, dq, dk, dv),
     max|X_ours - X_f64| <= 2 * max|X_pt - X_f64| + atol
-where X_f64 is the float64 reference (tests/attention_reference.py, upcast=True) and X_pt the same
-reference computed by PyTorch at the input precision (upcast=False: matmuls in the input dtype,
-softmax in fp32, P rounded to the input dtype), with the gradients of both obtained by autograd.
+where X_f64 is the float64 reference (support/attention_reference.py, upcast=True) and X_pt the
+same reference computed by PyTorch at the input precision (upcast=False: matmuls in the input
+dtype, softmax in fp32, P rounded to the input dtype), with the gradients of both obtained by
+autograd (support/attention_reference.py: assert_fa3_close).
 atol = 2 * max|fl(X_f64 + 0.3) - 0.3 - X_f64| + 1e-6, fl = rounding to the input dtype: twice the
 dtype's rounding error at the magnitude of the values (as FA3's fwd_atol), plus a floor of 1e-6 so
 fp32 never fails on errors below its own noise. lse is compared on its finite entries after
 checking that -inf appears exactly where the reference has it.
 """
 import math
-import time
-
 import zlib
 
 import pytest
 import torch
 
 import longctx
-from attention_reference import attention_ref, attention_varlen_ref
+from attention_reference import assert_fa3_close, attention_ref, attention_varlen_ref
 
 ops = torch.ops.longctx
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
-
-
-def _atol(ref64: torch.Tensor, dtype: torch.dtype) -> float:
-    if ref64.numel() == 0:
-        return 1e-6
-    r = ref64.masked_fill(~torch.isfinite(ref64), 0.0)
-    return 2 * ((r + 0.3).to(dtype).double() - 0.3 - r).abs().max().item() + 1e-6
-
-
-def assert_fa3_close(name, ours, ref64, pt, dtype):
-    ours, pt = ours.double(), pt.double()
-    assert ours.shape == ref64.shape, f"{name}: shape {ours.shape} vs {ref64.shape}"
-    inf_ref = torch.isinf(ref64)
-    if inf_ref.any() or torch.isinf(ours).any():
-        assert torch.equal(torch.isinf(ours), inf_ref), f"{name}: -inf pattern differs"
-        assert (ours[inf_ref] < 0).all()
-        keep = ~inf_ref
-        ours, ref64, pt = ours[keep], ref64[keep], pt[keep]
-    if ref64.numel() == 0:
-        return
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    err = (ours - ref64).abs().max().item()
-    err_pt = (pt - ref64).abs().max().item()
-    atol = _atol(ref64, dtype)
-    assert err <= 2 * err_pt + atol, (
-        f"{name}: error {err:.3e} > 2 * pytorch-{dtype} error {err_pt:.3e} + atol {atol:.3e}")
 
 
 def _rand(*shape, dtype, requires_grad=True):

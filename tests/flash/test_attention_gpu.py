@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import longctx  # noqa: F401  (registers the ops)
+from attention_reference import attend_one
 from gpu_kernels import skip_unless_compiled
 
 pytestmark = pytest.mark.gpu
@@ -19,40 +20,6 @@ pytestmark = pytest.mark.gpu
 
 def _skip_unless(hdim, dtype):
     skip_unless_compiled(hdim, dtype, ("flash_fwd",))
-
-
-def _mask(sq, sk, causal, wl, wr, device):
-    i = torch.arange(sq, device=device)[:, None]
-    j = torch.arange(sk, device=device)[None, :]
-    shift = sk - sq
-    if causal:
-        wr = 0
-    vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
-    if wl >= 0:
-        vis &= j >= i + shift - wl
-    if wr >= 0:
-        vis &= j <= i + shift + wr
-    return vis
-
-
-def _ref_one(q, k, v, scale, causal, wl, wr, lowp):
-    """q (sq, h, d), k/v (sk, hk, d) -> out (sq, h, d), lse (h, sq) (float64 unless lowp)."""
-    sq, h, d = q.shape
-    sk, hk = k.shape[0], k.shape[1]
-    k = k.repeat_interleave(h // hk, dim=1)
-    v = v.repeat_interleave(h // hk, dim=1)
-    if not lowp:
-        q, k, v = q.double(), k.double(), v.double()
-    s = torch.einsum("qhd,khd->hqk", q, k).to(torch.float64 if not lowp else torch.float32) * scale
-    vis = _mask(sq, sk, causal, wl, wr, q.device)
-    s = s.masked_fill(~vis, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    p = torch.nan_to_num(p, nan=0.0)
-    if lowp:
-        p = p.to(v.dtype)
-    out = torch.einsum("hqk,khd->qhd", p, v).to(torch.float64)
-    return out, lse.to(torch.float64)
 
 
 def _check(out, lse, q, k, v, scale, causal, wl, wr, cu_q=None, cu_k=None):
@@ -68,9 +35,9 @@ def _check(out, lse, q, k, v, scale, causal, wl, wr, cu_q=None, cu_k=None):
     for qb, kb, vb, ob, lb in seqs:
         if qb.shape[0] == 0:
             continue
-        ref, ref_lse = _ref_one(qb, kb, vb, scale, causal, wl, wr, lowp=False)
-        low, _ = _ref_one(qb, kb, vb, scale, causal, wl, wr, lowp=True)
-        low = low.to(dtype).double()
+        ref, ref_lse = attend_one(qb, kb, vb, scale, causal, (wl, wr), upcast=True)
+        low, _ = attend_one(qb, kb, vb, scale, causal, (wl, wr), upcast=False)
+        low = low.double()
         assert torch.isfinite(ob).all(), "out has NaN/inf"
         err = (ob.double() - ref).abs().max().item()
         err_low = (low - ref).abs().max().item()

@@ -1,9 +1,9 @@
 """GPU tests of the flash-attention backward (torch.ops.longctx.flash_attn_bwd, the Hopper kernel).
 
 Gradients of longctx.flash_attn_func / flash_attn_varlen_func (autograd through the registered
-backward) are compared with float64 autograd through tests/attention_reference.py under the
+backward) are compared with float64 autograd through support/attention_reference.py under the
 FlashAttention-3 rule: max|g - g_f64| <= 2 * max|g_pt - g_f64| + atol, g_pt the same reference run
-in the input precision by PyTorch, atol as in tests/test_attention_cpu.py. deterministic=True
+in the input precision by PyTorch, atol as in assert_fa3_close. deterministic=True
 must give bitwise-equal gradients on two runs. Skipped without a Hopper GPU or when the
 (head_dim, dtype) is not compiled in (forward and backward).
 """

@@ -3,7 +3,7 @@
 Accuracy rules:
 - Unquantized caches: attention over the cache is compared with longctx.flash_attn_varlen_func
   on the gathered contiguous K/V (bitwise: the CPU kernel does the same per-row arithmetic) and
-  with the float64 reference under FlashAttention-3's rule (tests/test_attention_cpu.py:
+  with the float64 reference under FlashAttention-3's rule (assert_fa3_close:
   err <= 2 * err_pytorch_same_precision + atol).
 - Quantized caches: the stored codes are checked bitwise against a torch reference quantizer
   (torch's float8_e4m3fn cast is the oracle of fp8 rounding); the round-trip error against the
@@ -21,10 +21,9 @@ import pytest
 import torch
 
 import longctx
-from attention_reference import attention_varlen_ref
-from kvcache_reference import (gather_kv, keys_with_outliers, quantize_fp8_ref,
-                               quantize_int8_ref)
-from test_attention_cpu import assert_fa3_close
+from attention_reference import assert_fa3_close, attention_varlen_ref
+from kvcache_reference import (check_append_writes_only_new_slots, gather_kv,
+                               keys_with_outliers, quantize_fp8_ref, quantize_int8_ref)
 
 ops = torch.ops.longctx
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -386,50 +385,9 @@ def test_functional_rope_rotates_q_and_k():
 
 # ---- memory safety --------------------------------------------------------------------------
 
-def _poison(c):
-    if c.cache_dtype in (INT8, FP8):
-        for pool in (c.k_cache, c.v_cache):
-            pool.view(torch.uint8).fill_(0x7F)  # int8 127, fp8 NaN
-        if c.cache_dtype == INT8:
-            c.k_scale.fill_(math.nan)
-            c.v_scale.fill_(math.nan)
-    else:
-        c.k_cache.fill_(math.nan)
-        c.v_cache.fill_(math.nan)
-
-
-def _snapshot(c):
-    t = [c.k_cache.view(torch.uint8).clone(), c.v_cache.view(torch.uint8).clone()]
-    if c.cache_dtype == INT8:
-        t += [c.k_scale.view(torch.int32).clone(), c.v_scale.view(torch.int32).clone()]
-    return t
-
-
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=["bf16", "int8", "fp8"])
 def test_nothing_written_outside_own_slots(cache_dtype):
-    gen = torch.Generator().manual_seed(10)
-    hk, d, bs = 2, 32, 16
-    scale = torch.tensor([0.1, 0.1]) if cache_dtype == FP8 else None
-    c = longctx.PagedKVCache(30, bs, hk, d, cache_dtype=cache_dtype, k_scale=scale,
-                             v_scale=scale)
-    ids = [c.add_sequence() for _ in range(4)]
-    for s, n in zip(ids, [40, 0, 17, 5]):
-        c.reserve(s, n + 30)
-    _poison(c)
-    before = _snapshot(c)
-    new = [20, 3, 0, 27]
-    lens0 = {s: 0 for s in ids}
-    c.append(torch.randn(sum(new), hk, d, generator=gen).to(BF16),
-             torch.randn(sum(new), hk, d, generator=gen).to(BF16), ids, cu_new=_cu(new))
-    written = torch.zeros(30, bs, dtype=torch.bool)
-    for s, n in zip(ids, new):
-        for t in range(lens0[s], lens0[s] + n):
-            written[c.pages(s)[t // bs], t % bs] = True
-    after = _snapshot(c)
-    for x, y in zip(before, after):
-        same = (x == y).flatten(2).all(-1) if x.dim() == 4 else (x == y).all(-1)
-        assert same[~written].all(), "a slot outside the appended tokens changed"
-        assert not same[written].any(), "an appended slot was not written"
+    check_append_writes_only_new_slots(cache_dtype, 32, "cpu", torch.Generator().manual_seed(10))
 
 
 def test_unvalidated_bad_page_is_skipped_not_written():

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 import longctx
-from attention_reference import attention_varlen_ref
-from kvcache_reference import gather_kv, keys_with_outliers
-from test_attention_cpu import assert_fa3_close
+from attention_reference import assert_fa3_close, attention_varlen_ref
+from kvcache_reference import check_append_writes_only_new_slots, gather_kv, keys_with_outliers
 
 pytestmark = pytest.mark.gpu
 
@@ -53,7 +52,7 @@ def _cu(lens, device="cpu"):
 
 def _int8_scales(num_blocks, bs, hk, layout):
     """Random (num_blocks, bs, hk) int8 scales stored in `layout` (the staged decode kernel's
-    scale copies depend on it, csrc/ops/kvcache_decode_launch.cuh):
+    scale copies depend on it, csrc/include/longctx/kvcache/decode_launch.cuh):
     "head": head-major within a page, as PagedKVCache / longctx.int8_scales store them (4-byte
     copies per key, contiguous per tile);
     "slot": contiguous (slot-major; all heads' scales of a slot copied where hk <= 8);
@@ -239,57 +238,47 @@ def test_append_unvalidated_bad_pages_not_written():
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=["bf16", "int8", "fp8"])
 def test_nothing_written_outside_own_slots(cache_dtype):
-    gen = torch.Generator().manual_seed(3)
-    hk, d, bs = 2, 64, 16
-    scale = torch.tensor([0.1, 0.1]) if cache_dtype == FP8 else None
-    c = longctx.PagedKVCache(30, bs, hk, d, cache_dtype=cache_dtype, k_scale=scale,
-                             v_scale=scale, device="cuda")
-    ids = [c.add_sequence() for _ in range(4)]
-    for s, n in zip(ids, [40, 0, 17, 5]):
-        c.reserve(s, n + 30)
-    for pool in (c.k_cache, c.v_cache):
-        pool.view(torch.uint8).fill_(0x7F)
-    if cache_dtype == INT8:
-        c.k_scale.fill_(math.nan)
-        c.v_scale.fill_(math.nan)
-    snap = lambda: [x.view(torch.uint8).clone() if x.dtype != torch.float32 else  # noqa: E731
-                    x.view(torch.int32).clone()
-                    for x in (c.k_cache, c.v_cache) + ((c.k_scale, c.v_scale)
-                                                       if cache_dtype == INT8 else ())]
-    before = snap()
-    new = [20, 3, 0, 27]
-    c.append(torch.randn(sum(new), hk, d, generator=gen).to(BF16).cuda(),
-             torch.randn(sum(new), hk, d, generator=gen).to(BF16).cuda(), ids,
-             cu_new=_cu(new))
-    written = torch.zeros(30, bs, dtype=torch.bool)
-    for s, n in zip(ids, new):
-        for t in range(n):
-            written[c.pages(s)[t // bs], t % bs] = True
-    written = written.cuda()
-    for x, y in zip(before, snap()):
-        same = (x == y).flatten(2).all(-1) if x.dim() == 4 else (x == y).all(-1)
-        assert same[~written].all(), "a slot outside the appended tokens changed"
-        assert not same[written].any(), "an appended slot was not written"
+    check_append_writes_only_new_slots(cache_dtype, 64, "cuda", torch.Generator().manual_seed(3))
 
 
 # ---- attention ------------------------------------------------------------------------------
 
+def _device_pools(kc, vc, combined=False, pad=0):
+    """The pools on the GPU: two tensors, or k_cache = kv[:, 0] and v_cache = kv[:, 1] of one
+    combined pool (strided pages); pad > 0 pads every head row by `pad` elements (the pools are
+    [..., :head_dim] views, the padding poisoned: a kernel that read it would fail the test)."""
+    d = kc.shape[-1]
+    shape = (kc.shape[0],) + ((2,) if combined else ()) + kc.shape[1:-1] + (d + pad,)
+    bufs = [torch.empty(shape, dtype=kc.dtype, device="cuda") for _ in range(1 if combined else 2)]
+    for buf in bufs:
+        buf.view(torch.uint8).fill_(0x7F)  # int8 127, fp8 NaN, bf16 3e38, fp16 NaN
+    if combined:
+        pools = [bufs[0][:, 0], bufs[0][:, 1]]
+    else:
+        pools = bufs
+    pools = [p[..., :d] for p in pools]
+    for dst, src in zip(pools, (kc, vc)):
+        dst.copy_(src)
+    return pools
+
+
 def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, window, splits,
-                     packed, pool_view=False, gen=None, scale_layout="head"):
-    """Random pool + table, attention vs the float64 reference on the dequantized K/V."""
+                     packed, combined=False, pad=0, gen=None, scale_layout="head",
+                     table_blocks=0):
+    """Random pool + table, attention vs the float64 reference on the dequantized K/V.
+    table_blocks: the block table's width (its capacity, which the staged kernel's tile order
+    depends on); the columns past a sequence's pages are -1, as PagedKVCache pads them."""
     batch = len(lens)
     max_blocks = max(1, -(-max(lens) // bs))
     num_blocks = batch * max_blocks + 5
     table = _random_table(batch, max_blocks, num_blocks, gen)
+    if table_blocks > max_blocks:
+        table = torch.cat([table, table.new_full((batch, table_blocks - max_blocks), -1)], 1)
     (kc, vc), (ksc, vsc), (kf, vf) = _pool(num_blocks, bs, hk, d, cache_dtype, "cpu",
                                            scale_layout)
     if cache_dtype in (BF16, FP16):
         kc = keys_with_outliers(num_blocks, bs, hk, d, dtype=cache_dtype, generator=gen)
-    if pool_view:  # k_cache = kv[:, 0] of a combined pool (strided pages)
-        kv = torch.stack([kc, vc], 1).cuda()
-        kc_d, vc_d = kv[:, 0], kv[:, 1]
-    else:
-        kc_d, vc_d = kc.cuda(), vc.cuda()
+    kc_d, vc_d = _device_pools(kc, vc, combined, pad)
     seqlens = torch.tensor(lens, dtype=torch.int32)
     if packed:
         q = torch.randn(sum(q_lens), h, d, generator=gen).to(dtype)
@@ -321,45 +310,39 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
     return out, lse
 
 
-# decode kernel configurations (LONGCTX_KV_DECODE_VARIANT), see csrc/ops/kvcache_decode_launch.cuh
-# default: the cp.async-staged tensor-core kernel for 8-bit caches (head_dim 64/128, page size a
-# multiple of 16), the register tensor-core kernel for 16-bit caches at head_dim 128, CUDA cores
-# otherwise; 2: the register tensor-core kernel for every cache at head_dim 128; 3: the staged
-# kernel with 4 stages / 3 CTAs per SM; 4: int8 scales copied 4 bytes per key whatever their layout
-# (the default for head-major scales; slot-major ones get the copies of all kv heads of a tile's
-# slots as whole 16-byte pieces where kv_heads <= 8).
-# split_grid: the default kernels on the split-major grid without the L2 hint
-# (LONGCTX_KV_DECODE_GRID=splits, LONGCTX_KV_DECODE_L2HINT=0). contiguous_splits: the staged
-# kernel's splits as contiguous key ranges (LONGCTX_KV_DECODE_TILES=contiguous; the default deals
-# 16-key tiles round-robin to the warps of a row tile). slot_major_scales: the default kernels
-# on int8 scales stored slot-major (the tests' default is head-major, as PagedKVCache stores
-# them; see _int8_scales); int8 only.
-VARIANTS = {"default": {}, "cuda_cores": {"LONGCTX_KV_DECODE_VARIANT": "1"},
-            "mma_registers": {"LONGCTX_KV_DECODE_VARIANT": "2"},
-            "staged_4": {"LONGCTX_KV_DECODE_VARIANT": "3"},
-            "split_grid": {"LONGCTX_KV_DECODE_GRID": "splits", "LONGCTX_KV_DECODE_L2HINT": "0"},
-            "contiguous_splits": {"LONGCTX_KV_DECODE_TILES": "contiguous"},
-            "slot_major_scales": {}}
+# The decode kernel is chosen by the cache's layout (csrc/include/longctx/kvcache/
+# decode_launch.cuh): 8-bit caches at head_dim 64/128 whose page, slot and head strides are
+# multiples of 16 bytes and whose page size is a multiple of 16 run the cp.async-staged
+# tensor-core kernel; other head_dim 128 caches the register tensor-core kernel; the rest the
+# CUDA-core kernel. int8 scales: copied per key when head-major within a page (as PagedKVCache
+# stores them) or slot-major with more than 8 kv heads, as whole 16-byte lines of all kv heads'
+# scales when slot-major with <= 8 kv heads. The variants run every kernel on the same cases:
+# - default: contiguous pools, head-major int8 scales;
+# - fallback_layout: pools whose head rows are padded by 8 elements (head_dim + 8: strides
+#   still multiples of 8 elements, as the launcher requires, but not of 16 bytes for 8-bit
+#   caches), so 8-bit caches take the register tensor-core kernel (head_dim 128) or the CUDA-core
+#   kernel (64) instead of the staged one; for 16-bit caches a strided pool;
+# - slot_major_scales: int8 scales stored slot-major (int8 only).
+VARIANTS = {"default": (0, "head"), "fallback_layout": (8, "head"),
+            "slot_major_scales": (0, "slot")}
 
 
-def _use_variant(monkeypatch, variant, cache_dtype):
-    """Sets the variant's switches; returns the int8 scale layout it runs on."""
+def _variant(variant, cache_dtype):
+    """(pool padding, int8 scale layout) of the variant; skips slot_major_scales but for int8."""
     if variant == "slot_major_scales" and cache_dtype != INT8:
         pytest.skip("the scale layout is an int8 variant")
-    for k, v in VARIANTS[variant].items():
-        monkeypatch.setenv(k, v)
-    return "slot" if variant == "slot_major_scales" else "head"
+    return VARIANTS[variant]
 
 
 DECODE_CASES = [  # h, hk, d, bs, causal, window
     (8, 2, 128, 16, True, (-1, -1)),     # GQA 4: one CTA row tile of 4
     (32, 8, 128, 16, True, (-1, -1)),    # the benchmark's GQA 32/8
-    (4, 4, 64, 7, False, (-1, -1)),      # MHA, odd page size
+    (4, 4, 64, 7, False, (-1, -1)),      # MHA, odd page size (8-bit: the CUDA-core kernel)
     (8, 2, 64, 16, True, (-1, -1)),      # head_dim 64 through the staged kernel (8-bit)
     (16, 1, 256, 32, True, (100, -1)),   # group 16: two row tiles; sliding window
     (6, 2, 128, 64, False, (40, 7)),     # group 3 (tile of 4 with an inactive row), 2-sided
     (12, 3, 128, 32, False, (-1, -1)),   # 3 kv heads: int8 line scales of 12 pieces per pool
-    (16, 16, 128, 16, True, (-1, -1)),   # 16 kv heads: int8 scales fall back to per-key copies
+    (16, 16, 128, 16, True, (-1, -1)),   # 16 kv heads: slot-major int8 scales copied per key
 ]
 
 
@@ -369,35 +352,48 @@ DECODE_CASES = [  # h, hk, d, bs, causal, window
                          f"{'causal' if c[4] else 'full'}-w{c[5][0]}_{c[5][1]}")
 @pytest.mark.parametrize("splits", [0, 1, 7])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_decode_matches_reference(cache_dtype, case, splits, variant, monkeypatch):
-    """Every decode kernel configuration (LONGCTX_KV_DECODE_VARIANT: tensor cores for head_dim
-    128 by default, CUDA cores otherwise)."""
-    layout = _use_variant(monkeypatch, variant, cache_dtype)
+def test_decode_matches_reference(cache_dtype, case, splits, variant):
+    """Every decode kernel (see VARIANTS) against the reference."""
+    pad, scale_layout = _variant(variant, cache_dtype)
     h, hk, d, bs, causal, window = case
     dtype = FP16 if cache_dtype == FP16 else BF16
     gen = torch.Generator().manual_seed(4)
     lens = [0, 1, 300, 1537, 5000]  # an empty sequence, one key, long ones
     out, lse = _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, [1], causal, window,
-                                splits, packed=False, gen=gen, scale_layout=layout)
+                                splits, packed=False, pad=pad, gen=gen, scale_layout=scale_layout)
     assert (out[0] == 0).all() and torch.isinf(lse[0]).all()
+
+
+# The staged kernel deals a row tile's 16-key tiles round-robin to the 4 warps of each of its
+# splits: in runs of 2 adjacent tiles where a warp has at least 48 tiles, else one at a time.
+TILE_WARPS, PAIRS_FROM = 4, 48
 
 
 @pytest.mark.parametrize("cache_dtype", [INT8, FP8], ids=FMT_IDS.get)
 @pytest.mark.parametrize("case", [DECODE_CASES[i] for i in (1, 3, 5, 6)],
                          ids=lambda c: f"h{c[0]}-hk{c[1]}-d{c[2]}-bs{c[3]}-w{c[5][0]}_{c[5][1]}")
-@pytest.mark.parametrize("splits", [0, 3, 7])
-@pytest.mark.parametrize("runs", ["single", "pairs", "quads"])
-def test_decode_tile_runs(cache_dtype, case, splits, runs, monkeypatch):
-    """The staged 8-bit kernel's deal order (LONGCTX_KV_DECODE_TILES=single|pairs|quads: 1, 2
-    or 4 adjacent 16-key tiles per warp per round-robin step), whatever the default is: lengths
-    that end inside a warp's run, at a run's edge and past the last full round."""
-    monkeypatch.setenv("LONGCTX_KV_DECODE_TILES", runs)
+@pytest.mark.parametrize("splits", [3, 7])
+@pytest.mark.parametrize("run", [1, 2], ids=["single", "pairs"])
+def test_decode_tile_runs(cache_dtype, case, splits, run):
+    """The staged 8-bit kernel's deal orders: single 16-key tiles, or runs of 2 adjacent tiles
+    per warp and round-robin step where a warp has at least 48 tiles of the block table's
+    capacity (its width x page size, whatever the lengths). The table is padded with -1 columns
+    to just below (single) or just at (pairs) that capacity; the lengths end inside a warp's
+    run, at the edge of a round over all warps and past it."""
     h, hk, d, bs, causal, window = case
+    warps = splits * TILE_WARPS
+    threshold_tiles = PAIRS_FROM * warps
+    if run == 2:
+        table_blocks = -(-threshold_tiles * 16 // bs)
+    else:
+        table_blocks = (threshold_tiles - 1) * 16 // bs
+    capacity = table_blocks * bs
+    assert ((capacity + 15) // 16 // warps >= PAIRS_FROM) == (run == 2)
+    round_keys = 16 * run * warps
+    lens = [17, 16 * run * 3 + 5, round_keys, round_keys + 16 * run * 5 + 3, 4 * round_keys - 7]
     gen = torch.Generator().manual_seed(13)
-    # with 3 splits (12 warps): 16 * 12 * 4 = 768 keys per round of quads
-    lens = [17, 16 * 12 + 5, 768, 768 + 16 * 5 + 3, 4096 - 7]
     _check_attention(cache_dtype, BF16, h, hk, d, bs, lens, [1], causal, window, splits,
-                     packed=False, gen=gen)
+                     packed=False, gen=gen, table_blocks=table_blocks)
 
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
@@ -412,11 +408,11 @@ def test_decode_many_splits(cache_dtype, splits):
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_decode_unvalidated_bad_pages_are_masked(cache_dtype, variant, monkeypatch):
+def test_decode_unvalidated_bad_pages_are_masked(cache_dtype, variant):
     """validate=False: page ids outside the pool inside a sequence's length mask their keys
     (nothing read there), and pages the table does not reference hold NaN (NaN scales for int8):
     the output must be the attention over the remaining keys, every kernel variant."""
-    layout = _use_variant(monkeypatch, variant, cache_dtype)
+    pad, layout = _variant(variant, cache_dtype)
     gen = torch.Generator().manual_seed(11)
     h, hk, d, bs, n = 8, 2, 128, 16, 1000
     nblk = -(-n // bs)
@@ -440,8 +436,9 @@ def test_decode_unvalidated_bad_pages_are_masked(cache_dtype, variant, monkeypat
         table_bad[0, blk] = pid
     q = torch.randn(1, 1, h, d, generator=gen).to(BF16)
     cd = lambda x: None if x is None else _to(x, "cuda")  # noqa: E731
+    kc_d, vc_d = _device_pools(kc, vc, pad=pad)
     out, lse = ops.flash_attn_with_kvcache(
-        q.cuda(), kc.cuda(), vc.cuda(), cd(ksc), cd(vsc), cd(kf), cd(vf), table_bad.cuda(),
+        q.cuda(), kc_d, vc_d, cd(ksc), cd(vsc), cd(kf), cd(vf), table_bad.cuda(),
         torch.tensor([n], dtype=torch.int32).cuda(), None, 1, 1.0 / math.sqrt(d), False, -1, -1,
         0, False)
     ks_, vs_ = (ksc, vsc) if cache_dtype == INT8 else (kf, vf)
@@ -461,29 +458,27 @@ def test_decode_unvalidated_bad_pages_are_masked(cache_dtype, variant, monkeypat
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_decode_several_queries_packed_and_pool_view(cache_dtype, variant, monkeypatch):
-    """Speculative decode: 1-3 query rows per sequence, packed (cu_seqlens_q), a strided pool."""
-    layout = _use_variant(monkeypatch, variant, cache_dtype)
+def test_decode_several_queries_packed_and_pool_view(cache_dtype, variant):
+    """Speculative decode: 1-3 query rows per sequence, packed (cu_seqlens_q), the pools as
+    views of one combined pool."""
+    pad, layout = _variant(variant, cache_dtype)
     gen = torch.Generator().manual_seed(5)
     _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [3, 900, 2500], [1, 3, 2], True,
-                     (-1, -1), 0, packed=True, pool_view=True, gen=gen, scale_layout=layout)
+                     (-1, -1), 0, packed=True, combined=True, pad=pad, gen=gen,
+                     scale_layout=layout)
     _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [10, 700], [4, 4], False, (64, 2), 5,
-                     packed=False, gen=gen, scale_layout=layout)
+                     packed=False, pad=pad, gen=gen, scale_layout=layout)
 
 
-@pytest.mark.parametrize("layout,per_key", [("head", False), ("slot", False), ("slot", True),
-                                            ("head_odd", False)],
-                         ids=["head", "slot", "slot-per_key", "head_odd"])
+@pytest.mark.parametrize("layout", ["head", "slot", "head_odd"])
 @pytest.mark.parametrize("case", [DECODE_CASES[i] for i in (1, 3, 6, 7)],
                          ids=lambda c: f"h{c[0]}-hk{c[1]}-d{c[2]}-bs{c[3]}")
 @pytest.mark.parametrize("splits", [0, 3])
-def test_decode_int8_scale_layouts(layout, per_key, case, splits, monkeypatch):
-    """int8 scales head-major (per-key copies, contiguous per tile), slot-major (copies of all
-    heads' scales of a slot for <= 8 kv heads; per_key: LONGCTX_KV_DECODE_VARIANT=4 forces one
-    4-byte copy per key and sector) and unaligned: the output matches the reference; lengths end
-    inside a tile and at a page edge."""
-    if per_key:
-        monkeypatch.setenv("LONGCTX_KV_DECODE_VARIANT", "4")
+def test_decode_int8_scale_layouts(layout, case, splits):
+    """int8 scales head-major (per-key copies, contiguous per tile), slot-major (line copies of
+    all kv heads' scales of a slot for <= 8 kv heads; per-key copies for the 16 kv heads case)
+    and unaligned: the output matches the reference; lengths end inside a tile and at a page
+    edge."""
     h, hk, d, bs, causal, window = case
     gen = torch.Generator().manual_seed(14)
     _check_attention(INT8, BF16, h, hk, d, bs, [5, 16 * 9, 1000 + 3, 2048], [1], causal, window,
@@ -533,13 +528,13 @@ def test_chunked_prefill_equals_single_pass(cache_dtype):
 
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
-def test_decode_steps_in_graph_equal_plain_launches(cache_dtype, monkeypatch):
+def test_decode_steps_in_graph_equal_eager(cache_dtype):
     """The decode and merge kernels are launched as programmatic dependents (they may start
     while the kernel before them runs and wait for it before any memory access). A chain of
     decode steps where every input is written by the kernel just before - the appended token
     (append kernel), the lengths (a torch add), the query and the new K/V (the previous step's
-    merge output) - gives bitwise the same outputs eagerly, captured in a CUDA graph, and with
-    plain launches (LONGCTX_KV_DECODE_PDL=0)."""
+    merge output) - gives bitwise the same outputs eagerly and replayed from a CUDA graph, and
+    the same as with every op run alone (a device sync between the ops)."""
     gen = torch.Generator().manual_seed(21)
     h, hk, d, bs, steps = 8, 2, 128, 16, 6
     lens = [5000, 1200, 33]
@@ -548,20 +543,29 @@ def test_decode_steps_in_graph_equal_plain_launches(cache_dtype, monkeypatch):
     num_blocks = batch * max_blocks + 3
     table = _random_table(batch, max_blocks, num_blocks, gen).cuda()
     (kc, vc), (ksc, vsc), (kf, vf) = _pool(num_blocks, bs, hk, d, cache_dtype, "cuda")
-    k_scale, v_scale = (ksc, vsc) if cache_dtype == INT8 else (kf, vf)
+    scales = dict(zip(("k_scale", "v_scale"), (ksc, vsc) if cache_dtype == INT8 else (kf, vf)))
     seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     q0 = torch.randn(batch, 1, h, d, generator=gen).to(BF16).cuda()
     state = [t for t in (kc, vc, ksc, vsc, seqlens, q0) if t is not None]
     initial = [t.clone() for t in state]
     q = q0  # the chain's input (restored with the state)
 
-    def run_steps():
+    def run_steps(alone=False):
         outs, x = [], q
         for _ in range(steps):
             kv = (x[:, :, :hk] * 0.5).contiguous()  # new K/V from the previous output
-            x = longctx.flash_attn_with_kvcache(x, kc, vc, seqlens, table, k=kv, v=kv,
-                                                causal=True, k_scale=k_scale, v_scale=v_scale,
-                                                validate=False)
+            if alone:  # the append, the new lengths and the attention, each after a sync
+                torch.cuda.synchronize()
+                longctx.kvcache_append(kv, kv, kc, vc, seqlens, table, validate=False, **scales)
+                torch.cuda.synchronize()
+                total = seqlens + 1
+                torch.cuda.synchronize()
+                x = longctx.flash_attn_with_kvcache(x, kc, vc, total, table, causal=True,
+                                                    validate=False, **scales)
+                torch.cuda.synchronize()
+            else:
+                x = longctx.flash_attn_with_kvcache(x, kc, vc, seqlens, table, k=kv, v=kv,
+                                                    causal=True, validate=False, **scales)
             seqlens.add_(1)
             outs.append(x)
         return torch.stack(outs)
@@ -570,10 +574,8 @@ def test_decode_steps_in_graph_equal_plain_launches(cache_dtype, monkeypatch):
         for t, t0 in zip(state, initial):
             t.copy_(t0)
 
-    monkeypatch.setenv("LONGCTX_KV_DECODE_PDL", "0")
     restore()
-    plain = run_steps().clone()
-    monkeypatch.delenv("LONGCTX_KV_DECODE_PDL")
+    alone = run_steps(alone=True).clone()
     restore()
     eager = run_steps().clone()
     side = torch.cuda.Stream()
@@ -588,9 +590,9 @@ def test_decode_steps_in_graph_equal_plain_launches(cache_dtype, monkeypatch):
     restore()
     g.replay()
     torch.cuda.synchronize()
-    assert torch.isfinite(plain.float()).all() and plain.float().abs().max() > 0
-    assert torch.equal(_bytes(eager), _bytes(plain))
-    assert torch.equal(_bytes(captured), _bytes(plain))
+    assert torch.isfinite(eager.float()).all() and eager.float().abs().max() > 0
+    assert torch.equal(_bytes(eager), _bytes(alone))
+    assert torch.equal(_bytes(captured), _bytes(eager))
     # the chain really depends on each step: the lengths advanced by one per step
     assert seqlens.cpu().tolist() == [n + steps for n in lens]
 

@@ -1,4 +1,4 @@
-"""Worker processes for tests/test_ring_gpu.py: one process per GPU, NCCL, spawned.
+"""Worker processes for test_ring_gpu.py: one process per GPU, NCCL, spawned.
 
 Every rank builds the same full-sequence bf16 inputs from one seed. The reference is float64
 attention over the whole sequence (longctx's CPU op on float64 copies); the single-GPU
@@ -14,9 +14,7 @@ checked to 1e-6 in float64 by the CPU ring tests.
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -62,7 +60,7 @@ def check_case(c, rank, world):
 
     comm = make_comm(None, dev)
     if not isinstance(comm, NcclRingComm):
-        return f"expected the NCCL communicator on GPUs, got {type(comm).__name__}"
+        return f"expected the NCCL communicator on GPUs, got {type(comm).__name__}", None
 
     def run(fn, inputs, dout):
         ins = [t.clone().requires_grad_() for t in inputs]
@@ -108,32 +106,15 @@ def run_peer_failure(rank, world, port, timeout_s, out):
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ["LONGCTX_RING_TIMEOUT"] = str(timeout_s)
     import longctx
-    import longctx.ring.api as api
 
     _init(rank, world, port, 60)
     dev = torch.device("cuda", rank)
     res = {}
     x = torch.randn(1, 256, 2, 128, device=dev, dtype=torch.bfloat16)
-    try:
-        longctx.ring_flash_attn_func(x, x, x)  # a correct call first
-        torch.cuda.synchronize()
-        res["first"] = None
-    except Exception as e:
-        res["first"] = f"{type(e).__name__}: {e}"
 
-    def dies(*args, **kwargs):
-        raise RuntimeError("injected failure on rank 1")
-    if rank == 1:
-        api.ring_forward = dies
-    t0 = time.time()
-    try:
+    def first():  # a correct call first
         longctx.ring_flash_attn_func(x, x, x)
-        res["peer_fails"] = "no exception"
-    except Exception as e:
-        res["peer_fails"] = f"{type(e).__name__}: {e}"
-    res["peer_fails_s"] = time.time() - t0
-    with open(f"{out}.{rank}.json", "w") as f:
-        json.dump(res, f)
-    if rank == 1:
-        time.sleep(timeout_s + 2.0)  # stay alive: rank 0 must see its own timeout
-    os._exit(0)  # the group may have a pending exchange: skip the teardown
+        torch.cuda.synchronize()
+    res["first"] = ring_spawn.raised(first)
+    ring_spawn.peer_failure(rank, lambda: longctx.ring_flash_attn_func(x, x, x), res, out,
+                            linger_s=timeout_s + 2.0)

@@ -1,4 +1,4 @@
-"""Worker processes for tests/test_ring_cpu.py (spawned with torch.multiprocessing, gloo on CPU).
+"""Worker processes for test_ring_cpu.py (spawned with torch.multiprocessing, gloo on CPU).
 
 Each worker joins a gloo group on 127.0.0.1 with a short timeout, runs its list of scenarios and
 writes {scenario id: error message or None} to <out>.<rank>.json; the test process reads them.
@@ -8,9 +8,6 @@ single-device reference (longctx.flash_attn_func over the whole sequence) and co
 from __future__ import annotations
 
 import datetime
-import json
-import os
-import time
 
 import torch
 import torch.distributed as dist
@@ -92,18 +89,9 @@ def run_cases(rank, world, port, cases, out):
     ring_spawn.run_cases(rank, cases, lambda c: check_case(c, rank, world), case_id, out)
 
 
-def _expect_raise(fn):
-    try:
-        fn()
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    return "no exception"
-
-
 def run_errors(rank, world, port, timeout_s, out):
     """Scenarios that must raise on every rank; the last one leaves the group unusable."""
     import longctx
-    import longctx.ring.api as api
 
     _init(rank, world, port, timeout_s)
     res = {}
@@ -112,30 +100,16 @@ def run_errors(rank, world, port, timeout_s, out):
     def mismatched():  # rank 1 passes a shorter shard
         x = t if rank != 1 else t[:, :6].contiguous()
         return longctx.ring_flash_attn_func(x, x, x, layout="zigzag")
-    res["mismatch"] = _expect_raise(mismatched)
+    res["mismatch"] = ring_spawn.expect_raise(mismatched)
 
     def odd_zigzag():  # a local length of 7 cannot hold two equal zigzag chunks
         x = torch.randn(1, 7, 2, 4)
         return longctx.ring_flash_attn_func(x, x, x, layout="zigzag")
-    res["odd_zigzag"] = _expect_raise(odd_zigzag)
+    res["odd_zigzag"] = ring_spawn.expect_raise(odd_zigzag)
 
     # the group is still usable after those: a correct call works
-    try:
-        longctx.ring_flash_attn_func(t, t, t)
-        res["after"] = None
-    except Exception as e:
-        res["after"] = f"{type(e).__name__}: {e}"
+    res["after"] = ring_spawn.raised(lambda: longctx.ring_flash_attn_func(t, t, t))
 
     # rank 1 fails inside the loop (after the argument check): rank 0 must not hang
-    def dies(*args, **kwargs):
-        raise RuntimeError("injected failure on rank 1")
-    if rank == 1:
-        api.ring_forward = dies
-    t0 = time.time()
-    res["peer_fails"] = _expect_raise(lambda: longctx.ring_flash_attn_func(t, t, t))
-    res["peer_fails_s"] = time.time() - t0
-    with open(f"{out}.{rank}.json", "w") as f:
-        json.dump(res, f)
-    if rank == 1:
-        time.sleep(timeout_s + 1.0)  # stay alive: rank 0 sees a timeout, not a closed socket
-    os._exit(0)  # the group has a pending exchange: skip the teardown
+    ring_spawn.peer_failure(rank, lambda: longctx.ring_flash_attn_func(t, t, t), res, out,
+                            linger_s=timeout_s + 1.0)

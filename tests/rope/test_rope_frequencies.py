@@ -14,19 +14,17 @@ def default_ref(base, dim):
 
 
 def yarn_ref(base, dim, factor, orig, beta_fast=32, beta_slow=1, truncate=True):
-    def corr(rot):
-        return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
-    low, high = corr(beta_fast), corr(beta_slow)
+    # the (fractional) dimension indices where a frequency turns beta_fast and beta_slow times
+    # over the original context; linear ramp between them from extrapolation to interpolation
+    rotations = np.array([beta_fast, beta_slow], dtype=np.float64)
+    bounds = dim * np.log(orig / (rotations * 2 * np.pi)) / (2 * np.log(base))
     if truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    extra, inter = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+        bounds = np.array([np.floor(bounds[0]), np.ceil(bounds[1])])
+    low, high = max(bounds[0], 0), min(bounds[1], dim - 1)
+    high += 0.001 if low == high else 0.0
     ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
-    w = 1 - ramp
-    return inter * (1 - w) + extra * w
+    extrapolation = default_ref(base, dim)
+    return extrapolation / factor * ramp + extrapolation * (1 - ramp)
 
 
 def llama3_ref(base, dim, factor, low, high, orig):

@@ -10,7 +10,8 @@ Two precisions (`upcast`):
   q k^T and P v run in the input dtype (torch's CPU matmul accumulates in fp32 and rounds the
   result to the dtype), scaling, mask, softmax and lse run in fp32 (float64 for float64 inputs),
   and P is rounded to the input dtype before P v. This is FlashAttention-3's attention_ref with
-  upcast=False; its error against the float64 truth sets the tolerance of the tests.
+  upcast=False; its error against the float64 truth sets the tolerance of the tests
+  (assert_fa3_close).
 Both are differentiable (autograd gives the reference gradients).
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ def visible_mask(sq: int, sk: int, causal: bool, window_size=(-1, -1),
     return vis
 
 
-def _attend_one(q, k, v, scale, causal, window_size, upcast):
+def attend_one(q, k, v, scale, causal, window_size=(-1, -1), upcast=True):
     """q (sq, h, d), k/v (sk, hk, d) -> out (sq, h, d), lse (h, sq)."""
     sq, h, _ = q.shape
     sk, hk, _ = k.shape
@@ -65,7 +66,7 @@ def attention_ref(q, k, v, softmax_scale: Optional[float] = None, causal: bool =
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     outs, lses = [], []
     for b in range(q.shape[0]):
-        o, l = _attend_one(q[b], k[b], v[b], scale, causal, window_size, upcast)
+        o, l = attend_one(q[b], k[b], v[b], scale, causal, window_size, upcast)
         outs.append(o)
         lses.append(l)
     return torch.stack(outs), torch.stack(lses)
@@ -80,8 +81,40 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q: Sequence[int], cu_seqlens_k: Seq
     ck = [int(x) for x in cu_seqlens_k]
     outs, lses = [], []
     for b in range(len(cq) - 1):
-        o, l = _attend_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], scale,
+        o, l = attend_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], scale,
                            causal, window_size, upcast)
         outs.append(o)
         lses.append(l)
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
+
+
+def _atol(ref64: torch.Tensor, dtype: torch.dtype) -> float:
+    """2 * max|fl(X_f64 + 0.3) - 0.3 - X_f64| + 1e-6, fl = rounding to dtype: twice the dtype's
+    rounding error at the magnitude of the values (FA3's fwd_atol), plus a floor of 1e-6."""
+    if ref64.numel() == 0:
+        return 1e-6
+    r = ref64.masked_fill(~torch.isfinite(ref64), 0.0)
+    return 2 * ((r + 0.3).to(dtype).double() - 0.3 - r).abs().max().item() + 1e-6
+
+
+def assert_fa3_close(name, ours, ref64, pt, dtype):
+    """FlashAttention-3's rule: max|ours - ref64| <= 2 * max|pt - ref64| + atol, with ref64 the
+    float64 reference (upcast=True) and pt the same reference at the input precision
+    (upcast=False). -inf must appear exactly where ref64 has it; the rest is compared on the
+    finite entries."""
+    ours, pt = ours.double(), pt.double()
+    assert ours.shape == ref64.shape, f"{name}: shape {ours.shape} vs {ref64.shape}"
+    inf_ref = torch.isinf(ref64)
+    if inf_ref.any() or torch.isinf(ours).any():
+        assert torch.equal(torch.isinf(ours), inf_ref), f"{name}: -inf pattern differs"
+        assert (ours[inf_ref] < 0).all()
+        keep = ~inf_ref
+        ours, ref64, pt = ours[keep], ref64[keep], pt[keep]
+    if ref64.numel() == 0:
+        return
+    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
+    err = (ours - ref64).abs().max().item()
+    err_pt = (pt - ref64).abs().max().item()
+    atol = _atol(ref64, dtype)
+    assert err <= 2 * err_pt + atol, (
+        f"{name}: error {err:.3e} > 2 * pytorch-{dtype} error {err_pt:.3e} + atol {atol:.3e}")

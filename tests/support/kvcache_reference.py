@@ -7,10 +7,16 @@
   rounding).
 - keys_with_outliers: realistic keys: a few channels ~20x larger than the rest (the massive
   activations of K seen in LLMs), a per-token magnitude spread, not only uniform noise.
+- check_append_writes_only_new_slots: the memory-safety check of an append, shared by the CPU
+  and GPU tests.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+import longctx
 
 
 def gather_kv(k_cache, v_cache, block_table, seqlen, b, k_scale=None, v_scale=None):
@@ -57,3 +63,42 @@ def keys_with_outliers(*shape, dtype=torch.bfloat16, outlier_channels=4, outlier
     gain[idx] = outlier_gain
     tok = torch.rand(*shape[:-1], 1, generator=generator) * 1.5 + 0.5
     return (x * gain * tok).to(dtype)
+
+
+def check_append_writes_only_new_slots(cache_dtype, head_dim, device, gen):
+    """PagedKVCache.append of a packed batch (20, 3, 0 and 27 new tokens into four sequences
+    with pages reserved for 30 more than that) writes every slot of the new tokens and no other
+    byte of the pools (and of the int8 scales), which are poisoned first."""
+    hk, bs, num_blocks = 2, 16, 30
+    scale = torch.tensor([0.1, 0.1]) if cache_dtype == torch.float8_e4m3fn else None
+    c = longctx.PagedKVCache(num_blocks, bs, hk, head_dim, cache_dtype=cache_dtype,
+                             k_scale=scale, v_scale=scale, device=device)
+    ids = [c.add_sequence() for _ in range(4)]
+    for s, n in zip(ids, [40, 0, 17, 5]):
+        c.reserve(s, n + 30)
+    pools = [c.k_cache, c.v_cache]
+    scales = [c.k_scale, c.v_scale] if cache_dtype == torch.int8 else []
+    for pool in pools:
+        pool.view(torch.uint8).fill_(0x7F)  # int8 127, fp8 NaN, 16-bit a huge value or NaN
+    for sc in scales:
+        sc.fill_(math.nan)
+
+    def snapshot():  # the raw bits, (num_blocks, block_size, ...)
+        return ([p.view(torch.uint8).clone() for p in pools]
+                + [sc.view(torch.int32).clone() for sc in scales])
+
+    before = snapshot()
+    new = [20, 3, 0, 27]
+    cu = torch.tensor([0] + new, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    c.append(torch.randn(sum(new), hk, head_dim, generator=gen).to(torch.bfloat16).to(device),
+             torch.randn(sum(new), hk, head_dim, generator=gen).to(torch.bfloat16).to(device),
+             ids, cu_new=cu)
+    written = torch.zeros(num_blocks, bs, dtype=torch.bool)
+    for s, n in zip(ids, new):
+        for t in range(n):
+            written[c.pages(s)[t // bs], t % bs] = True
+    written = written.to(device)
+    for x, y in zip(before, snapshot()):
+        same = (x == y).flatten(2).all(-1)  # per (page, slot)
+        assert same[~written].all(), "a slot outside the appended tokens changed"
+        assert not same[written].any(), "an appended slot was not written"
