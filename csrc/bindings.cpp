@@ -1,6 +1,6 @@
 // The op schemas of longctx (one TORCH_LIBRARY block: every schema lives here) and the pybind11
 // module longctx._C that carries the non-tensor helpers. The CPU and CUDA implementations register
-// themselves per dispatch key beside their code (csrc/cpu, csrc/ops).
+// themselves per dispatch key beside their code (csrc/<family>/*_cpu.cpp, *_cuda.cu).
 #include <torch/extension.h>
 #include <torch/library.h>
 #include "common/build_registry.h"

@@ -5,7 +5,7 @@
 # A bench argument may carry options: 'attn_bwd --only "d=128 s=16384"' (word-split by eval).
 # Build switches (LONGCTX_KERNELS, LONGCTX_HEADDIMS, ...) pass through from the environment;
 # PYTEST_TARGETS (default: tests) narrows the GPU test run, LONGCTX_SKIP_CTEST=1 skips the
-# standalone CMake tests.
+# standalone CMake tests (built with the same build switches; they take ~2 min on 16 cores).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -40,11 +40,18 @@ rm -f "$OUT/build.log"
 export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
 
 if [ "${LONGCTX_SKIP_CTEST:-0}" != 1 ]; then
-  echo "== standalone CUDA tests (CMake + ctest)"
-  cmake -S . -B /tmp/longctx_cmake -DLONGCTX_WITH_TORCH=OFF > /dev/null \
-    && cmake --build /tmp/longctx_cmake -j16 > /dev/null \
-    && ctest --test-dir /tmp/longctx_cmake --output-on-failure | tail -15
-  [ -x /tmp/longctx_cmake/rope_bench ] && /tmp/longctx_cmake/rope_bench
+  echo "== standalone tests (CMake + ctest: rope, flash forward and backward)"
+  start=$(date +%s)
+  if cmake -S . -B /tmp/longctx_cmake -DLONGCTX_WITH_TORCH=OFF > "$OUT/cmake.log" 2>&1 \
+      && cmake --build /tmp/longctx_cmake -j "$JOBS" >> "$OUT/cmake.log" 2>&1; then
+    echo "cmake build: $(( $(date +%s) - start )) s"
+    ctest --test-dir /tmp/longctx_cmake --output-on-failure > "$OUT/ctest.txt" 2>&1
+    echo "ctest exit code $?"
+    grep -E "tests passed|tests failed|Failed|\*\*\*|Skipped" "$OUT/ctest.txt" | tail -15
+    [ -x /tmp/longctx_cmake/rope_bench ] && /tmp/longctx_cmake/rope_bench
+  else
+    echo "cmake build failed"; grep -E "error" "$OUT/cmake.log" | head -30
+  fi
 fi
 
 echo "== smoke"

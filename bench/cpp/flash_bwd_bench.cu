@@ -1,7 +1,7 @@
 // Times the flash-attention backward (preprocess + main + postprocess) at head_dim 128, bf16,
-// batch*seqlen = 32K, heads*hdim = 2048 (DESIGN.md convention: bwd FLOPs = 2.5 x 4*b*h*pairs*d,
-// causal pairs = s(s+1)/2), atomic and deterministic dQ, the registered kernel (TMA + wgmma)
-// and the first version (mma.sync, kBlockN = 128) when linked. Random inputs (never zeros); median of 10 timed runs after 2 warm-ups (CUDA events).
+// batch*seqlen = 32K, heads*hdim = 2048 (docs/design.md convention: bwd FLOPs = 2.5 x
+// 4*b*h*pairs*d, causal pairs = s(s+1)/2), atomic and deterministic dQ. Random inputs (never
+// zeros); median of 10 timed runs after 2 warm-ups (CUDA events). Built by CMake.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <algorithm>
@@ -9,12 +9,11 @@
 #include <cstdio>
 #include <random>
 #include <vector>
-#include "longctx/flash/flash_bwd_launch.cuh"
-#include "../../tests/cpp/cuda_test_util.cuh"
+#include "longctx/flash/flash_bwd_dispatch.cuh"
+#include "../../tests/support/cuda_test_util.cuh"
 
 using longctx::flash::BwdParams;
 using longctx::flash::FlashBwdFn;
-extern FlashBwdFn flash_bwd_v1 __attribute__((weak));
 
 __global__ void fill(uint16_t* p, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
@@ -27,10 +26,11 @@ __global__ void fill_lse(float* p, size_t n, float v) {
 }
 
 int main() {
+  skip_without_gpu(9);
   const int d = 128;
-  FlashBwdFn base = longctx::flash::flash_bwd_lookup(d, true);
-  if (!base) { printf("hdim 128 bf16 not linked\n"); return 1; }
-  printf("seqlen causal variant det | ms | TFLOP/s\n");
+  FlashBwdFn fn = longctx::flash::FlashBwdTable::find(d, longctx::DType::kBF16);
+  if (!fn) { printf("hdim 128 bf16 not compiled\n"); return 1; }
+  printf("seqlen causal det | ms | TFLOP/s\n");
   for (int s : {16384, 1024}) for (int causal : {0, 1}) {
     const int b = 32768 / s, h = 2048 / d;
     const size_t n = size_t(b) * s * h * d;
@@ -60,21 +60,18 @@ int main() {
     CK(cudaMalloc(&sems, longctx::flash::flash_bwd_num_sems(bp) * 4));
     const double pairs = causal ? double(s) * (s + 1) / 2 : double(s) * s;
     const double flops = 2.5 * 4.0 * b * h * pairs * d;
-    struct V { const char* name; FlashBwdFn fn; };
-    std::vector<V> vs = {{"wgmma", base}};
-    if (&flash_bwd_v1 && flash_bwd_v1) vs.push_back({"v1", flash_bwd_v1});
-    for (auto& var : vs) for (int det : {0, 1}) {
+    for (int det : {0, 1}) {
       bp.deterministic = det;
-      for (int w = 0; w < 2; ++w) CK(var.fn(bp, 0, 0, accum, sems, 0));
+      for (int w = 0; w < 2; ++w) CK(fn(bp, 0, 0, accum, sems, 0));
       CK(cudaDeviceSynchronize());
       std::vector<float> ts;
       cudaEvent_t a, e; cudaEventCreate(&a); cudaEventCreate(&e);
       for (int r = 0; r < 10; ++r) {
-        cudaEventRecord(a); CK(var.fn(bp, 0, 0, accum, sems, 0)); cudaEventRecord(e);
+        cudaEventRecord(a); CK(fn(bp, 0, 0, accum, sems, 0)); cudaEventRecord(e);
         CK(cudaEventSynchronize(e)); float ms; cudaEventElapsedTime(&ms, a, e); ts.push_back(ms);
       }
       std::sort(ts.begin(), ts.end());
-      printf("%6d %d %s %d | %.3f | %.0f\n", s, causal, var.name, det, ts[5], flops / ts[5] / 1e9);
+      printf("%6d %d %d | %.3f | %.0f\n", s, causal, det, ts[5], flops / ts[5] / 1e9);
     }
     for (auto* ptr : {q, k, v, o, dout, dq, dk, dv}) cudaFree(ptr);
     cudaFree(lse); cudaFree(dsum); cudaFree(accum); cudaFree(sems);

@@ -1,11 +1,11 @@
 // Standalone timing of the Hopper flash-attention forward kernel (no torch).
 //
-// Random bf16/fp16 inputs (batch*seqlen = 32K tokens, heads*hdim = 2048, as in ANCHORS.md),
-// CUDA-event timing after warm-up, median of N runs, TFLOP/s with the DESIGN.md convention
-// fwd FLOPs = 4 * b * h * pairs * d (pairs = visible (query, key) pairs; causal s(s+1)/2).
-// Usage: flash_fwd_bench [reps]. Prints one line per case and schedule: "dynamic" (the default:
-// persistent grid, atomic tile counter), "static" (persistent, round-robin) and "tiles" (one CTA
-// per query tile, same order), set through LONGCTX_FLASH_FWD_GRID.
+// Random bf16/fp16 inputs (batch*seqlen = 32K tokens, heads*hdim = 2048, the grid of
+// bench/attn_fwd.py), CUDA-event timing after warm-up, median of N runs, TFLOP/s with the
+// convention of docs/design.md: fwd FLOPs = 4 * b * h * pairs * d (pairs = visible (query, key)
+// pairs; causal s(s+1)/2). Usage: flash_fwd_bench [reps]. Prints one line per case and schedule:
+// "dynamic" (the default: persistent grid, atomic tile counter) and "static" (persistent,
+// round-robin, the launch without a tile counter). Built by CMake.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <algorithm>
@@ -16,7 +16,7 @@
 #include <random>
 #include <vector>
 #include "longctx/flash/flash_fwd_dispatch.cuh"
-#include "../../tests/cpp/cuda_test_util.cuh"
+#include "../../tests/support/cuda_test_util.cuh"
 
 __global__ void fill_random(uint16_t* x, size_t n, uint32_t seed, bool bf16) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
@@ -30,6 +30,7 @@ __global__ void fill_random(uint16_t* x, size_t n, uint32_t seed, bool bf16) {
 struct BenchCase { int d; bool bf16; int seqlen; bool causal; int wl; };
 
 int main(int argc, char** argv) {
+  skip_without_gpu(9);
   const int reps = argc > 1 ? atoi(argv[1]) : 20;
   int* counter = nullptr;
   CK(cudaMalloc(&counter, sizeof(int)));
@@ -43,9 +44,10 @@ int main(int argc, char** argv) {
   };
   printf("%-5s %-5s %-7s %-7s %-6s %-10s %10s %9s\n", "hdim", "dtype", "seqlen", "causal", "window", "grid", "ms", "TFLOP/s");
   for (const auto& c : cases)
-  for (const char* grid : {"dynamic", "static", "tiles"}) {
-    setenv("LONGCTX_FLASH_FWD_GRID", grid, 1);
-    auto fn = longctx::flash::flash_fwd_lookup(c.d, c.bf16);
+  for (const char* grid : {"dynamic", "static"}) {
+    int* tile_counter = std::strcmp(grid, "dynamic") == 0 ? counter : nullptr;
+    auto fn = longctx::flash::FlashFwdTable::find(
+        c.d, c.bf16 ? longctx::DType::kBF16 : longctx::DType::kFP16);
     if (!fn) { printf("%d %s not compiled\n", c.d, c.bf16 ? "bf16" : "fp16"); continue; }
     const int b = 32768 / c.seqlen, h = 2048 / c.d, s = c.seqlen, d = c.d;
     const size_t n = size_t(b) * s * h * d;
@@ -71,12 +73,12 @@ int main(int argc, char** argv) {
       pairs += hi - lo + 1;
     }
     const double flops = 4.0 * b * h * pairs * d;
-    for (int i = 0; i < 3; ++i) CK(fn(p, 0, 0, counter, 0));
+    for (int i = 0; i < 3; ++i) CK(fn(p, 0, 0, tile_counter, 0));
     CK(cudaDeviceSynchronize());
     cudaEvent_t e0, e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
     std::vector<float> ms(reps);
     for (int r = 0; r < reps; ++r) {
-      CK(cudaEventRecord(e0)); CK(fn(p, 0, 0, counter, 0)); CK(cudaEventRecord(e1));
+      CK(cudaEventRecord(e0)); CK(fn(p, 0, 0, tile_counter, 0)); CK(cudaEventRecord(e1));
       CK(cudaEventSynchronize(e1)); CK(cudaEventElapsedTime(&ms[r], e0, e1));
     }
     CK(cudaGetLastError());

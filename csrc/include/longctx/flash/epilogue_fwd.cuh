@@ -10,25 +10,24 @@
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_conversion.h>
 #include "longctx/flash/flash_params.h"
-#include "longctx/flash/seqlen_info.cuh"
 
 namespace longctx {
 namespace flash {
 
 template <typename Element, typename TensorO, typename TensorC>
-__device__ __forceinline__ void store_o_lse(const FwdParams& p, const SeqInfo& si, int b, int h,
+__device__ __forceinline__ void store_o_lse(const FwdParams& p, const SeqLen& si, int h,
                                             int m0, const TensorO& tOrO, const TensorC& tOcO,
                                             const float (&lse)[2]) {
   using namespace cute;
-  const bool varlen = p.cu_seqlens_q != nullptr;
   Element* out = static_cast<Element*>(p.out);
-  const int64_t base = (varlen ? 0 : int64_t(b) * p.out_batch_stride) + int64_t(h) * p.out_head_stride;
+  const int64_t base = (si.packed_q ? 0 : int64_t(si.b) * p.out_batch_stride) +
+                       int64_t(h) * p.out_head_stride;
   // tOrO: ((2, 2, D/8), 1, 1); mode (0,0) = adjacent columns, (0,1) = row +8.
   #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int row = m0 + int(get<0>(tOcO(make_coord(0, rr, 0), 0, 0)));
     if (row < si.sq) {
-      Element* orow = out + base + int64_t(si.q_off + row) * p.out_row_stride;
+      Element* orow = out + base + int64_t(si.q_start + row) * p.out_row_stride;
       #pragma unroll
       for (int v = 0; v < size<0, 2>(tOrO); ++v) {
         const int col = int(get<1>(tOcO(make_coord(0, rr, v), 0, 0)));
@@ -42,8 +41,7 @@ __device__ __forceinline__ void store_o_lse(const FwdParams& p, const SeqInfo& s
     }
   }
   if ((threadIdx.x & 3) == 0) {
-    float* lse_ptr = p.lse + (varlen ? 0 : int64_t(b) * p.lse_batch_stride) +
-                     int64_t(h) * p.lse_head_stride + si.q_off;
+    float* lse_ptr = p.lse + si.lse_offset(p.lse_batch_stride) + int64_t(h) * p.lse_head_stride;
     #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int row = m0 + int(get<0>(tOcO(make_coord(0, rr, 0), 0, 0)));

@@ -1,6 +1,8 @@
-// Flash-attention backward, step 2 of 3 (main kernel), first version: mma.sync (SM80 16x8x16
-// atoms, ldmatrix operand loads) with cp.async double-buffered query tiles; no TMA, no wgmma,
-// no warp specialization yet (see bench/NOTES.md, "flash backward").
+// Flash-attention backward, step 2 of 3 (main kernel), the mma.sync kernel: SM80 16x8x16 atoms,
+// ldmatrix operand loads, cp.async double-buffered query tiles; no TMA, no wgmma, no warp
+// specialization. It serves head_dim 256 (flash_bwd_launch.cuh's run_flash_bwd), where the wgmma
+// kernel's tiles do not fit shared memory; at about 0.3x cuDNN there it is the backward's weakest
+// case (docs/kernels/flash_bwd.md).
 //
 // What it computes. One CTA per (KV tile n of kBlockN keys, kv head hk, batch b). K and V of the
 // tile stay in smem; the CTA walks every query head h of hk's GQA group and, for each, every
@@ -45,13 +47,12 @@
 namespace longctx {
 namespace flash {
 
-template <typename Element_, int kHeadDim_, int kBlockN_ = 64, bool kLdsm_ = true>
+template <typename Element_, int kHeadDim_>
 struct FlashBwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 64;
-  static constexpr int kBlockN = kBlockN_;
-  static constexpr bool kLdsm = kLdsm_;
+  static constexpr int kBlockN = 64;
   static constexpr int kNWarps = 8;
   static constexpr int kNThreads = kNWarps * 32;
   static_assert(kHeadDim % 64 == 0 && kBlockN % 64 == 0, "tiles are multiples of the 8x64 atom");
@@ -83,10 +84,8 @@ struct FlashBwdTraits {
       LayoutP{}, cute::make_layout(cute::Shape<cute::Int<kBlockN>, cute::Int<kBlockM>>{},
                                    cute::GenRowMajor{})));
 
-  using CopyN = std::conditional_t<kLdsm, cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>,
-                                   cute::Copy_Atom<cute::UniversalCopy<Element>, Element>>;
-  using CopyT = std::conditional_t<kLdsm, cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>,
-                                   cute::Copy_Atom<cute::UniversalCopy<Element>, Element>>;
+  using CopyN = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
+  using CopyT = cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, Element>;
 
   static constexpr int kSizeQ = kBlockM * kHeadDim, kSizeK = kBlockN * kHeadDim,
                        kSizeP = kBlockM * kBlockN;
@@ -178,13 +177,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x;
   const bool varlen = p.cu_seqlens_q != nullptr;
-  int sq, sk, q_off = 0, k_off = 0;
-  if (varlen) {
-    q_off = p.cu_seqlens_q[b]; sq = p.cu_seqlens_q[b + 1] - q_off;
-    k_off = p.cu_seqlens_k[b]; sk = p.cu_seqlens_k[b + 1] - k_off;
-  } else {
-    sq = p.seqlen_q; sk = p.seqlen_k;
-  }
+  const SeqLen si = sequence(p, b);
+  const int sq = si.sq, sk = si.sk, q_off = si.q_start, k_off = si.k_start;
   const int n0 = n_block * kN;
   if (n0 >= sk) return;
   const int rows_k = min(kN, sk - n0);
@@ -332,7 +326,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
       // dQ_accum rows: packed row (varlen) or b * seqlen_q + i.
       float* acc_base = dq_accum + (int64_t(h) * total_q_rows +
-                                    (varlen ? int64_t(q_off) : int64_t(b) * p.seqlen_q) + m0) *
+                                    si.q_row0(p.seqlen_q) + m0) *
                                        kD;
       if (!bp.deterministic) {
 #pragma unroll

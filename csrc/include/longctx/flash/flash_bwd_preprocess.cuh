@@ -9,33 +9,22 @@
 // For the wgmma kernel (flash_bwd_sm90.cuh) it also writes, when pad.lse2 != nullptr, two
 // row-padded fp32 copies that its producer bulk-copies per query tile of 64 rows: lse2 =
 // lse * log2(e) (+inf where lse = -inf, so P = 0) and D, at [h * pad.head_stride +
-// bwd_pad_base(b) + i]; the pad rows [sq, roundup(sq, 64)) of every (sequence, head) get lse2 =
-// +inf and D = 0 (P = dS = 0 for those query columns).
-// Invariants: dq_accum holds heads * total_q_rows * head_dim floats (see flash_bwd_launch.cuh),
+// bwd_pad_base(b) + i] (flash_bwd_dispatch.cuh); the pad rows [sq, roundup(sq, 64)) of every
+// (sequence, head) get lse2 = +inf and D = 0 (P = dS = 0 for those query columns).
+// Invariants: dq_accum holds heads * total_q_rows * head_dim floats (see flash_bwd_dispatch.cuh),
 // 16-byte aligned; out/dout rows are 16-byte aligned (checked by the launcher).
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
 #include "longctx/config.h"
+#include "longctx/flash/flash_bwd_dispatch.cuh"
 #include "longctx/flash/flash_params.h"
 
 namespace longctx {
 namespace flash {
 
-// Row-padded per-head layout of lse2 / D for the wgmma backward (see the header comment). Each
-// sequence starts at a 16-byte-aligned row and is followed by >= 64 spare rows, so a 64-row tile
-// starting inside it never reaches the next sequence. Batched: b * roundup(seqlen_q, 64).
-LONGCTX_HOST_DEVICE int64_t bwd_pad_base(bool varlen, int b, int64_t q_off, int seqlen_q) {
-  return varlen ? ((q_off + 72 * int64_t(b) + 3) & ~int64_t(3))
-                : int64_t(b) * ((int64_t(seqlen_q) + 63) / 64 * 64);
-}
-LONGCTX_HOST_DEVICE int64_t bwd_pad_head_stride(bool varlen, int batch, int64_t total_q,
-                                                int seqlen_q) {
-  return varlen ? ((total_q + 72 * int64_t(batch) + 8) & ~int64_t(3))
-                : int64_t(batch) * ((int64_t(seqlen_q) + 63) / 64 * 64);
-}
 struct BwdPad {
-  float* lse2 = nullptr;  // nullptr: not written (first-version kernel)
+  float* lse2 = nullptr;  // nullptr: not written (the mma.sync kernel reads lse itself)
   float* d = nullptr;
   int64_t head_stride = 0;
 };

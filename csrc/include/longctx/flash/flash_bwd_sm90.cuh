@@ -1,6 +1,6 @@
 // Flash-attention backward, step 2 of 3 (main kernel), Hopper version: TMA + wgmma, warp
-// specialized (FA3 structure, own code). Replaces the mma.sync kernel (flash_bwd_kernel.cuh)
-// for the head dims it is instantiated for (64, 128); preprocess and postprocess are shared.
+// specialized (FA3 structure, own code); the backward of head dims 64 and 128 (256 runs the
+// mma.sync kernel, flash_bwd_kernel.cuh); preprocess and postprocess are shared.
 //
 // What it computes. One CTA per (KV tile n of kBlockN = 128 keys, kv head hk, batch b). K and V
 // of the tile are TMA-loaded once. The CTA walks the query heads h of hk's GQA group and, for
@@ -26,17 +26,15 @@
 // lse2 and D values (1-D bulk copies from the padded preprocess buffers) into stage s of a
 // 2-stage PipelineTmaAsync. WGs 1-2: consumers, 240 registers; WG w owns keys [64w, 64w + 64)
 // of the tile for S^T, dP^T, dK and dV, and columns [wD/2, (w+1)D/2) of dQ.
-// dQ reduce (kDqWarp, default): warp 1 of WG 0 is the dQ writer; sdQ is double-buffered with
-// full/empty mbarriers, so the consumers only wait for a buffer the writer has not yet read.
+// dQ reduce: warp 1 of WG 0 is the dQ writer; sdQ is double-buffered with full/empty
+// mbarriers, so the consumers only wait for a buffer the writer has not yet read.
 // Per-iteration synchronization of the consumers: named barrier B1 (256 threads) after dS^T
-// is in smem (the dQ product reads both halves). kDqWarp = false (LONGCTX_FLASH_BWD_DQ=barrier
-// in builds with LONGCTX_BWD_AB_VARIANTS, for A/B timing): single sdQ, a second barrier after
-// dQ is in smem, consumer thread 0 issues the reduce.
+// is in smem (the dQ product reads both halves).
 // The stage is released after dV, dK (the last readers of Q and dO) completed.
 // The per-element mask (causal/window/key >= sk/query >= sq) runs only on tile pairs that
-// tile_fully_visible says need it or that cross sk or sq, as in the first version.
+// tile_fully_visible says need it or that cross sk or sq, as in the mma.sync kernel.
 //
-// Deterministic mode: per-(batch, head, query tile of 64) semaphore as in the first version: the
+// Deterministic mode: per-(batch, head, query tile of 64) semaphore as in the mma.sync kernel: the
 // thread issuing the reduce waits until the counter equals this KV tile's rank among the tiles
 // that visit the query tile, issues the reduce, waits for its completion, fences and increments.
 // Query tiles are walked from the last to the first: every KV tile's range ends at the same or a
@@ -69,21 +67,18 @@
 #include "longctx/flash/flash_bwd_preprocess.cuh"
 #include "longctx/flash/mainloop_fwd_sm90.cuh"  // wg_gemm
 #include "longctx/flash/mask.h"
-#include "longctx/flash/seqlen_info.cuh"
 #include "longctx/flash/softmax.cuh"  // acc_layout_to_A_regs, fast_exp2
 
 namespace longctx {
 namespace flash {
 
-template <typename Element_, int kHeadDim_, bool kDqWarp_ = true>
+template <typename Element_, int kHeadDim_>
 struct FlashBwdSm90Traits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  // true: a dedicated warp (warp 1 of the producer warpgroup) issues the dQ bulk reduces from a
-  // double-buffered sdQ (mbarrier hand-off, consumers never wait for the reduce); false: the
-  // consumers sync on a named barrier and their thread 0 issues it (single sdQ).
-  static constexpr bool kDqWarp = kDqWarp_;
-  static constexpr int kDqBufs = kDqWarp ? 2 : 1;
+  // sdQ buffers: a dedicated warp (warp 1 of the producer warpgroup) issues the dQ bulk reduces
+  // from a double-buffered sdQ (mbarrier hand-off: the consumers never wait for the reduce).
+  static constexpr int kDqBufs = 2;
   static constexpr int kBlockM = 64;   // query rows per iteration
   static constexpr int kBlockN = 128;  // keys per CTA
   static constexpr int kStages = 2;
@@ -235,7 +230,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const bool varlen = p.cu_seqlens_q != nullptr;
 
   const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-  const SeqInfo si(p, b);
+  const SeqLen si = sequence(p, b);
   const int n0 = n_block * kN;
   if (n0 >= si.sk) return;
   const int rows_k = min(kN, si.sk - n0);
@@ -246,9 +241,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const int total = n_m * group;
 
   Element* gdK = reinterpret_cast<Element*>(bp.dk) + int64_t(b) * bp.dk_batch_stride +
-                 int64_t(si.k_off + n0) * bp.dk_row_stride + int64_t(hk) * bp.dk_head_stride;
+                 int64_t(si.k_start + n0) * bp.dk_row_stride + int64_t(hk) * bp.dk_head_stride;
   Element* gdV = reinterpret_cast<Element*>(bp.dv) + int64_t(b) * bp.dv_batch_stride +
-                 int64_t(si.k_off + n0) * bp.dv_row_stride + int64_t(hk) * bp.dv_head_stride;
+                 int64_t(si.k_start + n0) * bp.dv_row_stride + int64_t(hk) * bp.dv_head_stride;
   if (total == 0) {  // no query sees these keys: zero gradients
     constexpr int kChunks = kD / 8;
     for (int t = threadIdx.x; t < rows_k * kChunks; t += blockDim.x) {
@@ -283,7 +278,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   cutlass::arch::fence_barrier_init();
   __syncthreads();
 
-  const int64_t pad_base = bwd_pad_base(varlen, b, si.q_off, p.seqlen_q);
+  const int64_t pad_base = bwd_pad_base(varlen, b, si.q_start, p.seqlen_q);
 
   if (warp_group_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
@@ -297,9 +292,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename Traits::SmemLayoutK{});
       Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutK{});
       auto tile_k = Shape<Int<kN>, Int<kD>>{};
-      Tensor gK = local_tile(domain_offset(make_coord(si.k_off, _0{}), mK(_, _, hk, si.tma_batch)),
+      Tensor gK = local_tile(domain_offset(make_coord(si.k_start, _0{}), mK(_, _, hk, si.tma_batch())),
                              tile_k, make_coord(n_block, _0{}));
-      Tensor gV = local_tile(domain_offset(make_coord(si.k_off, _0{}), mV(_, _, hk, si.tma_batch)),
+      Tensor gV = local_tile(domain_offset(make_coord(si.k_start, _0{}), mV(_, _, hk, si.tma_batch())),
                              tile_k, make_coord(n_block, _0{}));
       auto [tKgK, tKsK] = tma_partition(kp.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVgV, tVsV] = tma_partition(kp.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
@@ -311,9 +306,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       auto tile_q = Shape<Int<kM>, Int<kD>>{};
       for (int it = 0; it < total; ++it) {
         const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
-        Tensor gQ = local_tile(domain_offset(make_coord(si.q_off, _0{}), mQ(_, _, h, si.tma_batch)),
+        Tensor gQ = local_tile(domain_offset(make_coord(si.q_start, _0{}), mQ(_, _, h, si.tma_batch())),
                                tile_q, make_coord(m, _0{}));
-        Tensor gdO = local_tile(domain_offset(make_coord(si.q_off, _0{}), mdO(_, _, h, si.tma_batch)),
+        Tensor gdO = local_tile(domain_offset(make_coord(si.q_start, _0{}), mdO(_, _, h, si.tma_batch())),
                                 tile_q, make_coord(m, _0{}));
         auto [tQgQ, tQsQ] = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
         auto [tdOgdO, tdOsdO] = tma_partition(kp.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
@@ -327,10 +322,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         bulk_g2s(ss.smem_d.data() + s * kM, kp.dpad + off, kM * 4, bar);
         ++st;
       }
-    } else if (Traits::kDqWarp && warp_idx == 1 && lane_predicate) {
+    } else if (warp_idx == 1 && lane_predicate) {
       // dQ writer: per iteration, wait for both consumer warpgroups' halves of dQ in sdQ[buf],
       // add the tile to the fp32 accumulator with one bulk reduce, free the buffer once read.
-      const int64_t q_row0 = varlen ? int64_t(si.q_off) : int64_t(b) * p.seqlen_q;
+      const int64_t q_row0 = si.q_row0(p.seqlen_q);
       for (int it = 0; it < total; ++it) {
         const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
         const int m0 = m * kM;
@@ -402,7 +397,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
     const float scale_log2 = p.softmax_scale_log2;
     const int sq = si.sq, sk = si.sk;
-    const int64_t q_row0 = varlen ? int64_t(si.q_off) : int64_t(b) * p.seqlen_q;
     ss.barrier_kv.wait(0);
     typename Traits::PipelineState st;
 
@@ -467,15 +461,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       wg_gemm<false>(mma_dkv, rP, tdVrdOt(_, _, _, s), acc_dv);
       wg_gemm<false>(mma_dkv, rdS, tdKrQt(_, _, _, s), acc_dk);
       cutlass::arch::fence_view_async_shared();
-      if (!Traits::kDqWarp && tidx == 0) bulk_wait_read_all();  // previous reduce has read sdQ
       cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 1);  // all of dS^T in smem
 
       Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kM>, Int<kD>>{});
       wg_gemm<true>(mma_dq, tdQrdS, tdQrKt, acc_dq);
-      const int buf = Traits::kDqWarp ? (it & 1) : 0;
-      if constexpr (Traits::kDqWarp) {
-        if (it >= 2) ss.dq_empty[buf].wait(((it >> 1) - 1) & 1);
-      }
+      const int buf = it & 1;
+      if (it >= 2) ss.dq_empty[buf].wait(((it >> 1) - 1) & 1);
       warpgroup_wait<0>();
       pipe.consumer_release(st);
       ++st;
@@ -485,38 +476,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       for (int i = 0; i < size(acc_dq); i += 2)
         *reinterpret_cast<float2*>(&tdQsdQ(i)) = make_float2(acc_dq(i), acc_dq(i + 1));
       cutlass::arch::fence_view_async_shared();
-      if constexpr (Traits::kDqWarp) {
-        ss.dq_full[buf].arrive();
-      } else {
-        cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 2);
-        if (tidx == 0) {
-          float* dst = kp.dq_accum + (int64_t(h) * kp.total_q_rows + q_row0 + m0) * kD;
-          const int rows = min(kM, sq - m0);
-          int* sem = nullptr;
-          if (bp.deterministic) {
-            sem = kp.sems + (int64_t(b) * p.heads + h) * kp.num_m_max + m;
-            // First KV tile whose query range contains m (the visiting tiles are contiguous).
-            int lo = 0, hi = n_block;
-            while (lo < hi) {
-              const int mid = (lo + hi) / 2;
-              const TileRange rr = bwd_query_tiles(mid, kM, kN, sq, sk, wl, wr);
-              if (rr.end > m && rr.begin < rr.end) hi = mid; else lo = mid + 1;
-            }
-            const int expected = n_block - lo;
-            while (ld_acquire_gpu(sem) != expected) __nanosleep(32);
-          }
-          bulk_reduce_add_f32(dst, ss.smem_dq.data(), uint32_t(rows) * kD * 4);
-          bulk_commit();
-          if (bp.deterministic) {
-            bulk_wait_all();
-            asm volatile("fence.proxy.async.global;\n" ::: "memory");
-            __threadfence();
-            atomicAdd(sem, 1);
-          }
-        }
-      }
+      ss.dq_full[buf].arrive();
     }
-    if (!Traits::kDqWarp && tidx == 0) bulk_wait_all();
 
     // Epilogue: dK = scale * dK, dV, rows < sk, converted in registers, 4-byte stores.
     const float scale = p.softmax_scale;

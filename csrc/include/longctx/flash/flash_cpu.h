@@ -44,26 +44,6 @@ namespace cpu {
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
 
-// One sequence of the batch: where its rows start and how many there are.
-struct SeqBounds {
-  int64_t q_start = 0, k_start = 0;  // first packed row (varlen) or 0 (batched)
-  int sq = 0, sk = 0;
-};
-
-inline SeqBounds seq_bounds(const FwdParams& p, int b) {
-  SeqBounds s;
-  if (p.cu_seqlens_q != nullptr) {
-    s.q_start = p.cu_seqlens_q[b];
-    s.k_start = p.cu_seqlens_k[b];
-    s.sq = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
-    s.sk = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
-  } else {
-    s.sq = p.seqlen_q;
-    s.sk = p.seqlen_k;
-  }
-  return s;
-}
-
 // Element offset of (batch b, row `row` of the sequence, head h) for a tensor with these strides.
 inline int64_t row_offset(const FwdParams& p, int b, int64_t start, int64_t row, int h,
                           int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
@@ -226,7 +206,7 @@ struct Workspace {
 // ---------------------------------------------------------------------------------------------
 template <typename T, typename Acc>
 void fwd_task(const FwdParams& p, int b, int h, int m_block, Workspace<Acc>& ws) {
-  const SeqBounds sb = seq_bounds(p, b);
+  const SeqLen sb = sequence(p, b);
   const int64_t r0 = int64_t(m_block) * kBlockM;
   if (r0 >= sb.sq) return;  // varlen: this sequence is shorter than max_seqlen_q
   const int rows = static_cast<int>(std::min<int64_t>(kBlockM, sb.sq - r0));
@@ -295,7 +275,7 @@ void fwd_task(const FwdParams& p, int b, int h, int m_block, Workspace<Acc>& ws)
 template <typename T, typename Acc>
 void bwd_dot_task(const BwdParams& bp, int b, int h, int m_block) {
   const FwdParams& p = bp.fwd;
-  const SeqBounds sb = seq_bounds(p, b);
+  const SeqLen sb = sequence(p, b);
   const int64_t r0 = int64_t(m_block) * kBlockM;
   if (r0 >= sb.sq) return;
   const int rows = static_cast<int>(std::min<int64_t>(kBlockM, sb.sq - r0));
@@ -321,7 +301,7 @@ void bwd_dot_task(const BwdParams& bp, int b, int h, int m_block) {
 // Loads Q and dO of one query tile, and the row constants lse*log2(e) and D, for head h.
 // Returns the number of valid rows.
 template <typename T, typename Acc>
-int bwd_load_query_tile(const BwdParams& bp, const SeqBounds& sb, int b, int h, int m_block,
+int bwd_load_query_tile(const BwdParams& bp, const SeqLen& sb, int b, int h, int m_block,
                         Workspace<Acc>& ws) {
   const FwdParams& p = bp.fwd;
   const int64_t r0 = int64_t(m_block) * kBlockM;
@@ -349,7 +329,7 @@ int bwd_load_query_tile(const BwdParams& bp, const SeqBounds& sb, int b, int h, 
 // With ws.q/dout/rowv/rowv2 (query tile) and ws.kt/vt (KV tile) loaded: P into ws.s and dS into
 // ws.dp. Masked elements and rows that see nothing (lse = -inf) get P = dS = 0.
 template <typename Acc>
-void bwd_p_ds(const FwdParams& p, const SeqBounds& sb, int m_block, int n_block, int rows,
+void bwd_p_ds(const FwdParams& p, const SeqLen& sb, int m_block, int n_block, int rows,
               int cols, Workspace<Acc>& ws) {
   const int d = p.head_dim;
   const Acc scale_log2 = static_cast<Acc>(p.softmax_scale) * Acc(M_LOG2E);
@@ -382,7 +362,7 @@ void bwd_p_ds(const FwdParams& p, const SeqBounds& sb, int m_block, int n_block,
 
 // Loads K (row-major and transposed) and V (transposed) of one KV tile. Returns the key count.
 template <typename T, typename Acc>
-int bwd_load_key_tile(const FwdParams& p, const SeqBounds& sb, int b, int hk, int n_block,
+int bwd_load_key_tile(const FwdParams& p, const SeqLen& sb, int b, int hk, int n_block,
                       Workspace<Acc>& ws) {
   const int64_t c0 = int64_t(n_block) * kBlockN;
   const int cols = static_cast<int>(std::min<int64_t>(kBlockN, sb.sk - c0));
@@ -404,7 +384,7 @@ template <typename T, typename Acc>
 void bwd_dkdv_task(const BwdParams& bp, int b, int hk, int n_block, Workspace<Acc>& ws,
                    Acc* dacc) {
   const FwdParams& p = bp.fwd;
-  const SeqBounds sb = seq_bounds(p, b);
+  const SeqLen sb = sequence(p, b);
   const int64_t c0 = int64_t(n_block) * kBlockN;
   if (c0 >= sb.sk) return;
   const int d = p.head_dim;
@@ -442,7 +422,7 @@ void bwd_dkdv_task(const BwdParams& bp, int b, int hk, int n_block, Workspace<Ac
 template <typename T, typename Acc>
 void bwd_dq_task(const BwdParams& bp, int b, int h, int m_block, Workspace<Acc>& ws) {
   const FwdParams& p = bp.fwd;
-  const SeqBounds sb = seq_bounds(p, b);
+  const SeqLen sb = sequence(p, b);
   const int64_t r0 = int64_t(m_block) * kBlockM;
   if (r0 >= sb.sq) return;
   const int d = p.head_dim;

@@ -18,9 +18,8 @@
 #include "longctx/flash/flash_fwd_traits.cuh"
 #include "longctx/flash/flash_params.h"
 #include "longctx/flash/mainloop_fwd_sm90.cuh"
-#include "longctx/flash/seqlen_info.cuh"
 #include "longctx/flash/softmax.cuh"
-#include "longctx/flash/tile_range.cuh"
+#include "longctx/flash/mask.h"
 #include "longctx/flash/tile_scheduler.cuh"
 
 namespace longctx {
@@ -103,20 +102,20 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
                                        : t + int(gridDim.x);
         int m_block, h, b;
         sched.decode(t_cur, m_block, h, b);
-        const SeqInfo si(p, b);
+        const SeqLen si = sequence(p, b);
         if (m_block * kBlockM >= si.sq) continue;  // varlen: past this sequence
-        const KvTileRange tr = kv_tile_range(m_block, kBlockM, kBlockN, si.sq, si.sk,
-                                             p.window_left, p.window_right);
-        if (tr.n_max <= tr.n_min) continue;  // no key visible: nothing to load
+        const TileRange tr = fwd_key_tiles(m_block, kBlockM, kBlockN, si.sq, si.sk,
+                                           p.window_left, p.window_right);
+        if (tr.end <= tr.begin) continue;  // no key visible: nothing to load
         const int h_kv = h / (p.heads / p.heads_kv);
-        Tensor gQ = local_tile(domain_offset(make_coord(si.q_off, _0{}), mQ(_, _, h, si.tma_batch)),
+        Tensor gQ = local_tile(domain_offset(make_coord(si.q_start, _0{}), mQ(_, _, h, si.tma_batch())),
                                select<0, 2>(typename Traits::TileShape_MNK{}), make_coord(m_block, _0{}));
-        Tensor gK = local_tile(domain_offset(make_coord(si.k_off, _0{}), mK(_, _, h_kv, si.tma_batch)),
+        Tensor gK = local_tile(domain_offset(make_coord(si.k_start, _0{}), mK(_, _, h_kv, si.tma_batch())),
                                select<1, 2>(typename Traits::TileShape_MNK{}), make_coord(_, _0{}));
-        Tensor gV = local_tile(domain_offset(make_coord(si.k_off, _0{}), mV(_, _, h_kv, si.tma_batch)),
+        Tensor gV = local_tile(domain_offset(make_coord(si.k_start, _0{}), mV(_, _, h_kv, si.tma_batch())),
                                select<1, 2>(typename Traits::TileShape_MNK{}), make_coord(_, _0{}));
         producer_load<Traits>(ss, kp.tma_q, kp.tma_k, kp.tma_v, gQ, gK, gV, pipe_k, pipe_v, st,
-                              q_iter, tr.n_min, tr.n_max);
+                              q_iter, tr.begin, tr.end);
         ++q_iter;
       }
     }
@@ -133,17 +132,17 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
       if (t >= sched.total) break;
       int m_block, h, b;
       sched.decode(t, m_block, h, b);
-      const SeqInfo si(p, b);
+      const SeqLen si = sequence(p, b);
       if (m_block * kBlockM >= si.sq) continue;
-      const KvTileRange tr = kv_tile_range(m_block, kBlockM, kBlockN, si.sq, si.sk,
-                                           p.window_left, p.window_right);
+      const TileRange tr = fwd_key_tiles(m_block, kBlockM, kBlockN, si.sq, si.sk,
+                                         p.window_left, p.window_right);
       Tensor tOrO = partition_fragment_C(tiled_mma1, select<0, 2>(typename Traits::TileShape_MNK{}));
       clear(tOrO);
       OnlineSoftmax<2> softmax(p.softmax_scale_log2);
-      if (tr.n_max > tr.n_min) {
+      if (tr.end > tr.begin) {
         const MaskArgs ma{m_block, si.sq, si.sk, p.window_left, p.window_right};
-        consumer_mma<Traits>(ss, mma_tidx, pipe_k, pipe_v, st_k, st_v, q_iter, tr.n_min,
-                             tr.n_max, ma, tOrO, softmax);
+        consumer_mma<Traits>(ss, mma_tidx, pipe_k, pipe_v, st_k, st_v, q_iter, tr.begin,
+                             tr.end, ma, tOrO, softmax);
         ++q_iter;
       }
       float inv_sum[2], lse[2];
@@ -153,7 +152,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
       auto thr_mma1 = tiled_mma1.get_thread_slice(mma_tidx);
       Tensor cO = make_identity_tensor(select<0, 2>(typename Traits::TileShape_MNK{}));
       Tensor tOcO = thr_mma1.partition_C(cO);
-      store_o_lse<Element>(p, si, b, h, m_block * kBlockM, tOrO, tOcO, lse);
+      store_o_lse<Element>(p, si, h, m_block * kBlockM, tOrO, tOcO, lse);
     }
   }
 #endif

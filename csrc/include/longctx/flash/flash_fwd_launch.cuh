@@ -1,6 +1,6 @@
 // Host side of the Hopper forward kernel: builds the TMA descriptors for q/k/v, sizes the grid
 // and shared memory, launches on a stream. Framework-free (raw FwdParams), so the torch
-// launcher (csrc/ops/flash_fwd_cuda.cu) and the standalone tests/benchmarks share it.
+// launcher (csrc/flash/flash_fwd_cuda.cu) and the standalone tests/benchmarks share it.
 //
 // The TMA sees q as (rows, D, heads, batch) with element strides (row, 1, head, batch); varlen
 // passes the packed tensor as batch 1 with rows = total tokens (total_q / total_k, which
@@ -11,22 +11,21 @@
 // (seqlen_q is max_seqlen_q in varlen).
 #pragma once
 #include <cuda_runtime.h>
-#include <cstdlib>
-#include <cstring>
 #include <cute/tensor.hpp>
 #include "longctx/flash/flash_fwd_dispatch.cuh"
 #include "longctx/flash/flash_fwd_kernel.cuh"
 #include "longctx/flash/flash_fwd_traits.cuh"
 #include "longctx/flash/tile_scheduler.cuh"
 #include "longctx/flash/flash_params.h"
+#include "longctx/flash/tma_view.cuh"
 
 namespace longctx {
 namespace flash {
 
 // total_q / total_k: rows of the packed tensors in varlen mode (ignored when batched).
-template <typename Element, int kHeadDim>
 // tile_counter: >= 4 bytes of device scratch for the dynamic tile scheduler, used by no other
 // launch in flight (it is zeroed here, on the stream); nullptr selects the static schedule.
+template <typename Element, int kHeadDim>
 cudaError_t run_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t total_k,
                                int* tile_counter, cudaStream_t stream) {
   using namespace cute;
@@ -43,19 +42,13 @@ cudaError_t run_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t tota
   const int bt = varlen ? 1 : p.batch;
   kp.shape_q = make_shape(rows_q, kHeadDim, p.heads, bt);
   kp.shape_k = make_shape(rows_k > 0 ? rows_k : 1, kHeadDim, p.heads_kv, bt);
-  // A batch stride must be valid for the TMA even where the batch extent is 1.
-  auto bstride = [&](int64_t s, int64_t row_s, int rows) {
-    return varlen || p.batch == 1 ? int64_t(row_s) * (rows > 0 ? rows : 1) : s;
-  };
-  auto mQ = make_tensor(make_gmem_ptr(static_cast<const Element*>(p.q)), kp.shape_q,
-                        make_stride(p.q_row_stride, _1{}, p.q_head_stride,
-                                    bstride(p.q_batch_stride, p.q_row_stride, rows_q)));
-  auto mK = make_tensor(make_gmem_ptr(static_cast<const Element*>(p.k)), kp.shape_k,
-                        make_stride(p.k_row_stride, _1{}, p.k_head_stride,
-                                    bstride(p.k_batch_stride, p.k_row_stride, rows_k)));
-  auto mV = make_tensor(make_gmem_ptr(static_cast<const Element*>(p.v)), kp.shape_k,
-                        make_stride(p.v_row_stride, _1{}, p.v_head_stride,
-                                    bstride(p.v_batch_stride, p.v_row_stride, rows_k)));
+  const bool one_batch = varlen || p.batch == 1;
+  auto mQ = tma_view<Element>(p.q, kp.shape_q, p.q_row_stride, p.q_head_stride, p.q_batch_stride,
+                              one_batch, rows_q);
+  auto mK = tma_view<Element>(p.k, kp.shape_k, p.k_row_stride, p.k_head_stride, p.k_batch_stride,
+                              one_batch, rows_k);
+  auto mV = tma_view<Element>(p.v, kp.shape_k, p.v_row_stride, p.v_head_stride, p.v_batch_stride,
+                              one_batch, rows_k);
   kp.tma_q = make_tma_copy(SM90_TMA_LOAD{}, mQ, typename Traits::SmemLayoutQ{},
                            select<0, 2>(typename Traits::TileShape_MNK{}), _1{});
   kp.tma_k = make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(typename Traits::SmemLayoutK{}),
@@ -80,19 +73,14 @@ cudaError_t run_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t tota
   const int64_t total = int64_t(sc.num_m) * sc.num_hb;
   if (total >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
   sc.total = int(total);
-  // Persistent grid: one CTA per SM (the kernel's smem allows one), dynamic schedule when a
-  // tile counter is given (hdim 256: one CTA per tile by default, see the traits). For A/B
-  // timing LONGCTX_FLASH_FWD_GRID=tiles launches one CTA per tile (same tile order), =static
-  // keeps the persistent grid with the static schedule, =dynamic forces the persistent one.
+  // Persistent grid: one CTA per SM (the kernel's smem allows one); the dynamic schedule when a
+  // tile counter is given, else the static one (same tile order).
   int dev = 0, sms = 132;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  const char* mode = std::getenv("LONGCTX_FLASH_FWD_GRID");
-  const bool one_per_tile = mode != nullptr && std::strcmp(mode, "tiles") == 0;
-  const int ctas = one_per_tile ? sc.total : (sc.total < sms ? sc.total : sms);
+  const int ctas = sc.total < sms ? sc.total : sms;
   dim3 grid(ctas > 0 ? ctas : 1);
-  const bool static_sched = mode != nullptr && std::strcmp(mode, "static") == 0;
-  kp.tile_counter = (one_per_tile || static_sched) ? nullptr : tile_counter;
+  kp.tile_counter = tile_counter;
   if (kp.tile_counter != nullptr) {
     err = cudaMemsetAsync(kp.tile_counter, 0, sizeof(int), stream);
     if (err != cudaSuccess) return err;

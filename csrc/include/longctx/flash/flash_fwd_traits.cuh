@@ -38,11 +38,10 @@ template <int kHeadDim> struct FwdTileSize;
 // Register split (setmaxnreg) producer / consumer: the sum 128 * P + 256 * C must not exceed
 // the 168 * 384 = 64512 registers the CTA launches with. 40/232 keeps the producer's scheduler
 // loop spill-free; hdim 256 needs 240 in the consumers (232 spills there), so its producer
-// gets 24 and spills (448 B with the persistent loop), so hdim 256 defaults to one CTA per tile
-// (kPersistent = false), which measured faster for it (causal 626 vs 570 TFLOP/s).
-template <> struct FwdTileSize<64>  { static constexpr int kBlockM = 128, kBlockN = 128, kStages = 2, kProducerRegs = 40, kConsumerRegs = 232; static constexpr bool kPersistent = true; };
-template <> struct FwdTileSize<128> { static constexpr int kBlockM = 128, kBlockN = 128, kStages = 2, kProducerRegs = 40, kConsumerRegs = 232; static constexpr bool kPersistent = true; };
-template <> struct FwdTileSize<256> { static constexpr int kBlockM = 128, kBlockN = 80,  kStages = 2, kProducerRegs = 24, kConsumerRegs = 240; static constexpr bool kPersistent = false; };
+// gets 24 and spills 448 bytes in the persistent scheduler loop (docs/kernels/flash_fwd.md).
+template <> struct FwdTileSize<64>  { static constexpr int kBlockM = 128, kBlockN = 128, kStages = 2, kProducerRegs = 40, kConsumerRegs = 232; };
+template <> struct FwdTileSize<128> { static constexpr int kBlockM = 128, kBlockN = 128, kStages = 2, kProducerRegs = 40, kConsumerRegs = 232; };
+template <> struct FwdTileSize<256> { static constexpr int kBlockM = 128, kBlockN = 80,  kStages = 2, kProducerRegs = 24, kConsumerRegs = 240; };
 
 template <typename Element_, int kHeadDim_,
           int kBlockN_ = FwdTileSize<kHeadDim_>::kBlockN,
@@ -59,7 +58,6 @@ struct FlashFwdTraits {
   static constexpr int kNumMmaThreads = 128 * kNumMmaWarpGroups;
   static constexpr int kProducerRegs = FwdTileSize<kHeadDim_>::kProducerRegs;
   static constexpr int kConsumerRegs = FwdTileSize<kHeadDim_>::kConsumerRegs;
-  static constexpr bool kPersistent = FwdTileSize<kHeadDim_>::kPersistent;  // default grid
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 168 * 384, "setmaxnreg pool");
 
   static_assert(kHeadDim % 64 == 0, "head dim must be a multiple of 64");

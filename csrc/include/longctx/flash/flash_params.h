@@ -14,6 +14,8 @@
 // causal is window_right = 0. A row that sees no key gets out = 0 and lse = -inf.
 #pragma once
 #include <cstdint>
+#include "longctx/config.h"
+#include "longctx/seqlen.h"
 
 namespace longctx {
 namespace flash {
@@ -71,6 +73,11 @@ struct BwdParams {
   // deterministic whatever this says.
   bool deterministic = false;
 };
+
+// Sequence b of a launch (seqlen.h): lengths and first rows, batched or varlen.
+LONGCTX_HOST_DEVICE SeqLen sequence(const FwdParams& p, int b) {
+  return seq_len(p.cu_seqlens_q, p.cu_seqlens_k, p.seqlen_q, p.seqlen_k, b);
+}
 
 }  // namespace flash
 }  // namespace longctx

@@ -11,7 +11,7 @@
 //   O += P V(n_min)
 // so the softmax of tile n runs while the tensor cores do P V(n+1). Tiles are walked from the
 // last (the diagonal, masked ones first) to the first. The per-element mask is applied only to
-// tiles kv_tile_needs_mask flags. Invariants: consumer and producer walk the same tile range;
+// tiles mask.h's tile_needs_mask flags. Invariants: consumer and producer walk the same tile range;
 // each pipeline state advances exactly once per KV tile on both sides and persists across the
 // query tiles of a persistent CTA; the Q barriers flip once per query tile that loads Q
 // (q_iter counts those), barrier_q_empty tells the producer sQ may be overwritten.
@@ -19,9 +19,9 @@
 #include <cute/tensor.hpp>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 #include "longctx/flash/flash_fwd_traits.cuh"
-#include "longctx/flash/mask.cuh"
+#include <math_constants.h>
+#include "longctx/flash/mask.h"
 #include "longctx/flash/softmax.cuh"
-#include "longctx/flash/tile_range.cuh"
 
 namespace longctx {
 namespace flash {
@@ -88,6 +88,24 @@ struct MaskArgs {
   int m_block, sq, sk, window_left, window_right;
 };
 
+// Sets S(i, j) = -inf in an S tile held in wgmma accumulators where key j is invisible to query
+// i (mask.h's rule in 32-bit arithmetic: positions are < 2^31): i = m0 + row, j = n0 + col, with
+// (row, col) from an identity tensor partitioned like the accumulator (tScS).
+template <typename TensorS, typename TensorC>
+__device__ __forceinline__ void apply_mask(TensorS& tSrS, const TensorC& tScS, int m0, int n0,
+                                           int sq, int sk, int window_left, int window_right) {
+  const int diag = sk - sq;
+  #pragma unroll
+  for (int i = 0; i < cute::size(tSrS); ++i) {
+    const int row = m0 + int(cute::get<0>(tScS(i)));
+    const int col = n0 + int(cute::get<1>(tScS(i)));
+    bool vis = col < sk;
+    if (window_right >= 0) vis = vis && (col <= row + diag + window_right);
+    if (window_left >= 0) vis = vis && (col >= row + diag - window_left);
+    if (!vis) tSrS(i) = -CUDART_INF_F;
+  }
+}
+
 // Runs the consumer main loop; returns O (unnormalized) in tOrO and the softmax state.
 template <typename Traits, typename TensorO, typename Softmax>
 __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss, int mma_tidx,
@@ -126,8 +144,8 @@ __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss,
     *reinterpret_cast<cutlass::Array<Element, N>*>(tOrP.data()) = frag;
   };
   auto maybe_mask = [&](int n) {
-    if (kv_tile_needs_mask(ma.m_block, n, kBlockM, kBlockN, ma.sq, ma.sk, ma.window_left,
-                           ma.window_right)) {
+    if (tile_needs_mask(ma.m_block, n, kBlockM, kBlockN, ma.sq, ma.sk, ma.window_left,
+                        ma.window_right)) {
       apply_mask(tSrS, tScS, ma.m_block * kBlockM, n * kBlockN, ma.sq, ma.sk, ma.window_left,
                  ma.window_right);
     }

@@ -1,5 +1,6 @@
-// The flash-attention mask as integer arithmetic, shared by the CPU twin and the CUDA kernels
-// (host and device code, no framework headers).
+// The flash-attention mask as integer arithmetic: the one definition of which keys a query row
+// sees and which tiles a kernel visits, shared by the CPU twins and every CUDA kernel (host and
+// device code, no framework headers).
 //
 // For one sequence with sq query rows and sk keys, let shift = sk - sq (bottom-right alignment).
 // Query row i (0 <= i < sq) sees key j (0 <= j < sk) iff
@@ -13,7 +14,9 @@
 // Both bounds move monotonically with the row (or key) index, so the visible set of a tile of
 // rows is covered by one interval built from its first and last rows; tiles in the range may
 // still contain masked elements (the per-element test handles them), tiles outside contain
-// none. tile_fully_visible says whether a (query tile, key tile) pair needs no per-element mask.
+// none. tile_fully_visible says whether a (query tile, key tile) pair needs no per-element mask;
+// tile_needs_mask is the GPU kernels' test (they load whole key tiles, so a tile that runs past
+// sk needs the mask too).
 // All arithmetic is 64-bit: i + shift - window_left cannot overflow for any int inputs.
 #pragma once
 #include <cstdint>
@@ -103,6 +106,15 @@ LONGCTX_HOST_DEVICE bool tile_fully_visible(int m_block, int n_block, int block_
   const bool left_ok = window_left < 0 || key_begin >= (row_end - 1) + shift - window_left;
   const bool right_ok = window_right < 0 || key_end - 1 <= row_begin + shift + window_right;
   return left_ok && right_ok;
+}
+
+// Whether a kernel that loads whole key tiles must mask tile (m_block, n_block) per element: its
+// keys run past sk, or a mask edge crosses it.
+LONGCTX_HOST_DEVICE bool tile_needs_mask(int m_block, int n_block, int block_m, int block_n,
+                                         int sq, int sk, int window_left, int window_right) {
+  return int64_t(n_block + 1) * block_n > sk ||
+         !tile_fully_visible(m_block, n_block, block_m, block_n, sq, sk, window_left,
+                             window_right);
 }
 
 }  // namespace flash

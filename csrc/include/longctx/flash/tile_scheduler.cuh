@@ -1,14 +1,15 @@
-// Static persistent tile scheduler of the forward kernel: which (query tile, head, batch) the
-// k-th iteration of CTA c computes.
+// Tile order of the forward kernel's persistent grid: which (query tile, head, batch) tile t is.
 //
 // The tile space is num_m query tiles x (heads * batch). It is walked in sections of
 // hb_per_section (head, batch) pairs whose K/V fit together in L2 (the host sizes the section
 // from seqlen_k * head_dim); inside a section, query tiles go from the last to the first (under
 // a causal mask the last tiles have the most KV tiles: longest first, so the final wave is
 // short), and the (head, batch) pairs of a section are adjacent, so the CTAs running at the same
-// time share K/V through L2. CTA c takes tiles c, c + gridDim.x, c + 2 gridDim.x, ... (a grid of
-// one CTA per tile is the non-persistent special case). Tiles past a varlen sequence's end are
-// skipped by the kernel (producer and consumers decide alike).
+// time share K/V through L2. The launch takes tiles in this order: CTA c starts with tile c and
+// then takes the next tile of an atomic counter as soon as its producer has issued the current
+// one (the dynamic schedule, the default), or tiles c + gridDim.x, c + 2 gridDim.x, ... (the
+// static schedule, a launch without a counter). Tiles past a varlen sequence's end are skipped by
+// the kernel (producer and consumers decide alike).
 #pragma once
 
 namespace longctx {

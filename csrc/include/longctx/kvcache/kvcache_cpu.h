@@ -1,6 +1,6 @@
 // The paged KV cache on the CPU: append (RoPE on K, quantize on write) and attention over the
 // cache with dequantization on load. Framework-free; the caller parallelizes over the task
-// functions (csrc/cpu/kvcache_cpu.cpp). T is the element type of the new tokens, q and out
+// functions (csrc/kvcache/kvcache_cpu.cpp). T is the element type of the new tokens, q and out
 // (float, c10::BFloat16, c10::Half: anything static_cast to and from float); F the cache format.
 //
 // Append, one task per new token (it is the only writer of its slot): for K and then V, each kv
@@ -152,44 +152,16 @@ void append_token(const AppendParams& p, int64_t row, float* buf, rope::CosSin* 
 // Attention
 // ---------------------------------------------------------------------------------------------
 
-// The queries of one sequence: rows [0, sq), element offsets of row 0 in q and out, and the
-// global row index (out_accum / lse_accum) of row 0.
-struct SeqQ {
-  int64_t sq = 0, sk = 0;
-  int64_t q_off = 0, out_off = 0, lse_off = 0;  // lse_off: excludes the head term
-  int64_t row0 = 0;
-};
-
-inline SeqQ seq_q(const AttnParams& p, int b) {
-  SeqQ s;
-  s.sk = cached_len(p.cache, b);
-  if (p.cu_seqlens_q != nullptr) {
-    const int64_t start = p.cu_seqlens_q[b];
-    s.sq = p.cu_seqlens_q[b + 1] - start;
-    s.q_off = start * p.q_row_stride;
-    s.out_off = start * p.out_row_stride;
-    s.lse_off = start;
-    s.row0 = start;
-  } else {
-    s.sq = p.seqlen_q;
-    s.q_off = int64_t(b) * p.q_batch_stride;
-    s.out_off = int64_t(b) * p.out_batch_stride;
-    s.lse_off = int64_t(b) * p.lse_batch_stride;
-    s.row0 = int64_t(b) * p.seqlen_q;
-  }
-  return s;
-}
-
 // Key tiles [begin, end) of packed query rows [r0, r0 + rows): the union of the rows' ranges.
-inline flash::TileRange packed_key_tiles(const AttnParams& p, const SeqQ& s, int group, int64_t r0,
+inline flash::TileRange packed_key_tiles(const AttnParams& p, const SeqLen& s, int group, int64_t r0,
                                          int rows) {
   flash::TileRange u;
   bool any = false;
   const int64_t i_first = r0 / group, i_last = (r0 + rows - 1) / group;
   for (int64_t i = i_first; i <= i_last; ++i) {
     const flash::TileRange t =
-        flash::fwd_key_tiles(static_cast<int>(i), 1, kBlockN, static_cast<int>(s.sq),
-                             static_cast<int>(s.sk), p.window_left, p.window_right);
+        flash::fwd_key_tiles(static_cast<int>(i), 1, kBlockN, s.sq, s.sk, p.window_left,
+                             p.window_right);
     if (t.begin >= t.end) continue;
     u.begin = any ? std::min(u.begin, t.begin) : t.begin;
     u.end = any ? std::max(u.end, t.end) : t.end;
@@ -201,10 +173,10 @@ inline flash::TileRange packed_key_tiles(const AttnParams& p, const SeqQ& s, int
 // Gathers key tile n (keys [n * kBlockN, + cols)) of kv head hk: K transposed into ws.kt, V into
 // ws.v, valid[c] = whether key c's page may be read (invalid keys are zero-filled and masked).
 template <typename T, Format F>
-int load_kv_tile(const AttnParams& p, int b, int hk, int n, const SeqQ& s,
+int load_kv_tile(const AttnParams& p, int b, int hk, int n, const SeqLen& s,
                  flash::cpu::Workspace<float>& ws, bool* valid) {
   const int64_t c0 = int64_t(n) * kBlockN;
-  const int cols = static_cast<int>(std::min<int64_t>(kBlockN, s.sk - c0));
+  const int cols = static_cast<int>(std::min<int64_t>(kBlockN, int64_t(s.sk) - c0));
   const int d = p.cache.head_dim;
   for (int c = 0; c < cols; ++c) {
     const Slot sl = locate(p.cache, b, c0 + c);
@@ -224,14 +196,14 @@ int load_kv_tile(const AttnParams& p, int b, int hk, int n, const SeqQ& s,
 template <typename T, Format F>
 void attn_task(const AttnParams& p, int b, int hk, int m_block, int split,
                flash::cpu::Workspace<float>& ws) {
-  const SeqQ s = seq_q(p, b);
+  const SeqLen s = sequence(p, b);
   const int group = p.heads / p.cache.kv_heads;
-  const int64_t R = s.sq * group;
+  const int64_t R = int64_t(s.sq) * group;
   const int64_t r0 = int64_t(m_block) * kBlockM;
   if (r0 >= R) return;
   const int rows = static_cast<int>(std::min<int64_t>(kBlockM, R - r0));
   const int d = p.cache.head_dim;
-  const int sq = static_cast<int>(s.sq), sk = static_cast<int>(s.sk);
+  const int sq = s.sq, sk = s.sk;
   const int wl = p.window_left, wr = p.window_right;
   const float scale_log2 = p.softmax_scale * float(M_LOG2E);
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -239,7 +211,8 @@ void attn_task(const AttnParams& p, int b, int hk, int m_block, int split,
   for (int r = 0; r < rows; ++r) {
     const int64_t i = (r0 + r) / group;
     const int h = hk * group + static_cast<int>((r0 + r) % group);
-    const T* q = static_cast<const T*>(p.q) + s.q_off + i * p.q_row_stride +
+    const T* q = static_cast<const T*>(p.q) + s.q_offset(p.q_batch_stride, p.q_row_stride) +
+                 i * p.q_row_stride +
                  int64_t(h) * p.q_head_stride;
     for (int c = 0; c < d; ++c) ws.q[int64_t(r) * d + c] = static_cast<float>(q[c]);
   }
@@ -287,13 +260,14 @@ void attn_task(const AttnParams& p, int b, int hk, int m_block, int split,
     const float inv = empty ? 0.f : 1.f / l[r];
     const float lse = empty ? neg_inf : mx[r] * float(M_LN2) + std::log(l[r]);
     if (p.num_splits == 1) {
-      T* orow = static_cast<T*>(p.out) + s.out_off + i * p.out_row_stride +
+      T* orow = static_cast<T*>(p.out) + s.q_offset(p.out_batch_stride, p.out_row_stride) +
+                i * p.out_row_stride +
                 int64_t(h) * p.out_head_stride;
       for (int c = 0; c < d; ++c)
         orow[c] = static_cast<T>(empty ? 0.f : O[int64_t(r) * d + c] * inv);
-      p.lse[s.lse_off + int64_t(h) * p.lse_head_stride + i] = lse;
+      p.lse[s.lse_offset(p.lse_batch_stride) + int64_t(h) * p.lse_head_stride + i] = lse;
     } else {
-      const int64_t grow = s.row0 + i;
+      const int64_t grow = s.q_row0(p.seqlen_q) + i;
       float* orow = p.out_accum + ((int64_t(split) * p.total_q + grow) * p.heads + h) * d;
       for (int c = 0; c < d; ++c) orow[c] = empty ? 0.f : O[int64_t(r) * d + c] * inv;
       p.lse_accum[(int64_t(split) * p.heads + h) * p.total_q + grow] = lse;
@@ -305,17 +279,18 @@ void attn_task(const AttnParams& p, int b, int hk, int m_block, int split,
 // w: num_splits floats of scratch.
 template <typename T>
 void merge_splits_task(const AttnParams& p, int b, int h, float* w) {
-  const SeqQ s = seq_q(p, b);
+  const SeqLen s = sequence(p, b);
   const int d = p.cache.head_dim;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < s.sq; ++i) {
-    const int64_t grow = s.row0 + i;
+    const int64_t grow = s.q_row0(p.seqlen_q) + i;
     float m = neg_inf;
     for (int sp = 0; sp < p.num_splits; ++sp)
       m = std::max(m, p.lse_accum[(int64_t(sp) * p.heads + h) * p.total_q + grow]);
-    T* orow = static_cast<T*>(p.out) + s.out_off + i * p.out_row_stride +
+    T* orow = static_cast<T*>(p.out) + s.q_offset(p.out_batch_stride, p.out_row_stride) +
+                i * p.out_row_stride +
               int64_t(h) * p.out_head_stride;
-    float* lse = p.lse + s.lse_off + int64_t(h) * p.lse_head_stride + i;
+    float* lse = p.lse + s.lse_offset(p.lse_batch_stride) + int64_t(h) * p.lse_head_stride + i;
     if (m == neg_inf) {
       for (int c = 0; c < d; ++c) orow[c] = static_cast<T>(0.f);
       *lse = neg_inf;

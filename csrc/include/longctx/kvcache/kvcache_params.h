@@ -136,19 +136,8 @@ struct AttnParams {
   float* out_accum = nullptr;
   float* lse_accum = nullptr;
 
-  // CUDA decode launch knobs (set by the launcher, ignored on the CPU): grid order (true: the
-  // CTAs of one split for all kv heads are adjacent in launch order, so they stream the same
-  // pages at the same time) and whether the staged kernel's K/V copies carry an L2 evict-first
-  // hint (the int8 scales, re-read by every kv head's CTA, then stay in L2).
-  bool decode_heads_fastest = true;
-  bool decode_l2_hint = true;
-  // Staged kernel (measurement): let the merge kernel launch at the kernel's start instead of
-  // after the key loop (grid_dependency.cuh).
-  bool decode_pdl_early = false;
-  // Staged kernel (measurement): contiguous split ranges instead of round-robin tiles.
-  bool decode_contiguous_splits = false;
-  // Staged kernel: each warp takes runs of 2^decode_tile_run_log2 adjacent 16-key tiles per
-  // round-robin step (0: single tiles).
+  // CUDA staged decode kernel (set by the launcher, ignored elsewhere): each warp takes runs of
+  // 2^decode_tile_run_log2 adjacent 16-key tiles per round-robin step (0: single tiles).
   int decode_tile_run_log2 = 0;
 };
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include "longctx/config.h"
 #include "longctx/kvcache/kvcache_params.h"
+#include "longctx/seqlen.h"
 
 namespace longctx {
 namespace kvcache {
@@ -49,6 +50,12 @@ LONGCTX_HOST_DEVICE int64_t cached_len(const PagedKV& c, int b) {
   int64_t sk = c.cache_seqlens[b];
   const int64_t cap = seq_capacity(c);
   return sk < 0 ? 0 : (sk > cap ? cap : sk);
+}
+
+// Sequence b of an attention call (seqlen.h): its query rows (batched or packed) and the keys it
+// attends to, the first cached_len of its cache.
+LONGCTX_HOST_DEVICE SeqLen sequence(const AttnParams& p, int b) {
+  return seq_len(p.cu_seqlens_q, nullptr, p.seqlen_q, static_cast<int>(cached_len(p.cache, b)), b);
 }
 
 }  // namespace kvcache

@@ -1,0 +1,85 @@
+// Host interface of the flash-attention backward: workspace sizing, the layout requirement of its
+// kernels, the launch function type and the table of compiled (head_dim, dtype) instantiations
+// (registry.h). Framework-free: the torch launcher (csrc/flash/flash_bwd_cuda.cu) and the
+// standalone test and benchmark use it alike.
+//
+// Workspace (caller-allocated, 16-byte aligned, stream-private):
+//   dq_accum: heads * total_q_rows * head_dim floats, total_q_rows = total_q (varlen) or
+//             batch * seqlen_q, followed by the row-padded lse2 and D buffers of the wgmma
+//             kernel (2 * heads * bwd_pad_head_stride floats; flash_bwd_accum_floats counts all);
+//   sems:     batch * heads * ceil(seqlen_q / 64) ints (deterministic mode only; may be null
+//             otherwise). seqlen_q is max_seqlen_q in varlen.
+// Requirements (flash_bwd_unsupported_reason): 16-byte-aligned q/k/v/out/dout/dq/dk/dv, row
+// and head strides multiples of 8 elements.
+#pragma once
+#include <cuda_runtime.h>
+#include <cstdint>
+#include "longctx/config.h"
+#include "longctx/flash/flash_params.h"
+#include "longctx/registry.h"
+
+namespace longctx {
+namespace flash {
+
+// Row-padded per-head layout of lse2 / D for the wgmma backward (flash_bwd_preprocess.cuh). Each
+// sequence starts at a 16-byte-aligned row and is followed by >= 64 spare rows, so a 64-row tile
+// starting inside it never reaches the next sequence. Batched: b * roundup(seqlen_q, 64).
+LONGCTX_HOST_DEVICE int64_t bwd_pad_base(bool varlen, int b, int64_t q_off, int seqlen_q) {
+  return varlen ? ((q_off + 72 * int64_t(b) + 3) & ~int64_t(3))
+                : int64_t(b) * ((int64_t(seqlen_q) + 63) / 64 * 64);
+}
+LONGCTX_HOST_DEVICE int64_t bwd_pad_head_stride(bool varlen, int batch, int64_t total_q,
+                                                int seqlen_q) {
+  return varlen ? ((total_q + 72 * int64_t(batch) + 8) & ~int64_t(3))
+                : int64_t(batch) * ((int64_t(seqlen_q) + 63) / 64 * 64);
+}
+
+constexpr int kBwdBlockM = 64;
+
+inline int64_t flash_bwd_total_q_rows(const BwdParams& p, int64_t total_q) {
+  return p.fwd.cu_seqlens_q != nullptr ? total_q : int64_t(p.fwd.batch) * p.fwd.seqlen_q;
+}
+inline int64_t flash_bwd_dq_floats(const BwdParams& p, int64_t total_q) {
+  return int64_t(p.fwd.heads) * flash_bwd_total_q_rows(p, total_q) * p.fwd.head_dim;
+}
+inline int64_t flash_bwd_pad_stride(const BwdParams& p, int64_t total_q) {
+  return bwd_pad_head_stride(p.fwd.cu_seqlens_q != nullptr, p.fwd.batch, total_q, p.fwd.seqlen_q);
+}
+// Whole workspace: dQ accumulator + padded lse2 and D.
+inline int64_t flash_bwd_accum_floats(const BwdParams& p, int64_t total_q) {
+  return flash_bwd_dq_floats(p, total_q) + 2 * int64_t(p.fwd.heads) * flash_bwd_pad_stride(p, total_q);
+}
+inline int64_t flash_bwd_num_sems(const BwdParams& p) {
+  return int64_t(p.fwd.batch) * p.fwd.heads * ((p.fwd.seqlen_q + kBwdBlockM - 1) / kBwdBlockM);
+}
+
+inline const char* flash_bwd_unsupported_reason(const BwdParams& p) {
+  auto mis = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) != 0; };
+  const FwdParams& f = p.fwd;
+  if (mis(f.q) || mis(f.k) || mis(f.v) || mis(f.out) || mis(p.dout) || mis(p.dq) || mis(p.dk) ||
+      mis(p.dv))
+    return "q, k, v, out, dout, dq, dk and dv must be 16-byte aligned";
+  const int64_t s[] = {f.q_row_stride,  f.q_head_stride,  f.k_row_stride,   f.k_head_stride,
+                       f.v_row_stride,  f.v_head_stride,  f.out_row_stride, f.out_head_stride,
+                       p.dout_row_stride, p.dout_head_stride, p.dq_row_stride, p.dq_head_stride,
+                       p.dk_row_stride, p.dk_head_stride, p.dv_row_stride,  p.dv_head_stride,
+                       f.cu_seqlens_q ? 0 : f.q_batch_stride, f.cu_seqlens_q ? 0 : f.k_batch_stride,
+                       f.cu_seqlens_q ? 0 : f.v_batch_stride, f.cu_seqlens_q ? 0 : f.out_batch_stride,
+                       f.cu_seqlens_q ? 0 : p.dout_batch_stride, f.cu_seqlens_q ? 0 : p.dq_batch_stride,
+                       f.cu_seqlens_q ? 0 : p.dk_batch_stride, f.cu_seqlens_q ? 0 : p.dv_batch_stride};
+  for (int64_t x : s)
+    if (x % 8 != 0) return "row, head and batch strides must be multiples of 8 elements";
+  return nullptr;
+}
+
+// dq_accum / sems: the workspace above; total_q / total_k: rows of the packed tensors in
+// varlen mode (ignored when batched).
+using FlashBwdFn = cudaError_t (*)(const BwdParams&, int64_t total_q, int64_t total_k,
+                                   float* dq_accum, int* sems, cudaStream_t);
+
+struct FlashBwdTag {};
+// Keyed by (head_dim, dtype); filled by the generated flash_bwd_hdim<D>_<dtype>.cu files.
+using FlashBwdTable = KernelTable<FlashBwdTag, FlashBwdFn>;
+
+}  // namespace flash
+}  // namespace longctx

@@ -1,0 +1,280 @@
+// Host side of the split-KV decode (framework-free): which kernel serves a call, its split count,
+// and the launches of the decode and merge kernels for one (query element type, cache format).
+// The generated kvcache_decode_<format>_<dtype>.cu files instantiate decode_fns<T, F>() and
+// register it in DecodeTable; the torch launcher (csrc/kvcache/kvcache_cuda.cu) checks the
+// arguments, allocates the split scratch and calls plan, decode and merge.
+//
+// Kernel choice (all 128 threads on the grid (kv_heads x row tiles, splits, batch), GT = 1, 4 or
+// 8 packed query rows per CTA):
+//   - 8-bit caches at head_dim 64/128 whose layout allows 16-byte copies (staged_decode_ok): the
+//     cp.async-staged tensor-core kernel (decode_staged.cuh), 6 stages and 2 CTAs per SM; int8
+//     scales copied per key (16 K and 16 V scales of a tile, two 64-byte requests where the
+//     scales are head-major, as PagedKVCache stores them), or, where the scales are slot-major
+//     with kv_heads <= 8 (staged_line_scales_ok), as whole 16-byte line copies of all kv heads'
+//     scales of the tile's slots (5 stages, to stay at 2 CTAs per SM);
+//   - other head_dim 128 cases (16-bit caches, 8-bit layouts the staged kernel cannot take): the
+//     register tensor-core kernel (decode_mma.cuh);
+//   - the rest (head_dim 64 and 256): the CUDA-core kernel (decode_cuda_cores.cuh).
+// Then, with more than one split, the merge kernel (decode_merge.cuh). Both launches are
+// programmatic dependent on sm_90 (grid_dependency.cuh): the same ordering, the launch latency
+// hidden. Measurements behind these choices: docs/kernels/kvcache.md.
+#pragma once
+#include <cuda_runtime.h>
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <utility>
+#include "longctx/kvcache/decode_cuda_cores.cuh"
+#include "longctx/kvcache/decode_merge.cuh"
+#include "longctx/kvcache/decode_mma.cuh"
+#include "longctx/kvcache/decode_staged.cuh"
+#include "longctx/kvcache/kvcache_params.h"
+#include "longctx/registry.h"
+
+namespace longctx {
+namespace kvcache {
+
+// What plan() decides for one call.
+struct DecodeLaunch {
+  int splits = 1;         // CTAs per row tile (num_splits); > 1 needs the split scratch and merge
+  int tile_run_log2 = 0;  // staged kernel: adjacent 16-key tiles per warp and round-robin step
+  int smem_bytes = 0;     // dynamic shared memory of the decode kernel
+};
+
+// The entry points of one (element type, format) instantiation. Each returns the CUDA error of
+// its runtime calls (cudaSuccess when all went well).
+struct DecodeFns {
+  // The kernel's shared-memory limit set on the current device, and the split count for
+  // num_splits (0: automatic) over sms multiprocessors; max_keys: the block table's capacity.
+  cudaError_t (*plan)(const AttnParams& p, int num_splits, int64_t max_keys, int sms,
+                      DecodeLaunch* out) = nullptr;
+  // The decode kernel; p.num_splits = l.splits and, with more than one split, p.out_accum /
+  // p.lse_accum point to the scratch (kvcache_params.h).
+  cudaError_t (*decode)(const AttnParams& p, const DecodeLaunch& l, bool pdl,
+                        cudaStream_t stream) = nullptr;
+  // The merge of p.num_splits > 1 partials into out and lse.
+  cudaError_t (*merge)(const AttnParams& p, bool pdl, cudaStream_t stream) = nullptr;
+};
+
+struct DecodeTag {};
+// Keyed by (int(Format), dtype of q).
+using DecodeTable = KernelTable<DecodeTag, DecodeFns>;
+
+// Packed query rows (seqlen_q * heads / kv_heads) per CTA: 1, 4 or 8.
+inline int decode_rows_per_cta(const AttnParams& p) {
+  const int64_t rows = int64_t(p.seqlen_q) * (p.heads / p.cache.kv_heads);
+  return rows <= 1 ? 1 : rows <= 4 ? 4 : 8;
+}
+// Row tiles per kv head (grid.x = kv_heads x row tiles).
+inline int decode_row_tiles(const AttnParams& p) {
+  const int64_t rows = int64_t(p.seqlen_q) * (p.heads / p.cache.kv_heads);
+  const int gt = decode_rows_per_cta(p);
+  return static_cast<int>((rows + gt - 1) / gt);
+}
+
+// Whether the staged kernel can take this cache: every 16-byte piece of a key row must be a
+// 16-byte aligned address (base pointers and page / slot / head strides; for 8-bit caches the
+// element strides are bytes), a 16-key tile must lie in one page, and the offsets of a tile's
+// 16 slots must fit in int32 (the kernel's per-lane copy offsets); the pool must hold a page
+// (copies of invalid tiles point into page 0 with size 0).
+inline bool staged_decode_ok(const PagedKV& c) {
+  auto a16 = [&](const CacheView& v) {
+    return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.page_stride % 16 == 0 &&
+           v.slot_stride % 16 == 0 && v.head_stride % 16 == 0 && v.slot_stride >= 0 &&
+           16 * v.slot_stride + c.head_dim < (int64_t(1) << 31);
+  };
+  return c.format != Format::kNative && c.block_size % 16 == 0 && c.num_blocks >= 1 &&
+         a16(c.k) && a16(c.v);
+}
+
+// Whether the staged kernel's line copies of the int8 scales apply: int8, scales
+// (num_blocks, block_size, kv_heads) contiguous within a page (slot-major), 16-byte aligned
+// page starts, kv_heads <= 8.
+inline bool staged_line_scales_ok(const PagedKV& c) {
+  auto ok = [&](const CacheView& v) {
+    return v.scale_head_stride == 1 && v.scale_slot_stride == c.kv_heads &&
+           reinterpret_cast<uintptr_t>(v.token_scale) % 16 == 0 && v.scale_page_stride % 4 == 0;
+  };
+  return c.format == Format::kInt8 && c.kv_heads <= cuda::kLineScaleHeads && ok(c.k) && ok(c.v);
+}
+
+// Split count for `base` CTAs of `occ` per SM. A call's time goes as waves / splits (each CTA
+// does 1 / splits of its row tile's keys, ceil(base * splits / slots) waves), plus a small cost
+// per split (partials to write and merge, per-CTA ramp): the count minimizes
+// ceil(base * s / slots) / s * (1 + 0.002 s), with at least 256 keys per split and at most 256
+// splits (at batch 1 this takes 33 splits where 33 fill the device; a rule that stopped at 95%
+// full waves took 32, 2% slower).
+inline int choose_splits(int64_t base, int occ, int sms, int64_t max_keys) {
+  const int64_t slots = int64_t(occ) * sms;
+  if (base >= slots) return 1;
+  const int max_s = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(256, max_keys / 256)));
+  auto cost = [&](int s) {
+    return double((base * s + slots - 1) / slots) / double(s) * (1.0 + 0.002 * s);
+  };
+  int best = 1;
+  for (int s = 2; s <= max_s; ++s)
+    if (cost(s) < cost(best)) best = s;
+  return best;
+}
+
+// Staged kernel: adjacent 16-key tiles a warp takes per round-robin step, as a log2: pairs
+// where a warp has at least 48 tiles (max_keys, the block table's capacity, over the row tile's
+// splits x 4 warps; faster at 128K, slower at 16K-64K batch 1, where single tiles stay). The
+// order is fixed before the key counts are read (the first page ids are loaded while
+// cache_seqlens is in flight), hence the capacity rather than the lengths.
+inline int tile_run_log2(int64_t max_keys, int splits) {
+  const int64_t tiles_per_warp = (max_keys + 15) / 16 / (int64_t(splits) * cuda::kMmaWarps);
+  return tiles_per_warp >= 48 ? 1 : 0;
+}
+
+// Launches kernel<<<grid, block, smem, stream>>>(args...), with the programmatic stream
+// serialization attribute when pdl (the kernel must call grid_dependency_wait() first).
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, int block, int smem,
+                          cudaStream_t stream, bool pdl, Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(static_cast<unsigned>(block));
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
+// One decode kernel configuration: kernel(p, m_tiles) and its dynamic shared memory.
+template <typename T, Format F, int D, int GT, bool kStaged, bool kLineScales>
+struct DecodeKernel {
+  static constexpr bool kMma = !kStaged && D == 128;
+  static constexpr int kStages = kLineScales ? 5 : 6;  // staged: 2 CTAs per SM either way
+  static constexpr int smem_bytes() {
+    if constexpr (kStaged) {
+      return cuda::StagedLayout<F, D, kStages, kLineScales>::kSmemBytes;
+    } else {
+      return 0;
+    }
+  }
+  static constexpr auto fn() {
+    if constexpr (kStaged) {
+      return &cuda::kvcache_decode_staged_kernel<T, F, D, GT, kStages, 2, kLineScales>;
+    } else if constexpr (kMma) {
+      return &cuda::kvcache_decode_mma_kernel<T, F, D, GT, F == Format::kNative ? 1 : 2, 1>;
+    } else {
+      constexpr int kU = (F == Format::kNative ? 4 : 8) / (GT == 8 ? 2 : 1);
+      return &cuda::kvcache_decode_kernel<T, F, D, GT, kU, 1>;
+    }
+  }
+  // CTAs per SM, computed once per device.
+  static int occupancy() {
+    static std::atomic<int> occ_by_device[64];  // 0: not computed yet
+    int dev = 0;
+    cudaGetDevice(&dev);
+    const bool cached = dev >= 0 && dev < 64;
+    if (cached && occ_by_device[dev].load() > 0) return occ_by_device[dev].load();
+    int n = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn(), cuda::kDecodeThreads, smem_bytes());
+    n = std::max(1, n);
+    if (cached) occ_by_device[dev].store(n);
+    return n;
+  }
+};
+
+// Calls f(DecodeKernel<...>{}) for the configuration that serves p (see the header).
+template <typename T, Format F, int D, int GT, typename Fn>
+decltype(auto) with_decode_kernel_gt(const AttnParams& p, Fn&& f) {
+  if constexpr (F != Format::kNative && (D == 64 || D == 128)) {
+    if (staged_decode_ok(p.cache)) {
+      if constexpr (F == Format::kInt8) {
+        if (staged_line_scales_ok(p.cache)) return f(DecodeKernel<T, F, D, GT, true, true>{});
+      }
+      return f(DecodeKernel<T, F, D, GT, true, false>{});
+    }
+  }
+  return f(DecodeKernel<T, F, D, GT, false, false>{});
+}
+
+template <typename T, Format F, typename Fn>
+decltype(auto) with_decode_kernel(const AttnParams& p, Fn&& f) {
+  auto by_gt = [&](auto d) -> decltype(auto) {
+    constexpr int D = decltype(d)::value;
+    switch (decode_rows_per_cta(p)) {
+      case 1: return with_decode_kernel_gt<T, F, D, 1>(p, f);
+      case 4: return with_decode_kernel_gt<T, F, D, 4>(p, f);
+      default: return with_decode_kernel_gt<T, F, D, 8>(p, f);
+    }
+  };
+  switch (p.cache.head_dim) {
+    case 64: return by_gt(std::integral_constant<int, 64>{});
+    case 128: return by_gt(std::integral_constant<int, 128>{});
+    default: return by_gt(std::integral_constant<int, 256>{});
+  }
+}
+
+template <typename T, Format F>
+cudaError_t decode_plan(const AttnParams& p, int num_splits, int64_t max_keys, int sms,
+                        DecodeLaunch* out) {
+  return with_decode_kernel<T, F>(p, [&](auto k) -> cudaError_t {
+    using K = decltype(k);
+    out->smem_bytes = K::smem_bytes();
+    // The dynamic shared memory limit belongs to a device: set on every call (one driver call
+    // is nothing next to a decode; also at <= 48 KiB, where dynamic plus static shared memory
+    // may pass the default limit).
+    if (K::smem_bytes() > 0) {
+      const cudaError_t err = cudaFuncSetAttribute(
+          K::fn(), cudaFuncAttributeMaxDynamicSharedMemorySize, K::smem_bytes());
+      if (err != cudaSuccess) return err;
+    }
+    const int64_t base = int64_t(p.cache.batch) * p.cache.kv_heads * decode_row_tiles(p);
+    out->splits = num_splits > 0 ? num_splits : choose_splits(base, K::occupancy(), sms, max_keys);
+    out->tile_run_log2 = tile_run_log2(max_keys, out->splits);
+    return cudaSuccess;
+  });
+}
+
+template <typename T, Format F>
+cudaError_t decode_launch(const AttnParams& p, const DecodeLaunch& l, bool pdl,
+                          cudaStream_t stream) {
+  AttnParams kp = p;
+  kp.decode_tile_run_log2 = l.tile_run_log2;
+  const int m_tiles = decode_row_tiles(p);
+  const dim3 grid(static_cast<unsigned>(p.cache.kv_heads * m_tiles),
+                  static_cast<unsigned>(l.splits), static_cast<unsigned>(p.cache.batch));
+  return with_decode_kernel<T, F>(p, [&](auto k) -> cudaError_t {
+    using K = decltype(k);
+    const AttnParams& cp = kp;
+    return launch_kernel(K::fn(), grid, cuda::kDecodeThreads, K::smem_bytes(), stream, pdl, cp,
+                         m_tiles);
+  });
+}
+
+template <typename T, Format F>
+cudaError_t decode_merge(const AttnParams& p, bool pdl, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.total_q), static_cast<unsigned>(p.heads));
+  switch (p.cache.head_dim) {
+    case 64:
+      return launch_kernel(&cuda::kvcache_merge_kernel<T, 64>, grid, cuda::kMergeThreads, 0,
+                           stream, pdl, p);
+    case 128:
+      return launch_kernel(&cuda::kvcache_merge_kernel<T, 128>, grid, cuda::kMergeThreads, 0,
+                           stream, pdl, p);
+    default:
+      return launch_kernel(&cuda::kvcache_merge_kernel<T, 256>, grid, cuda::kMergeThreads, 0,
+                           stream, pdl, p);
+  }
+}
+
+// The entry points of one instantiation (what the generated files register).
+template <typename T, Format F>
+DecodeFns decode_fns() {
+  DecodeFns f;
+  f.plan = &decode_plan<T, F>;
+  f.decode = &decode_launch<T, F>;
+  f.merge = &decode_merge<T, F>;
+  return f;
+}
+
+}  // namespace kvcache
+}  // namespace longctx

@@ -1,0 +1,334 @@
+// Split-KV decode over an 8-bit (int8 / fp8 e4m3) paged KV cache, head_dim 64 or 128: tensor
+// cores fed from a cp.async shared-memory pipeline. The kernel for 8-bit caches whose layout
+// allows 16-byte copies (staged_decode_ok in decode_launch.cuh).
+//
+// Why: 8-bit decode is bound by the bytes in flight per SM, not by math. Holding in-flight K/V in
+// registers (decode_mma.cuh: 210-222 per thread, 2 CTAs per SM, loads and compute alternating)
+// keeps too few bytes in flight to reach the copy bandwidth. Here each warp owns a ring of S
+// stages of 16-key tiles in shared memory filled by cp.async (no registers while in flight);
+// while it computes tile i, tiles i + 1 .. i + S - 1 are being copied, so S - 1 tiles (4 KiB each
+// for D = 128) per warp are always in flight: with S = 6 and 2 CTAs (8 warps) per SM, ~160 KiB
+// per SM.
+//
+// Work decomposition: the grid of decode_mma.cuh (CTA of 4 warps per (kv head x tile of GT <= 8
+// packed GQA rows, split, sequence)), but a split is not a contiguous key range: the row tile's
+// 16-key tiles go round-robin to its num_splits x 4 warps (warp gw = split * 4 + warp takes tiles
+// gw, gw + G, ...), so warps differ by at most one tile and, without a left window, a tile's keys
+// do not depend on the key count: the first page ids are loaded while cache_seqlens is in flight.
+// Where warps have many tiles the launcher deals runs of 2 adjacent tiles instead (warp gw takes
+// 2 gw, 2 gw + 1, then 2 (gw + G), ...; p.decode_tile_run_log2). Per tile and warp the math is
+// MmaRowState::consume (decode_mma_tile.cuh: S = Q K^T and O += P V with mma.sync m16n8k16,
+// online softmax in fp32, dequantization exact to fp16 and scales in fp32); only where the
+// fragments come from differs.
+//
+// Stage layout (one warp, one 16-key tile): K codes [16 keys][D bytes], V codes [16][D], then
+// (int8) K scales [16] and V scales [16] fp32, or with kLineScales the scales of the tile's slots
+// for all kv heads ([16][kv_heads] for K, then for V), copied as whole 16-byte pieces. The 16-byte
+// pieces of a key row are XOR-swizzled (piece ^ piece_swizzle(key)) so that the fragment reads
+// (K: pieces i * 4 + c of keys 8 h + r; V: piece r of keys 2 c + ...) and the copies hit distinct
+// banks per 8-lane phase at D = 128. K/V copies carry an L2 evict-first hint (they are read
+// once), so the int8 scales, re-read by every kv head's CTA, stay in L2.
+// Page ids: bs must be a multiple of 16 (a tile lies in one page); lane j holds the page of the
+// warp's tile 32 n + j of the current batch of 32 tiles, and the next batch's ids are loaded one
+// batch ahead, so no copy waits for the block table after the first batch (whose loads, without a
+// left window, are issued before the key count is known).
+// Launch: programmatic dependent (grid_dependency.cuh): nothing is read or written before the
+// grid dependency wait; the merge kernel is released after the key loop (releasing it at the
+// start let its waiting CTAs share the SMs with the key loops).
+// Invariants: invalid keys (page id outside the pool, past the block table, key >= khi) are
+// zero-filled by the copy (nothing is read) and masked (P = 0); pool offsets are int64; every
+// cp.async group is waited for before the CTA's shared memory is reused for the combine.
+#pragma once
+#include <cuda_runtime.h>
+#include <cstdint>
+#include "longctx/kvcache/decode_common.cuh"
+#include "longctx/kvcache/decode_mma_tile.cuh"
+#include "longctx/kvcache/kvcache_params.h"
+#include "longctx/kvcache/paged.h"
+
+namespace longctx {
+namespace kvcache {
+namespace cuda {
+
+__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(pred ? 16 : 0));
+}
+// The same with an L2 cache policy (createpolicy), e.g. evict-first for data read once.
+__device__ __forceinline__ void cp_async16_zfill_hint(uint32_t dst, const void* src, bool pred,
+                                                      uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
+               "l"(src), "r"(pred ? 16 : 0), "l"(policy));
+}
+// The L2 evict-first policy of the K/V copies.
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ void cp_async4_zfill(uint32_t dst, const void* src, bool pred) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+               "r"(pred ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// kLineScales (int8, scales slot-major: contiguous per page as (block_size, kv_heads) with
+// kv_heads <= 8): the stage holds the scales of the tile's 16 slots for ALL kv heads (16 x
+// kv_heads fp32 for K, then for V), copied as whole 16-byte pieces, instead of this head's 16
+// scales copied 4 bytes at a time (32 single-sector requests per tile, a 4-byte scale per 32-byte
+// sector). Without it each lane copies one 4-byte scale; with head-major scales (slot stride 1,
+// the layout PagedKVCache allocates) a tile's 16 K and 16 V scales are then two 64-byte requests.
+constexpr int kLineScaleHeads = 8;
+
+template <Format F, int D, int S, bool kLineScales = false>
+struct StagedLayout {
+  static_assert(F != Format::kNative, "staged decode: 8-bit caches");
+  static_assert(!kLineScales || F == Format::kInt8, "line scales: int8 caches");
+  static constexpr int kPieces = D / 16;                 // 16-byte pieces per key row
+  static constexpr int kTileBytes = kMmaTile * D;        // K (or V) codes of one tile
+  static constexpr int kScaleOff = 2 * kTileBytes;       // int8 scales after K and V
+  static constexpr int kScaleBytes = kMmaTile * 4 * (kLineScales ? kLineScaleHeads : 1);  // K or V
+  static constexpr int kStageBytes = kScaleOff + (F == Format::kInt8 ? 2 * kScaleBytes : 0);
+  static constexpr int kWarpBytes = S * kStageBytes;
+  static constexpr int kRingBytes = kMmaWarps * kWarpBytes;
+  static constexpr int kCombineBytes = kMmaWarps * 8 * (2 + kMmaOStride<D>) * 4;  // m, l, o
+  static constexpr int kSmemBytes = kRingBytes > kCombineBytes ? kRingBytes : kCombineBytes;
+};
+
+// XOR swizzle of the 16-byte pieces of key row `key` (a permutation of [0, P) for P = D / 16).
+template <int P>
+__device__ __forceinline__ int piece_swizzle(int key) {
+  return ((((key >> 1) & 3) << 1) ^ ((key & 1) << 2)) & (P - 1);
+}
+
+template <typename T, Format F, int D, int GT, int S, int MinBlocks, bool kLineScales = false>
+__global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
+    kvcache_decode_staged_kernel(const AttnParams p, int m_tiles) {
+  static_assert(D == 64 || D == 128, "staged decode: head_dim 64 or 128");
+  static_assert(GT <= 8, "staged decode: at most 8 packed rows per CTA");
+  static_assert(S >= 2, "staged decode: at least two stages");
+  using Lay = StagedLayout<F, D, S, kLineScales>;
+  using Frags = MmaTileFrags<F, D>;
+  using State = MmaRowState<T, F, D>;
+  constexpr int P = Lay::kPieces;
+  extern __shared__ __align__(128) uint8_t smem[];
+  grid_dependency_wait();  // before the first read (grid_dependency.cuh)
+
+  const MmaCta<T, F, D, GT> cta(p, m_tiles);
+  QueryRaw<T, D> qraw;  // loads issued first (they need no key count), converted after the
+  cta.load_q_raw(p, cta.row_active(), qraw);  // first copies (off the path to the first byte)
+  if (cta.past_rows()) return;
+  const int hk = cta.hk, b = cta.b, warp = cta.warp, r = cta.r, c = cta.c;
+  const int lane = threadIdx.x % 32;
+  const PagedKV& cache = p.cache;
+  // The row tile's keys are 16-key tiles taken round-robin by its G = num_splits x 4 warps: warp
+  // gw = split * 4 + warp takes tiles gw, gw + G, gw + 2 G, ... (a split is the set of its 4
+  // warps' tiles), so the warps' tile counts differ by at most one whatever the key count, and
+  // the tiles' positions do not depend on it: without a left window tile 0 starts at key 0, and
+  // the page ids of the first tiles are loaded before cache_seqlens has arrived (one memory
+  // round trip off the path from the kernel's start to its first copy). With a left window the
+  // tiles start at the rows' first tile (known once cache_seqlens is).
+  const int G = p.num_splits * kMmaWarps;
+  const int gw = cta.split * kMmaWarps + warp;
+  // With p.decode_tile_run_log2 = s > 0 a warp takes runs of R = 2^s adjacent tiles per
+  // round-robin step: warp gw's tile i is R (gw + G (i / R)) + i % R.
+  const int rs = p.decode_tile_run_log2;
+  const int PR = 1 << rs;
+  int org = 0;  // the first key of tile 0
+  auto tile_idx = [&](int i) { return ((gw + G * (i >> rs)) << rs) + (i & (PR - 1)); };
+  auto tile_t0 = [&](int i) { return org + kMmaTile * tile_idx(i); };  // for i < n_tiles
+
+  const int bs = cache.block_size;  // a multiple of 16 (launcher)
+  const bool pow2 = (bs & (bs - 1)) == 0;
+  const int bs_shift = __ffs(bs) - 1;
+  const int64_t cap = seq_capacity(cache);
+  const int32_t* bt = cache.block_table + int64_t(b) * cache.block_table_stride;
+  // Page id (-1: invalid or past the block table) of this warp's tile i, any i >= 0 (entries
+  // past the sequence's pages may be read, they are never used); lane j loads tile 32 n + j.
+  auto page_of_tile = [&](int i) -> int {
+    const int64_t t0 = org + int64_t(kMmaTile) * tile_idx(i);
+    if (t0 >= cap) return -1;
+    const int pg = __ldg(bt + (pow2 ? (t0 >> bs_shift) : t0 / bs));
+    return (pg >= 0 && int64_t(pg) < cache.num_blocks) ? pg : -1;
+  };
+  const bool org0 = p.window_left < 0;
+  int pg_cur = org0 ? page_of_tile(lane) : -1;
+  const MmaRows rows = cta.rows(p);  // waits for cache_seqlens
+  const int lo = rows.lo, hi = rows.hi, khi = rows.khi;
+  const int kend = khi;  // the warps' tiles lie in [org, kend)
+  if (!org0) {
+    org = rows.klo;  // a multiple of 16 (0 without a left window)
+    pg_cur = page_of_tile(lane);
+  }
+  const int row_tiles = (kend - org + kMmaTile - 1) / kMmaTile;  // kend >= org
+  int n_tiles = 0;
+  if (PR * gw < row_tiles) {
+    const int left = row_tiles - PR * gw;
+    n_tiles = left / (PR * G) * PR + min(left % (PR * G), PR);
+  }
+  int pg_nxt = n_tiles > 32 ? page_of_tile(32 + lane) : -1;  // needed from tile 32 on
+
+  // Per-lane constants of the K/V copies, computed once (the copy issue runs every tile): lane
+  // copies pieces q = lane + 32 u of a tile's 16 keys x P pieces, key q / P, piece q % P;
+  // offsets from the tile's first slot (int32: the launcher checks 16 slot strides fit) and
+  // swizzled destinations in a stage.
+  constexpr int kCopies = (kMmaTile * P + 31) / 32;
+  int32_t koff[kCopies], voff[kCopies];
+  uint32_t doff[kCopies];
+#pragma unroll
+  for (int u = 0; u < kCopies; ++u) {
+    const int q = lane + 32 * u, key = q / P, piece = q % P;
+    koff[u] = key * static_cast<int32_t>(cache.k.slot_stride) + piece * 16;
+    voff[u] = key * static_cast<int32_t>(cache.v.slot_stride) + piece * 16;
+    doff[u] = key * D + ((piece ^ piece_swizzle<P>(key)) << 4);
+  }
+  const uint8_t* kbase = static_cast<const uint8_t*>(cache.k.data) + int64_t(hk) * cache.k.head_stride;
+  const uint8_t* vbase = static_cast<const uint8_t*>(cache.v.data) + int64_t(hk) * cache.v.head_stride;
+  uint8_t* ring = smem + warp * Lay::kWarpBytes;
+  const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  uint32_t stage_ok = 0;  // bit k: the tile in stage k has a valid page (warp-uniform)
+  // K/V are read once: evict them first, so that the int8 scales (one 32-byte sector holds the
+  // scales of all kv heads of a slot, read by every head's CTA) stay in L2 between the heads.
+  const uint64_t l2_policy = l2_evict_first_policy();
+
+  // Issue the copies of tile i into stage i % S (an empty group past the warp's tiles). Called
+  // with i in increasing order; i % 32 == 0 rotates the page-id registers. The source addresses
+  // are always inside the pool (an invalid page copies from page 0 with size 0, reading
+  // nothing), so a copy costs one add and one predicate: no address selects.
+  auto issue = [&](int i) {
+    if (i > 0 && i % 32 == 0) {
+      pg_cur = pg_nxt;
+      pg_nxt = i + 32 < n_tiles ? page_of_tile(i + 32 + lane) : -1;
+    }
+    if (i < n_tiles) {
+      const int t0 = tile_t0(i);
+      const int pg = __shfl_sync(0xffffffffu, pg_cur, i % 32);
+      const int slot0 = pow2 ? (t0 & (bs - 1)) : t0 % bs;
+      const uint32_t stage = ring_s + (i % S) * Lay::kStageBytes;
+      stage_ok = (stage_ok & ~(1u << (i % S))) | (uint32_t(pg >= 0) << (i % S));
+      const int64_t page = pg >= 0 ? pg : 0;
+      const uint8_t* ktile =
+          kbase + (page * cache.k.page_stride + int64_t(slot0) * cache.k.slot_stride);
+      const uint8_t* vtile =
+          vbase + (page * cache.v.page_stride + int64_t(slot0) * cache.v.slot_stride);
+      const int keys_left = pg >= 0 ? khi - t0 : 0;
+#pragma unroll
+      for (int u = 0; u < kCopies; ++u) {
+        const int q = lane + 32 * u;
+        if (kMmaTile * P % 32 == 0 || q < kMmaTile * P) {
+          const bool ok = q / P < keys_left;
+          cp_async16_zfill_hint(stage + doff[u], ktile + koff[u], ok, l2_policy);
+          cp_async16_zfill_hint(stage + doff[u] + Lay::kTileBytes, vtile + voff[u], ok,
+                                l2_policy);
+        }
+      }
+      if constexpr (kLineScales) {
+        // 16 slots x kv_heads fp32 = 4 kv_heads 16-byte pieces per pool, contiguous from
+        // (page, slot0, head 0): pieces q < 4 kvh are K's, the next 4 kvh V's (at most 64,
+        // two per lane). Slots past khi are copied too (possibly stale, even NaN): read_frags
+        // gives them scale 0.
+        const int per_pool = 4 * cache.kv_heads;
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int q = lane + 32 * u;
+          if (q < 2 * per_pool) {
+            const bool is_v = q >= per_pool;
+            const int piece = is_v ? q - per_pool : q;
+            const CacheView& cv = is_v ? cache.v : cache.k;
+            const float* src = cv.token_scale + scale_offset(cv, page, slot0, 0) + 4 * piece;
+            cp_async16_zfill(stage + Lay::kScaleOff + (is_v ? Lay::kScaleBytes : 0) + piece * 16,
+                             src, pg >= 0);
+          }
+        }
+      } else if constexpr (F == Format::kInt8) {
+        const int key = lane % kMmaTile;
+        const CacheView& cv = lane < kMmaTile ? cache.k : cache.v;
+        const float* src = cv.token_scale + scale_offset(cv, page, slot0 + key, hk);
+        cp_async4_zfill(stage + Lay::kScaleOff + lane * 4, src, key < keys_left);
+      }
+    }
+    cp_async_commit();
+  };
+
+  // The fragments of tile i from its stage (see MmaTileFrags for the maps).
+  auto read_frags = [&](int i, Frags& L) {
+    const uint8_t* stage = ring + (i % S) * Lay::kStageBytes;
+    const int t0 = tile_t0(i);
+    const bool page_ok = (stage_ok >> (i % S)) & 1u;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int key = 8 * h + r;
+#pragma unroll
+      for (int u = 0; u < Frags::kKLoads; ++u) {
+        const int piece = 4 * u + c;
+        L.set_k_piece(h, u, *reinterpret_cast<const uint4*>(
+                                stage + key * D + ((piece ^ piece_swizzle<P>(key)) << 4)));
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = 2 * c + (e & 1) + 8 * (e >> 1);
+      const int byte = r * Frags::kVBytes;  // D = 128: piece r; D = 64: half of piece r / 2
+      const uint8_t* src = stage + Lay::kTileBytes + key * D +
+                           (((byte >> 4) ^ piece_swizzle<P>(key)) << 4) + (byte & 15);
+      if constexpr (Frags::kVWords == 4) {
+        const uint4 x = *reinterpret_cast<const uint4*>(src);
+        L.v[e][0] = x.x;
+        L.v[e][1] = x.y;
+        L.v[e][2] = x.z;
+        L.v[e][3] = x.w;
+      } else {
+        const uint2 x = *reinterpret_cast<const uint2*>(src);
+        L.v[e][0] = x.x;
+        L.v[e][1] = x.y;
+      }
+      L.svalid[e] = page_ok && t0 + key < khi;
+      if constexpr (kLineScales) {
+        const float* sc = reinterpret_cast<const float*>(stage + Lay::kScaleOff);
+        L.kscale[e] = L.svalid[e] ? sc[key * cache.kv_heads + hk] : 0.f;
+        L.vscale[e] = L.svalid[e] ? sc[Lay::kScaleBytes / 4 + key * cache.kv_heads + hk] : 0.f;
+      } else if constexpr (F == Format::kInt8) {
+        const float* sc = reinterpret_cast<const float*>(stage + Lay::kScaleOff);
+        L.kscale[e] = sc[key];
+        L.vscale[e] = sc[kMmaTile + key];
+      } else {
+        L.kscale[e] = L.vscale[e] = 1.f;
+      }
+    }
+  };
+
+  static_assert(S <= 32, "staged decode: at most 32 stages (one page-id batch)");
+#pragma unroll
+  for (int i = 0; i < S; ++i) issue(i);
+  // The query fragments and their row sum after the first copies are issued: the query loads
+  // (issued first) are then off the chain (cache_seqlens, page ids) -> key count -> copies.
+  uint32_t qa[D / 16][2];
+  q_frags_from_raw<T, F, D>(qraw, qa);
+  const float qscale = cta.score_scale(p);
+  State st;
+  st.set_key_bias(qa, qscale);
+  for (int i = 0; i < n_tiles; ++i) {
+    cp_async_wait<S - 1>();
+    __syncwarp();
+    Frags L;
+    read_frags(i, L);
+    __syncwarp();  // every lane has read stage i % S before it is refilled
+    issue(i + S);
+    st.consume(L, tile_t0(i), lo, hi, qa, qscale, c);
+  }
+  cp_async_wait<0>();
+  // The merge kernel may launch once every CTA is here (grid_dependency.cuh).
+  grid_dependents_may_launch();
+  __syncthreads();  // all warps done with their rings: the combine arrays alias them
+  float* sm_m = reinterpret_cast<float*>(smem);
+  float* sm_l = sm_m + kMmaWarps * 8;
+  cta.finish(p, st, sm_m, sm_l, sm_l + kMmaWarps * 8);
+}
+
+}  // namespace cuda
+}  // namespace kvcache
+}  // namespace longctx

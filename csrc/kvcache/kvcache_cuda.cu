@@ -1,0 +1,271 @@
+// CUDA launchers of longctx::kvcache_append and longctx::flash_attn_with_kvcache (Hopper).
+//
+// kvcache_append: the shared argument checks (kvcache_args), then kvcache_append.cuh's fused
+// kernel (one CTA per new token; RoPE on K; quantize on write).
+//
+// flash_attn_with_kvcache picks one of two paths:
+//  - decode (seqlen_q * heads / kv_heads <= 32 packed rows per kv head, head_dim 64/128/256):
+//    split-KV, dequantization fused; the kernel that serves the cache's layout and the merge of
+//    the splits (longctx/kvcache/decode_launch.cuh, instantiated per (format, dtype) by the
+//    generated kvcache_decode_<format>_<dtype>.cu files). num_splits = 0 chooses the split count
+//    from the occupancy (waves / splits, see choose_splits), with at least 256 keys per split.
+//  - chunked prefill (more query rows): the cache pages of each sequence are gathered and
+//    dequantized into a contiguous bf16/fp16 K/V (kvcache_gather_kernel), then the Hopper forward
+//    kernel (longctx::flash_attn_fwd, varlen, bottom-right masks) runs on it. Dequantization is
+//    NOT fused in this path: it pays one extra read of the cache and a write + read of the
+//    gathered copy. The path reads cache_seqlens on the host (a sync) and always validates the
+//    page ids (with validate=False too), since the gathered keys could not be masked otherwise.
+//    num_splits is ignored there.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <tuple>
+#include "common/build_registry.h"
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "common/nvtx.h"
+#include "flash/flash_args.h"
+#include "kvcache/kvcache_args.h"
+#include "longctx/kvcache/append.cuh"
+#include "longctx/kvcache/decode_launch.cuh"
+
+namespace longctx {
+namespace {
+
+namespace kc = kvcache::cuda;
+using kvcache::Format;
+
+// err: a launch call's own result; a launch error also stays in cudaGetLastError (cleared here).
+void check_launch(const char* op, const char* what, cudaError_t err = cudaSuccess) {
+  const cudaError_t last = cudaGetLastError();
+  if (err == cudaSuccess) err = last;
+  TORCH_CHECK(err == cudaSuccess, "longctx.", op, ": ", what, " launch failed: ",
+              cudaGetErrorString(err));
+}
+
+void check_hopper(const char* op) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(prop->major >= 9, "longctx.", op, ": the CUDA kernels need sm_90 (Hopper), this is "
+              "sm_", prop->major, prop->minor);
+}
+
+// ------------------------------------------------------------------------------------------------
+// append
+// ------------------------------------------------------------------------------------------------
+
+void kvcache_append_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const std::optional<at::Tensor>& k_scale_cache,
+                         const std::optional<at::Tensor>& v_scale_cache,
+                         const std::optional<at::Tensor>& k_fp8_scale,
+                         const std::optional<at::Tensor>& v_fp8_scale,
+                         const at::Tensor& block_table, const at::Tensor& cache_seqlens,
+                         const std::optional<at::Tensor>& cu_new,
+                         const std::optional<at::Tensor>& positions,
+                         const std::optional<at::Tensor>& inv_freq, double attention_factor,
+                         bool rope_interleaved, bool validate) {
+  constexpr const char* op = "kvcache_append";
+  NvtxRange range("longctx::kvcache_append");
+  const KVCacheTensors cache{k_cache,     v_cache,     k_scale_cache, v_scale_cache,
+                             k_fp8_scale, v_fp8_scale, block_table,   cache_seqlens};
+  const kvcache::AppendParams p = make_kvcache_append_args(
+      k, v, cache, cu_new, positions, inv_freq, attention_factor, rope_interleaved, validate, op);
+  if (p.total_new == 0) return;
+  const c10::cuda::CUDAGuard guard(k.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_cuda_dtype_and_format(k.scalar_type(), p.cache.format, op, [&](auto* tag, auto fmt) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr Format F = decltype(fmt)::value;
+    kc::kvcache_append_kernel<T, F>
+        <<<dim3(static_cast<unsigned>(p.total_new)), kc::kAppendWarps * 32, 0, stream>>>(p);
+  });
+  check_launch(op, "append kernel");
+}
+
+// Pool pointers 16-byte aligned and strides multiples of 8 elements: the decode kernel's vector
+// loads need them.
+bool decode_aligned(const at::Tensor& kc_, const at::Tensor& vc_) {
+  for (const at::Tensor* t : {&kc_, &vc_}) {
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+    for (int d = 0; d < 3; ++d)
+      if (t->size(d) > 1 && t->stride(d) % 8 != 0) return false;
+  }
+  return true;
+}
+
+// ------------------------------------------------------------------------------------------------
+// chunked prefill: gather + the Hopper forward kernel
+// ------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> prefill_gather_fwd(
+    const at::Tensor& q, const kvcache::AttnParams& p, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& cu_seqlens_q, const at::Tensor& out, const at::Tensor& lse,
+    cudaStream_t stream) {
+  const kvcache::PagedKV& c = p.cache;
+  // lengths on the host (clamped as the decode path clamps them)
+  const at::Tensor sl = cache_seqlens.to(at::kCPU);
+  const int32_t* len = sl.data_ptr<int32_t>();
+  const int64_t cap = int64_t(c.max_blocks) * c.block_size;
+  std::vector<int32_t> cu(static_cast<size_t>(c.batch) + 1, 0);
+  int64_t max_sk = 0;
+  for (int b = 0; b < c.batch; ++b) {
+    const int64_t sk = std::min<int64_t>(std::max<int32_t>(len[b], 0), cap);
+    max_sk = std::max(max_sk, sk);
+    TORCH_CHECK(int64_t(cu[b]) + sk <= std::numeric_limits<int32_t>::max(),
+                "longctx.flash_attn_with_kvcache: more than 2^31 cached keys in the batch");
+    cu[b + 1] = static_cast<int32_t>(cu[b] + sk);
+  }
+  const int64_t total_k = cu[c.batch];
+  auto opts = q.options();
+  at::Tensor cu_k = at::from_blob(cu.data(), {c.batch + 1}, at::kInt).to(q.device());
+  at::Tensor kg = at::empty({total_k, c.kv_heads, c.head_dim}, opts);
+  at::Tensor vg = at::empty({total_k, c.kv_heads, c.head_dim}, opts);
+  if (total_k > 0) {
+    const dim3 grid(static_cast<unsigned>((max_sk + kc::kGatherTokens - 1) / kc::kGatherTokens),
+                    c.batch);
+    dispatch_cuda_dtype_and_format(q.scalar_type(), c.format, "flash_attn_with_kvcache",
+                                   [&](auto* tag, auto fmt) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      constexpr Format F = decltype(fmt)::value;
+      kc::kvcache_gather_kernel<T, F><<<grid, 256, 0, stream>>>(
+          c, cu_k.data_ptr<int32_t>(), static_cast<T*>(kg.data_ptr()),
+          static_cast<T*>(vg.data_ptr()));
+    });
+    check_launch("flash_attn_with_kvcache", "gather kernel");
+  }
+  // q packed (total_q, heads, d) with cu_seqlens_q
+  at::Tensor qp, cu_q;
+  int64_t max_sq;
+  const bool packed = cu_seqlens_q.has_value();
+  if (packed) {
+    qp = q;
+    cu_q = *cu_seqlens_q;
+    max_sq = p.seqlen_q;
+  } else {
+    qp = q.reshape({-1, q.size(2), q.size(3)});
+    cu_q = at::arange(0, int64_t(c.batch + 1) * q.size(1), q.size(1), opts.dtype(at::kInt));
+    max_sq = q.size(1);
+  }
+  if (!qp.is_contiguous()) qp = qp.contiguous();
+  static auto fwd = c10::Dispatcher::singleton()
+                        .findSchemaOrThrow("longctx::flash_attn_fwd", "")
+                        .typed<std::tuple<at::Tensor, at::Tensor>(
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                            int64_t, int64_t, double, bool, int64_t, int64_t, bool)>();
+  auto [o, l] = fwd.call(qp, kg, vg, cu_q, cu_k, max_sq, max_sk, double(p.softmax_scale),
+                         p.causal, p.window_left, p.window_right, false);
+  if (packed) {
+    out.copy_(o);
+    lse.copy_(l);
+  } else {
+    out.copy_(o.view(q.sizes()));
+    lse.copy_(l.view({q.size(2), c.batch, q.size(1)}).permute({1, 0, 2}));
+  }
+  return {out, lse};
+}
+
+// ------------------------------------------------------------------------------------------------
+// decode: the instantiation of (format, dtype) from DecodeTable, its split scratch, two launches
+// ------------------------------------------------------------------------------------------------
+
+void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
+                cudaStream_t stream) {
+  constexpr const char* op = "flash_attn_with_kvcache";
+  const kvcache::DecodeFns fns = kvcache::DecodeTable::find(
+      static_cast<int>(p.cache.format), registry_dtype(q.scalar_type()));
+  TORCH_CHECK(fns.plan != nullptr, "longctx.", op, ": the decode kernels of this cache format "
+              "and dtype are not compiled into this build");
+  const int m_tiles = kvcache::decode_row_tiles(p);
+  TORCH_CHECK(int64_t(p.cache.kv_heads) * m_tiles <= 65535 && p.cache.batch <= 65535,
+              "longctx.flash_attn_with_kvcache: batch (", p.cache.batch, ") and kv_heads x query "
+              "tiles (", int64_t(p.cache.kv_heads) * m_tiles, ") must be <= 65535 on CUDA");
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t max_keys = int64_t(p.cache.max_blocks) * p.cache.block_size;
+  kvcache::DecodeLaunch l;
+  cudaError_t err = fns.plan(p, static_cast<int>(num_splits), max_keys,
+                             prop->multiProcessorCount, &l);
+  TORCH_CHECK(err == cudaSuccess, "longctx.flash_attn_with_kvcache: cannot give the decode "
+              "kernel ", l.smem_bytes, " bytes of shared memory: ", cudaGetErrorString(err));
+  p.num_splits = l.splits;
+  at::Tensor out_accum, lse_accum;  // alive until both kernels are enqueued
+  if (l.splits > 1) {
+    out_accum = at::empty({l.splits, p.total_q, p.heads, p.cache.head_dim},
+                          q.options().dtype(at::kFloat));
+    lse_accum = at::empty({l.splits, p.heads, p.total_q}, q.options().dtype(at::kFloat));
+    p.out_accum = out_accum.data_ptr<float>();
+    p.lse_accum = lse_accum.data_ptr<float>();
+  }
+  // Programmatic dependent launch on sm_90+ (grid_dependency.cuh).
+  const bool pdl = prop->major >= 9;
+  check_launch(op, "decode kernel", fns.decode(p, l, pdl, stream));
+  if (l.splits > 1) {
+    TORCH_CHECK(p.heads <= 65535, "longctx.flash_attn_with_kvcache: heads must be <= 65535");
+    check_launch(op, "merge kernel", fns.merge(p, pdl, stream));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// op
+// ------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache_cuda(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const std::optional<at::Tensor>& k_scale_cache, const std::optional<at::Tensor>& v_scale_cache,
+    const std::optional<at::Tensor>& k_fp8_scale, const std::optional<at::Tensor>& v_fp8_scale,
+    const at::Tensor& block_table, const at::Tensor& cache_seqlens,
+    const std::optional<at::Tensor>& cu_seqlens_q, int64_t max_seqlen_q, double softmax_scale,
+    bool causal, int64_t window_left, int64_t window_right, int64_t num_splits, bool validate) {
+  constexpr const char* op = "flash_attn_with_kvcache";
+  NvtxRange range("longctx::flash_attn_with_kvcache");
+  const KVCacheTensors cache{k_cache,     v_cache,     k_scale_cache, v_scale_cache,
+                             k_fp8_scale, v_fp8_scale, block_table,   cache_seqlens};
+  const auto shapes = flash_fwd_output_shapes(q, cu_seqlens_q.has_value(), op);
+  auto out = at::empty(shapes.out, q.options());
+  auto lse = at::empty(shapes.lse, q.options().dtype(at::kFloat));
+  LONGCTX_CHECK_ARG(num_splits >= 0 && num_splits <= 1024, op, "num_splits",
+                    "must lie in [0, 1024] (0 = automatic), got ", num_splits);
+  // Decide the path from the shapes (q's rank is checked by flash_fwd_output_shapes).
+  const bool packed = cu_seqlens_q.has_value();
+  const int64_t sq_max = packed ? max_seqlen_q : q.size(1);
+  const int64_t group = k_cache.dim() == 4 && k_cache.size(2) > 0 ? q.size(-2) / k_cache.size(2)
+                                                                   : 1;
+  const bool decode = sq_max * std::max<int64_t>(group, 1) <= kc::kDecodeMaxRows;
+  kvcache::AttnParams p = make_kvcache_attn_args(
+      q, cache, cu_seqlens_q, max_seqlen_q, softmax_scale, causal, window_left, window_right,
+      std::max<int64_t>(1, num_splits), validate || !decode, out, lse, op);
+  const c10::cuda::CUDAGuard guard(q.device());
+  check_hopper(op);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int d = p.cache.head_dim;
+  if (p.total_q == 0 || p.heads == 0) return {out, lse};
+  LONGCTX_CHECK_ARG(d == 64 || d == 128 || d == 256, op, "k_cache",
+                    "head_dim must be 64, 128 or 256 on CUDA, got ", d);
+  LONGCTX_CHECK_ARG(decode_aligned(k_cache, v_cache), op, "k_cache",
+                    "and v_cache must be 16-byte aligned with page/slot/head strides that are "
+                    "multiples of 8 elements on CUDA, got strides ", k_cache.strides(), " and ",
+                    v_cache.strides());
+  if (!decode) return prefill_gather_fwd(q, p, cache_seqlens, cu_seqlens_q, out, lse, stream);
+  run_decode(p, q, num_splits, stream);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(longctx, CUDA, m) {
+  m.impl("kvcache_append", &kvcache_append_cuda);
+  m.impl("flash_attn_with_kvcache", &flash_attn_with_kvcache_cuda);
+}
+
+LONGCTX_REGISTER_KERNEL("kvcache", "cuda", "bf16,fp16",
+                        "append,attention,decode_split_kv,decode_mma_hdim128,decode_staged_8bit,"
+                        "prefill_gather_fwd,cache_bf16,cache_fp16,cache_int8,cache_fp8_e4m3,rope,"
+                        "hdim64,hdim128,hdim256,causal,"
+                        "window,gqa,varlen,any_block_size");
+
+}  // namespace longctx

@@ -1,0 +1,32 @@
+// One case of the standalone flash-attention tests (flash_fwd_test.cu, flash_bwd_test.cu): head
+// dim, dtype, batch, heads, lengths, mask, and for varlen the per-sequence lengths; plus the
+// cumulative row offsets of a case (the packed layout; batched cases are laid out the same way).
+#pragma once
+#include <cstdio>
+#include <string>
+#include <vector>
+
+struct Case {
+  int d; bool bf16; int b, h, hk, sq, sk; bool causal; int wl, wr;
+  std::vector<int> lens_q = {}, lens_k = {};  // varlen when non-empty
+  bool packed_qkv = false;                    // q, k, v interleaved in one (b, s, 3, h, d) buffer
+  bool varlen() const { return !lens_q.empty(); }
+  int batch() const { return varlen() ? int(lens_q.size()) : b; }
+  std::string name() const {
+    char buf[256];
+    snprintf(buf, sizeof buf, "d=%d %s b=%d h=%d/%d sq=%d sk=%d causal=%d win=(%d,%d)%s%s", d,
+             bf16 ? "bf16" : "fp16", b, h, hk, sq, sk, causal, wl, wr,
+             lens_q.empty() ? "" : " varlen", packed_qkv ? " packed" : "");
+    return buf;
+  }
+  // cuq / cuk: the batch()+1 row offsets of the sequences' queries and keys.
+  void row_offsets(std::vector<int>& cuq, std::vector<int>& cuk) const {
+    const int B = batch();
+    cuq.assign(B + 1, 0);
+    cuk.assign(B + 1, 0);
+    for (int i = 0; i < B; ++i) {
+      cuq[i + 1] = cuq[i] + (varlen() ? lens_q[i] : sq);
+      cuk[i + 1] = cuk[i] + (varlen() ? lens_k[i] : sk);
+    }
+  }
+};
