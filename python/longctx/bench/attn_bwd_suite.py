@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
-from .attn_fwd_suite import _flex_runner, grid, mask_pairs
+from .attn_fwd_suite import flex_runner, grid, mask_pairs
 from .ceilings import copy_bandwidth_gbps, matmul_tflops
 from .._common import nvtx_range
 from .results import Results
@@ -115,7 +115,7 @@ def run_attn_bwd(quick: bool = False, progress: Optional[Callable[[str], None]] 
                     peers[name], peers_fb[name] = _try(lambda: _bwd_and_fb(fn, (qt, kt, vt), dt))
         if with_flex and (wl >= 0 or (hdim == 128 and s == 16384)):
             def flex_case():
-                flex = _flex_runner(s, causal, wl, heads, heads_kv)
+                flex = flex_runner(s, causal, wl, heads, heads_kv)
                 return _bwd_and_fb(flex, (qt, kt, vt), dt)
             with nvtx_range(f"{tag} flex"):
                 peers["flex"], peers_fb["flex"] = _try(flex_case)

@@ -59,7 +59,9 @@ def _sdpa(backend):
     return run
 
 
-def _flex_runner(seqlen, causal, window_left, heads, heads_kv):
+def flex_runner(seqlen, causal, window_left, heads, heads_kv):
+    """FlexAttention (compiled for this shape) with the case's causal / left-window block mask:
+    fn(q, k, v) on (b, h, s, d) tensors."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -114,7 +116,7 @@ def run_attn_fwd(quick: bool = False, progress: Optional[Callable[[str], None]] 
         # FlexAttention compiles per shape: measured where the bar needs it (windows, 16K hdim 128)
         if with_flex and (wl >= 0 or (hdim == 128 and s == 16384)):
             try:
-                flex = _flex_runner(s, causal, wl, heads, heads_kv)
+                flex = flex_runner(s, causal, wl, heads, heads_kv)
                 with nvtx_range(f"{tag} flex"):
                     peers["flex"] = _time_peer(lambda: flex(qt, kt, vt))
             except Exception:
