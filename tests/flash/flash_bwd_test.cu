@@ -4,12 +4,13 @@
 // sq != sk, odd lengths, rows that see no key, varlen with empty sequences) it draws random q, k,
 // v, dout, computes out and lse on the CPU in float64 (rounded to the kernel's input types, as
 // the forward would hand them over), runs the backward (preprocess, main, postprocess) and
-// compares dq, dk, dv with a float64 reference. Tolerance (FlashAttention-3 rule, as in
-// tests/flash/test_attention_cpu.py): max|X - ref| <= 2 * max|X_emu - ref| + atol, with X_emu the same
-// computation done on the CPU at the kernel's precision (fp32 scores and dP, P and dS rounded to
-// the 16-bit type before the products, outputs rounded) and atol = 2 * max|fl(ref + 0.3) - 0.3
-// - ref| + 1e-6. Outputs are NaN-poisoned first (every element must be written). Each case also
-// runs twice with deterministic = true: both runs must pass and be bitwise equal.
+// compares dq, dk, dv with a float64 reference. Tolerance (FlashAttention-3 rule, as
+// tests/support/attention_reference.py's assert_fa3_close applies it): max|X - ref| <=
+// 2 * max|X_emu - ref| + atol, with X_emu the same computation done on the CPU at the kernel's
+// precision (fp32 scores and dP, P and dS rounded to the 16-bit type before the products,
+// outputs rounded) and atol = 2 * max|fl(ref + 0.3) - 0.3 - ref| + 1e-6. Outputs are
+// NaN-poisoned first (every element must be written). Each case also runs twice with
+// deterministic = true: both runs must pass and be bitwise equal.
 // Built by CMake (ctest runs it; exit 77, skipped, without a Hopper GPU). Usage: flash_bwd_test
 // [seed] [quick]. Exit code 0 iff every case passes; (head_dim, dtype) pairs the build did not
 // compile are skipped.
@@ -33,15 +34,6 @@
 
 using longctx::flash::BwdParams;
 using longctx::flash::FlashBwdFn;
-
-  std::string name() const {
-    char buf[256];
-    snprintf(buf, sizeof buf, "d=%d %s b=%d h=%d/%d sq=%d sk=%d causal=%d win=(%d,%d)%s", d,
-             bf16 ? "bf16" : "fp16", b, h, hk, sq, sk, causal, wl, wr,
-             lens_q.empty() ? "" : " varlen");
-    return buf;
-  }
-};
 
 static bool run_case(const Case& c, std::mt19937& rng, FlashBwdFn fn) {
   const bool varlen = c.varlen();

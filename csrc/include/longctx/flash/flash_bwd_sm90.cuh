@@ -401,7 +401,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     typename Traits::PipelineState st;
 
     for (int it = 0; it < total; ++it) {
-      const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
+      const int m = range.end - 1 - it % n_m;  // (the producer and dQ writer track the head)
       const int m0 = m * kM;
       pipe.consumer_wait(st);
       const int s = st.index();

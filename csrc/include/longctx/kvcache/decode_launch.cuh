@@ -12,9 +12,11 @@
 //     scales are head-major, as PagedKVCache stores them), or, where the scales are slot-major
 //     with kv_heads <= 8 (staged_line_scales_ok), as whole 16-byte line copies of all kv heads'
 //     scales of the tile's slots (5 stages, to stay at 2 CTAs per SM);
-//   - other head_dim 128 cases (16-bit caches, 8-bit layouts the staged kernel cannot take): the
-//     register tensor-core kernel (decode_mma.cuh);
-//   - the rest (head_dim 64 and 256): the CUDA-core kernel (decode_cuda_cores.cuh).
+//   - other head_dim 128 caches whose key rows start 16-byte aligned (rows_16b_aligned: every
+//     16-bit cache the launcher accepts, 8-bit layouts the staged kernel cannot take for another
+//     reason): the register tensor-core kernel (decode_mma.cuh), whose loads are 16 bytes;
+//   - the rest (head_dim 64 and 256, 8-bit rows aligned to 8 bytes only): the CUDA-core kernel
+//     (decode_cuda_cores.cuh), whose 8-bit loads are 8 bytes.
 // Then, with more than one split, the merge kernel (decode_merge.cuh). Both launches are
 // programmatic dependent on sm_90 (grid_dependency.cuh): the same ordering, the launch latency
 // hidden. Measurements behind these choices: docs/kernels/kvcache.md.
@@ -87,6 +89,18 @@ inline bool staged_decode_ok(const PagedKV& c) {
          a16(c.k) && a16(c.v);
 }
 
+// Whether every key row of both pools starts 16-byte aligned (base pointers and page / slot /
+// head strides in bytes): what the register tensor-core kernel's 16-byte loads need. The launcher
+// guarantees 8-element strides, so 16-bit caches always qualify.
+inline bool rows_16b_aligned(const PagedKV& c) {
+  const int64_t eb = c.format == Format::kNative ? 2 : 1;
+  auto ok = [&](const CacheView& v) {
+    return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.page_stride * eb % 16 == 0 &&
+           v.slot_stride * eb % 16 == 0 && v.head_stride * eb % 16 == 0;
+  };
+  return ok(c.k) && ok(c.v);
+}
+
 // Whether the staged kernel's line copies of the int8 scales apply: int8, scales
 // (num_blocks, block_size, kv_heads) contiguous within a page (slot-major), 16-byte aligned
 // page starts, kv_heads <= 8.
@@ -145,10 +159,16 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, int block, int s
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
+// The decode kernels (see the header).
+enum class DecodeKind { kStaged, kStagedLineScales, kMma, kCudaCores };
+
 // One decode kernel configuration: kernel(p, m_tiles) and its dynamic shared memory.
-template <typename T, Format F, int D, int GT, bool kStaged, bool kLineScales>
+template <typename T, Format F, int D, int GT, DecodeKind kKind>
 struct DecodeKernel {
-  static constexpr bool kMma = !kStaged && D == 128;
+  static constexpr bool kStaged = kKind == DecodeKind::kStaged ||
+                                  kKind == DecodeKind::kStagedLineScales;
+  static constexpr bool kLineScales = kKind == DecodeKind::kStagedLineScales;
+  static constexpr bool kMma = kKind == DecodeKind::kMma;
   static constexpr int kStages = kLineScales ? 5 : 6;  // staged: 2 CTAs per SM either way
   static constexpr int smem_bytes() {
     if constexpr (kStaged) {
@@ -185,15 +205,20 @@ struct DecodeKernel {
 // Calls f(DecodeKernel<...>{}) for the configuration that serves p (see the header).
 template <typename T, Format F, int D, int GT, typename Fn>
 decltype(auto) with_decode_kernel_gt(const AttnParams& p, Fn&& f) {
+  using Kind = DecodeKind;
   if constexpr (F != Format::kNative && (D == 64 || D == 128)) {
     if (staged_decode_ok(p.cache)) {
       if constexpr (F == Format::kInt8) {
-        if (staged_line_scales_ok(p.cache)) return f(DecodeKernel<T, F, D, GT, true, true>{});
+        if (staged_line_scales_ok(p.cache))
+          return f(DecodeKernel<T, F, D, GT, Kind::kStagedLineScales>{});
       }
-      return f(DecodeKernel<T, F, D, GT, true, false>{});
+      return f(DecodeKernel<T, F, D, GT, Kind::kStaged>{});
     }
   }
-  return f(DecodeKernel<T, F, D, GT, false, false>{});
+  if constexpr (D == 128) {
+    if (rows_16b_aligned(p.cache)) return f(DecodeKernel<T, F, D, GT, Kind::kMma>{});
+  }
+  return f(DecodeKernel<T, F, D, GT, Kind::kCudaCores>{});
 }
 
 template <typename T, Format F, typename Fn>
