@@ -1,8 +1,8 @@
-// CUDA launcher of longctx::flash_attn_bwd (Hopper, sm_90a): checks arguments through the shared
-// make_flash_bwd_args (the same checks as the CPU backward), allocates dq/dk/dv, the fp32 D
-// (dsoftmax_sum) and the dQ accumulator (+ semaphores when deterministic), and runs the compiled
-// (head_dim, dtype) instantiation from FlashBwdTable (the generated flash_bwd_hdim<D>_<dtype>.cu
-// files) on the current stream: preprocess (D, zeroing), main kernel, postprocess
+// CUDA launcher of longctx::flash_attn_bwd (Hopper, sm_90a): the op of flash_op.h (the checks of
+// the CPU backward, dq/dk/dv and the fp32 D (dsoftmax_sum)) with a runner that allocates the dQ
+// accumulator (+ semaphores when deterministic) and runs the compiled (head_dim, dtype)
+// instantiation from FlashBwdTable (the generated flash_bwd_hdim<D>_<dtype>.cu files) on the
+// current stream: preprocess (D, zeroing), main kernel, postprocess
 // (dq = scale * acc). deterministic = true orders the dQ additions with per-(batch, head, query
 // tile) semaphores (bitwise reproducible; its cost: docs/kernels/flash_bwd.md).
 //
@@ -14,37 +14,20 @@
 #include <torch/library.h>
 #include "common/dispatch.h"
 #include "common/nvtx.h"
-#include "flash/flash_args.h"
+#include "flash/flash_op.h"
 #include "generated/build_config.h"
 #include "longctx/flash/flash_bwd_dispatch.cuh"
 
 namespace longctx {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-    bool deterministic) {
+void run_bwd_cuda(const FlashBwdCall& c) {
   constexpr const char* op = "flash_attn_bwd";
-  NvtxRange range("longctx::flash_attn_bwd");
-  const bool varlen = cu_seqlens_q.has_value();
-  flash_fwd_output_shapes(q, varlen, op);  // checks q's rank before anything is allocated
-  TORCH_CHECK(k.dim() == q.dim() && v.dim() == q.dim(), "longctx.", op,
-              ": k and v must have q's rank (", q.dim(), "), got ", k.dim(), " and ", v.dim());
-  auto dq = at::empty(q.sizes(), q.options());
-  auto dk = at::empty(k.sizes(), k.options());
-  auto dv = at::empty(v.sizes(), v.options());
-  auto dsum = at::empty(lse.sizes(), lse.options().dtype(at::kFloat));
-  const FlashBwdArgs a = make_flash_bwd_args(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                             max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                                             window_left, window_right, deterministic, dq, dk, dv,
-                                             dsum, op);
+  const FlashBwdArgs& a = c.args;
   const flash::BwdParams& p = a.params;
   TORCH_CHECK(a.dtype == at::kBFloat16 || a.dtype == at::kHalf, "longctx.", op,
               ": the CUDA kernel takes bfloat16 or float16 tensors, got ", a.dtype);
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(c.q.device());
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(prop->major == 9, "longctx.", op, ": the CUDA kernel needs a Hopper GPU (sm_90), ",
               "this is sm_", prop->major, prop->minor, " (", prop->name, ")");
@@ -57,27 +40,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cuda(
   const char* why = flash::flash_bwd_unsupported_reason(p);
   TORCH_CHECK(why == nullptr, "longctx.", op, ": ", why, "; pass .contiguous() tensors");
 
-  const int64_t total_q = varlen ? q.size(0) : int64_t(p.fwd.batch) * p.fwd.seqlen_q;
-  const int64_t total_k = varlen ? k.size(0) : int64_t(p.fwd.batch) * p.fwd.seqlen_k;
+  const int64_t total_q = a.varlen ? c.q.size(0) : int64_t(p.fwd.batch) * p.fwd.seqlen_q;
+  const int64_t total_k = a.varlen ? c.k.size(0) : int64_t(p.fwd.batch) * p.fwd.seqlen_k;
   if (total_q == 0 || p.fwd.heads == 0) {  // nothing reads k/v: their gradients are zero
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
+    c.dk.zero_();
+    c.dv.zero_();
+    return;
   }
-  auto accum = at::empty({flash::flash_bwd_accum_floats(p, total_q)}, q.options().dtype(at::kFloat));
+  auto accum = at::empty({flash::flash_bwd_accum_floats(p, total_q)},
+                         c.q.options().dtype(at::kFloat));
   at::Tensor sems;
   if (p.deterministic)
-    sems = at::empty({flash::flash_bwd_num_sems(p)}, q.options().dtype(at::kInt));
+    sems = at::empty({flash::flash_bwd_num_sems(p)}, c.q.options().dtype(at::kInt));
   const cudaError_t err = fn(p, total_q, total_k, accum.data_ptr<float>(),
                              p.deterministic ? sems.data_ptr<int>() : nullptr,
                              at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "longctx.", op, ": kernel launch failed: ",
               cudaGetErrorString(err));
-  return {dq, dk, dv};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(longctx, CUDA, m) { m.impl("flash_attn_bwd", &flash_attn_bwd_cuda); }
+TORCH_LIBRARY_IMPL(longctx, CUDA, m) { m.impl("flash_attn_bwd", &flash_attn_bwd_op<&run_bwd_cuda>); }
 
 }  // namespace longctx

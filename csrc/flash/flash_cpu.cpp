@@ -1,5 +1,5 @@
-// CPU implementation of longctx::flash_attn_fwd / flash_attn_bwd: argument checks (flash_args),
-// then the task functions of flash_cpu.h split over threads with at::parallel_for.
+// CPU implementation of longctx::flash_attn_fwd / flash_attn_bwd: the ops of flash_op.h with CPU
+// runners, which split the task functions of flash_cpu.h over threads with at::parallel_for.
 //
 // Forward: one task per (batch, head, query tile of 64 rows); each task owns its out rows and
 // lse entries, so there is no write sharing.
@@ -23,7 +23,7 @@
 #include "common/build_registry.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
-#include "flash/flash_args.h"
+#include "flash/flash_op.h"
 #include "longctx/flash/flash_cpu.h"
 
 namespace longctx {
@@ -57,29 +57,19 @@ void parallel_tiles(int64_t batch, int64_t heads, int64_t tiles, int head_dim, F
   });
 }
 
-void check_varlen_values(const FlashFwdArgs& a, const at::Tensor& q, const at::Tensor& k,
-                         const std::optional<at::Tensor>& cu_q,
+void check_varlen_values(const flash::FwdParams& p, bool varlen, const at::Tensor& q,
+                         const at::Tensor& k, const std::optional<at::Tensor>& cu_q,
                          const std::optional<at::Tensor>& cu_k, const char* op) {
-  if (!a.varlen) return;
-  check_cu_seqlens_values(*cu_q, q.size(0), a.params.seqlen_q, op, "cu_seqlens_q");
-  check_cu_seqlens_values(*cu_k, k.size(0), a.params.seqlen_k, op, "cu_seqlens_k");
+  if (!varlen) return;
+  check_cu_seqlens_values(*cu_q, q.size(0), p.seqlen_q, op, "cu_seqlens_q");
+  check_cu_seqlens_values(*cu_k, k.size(0), p.seqlen_k, op, "cu_seqlens_k");
 }
 
-std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
-    int64_t window_left, int64_t window_right, bool /*deterministic: backward only*/) {
-  constexpr const char* op = "flash_attn_fwd";
-  const auto shapes = flash_fwd_output_shapes(q, cu_seqlens_q.has_value(), op);
-  auto out = at::empty(shapes.out, q.options());
-  auto lse = at::empty(shapes.lse, q.options().dtype(at::kFloat));
-  const FlashFwdArgs a =
-      make_flash_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          softmax_scale, causal, window_left, window_right, out, lse, op);
-  check_varlen_values(a, q, k, cu_seqlens_q, cu_seqlens_k, op);
-  const flash::FwdParams& p = a.params;
-  dispatch_cpu_dtype(a.dtype, [&](auto* tag) {
+void run_fwd_cpu(const FlashFwdCall& c) {
+  const flash::FwdParams& p = c.args.params;
+  check_varlen_values(p, c.args.varlen, c.q, c.k, c.cu_seqlens_q, c.cu_seqlens_k,
+                      "flash_attn_fwd");
+  dispatch_cpu_dtype(c.args.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using Acc = typename AccOf<T>::type;
     parallel_tiles<Acc>(p.batch, p.heads, num_tiles(p.seqlen_q, fc::kBlockM), p.head_dim,
@@ -87,39 +77,16 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cpu(
                           fc::fwd_task<T, Acc>(p, b, h, m, ws);
                         });
   });
-  return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-    bool deterministic) {
-  constexpr const char* op = "flash_attn_bwd";
-  // Shapes are checked by make_flash_bwd_args; allocate only once q/k/v have a sane rank.
-  const bool varlen = cu_seqlens_q.has_value();
-  flash_fwd_output_shapes(q, varlen, op);
-  check_dim(k, op, "k", {q.dim()});
-  check_dim(v, op, "v", {q.dim()});
-  auto dq = at::empty(q.sizes(), q.options());
-  auto dk = at::empty(k.sizes(), k.options());
-  auto dv = at::empty(v.sizes(), v.options());
-  auto dsum = at::empty(lse.sizes(), q.options().dtype(at::kFloat));
-  const FlashBwdArgs a = make_flash_bwd_args(
-      dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      softmax_scale, causal, window_left, window_right, deterministic, dq, dk, dv, dsum, op);
-  {
-    FlashFwdArgs f;
-    f.varlen = a.varlen;
-    f.params = a.params.fwd;
-    check_varlen_values(f, q, k, cu_seqlens_q, cu_seqlens_k, op);
-  }
-  const flash::BwdParams& bp = a.params;
+void run_bwd_cpu(const FlashBwdCall& c) {
+  const flash::BwdParams& bp = c.args.params;
   const flash::FwdParams& p = bp.fwd;
+  check_varlen_values(p, c.args.varlen, c.q, c.k, c.cu_seqlens_q, c.cu_seqlens_k,
+                      "flash_attn_bwd");
   const int64_t m_tiles = num_tiles(p.seqlen_q, fc::kBlockM);
   const int64_t n_tiles = num_tiles(p.seqlen_k, fc::kBlockN);
-  dispatch_cpu_dtype(a.dtype, [&](auto* tag) {
+  dispatch_cpu_dtype(c.args.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using Acc = typename AccOf<T>::type;
     parallel_tiles<Acc>(p.batch, p.heads, m_tiles, p.head_dim,
@@ -143,14 +110,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_cpu(
                           fc::bwd_dq_task<T, Acc>(bp, b, h, m, ws);
                         });
   });
-  return {dq, dk, dv};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(longctx, CPU, m) {
-  m.impl("flash_attn_fwd", &flash_attn_fwd_cpu);
-  m.impl("flash_attn_bwd", &flash_attn_bwd_cpu);
+  m.impl("flash_attn_fwd", &flash_attn_fwd_op<&run_fwd_cpu>);
+  m.impl("flash_attn_bwd", &flash_attn_bwd_op<&run_bwd_cpu>);
 }
 
 LONGCTX_REGISTER_KERNEL("flash_fwd", "cpu", "fp64,fp32,bf16,fp16",

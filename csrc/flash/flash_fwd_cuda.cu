@@ -1,7 +1,7 @@
-// CUDA launcher of longctx::flash_attn_fwd (Hopper, sm_90a): checks arguments through the shared
-// make_flash_fwd_args, allocates out and lse, and runs the compiled (head_dim, dtype)
-// instantiation from FlashFwdTable (the generated flash_fwd_hdim<D>_<dtype>.cu files) on the
-// current stream.
+// CUDA launcher of longctx::flash_attn_fwd (Hopper, sm_90a): the op of flash_op.h (shared argument
+// checks, out and lse) with a runner that checks what the kernel needs and runs the compiled
+// (head_dim, dtype) instantiation from FlashFwdTable (the generated flash_fwd_hdim<D>_<dtype>.cu
+// files) on the current stream.
 // deterministic is accepted for signature parity with the backward: the forward is always
 // deterministic (no atomics on outputs; the dynamic tile scheduler changes only which CTA
 // computes a tile, never the arithmetic).
@@ -16,32 +16,21 @@
 #include <limits>
 #include "common/dispatch.h"
 #include "common/nvtx.h"
-#include "flash/flash_args.h"
+#include "flash/flash_op.h"
 #include "generated/build_config.h"
 #include "longctx/flash/flash_fwd_dispatch.cuh"
 
 namespace longctx {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
-    int64_t window_left, int64_t window_right, bool /*deterministic*/) {
+void run_fwd_cuda(const FlashFwdCall& c) {
   constexpr const char* op = "flash_attn_fwd";
-  NvtxRange range("longctx::flash_attn_fwd");
-  const bool varlen = cu_seqlens_q.has_value();
-  const auto shapes = flash_fwd_output_shapes(q, varlen, op);
-  auto out = at::empty(shapes.out, q.options());
-  auto lse = at::empty(shapes.lse, q.options().dtype(at::kFloat));
-  const FlashFwdArgs a = make_flash_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                             max_seqlen_k, softmax_scale, causal, window_left,
-                                             window_right, out, lse, op);
+  const FlashFwdArgs& a = c.args;
   const flash::FwdParams& p = a.params;
   TORCH_CHECK(a.dtype == at::kBFloat16 || a.dtype == at::kHalf, "longctx.", op,
               ": the CUDA kernel takes bfloat16 or float16 q/k/v, got ", a.dtype);
 
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(c.q.device());
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(prop->major == 9, "longctx.", op, ": the CUDA kernel needs a Hopper GPU (sm_90), ",
               "this is sm_", prop->major, prop->minor, " (", prop->name, ")");
@@ -55,26 +44,25 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
   TORCH_CHECK(why == nullptr, "longctx.", op, ": ", why,
               " (the Hopper kernel loads them with TMA); pass .contiguous() tensors");
 
-  const int64_t total_q = varlen ? q.size(0) : int64_t(p.batch) * p.seqlen_q;
-  const int64_t total_k = varlen ? k.size(0) : int64_t(p.batch) * p.seqlen_k;
-  if (total_q == 0 || p.heads == 0) return {out, lse};
+  const int64_t total_q = a.varlen ? c.q.size(0) : int64_t(p.batch) * p.seqlen_q;
+  const int64_t total_k = a.varlen ? c.k.size(0) : int64_t(p.batch) * p.seqlen_k;
+  if (total_q == 0 || p.heads == 0) return;
   if (total_k == 0) {  // no keys anywhere: every row sees nothing
-    out.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
-    return {out, lse};
+    c.out.zero_();
+    c.lse.fill_(-std::numeric_limits<float>::infinity());
+    return;
   }
   // 4 bytes of scratch for the dynamic tile scheduler, private to this launch (stream-ordered
   // through the caching allocator; the kernel launcher zeroes it on the stream).
-  auto tile_counter = at::empty({1}, q.options().dtype(at::kInt));
+  auto tile_counter = at::empty({1}, c.q.options().dtype(at::kInt));
   const cudaError_t err = fn(p, total_q, total_k, tile_counter.data_ptr<int>(),
                              at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "longctx.", op, ": kernel launch failed: ",
               cudaGetErrorString(err));
-  return {out, lse};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(longctx, CUDA, m) { m.impl("flash_attn_fwd", &flash_attn_fwd_cuda); }
+TORCH_LIBRARY_IMPL(longctx, CUDA, m) { m.impl("flash_attn_fwd", &flash_attn_fwd_op<&run_fwd_cuda>); }
 
 }  // namespace longctx

@@ -1,0 +1,84 @@
+// The two flash-attention ops, written once for both devices: the argument checks and the
+// outputs here, the device's work in a runner (flash_cpu.cpp, flash_fwd_cuda.cu,
+// flash_bwd_cuda.cu). Each device registers flash_attn_fwd_op<its runner> and
+// flash_attn_bwd_op<its runner> under the schemas of csrc/bindings.cpp.
+#pragma once
+#include <ATen/ATen.h>
+#include <optional>
+#include <tuple>
+#include "common/checks.h"
+#include "common/nvtx.h"
+#include "flash/flash_args.h"
+
+namespace longctx {
+
+// What a forward runner gets: the checked arguments, the inputs it may need beyond the params
+// (cu_seqlens for value checks, the packed row counts) and the allocated outputs.
+struct FlashFwdCall {
+  const FlashFwdArgs& args;
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const std::optional<at::Tensor>& cu_seqlens_q;
+  const std::optional<at::Tensor>& cu_seqlens_k;
+  at::Tensor& out;
+  at::Tensor& lse;
+};
+
+struct FlashBwdCall {
+  const FlashBwdArgs& args;
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const std::optional<at::Tensor>& cu_seqlens_q;
+  const std::optional<at::Tensor>& cu_seqlens_k;
+  at::Tensor& dq;
+  at::Tensor& dk;
+  at::Tensor& dv;
+};
+
+using FlashFwdRunner = void (*)(const FlashFwdCall&);
+using FlashBwdRunner = void (*)(const FlashBwdCall&);
+
+// deterministic does not change the forward (bindings.cpp says why the schema carries it).
+template <FlashFwdRunner run>
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_op(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
+    int64_t window_left, int64_t window_right, bool /*deterministic*/) {
+  constexpr const char* op = "flash_attn_fwd";
+  NvtxRange range("longctx::flash_attn_fwd");
+  const auto shapes = flash_fwd_output_shapes(q, cu_seqlens_q.has_value(), op);
+  auto out = at::empty(shapes.out, q.options());
+  auto lse = at::empty(shapes.lse, q.options().dtype(at::kFloat));
+  const FlashFwdArgs a = make_flash_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, softmax_scale, causal, window_left,
+                                             window_right, out, lse, op);
+  run(FlashFwdCall{a, q, k, cu_seqlens_q, cu_seqlens_k, out, lse});
+  return {out, lse};
+}
+
+template <FlashBwdRunner run>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_op(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+    bool deterministic) {
+  constexpr const char* op = "flash_attn_bwd";
+  NvtxRange range("longctx::flash_attn_bwd");
+  // Shapes are checked by make_flash_bwd_args; allocate only once q/k/v have a sane rank.
+  flash_fwd_output_shapes(q, cu_seqlens_q.has_value(), op);
+  check_dim(k, op, "k", {q.dim()});
+  check_dim(v, op, "v", {q.dim()});
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dk = at::empty(k.sizes(), k.options());
+  auto dv = at::empty(v.sizes(), v.options());
+  auto dsum = at::empty(lse.sizes(), q.options().dtype(at::kFloat));
+  const FlashBwdArgs a = make_flash_bwd_args(
+      dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      softmax_scale, causal, window_left, window_right, deterministic, dq, dk, dv, dsum, op);
+  run(FlashBwdCall{a, q, k, cu_seqlens_q, cu_seqlens_k, dq, dk, dv});
+  return {dq, dk, dv};
+}
+
+}  // namespace longctx
