@@ -14,6 +14,7 @@
 #include <torch/library.h>
 #include "common/dispatch.h"
 #include "common/nvtx.h"
+#include "flash/flash_cuda.h"
 #include "flash/flash_op.h"
 #include "generated/build_config.h"
 #include "longctx/flash/flash_bwd_dispatch.cuh"
@@ -25,12 +26,8 @@ void run_bwd_cuda(const FlashBwdCall& c) {
   constexpr const char* op = "flash_attn_bwd";
   const FlashBwdArgs& a = c.args;
   const flash::BwdParams& p = a.params;
-  TORCH_CHECK(a.dtype == at::kBFloat16 || a.dtype == at::kHalf, "longctx.", op,
-              ": the CUDA kernel takes bfloat16 or float16 tensors, got ", a.dtype);
-  const c10::cuda::CUDAGuard guard(c.q.device());
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(prop->major == 9, "longctx.", op, ": the CUDA kernel needs a Hopper GPU (sm_90), ",
-              "this is sm_", prop->major, prop->minor, " (", prop->name, ")");
+  const c10::cuda::CUDAGuard guard(c.in.q.device());
+  check_flash_cuda(a.dtype, op, "tensors");
   const DType dt = registry_dtype(a.dtype);
   const flash::FlashBwdFn fn = flash::FlashBwdTable::find(p.fwd.head_dim, dt);
   TORCH_CHECK(fn != nullptr, "longctx.", op, ": head_dim ", p.fwd.head_dim, " ", dtype_name(dt),
@@ -40,18 +37,18 @@ void run_bwd_cuda(const FlashBwdCall& c) {
   const char* why = flash::flash_bwd_unsupported_reason(p);
   TORCH_CHECK(why == nullptr, "longctx.", op, ": ", why, "; pass .contiguous() tensors");
 
-  const int64_t total_q = a.varlen ? c.q.size(0) : int64_t(p.fwd.batch) * p.fwd.seqlen_q;
-  const int64_t total_k = a.varlen ? c.k.size(0) : int64_t(p.fwd.batch) * p.fwd.seqlen_k;
+  const int64_t total_q = a.varlen ? c.in.q.size(0) : int64_t(p.fwd.batch) * p.fwd.seqlen_q;
+  const int64_t total_k = a.varlen ? c.in.k.size(0) : int64_t(p.fwd.batch) * p.fwd.seqlen_k;
   if (total_q == 0 || p.fwd.heads == 0) {  // nothing reads k/v: their gradients are zero
     c.dk.zero_();
     c.dv.zero_();
     return;
   }
   auto accum = at::empty({flash::flash_bwd_accum_floats(p, total_q)},
-                         c.q.options().dtype(at::kFloat));
+                         c.in.q.options().dtype(at::kFloat));
   at::Tensor sems;
   if (p.deterministic)
-    sems = at::empty({flash::flash_bwd_num_sems(p)}, c.q.options().dtype(at::kInt));
+    sems = at::empty({flash::flash_bwd_num_sems(p)}, c.in.q.options().dtype(at::kInt));
   const cudaError_t err = fn(p, total_q, total_k, accum.data_ptr<float>(),
                              p.deterministic ? sems.data_ptr<int>() : nullptr,
                              at::cuda::getCurrentCUDAStream());

@@ -57,18 +57,16 @@ void parallel_tiles(int64_t batch, int64_t heads, int64_t tiles, int head_dim, F
   });
 }
 
-void check_varlen_values(const flash::FwdParams& p, bool varlen, const at::Tensor& q,
-                         const at::Tensor& k, const std::optional<at::Tensor>& cu_q,
-                         const std::optional<at::Tensor>& cu_k, const char* op) {
+void check_varlen_values(const flash::FwdParams& p, bool varlen, const FlashInputs& in,
+                         const char* op) {
   if (!varlen) return;
-  check_cu_seqlens_values(*cu_q, q.size(0), p.seqlen_q, op, "cu_seqlens_q");
-  check_cu_seqlens_values(*cu_k, k.size(0), p.seqlen_k, op, "cu_seqlens_k");
+  check_cu_seqlens_values(*in.cu_seqlens_q, in.q.size(0), p.seqlen_q, op, "cu_seqlens_q");
+  check_cu_seqlens_values(*in.cu_seqlens_k, in.k.size(0), p.seqlen_k, op, "cu_seqlens_k");
 }
 
 void run_fwd_cpu(const FlashFwdCall& c) {
   const flash::FwdParams& p = c.args.params;
-  check_varlen_values(p, c.args.varlen, c.q, c.k, c.cu_seqlens_q, c.cu_seqlens_k,
-                      "flash_attn_fwd");
+  check_varlen_values(p, c.args.varlen, c.in, "flash_attn_fwd");
   dispatch_cpu_dtype(c.args.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using Acc = typename AccOf<T>::type;
@@ -82,8 +80,7 @@ void run_fwd_cpu(const FlashFwdCall& c) {
 void run_bwd_cpu(const FlashBwdCall& c) {
   const flash::BwdParams& bp = c.args.params;
   const flash::FwdParams& p = bp.fwd;
-  check_varlen_values(p, c.args.varlen, c.q, c.k, c.cu_seqlens_q, c.cu_seqlens_k,
-                      "flash_attn_bwd");
+  check_varlen_values(p, c.args.varlen, c.in, "flash_attn_bwd");
   const int64_t m_tiles = num_tiles(p.seqlen_q, fc::kBlockM);
   const int64_t n_tiles = num_tiles(p.seqlen_k, fc::kBlockN);
   dispatch_cpu_dtype(c.args.dtype, [&](auto* tag) {

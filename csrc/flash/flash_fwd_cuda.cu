@@ -16,6 +16,7 @@
 #include <limits>
 #include "common/dispatch.h"
 #include "common/nvtx.h"
+#include "flash/flash_cuda.h"
 #include "flash/flash_op.h"
 #include "generated/build_config.h"
 #include "longctx/flash/flash_fwd_dispatch.cuh"
@@ -27,13 +28,8 @@ void run_fwd_cuda(const FlashFwdCall& c) {
   constexpr const char* op = "flash_attn_fwd";
   const FlashFwdArgs& a = c.args;
   const flash::FwdParams& p = a.params;
-  TORCH_CHECK(a.dtype == at::kBFloat16 || a.dtype == at::kHalf, "longctx.", op,
-              ": the CUDA kernel takes bfloat16 or float16 q/k/v, got ", a.dtype);
-
-  const c10::cuda::CUDAGuard guard(c.q.device());
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(prop->major == 9, "longctx.", op, ": the CUDA kernel needs a Hopper GPU (sm_90), ",
-              "this is sm_", prop->major, prop->minor, " (", prop->name, ")");
+  const c10::cuda::CUDAGuard guard(c.in.q.device());
+  check_flash_cuda(a.dtype, op, "q/k/v");
 
   const DType dt = registry_dtype(a.dtype);
   const flash::FlashFwdFn fn = flash::FlashFwdTable::find(p.head_dim, dt);
@@ -44,8 +40,8 @@ void run_fwd_cuda(const FlashFwdCall& c) {
   TORCH_CHECK(why == nullptr, "longctx.", op, ": ", why,
               " (the Hopper kernel loads them with TMA); pass .contiguous() tensors");
 
-  const int64_t total_q = a.varlen ? c.q.size(0) : int64_t(p.batch) * p.seqlen_q;
-  const int64_t total_k = a.varlen ? c.k.size(0) : int64_t(p.batch) * p.seqlen_k;
+  const int64_t total_q = a.varlen ? c.in.q.size(0) : int64_t(p.batch) * p.seqlen_q;
+  const int64_t total_k = a.varlen ? c.in.k.size(0) : int64_t(p.batch) * p.seqlen_k;
   if (total_q == 0 || p.heads == 0) return;
   if (total_k == 0) {  // no keys anywhere: every row sees nothing
     c.out.zero_();
@@ -54,7 +50,7 @@ void run_fwd_cuda(const FlashFwdCall& c) {
   }
   // 4 bytes of scratch for the dynamic tile scheduler, private to this launch (stream-ordered
   // through the caching allocator; the kernel launcher zeroes it on the stream).
-  auto tile_counter = at::empty({1}, c.q.options().dtype(at::kInt));
+  auto tile_counter = at::empty({1}, c.in.q.options().dtype(at::kInt));
   const cudaError_t err = fn(p, total_q, total_k, tile_counter.data_ptr<int>(),
                              at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "longctx.", op, ": kernel launch failed: ",

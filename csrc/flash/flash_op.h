@@ -12,27 +12,25 @@
 
 namespace longctx {
 
-// What a forward runner gets: the checked arguments, the inputs it may need beyond the params
-// (cu_seqlens for value checks, the packed row counts) and the allocated outputs.
-struct FlashFwdCall {
-  const FlashFwdArgs& args;
+// The inputs a runner may need beyond the params: q and k (the packed row counts) and the
+// cu_seqlens (their values).
+struct FlashInputs {
   const at::Tensor& q;
   const at::Tensor& k;
   const std::optional<at::Tensor>& cu_seqlens_q;
   const std::optional<at::Tensor>& cu_seqlens_k;
-  at::Tensor& out;
-  at::Tensor& lse;
 };
 
+// What a runner gets: the checked arguments, the inputs and the allocated outputs.
+struct FlashFwdCall {
+  const FlashFwdArgs& args;
+  FlashInputs in;
+  at::Tensor &out, &lse;
+};
 struct FlashBwdCall {
   const FlashBwdArgs& args;
-  const at::Tensor& q;
-  const at::Tensor& k;
-  const std::optional<at::Tensor>& cu_seqlens_q;
-  const std::optional<at::Tensor>& cu_seqlens_k;
-  at::Tensor& dq;
-  at::Tensor& dk;
-  at::Tensor& dv;
+  FlashInputs in;
+  at::Tensor &dq, &dk, &dv;
 };
 
 using FlashFwdRunner = void (*)(const FlashFwdCall&);
@@ -53,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_op(
   const FlashFwdArgs a = make_flash_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                              max_seqlen_k, softmax_scale, causal, window_left,
                                              window_right, out, lse, op);
-  run(FlashFwdCall{a, q, k, cu_seqlens_q, cu_seqlens_k, out, lse});
+  run(FlashFwdCall{a, {q, k, cu_seqlens_q, cu_seqlens_k}, out, lse});
   return {out, lse};
 }
 
@@ -77,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_op(
   const FlashBwdArgs a = make_flash_bwd_args(
       dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       softmax_scale, causal, window_left, window_right, deterministic, dq, dk, dv, dsum, op);
-  run(FlashBwdCall{a, q, k, cu_seqlens_q, cu_seqlens_k, dq, dk, dv});
+  run(FlashBwdCall{a, {q, k, cu_seqlens_q, cu_seqlens_k}, dq, dk, dv});
   return {dq, dk, dv};
 }
 
