@@ -36,6 +36,7 @@
 #include <vector>
 #include "longctx/flash/flash_params.h"
 #include "longctx/flash/mask.h"
+#include "longctx/max_keep_nan.h"
 
 namespace longctx {
 namespace flash {
@@ -157,8 +158,8 @@ inline void online_softmax_step(Acc* S, int ld, int rows, int cols, int d, Acc* 
   for (int r = 0; r < rows; ++r) {
     Acc* srow = S + int64_t(r) * ld;
     Acc tile_max = neg_inf;
-    for (int c = 0; c < cols; ++c) tile_max = std::max(tile_max, srow[c]);
-    const Acc m_new = std::max(mx[r], tile_max);
+    for (int c = 0; c < cols; ++c) tile_max = max_keep_nan(tile_max, srow[c]);
+    const Acc m_new = max_keep_nan(mx[r], tile_max);  // NaN (from q, k) stays: the row gets NaN
     if (m_new == neg_inf) {  // nothing visible to this row yet: P row is 0
       for (int c = 0; c < cols; ++c) srow[c] = Acc(0);
       continue;

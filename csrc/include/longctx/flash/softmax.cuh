@@ -8,7 +8,9 @@
 // thread-partial row sum is rescaled and accumulated (quad-reduced only in finalize).
 // Invariants: fully masked rows keep m = -inf; their P is exactly 0 (the max used in the
 // exponent is replaced by 0), their sum stays 0, finalize gives inv_sum = 0 (out = 0) and
-// lse = -inf. lse is natural-log: m * softmax_scale + log(sum).
+// lse = -inf. A NaN score (from q or k) makes P and the row sum NaN (fmaxf leaves it out of the
+// max, the exponent keeps it), and finalize keeps it: out and lse are NaN in that row, not the
+// empty row's 0 and -inf. lse is natural-log: m * softmax_scale + log(sum).
 #pragma once
 #include <cute/tensor.hpp>
 #include <math_constants.h>
@@ -101,7 +103,7 @@ struct OnlineSoftmax {
     #pragma unroll
     for (int r = 0; r < kNRows; ++r) {
       const float s = quad_sum(row_sum[r]);
-      const bool empty = !(s > 0.f);
+      const bool empty = s == 0.f;  // no key seen; a NaN sum is not empty (NaN out and lse)
       inv_sum[r] = empty ? 0.f : 1.f / s;
       lse[r] = empty ? -CUDART_INF_F : row_max[r] * softmax_scale + logf(s);
     }

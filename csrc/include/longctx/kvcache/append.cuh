@@ -107,9 +107,10 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kvcache_append_kernel(const
       for (int ch = lane; ch < d; ch += 32) dst[ch] = from_float<T>(x[ch]);
     } else if constexpr (F == Format::kInt8) {
       float amax = 0.f;
-      for (int ch = lane; ch < d; ch += 32) amax = fmaxf(amax, fabsf(x[ch]));
+      for (int ch = lane; ch < d; ch += 32) amax = amax_step(amax, x[ch]);
 #pragma unroll
-      for (int o = 16; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      for (int o = 16; o >= 1; o >>= 1)
+        amax = max_keep_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
       const float scale = int8_scale(amax);
       int8_t* dst = static_cast<int8_t*>(cv.data) + off;
       for (int ch = lane; ch < d; ch += 32) dst[ch] = quantize_int8(x[ch], scale);

@@ -10,7 +10,8 @@
 // sum l of exp2(s - m) and the unnormalized output o[D] (o at (w * RS + g) * OS + o_pos(e)). Rows
 // r0 + g >= R are skipped. Output: num_splits == 1: out (T, normalized, times vscale) and lse
 // (natural log, fp32); otherwise the split's fp32 partial (normalized out and its lse) into
-// out_accum / lse_accum for kvcache_merge_kernel. A row that saw no key gets out = 0, lse = -inf.
+// out_accum / lse_accum for kvcache_merge_kernel. A row that saw no key gets out = 0, lse = -inf;
+// a row whose scores or values hold a NaN gets NaN.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -99,7 +100,7 @@ __device__ __forceinline__ void combine_and_store(const AttnParams& p, const Seq
       wt[w] = M == -INFINITY ? 0.f : exp2f(sm_m[w * RS + g] - M);
       L = fmaf(sm_l[w * RS + g], wt[w], L);
     }
-    const bool empty = !(L > 0.f);
+    const bool empty = L == 0.f;  // no key seen; a NaN sum (NaN in q, k or v) stays NaN
     const float scale = empty ? 0.f : vscale / L;
 #pragma unroll
     for (int w = 0; w < NW; ++w) sm_m[w * RS + g] = wt[w] * scale;

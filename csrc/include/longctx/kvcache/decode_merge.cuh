@@ -6,12 +6,14 @@
 // directly. At batch 1 the merge is on the critical path of every decode step, so its cost is
 // rounds of L2 latency, not bandwidth: every load of a chunk of C partial rows is in flight
 // before any is used. Launch: programmatic dependent (grid_dependency.cuh), waiting for the
-// decode kernel's partials before its first read. A row without keys gets out = 0, lse = -inf.
+// decode kernel's partials before its first read. A row without keys gets out = 0, lse = -inf; a
+// NaN partial (lse or out) makes the row NaN (the running max keeps NaN, NaN weights are summed).
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
 #include "longctx/kvcache/decode_common.cuh"
 #include "longctx/kvcache/kvcache_params.h"
+#include "longctx/max_keep_nan.h"
 
 namespace longctx {
 namespace kvcache {
@@ -66,7 +68,7 @@ struct MergeState {
       }
       float cm = m;
 #pragma unroll
-      for (int j = 0; j < C; ++j) cm = fmaxf(cm, lv[j]);
+      for (int j = 0; j < C; ++j) cm = max_keep_nan(cm, lv[j]);
       if (cm == -INFINITY) continue;
       const float sc = m == -INFINITY ? 0.f : expf(m - cm);
       l *= sc;
@@ -75,7 +77,7 @@ struct MergeState {
 #pragma unroll
       for (int j = 0; j < C; ++j) {
         const float w = expf(lv[j] - cm);  // lse -inf (a split without keys, or past S): 0
-        if (w > 0.f) {
+        if (w != 0.f) {  // (a NaN weight is summed: the row's NaN stays)
           l += w;
 #pragma unroll
           for (int e = 0; e < E; ++e) acc[e] = fmaf(w, xv[j][e], acc[e]);
@@ -86,7 +88,7 @@ struct MergeState {
   }
   // Folds another state in.
   __device__ __forceinline__ void join(float m2, float l2, const float* acc2) {
-    const float M = fmaxf(m, m2);
+    const float M = max_keep_nan(m, m2);
     if (M == -INFINITY) return;
     const float a = m == -INFINITY ? 0.f : expf(m - M), b = m2 == -INFINITY ? 0.f : expf(m2 - M);
     l = l * a + l2 * b;
@@ -118,7 +120,7 @@ __device__ __forceinline__ void merge_split_row(const AttnParams& p, int64_t gro
   __syncthreads();
   if (warp != 0) return;
   for (int w = 1; w < nw; ++w) st.join(sm_m[w], sm_l[w], sm_acc + w * D + lane * E);
-  const bool empty = !(st.l > 0.f);
+  const bool empty = st.l == 0.f;
   T* op = static_cast<T*>(p.out) + out_off + lane * E;
 #pragma unroll
   for (int e = 0; e < E; ++e) op[e] = from_float<T>(empty ? 0.f : st.acc[e] / st.l);

@@ -52,7 +52,7 @@ inline void store_head(const CacheView& cv, int64_t page, int slot, int head, co
     for (int c = 0; c < d; ++c) dst[c] = static_cast<T>(x[c]);
   } else if constexpr (F == Format::kInt8) {
     float amax = 0.f;
-    for (int c = 0; c < d; ++c) amax = std::max(amax, std::fabs(x[c]));
+    for (int c = 0; c < d; ++c) amax = amax_step(amax, x[c]);
     const float scale = int8_scale(amax);
     int8_t* dst = static_cast<int8_t*>(cv.data) + off;
     for (int c = 0; c < d; ++c) dst[c] = quantize_int8(x[c], scale);
@@ -286,10 +286,9 @@ void merge_splits_task(const AttnParams& p, int b, int h, float* w) {
     const int64_t grow = s.q_row0(p.seqlen_q) + i;
     float m = neg_inf;
     for (int sp = 0; sp < p.num_splits; ++sp)
-      m = std::max(m, p.lse_accum[(int64_t(sp) * p.heads + h) * p.total_q + grow]);
+      m = max_keep_nan(m, p.lse_accum[(int64_t(sp) * p.heads + h) * p.total_q + grow]);
     T* orow = static_cast<T*>(p.out) + s.q_offset(p.out_batch_stride, p.out_row_stride) +
-                i * p.out_row_stride +
-              int64_t(h) * p.out_head_stride;
+              i * p.out_row_stride + int64_t(h) * p.out_head_stride;
     float* lse = p.lse + s.lse_offset(p.lse_batch_stride) + int64_t(h) * p.lse_head_stride + i;
     if (m == neg_inf) {
       for (int c = 0; c < d; ++c) orow[c] = static_cast<T>(0.f);

@@ -9,13 +9,17 @@
 //                      tests compare them on all fp8 values, their midpoints and neighbours).
 //   fp8_e4m3_to_float  exact decode.
 // INT8, symmetric per (token, head): scale = amax / 127, q = clamp(rint(x / scale), -127, 127),
-//   x ~= q * scale; a zero scale (all-zero head) stores q = 0. Division (not multiplication by a
+//   x ~= q * scale; a zero scale (all-zero head) stores q = 0. A NaN (or an infinity) among a
+//   head's values makes amax, hence its scale, NaN (or inf): every channel of that (token, head)
+//   then dequantizes to NaN, so attention over the key gives NaN where it reaches it instead of
+//   silently dropping the element (amax_step keeps the NaN). Division (not multiplication by a
 //   reciprocal) keeps host and device bitwise equal: both round x / scale once (IEEE div.rn).
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include "longctx/config.h"
+#include "longctx/max_keep_nan.h"
 
 namespace longctx {
 namespace kvcache {
@@ -87,6 +91,9 @@ LONGCTX_HOST_DEVICE uint8_t quantize_fp8(float x, float scale) {
 LONGCTX_HOST_DEVICE float dequantize_fp8(uint8_t q, float scale) {
   return fp8_e4m3_to_float(q) * scale;
 }
+
+// int8: the running largest magnitude of a head's values (start from 0), keeping a NaN.
+LONGCTX_HOST_DEVICE float amax_step(float amax, float x) { return max_keep_nan(amax, fabsf(x)); }
 
 // int8: the scale of a (token, head) whose largest magnitude is amax.
 LONGCTX_HOST_DEVICE float int8_scale(float amax) { return amax / kInt8Max; }
