@@ -12,11 +12,9 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-#include "common/dispatch.h"
 #include "common/nvtx.h"
 #include "flash/flash_cuda.h"
 #include "flash/flash_op.h"
-#include "generated/build_config.h"
 #include "longctx/flash/flash_bwd_dispatch.cuh"
 
 namespace longctx {
@@ -28,12 +26,10 @@ void run_bwd_cuda(const FlashBwdCall& c) {
   const flash::BwdParams& p = a.params;
   const c10::cuda::CUDAGuard guard(c.in.q.device());
   check_flash_cuda(a.dtype, op, "tensors");
-  const DType dt = registry_dtype(a.dtype);
-  const flash::FlashBwdFn fn = flash::FlashBwdTable::find(p.fwd.head_dim, dt);
-  TORCH_CHECK(fn != nullptr, "longctx.", op, ": head_dim ", p.fwd.head_dim, " ", dtype_name(dt),
-              " not compiled in this build (", LONGCTX_BUILD_SWITCHES,
-              "; the backward supports head_dim 64, 128 and 256; rebuild with LONGCTX_HEADDIMS / "
-              "LONGCTX_DTYPES including it and without LONGCTX_DISABLE_BWD)");
+  const flash::FlashBwdFn fn = find_flash_kernel<flash::FlashBwdTable>(
+      p.fwd.head_dim, a.dtype, op,
+      "the backward supports head_dim 64, 128 and 256; rebuild with LONGCTX_HEADDIMS / "
+      "LONGCTX_DTYPES including it and without LONGCTX_DISABLE_BWD");
   const char* why = flash::flash_bwd_unsupported_reason(p);
   TORCH_CHECK(why == nullptr, "longctx.", op, ": ", why, "; pass .contiguous() tensors");
 

@@ -1,8 +1,12 @@
-// What the CUDA runners of both flash ops (flash_fwd_cuda.cu, flash_bwd_cuda.cu) check before
-// looking up their kernel: a 16-bit dtype and a Hopper GPU as the current device.
+// What the CUDA runners of both flash ops (flash_fwd_cuda.cu, flash_bwd_cuda.cu) share before
+// launching: a 16-bit dtype and a Hopper GPU as the current device, and the lookup of the
+// compiled (head_dim, dtype) instantiation.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include "common/dispatch.h"
+#include "generated/build_config.h"
+#include "longctx/registry.h"
 
 namespace longctx {
 
@@ -13,6 +17,17 @@ inline void check_flash_cuda(at::ScalarType dtype, const char* op, const char* w
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(prop->major == 9, "longctx.", op, ": the CUDA kernel needs a Hopper GPU (sm_90), ",
               "this is sm_", prop->major, prop->minor, " (", prop->name, ")");
+}
+
+// Table's function for (head_dim, dtype), or an error that names the build's switches; hint: how
+// to rebuild with it.
+template <typename Table>
+auto find_flash_kernel(int head_dim, at::ScalarType dtype, const char* op, const char* hint) {
+  const DType dt = registry_dtype(dtype);
+  const auto fn = Table::find(head_dim, dt);
+  TORCH_CHECK(fn != nullptr, "longctx.", op, ": head_dim ", head_dim, " ", dtype_name(dt),
+              " not compiled in this build (", LONGCTX_BUILD_SWITCHES, "; ", hint, ")");
+  return fn;
 }
 
 }  // namespace longctx

@@ -14,11 +14,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <limits>
-#include "common/dispatch.h"
 #include "common/nvtx.h"
 #include "flash/flash_cuda.h"
 #include "flash/flash_op.h"
-#include "generated/build_config.h"
 #include "longctx/flash/flash_fwd_dispatch.cuh"
 
 namespace longctx {
@@ -30,12 +28,8 @@ void run_fwd_cuda(const FlashFwdCall& c) {
   const flash::FwdParams& p = a.params;
   const c10::cuda::CUDAGuard guard(c.in.q.device());
   check_flash_cuda(a.dtype, op, "q/k/v");
-
-  const DType dt = registry_dtype(a.dtype);
-  const flash::FlashFwdFn fn = flash::FlashFwdTable::find(p.head_dim, dt);
-  TORCH_CHECK(fn != nullptr, "longctx.", op, ": head_dim ", p.head_dim, " ", dtype_name(dt),
-              " not compiled in this build (", LONGCTX_BUILD_SWITCHES,
-              "; rebuild with LONGCTX_HEADDIMS / LONGCTX_DTYPES including it)");
+  const flash::FlashFwdFn fn = find_flash_kernel<flash::FlashFwdTable>(
+      p.head_dim, a.dtype, op, "rebuild with LONGCTX_HEADDIMS / LONGCTX_DTYPES including it");
   const char* why = flash::flash_fwd_tma_unsupported_reason(p, 2);
   TORCH_CHECK(why == nullptr, "longctx.", op, ": ", why,
               " (the Hopper kernel loads them with TMA); pass .contiguous() tensors");
