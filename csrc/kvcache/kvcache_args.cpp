@@ -431,6 +431,8 @@ kvcache::AttnParams make_kvcache_attn_args(
   // outputs
   LONGCTX_CHECK_ARG(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), op, "out",
                     "must have the shape and dtype of q");
+  check_same_device(out, q, op, "out", "q");
+  check_same_device(lse, q, op, "lse", "q");
   check_last_dim_contiguous(out, op, "out");
   LONGCTX_CHECK_ARG(lse.scalar_type() == at::kFloat && lse.sizes() == at::IntArrayRef(shapes.lse),
                     op, "lse", "must be fp32 of shape ", at::IntArrayRef(shapes.lse));

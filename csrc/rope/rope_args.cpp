@@ -44,6 +44,8 @@ rope::Params make_rope_params(const at::Tensor& q, const at::Tensor& k, const at
   check_same_device(k, q, op, "k", "q");
   check_same_device(positions, q, op, "positions", "q");
   check_same_device(inv_freq, q, op, "inv_freq", "q");
+  check_same_device(q_out, q, op, "q (output)", "q");
+  check_same_device(k_out, q, op, "k (output)", "q");
   check_last_dim_contiguous(q, op, "q");
   check_last_dim_contiguous(k, op, "k");
   check_last_dim_contiguous(q_out, op, "q (output)");
@@ -103,6 +105,8 @@ rope::Params make_rope_params(const at::Tensor& q, const at::Tensor& k, const at
 }
 
 void check_positions_in_range(const at::Tensor& positions, int64_t max_position, const char* op) {
+  LONGCTX_CHECK_ARG(max_position >= -1, op, "max_position",
+                    "must be -1 (no check) or >= 0, got ", max_position);
   if (max_position < 0 || positions.numel() == 0) return;
   const auto minmax = at::aminmax(positions);
   const int64_t lo = std::get<0>(minmax).item<int64_t>();

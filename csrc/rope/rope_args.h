@@ -13,7 +13,7 @@ rope::Params make_rope_params(const at::Tensor& q, const at::Tensor& k, const at
                               bool interleaved, bool inverse, const char* op);
 
 // With max_position >= 0, every position must lie in [0, max_position) (one reduction and a
-// device sync); -1 skips the check.
+// device sync); -1 skips the check; anything below -1 is an error.
 void check_positions_in_range(const at::Tensor& positions, int64_t max_position, const char* op);
 
 // What differs between devices: run the rotation described by p on tensors of dtype.

@@ -5,7 +5,8 @@ thin wrappers with FlashAttention-compatible semantics.
 """
 __version__ = "0.1.0"
 
-import torch  # noqa: F401  (loads libtorch before the extension)
+import torch as _torch  # noqa: F401  (loads libtorch before the extension; private name, so
+#                                   dir(longctx) lists the API, not torch)
 
 from . import _C  # noqa: F401  (registers torch.ops.longctx.*)
 from .attention import flash_attn_func, flash_attn_varlen_func

@@ -1,4 +1,5 @@
-"""Helpers the library modules share (attention, kvcache, ring): argument normalization and NVTX.
+"""Helpers the library modules share (attention, kvcache, rope, ring): argument normalization,
+argument checks and NVTX.
 
 Private: the public API is what longctx/__init__.py exports.
 """
@@ -6,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 
@@ -26,9 +27,92 @@ def resolve_window(window_size, causal: bool) -> Tuple[int, int]:
     return left, (0 if causal else right)
 
 
-def resolve_scale(softmax_scale: Optional[float], q: torch.Tensor) -> float:
-    """softmax_scale as a float, 1 / sqrt(head_dim) when None."""
-    return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+def resolve_scale(softmax_scale: Optional[float], q, op: str = "flash_attn_func") -> float:
+    """softmax_scale as a float, 1 / sqrt(head_dim) when None. A q without a last dimension is
+    left to the op's rank check (the value returned then is never used); head_dim 0 is an error
+    here, before the division."""
+    if softmax_scale is not None:
+        return float(softmax_scale)
+    if not isinstance(q, torch.Tensor) or q.dim() == 0:
+        return 1.0
+    if q.shape[-1] == 0:
+        raise ValueError(f"longctx.{op}: q must have head_dim >= 1 (its last dimension), got "
+                         f"shape {tuple(q.shape)}")
+    return 1.0 / math.sqrt(q.shape[-1])
+
+
+def size_or_zero(t, dim: int) -> int:
+    """t.shape[dim], or 0 where t has no such dimension (the op's rank check then names t)."""
+    return t.shape[dim] if isinstance(t, torch.Tensor) and -t.dim() <= dim < t.dim() else 0
+
+
+def check_same_device(op: str, tensors: Iterable[Tuple[str, Optional[torch.Tensor]]]) -> None:
+    """Every tensor of (name, tensor) pairs (None skipped) is on the device of the first one;
+    RuntimeError with the C++ check's message otherwise (csrc/common/checks.cpp).
+
+    The fake (meta) implementations call it: a call mixing meta tensors with real ones is sent
+    by the dispatcher to the fake implementation, where the C++ checks never run."""
+    ref_name, ref = None, None
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if ref is None:
+            ref_name, ref = name, t
+        elif t.device != ref.device:
+            raise RuntimeError(f"longctx.{op}: {name} must be on the same device as {ref_name} "
+                               f"({ref.device}), got {t.device}")
+
+
+_C_DTYPE_NAMES = {torch.int32: "Int", torch.int64: "Long", torch.int16: "Short",
+                  torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
+                  torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+                  torch.bfloat16: "BFloat16"}
+
+
+def c_dtype_name(dtype: torch.dtype) -> str:
+    """The dtype as the C++ checks print it (c10::ScalarType), so a check mirrored in Python
+    reads as its C++ twin."""
+    return _C_DTYPE_NAMES.get(dtype, str(dtype))
+
+
+def check_cu_seqlens(cu, op: str, arg: str, batch: Optional[int], ref: torch.Tensor,
+                     ref_name: str) -> None:
+    """The structure of a cu_seqlens tensor (no values, no sync), with the C++ checks' messages
+    (csrc/kvcache/kvcache_args.cpp check_cu): int32, contiguous 1-D, batch + 1 entries, on
+    ref's device."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"longctx.{op}: {arg} must be an int32 tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise RuntimeError(f"longctx.{op}: {arg} must have dtype Int, got "
+                           f"{c_dtype_name(cu.dtype)}")
+    if cu.dim() != 1 or not cu.is_contiguous():
+        raise RuntimeError(f"longctx.{op}: {arg} must be a contiguous 1-D (batch + 1,) tensor, "
+                           f"got shape {list(cu.shape)}")
+    if batch is not None and cu.shape[0] != batch + 1:
+        raise RuntimeError(f"longctx.{op}: {arg} must have batch + 1 = {batch + 1} entries "
+                           f"(batch = rows of block_table), got {cu.shape[0]}")
+    check_same_device(op, ((ref_name, ref), (arg, cu)))
+
+
+def check_cu_seqlens_values(values, total_rows: int, max_seqlen: Optional[int], op: str,
+                            arg: str) -> None:
+    """The values of cu_seqlens (a list of ints), with the C++ check's messages
+    (csrc/flash/flash_args.cpp check_cu_seqlens_values): start at 0, non-decreasing, each length
+    <= max_seqlen (None: unbounded), end at total_rows."""
+    c = values
+    if not c or c[0] != 0:
+        raise RuntimeError(f"longctx.{op}: {arg} must start at 0, got {c[0] if c else -1}")
+    for b in range(len(c) - 1):
+        n = c[b + 1] - c[b]
+        if n < 0:
+            raise RuntimeError(f"longctx.{op}: {arg} must be non-decreasing, got {arg}[{b}] = "
+                               f"{c[b]} > {arg}[{b + 1}] = {c[b + 1]}")
+        if max_seqlen is not None and n > max_seqlen:
+            raise RuntimeError(f"longctx.{op}: {arg} describes sequence {b} of length {n}, "
+                               f"longer than its max_seqlen = {max_seqlen}")
+    if c[-1] != total_rows:
+        raise RuntimeError(f"longctx.{op}: {arg} must end at the number of packed rows "
+                           f"({total_rows}), got {c[-1]}")
 
 
 @contextlib.contextmanager

@@ -19,20 +19,38 @@ Formats, chosen by the pool dtype (dequantization is always x = stored * scale, 
   q = e4m3(x / scale) (round to nearest even, saturating to +-448). `fp8_scales_from_data`
   calibrates them (amax / 448 per head).
 
+NaN and Inf in K/V: a quantized cache never makes them vanish.
+- bf16 / fp16 / fp32 caches store them as they are.
+- int8: a (token, kv head) whose values hold a NaN or an infinity gets scale NaN or inf (amax
+  keeps the NaN), so every channel of that (token, head) reads back as NaN: attention over the
+  key gives NaN in the rows that see it.
+- fp8 e4m3: a NaN element is stored as NaN; +-inf saturates to +-448 * scale, as every value
+  beyond the format's range does (the SATFINITE conversion).
+- Calibration refuses non-finite data: fp8_scales_from_data, and the first append of a
+  PagedKVCache whose fp8 scales were left to calibrate, raise ValueError naming the tensor and
+  the kv head, because a scale computed from a NaN or an infinity (NaN, inf, or 1 where amax is
+  NaN) would spoil or hide that head for every later token.
+
 Ops (torch.ops.longctx): kvcache_append (mutates the pools, quantizes on write, RoPE on K) and
 flash_attn_with_kvcache (attention over the cache, dequantization fused, split-KV for decode).
 Both have fake implementations registered here, so torch.compile(fullgraph=True) traces them.
 There is no backward: the cache is for inference.
+
+Errors: a call that raises leaves its tensors as they were (every check runs before the first
+write), and a PagedKVCache method that raises leaves the cache as it was (pages, lengths,
+scales, pool contents).
 """
 from __future__ import annotations
 
 import math
+import operator
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.longctx.*)
-from ._common import resolve_scale, resolve_window
+from ._common import (check_cu_seqlens, check_cu_seqlens_values, check_same_device,
+                      c_dtype_name, resolve_scale, resolve_window, size_or_zero)
 from .rope import apply_rope
 
 __all__ = [
@@ -56,6 +74,12 @@ _QUANTIZED = (torch.int8, torch.float8_e4m3fn)
 def _kvcache_append_fake(k, v, k_cache, v_cache, k_scale_cache, v_scale_cache, k_fp8_scale,
                          v_fp8_scale, block_table, cache_seqlens, cu_new, positions, inv_freq,
                          attention_factor=1.0, rope_interleaved=False, validate=True):
+    check_same_device("kvcache_append", (
+        ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache),
+        ("k_scale_cache", k_scale_cache), ("v_scale_cache", v_scale_cache),
+        ("k_fp8_scale", k_fp8_scale), ("v_fp8_scale", v_fp8_scale), ("block_table", block_table),
+        ("cache_seqlens", cache_seqlens), ("cu_new", cu_new), ("positions", positions),
+        ("inv_freq", inv_freq)))
     return None
 
 
@@ -64,6 +88,11 @@ def _flash_attn_with_kvcache_fake(q, k_cache, v_cache, k_scale_cache, v_scale_ca
                                   v_fp8_scale, block_table, cache_seqlens, cu_seqlens_q,
                                   max_seqlen_q, softmax_scale, causal, window_left, window_right,
                                   num_splits=0, validate=True):
+    check_same_device("flash_attn_with_kvcache", (
+        ("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_scale_cache", k_scale_cache),
+        ("v_scale_cache", v_scale_cache), ("k_fp8_scale", k_fp8_scale),
+        ("v_fp8_scale", v_fp8_scale), ("block_table", block_table),
+        ("cache_seqlens", cache_seqlens), ("cu_seqlens_q", cu_seqlens_q)))
     if cu_seqlens_q is None:
         torch._check(q.dim() == 4,
                      lambda: "longctx.flash_attn_with_kvcache: q must have 4 dimensions")
@@ -77,21 +106,41 @@ def _flash_attn_with_kvcache_fake(q, k_cache, v_cache, k_scale_cache, v_scale_ca
 
 # --- helpers ------------------------------------------------------------------------------------
 
+def _fp8_scales(x: torch.Tensor, margin: float, op: str, name: str) -> torch.Tensor:
+    """fp8_scales_from_data's work; errors name op and the tensor (name)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"longctx.{op}: {name} must be a tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"{op}: {name} must be (..., kv_heads, head_dim), got shape "
+                         f"{tuple(x.shape)}")
+    if not (margin > 0 and math.isfinite(margin)):
+        raise ValueError(f"{op}: margin must be finite and > 0, got {margin}")
+    dims = [d for d in range(x.dim()) if d != x.dim() - 2]
+    xf = x.detach().abs().float()
+    amax = xf.amax(dim=dims) if x.numel() else x.new_zeros(x.shape[-2], dtype=torch.float32)
+    if x.numel() and x.device.type != "meta":
+        # amax drops no NaN (torch.amax propagates it); an infinity gives inf. One sync.
+        bad = (~torch.isfinite(amax)).nonzero().flatten().tolist()
+        if bad:
+            h = bad[0]
+            what = "NaN" if bool(torch.isnan(xf.select(-2, h)).any()) else "an infinity"
+            raise ValueError(
+                f"longctx.{op}: {name} holds {what} in kv head {h} (heads with non-finite values: "
+                f"{bad}); an fp8 scale calibrated from it would hide or spread it (see 'NaN and "
+                f"Inf' in longctx.kvcache's docstring): calibrate from finite data or pass the "
+                f"scales")
+    scale = amax * (margin / FP8_E4M3_MAX)
+    return torch.where(scale > 0, scale, torch.ones_like(scale)).contiguous()
+
+
 def fp8_scales_from_data(x: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     """Per-kv-head fp8 e4m3 scales calibrated from data: amax over every dimension but the head
     dimension (-2) of x (..., kv_heads, head_dim), times margin, divided by 448, as fp32
     (kv_heads,). A head of zeros gets scale 1. margin > 1 leaves headroom for later, larger
-    values (they saturate at 448 * scale otherwise)."""
-    if x.dim() < 2:
-        raise ValueError(f"fp8_scales_from_data: x must be (..., kv_heads, head_dim), got shape "
-                         f"{tuple(x.shape)}")
-    if not (margin > 0 and math.isfinite(margin)):
-        raise ValueError(f"fp8_scales_from_data: margin must be finite and > 0, got {margin}")
-    dims = [d for d in range(x.dim()) if d != x.dim() - 2]
-    amax = x.detach().abs().float().amax(dim=dims) if x.numel() else x.new_zeros(
-        x.shape[-2], dtype=torch.float32)
-    scale = amax * (margin / FP8_E4M3_MAX)
-    return torch.where(scale > 0, scale, torch.ones_like(scale)).contiguous()
+    values (they saturate at 448 * scale otherwise). x holding NaN or an infinity raises
+    ValueError naming the first such kv head (a NaN would otherwise give that head scale 1 and
+    an infinity scale inf); reading the check's result back is a sync on CUDA."""
+    return _fp8_scales(x, margin, "fp8_scales_from_data", "x")
 
 
 def int8_scales(num_blocks: int, block_size: int, kv_heads: int, device=None) -> torch.Tensor:
@@ -157,6 +206,102 @@ def kvcache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         bool(validate))
 
 
+_INT_MAX = 2**31 - 1
+
+
+def _precheck(q, k, v, k_cache, v_cache, scales, cache_seqlens, block_table, inv_freq,
+              cu_seqlens_q, max_seqlen_q, num_splits, validate) -> None:
+    """flash_attn_with_kvcache with new k/v or rope computes in Python (the query positions, the
+    lengths after the append) and appends before it attends: the checks the attention op would
+    make on what is used first run here, with the C++ checks' messages, so that bad input is an
+    error naming the caller's argument (not cu_new, which it never passed) and is found before
+    the append writes anything. Shapes only, plus the cu_seqlens_q values with validate (a sync
+    on CUDA, as the op's own validation)."""
+    op = "flash_attn_with_kvcache"
+    check_same_device(op, (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
+                           ("k_scale", scales[0]), ("v_scale", scales[1]),
+                           ("block_table", block_table), ("cache_seqlens", cache_seqlens),
+                           ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q),
+                           ("rope", inv_freq)))
+    packed = cu_seqlens_q is not None
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"longctx.{op}: q must be a tensor, got {type(q).__name__}")
+    if packed and q.dim() != 3:
+        raise RuntimeError(f"longctx.{op}: q must have 3 dimensions (total_q, heads, head_dim) "
+                           f"when cu_seqlens_q is given, got shape {list(q.shape)}")
+    if not packed and q.dim() != 4:
+        raise RuntimeError(f"longctx.{op}: q must have 4 dimensions (batch, seqlen_q, heads, "
+                           f"head_dim) when cu_seqlens_q is not given, got shape "
+                           f"{list(q.shape)}")
+    batch = block_table.shape[0] if isinstance(block_table, torch.Tensor) and \
+        block_table.dim() == 2 else None
+    sl = cache_seqlens
+    if not isinstance(sl, torch.Tensor):
+        raise TypeError(f"longctx.{op}: cache_seqlens must be an int32 tensor, got "
+                        f"{type(sl).__name__}")
+    if sl.dtype != torch.int32:
+        raise RuntimeError(f"longctx.{op}: cache_seqlens must have dtype Int, got "
+                           f"{c_dtype_name(sl.dtype)}")
+    if sl.dim() != 1 or not sl.is_contiguous():
+        raise RuntimeError(f"longctx.{op}: cache_seqlens must be a contiguous 1-D (batch,) "
+                           f"tensor, got shape {list(sl.shape)}")
+    if batch is not None and sl.shape[0] != batch:
+        raise RuntimeError(f"longctx.{op}: cache_seqlens must have one entry per row of "
+                           f"block_table (batch = {batch}), got {sl.shape[0]}")
+    if packed:
+        check_cu_seqlens(cu_seqlens_q, op, "cu_seqlens_q", sl.shape[0], q, "q")
+    elif q.shape[0] != sl.shape[0]:
+        raise RuntimeError(f"longctx.{op}: q must have the batch of block_table "
+                           f"({sl.shape[0]}), got {q.shape[0]}")
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"longctx.{op}: {name} must be a tensor, got "
+                                f"{type(t).__name__}")
+            if t.dim() != q.dim():
+                layout = ("3 dimensions (total_q, kv_heads, head_dim) when cu_seqlens_q is given"
+                          if packed else "4 dimensions (batch, seqlen_new, kv_heads, head_dim)")
+                raise RuntimeError(f"longctx.{op}: {name} must have {layout}, got shape "
+                                   f"{list(t.shape)}")
+            if packed and t.shape[0] != q.shape[0]:
+                raise RuntimeError(f"longctx.{op}: {name} must have total_q = {q.shape[0]} rows "
+                                   f"(cu_seqlens_q gives each sequence's new tokens as well as "
+                                   f"its queries), got shape {list(t.shape)}")
+    if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
+        if k_cache.dtype in _QUANTIZED:
+            allowed = ((torch.bfloat16, torch.float16, torch.float32) if q.device.type == "cpu"
+                       else (torch.bfloat16, torch.float16))
+            if q.dtype not in allowed:
+                raise RuntimeError(f"longctx.{op}: q must have dtype "
+                                   f"{', '.join(c_dtype_name(d) for d in allowed)}, got "
+                                   f"{c_dtype_name(q.dtype)}")
+        elif q.dtype != k_cache.dtype:
+            raise RuntimeError(f"longctx.{op}: k_cache must have the dtype of q "
+                               f"({c_dtype_name(q.dtype)}) or be a quantized cache (int8, "
+                               f"float8_e4m3fn), got {c_dtype_name(k_cache.dtype)}")
+        kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        if q.shape[-1] != head_dim:
+            raise RuntimeError(f"longctx.{op}: q has head_dim {q.shape[-1]} but k_cache has "
+                               f"head_dim = {head_dim}")
+        if kv_heads >= 1 and (q.shape[-2] < 1 or q.shape[-2] % kv_heads):
+            raise RuntimeError(f"longctx.{op}: q heads must be a multiple of the kv_heads of "
+                               f"k_cache (GQA): q has {q.shape[-2]} heads, k_cache has "
+                               f"{kv_heads}")
+    if q.shape[-1] > 1 and q.stride(-1) != 1:
+        raise RuntimeError(f"longctx.{op}: q must be contiguous in its last dimension, got "
+                           f"strides {list(q.stride())}")
+    if not 0 <= max_seqlen_q <= _INT_MAX:
+        raise RuntimeError(f"longctx.{op}: max_seqlen_q must lie in [0, 2^31), got "
+                           f"{max_seqlen_q}")
+    if num_splits < 0 or (q.device.type != "cpu" and num_splits > 1024):
+        raise RuntimeError(f"longctx.{op}: num_splits must " +
+                           ("be >= 0 (0 = automatic)" if q.device.type == "cpu" else
+                            "lie in [0, 1024] (0 = automatic)") + f", got {num_splits}")
+    if packed and validate and not torch.compiler.is_compiling():
+        check_cu_seqlens_values(cu_seqlens_q.tolist(), q.shape[0], max_seqlen_q, op,
+                                "cu_seqlens_q")
+
+
 def _query_positions(q, total_len, sq, cu_seqlens_q):
     """Positions of the query rows: the last sq of each sequence's total_len keys."""
     if cu_seqlens_q is None:
@@ -209,16 +354,27 @@ def flash_attn_with_kvcache(
     (batch, heads, seqlen_q) or (heads, total_q) packed; a row that sees no key gets out = 0 and
     lse = -inf.
     """
+    op = "flash_attn_with_kvcache"
     left, right = resolve_window(window_size, causal)
     ksc, vsc, kfp8, vfp8 = _scale_args(k_cache, k_scale, v_scale)
     inv_freq, factor = _rope_args(rope)
     if max_seqlen_q is None:
         if cu_seqlens_q is not None:
             raise ValueError("flash_attn_with_kvcache: max_seqlen_q is required with cu_seqlens_q")
-        max_seqlen_q = q.shape[1]
+        max_seqlen_q = size_or_zero(q, 1)
+    max_seqlen_q = int(max_seqlen_q)
+    num_splits = int(num_splits)
+    scale = resolve_scale(softmax_scale, q, op)
     total_len = cache_seqlens
     if (k is None) != (v is None):
         raise ValueError("flash_attn_with_kvcache: k and v must be given together")
+    if k is not None or inv_freq is not None:
+        if not math.isfinite(scale):
+            raise RuntimeError(f"longctx.{op}: softmax_scale must be finite, got {scale}")
+        _precheck(q, k, v, k_cache, v_cache, (kfp8 if kfp8 is not None else ksc,
+                                              vfp8 if vfp8 is not None else vsc),
+                  cache_seqlens, block_table, inv_freq, cu_seqlens_q, max_seqlen_q, num_splits,
+                  validate)
     if k is not None:
         _ops.kvcache_append(k, v, k_cache, v_cache, ksc, vsc, kfp8, vfp8, block_table,
                             cache_seqlens, cu_seqlens_q, None, inv_freq, factor,
@@ -233,9 +389,9 @@ def flash_attn_with_kvcache(
         q, _ = apply_rope(q, None, pos, inv_freq, factor, interleaved=rotary_interleaved,
                           inplace=False)
     out, lse = _ops.flash_attn_with_kvcache(q, k_cache, v_cache, ksc, vsc, kfp8, vfp8, block_table,
-                                            total_len, cu_seqlens_q, int(max_seqlen_q),
-                                            resolve_scale(softmax_scale, q), bool(causal), left,
-                                            right, int(num_splits), bool(validate))
+                                            total_len, cu_seqlens_q, max_seqlen_q, scale,
+                                            bool(causal), left, right, num_splits,
+                                            bool(validate))
     return (out, lse) if return_lse else out
 
 
@@ -314,19 +470,22 @@ class PagedKVCache:
         return sid
 
     def seqlen(self, seq_id: int) -> int:
-        return self._lens[self._check(seq_id)]
+        return self._lens[self._check(seq_id, "seqlen")]
 
     def pages(self, seq_id: int) -> List[int]:
-        return list(self._pages[self._check(seq_id)])
+        return list(self._pages[self._check(seq_id, "pages")])
 
     def free(self, seq_id: int) -> None:
         """Return the sequence's pages to the pool (they are reused by later sequences)."""
-        self._free.extend(reversed(self._pages.pop(self._check(seq_id))))
-        del self._lens[seq_id]
+        sid = self._check(seq_id, "free")
+        self._free.extend(reversed(self._pages.pop(sid)))
+        del self._lens[sid]
 
     def reserve(self, seq_id: int, num_tokens: int) -> None:
-        """Make sure the sequence has pages for num_tokens tokens in all."""
-        pages = self._pages[self._check(seq_id)]
+        """Make sure the sequence has pages for num_tokens tokens in all (all or nothing: when
+        the pages are not there, nothing is taken)."""
+        seq_id = self._check(seq_id, "reserve")
+        pages = self._pages[seq_id]
         need = -(-int(num_tokens) // self.block_size)
         if self.max_blocks_per_seq is not None and need > self.max_blocks_per_seq:
             raise RuntimeError(f"PagedKVCache: sequence {seq_id} needs {need} pages for "
@@ -338,20 +497,47 @@ class PagedKVCache:
         while len(pages) < need:
             pages.append(self._free.pop())
 
-    def _check(self, seq_id: int) -> int:
-        if seq_id not in self._pages:
-            raise KeyError(f"PagedKVCache: no live sequence {seq_id}")
-        return seq_id
+    def _check(self, seq_id, method: str = "", arg: str = "seq_id") -> int:
+        """seq_id as the int id of a live sequence: TypeError for what is not an int (a string
+        "0" is not sequence 0), KeyError for an id that is not live."""
+        try:
+            sid = None if isinstance(seq_id, bool) else operator.index(seq_id)
+        except TypeError:
+            sid = None
+        if sid is None:
+            raise TypeError(f"longctx.PagedKVCache.{method or 'seq_id'}: {arg} must be an int "
+                            f"(an id from add_sequence), got {seq_id!r} "
+                            f"({type(seq_id).__name__})")
+        if sid not in self._pages:
+            raise KeyError(f"PagedKVCache: no live sequence {sid}")
+        return sid
 
-    def _ids(self, seq_ids) -> List[int]:
-        ids = self.seq_ids if seq_ids is None else [self._check(int(s)) for s in seq_ids]
+    def _ids(self, seq_ids, method: str = "") -> List[int]:
+        if seq_ids is None:
+            ids = self.seq_ids
+        else:
+            if isinstance(seq_ids, (str, bytes)) or not hasattr(seq_ids, "__iter__"):
+                raise TypeError(f"longctx.PagedKVCache.{method or 'seq_ids'}: seq_ids must be a "
+                                f"sequence of ints (ids from add_sequence) or None, got "
+                                f"{seq_ids!r} ({type(seq_ids).__name__})")
+            ids = [self._check(s, method, "seq_ids") for s in seq_ids]
         if len(set(ids)) != len(ids):
             raise ValueError(f"PagedKVCache: seq_ids has duplicates: {ids}")
         return ids
 
+    def _check_device(self, method: str, **tensors) -> None:
+        dev = self.k_cache.device
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"longctx.PagedKVCache.{method}: {name} must be a tensor, got "
+                                f"{type(t).__name__}")
+            if t.device != dev:
+                raise RuntimeError(f"longctx.PagedKVCache.{method}: {name} must be on the "
+                                   f"cache's device ({dev}), got {t.device}")
+
     # the plain tensors the ops take
     def block_table(self, seq_ids=None) -> torch.Tensor:
-        ids = self._ids(seq_ids)
+        ids = self._ids(seq_ids, "block_table")
         width = self.max_blocks_per_seq or max([len(self._pages[s]) for s in ids] + [1])
         table = torch.full((len(ids), width), -1, dtype=torch.int32)
         for row, s in enumerate(ids):
@@ -361,7 +547,7 @@ class PagedKVCache:
         return table.to(self.k_cache.device)
 
     def cache_seqlens(self, seq_ids=None) -> torch.Tensor:
-        ids = self._ids(seq_ids)
+        ids = self._ids(seq_ids, "cache_seqlens")
         return torch.tensor([self._lens[s] for s in ids], dtype=torch.int32,
                             device=self.k_cache.device)
 
@@ -369,6 +555,14 @@ class PagedKVCache:
         return self.k_scale, self.v_scale
 
     # append / attend
+    def _calibration(self, x, name: str) -> torch.Tensor:
+        """The fp8 scales of the first append, from x; a placeholder of the right shape where x
+        has the wrong one (the op then rejects x by name; the placeholder is never stored)."""
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and \
+                tuple(x.shape[-2:]) == (self.kv_heads, self.head_dim):
+            return _fp8_scales(x, 1.0, "PagedKVCache.append", name)
+        return torch.ones(self.kv_heads, dtype=torch.float32, device=self.k_cache.device)
+
     def append(self, k: torch.Tensor, v: torch.Tensor, seq_ids=None, *,
                cu_new: Optional[Union[torch.Tensor, Sequence[int]]] = None,
                positions: Optional[torch.Tensor] = None, rope=None,
@@ -376,14 +570,25 @@ class PagedKVCache:
         """Append new tokens to the sequences seq_ids: k/v (batch, seqlen_new, kv_heads,
         head_dim), or packed (total_new, kv_heads, head_dim) with cu_new offsets. Pages are
         allocated as needed; RoPE (rope = (inv_freq, attention_factor)) rotates K at
-        `positions` (default: the cache positions); int8/fp8 caches quantize on write."""
-        ids = self._ids(seq_ids)
+        `positions` (default: the cache positions); int8/fp8 caches quantize on write. An fp8
+        cache without scales calibrates them from this k and v (ValueError if they hold NaN or
+        an infinity). All or nothing: a call that raises leaves the cache as it was (pages,
+        lengths, scales, pool contents)."""
+        op = "PagedKVCache.append"
+        ids = self._ids(seq_ids, "append")
+        self._check_device("append", k=k, v=v)
         if cu_new is not None:
             cu_t = torch.as_tensor(cu_new, dtype=torch.int32)
+            if cu_t.dim() != 1:
+                raise ValueError(f"longctx.{op}: cu_new must be 1-D (batch + 1 offsets), got "
+                                 f"shape {tuple(cu_t.shape)}")
             cu = [int(x) for x in cu_t.tolist()]
             if len(cu) != len(ids) + 1:
                 raise ValueError(f"PagedKVCache.append: cu_new must have {len(ids) + 1} entries "
                                  f"(one more than the {len(ids)} sequences), got {len(cu)}")
+            # the values before any page is taken for them (the op checks them again)
+            check_cu_seqlens_values(cu, k.shape[0] if k.dim() == 3 else cu[-1], None, op,
+                                    "cu_new")
             new = [cu[i + 1] - cu[i] for i in range(len(ids))]
             cu_t = cu_t.to(self.k_cache.device)
         else:
@@ -392,15 +597,28 @@ class PagedKVCache:
                                  f"kv_heads, head_dim) without cu_new, got {tuple(k.shape)}")
             new = [k.shape[1]] * len(ids)
             cu_t = None
-        if self.cache_dtype == torch.float8_e4m3fn and self.k_scale is None:
-            self.k_scale = fp8_scales_from_data(k)
-            self.v_scale = fp8_scales_from_data(v)
-        for s, n in zip(ids, new):
-            self.reserve(s, self._lens[s] + n)
-        kvcache_append(k, v, self.k_cache, self.v_cache, self.cache_seqlens(ids),
-                       self.block_table(ids), k_scale=self.k_scale, v_scale=self.v_scale,
-                       cu_new=cu_t, positions=positions, rope=rope,
-                       rope_interleaved=rope_interleaved)
+        k_scale, v_scale = self.k_scale, self.v_scale
+        calibrate = self.cache_dtype == torch.float8_e4m3fn and self.k_scale is None
+        if calibrate:  # stored only once the append has succeeded
+            k_scale, v_scale = self._calibration(k, "k"), self._calibration(v, "v")
+        free_before = list(self._free)
+        pages_before = {s: len(self._pages[s]) for s in ids}
+        try:
+            for s, n in zip(ids, new):
+                self.reserve(s, self._lens[s] + n)
+            kvcache_append(k, v, self.k_cache, self.v_cache, self.cache_seqlens(ids),
+                           self.block_table(ids), k_scale=k_scale, v_scale=v_scale,
+                           cu_new=cu_t, positions=positions, rope=rope,
+                           rope_interleaved=rope_interleaved)
+        except BaseException:
+            # every check of the op runs before its first write: the pool is untouched, and
+            # the pages taken above go back where they were
+            self._free[:] = free_before
+            for s, n in pages_before.items():
+                del self._pages[s][n:]
+            raise
+        if calibrate:
+            self.k_scale, self.v_scale = k_scale, v_scale
         for s, n in zip(ids, new):
             self._lens[s] += n
 
@@ -410,12 +628,13 @@ class PagedKVCache:
                num_splits: int = 0):
         """Attention of q (the last positions of each sequence: (batch, seqlen_q, heads,
         head_dim), or packed with cu_seqlens_q) over everything cached for seq_ids."""
-        ids = self._ids(seq_ids)
+        ids = self._ids(seq_ids, "attend")
+        self._check_device("attend", q=q)
         if cu_seqlens_q is not None:
             cu_seqlens_q = torch.as_tensor(cu_seqlens_q, dtype=torch.int32).to(q.device)
             if max_seqlen_q is None:
                 max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) \
-                    if len(ids) else 0
+                    if cu_seqlens_q.dim() == 1 and cu_seqlens_q.numel() >= 2 else 0
         return flash_attn_with_kvcache(
             q, self.k_cache, self.v_cache, self.cache_seqlens(ids), self.block_table(ids),
             softmax_scale=softmax_scale, causal=causal, window_size=window_size,
@@ -425,6 +644,7 @@ class PagedKVCache:
     def gather(self, seq_id: int, dtype: torch.dtype = torch.float32):
         """The sequence's K and V as contiguous (seqlen, kv_heads, head_dim) tensors,
         dequantized (x = stored * scale) and cast to dtype: for tests and debugging."""
+        seq_id = self._check(seq_id, "gather")
         n = self.seqlen(seq_id)
         idx = torch.tensor(self._pages[seq_id], dtype=torch.long, device=self.k_cache.device)
         out = []

@@ -7,11 +7,13 @@ backward of a rotation is the inverse rotation, scaled by the same attention fac
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple
 
 import torch
 
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.longctx.*)
+from ._common import check_same_device
 
 __all__ = ["apply_rope"]
 
@@ -21,12 +23,16 @@ _ops = torch.ops.longctx
 @torch.library.register_fake("longctx::apply_rope_")
 def _apply_rope_inplace_fake(q, k, positions, inv_freq, attention_factor, interleaved, inverse,
                              max_position):
+    check_same_device("apply_rope_", (("q", q), ("k", k), ("positions", positions),
+                                      ("inv_freq", inv_freq)))
     return None
 
 
 @torch.library.register_fake("longctx::apply_rope")
 def _apply_rope_fake(q, k, positions, inv_freq, attention_factor, interleaved, inverse,
                      max_position):
+    check_same_device("apply_rope", (("q", q), ("k", k), ("positions", positions),
+                                     ("inv_freq", inv_freq)))
     return torch.empty_like(q), torch.empty_like(k)
 
 
@@ -75,13 +81,27 @@ def apply_rope(
     interleaved: pairs (2i, 2i+1) (GPT-J style) instead of NeoX's (i, i + rotary_dim/2).
     inplace: rotate q and k in place and return them (when autograd records, the rotation is
     computed out of place and copied back, so gradients flow); otherwise return new tensors.
-    max_position: if given, every position must lie in [0, max_position) (costs a device sync).
+    max_position: if given (an int >= 0), every position must lie in [0, max_position) (costs a
+    device sync); None checks nothing.
     Returns (q_rotated, k_rotated).
     """
+    if max_position is None:
+        maxp = -1
+    else:
+        try:
+            maxp = operator.index(max_position)
+        except TypeError:
+            maxp = None
+        if maxp is None or isinstance(max_position, bool) or maxp < 0:
+            raise ValueError(f"longctx.apply_rope: max_position must be None (no check) or an int "
+                             f">= 0, got {max_position!r}")
     k_given = k is not None
-    if not k_given:
-        k = q.new_empty(q.shape[:-2] + (0, q.shape[-1]))
-    maxp = -1 if max_position is None else int(max_position)
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) and (name == "q" or k_given):
+            raise TypeError(f"longctx.apply_rope: {name} must be a tensor, got "
+                            f"{type(t).__name__}")
+    if not k_given:  # an empty k of q's layout (a q of the wrong rank is the op's error)
+        k = q.new_empty(q.shape[:-2] + (0, q.shape[-1]) if q.dim() >= 2 else (0, 0, 0))
     factor = float(attention_factor)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if inplace and not needs_grad:

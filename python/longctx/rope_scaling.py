@@ -83,9 +83,11 @@ def _default_inv_freq(base: float, dim: int) -> list[float]:
 
 def _yarn(scaling, base, dim, max_pos, orig_arg):
     """YaRN as the paper defines it: `factor` is the scale s and original_max_position_embeddings
-    the pretrained length L. max_position_embeddings only stands in for a missing L; it is not
-    checked against s * L, because model cards (Qwen2.5) pair factor 4 with an unchanged
-    max_position_embeddings, and transformers versions differ on which of the two wins."""
+    the pretrained length L. max_position_embeddings stands in for a missing L. Given both, it
+    must be L (left unchanged, as Qwen2.5's model card pairs factor 4 with it) or s * L (the
+    extended context, as DeepSeek-V3's config states it); any other value contradicts factor:
+    transformers versions differ on whether factor or max_position_embeddings / L wins, so it
+    is an error rather than a guess."""
     t = "yarn"
     factor = _number(scaling, "factor", t, required=True, minimum=1.0)
     orig = _resolve_same("original_max_position_embeddings",
@@ -95,6 +97,15 @@ def _yarn(scaling, base, dim, max_pos, orig_arg):
         if orig is None:
             raise _err(t, "needs original_max_position_embeddings (in rope_scaling or as an "
                           "argument) or max_position_embeddings: the pretrained context length")
+    elif max_pos is not None and not (
+            math.isclose(max_pos, orig, rel_tol=1e-9) or
+            math.isclose(max_pos, factor * orig, rel_tol=1e-9)):
+        raise _err(t, f"contradictory max_position_embeddings = {max_pos}: it must be "
+                      f"original_max_position_embeddings = {orig} (the pretrained context, left "
+                      f"unchanged) or factor * original_max_position_embeddings = {factor} * "
+                      f"{orig} = {factor * orig} (the extended context); "
+                      f"max_position_embeddings / original_max_position_embeddings = "
+                      f"{max_pos / orig:g} contradicts factor = {factor}")
     orig = float(orig)
     beta_fast = _number(scaling, "beta_fast", t, 32.0, minimum=0.0, strict_min=True)
     beta_slow = _number(scaling, "beta_slow", t, 1.0, minimum=0.0, strict_min=True)
@@ -215,10 +226,17 @@ def rope_frequencies(
     scaling["rope_theta"]). scaling: a HuggingFace `rope_scaling` dict with "rope_type" (or the
     legacy "type") in ROPE_TYPES, or None for plain RoPE. rotary_dim or partial_rotary_factor:
     how many channels rotate (rotary_dim = int(head_dim * partial_rotary_factor), even).
-    max_position_embeddings: the model's context (dynamic NTK's L0; YaRN and LongRoPE check it
-    against factor * original). seq_len: the current length for dynamic NTK and LongRoPE.
-    Unknown types, unknown or missing keys and contradictory values raise ValueError.
+    max_position_embeddings: the model's context (dynamic NTK's L0; LongRoPE checks it against
+    factor * original; YaRN takes it as the original length when none is given, and otherwise
+    requires it to be the original length or factor * original). seq_len: the current length
+    for dynamic NTK and LongRoPE.
+    Unknown types, unknown or missing keys and contradictory values raise ValueError (naming the
+    parameter); a scaling that is not a dict, TypeError.
     """
+    if scaling is not None and not isinstance(scaling, Mapping):
+        raise TypeError(f"longctx.rope_frequencies: scaling must be a rope_scaling dict (e.g. "
+                        f"{{'rope_type': 'linear', 'factor': 4.0}}) or None, got {scaling!r} "
+                        f"({type(scaling).__name__})")
     scaling = dict(scaling or {})
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if "rope_type" in scaling and "type" in scaling and scaling["rope_type"] != scaling["type"]:

@@ -65,7 +65,7 @@ def ring_flash_attn_func(
     Not supported: torch.compile tracing through this function (it graph-breaks).
     """
     left, right = resolve_window(window_size, causal)
-    scale = resolve_scale(softmax_scale, q)
+    scale = resolve_scale(softmax_scale, q, "ring_flash_attn_func")
     comm = make_comm(group, q.device if isinstance(q, torch.Tensor) else None)
     check_across_ranks(comm, group, q, k, v, layout, causal, (left, right), scale)
     out, lse = _RingFlashAttn.apply(q, k, v, comm, layout, bool(causal), (left, right), scale,

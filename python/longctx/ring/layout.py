@@ -71,9 +71,19 @@ def local_segments(rank: int, world_size: int, local_seqlen: int, layout: str) -
     return [Segment(i * c, cid * c, c) for i, cid in enumerate(ids)]
 
 
+def _check_dim(op: str, x, dim, arg: str = "x") -> None:
+    """x is a tensor with a dimension dim (the sequence's): TypeError / ValueError naming it."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"longctx.{op}: {arg} must be a tensor, got {type(x).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"longctx.{op}: dim must be an int in [{-x.dim()}, {x.dim()}) (the "
+                         f"sequence dimension of {arg}, of shape {tuple(x.shape)}), got {dim!r}")
+
+
 def ring_shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "zigzag",
                dim: int = 1) -> torch.Tensor:
     """rank's shard of a full-sequence tensor (a view for "contiguous", a copy for "zigzag")."""
+    _check_dim("ring_shard", x, dim)
     c = check_seqlen(x.shape[dim], world_size, layout)
     parts = [x.narrow(dim, cid * c, c) for cid in chunk_ids(rank, world_size, layout)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
@@ -86,6 +96,8 @@ def ring_unshard(shards: Sequence[torch.Tensor], layout: str = "zigzag",
     if n == 0:
         raise ValueError("ring_unshard needs at least one shard")
     per_rank = len(chunk_ids(0, n, layout))
+    for r, x in enumerate(shards):
+        _check_dim("ring_unshard", x, dim, f"shards[{r}]")
     local = shards[0].shape[dim]
     if any(s.shape != shards[0].shape for s in shards):
         raise ValueError("ring_unshard: every shard must have the same shape, got "
