@@ -17,6 +17,7 @@ CPU-only extension is built. Environment switches restrict what is compiled (see
   MAX_JOBS=N                  parallel compile jobs (ninja)
 """
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +28,15 @@ CSRC = ROOT / "csrc"
 GENERATED = ROOT / "build" / "generated"  # generated instantiation .cu files and build_config.h
 sys.path.insert(0, str(CSRC))
 import generate_kernels  # noqa: E402  (the instantiation list and its generator)
+
+try:  # pip's default build isolation hides the installed torch: say so in one line
+    import torch  # noqa: F401,E402  (the build compiles against the installed torch)
+except ModuleNotFoundError as e:
+    if e.name != "torch":
+        raise
+    sys.exit("longctx: the build needs torch, and this build environment has none: install torch "
+             "first (pip install torch==2.14.1), then build without pip's build isolation: "
+             "pip install --no-build-isolation .")
 
 FAMILY_DIRS = ("common", "flash", "kvcache", "rope")  # host code of each family (comm: NCCL)
 
@@ -100,6 +110,28 @@ def write_build_config(torch, with_cuda, archs, switches):
         path.write_text(text)
 
 
+def version():
+    """__version__ of python/longctx/__init__.py: the one place the version is written."""
+    text = (ROOT / "python" / "longctx" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
+def cpu_only_switches(torch, cuda_home):
+    """The switches string of a CPU-only build: why it has no CUDA code."""
+    if env_flag("LONGCTX_CPU_ONLY"):
+        why = "LONGCTX_CPU_ONLY=1"
+    elif torch.version.cuda is None:
+        why = "torch is a CPU build"
+    else:
+        why = f"no nvcc (CUDA_HOME={cuda_home})"
+    return f"cpu_only=1 ({why})"
+
+
+def announce(message):
+    """One line on stderr, where pip -v and scripts/setup.sh's progress filter show it."""
+    print(f"longctx build: {message}", file=sys.stderr, flush=True)
+
+
 def extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
@@ -128,6 +160,8 @@ def extensions():
         f"dtypes={','.join(dtypes)};bwd={int(with_bwd)}"
         + (";nccl=0" if env_flag("LONGCTX_DISABLE_NCCL") else "")
     )
+    if not with_cuda:
+        switches = cpu_only_switches(torch, CUDA_HOME)
     write_build_config(torch, with_cuda, archs, switches)
 
     sources = sorted(
@@ -138,6 +172,7 @@ def extensions():
     include_dirs = [str(CSRC), str(CSRC / "include"), str(GENERATED)]
     cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
     if not with_cuda:
+        announce(f"CPU-only extension, {len(sources)} C++ files ({switches})")
         return [CppExtension("longctx._C", sources, include_dirs=include_dirs,
                              extra_compile_args={"cxx": cxx})]
 
@@ -173,6 +208,8 @@ def extensions():
         "-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "--expt-extended-lambda",
         "-DLONGCTX_WITH_CUDA", "-Xfatbin", "-compress-all", *gencode,
     ]
+    announce(f"CUDA extension for sm_{',sm_'.join(archs)}, {len(sources)} C++/CUDA files "
+             f"({switches}{'' if nccl else ';no NCCL communicator'})")
     return [CUDAExtension("longctx._C", sources, include_dirs=include_dirs,
                           library_dirs=library_dirs, extra_link_args=link_args,
                           extra_compile_args={"cxx": cxx + cxx_defs, "nvcc": nvcc})]
@@ -185,15 +222,16 @@ def cmdclass():
 
 setup(
     name="longctx",
-    version="0.1.0",
+    version=version(),
     description="Fast long-context attention kernels for NVIDIA Hopper GPUs, as torch custom ops",
     packages=find_packages("python"),
     package_dir={"": "python"},
+    py_modules=["_longctx_cli"],  # the console script: --help without importing torch
     ext_modules=extensions(),
     cmdclass=cmdclass(),
     python_requires=">=3.10",
     install_requires=["numpy"],
     extras_require={"plot": ["matplotlib"], "progress": ["tqdm"]},
-    entry_points={"console_scripts": ["longctx=longctx.cli:main"]},
+    entry_points={"console_scripts": ["longctx=_longctx_cli:main"]},
     zip_safe=False,
 )

@@ -10,8 +10,8 @@ from longctx.planner.models import (PRESETS, ModelConfigError, config_from_dict,
 from longctx.planner.plan import (
     GPUS, PlanDoesNotFit, PlanError, activation_bytes, attention_bwd_flops, attention_fwd_flops,
     attention_pairs, format_bytes, format_tokens, kv_bytes_per_token_per_layer, kv_scale_bytes,
-    make_plan, memory_per_gpu, min_gpus, param_count, parse_gpu, parse_tokens, ring_step,
-    rope_report,
+    make_plan, memory_per_gpu, min_gpus, model_context, param_count, parse_gpu, parse_tokens,
+    ring_step, rope_report,
 )
 
 L8, L70 = PRESETS["llama-3.1-8b"], PRESETS["llama-3.1-70b"]
@@ -230,6 +230,11 @@ def test_replicated_weights_that_never_fit():
     (dict(context=K128, batch=0), "batch"), (dict(context=K128, link_gbps=0), "link"),
     (dict(context=K128, tflops=float("nan")), "TFLOP"),
     (dict(context=K128, weight_dtype="fp64"), "weight dtype"),
+    (dict(context=(1 << 40) + 1), "context must be positive and at most 1,099,511,627,776"),
+    (dict(context=K128, batch=1 << 31), "batch"), (dict(context=K128, gpus=(1 << 16) + 1), "GPUs"),
+    (dict(context=K128, tflops=1e308), "TFLOP"), (dict(context=K128, link_gbps=1e-320), "link"),
+    (dict(context=K128, reserve=-1), "reserve"), (dict(context=K128, reserve=1 << 60), "reserve"),
+    (dict(context=K128, reserve=float("inf")), "reserve"), (dict(context=2.5), "whole"),
 ])
 def test_impossible_inputs(kwargs, match):
     with pytest.raises(PlanError, match=match):
@@ -242,12 +247,14 @@ def test_impossible_inputs(kwargs, match):
 @pytest.mark.parametrize("text,tokens", [
     ("131072", 131072), ("128k", 131072), ("128K", 131072), ("1M", 1 << 20), ("1m", 1 << 20),
     ("1.5M", 1_572_864), ("2G", 1 << 31), ("1_000", 1000), (" 64k ", 65536), (4096, 4096),
+    ("1024G", 1 << 40), ("0001k", 1024),
 ])
 def test_parse_tokens_binary_suffixes(text, tokens):
     assert parse_tokens(text) == tokens
 
 
-@pytest.mark.parametrize("text", ["0", "-5", "-1k", "0.5", "12x", "k", "", "1.0001k"])
+@pytest.mark.parametrize("text", ["0", "-5", "-1k", "0.5", "12x", "k", "", "1.0001k", "1025G",
+                                  "9" * 400, "1." + "0" * 100, "1e9"])
 def test_parse_tokens_rejects(text):
     with pytest.raises(PlanError):
         parse_tokens(text)
@@ -276,6 +283,10 @@ def test_parse_gpu():
         parse_gpu("h900")
     with pytest.raises(PlanError):
         parse_gpu("-8")
+    for text in ("1e308", "inf", "nan", "0", "1e-300", "2000000"):
+        with pytest.raises(PlanError, match="positive number of GiB"):
+            parse_gpu(text)
+    assert parse_gpu("1048576").memory_bytes == 1 << 50
 
 
 # ---------------------------------------------------------------------------- config.json
@@ -319,6 +330,47 @@ def test_config_rope_scaling_yarn_as_model_cards_advise():
     assert m.qkv_bias
     r = rope_report(m, K128)
     assert r.rope_type == "yarn" and math.isclose(r.attention_factor, 0.1 * math.log(4) + 1)
+
+
+def _with_rope(max_pos, scaling, **top):
+    return config_from_dict({**LLAMA31_8B_JSON, "max_position_embeddings": max_pos,
+                             "rope_scaling": scaling, **top}, "m")
+
+
+def test_model_context_from_rope_scaling():
+    # YaRN factor 4 over 32,768 (Qwen2.5's card keeps max_position_embeddings at 32,768): 131,072
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert model_context(_with_rope(32768, yarn)) == (
+        131072, "yarn factor 4 x original_max_position_embeddings 32,768")
+    # the same with max_position_embeddings already 131,072 (as transformers writes it)
+    assert model_context(_with_rope(131072, yarn))[0] == 131072
+    # Llama 3.1: llama3 factor 8 over 8,192 = 65,536, but trained to max_position_embeddings
+    assert model_context(L8) == (131072, "max_position_embeddings")
+    # the original length at the top level (Phi-3 style), linear factor 2.5: 10,240
+    linear = {"rope_type": "linear", "factor": 2.5}
+    assert model_context(_with_rope(4096, linear, original_max_position_embeddings=4096))[0] == (
+        10240)
+    # a factor without an original length: max_position_embeddings is the scaled model's
+    assert model_context(_with_rope(8192, linear)) == (8192, "max_position_embeddings")
+    assert model_context(_with_rope(None, None)) == (None, "")
+
+
+def test_yarn_model_card_config_plans_128k_without_a_note():
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    r = rope_report(_with_rope(32768, yarn), K128)
+    assert r.notes == [] and r.max_context == K128
+    assert "longer than the model's (131,072" in rope_report(_with_rope(32768, yarn), 2 * K128
+                                                             ).notes[0]
+
+
+@pytest.mark.parametrize("scaling,match", [
+    ({"rope_type": ["yarn"], "factor": 4.0}, "'rope_type' must be a string"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1e400},
+     "original_max_position_embeddings' must be a positive integer"),
+])
+def test_rope_scaling_fields_the_planner_reads(scaling, match):
+    with pytest.raises(ModelConfigError, match=match):
+        _with_rope(32768, scaling)
 
 
 def test_config_bad_rope_scaling_is_named():

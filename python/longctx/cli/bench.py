@@ -9,8 +9,10 @@ small registry: the module `longctx.bench.suites` exposes
 and each function is called as fn(quick=bool[, progress=callable(label)]) and returns one
 results dict in the docs/design.md format ({"gpu", "torch", "date", ..., "rows": [...]}), an
 object with .as_dict() (longctx.bench.Results), or a list of them. Without a GPU, or without that
-module, the CPU benchmark of longctx.cli.bench_cpu runs instead and the GPU cases skipped are
-listed, with why.
+module, the CPU correctness smoke test of longctx.cli.bench_cpu runs instead (outputs checked
+against a float64 reference; times shown, but no speedup or rate: toy sizes on a CPU measure
+no performance), and the GPU cases skipped are listed, with why. The --out folder is checked for
+writing before anything runs.
 
 Plots (TFLOP/s or GB/s against sequence length, ours and every peer) need matplotlib, an optional
 dependency; without it the plot is skipped and the command says so.
@@ -20,13 +22,16 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import os
 import sys
+import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from . import UserError
+
 __all__ = ["run_bench", "load_gpu_suites", "format_table", "format_markdown", "write_results",
-           "plot_results", "add_parser", "run"]
+           "plot_results", "check_out_dir", "add_parser", "run"]
 
 
 class Progress:
@@ -140,10 +145,31 @@ def _common_case_keys(rows: List[Dict[str, Any]]) -> Tuple[str, ...]:
                  if all(r.get("case", {}).get(k, object()) == v for r in rows[1:]))
 
 
+def smoke_table_cells(rows: List[Dict[str, Any]], common: Tuple[str, ...]) -> List[List[str]]:
+    """The rows of a correctness smoke test (the CPU run): case, the check against the float64
+    reference, then the times (no rate, no speedup: toy sizes on a shared CPU measure neither)."""
+    peers = sorted({p for r in rows for p in r.get("peers", {})})
+    lines = [["case", "max error", "tolerance", "check", "ours ms"] + [f"{p} ms" for p in peers]]
+    for r in rows:
+        ms = [r.get("ours_ms")] + [r.get("peers", {}).get(p) for p in peers]
+        lines.append([_case_label(r.get("case", {}), common) or "-",
+                      f"{r['max_abs_err']:.2e}" if r.get("max_abs_err") is not None else "-",
+                      f"{r['tolerance']:.2e}" if r.get("tolerance") is not None else "-",
+                      "ok" if r.get("ok") else "FAILED"]
+                     + [f"{t:.3f}" if t else "-" for t in ms])
+    return lines
+
+
 def table_cells(result: Mapping[str, Any]) -> Tuple[str, List[List[str]]]:
     """(title, rows of cells with a header row first): case, our time, each peer's time, our
-    rate, speedup over each peer."""
+    rate, speedup over each peer; for a smoke test, smoke_table_cells."""
     rows = result.get("rows", [])
+    if result.get("smoke_test"):
+        common = _common_case_keys(rows)
+        first = rows[0].get("case", {}) if rows else {}
+        shared = _case_label({k: first[k] for k in common})
+        return (f"{result.get('name', '?')} on cpu: correctness smoke test"
+                + (f" ({shared})" if shared else ""), smoke_table_cells(rows, common))
     peers = sorted({p for r in rows for p in r.get("peers", {})})
     key, unit = _metric(rows)
     common = _common_case_keys(rows)
@@ -184,7 +210,8 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 def format_markdown(result: Mapping[str, Any]) -> str:
     title, lines = table_cells(result)
-    md = [f"# {title}", "", f"torch {result.get('torch')}, {result.get('date')}.", "",
+    note = f" {result['note']}" if result.get("note") else ""
+    md = [f"# {title}", "", f"torch {result.get('torch')}, {result.get('date')}.{note}", "",
           "| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
     md += ["| " + " | ".join(cells) + " |" for cells in lines[1:]]
     return "\n".join(md) + "\n"
@@ -206,6 +233,8 @@ def plot_results(result: Mapping[str, Any], root: Path) -> Tuple[Optional[Path],
     Returns (path, "") or (None, why it was skipped)."""
     rows = result.get("rows", [])
     key, unit = _metric(rows)
+    if result.get("smoke_test"):
+        return None, "a correctness smoke test has no rate"
     if key is None or not any("seqlen" in r.get("case", {}) for r in rows):
         return None, "no rate or no seqlen in the rows"
     try:
@@ -251,21 +280,21 @@ def plot_results(result: Mapping[str, Any], root: Path) -> Tuple[Optional[Path],
 # ---------------------------------------------------------------------------------- command
 
 
-def _busy_note() -> str:
-    """A warning when other processes load the CPUs (CPU timings are then noisy)."""
+def check_out_dir(out: Path) -> None:
+    """Raises UserError unless files can be written under `out` (created when missing): checked
+    before any benchmark runs, so that a bad --out loses no results."""
     try:
-        load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    except (AttributeError, OSError):
-        return ""
-    if load <= 0.75 * cores:
-        return ""
-    return (f"note: the machine is busy (load {load:.1f} on {cores} cores): CPU timings are "
-            "noisy; they smoke-test the kernels, they back no performance claim")
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".longctx-write-check-"):
+            pass
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write results there: {e.strerror or e}") from None
 
 
 def run_bench(quick: bool, out_dir: Path, plot: bool = True, as_json: bool = False,
               show_progress: bool = True) -> int:
     """The `longctx bench` command; returns the exit code."""
+    check_out_dir(out_dir)
     import torch
 
     from . import bench_cpu
@@ -285,13 +314,14 @@ def run_bench(quick: bool, out_dir: Path, plot: bool = True, as_json: bool = Fal
         progress = Progress(len(cases), enabled=show_progress and not as_json)
         results, cpu_skipped = bench_cpu.run_cpu_benchmarks(quick, progress)
         skipped += cpu_skipped
-        mode = f"CPU fallback ({torch.get_num_threads()} threads, small sizes)"
+        failed += bench_cpu.failed_checks(results)
+        mode = f"CPU correctness smoke test, {torch.get_num_threads()} threads"
     progress.close()
 
     written, plots, plot_notes = [], [], []
     for result in results:
         written.append(str(write_results(result, out_dir)))
-        if plot:
+        if plot and not result.get("smoke_test"):
             path, why = plot_results(result, out_dir)
             if path:
                 plots.append(str(path))
@@ -302,9 +332,9 @@ def run_bench(quick: bool, out_dir: Path, plot: bool = True, as_json: bool = Fal
                           "files": written + plots, "plot_notes": plot_notes}, indent=1))
     else:
         print(f"longctx bench: {mode}{' (quick)' if quick else ''}")
-        busy = _busy_note()
-        if busy and not (has_gpu and suites):
-            print(busy)
+        if any(r.get("smoke_test") for r in results):
+            print(textwrap.fill(bench_cpu.SMOKE_TEST_NOTE, width=98, initial_indent="  ",
+                                subsequent_indent="  "))
         for result in results:
             print()
             print(format_table(result))

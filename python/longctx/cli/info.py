@@ -15,8 +15,8 @@ import json
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["collect_info", "format_info", "arch_runs_on", "gpu_properties", "PLANNED_FAMILIES",
-           "add_parser", "run"]
+__all__ = ["collect_info", "format_info", "format_summary", "arch_runs_on", "gpu_properties",
+           "PLANNED_FAMILIES", "add_parser", "run"]
 
 PLANNED_FAMILIES = ("flash_fwd", "flash_bwd", "kvcache")
 
@@ -168,13 +168,34 @@ def format_info(info: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_summary(info: Dict[str, Any]) -> str:
+    """One line: the version, the kind of build, the kernel families per device and the GPUs."""
+    b = info["build"]
+    kind = (f"CUDA {b['cuda_built']} build for {','.join(b['cuda_archs']) or '-'}"
+            if b["with_cuda"] else "CPU-only build")
+    devices = sorted({k["device"] for k in b["kernels"]})
+    kernels = "; ".join(
+        f"{d}: {', '.join(sorted({k['family'] for k in b['kernels'] if k['device'] == d}))}"
+        for d in devices) or "none"
+    gpus = info["gpus"]
+    gpu = (f"{len(gpus)} x {gpus[0]['name']}" if gpus and len({g['name'] for g in gpus}) == 1
+           else ", ".join(g["name"] for g in gpus) or "none")
+    return (f"longctx {b['version']}: {kind}, switches {b['switches']}, torch "
+            f"{b['torch_runtime']}; kernels {kernels}; GPU {gpu}")
+
+
 def add_parser(sub):
     p = sub.add_parser("info", help="the build, the GPUs found and the features on them")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--short", action="store_true",
+                   help="one line: version, kind of build, kernel families, GPUs")
     return p
 
 
 def run(args) -> int:
     info = collect_info()
-    print(json.dumps(info, indent=1) if args.json else format_info(info))
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print(format_summary(info) if args.short else format_info(info))
     return 0

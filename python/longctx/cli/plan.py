@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 
+import math
+
 from . import UserError
-from ..planner import make_plan, resolve_model
-from ..planner.plan import (DEFAULT_LINK_GBPS, DEFAULT_TFLOPS, KV_DTYPES, WEIGHT_DTYPES, Plan,
+from ..planner import PRESETS, make_plan, resolve_model
+from ..planner.models import short_repr
+from ..planner.plan import (DEFAULT_LINK_GBPS, DEFAULT_TFLOPS, GPUS, KV_DTYPES, MAX_BATCH,
+                            MAX_GIB, MAX_GPUS, RATE_RANGE, WEIGHT_DTYPES, Plan, PlanError,
                             format_bytes, format_tokens, parse_gpu, parse_tokens)
 
 __all__ = ["format_plan", "add_parser", "run"]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 def _flops(n: int) -> str:
@@ -60,16 +68,17 @@ def format_plan(p: Plan) -> str:
         f"  forward, one layer   {_flops(p.attention_fwd_flops_per_layer)}",
         f"  backward, one layer  {_flops(p.attention_bwd_flops_per_layer)} (2.5 x forward)",
         f"  forward, all layers  {_flops(p.attention_fwd_flops)}: "
-        f"{_seconds(p.attention_fwd_flops / (p.tflops * 1e12 * p.gpus))} on {p.gpus} GPU(s) at "
-        f"{p.tflops:g} TFLOP/s each",
+        f"{_seconds(p.attention_fwd_flops / (p.tflops * 1e12 * p.gpus))} on "
+        f"{_plural(p.gpus, 'GPU')} at {p.tflops:g} TFLOP/s each",
         "",
     ]
     if p.gpus == 1:
         lines.append("ring        none (1 GPU)")
     else:
         lines += [
-            f"ring step (one layer; {r.steps_per_layer} transfers per layer; work split evenly "
-            f"over the steps{' by a load-balanced (zigzag) layout' if p.causal else ''})",
+            f"ring step (one layer; {_plural(r.steps_per_layer, 'transfer')} per layer; work "
+            "split evenly over the steps"
+            f"{' by a load-balanced (zigzag) layout' if p.causal else ''})",
             f"  K/V shard sent    {format_bytes(r.shard_bytes_per_layer)} -> "
             f"{_seconds(r.transfer_s)} at {p.link_gbps:g} GB/s per direction",
             f"  compute per step  {_flops(r.compute_flops)} -> {_seconds(r.compute_s)} at "
@@ -85,6 +94,9 @@ def format_plan(p: Plan) -> str:
         f"RoPE        {rp.rope_type}{factor}, theta {rp.theta:g}, rotary dim {rp.rotary_dim}, "
         f"attention factor {rp.attention_factor:.6g} (checked with longctx.rope_frequencies)",
     ]
+    if rp.max_context is not None:
+        lines.append(f"max context {format_tokens(rp.max_context)} tokens of the model "
+                     f"({rp.max_context_source})")
     lines += [f"note        {n}" for n in rp.notes]
     lines.append("units       GB = 1e9 B, GiB = 2^30 B; K = 1024, M = 1048576 tokens")
     return "\n".join(lines)
@@ -94,10 +106,12 @@ def add_parser(sub):
     plan = sub.add_parser(
         "plan", help="memory, FLOPs and ring-traffic plan for a model at a context length",
         description="Capacity plan for long-context inference with ring attention. Units: "
-                    "GB = 1e9 B, GiB = 2^30 B; token suffixes are binary (128K = 131072).")
+                    "GB = 1e9 B, GiB = 2^30 B; token suffixes are binary (128K = 131072).",
+        epilog=f"presets: {', '.join(PRESETS)}. GPUs: {', '.join(GPUS)} or a memory size in "
+               "GiB. Formulas: docs/cli.md.")
     plan.add_argument("--model", required=True,
-                      help="a preset (llama-3.1-8b, llama-3.1-70b, qwen2.5-7b, ...; an unknown "
-                           "name lists them) or the path of a HuggingFace config.json")
+                      help="a preset (listed below) or the path of a HuggingFace config.json "
+                           "(or of the folder holding it)")
     plan.add_argument("--context", required=True,
                       help="tokens per sequence: 131072, 128k, 1M (K = 1024, M = 1048576)")
     plan.add_argument("--kv-dtype", default="bf16", choices=KV_DTYPES,
@@ -127,16 +141,35 @@ def add_parser(sub):
     return plan
 
 
+def _option(option: str, parse, text):
+    """parse(text), with a planner error reported against the command-line option."""
+    try:
+        return parse(text)
+    except PlanError as e:
+        raise UserError(f"{option}: {e}") from None
+
+
+def _check_count(option: str, value: int, hi: int) -> None:
+    if not 1 <= value <= hi:
+        raise UserError(f"{option} must be from 1 to {hi:,}, got {short_repr(value)}")
+
+
+def _check_number(option: str, value: float, lo: float, hi: float, unit: str = "") -> None:
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise UserError(f"{option} must be a number from {lo:g} to {hi:,g}{unit}, got {value:g}")
+
+
 def run(args) -> int:
     model = resolve_model(args.model)
-    context = parse_tokens(args.context)
-    if args.gpus is not None and args.gpus <= 0:
-        raise UserError(f"--gpus must be at least 1, got {args.gpus}")
-    if args.batch <= 0:
-        raise UserError(f"--batch must be at least 1, got {args.batch}")
-    if not args.reserve_gib >= 0:
-        raise UserError(f"--reserve-gib must not be negative, got {args.reserve_gib:g}")
-    plan = make_plan(model, context, gpus=args.gpus, gpu=parse_gpu(args.gpu), batch=args.batch,
+    context = _option("--context", parse_tokens, args.context)
+    gpu = _option("--gpu", parse_gpu, args.gpu)
+    if args.gpus is not None:
+        _check_count("--gpus", args.gpus, MAX_GPUS)
+    _check_count("--batch", args.batch, MAX_BATCH)
+    _check_number("--link-gbps", args.link_gbps, *RATE_RANGE)
+    _check_number("--tflops", args.tflops, *RATE_RANGE)
+    _check_number("--reserve-gib", args.reserve_gib, 0, MAX_GIB)
+    plan = make_plan(model, context, gpus=args.gpus, gpu=gpu, batch=args.batch,
                      kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype, causal=args.causal,
                      replicate_weights=args.replicate_weights, link_gbps=args.link_gbps,
                      tflops=args.tflops, reserve=int(args.reserve_gib * (1 << 30)))

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-__all__ = ["ModelConfig", "ModelConfigError", "PRESETS", "load_config", "resolve_model"]
+__all__ = ["ModelConfig", "ModelConfigError", "PRESETS", "load_config", "resolve_model",
+           "short_repr"]
 
 
 class ModelConfigError(ValueError):
@@ -92,20 +94,45 @@ PRESETS: Dict[str, ModelConfig] = {
 _QKV_BIAS_MODEL_TYPES = {"qwen2"}
 
 
+# Integer fields above 2^40 describe no model and would overflow the planner's float figures.
+MAX_FIELD = 1 << 40
+MAX_HEAD_DIM = 1 << 16  # the RoPE check allocates head_dim / 2 frequencies
+MAX_CONFIG_BYTES = 16 << 20  # config.json files are kilobytes; a larger file is not one
+
+
+def short_repr(v: Any, limit: int = 40) -> str:
+    """repr(v), shortened to `limit` characters and its length (errors stay one readable line)."""
+    text = repr(v)
+    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text):,} characters)"
+
+
 def _field(cfg: Mapping[str, Any], source: str, *names: str, required: bool = True,
            default: Any = None, positive_int: bool = True) -> Any:
     """The first of `names` present in cfg (config.json files use several spellings)."""
     for name in names:
         if name in cfg and cfg[name] is not None:
             v = cfg[name]
-            if positive_int and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                raise ModelConfigError(f"{source}: field {name!r} must be a positive integer, "
-                                       f"got {v!r}")
+            if positive_int and (isinstance(v, bool) or not isinstance(v, int) or not
+                                 0 < v <= MAX_FIELD):
+                raise ModelConfigError(f"{source}: field {name!r} must be a positive integer up "
+                                       f"to 2^40, got {short_repr(v)}")
             return v
     if required:
         alt = f" (or {', '.join(repr(n) for n in names[1:])})" if len(names) > 1 else ""
         raise ModelConfigError(f"{source}: missing field {names[0]!r}{alt}")
     return default
+
+
+def _check_rope_scaling(scaling: Any, source: str) -> None:
+    """What the planner reads of rope_scaling itself (rope_frequencies checks the rest)."""
+    if not isinstance(scaling, Mapping):
+        raise ModelConfigError(f"{source}: field 'rope_scaling' must be an object or null, got "
+                               f"{short_repr(scaling)}")
+    for key in ("rope_type", "type"):
+        if key in scaling and not isinstance(scaling[key], str):
+            raise ModelConfigError(f"{source}: rope_scaling: field {key!r} must be a string, got "
+                                   f"{short_repr(scaling[key])}")
+    _field(scaling, f"{source}: rope_scaling", "original_max_position_embeddings", required=False)
 
 
 def config_from_dict(cfg: Mapping[str, Any], name: str, source: Optional[str] = None
@@ -131,26 +158,30 @@ def config_from_dict(cfg: Mapping[str, Any], name: str, source: Optional[str] = 
             raise ModelConfigError(f"{source}: hidden_size ({hidden}) is not a multiple of "
                                    f"num_attention_heads ({heads}) and there is no 'head_dim'")
         head_dim = hidden // heads
+    if head_dim > MAX_HEAD_DIM:
+        raise ModelConfigError(f"{source}: head_dim ({head_dim:,}) must be at most "
+                               f"{MAX_HEAD_DIM:,}")
     intermediate = _field(cfg, source, "intermediate_size", "n_inner", "ffn_dim")
     vocab = _field(cfg, source, "vocab_size")
     theta = cfg.get("rope_theta", 10000.0)
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 1:
-        raise ModelConfigError(f"{source}: field 'rope_theta' must be a number > 1, got {theta!r}")
+    if (isinstance(theta, bool) or not isinstance(theta, (int, float))
+            or not math.isfinite(theta) or theta <= 1):
+        raise ModelConfigError(f"{source}: field 'rope_theta' must be a finite number > 1, got "
+                               f"{short_repr(theta)}")
     scaling = cfg.get("rope_scaling")
-    if scaling is not None and not isinstance(scaling, Mapping):
-        raise ModelConfigError(f"{source}: field 'rope_scaling' must be an object or null, got "
-                               f"{scaling!r}")
+    if scaling is not None:
+        _check_rope_scaling(scaling, source)
     partial = cfg.get("partial_rotary_factor", 1.0)
     if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
         raise ModelConfigError(f"{source}: field 'partial_rotary_factor' must lie in (0, 1], got "
-                               f"{partial!r}")
+                               f"{short_repr(partial)}")
     window = None
     if cfg.get("sliding_window") and cfg.get("use_sliding_window", True):
         window = _field(cfg, source, "sliding_window")
     tie = cfg.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise ModelConfigError(f"{source}: field 'tie_word_embeddings' must be true or false, "
-                               f"got {tie!r}")
+                               f"got {short_repr(tie)}")
     qkv_bias = cfg.get("attention_bias")
     if qkv_bias is None:
         qkv_bias = cfg.get("model_type") in _QKV_BIAS_MODEL_TYPES
@@ -166,21 +197,41 @@ def config_from_dict(cfg: Mapping[str, Any], name: str, source: Optional[str] = 
     )
 
 
+def _read_text(p: Path) -> str:
+    """The file's text: UTF-8 (a byte-order mark is allowed), at most MAX_CONFIG_BYTES."""
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ModelConfigError(f"{p}: cannot read: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ModelConfigError(f"{p}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a "
+                               "config.json")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ModelConfigError(f"{p}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                               f"{e.start:,}); a config.json is UTF-8 JSON") from None
+
+
+def _parse_json(text: str, p: Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelConfigError(f"{p}: not valid JSON: {e.msg} at line {e.lineno} column "
+                               f"{e.colno}") from None
+    except RecursionError:
+        raise ModelConfigError(f"{p}: not a config.json: its JSON is nested too deeply") from None
+    except ValueError as e:  # a number too long to convert (Python's 4300-digit limit)
+        raise ModelConfigError(f"{p}: not a config.json: {str(e).split(';')[0]}") from None
+
+
 def load_config(path: str | Path) -> ModelConfig:
     """Reads a HuggingFace config.json (or a checkpoint folder holding one)."""
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ModelConfigError(f"{p}: cannot read: {e.strerror or e}") from None
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ModelConfigError(f"{p}: not valid JSON: {e.msg} at line {e.lineno} column "
-                               f"{e.colno}") from None
-    return config_from_dict(cfg, name=str(path), source=str(p))
+    return config_from_dict(_parse_json(_read_text(p), p), name=str(path), source=str(p))
 
 
 def resolve_model(name_or_path: str) -> ModelConfig:
@@ -188,11 +239,16 @@ def resolve_model(name_or_path: str) -> ModelConfig:
     key = name_or_path.strip().lower()
     if key in PRESETS:
         return PRESETS[key]
-    if Path(name_or_path).exists():
+    try:
+        exists = Path(name_or_path).exists()
+    except (OSError, ValueError) as e:  # a name too long for a path, a NUL byte
+        raise ModelConfigError(f"{short_repr(name_or_path)}: not a preset and not a usable path "
+                               f"({getattr(e, 'strerror', None) or e})") from None
+    if exists:
         return load_config(name_or_path)
     if name_or_path.endswith(".json") or "/" in name_or_path or "\\" in name_or_path:
         raise ModelConfigError(f"{name_or_path}: no such file (give a preset name or the path "
                                "of a HuggingFace config.json)")
-    raise ModelConfigError(f"unknown model {name_or_path!r} (not a preset, and no such file); "
-                           f"known presets: {', '.join(PRESETS)}; or give the path of a "
-                           "HuggingFace config.json")
+    raise ModelConfigError(f"unknown model {short_repr(name_or_path, 80)} (not a preset, and no "
+                           f"such file); known presets: {', '.join(PRESETS)}; or give the path of "
+                           "a HuggingFace config.json")

@@ -39,16 +39,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from .models import ModelConfig
+from .models import ModelConfig, short_repr
 
 __all__ = [
     "PlanError", "PlanDoesNotFit", "GpuSpec", "GPUS", "DTYPE_BYTES", "KV_DTYPES", "WEIGHT_DTYPES",
     "parse_tokens", "parse_gpu", "format_bytes", "format_tokens",
     "ParamCount", "param_count", "kv_bytes_per_token_per_layer", "kv_scale_bytes",
     "attention_pairs", "attention_fwd_flops", "attention_bwd_flops",
-    "activation_bytes", "RopeReport", "rope_report", "MemoryPerGpu", "memory_per_gpu",
+    "activation_bytes", "RopeReport", "rope_report", "model_context", "MemoryPerGpu",
+    "memory_per_gpu",
     "RingStep", "ring_step", "Plan", "make_plan", "min_gpus",
     "DEFAULT_LINK_GBPS", "DEFAULT_TFLOPS", "DEFAULT_RESERVE_BYTES",
 ]
@@ -71,6 +72,13 @@ DEFAULT_LINK_GBPS = 450.0  # NVLink 4 (H100/H200 SXM): 900 GB/s both directions,
 DEFAULT_TFLOPS = 600.0  # sustained bf16 attention rate assumed per GPU (H100 SXM peak: 989)
 DEFAULT_RESERVE_BYTES = 2 << 30
 MAX_GPUS = 1 << 16
+# Bounds that keep every figure finite and exact (byte and FLOP counts stay far below 2^1024):
+# contexts, batches and memory sizes beyond them describe no machine.
+MAX_CONTEXT = 1 << 40
+MAX_BATCH = (1 << 31) - 1
+MAX_GIB = float(1 << 20)  # GPU memory and the reserve, in GiB (1 PiB)
+MIN_GPU_GIB = 0.001
+RATE_RANGE = (1e-6, 1e9)  # link GB/s and TFLOP/s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,28 +99,40 @@ _TOKEN_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 def parse_tokens(text: str | int) -> int:
     """'131072', '128k', '128K', '1M', '1.5M' -> tokens. Suffixes are binary: K = 1024,
     M = 1048576, G = 2**30 (what "128K context" means for every model card). The result must be a
-    positive whole number."""
+    positive whole number of at most MAX_CONTEXT (2^40)."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
         s = str(text).strip().replace("_", "").replace(",", "")
         m = re.fullmatch(r"([+-]?\d+(?:\.\d+)?)\s*([kKmMgG]?)", s)
         if not m:
-            raise PlanError(f"cannot read {text!r} as a token count (examples: 131072, 128k, 1M)")
+            raise PlanError(f"cannot read {short_repr(text)} as a token count (examples: 131072, "
+                            "128k, 1M)")
         num, suffix = m.group(1), m.group(2).lower()
-        mult = _TOKEN_SUFFIX[suffix]
-        if "." in num:
-            whole, frac = num.split(".")
-            scaled = int(whole + frac) * mult
-            div = 10 ** len(frac)
-            if scaled % div:
-                raise PlanError(f"{text!r} is not a whole number of tokens")
-            value = scaled // div
-        else:
-            value = int(num) * mult
+        if len(num.lstrip("+-").split(".")[0].lstrip("0")) > 16:  # past 2^40 whatever the suffix
+            raise PlanError(f"the token count must be at most {MAX_CONTEXT:,} (2^40), got "
+                            f"{short_repr(text)}")
+        if len(num) > 64:
+            raise PlanError(f"cannot read {short_repr(text)} as a token count: too many digits")
+        value = _scaled_whole(num, _TOKEN_SUFFIX[suffix], text)
     if value <= 0:
-        raise PlanError(f"the token count must be positive, got {text!r}")
+        raise PlanError(f"the token count must be positive, got {short_repr(text)}")
+    if value > MAX_CONTEXT:
+        raise PlanError(f"the token count must be at most {MAX_CONTEXT:,} (2^40), got "
+                        f"{short_repr(text)}")
     return value
+
+
+def _scaled_whole(num: str, mult: int, text: Any) -> int:
+    """The decimal string `num` times `mult`, which must be a whole number."""
+    if "." not in num:
+        return int(num) * mult
+    whole, frac = num.split(".")
+    scaled = int(whole + frac) * mult
+    div = 10 ** len(frac)
+    if scaled % div:
+        raise PlanError(f"{short_repr(text)} is not a whole number of tokens")
+    return scaled // div
 
 
 def parse_gpu(text: str) -> GpuSpec:
@@ -123,10 +143,11 @@ def parse_gpu(text: str) -> GpuSpec:
     try:
         gib = float(key.removesuffix("gib").removesuffix("gb"))
     except ValueError:
-        raise PlanError(f"unknown GPU {text!r}; use one of {', '.join(GPUS)} or a memory size in "
-                        "GiB such as 80") from None
-    if not math.isfinite(gib) or gib <= 0:
-        raise PlanError(f"GPU memory must be a positive number of GiB, got {text!r}")
+        raise PlanError(f"unknown GPU {short_repr(text)}; use one of {', '.join(GPUS)} or a memory "
+                        "size in GiB such as 80") from None
+    if not math.isfinite(gib) or not MIN_GPU_GIB <= gib <= MAX_GIB:
+        raise PlanError(f"GPU memory must be a positive number of GiB from {MIN_GPU_GIB:g} up to "
+                        f"{MAX_GIB:,.0f}, got {short_repr(text)}")
     return GpuSpec(f"{gib:g} GiB GPU", int(round(gib * (1 << 30))))
 
 
@@ -297,6 +318,34 @@ class RopeReport:
     factor: Optional[float]
     attention_factor: float
     notes: List[str]
+    max_context: Optional[int] = None  # the longest context the model is made for (model_context)
+    max_context_source: str = ""  # the config fields max_context comes from
+
+
+def model_context(m: ModelConfig) -> Tuple[Optional[int], str]:
+    """The longest context the model is made for, and the config fields it comes from.
+
+    A rope_scaling that states a factor and original_max_position_embeddings (there or at the top
+    level) extends the original context by the factor: YaRN factor 4 over 32K is a 128K model,
+    whatever max_position_embeddings says (Qwen2.5's model cards keep it at 32K). Otherwise, and
+    when it is larger (Llama 3.1: llama3 factor 8 over 8K, trained to 128K), the context is
+    max_position_embeddings."""
+    scaling = m.rope_scaling or {}
+    factor = scaling.get("factor")
+    original = scaling.get("original_max_position_embeddings",
+                           m.original_max_position_embeddings)
+    scaled = None
+    if (isinstance(factor, (int, float)) and not isinstance(factor, bool)
+            and isinstance(original, int) and math.isfinite(factor) and factor > 1):
+        scaled = int(factor * original)
+    mpe = m.max_position_embeddings
+    if scaled is not None and (mpe is None or scaled > mpe):
+        rope_type = scaling.get("rope_type", scaling.get("type", "rope_scaling"))
+        return scaled, (f"{rope_type} factor {factor:g} x original_max_position_embeddings "
+                        f"{original:,}")
+    if mpe is not None:
+        return mpe, "max_position_embeddings"
+    return None, ""
 
 
 def rope_report(m: ModelConfig, context: int) -> RopeReport:
@@ -319,13 +368,14 @@ def rope_report(m: ModelConfig, context: int) -> RopeReport:
             max_position_embeddings=m.max_position_embeddings if pass_max else None,
             original_max_position_embeddings=m.original_max_position_embeddings,
             seq_len=context)
-    except ValueError as e:
-        raise PlanError(f"{m.name}: rope_scaling is not valid: {e}") from None
+    except (ValueError, TypeError, OverflowError) as e:  # a value of a wrong type or size
+        raise PlanError(f"{m.name}: the RoPE settings (rope_theta, rope_scaling, head_dim, "
+                        f"partial_rotary_factor) are not valid: {e}") from None
     notes = []
-    if m.max_position_embeddings is not None and context > m.max_position_embeddings:
-        notes.append(f"the context ({context:,}) is longer than the model's "
-                     f"max_position_embeddings ({m.max_position_embeddings:,}): quality past it "
-                     "is not what the model was trained for")
+    max_context, source = model_context(m)
+    if max_context is not None and context > max_context:
+        notes.append(f"the context ({context:,}) is longer than the model's ({max_context:,}, "
+                     f"{source}): quality past it is not what the model was trained for")
     if context > 1 << 24:
         notes.append("positions past 2^24 lose exactness in longctx's fp32 RoPE angles")
     if m.sliding_window:
@@ -334,7 +384,7 @@ def rope_report(m: ModelConfig, context: int) -> RopeReport:
     factor = scaling.get("factor")
     return RopeReport(rope_type, m.rope_theta, rotary_dim,
                       float(factor) if factor is not None else None, freqs.attention_factor,
-                      notes)
+                      notes, max_context, source)
 
 
 # ---------------------------------------------------------------------------------- the plan
@@ -381,11 +431,16 @@ class Plan:
         return d
 
 
-def _positive(name: str, v, kind=int):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise PlanError(f"{name} must be a positive number, got {v!r}")
-    if kind is int and int(v) != v:
-        raise PlanError(f"{name} must be a whole number, got {v!r}")
+def _in_range(name: str, v, lo, hi, whole: bool = True):
+    """v must be a finite number (a whole one when `whole`) in [lo, hi]."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PlanError(f"{name} must be a number, got {short_repr(v)}")
+    if whole and isinstance(v, float) and (not math.isfinite(v) or int(v) != v):
+        raise PlanError(f"{name} must be a whole number, got {short_repr(v)}")
+    if not (isinstance(v, int) or math.isfinite(v)) or not lo <= v <= hi:
+        if lo == 1 and whole:
+            raise PlanError(f"{name} must be positive and at most {hi:,}, got {short_repr(v)}")
+        raise PlanError(f"{name} must be a number from {lo:g} to {hi:g}, got {short_repr(v)}")
 
 
 def make_plan(m: ModelConfig, context: int, *, gpus: Optional[int] = None, gpu: GpuSpec = GPUS[
@@ -397,19 +452,18 @@ def make_plan(m: ModelConfig, context: int, *, gpus: Optional[int] = None, gpu: 
     that fit). Raises PlanError for inputs that make no plan, and when gpus is None and no
     number of GPUs holds it. A plan for a given gpus that does not fit is returned with
     fits == False (the caller decides what to do)."""
-    _positive("context", context)
-    _positive("batch", batch)
-    _positive("link bandwidth (GB/s)", link_gbps, float)
-    _positive("TFLOP/s", tflops, float)
+    _in_range("context", context, 1, MAX_CONTEXT)
+    _in_range("batch", batch, 1, MAX_BATCH)
+    _in_range("link bandwidth (GB/s)", link_gbps, *RATE_RANGE, whole=False)
+    _in_range("TFLOP/s", tflops, *RATE_RANGE, whole=False)
     if kv_dtype not in KV_DTYPES:
         raise PlanError(f"unknown KV dtype {kv_dtype!r}; use one of {', '.join(KV_DTYPES)}")
     if weight_dtype not in WEIGHT_DTYPES:
         raise PlanError(f"unknown weight dtype {weight_dtype!r}; use one of "
                         f"{', '.join(WEIGHT_DTYPES)}")
-    if reserve < 0:
-        raise PlanError(f"the memory reserve must not be negative, got {reserve}")
+    _in_range("the memory reserve (bytes)", reserve, 0, int(MAX_GIB) << 30)
     if gpus is not None:
-        _positive("the number of GPUs", gpus)
+        _in_range("the number of GPUs", gpus, 1, MAX_GPUS)
         if gpus > context:
             raise PlanError(f"{gpus} GPUs cannot split a context of {context:,} tokens (ring "
                             "attention needs at least one token per GPU)")
