@@ -131,11 +131,12 @@ def flash_attn_func(
     window_size: (left, right), each -1 (unbounded) or >= 0: query i sees keys j with
     i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right (sliding-window
     attention: (4096, 0) with causal=True sees the current key and the 4096 before it).
-    A query row that sees no key gets out = 0 and lse = -inf.
+    A query row that sees no key gets out = 0 and lse = -inf; a NaN in q, k or v gives NaN in
+    the rows it reaches.
     deterministic: the backward's gradients are bitwise reproducible run to run (on CUDA dQ is
     then accumulated in a fixed order: measured 0.96-1.13x the time of the default atomic
-    order, 1.38x for causal GQA); torch.use_deterministic_algorithms(True) asks for it too. The forward is deterministic
-    either way, and so is the CPU backward.
+    order, 1.38x for causal GQA); torch.use_deterministic_algorithms(True) asks for it too.
+    The forward is deterministic either way, and so is the CPU backward.
 
     Returns out (q's shape and dtype), or (out, lse) with return_lse, lse (batch, heads,
     seqlen_q) fp32 = logsumexp_j(softmax_scale * q.k_j) (-inf for rows that see no key). The
