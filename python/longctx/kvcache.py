@@ -36,9 +36,11 @@ flash_attn_with_kvcache (attention over the cache, dequantization fused, split-K
 Both have fake implementations registered here, so torch.compile(fullgraph=True) traces them.
 There is no backward: the cache is for inference.
 
-Errors: a call that raises leaves its tensors as they were (every check runs before the first
-write), and a PagedKVCache method that raises leaves the cache as it was (pages, lengths,
-scales, pool contents).
+Errors name the argument, and a call that raises writes nothing: kvcache_append runs every
+check before its first write; flash_attn_with_kvcache with new k/v first checks what its
+attention would reject (shapes of q, k, v, cache_seqlens and cu_seqlens_q, dtypes, the CUDA
+head_dim and alignment; with validate the cu_seqlens_q values), then appends; a PagedKVCache
+method that raises leaves the cache as it was (pages, lengths, scales, pool contents).
 """
 from __future__ import annotations
 
@@ -287,6 +289,20 @@ def _precheck(q, k, v, k_cache, v_cache, scales, cache_seqlens, block_table, inv
             raise RuntimeError(f"longctx.{op}: q heads must be a multiple of the kv_heads of "
                                f"k_cache (GQA): q has {q.shape[-2]} heads, k_cache has "
                                f"{kv_heads}")
+        if q.device.type == "cuda" and q.numel():  # what only the CUDA attention rejects
+            if head_dim not in (64, 128, 256):
+                raise RuntimeError(f"longctx.{op}: k_cache head_dim must be 64, 128 or 256 on "
+                                   f"CUDA, got {head_dim}")
+            pools = (k_cache, v_cache) if isinstance(v_cache, torch.Tensor) and \
+                v_cache.dim() == 4 else (k_cache,)
+            aligned = torch.compiler.is_compiling() or all(  # no data_ptr() when tracing
+                t.data_ptr() % 16 == 0 and
+                all(t.shape[d] <= 1 or t.stride(d) % 8 == 0 for d in range(3)) for t in pools)
+            if not aligned:
+                raise RuntimeError(f"longctx.{op}: k_cache and v_cache must be 16-byte aligned "
+                                   f"with page/slot/head strides that are multiples of 8 "
+                                   f"elements on CUDA, got strides "
+                                   f"{' and '.join(str(list(t.stride())) for t in pools)}")
     if q.shape[-1] > 1 and q.stride(-1) != 1:
         raise RuntimeError(f"longctx.{op}: q must be contiguous in its last dimension, got "
                            f"strides {list(q.stride())}")
@@ -352,7 +368,9 @@ def flash_attn_with_kvcache(
     pairs). num_splits: key splits merged by lse (decode: one long sequence fills the device);
     0 = automatic (1 on CPU). Returns out (q's shape and dtype) or (out, lse) with lse fp32,
     (batch, heads, seqlen_q) or (heads, total_q) packed; a row that sees no key gets out = 0 and
-    lse = -inf.
+    lse = -inf. With k/v, what the attention would reject is checked before the append (an
+    error writes nothing); with k/v or rope and validate, cu_seqlens_q's values are read on the
+    host first (a sync on CUDA, as the op's own validation).
     """
     op = "flash_attn_with_kvcache"
     left, right = resolve_window(window_size, causal)
