@@ -128,8 +128,11 @@ def cpu_only_switches(torch, cuda_home):
 
 
 def announce(message):
-    """One line on stderr, where pip -v and scripts/setup.sh's progress filter show it."""
-    print(f"longctx build: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, where pip -v and scripts/setup.sh's progress filter show it; only for
+    the commands that compile (pip also runs setup.py for the metadata alone)."""
+    if {"build", "build_ext", "bdist_wheel", "install", "develop", "editable_wheel"} & set(
+            sys.argv[1:]):
+        print(f"longctx build: {message}", file=sys.stderr, flush=True)
 
 
 def extensions():
