@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command (README): set up the environment (scripts/setup.sh), then run the C++
+# The test command (README): set up the environment (scripts/setup.sh: CPU-only where no GPU is
+# visible, unless LONGCTX_REQUIRE_CUDA=1 as in CI or LONGCTX_CPU_ONLY=0), then run the C++
 # standalone tests (CMake + ctest) and the pytest suite. GPU tests skip without a GPU.
 # Fails on any error, including pytest finding no tests (exit code 5).
 set -euo pipefail
