@@ -12,7 +12,7 @@ from ..planner import PRESETS, make_plan, resolve_model
 from ..planner.models import short_repr
 from ..planner.plan import (DEFAULT_LINK_GBPS, DEFAULT_TFLOPS, GPUS, KV_DTYPES, MAX_BATCH,
                             MAX_GIB, MAX_GPUS, RATE_RANGE, WEIGHT_DTYPES, Plan, PlanError,
-                            format_bytes, format_tokens, parse_gpu, parse_tokens)
+                            format_bytes, format_number, format_tokens, parse_gpu, parse_tokens)
 
 __all__ = ["format_plan", "add_parser", "run"]
 
@@ -156,7 +156,8 @@ def _check_count(option: str, value: int, hi: int) -> None:
 
 def _check_number(option: str, value: float, lo: float, hi: float, unit: str = "") -> None:
     if not (math.isfinite(value) and lo <= value <= hi):
-        raise UserError(f"{option} must be a number from {lo:g} to {hi:,g}{unit}, got {value:g}")
+        raise UserError(f"{option} must be a number from {format_number(lo)} to "
+                        f"{format_number(hi)}{unit}, got {value:g}")
 
 
 def run(args) -> int:
@@ -166,9 +167,9 @@ def run(args) -> int:
     if args.gpus is not None:
         _check_count("--gpus", args.gpus, MAX_GPUS)
     _check_count("--batch", args.batch, MAX_BATCH)
-    _check_number("--link-gbps", args.link_gbps, *RATE_RANGE)
-    _check_number("--tflops", args.tflops, *RATE_RANGE)
-    _check_number("--reserve-gib", args.reserve_gib, 0, MAX_GIB)
+    _check_number("--link-gbps", args.link_gbps, *RATE_RANGE, " GB/s")
+    _check_number("--tflops", args.tflops, *RATE_RANGE, " TFLOP/s")
+    _check_number("--reserve-gib", args.reserve_gib, 0, MAX_GIB, " GiB")
     plan = make_plan(model, context, gpus=args.gpus, gpu=gpu, batch=args.batch,
                      kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype, causal=args.causal,
                      replicate_weights=args.replicate_weights, link_gbps=args.link_gbps,

@@ -51,7 +51,7 @@ __all__ = [
     "activation_bytes", "RopeReport", "rope_report", "model_context", "MemoryPerGpu",
     "memory_per_gpu",
     "RingStep", "ring_step", "Plan", "make_plan", "min_gpus",
-    "DEFAULT_LINK_GBPS", "DEFAULT_TFLOPS", "DEFAULT_RESERVE_BYTES",
+    "DEFAULT_LINK_GBPS", "DEFAULT_TFLOPS", "DEFAULT_RESERVE_BYTES", "format_number",
 ]
 
 
@@ -431,6 +431,11 @@ class Plan:
         return d
 
 
+def format_number(x: float) -> str:
+    """1048576 -> '1,048,576', 1e-06 -> '1e-06': whole numbers with separators."""
+    return f"{int(x):,}" if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
 def _in_range(name: str, v, lo, hi, whole: bool = True):
     """v must be a finite number (a whole one when `whole`) in [lo, hi]."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -440,7 +445,8 @@ def _in_range(name: str, v, lo, hi, whole: bool = True):
     if not (isinstance(v, int) or math.isfinite(v)) or not lo <= v <= hi:
         if lo == 1 and whole:
             raise PlanError(f"{name} must be positive and at most {hi:,}, got {short_repr(v)}")
-        raise PlanError(f"{name} must be a number from {lo:g} to {hi:g}, got {short_repr(v)}")
+        raise PlanError(f"{name} must be a number from {format_number(lo)} to "
+                        f"{format_number(hi)}, got {short_repr(v)}")
 
 
 def make_plan(m: ModelConfig, context: int, *, gpus: Optional[int] = None, gpu: GpuSpec = GPUS[
