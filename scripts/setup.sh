@@ -2,7 +2,7 @@
 # Sets up a fresh machine for longctx: a virtual environment with torch and the build tools, then
 # builds and installs longctx into it. Idempotent; ends with one line on what was built.
 #   VENV=.venv bash scripts/setup.sh
-# Torch: the CUDA 13.0 build (torch==2.14.1, ~5.6 GB installed) so that the CUDA kernels are
+# Torch: the CUDA 13.0 build (torch==2.14.1, ~5.5 GB installed) so that the CUDA kernels are
 # compiled whenever nvcc is present (set CUDA_HOME; /usr/local/cuda is used when it exists).
 # Without a visible GPU (nvidia-smi -L lists none) the build is CPU-only unless
 # LONGCTX_CPU_ONLY=0 or LONGCTX_REQUIRE_CUDA=1 (CI) asks for the CUDA kernels. LONGCTX_* build
@@ -26,7 +26,7 @@ PIP=("$VENV/bin/python" -m pip)
 # Python compiles what it imports on first use instead.
 run_step "pip" "$LOGS/pip.log" "^Successfully" "s/^/   /" \
   "${PIP[@]}" install --upgrade pip
-run_step "torch and the build tools ($TORCH_SPEC, ~5.6 GB installed; 1-2 min from a local copy)" \
+run_step "torch and the build tools ($TORCH_SPEC, ~5.5 GB; about 1 min from a local copy)" \
   "$LOGS/deps.log" "^(Downloading|Installing collected packages)" "s/^(.{0,96}).*/   \1/" \
   "${PIP[@]}" install --no-compile "$TORCH_SPEC" "nvidia-cutlass==4.2.0.0" numpy pytest ninja \
   setuptools wheel
