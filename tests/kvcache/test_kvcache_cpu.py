@@ -121,7 +121,7 @@ def test_quantized_codes_match_reference():
 
 @pytest.mark.parametrize("cache_dtype", [BF16, FP16, INT8, FP8], ids=["bf16", "fp16", "int8",
                                                                       "fp8"])
-def test_quantization_error_outlier_keys(cache_dtype, capsys):
+def test_quantization_error_outlier_keys(cache_dtype):
     """Round-trip error vs the float64 original on keys with outlier channels, per element
     bounded by half a quantization step (tight: a scale off by 2x fails), and reported."""
     gen = torch.Generator().manual_seed(2)
@@ -150,10 +150,9 @@ def test_quantization_error_outlier_keys(cache_dtype, capsys):
         s = scale.double()[None, :, None]
         step = torch.maximum(x64.abs() * 2.0 ** -4, (2.0 ** -10) * s.expand_as(x64))
     ratio = (err / step.clamp_min(1e-300)).max().item()
-    with capsys.disabled():
-        print(f"\n[kvcache] {str(cache_dtype).split('.')[-1]:>14} round-trip on outlier keys: "
-              f"relative Frobenius error {rel:.2e}, max error / max |x| {rel_max:.2e}, "
-              f"max error / half step {ratio:.3f}")
+    print(f"[kvcache] {str(cache_dtype).split('.')[-1]:>14} round-trip on outlier keys: "
+          f"relative Frobenius error {rel:.2e}, max error / max |x| {rel_max:.2e}, "
+          f"max error / half step {ratio:.3f}")  # captured: shown with -rP or -s
     assert ratio <= 1.0 + 1e-6
     assert ratio > 0.5  # the bound is tight: half a step is reached, twice it would fail
     expect = {BF16: 3e-3, FP16: 4e-4, INT8: 3e-2, FP8: 4e-2}[cache_dtype]
@@ -205,7 +204,7 @@ def test_append_attend_matches_varlen(case):
 
 
 @pytest.mark.parametrize("cache_dtype", [INT8, FP8], ids=["int8", "fp8"])
-def test_quantized_attention(cache_dtype, capsys):
+def test_quantized_attention(cache_dtype):
     gen = torch.Generator().manual_seed(4)
     h, hk, d, bs = 8, 2, 64, 16
     lens = [0, 130, 300]
@@ -230,9 +229,8 @@ def test_quantized_attention(cache_dtype, capsys):
                                     cu_q, cu_k, None, True)
     err = (out.double() - exact).abs().max().item()
     rel = ((out.double() - exact).norm() / exact.norm()).item()
-    with capsys.disabled():
-        print(f"\n[kvcache] {str(cache_dtype).split('.')[-1]:>14} attention output vs "
-              f"unquantized float64: max abs error {err:.2e}, relative {rel:.2e}")
+    print(f"[kvcache] {str(cache_dtype).split('.')[-1]:>14} attention output vs "
+          f"unquantized float64: max abs error {err:.2e}, relative {rel:.2e}")
     # Outlier channels dominate the per-token (int8) / per-head (fp8) scale, so the ordinary
     # channels keep few levels: measured ~6e-2 (int8) and ~1.3e-1 (fp8) on this data.
     assert rel < {INT8: 1e-1, FP8: 2.5e-1}[cache_dtype]
