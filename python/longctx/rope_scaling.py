@@ -77,6 +77,14 @@ def _resolve_same(name: str, a, b, rope_type: str):
     return a
 
 
+def _length(name: str, v, rope_type: str):
+    """A context length (None passes): a finite number >= 1."""
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or
+                          not math.isfinite(v) or v < 1):
+        raise _err(rope_type, f"{name} must be a finite number >= 1, got {v!r}")
+    return v
+
+
 def _default_inv_freq(base: float, dim: int) -> list[float]:
     return [base ** (-(2 * i) / dim) for i in range(dim // 2)]
 
@@ -90,8 +98,10 @@ def _yarn(scaling, base, dim, max_pos, orig_arg):
     is an error rather than a guess."""
     t = "yarn"
     factor = _number(scaling, "factor", t, required=True, minimum=1.0)
-    orig = _resolve_same("original_max_position_embeddings",
-                         scaling.get("original_max_position_embeddings"), orig_arg, t)
+    orig = _length("original_max_position_embeddings", _resolve_same(
+        "original_max_position_embeddings", scaling.get("original_max_position_embeddings"),
+        orig_arg, t), t)
+    max_pos = _length("max_position_embeddings", max_pos, t)
     if orig is None:
         orig = max_pos
         if orig is None:
@@ -242,7 +252,7 @@ def rope_frequencies(
     if "rope_type" in scaling and "type" in scaling and scaling["rope_type"] != scaling["type"]:
         raise ValueError(f"longctx.rope_frequencies: rope_scaling has rope_type="
                          f"{scaling['rope_type']!r} and type={scaling['type']!r}; give one")
-    if rope_type not in _KEYS:
+    if not isinstance(rope_type, str) or rope_type not in _KEYS:
         raise ValueError(f"longctx.rope_frequencies: unknown rope_type {rope_type!r}; supported: "
                          f"{', '.join(ROPE_TYPES)}")
     unknown = set(scaling) - _KEYS[rope_type] - _COMMON_KEYS
