@@ -75,22 +75,30 @@ def c_dtype_name(dtype: torch.dtype) -> str:
     return _C_DTYPE_NAMES.get(dtype, str(dtype))
 
 
+def check_index_vector(t, op: str, arg: str, shape: str, length: Optional[int],
+                       length_error: str) -> None:
+    """The structure of an int32 index vector (no values, no sync), with the C++ checks'
+    messages: an int32 tensor, contiguous 1-D of the given shape text ("(batch,)"), and, when
+    length is not None, that many entries (length_error: what the message says it must have)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"longctx.{op}: {arg} must be an int32 tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise RuntimeError(f"longctx.{op}: {arg} must have dtype Int, got "
+                           f"{c_dtype_name(t.dtype)}")
+    if t.dim() != 1 or not t.is_contiguous():
+        raise RuntimeError(f"longctx.{op}: {arg} must be a contiguous 1-D {shape} tensor, got "
+                           f"shape {list(t.shape)}")
+    if length is not None and t.shape[0] != length:
+        raise RuntimeError(f"longctx.{op}: {arg} must have {length_error}, got {t.shape[0]}")
+
+
 def check_cu_seqlens(cu, op: str, arg: str, batch: Optional[int], ref: torch.Tensor,
                      ref_name: str) -> None:
-    """The structure of a cu_seqlens tensor (no values, no sync), with the C++ checks' messages
-    (csrc/kvcache/kvcache_args.cpp check_cu): int32, contiguous 1-D, batch + 1 entries, on
-    ref's device."""
-    if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"longctx.{op}: {arg} must be an int32 tensor, got {type(cu).__name__}")
-    if cu.dtype != torch.int32:
-        raise RuntimeError(f"longctx.{op}: {arg} must have dtype Int, got "
-                           f"{c_dtype_name(cu.dtype)}")
-    if cu.dim() != 1 or not cu.is_contiguous():
-        raise RuntimeError(f"longctx.{op}: {arg} must be a contiguous 1-D (batch + 1,) tensor, "
-                           f"got shape {list(cu.shape)}")
-    if batch is not None and cu.shape[0] != batch + 1:
-        raise RuntimeError(f"longctx.{op}: {arg} must have batch + 1 = {batch + 1} entries "
-                           f"(batch = rows of block_table), got {cu.shape[0]}")
+    """The structure of a cu_seqlens tensor (csrc/kvcache/kvcache_args.cpp check_cu): batch + 1
+    entries, on ref's device."""
+    check_index_vector(cu, op, arg, "(batch + 1,)", None if batch is None else batch + 1,
+                       f"batch + 1 = {None if batch is None else batch + 1} entries "
+                       f"(batch = rows of block_table)")
     check_same_device(op, ((ref_name, ref), (arg, cu)))
 
 

@@ -51,8 +51,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.longctx.*)
-from ._common import (check_cu_seqlens, check_cu_seqlens_values, check_same_device,
-                      c_dtype_name, resolve_scale, resolve_window, size_or_zero)
+from ._common import (c_dtype_name, check_cu_seqlens, check_cu_seqlens_values,
+                      check_index_vector, check_same_device, resolve_scale, resolve_window,
+                      size_or_zero)
 from .rope import apply_rope
 
 __all__ = [
@@ -238,18 +239,8 @@ def _precheck(q, k, v, k_cache, v_cache, scales, cache_seqlens, block_table, inv
     batch = block_table.shape[0] if isinstance(block_table, torch.Tensor) and \
         block_table.dim() == 2 else None
     sl = cache_seqlens
-    if not isinstance(sl, torch.Tensor):
-        raise TypeError(f"longctx.{op}: cache_seqlens must be an int32 tensor, got "
-                        f"{type(sl).__name__}")
-    if sl.dtype != torch.int32:
-        raise RuntimeError(f"longctx.{op}: cache_seqlens must have dtype Int, got "
-                           f"{c_dtype_name(sl.dtype)}")
-    if sl.dim() != 1 or not sl.is_contiguous():
-        raise RuntimeError(f"longctx.{op}: cache_seqlens must be a contiguous 1-D (batch,) "
-                           f"tensor, got shape {list(sl.shape)}")
-    if batch is not None and sl.shape[0] != batch:
-        raise RuntimeError(f"longctx.{op}: cache_seqlens must have one entry per row of "
-                           f"block_table (batch = {batch}), got {sl.shape[0]}")
+    check_index_vector(sl, op, "cache_seqlens", "(batch,)", batch,
+                       f"one entry per row of block_table (batch = {batch})")
     if packed:
         check_cu_seqlens(cu_seqlens_q, op, "cu_seqlens_q", sl.shape[0], q, "q")
     elif q.shape[0] != sl.shape[0]:
