@@ -207,12 +207,8 @@ int main(int argc, char** argv) {
       cases.push_back({d, bf16, 1, 2, 2, 500, 517, false, 100, 0});    // sliding window causal
       cases.push_back({d, bf16, 1, 2, 1, 450, 450, false, 64, 32});    // two-sided window
       cases.push_back({d, bf16, 1, 2, 2, 300, 77, false, -1, -1});     // sk < one tile
-      Case vl{d, bf16, 0, 4, 2, 0, 0, true, -1, -1};
-      vl.lens_q = {17, 300, 0, 128, 1, 257};
-      vl.lens_k = {17, 400, 5, 128, 90, 200};
-      cases.push_back(vl);
-      Case vl2 = vl; vl2.causal = false; vl2.lens_k = {33, 0, 5, 129, 1, 700};
-      cases.push_back(vl2);
+      add_varlen_pair(cases, d, bf16, {17, 300, 0, 128, 1, 257}, {17, 400, 5, 128, 90, 200},
+                      {33, 0, 5, 129, 1, 700});
     }
   cases.push_back({128, true, 2, 4, 4, 1100, 1100, true, -1, -1, {}, {}, true});   // packed qkv
   cases.push_back({128, true, 1, 2, 2, 2048, 2048, false, -1, -1});

@@ -19,7 +19,7 @@ struct Case {
              lens_q.empty() ? "" : " varlen", packed_qkv ? " packed" : "");
     return buf;
   }
-  // cuq / cuk: the batch()+1 row offsets of the sequences' queries and keys.
+  // cuq / cuk: the batch() + 1 row offsets of the sequences' queries and keys.
   void row_offsets(std::vector<int>& cuq, std::vector<int>& cuk) const {
     const int B = batch();
     cuq.assign(B + 1, 0);
@@ -30,3 +30,16 @@ struct Case {
     }
   }
 };
+
+// A causal varlen case (4 query heads over 2 kv heads) and its non-causal twin with the key
+// lengths lens_k2 (sequences of length 0 and 1 among them).
+inline void add_varlen_pair(std::vector<Case>& cases, int d, bool bf16, std::vector<int> lens_q,
+                            std::vector<int> lens_k, std::vector<int> lens_k2) {
+  Case vl{d, bf16, 0, 4, 2, 0, 0, true, -1, -1};
+  vl.lens_q = lens_q;
+  vl.lens_k = lens_k;
+  cases.push_back(vl);
+  vl.causal = false;
+  vl.lens_k = lens_k2;
+  cases.push_back(vl);
+}
