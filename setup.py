@@ -156,7 +156,7 @@ def extensions():
     archs = env_list("LONGCTX_CUDA_ARCHS", ["90a"])
     try:
         instantiations = generate_kernels.select(kernels, headdims, dtypes, with_bwd)
-    except SystemExit as e:  # a switch names something the list does not have
+    except ValueError as e:  # a switch names something the list does not have
         raise RuntimeError(str(e)) from None
     switches = (
         f"kernels={','.join(kernels) if kernels else 'all'};headdims={','.join(headdims)};"

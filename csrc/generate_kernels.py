@@ -99,7 +99,7 @@ def source(inst: Instantiation) -> str:
 def _check(name: str, values: Sequence[str], allowed: Sequence[str]) -> None:
     for v in values:
         if v not in allowed:
-            raise SystemExit(f"{name}: {v} is not one of {list(allowed)}")
+            raise ValueError(f"{name}: {v} is not one of {list(allowed)}")
 
 
 def family_selected(family: str, kernels: Optional[Sequence[str]]) -> bool:
@@ -112,7 +112,7 @@ def select(kernels: Optional[Sequence[str]] = None, headdims: Sequence[str] = HE
     """The instantiations a build with these switches compiles (None: every family)."""
     for k in kernels or ():
         if not any(f.startswith(k) for f in FAMILIES):
-            raise SystemExit(f"LONGCTX_KERNELS: {k} names none of {list(FAMILIES)}")
+            raise ValueError(f"LONGCTX_KERNELS: {k} names none of {list(FAMILIES)}")
     _check("LONGCTX_HEADDIMS", headdims, HEAD_DIMS)
     _check("LONGCTX_DTYPES", dtypes, DTYPES)
     out = []
@@ -162,8 +162,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--dtypes", help="comma-separated dtypes (default: all)")
     ap.add_argument("--disable-bwd", action="store_true", help="no flash backward")
     args = ap.parse_args(argv)
-    insts = select(_list(args.kernels), _list(args.headdims) or HEAD_DIMS,
-                   _list(args.dtypes) or DTYPES, not args.disable_bwd)
+    try:
+        insts = select(_list(args.kernels), _list(args.headdims) or HEAD_DIMS,
+                       _list(args.dtypes) or DTYPES, not args.disable_bwd)
+    except ValueError as e:  # a switch names something the list does not have
+        sys.exit(str(e))
     for path in write(Path(args.out), insts):
         print(path)
     return 0

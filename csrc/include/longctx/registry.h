@@ -7,6 +7,7 @@
 // The table lives in a function-local static, so registration order across translation units
 // does not matter. Framework-free: the standalone C++ tests link the same generated files.
 #pragma once
+#include <vector>
 
 namespace longctx {
 
@@ -21,33 +22,24 @@ class KernelTable {
  public:
   // nullptr (or Fn{}) when (variant, dtype) is not compiled into this binary.
   static Fn find(int variant, DType dtype) {
-    const Table& t = table();
-    for (int i = 0; i < t.size; ++i)
-      if (t.entries[i].variant == variant && t.entries[i].dtype == dtype) return t.entries[i].fn;
+    for (const Entry& e : table())
+      if (e.variant == variant && e.dtype == dtype) return e.fn;
     return Fn{};
   }
 
   // A static object of this type in an instantiation file adds its entry.
   struct Registration {
-    Registration(int variant, DType dtype, Fn fn) {
-      Table& t = table();
-      if (t.size < kCapacity) t.entries[t.size++] = Entry{variant, dtype, fn};
-    }
+    Registration(int variant, DType dtype, Fn fn) { table().push_back(Entry{variant, dtype, fn}); }
   };
 
  private:
-  static constexpr int kCapacity = 16;
   struct Entry {
     int variant;
     DType dtype;
     Fn fn;
   };
-  struct Table {
-    Entry entries[kCapacity];
-    int size = 0;
-  };
-  static Table& table() {
-    static Table t;
+  static std::vector<Entry>& table() {
+    static std::vector<Entry> t;
     return t;
   }
 };
