@@ -22,19 +22,22 @@ TORCH_LIBRARY(longctx, m) {
       "-> (Tensor, Tensor)");
   // Flash attention. Batched: q (b, sq, h, d), k/v (b, sk, hk, d), lse (b, h, sq).
   // Varlen (cu_seqlens given): q (total_q, h, d), k/v (total_k, hk, d), lse (h, total_q).
-  // Causal is bottom-right aligned; window (left, right), -1 = unbounded.
+  // Causal is bottom-right aligned; window (left, right), -1 = unbounded. sinks: (heads,) fp32
+  // logits joining the softmax denominator; softcap > 0: scores capped as softcap * tanh(s /
+  // softcap) (longctx/logit_mods.h); the backward's dsinks is empty (0,) without sinks.
   // deterministic does not change the forward: the registered autograd formula hands it to
   // flash_attn_bwd (an op's autograd sees only the op's arguments, and wrapping the op in an
   // autograd.Function instead breaks torch.compile(fullgraph=True) for flash_attn(x, x, x)).
   m.def(
       "flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, "
-      "int window_right, bool deterministic=False) -> (Tensor out, Tensor lse)");
+      "int window_right, bool deterministic=False, Tensor? sinks=None, float softcap=0.0) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
-      "float softmax_scale, bool causal, int window_left, int window_right, bool deterministic) "
-      "-> (Tensor dq, Tensor dk, Tensor dv)");
+      "float softmax_scale, bool causal, int window_left, int window_right, bool deterministic, "
+      "Tensor? sinks=None, float softcap=0.0) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsinks)");
   // Paged KV cache (layout and formats: csrc/include/longctx/kvcache/kvcache_params.h).
   // Pools k_cache/v_cache (num_blocks, block_size, kv_heads, head_dim): bf16/fp16 (fp32 on CPU),
   // int8 with k/v_scale_cache (num_blocks, block_size, kv_heads) fp32, or float8_e4m3fn with
@@ -55,13 +58,13 @@ TORCH_LIBRARY(longctx, m) {
   // cu_seqlens_q, over the first cache_seqlens[b] cached keys of each sequence (bottom-right
   // aligned causal / window masks, GQA, dequantization in the kernel). num_splits > 1 splits the
   // keys and merges by lse (0: automatic). lse: batched (batch, heads, seqlen_q), packed
-  // (heads, total_q), fp32.
+  // (heads, total_q), fp32. sinks / softcap as in flash_attn_fwd.
   m.def(
       "flash_attn_with_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? k_scale_cache, "
       "Tensor? v_scale_cache, Tensor? k_fp8_scale, Tensor? v_fp8_scale, Tensor block_table, "
       "Tensor cache_seqlens, Tensor? cu_seqlens_q, int max_seqlen_q, float softmax_scale, "
-      "bool causal, int window_left, int window_right, int num_splits=0, bool validate=True) "
-      "-> (Tensor out, Tensor lse)");
+      "bool causal, int window_left, int window_right, int num_splits=0, bool validate=True, "
+      "Tensor? sinks=None, float softcap=0.0) -> (Tensor out, Tensor lse)");
 }
 
 namespace {

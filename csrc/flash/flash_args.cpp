@@ -10,6 +10,7 @@
 #include <limits>
 #include <vector>
 #include "common/checks.h"
+#include "common/logit_mods.h"
 
 namespace longctx {
 namespace {
@@ -104,6 +105,7 @@ FlashFwdArgs make_flash_fwd_args(const at::Tensor& q, const at::Tensor& k, const
                                  const std::optional<at::Tensor>& cu_seqlens_k,
                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
                                  bool causal, int64_t window_left, int64_t window_right,
+                                 const std::optional<at::Tensor>& sinks, double softcap,
                                  const at::Tensor& out, const at::Tensor& lse, const char* op) {
   const bool on_cpu = q.device().is_cpu();
   // dtypes and devices
@@ -239,6 +241,7 @@ FlashFwdArgs make_flash_fwd_args(const at::Tensor& q, const at::Tensor& k, const
   p.causal = causal;
   p.window_left = wl;
   p.window_right = wr;
+  p.mods = make_logit_mods(sinks, softcap, q, heads, op);
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
   return a;
 }
@@ -249,12 +252,14 @@ FlashBwdArgs make_flash_bwd_args(const at::Tensor& dout, const at::Tensor& q, co
                                  const std::optional<at::Tensor>& cu_seqlens_k,
                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
                                  bool causal, int64_t window_left, int64_t window_right,
+                                 const std::optional<at::Tensor>& sinks, double softcap,
                                  bool deterministic, const at::Tensor& dq, const at::Tensor& dk,
                                  const at::Tensor& dv, const at::Tensor& dsoftmax_sum,
                                  const char* op) {
   const FlashFwdArgs f =
       make_flash_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          softmax_scale, causal, window_left, window_right, out, lse, op);
+                          softmax_scale, causal, window_left, window_right, sinks, softcap,
+                          out, lse, op);
   check_like(dout, q, op, "dout", "q");
   check_like(dq, q, op, "dq", "q");
   check_like(dk, k, op, "dk", "k");

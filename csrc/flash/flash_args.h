@@ -30,13 +30,15 @@ struct FlashFwdOutputShapes {
 };
 FlashFwdOutputShapes flash_fwd_output_shapes(const at::Tensor& q, bool varlen, const char* op);
 
-// Checks q/k/v/cu_seqlens and the mask; out and lse must already be allocated with the shapes
-// flash_fwd_output_shapes gives. op names the op in error messages.
+// Checks q/k/v/cu_seqlens, the mask, sinks and softcap (common/logit_mods.h); out and lse must
+// already be allocated with the shapes flash_fwd_output_shapes gives. op names the op in error
+// messages.
 FlashFwdArgs make_flash_fwd_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& cu_seqlens_q,
                                  const std::optional<at::Tensor>& cu_seqlens_k,
                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
                                  bool causal, int64_t window_left, int64_t window_right,
+                                 const std::optional<at::Tensor>& sinks, double softcap,
                                  const at::Tensor& out, const at::Tensor& lse, const char* op);
 
 // Backward: checks everything make_flash_fwd_args checks on q/k/v/out/lse/cu_seqlens/mask, plus
@@ -48,6 +50,7 @@ FlashBwdArgs make_flash_bwd_args(const at::Tensor& dout, const at::Tensor& q, co
                                  const std::optional<at::Tensor>& cu_seqlens_k,
                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
                                  bool causal, int64_t window_left, int64_t window_right,
+                                 const std::optional<at::Tensor>& sinks, double softcap,
                                  bool deterministic, const at::Tensor& dq, const at::Tensor& dk,
                                  const at::Tensor& dv, const at::Tensor& dsoftmax_sum,
                                  const char* op);

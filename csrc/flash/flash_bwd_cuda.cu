@@ -12,6 +12,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#include "common/logit_mods.h"
 #include "common/nvtx.h"
 #include "flash/flash_cuda.h"
 #include "flash/flash_op.h"
@@ -26,6 +27,7 @@ void run_bwd_cuda(const FlashBwdCall& c) {
   const flash::BwdParams& p = a.params;
   const c10::cuda::CUDAGuard guard(c.in.q.device());
   check_flash_cuda(a.dtype, op, "tensors");
+  check_no_logit_mods_on_cuda(p.fwd.mods, op);
   const flash::FlashBwdFn fn = find_flash_kernel<flash::FlashBwdTable>(
       p.fwd.head_dim, a.dtype, op,
       "the backward supports head_dim 64, 128 and 256; rebuild with LONGCTX_HEADDIMS / "

@@ -117,8 +117,8 @@ TORCH_LIBRARY_IMPL(longctx, CPU, m) {
 }
 
 LONGCTX_REGISTER_KERNEL("flash_fwd", "cpu", "fp64,fp32,bf16,fp16",
-                        "hdim<=256,causal,window,gqa,varlen");
+                        "hdim<=256,causal,window,gqa,varlen,softcap,sinks");
 LONGCTX_REGISTER_KERNEL("flash_bwd", "cpu", "fp64,fp32,bf16,fp16",
-                        "hdim<=256,causal,window,gqa,varlen,deterministic");
+                        "hdim<=256,causal,window,gqa,varlen,deterministic,softcap,sinks");
 
 }  // namespace longctx

@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <limits>
+#include "common/logit_mods.h"
 #include "common/nvtx.h"
 #include "flash/flash_cuda.h"
 #include "flash/flash_op.h"
@@ -28,6 +29,7 @@ void run_fwd_cuda(const FlashFwdCall& c) {
   const flash::FwdParams& p = a.params;
   const c10::cuda::CUDAGuard guard(c.in.q.device());
   check_flash_cuda(a.dtype, op, "q/k/v");
+  check_no_logit_mods_on_cuda(p.mods, op);
   const flash::FlashFwdFn fn = find_flash_kernel<flash::FlashFwdTable>(
       p.head_dim, a.dtype, op, "rebuild with LONGCTX_HEADDIMS / LONGCTX_DTYPES including it");
   const char* why = flash::flash_fwd_tma_unsupported_reason(p, 2);

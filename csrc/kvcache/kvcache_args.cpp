@@ -12,6 +12,7 @@
 #include <vector>
 #include "flash/flash_args.h"
 #include "common/checks.h"
+#include "common/logit_mods.h"
 #include "longctx/rope/rope_kernel_limits.h"
 
 namespace longctx {
@@ -383,8 +384,9 @@ kvcache::AppendParams make_kvcache_append_args(
 kvcache::AttnParams make_kvcache_attn_args(
     const at::Tensor& q, const KVCacheTensors& cache, const std::optional<at::Tensor>& cu_seqlens_q,
     int64_t max_seqlen_q, double softmax_scale, bool causal, int64_t window_left,
-    int64_t window_right, int64_t num_splits, bool validate, const at::Tensor& out,
-    const at::Tensor& lse, const char* op) {
+    int64_t window_right, const std::optional<at::Tensor>& sinks, double softcap,
+    int64_t num_splits, bool validate, const at::Tensor& out, const at::Tensor& lse,
+    const char* op) {
   check_elem_dtype(q, op, "q");
   const bool packed = cu_seqlens_q.has_value();
   const auto shapes = flash_fwd_output_shapes(q, packed, op);  // checks q's rank
@@ -451,6 +453,7 @@ kvcache::AttnParams make_kvcache_attn_args(
   a.causal = causal;
   a.window_left = window_left > kIntMax ? -1 : static_cast<int>(window_left);
   a.window_right = causal ? 0 : (window_right > kIntMax ? -1 : static_cast<int>(window_right));
+  a.mods = make_logit_mods(sinks, softcap, q, heads, op);
   a.num_splits = static_cast<int>(num_splits);
 
   if (validate) {

@@ -32,14 +32,16 @@ kvcache::AppendParams make_kvcache_append_args(
 
 // flash_attn_with_kvcache: out (q's shape and dtype) and lse (batched (batch, heads, seqlen_q),
 // varlen (heads, total_q), fp32) must be allocated (flash_fwd_output_shapes gives the shapes).
-// num_splits must already be resolved (>= 1); the split scratch is attached by the caller. With
+// num_splits must already be resolved (>= 1); the split scratch is attached by the caller.
+// sinks / softcap: common/logit_mods.h. With
 // validate, checks on the host that cache_seqlens fit in the block table, that the pages they
 // need are in [0, num_blocks), the cu_seqlens_q values and the fp8 scales.
 kvcache::AttnParams make_kvcache_attn_args(
     const at::Tensor& q, const KVCacheTensors& cache, const std::optional<at::Tensor>& cu_seqlens_q,
     int64_t max_seqlen_q, double softmax_scale, bool causal, int64_t window_left,
-    int64_t window_right, int64_t num_splits, bool validate, const at::Tensor& out,
-    const at::Tensor& lse, const char* op);
+    int64_t window_right, const std::optional<at::Tensor>& sinks, double softcap,
+    int64_t num_splits, bool validate, const at::Tensor& out, const at::Tensor& lse,
+    const char* op);
 
 // The dtype of the pool's elements as the format enum (after the checks above).
 kvcache::Format kvcache_format(const at::Tensor& k_cache);

@@ -1,7 +1,8 @@
 // CUDA launchers of longctx::kvcache_append and longctx::flash_attn_with_kvcache (Hopper).
 //
-// kvcache_append: the shared argument checks (kvcache_args), then kvcache_append.cuh's fused
-// kernel (one CTA per new token; RoPE on K; quantize on write).
+// Both are the ops of kvcache_op.h (argument checks, outputs) with the CUDA policy below.
+// kvcache_append: kvcache_append.cuh's fused kernel (one CTA per new token; RoPE on K; quantize
+// on write).
 //
 // flash_attn_with_kvcache picks one of two paths:
 //  - decode (seqlen_q * heads / kv_heads <= 32 packed rows per kv head, head_dim 64/128/256):
@@ -30,8 +31,8 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/nvtx.h"
-#include "flash/flash_args.h"
-#include "kvcache/kvcache_args.h"
+#include "common/logit_mods.h"
+#include "kvcache/kvcache_op.h"
 #include "longctx/kvcache/append.cuh"
 #include "longctx/kvcache/decode_launch.cuh"
 
@@ -59,23 +60,8 @@ void check_hopper(const char* op) {
 // append
 // ------------------------------------------------------------------------------------------------
 
-void kvcache_append_cuda(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                         const at::Tensor& v_cache, const std::optional<at::Tensor>& k_scale_cache,
-                         const std::optional<at::Tensor>& v_scale_cache,
-                         const std::optional<at::Tensor>& k_fp8_scale,
-                         const std::optional<at::Tensor>& v_fp8_scale,
-                         const at::Tensor& block_table, const at::Tensor& cache_seqlens,
-                         const std::optional<at::Tensor>& cu_new,
-                         const std::optional<at::Tensor>& positions,
-                         const std::optional<at::Tensor>& inv_freq, double attention_factor,
-                         bool rope_interleaved, bool validate) {
+void append_cuda(const kvcache::AppendParams& p, const at::Tensor& k) {
   constexpr const char* op = "kvcache_append";
-  NvtxRange range("longctx::kvcache_append");
-  const KVCacheTensors cache{k_cache,     v_cache,     k_scale_cache, v_scale_cache,
-                             k_fp8_scale, v_fp8_scale, block_table,   cache_seqlens};
-  const kvcache::AppendParams p = make_kvcache_append_args(
-      k, v, cache, cu_new, positions, inv_freq, attention_factor, rope_interleaved, validate, op);
-  if (p.total_new == 0) return;
   const c10::cuda::CUDAGuard guard(k.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_cuda_dtype_and_format(k.scalar_type(), p.cache.format, op, [&](auto* tag, auto fmt) {
@@ -102,7 +88,7 @@ bool decode_aligned(const at::Tensor& kc_, const at::Tensor& vc_) {
 // chunked prefill: gather + the Hopper forward kernel
 // ------------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> prefill_gather_fwd(
+void prefill_gather_fwd(
     const at::Tensor& q, const kvcache::AttnParams& p, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& cu_seqlens_q, const at::Tensor& out, const at::Tensor& lse,
     cudaStream_t stream) {
@@ -157,9 +143,10 @@ std::tuple<at::Tensor, at::Tensor> prefill_gather_fwd(
                         .typed<std::tuple<at::Tensor, at::Tensor>(
                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                            int64_t, int64_t, double, bool, int64_t, int64_t, bool)>();
+                            int64_t, int64_t, double, bool, int64_t, int64_t, bool,
+                            const std::optional<at::Tensor>&, double)>();
   auto [o, l] = fwd.call(qp, kg, vg, cu_q, cu_k, max_sq, max_sk, double(p.softmax_scale),
-                         p.causal, p.window_left, p.window_right, false);
+                         p.causal, p.window_left, p.window_right, false, std::nullopt, 0.0);
   if (packed) {
     out.copy_(o);
     lse.copy_(l);
@@ -167,7 +154,6 @@ std::tuple<at::Tensor, at::Tensor> prefill_gather_fwd(
     out.copy_(o.view(q.sizes()));
     lse.copy_(l.view({q.size(2), c.batch, q.size(1)}).permute({1, 0, 2}));
   }
-  return {out, lse};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -214,52 +200,51 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
 // op
 // ------------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache_cuda(
-    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-    const std::optional<at::Tensor>& k_scale_cache, const std::optional<at::Tensor>& v_scale_cache,
-    const std::optional<at::Tensor>& k_fp8_scale, const std::optional<at::Tensor>& v_fp8_scale,
-    const at::Tensor& block_table, const at::Tensor& cache_seqlens,
-    const std::optional<at::Tensor>& cu_seqlens_q, int64_t max_seqlen_q, double softmax_scale,
-    bool causal, int64_t window_left, int64_t window_right, int64_t num_splits, bool validate) {
-  constexpr const char* op = "flash_attn_with_kvcache";
-  NvtxRange range("longctx::flash_attn_with_kvcache");
-  const KVCacheTensors cache{k_cache,     v_cache,     k_scale_cache, v_scale_cache,
-                             k_fp8_scale, v_fp8_scale, block_table,   cache_seqlens};
-  const auto shapes = flash_fwd_output_shapes(q, cu_seqlens_q.has_value(), op);
-  auto out = at::empty(shapes.out, q.options());
-  auto lse = at::empty(shapes.lse, q.options().dtype(at::kFloat));
-  LONGCTX_CHECK_ARG(num_splits >= 0 && num_splits <= 1024, op, "num_splits",
-                    "must lie in [0, 1024] (0 = automatic), got ", num_splits);
-  // Decide the path from the shapes (q's rank is checked by flash_fwd_output_shapes).
-  const bool packed = cu_seqlens_q.has_value();
-  const int64_t sq_max = packed ? max_seqlen_q : q.size(1);
+// The decode path serves at most kDecodeMaxRows packed query rows (seqlen_q x GQA group) per kv
+// head; larger shapes take the gathered prefill.
+bool is_decode(const at::Tensor& q, const at::Tensor& k_cache, int64_t seqlen_q) {
+  // Runs before the argument checks: q's rank is checked, k_cache's is not yet.
   const int64_t group = k_cache.dim() == 4 && k_cache.size(2) > 0 ? q.size(-2) / k_cache.size(2)
                                                                    : 1;
-  const bool decode = sq_max * std::max<int64_t>(group, 1) <= kc::kDecodeMaxRows;
-  kvcache::AttnParams p = make_kvcache_attn_args(
-      q, cache, cu_seqlens_q, max_seqlen_q, softmax_scale, causal, window_left, window_right,
-      std::max<int64_t>(1, num_splits), validate || !decode, out, lse, op);
-  const c10::cuda::CUDAGuard guard(q.device());
-  check_hopper(op);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int d = p.cache.head_dim;
-  if (p.total_q == 0 || p.heads == 0) return {out, lse};
-  LONGCTX_CHECK_ARG(d == 64 || d == 128 || d == 256, op, "k_cache",
-                    "head_dim must be 64, 128 or 256 on CUDA, got ", d);
-  LONGCTX_CHECK_ARG(decode_aligned(k_cache, v_cache), op, "k_cache",
-                    "and v_cache must be 16-byte aligned with page/slot/head strides that are "
-                    "multiples of 8 elements on CUDA, got strides ", k_cache.strides(), " and ",
-                    v_cache.strides());
-  if (!decode) return prefill_gather_fwd(q, p, cache_seqlens, cu_seqlens_q, out, lse, stream);
-  run_decode(p, q, num_splits, stream);
-  return {out, lse};
+  return seqlen_q * std::max<int64_t>(group, 1) <= kc::kDecodeMaxRows;
 }
+
+struct Cuda {
+  static void append(const kvcache::AppendParams& p, const at::Tensor& k) { append_cuda(p, k); }
+
+  // The gathered prefill cannot mask keys on invalid pages: it needs the host checks.
+  static bool needs_host_checks(const at::Tensor& q, const at::Tensor& k_cache, int64_t seqlen_q) {
+    return !is_decode(q, k_cache, seqlen_q);
+  }
+
+  static void attend(const KVCacheAttnCall& c) {
+    constexpr const char* op = "flash_attn_with_kvcache";
+    kvcache::AttnParams& p = c.params;
+    check_no_logit_mods_on_cuda(p.mods, op);
+    const c10::cuda::CUDAGuard guard(c.q.device());
+    check_hopper(op);
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const int d = p.cache.head_dim;
+    if (p.total_q == 0 || p.heads == 0) return;
+    LONGCTX_CHECK_ARG(d == 64 || d == 128 || d == 256, op, "k_cache",
+                      "head_dim must be 64, 128 or 256 on CUDA, got ", d);
+    LONGCTX_CHECK_ARG(decode_aligned(c.cache.k_cache, c.cache.v_cache), op, "k_cache",
+                      "and v_cache must be 16-byte aligned with page/slot/head strides that are "
+                      "multiples of 8 elements on CUDA, got strides ", c.cache.k_cache.strides(),
+                      " and ", c.cache.v_cache.strides());
+    if (!is_decode(c.q, c.cache.k_cache, p.seqlen_q)) {
+      prefill_gather_fwd(c.q, p, c.cache.cache_seqlens, c.cu_seqlens_q, c.out, c.lse, stream);
+      return;
+    }
+    run_decode(p, c.q, c.num_splits, stream);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(longctx, CUDA, m) {
-  m.impl("kvcache_append", &kvcache_append_cuda);
-  m.impl("flash_attn_with_kvcache", &flash_attn_with_kvcache_cuda);
+  m.impl("kvcache_append", &kvcache_append_op<Cuda>);
+  m.impl("flash_attn_with_kvcache", &flash_attn_with_kvcache_op<Cuda>);
 }
 
 LONGCTX_REGISTER_KERNEL("kvcache", "cuda", "bf16,fp16",

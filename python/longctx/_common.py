@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -39,6 +40,30 @@ def resolve_scale(softmax_scale: Optional[float], q, op: str = "flash_attn_func"
         raise ValueError(f"longctx.{op}: q must have head_dim >= 1 (its last dimension), got "
                          f"shape {tuple(q.shape)}")
     return 1.0 / math.sqrt(q.shape[-1])
+
+
+def resolve_softcap(softcap, op: str) -> float:
+    """softcap as a float (None: 0.0, no capping); the op checks that it is finite and >= 0."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"longctx.{op}: softcap must be a number (0 = no capping), got "
+                        f"{type(softcap).__name__}")
+    return float(softcap)
+
+
+def resolve_sinks(sinks, op: str) -> Optional[torch.Tensor]:
+    """sinks as the fp32 contiguous tensor the ops take (None stays None); a floating tensor of
+    another dtype is converted, through autograd, so its gradient reaches the caller's tensor.
+    The op checks the shape (heads,) and the device."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"longctx.{op}: sinks must be a tensor of shape (heads,) or None, got "
+                        f"{type(sinks).__name__}")
+    if not sinks.is_floating_point():
+        raise TypeError(f"longctx.{op}: sinks must be a floating-point tensor, got {sinks.dtype}")
+    return sinks.to(torch.float32).contiguous()
 
 
 def size_or_zero(t, dim: int) -> int:

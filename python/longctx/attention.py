@@ -5,7 +5,8 @@ k/v (batch, seqlen_k, heads_kv, head_dim) with heads % heads_kv == 0 (GQA/MQA); 
 sequences as (total_tokens, heads, head_dim) with int32 cu_seqlens offsets. Causal masking is
 aligned to the bottom-right corner (query i sees keys j <= i + seqlen_k - seqlen_q), and
 window_size=(left, right) keeps keys in [i + sk - sq - left, i + sk - sq + right] (-1: unbounded).
-A query row that sees no key gets out = 0 and lse = -inf (its gradient is 0).
+A query row that sees no key gets out = 0 and lse = -inf (its gradient is 0). Two logit
+modifiers models use: softcap (Gemma 2) and attention sinks (gpt-oss); see flash_attn_func.
 
 The kernels live in the extension as torch.ops.longctx.flash_attn_fwd / flash_attn_bwd. This
 module registers their fake implementations (torch.compile, opcheck) and the autograd formula of
@@ -30,7 +31,8 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.longctx.*)
-from ._common import check_same_device, resolve_scale, resolve_window, size_or_zero
+from ._common import (check_same_device, resolve_scale, resolve_sinks, resolve_softcap,
+                      resolve_window, size_or_zero)
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 
@@ -39,10 +41,11 @@ _ops = torch.ops.longctx
 
 @torch.library.register_fake("longctx::flash_attn_fwd")
 def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         softmax_scale, causal, window_left, window_right, deterministic=False):
+                         softmax_scale, causal, window_left, window_right, deterministic=False,
+                         sinks=None, softcap=0.0):
     check_same_device("flash_attn_fwd", (("q", q), ("k", k), ("v", v),
                                          ("cu_seqlens_q", cu_seqlens_q),
-                                         ("cu_seqlens_k", cu_seqlens_k)))
+                                         ("cu_seqlens_k", cu_seqlens_k), ("sinks", sinks)))
     out = q.new_empty(q.shape)
     if cu_seqlens_q is None:
         torch._check(q.dim() == 4, lambda: "longctx.flash_attn_fwd: q must have 4 dimensions")
@@ -56,16 +59,18 @@ def _flash_attn_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 @torch.library.register_fake("longctx::flash_attn_bwd")
 def _flash_attn_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, softmax_scale, causal, window_left, window_right,
-                         deterministic):
+                         deterministic, sinks=None, softcap=0.0):
     check_same_device("flash_attn_bwd", (("q", q), ("k", k), ("v", v), ("out", out),
                                          ("lse", lse), ("dout", dout),
                                          ("cu_seqlens_q", cu_seqlens_q),
-                                         ("cu_seqlens_k", cu_seqlens_k)))
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+                                         ("cu_seqlens_k", cu_seqlens_k), ("sinks", sinks)))
+    dsinks = (sinks.new_empty(sinks.shape) if sinks is not None
+              else q.new_empty((0,), dtype=torch.float32))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks
 
 
 def _backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-              softmax_scale, causal, window_left, window_right, deterministic):
+              softmax_scale, causal, window_left, window_right, deterministic, sinks, softcap):
     if dout is None:
         dout = torch.zeros_like(out)
     # Autograd may hand in an expanded (stride-0) or otherwise strided gradient; the kernels need
@@ -73,23 +78,30 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     dout = dout.contiguous()
     return _ops.flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                max_seqlen_k, softmax_scale, causal, window_left, window_right,
-                               deterministic)
+                               deterministic, sinks, softcap)
+
+
+# The op's arguments after window_right, with their schema defaults (a call may leave them out).
+_FWD_DEFAULTS = (False, None, 0.0)  # deterministic, sinks, softcap
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
      window_left, window_right, *rest) = inputs
-    deterministic = bool(rest[0]) if rest else False
+    deterministic, sinks, softcap = tuple(rest) + _FWD_DEFAULTS[len(rest):]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks)
     ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right)
-    ctx.deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+    ctx.deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    ctx.softcap = float(softcap)
 
 
 def _op_backward(ctx, dout, dlse):  # dlse: ignored, see the module docstring
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = _backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, ctx.deterministic)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, cu_q, cu_k, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = _backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args,
+                                   ctx.deterministic, sinks, ctx.softcap)
+    return (dq, dk, dv, None, None, None, None, None, None, None, None, None,
+            dsinks if sinks is not None else None, None)
 
 
 torch.library.register_autograd("longctx::flash_attn_fwd", _op_backward,
@@ -99,11 +111,12 @@ torch.library.register_autograd("longctx::flash_attn_fwd", _op_backward,
 # --- the public API -----------------------------------------------------------------------------
 
 def _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-             causal, window_size, return_lse, deterministic, op):
+             causal, window_size, return_lse, deterministic, softcap, sinks, op):
     left, right = resolve_window(window_size, causal)
     out, lse = _ops.flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                    max_seqlen_k, resolve_scale(softmax_scale, q, op),
-                                   bool(causal), left, right, bool(deterministic))
+                                   bool(causal), left, right, bool(deterministic),
+                                   resolve_sinks(sinks, op), resolve_softcap(softcap, op))
     return (out, lse) if return_lse else out
 
 
@@ -116,6 +129,8 @@ def flash_attn_func(
     window_size: Tuple[int, int] = (-1, -1),
     return_lse: bool = False,
     deterministic: bool = False,
+    softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """softmax(softmax_scale * q k^T + mask) v, per head, without materializing the scores.
 
@@ -137,13 +152,22 @@ def flash_attn_func(
     then accumulated in a fixed order: measured 0.96-1.13x the time of the default atomic
     order, 1.38x for causal GQA); torch.use_deterministic_algorithms(True) asks for it too.
     The forward is deterministic either way, and so is the CPU backward.
+    softcap: > 0 caps the scores as softcap * tanh(softmax_scale * q.k / softcap) before the mask
+    and the softmax (Gemma 2's attention logit softcapping); 0 (default) leaves them.
+    sinks: (heads,) float tensor, one logit per query head that joins the softmax denominator
+    as a key with a zero value (gpt-oss's learnable sinks): out_i = sum_j exp(s_ij - L_i) v_j with
+    L_i = log(exp(sinks[h]) + sum_j exp(s_ij)), in the units of the scaled (and capped) scores;
+    computed in fp32; its gradient flows when it requires grad. A row that sees no key then
+    gets out = 0 and lse = sinks[h].
+    softcap and sinks run on the CPU; the CUDA kernels reject them (not implemented yet).
 
     Returns out (q's shape and dtype), or (out, lse) with return_lse, lse (batch, heads,
-    seqlen_q) fp32 = logsumexp_j(softmax_scale * q.k_j) (-inf for rows that see no key). The
+    seqlen_q) fp32 = logsumexp_j(s_ij), the sink included (-inf for rows that see no key). The
     gradient of lse is ignored (as in FlashAttention).
     """
     return _forward(q, k, v, None, None, size_or_zero(q, 1), size_or_zero(k, 1), softmax_scale,
-                    causal, window_size, return_lse, deterministic, "flash_attn_func")
+                    causal, window_size, return_lse, deterministic, softcap, sinks,
+                    "flash_attn_func")
 
 
 def flash_attn_varlen_func(
@@ -159,15 +183,18 @@ def flash_attn_varlen_func(
     window_size: Tuple[int, int] = (-1, -1),
     return_lse: bool = False,
     deterministic: bool = False,
+    softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Attention over packed sequences of different lengths.
 
     q: (total_q, heads, head_dim); k, v: (total_k, heads_kv, head_dim). cu_seqlens_q/_k: int32,
     (batch + 1,), offsets of each sequence's first row, starting at 0 and ending at total_q /
     total_k (a zero-length sequence is allowed). max_seqlen_q/_k bound every sequence length.
-    The mask applies within each sequence, bottom-right aligned per sequence.
+    The mask applies within each sequence, bottom-right aligned per sequence; the other
+    arguments are flash_attn_func's.
     Returns out, or (out, lse) with lse (heads, total_q) fp32.
     """
     return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                    softmax_scale, causal, window_size, return_lse, deterministic,
+                    softmax_scale, causal, window_size, return_lse, deterministic, softcap, sinks,
                     "flash_attn_varlen_func")

@@ -52,8 +52,8 @@ import torch
 
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.longctx.*)
 from ._common import (c_dtype_name, check_cu_seqlens, check_cu_seqlens_values,
-                      check_index_vector, check_same_device, resolve_scale, resolve_window,
-                      size_or_zero)
+                      check_index_vector, check_same_device, resolve_scale, resolve_sinks,
+                      resolve_softcap, resolve_window, size_or_zero)
 from .rope import apply_rope
 
 __all__ = [
@@ -90,12 +90,12 @@ def _kvcache_append_fake(k, v, k_cache, v_cache, k_scale_cache, v_scale_cache, k
 def _flash_attn_with_kvcache_fake(q, k_cache, v_cache, k_scale_cache, v_scale_cache, k_fp8_scale,
                                   v_fp8_scale, block_table, cache_seqlens, cu_seqlens_q,
                                   max_seqlen_q, softmax_scale, causal, window_left, window_right,
-                                  num_splits=0, validate=True):
+                                  num_splits=0, validate=True, sinks=None, softcap=0.0):
     check_same_device("flash_attn_with_kvcache", (
         ("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_scale_cache", k_scale_cache),
         ("v_scale_cache", v_scale_cache), ("k_fp8_scale", k_fp8_scale),
         ("v_fp8_scale", v_fp8_scale), ("block_table", block_table),
-        ("cache_seqlens", cache_seqlens), ("cu_seqlens_q", cu_seqlens_q)))
+        ("cache_seqlens", cache_seqlens), ("cu_seqlens_q", cu_seqlens_q), ("sinks", sinks)))
     if cu_seqlens_q is None:
         torch._check(q.dim() == 4,
                      lambda: "longctx.flash_attn_with_kvcache: q must have 4 dimensions")
@@ -213,7 +213,7 @@ _INT_MAX = 2**31 - 1
 
 
 def _precheck(q, k, v, k_cache, v_cache, scales, cache_seqlens, block_table, inv_freq,
-              cu_seqlens_q, max_seqlen_q, num_splits, validate) -> None:
+              cu_seqlens_q, max_seqlen_q, num_splits, validate, sinks, softcap) -> None:
     """flash_attn_with_kvcache with new k/v or rope computes in Python (the query positions, the
     lengths after the append) and appends before it attends: the checks the attention op would
     make on what is used first run here, with the C++ checks' messages, so that bad input is an
@@ -225,7 +225,7 @@ def _precheck(q, k, v, k_cache, v_cache, scales, cache_seqlens, block_table, inv
                            ("k_scale", scales[0]), ("v_scale", scales[1]),
                            ("block_table", block_table), ("cache_seqlens", cache_seqlens),
                            ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q),
-                           ("rope", inv_freq)))
+                           ("rope", inv_freq), ("sinks", sinks)))
     packed = cu_seqlens_q is not None
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"longctx.{op}: q must be a tensor, got {type(q).__name__}")
@@ -300,10 +300,18 @@ def _precheck(q, k, v, k_cache, v_cache, scales, cache_seqlens, block_table, inv
     if not 0 <= max_seqlen_q <= _INT_MAX:
         raise RuntimeError(f"longctx.{op}: max_seqlen_q must lie in [0, 2^31), got "
                            f"{max_seqlen_q}")
-    if num_splits < 0 or (q.device.type != "cpu" and num_splits > 1024):
-        raise RuntimeError(f"longctx.{op}: num_splits must " +
-                           ("be >= 0 (0 = automatic)" if q.device.type == "cpu" else
-                            "lie in [0, 1024] (0 = automatic)") + f", got {num_splits}")
+    if not 0 <= num_splits <= 1024:
+        raise RuntimeError(f"longctx.{op}: num_splits must lie in [0, 1024] (0 = automatic), "
+                           f"got {num_splits}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise RuntimeError(f"longctx.{op}: softcap must be finite and >= 0 (0 = no capping), "
+                           f"got {softcap}")
+    if sinks is not None and tuple(sinks.shape) != (q.shape[-2],):
+        raise RuntimeError(f"longctx.{op}: sinks must have shape (heads,) = ({q.shape[-2]}), "
+                           f"got {list(sinks.shape)}")
+    if (sinks is not None or softcap) and q.device.type == "cuda":
+        raise RuntimeError(f"longctx.{op}: {'sinks are' if sinks is not None else 'softcap is'} "
+                           "not supported by the CUDA kernels yet (the CPU ops take them)")
     if packed and validate and not torch.compiler.is_compiling():
         check_cu_seqlens_values(cu_seqlens_q.tolist(), q.shape[0], max_seqlen_q, op,
                                 "cu_seqlens_q")
@@ -343,6 +351,8 @@ def flash_attn_with_kvcache(
     rotary_interleaved: bool = False,
     num_splits: int = 0,
     validate: bool = True,
+    softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Attention of q over a paged KV cache (FlashAttention's flash_attn_with_kvcache semantics).
 
@@ -359,9 +369,10 @@ def flash_attn_with_kvcache(
     pairs). num_splits: key splits merged by lse (decode: one long sequence fills the device);
     0 = automatic (1 on CPU). Returns out (q's shape and dtype) or (out, lse) with lse fp32,
     (batch, heads, seqlen_q) or (heads, total_q) packed; a row that sees no key gets out = 0 and
-    lse = -inf. With k/v, what the attention would reject is checked before the append (an
-    error writes nothing); with k/v or rope and validate, cu_seqlens_q's values are read on the
-    host first (a sync on CUDA, as the op's own validation).
+    lse = -inf. softcap and sinks: as in flash_attn_func (CPU only for now). With k/v, what the
+    attention would reject is checked before the append (an error writes nothing); with k/v or
+    rope and validate, cu_seqlens_q's values are read on the host first (a sync on CUDA, as the
+    op's own validation).
     """
     op = "flash_attn_with_kvcache"
     left, right = resolve_window(window_size, causal)
@@ -374,6 +385,8 @@ def flash_attn_with_kvcache(
     max_seqlen_q = int(max_seqlen_q)
     num_splits = int(num_splits)
     scale = resolve_scale(softmax_scale, q, op)
+    softcap = resolve_softcap(softcap, op)
+    sinks = resolve_sinks(sinks, op)
     total_len = cache_seqlens
     if (k is None) != (v is None):
         raise ValueError("flash_attn_with_kvcache: k and v must be given together")
@@ -383,7 +396,7 @@ def flash_attn_with_kvcache(
         _precheck(q, k, v, k_cache, v_cache, (kfp8 if kfp8 is not None else ksc,
                                               vfp8 if vfp8 is not None else vsc),
                   cache_seqlens, block_table, inv_freq, cu_seqlens_q, max_seqlen_q, num_splits,
-                  validate)
+                  validate, sinks, softcap)
     if k is not None:
         _ops.kvcache_append(k, v, k_cache, v_cache, ksc, vsc, kfp8, vfp8, block_table,
                             cache_seqlens, cu_seqlens_q, None, inv_freq, factor,
@@ -400,7 +413,7 @@ def flash_attn_with_kvcache(
     out, lse = _ops.flash_attn_with_kvcache(q, k_cache, v_cache, ksc, vsc, kfp8, vfp8, block_table,
                                             total_len, cu_seqlens_q, max_seqlen_q, scale,
                                             bool(causal), left, right, num_splits,
-                                            bool(validate))
+                                            bool(validate), sinks, softcap)
     return (out, lse) if return_lse else out
 
 
@@ -634,9 +647,11 @@ class PagedKVCache:
     def attend(self, q: torch.Tensor, seq_ids=None, *, causal: bool = True,
                window_size: Tuple[int, int] = (-1, -1), softmax_scale: Optional[float] = None,
                return_lse: bool = False, cu_seqlens_q=None, max_seqlen_q: Optional[int] = None,
-               num_splits: int = 0):
+               num_splits: int = 0, softcap: float = 0.0,
+               sinks: Optional[torch.Tensor] = None):
         """Attention of q (the last positions of each sequence: (batch, seqlen_q, heads,
-        head_dim), or packed with cu_seqlens_q) over everything cached for seq_ids."""
+        head_dim), or packed with cu_seqlens_q) over everything cached for seq_ids; softcap
+        and sinks as in flash_attn_func."""
         ids = self._ids(seq_ids, "attend")
         self._check_device("attend", q=q)
         if cu_seqlens_q is not None:
@@ -648,7 +663,8 @@ class PagedKVCache:
             q, self.k_cache, self.v_cache, self.cache_seqlens(ids), self.block_table(ids),
             softmax_scale=softmax_scale, causal=causal, window_size=window_size,
             return_lse=return_lse, k_scale=self.k_scale, v_scale=self.v_scale,
-            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, num_splits=num_splits)
+            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, num_splits=num_splits,
+            softcap=softcap, sinks=sinks)
 
     def gather(self, seq_id: int, dtype: torch.dtype = torch.float32):
         """The sequence's K and V as contiguous (seqlen, kv_heads, head_dim) tensors,

@@ -513,8 +513,10 @@ def test_attention_errors_name_the_argument():
         attn(q=torch.randn(2, 1, 4, 32, dtype=BF16))
     with pytest.raises(RuntimeError, match=r"window_right must be -1 or 0 with causal"):
         attn(causal=True, wr=3)
-    with pytest.raises(RuntimeError, match=r"num_splits must be >= 0"):
+    with pytest.raises(RuntimeError, match=r"num_splits must lie in \[0, 1024\]"):
         attn(splits=-1)
+    with pytest.raises(RuntimeError, match=r"num_splits must lie in \[0, 1024\]"):
+        attn(splits=1025)  # the same bound as on CUDA
     with pytest.raises(RuntimeError, match=r"cu_seqlens_q describes sequence 0 of length 2"):
         attn(q=q[0].expand(2, 4, 16).contiguous(), cu=torch.tensor([0, 2, 2], dtype=torch.int32))
     with pytest.raises(RuntimeError, match=r"v_cache must have the shape of k_cache"):

@@ -2,7 +2,7 @@
 
 Same semantics as longctx.flash_attn_func / flash_attn_varlen_func: bottom-right aligned causal
 and sliding-window masks, GQA by repeating each kv head over its group of query heads, rows that
-see no key give out = 0 and lse = -inf.
+see no key give out = 0 and lse = -inf (with sinks: lse = the sink), softcap and sinks.
 
 Two precisions (`upcast`):
 - upcast=True: everything in float64 (the ground truth the tests measure errors against).
@@ -39,8 +39,11 @@ def visible_mask(sq: int, sk: int, causal: bool, window_size=(-1, -1),
     return vis
 
 
-def attend_one(q, k, v, scale, causal, window_size=(-1, -1), upcast=True):
-    """q (sq, h, d), k/v (sk, hk, d) -> out (sq, h, d), lse (h, sq)."""
+def attend_one(q, k, v, scale, causal, window_size=(-1, -1), upcast=True, softcap=0.0,
+               sinks=None):
+    """q (sq, h, d), k/v (sk, hk, d) -> out (sq, h, d), lse (h, sq). softcap > 0 caps the scaled
+    scores as softcap * tanh(s / softcap); sinks (h,) join the softmax denominator (a key with a
+    zero value): longctx/logit_mods.h."""
     sq, h, _ = q.shape
     sk, hk, _ = k.shape
     dtype = q.dtype
@@ -50,7 +53,15 @@ def attend_one(q, k, v, scale, causal, window_size=(-1, -1), upcast=True):
     k = k.repeat_interleave(h // hk, dim=1)
     v = v.repeat_interleave(h // hk, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k).to(soft_dtype) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     vis = visible_mask(sq, sk, causal, window_size, device=q.device)
+    if sinks is not None:
+        scores = scores.masked_fill(~vis, -math.inf)
+        sink = sinks.to(soft_dtype).view(h, 1, 1).expand(h, sq, 1)
+        lse = torch.logsumexp(torch.cat([scores, sink], dim=-1), dim=-1)
+        p = torch.exp(scores - lse[..., None])  # masked keys: exp(-inf) = 0
+        return torch.einsum("hqk,khd->qhd", p.to(v.dtype), v), lse
     empty = ~vis.any(dim=-1)  # rows that see no key
     scores = scores.masked_fill(~vis, -math.inf).masked_fill(empty[:, None], 0.0)
     lse = torch.logsumexp(scores, dim=-1)
@@ -61,12 +72,13 @@ def attend_one(q, k, v, scale, causal, window_size=(-1, -1), upcast=True):
 
 
 def attention_ref(q, k, v, softmax_scale: Optional[float] = None, causal: bool = False,
-                  window_size=(-1, -1), upcast: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                  window_size=(-1, -1), upcast: bool = True, softcap: float = 0.0,
+                  sinks=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Batched: q (b, sq, h, d), k/v (b, sk, hk, d) -> out (b, sq, h, d), lse (b, h, sq)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     outs, lses = [], []
     for b in range(q.shape[0]):
-        o, l = attend_one(q[b], k[b], v[b], scale, causal, window_size, upcast)
+        o, l = attend_one(q[b], k[b], v[b], scale, causal, window_size, upcast, softcap, sinks)
         outs.append(o)
         lses.append(l)
     return torch.stack(outs), torch.stack(lses)
@@ -74,7 +86,8 @@ def attention_ref(q, k, v, softmax_scale: Optional[float] = None, causal: bool =
 
 def attention_varlen_ref(q, k, v, cu_seqlens_q: Sequence[int], cu_seqlens_k: Sequence[int],
                          softmax_scale: Optional[float] = None, causal: bool = False,
-                         window_size=(-1, -1), upcast: bool = True):
+                         window_size=(-1, -1), upcast: bool = True, softcap: float = 0.0,
+                         sinks=None):
     """Varlen: q (total_q, h, d), k/v (total_k, hk, d) -> out (total_q, h, d), lse (h, total_q)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     cq = [int(x) for x in cu_seqlens_q]
@@ -82,7 +95,7 @@ def attention_varlen_ref(q, k, v, cu_seqlens_q: Sequence[int], cu_seqlens_k: Seq
     outs, lses = [], []
     for b in range(len(cq) - 1):
         o, l = attend_one(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], scale,
-                           causal, window_size, upcast)
+                           causal, window_size, upcast, softcap, sinks)
         outs.append(o)
         lses.append(l)
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1)

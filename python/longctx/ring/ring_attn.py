@@ -114,7 +114,7 @@ def ring_backward(dout, q, k, v, out, lse, comm, layout: str, causal: bool,
             for blk in _plan(rank, src, n, s, layout, causal, window):
                 q0, q1, k0, k1 = blk.q0, blk.q1, blk.k0, blk.k1
                 qs, ks, vs = q[:, q0:q1], kv[0][:, k0:k1], kv[1][:, k0:k1]
-                dq_b, dk_b, dv_b = _ops.flash_attn_bwd(
+                dq_b, dk_b, dv_b, _ = _ops.flash_attn_bwd(
                     dout[:, q0:q1], qs, ks, vs, out[:, q0:q1], lse[:, :, q0:q1], None, None,
                     qs.shape[1], ks.shape[1], scale, blk.causal, blk.window_left,
                     blk.window_right, deterministic)

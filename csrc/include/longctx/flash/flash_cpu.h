@@ -10,10 +10,12 @@
 // contiguous, unit-stride index the compiler vectorizes; no loop is a float reduction).
 //
 // Forward task (batch, head, query tile): for each KV tile in mask.h's fwd_key_tiles range,
-//   S = (Q K^T) * scale*log2(e)    (masked elements -inf; interior tiles skip the mask)
+//   S = (Q K^T) * scale*log2(e)    (with softcap c: c*log2(e) * tanh(Q K^T * scale / c);
+//                                   masked elements -inf; interior tiles skip the mask)
 //   m' = max(m, rowmax S); P = exp2(S - m'); l = l*exp2(m - m') + rowsum P;
 //   O = O*exp2(m - m') + P V
 // then out = O / l and lse = m*ln(2) + ln(l); a row that sees no key gets out 0 and lse -inf.
+// A sink (logit_mods.h) starts the row as a key of value 0 already seen: m = sink*log2(e), l = 1.
 // Running sums over tiles (O, dQ, dK, dV) add one finished tile product at a time (add_into), so
 // an fp32 accumulator's rounding error grows with the number of tiles, not of rows.
 //
@@ -21,7 +23,8 @@
 //   bwd_dot_task    (batch, head, query tile): D = rowsum(dout * out) into dsoftmax_sum.
 //   bwd_dkdv_task   (batch, kv head, KV tile): for each query head of the group and each query tile
 //                   in bwd_query_tiles: P = exp2(S*scale*log2e - lse*log2e), dV += P^T dO,
-//                   dP = dO V^T, dS = P (dP - D), dK += dS^T Q; dK *= scale. The task is the only
+//                   dP = dO V^T, dS = P (dP - D) (times 1 - tanh^2 with softcap),
+//                   dK += dS^T Q; dK *= scale. The task is the only
 //                   writer of its dK/dV rows, and writes them even when no query sees them (zeros).
 //   bwd_dq_task     (batch, head, query tile): recomputes P and dS over fwd_key_tiles and
 //                   accumulates dQ = scale * dS K; the only writer of its dQ rows.
@@ -36,6 +39,7 @@
 #include <vector>
 #include "longctx/flash/flash_params.h"
 #include "longctx/flash/mask.h"
+#include "longctx/logit_mods.h"
 #include "longctx/max_keep_nan.h"
 
 namespace longctx {
@@ -147,7 +151,43 @@ inline void gemm_pt_x_acc(const Acc* P, int ldp, const Acc* X, int m, int n, int
   add_into(O, tmp, n, d);
 }
 
-// Applies the mask to a scaled score tile (masked -> -inf) unless the tile is fully visible.
+// Turns the raw products Q K^T of a tile into scores in log2 units, in place: S *= scale*log2(e),
+// or with a softcap c, S = c*log2(e) * tanh(S * scale / c); dtanh (when given) then receives
+// 1 - tanh^2, the cap's derivative, for the backward.
+template <typename Acc>
+inline void scale_scores(Acc* S, int ld, int rows, int cols, Acc scale, Acc softcap, Acc* dtanh) {
+  if (softcap == Acc(0)) {
+    const Acc scale_log2 = scale * Acc(M_LOG2E);
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) S[int64_t(r) * ld + c] *= scale_log2;
+    return;
+  }
+  const Acc pre = scale / softcap, post = softcap * Acc(M_LOG2E);
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < cols; ++c) {
+      const int64_t i = int64_t(r) * ld + c;
+      const Acc t = std::tanh(S[i] * pre);
+      S[i] = post * t;
+      if (dtanh != nullptr) dtanh[i] = Acc(1) - t * t;
+    }
+  }
+}
+
+// The online softmax's state before the first key of a row of head h: nothing seen (max -inf,
+// sum 0) or, with sinks, the sink seen as a key whose value is 0 (max = sink*log2(e), sum = 1);
+// a sink of -inf is no sink, a NaN sink makes the row NaN.
+template <typename Acc>
+inline void init_softmax_row(const LogitMods& mods, int h, Acc& mx, Acc& l) {
+  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  mx = neg_inf;
+  l = Acc(0);
+  if (mods.sinks == nullptr) return;
+  const Acc s = static_cast<Acc>(mods.sinks[h]) * Acc(M_LOG2E);
+  if (s == neg_inf) return;
+  mx = s;
+  l = Acc(1);
+}
+
 // One step of the online softmax over a tile of scores S (log2 units, masked entries -inf):
 // updates the running row max mx and row sum l, rescales the output accumulator O (rows x d) when
 // a row's max grows, and turns S into P = exp2(S - max) (0 for rows that see nothing yet).
@@ -194,11 +234,12 @@ inline void mask_tile(Acc* S, int ld, int m_block, int n_block, int rows, int co
 // Scratch of one worker, sized for head_dim d; reused across its tasks.
 template <typename Acc>
 struct Workspace {
-  std::vector<Acc> q, kt, k, v, vt, s, dp, o, dout, rowv, rowv2, tmp;
+  std::vector<Acc> q, kt, k, v, vt, s, dp, dtanh, o, dout, rowv, rowv2, tmp;
   explicit Workspace(int d)
       : q(size_t(kBlockM) * d), kt(size_t(d) * kBlockN), k(size_t(kBlockN) * d),
         v(size_t(kBlockN) * d), vt(size_t(d) * kBlockN), s(size_t(kBlockM) * kBlockN),
-        dp(size_t(kBlockM) * kBlockN), o(size_t(kBlockM) * d), dout(size_t(kBlockM) * d),
+        dp(size_t(kBlockM) * kBlockN), dtanh(size_t(kBlockM) * kBlockN),
+        o(size_t(kBlockM) * d), dout(size_t(kBlockM) * d),
         rowv(kBlockM), rowv2(kBlockM), tmp(size_t(std::max(kBlockM, kBlockN)) * d) {}
 };
 
@@ -213,8 +254,8 @@ void fwd_task(const FwdParams& p, int b, int h, int m_block, Workspace<Acc>& ws)
   const int rows = static_cast<int>(std::min<int64_t>(kBlockM, sb.sq - r0));
   const int d = p.head_dim;
   const int hk = h / (p.heads / p.heads_kv);
-  const Acc scale_log2 = static_cast<Acc>(p.softmax_scale) * Acc(M_LOG2E);
-  const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
+  const Acc scale = static_cast<Acc>(p.softmax_scale);
+  const Acc softcap = static_cast<Acc>(p.mods.softcap);
 
   const T* q = static_cast<const T*>(p.q) +
                row_offset(p, b, sb.q_start, r0, h, p.q_batch_stride, p.q_row_stride,
@@ -224,8 +265,7 @@ void fwd_task(const FwdParams& p, int b, int h, int m_block, Workspace<Acc>& ws)
   Acc* mx = ws.rowv.data();
   Acc* l = ws.rowv2.data();
   std::fill(O, O + int64_t(rows) * d, Acc(0));
-  std::fill(mx, mx + rows, neg_inf);
-  std::fill(l, l + rows, Acc(0));
+  for (int r = 0; r < rows; ++r) init_softmax_row(p.mods, h, mx[r], l[r]);
 
   const TileRange tiles =
       fwd_key_tiles(m_block, kBlockM, kBlockN, sb.sq, sb.sk, p.window_left, p.window_right);
@@ -243,8 +283,7 @@ void fwd_task(const FwdParams& p, int b, int h, int m_block, Workspace<Acc>& ws)
 
     Acc* S = ws.s.data();
     gemm_a_bt(ws.q.data(), ws.kt.data(), rows, cols, d, kBlockN, S, kBlockN);
-    for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < cols; ++c) S[int64_t(r) * kBlockN + c] *= scale_log2;
+    scale_scores(S, kBlockN, rows, cols, scale, softcap, static_cast<Acc*>(nullptr));
     mask_tile(S, kBlockN, m_block, n, rows, cols, sb.sq, sb.sk, p.window_left, p.window_right);
 
     online_softmax_step(S, kBlockN, rows, cols, d, mx, l, O);
@@ -262,7 +301,7 @@ void fwd_task(const FwdParams& p, int b, int h, int m_block, Workspace<Acc>& ws)
       lse[r] = -std::numeric_limits<float>::infinity();
       continue;
     }
-    const Acc inv = Acc(1) / l[r];
+    const Acc inv = std::isnan(mx[r]) ? mx[r] : Acc(1) / l[r];  // a NaN sink reaches out too
     for (int c = 0; c < d; ++c) orow[c] = static_cast<T>(O[int64_t(r) * d + c] * inv);
     lse[r] = static_cast<float>(mx[r] * Acc(M_LN2) + std::log(l[r]));
   }
@@ -328,18 +367,19 @@ int bwd_load_query_tile(const BwdParams& bp, const SeqLen& sb, int b, int h, int
 }
 
 // With ws.q/dout/rowv/rowv2 (query tile) and ws.kt/vt (KV tile) loaded: P into ws.s and dS into
-// ws.dp. Masked elements and rows that see nothing (lse = -inf) get P = dS = 0.
+// ws.dp (dS with respect to the uncapped scaled score, i.e. including the softcap's derivative).
+// Masked elements and rows that see nothing (lse = -inf) get P = dS = 0.
 template <typename Acc>
 void bwd_p_ds(const FwdParams& p, const SeqLen& sb, int m_block, int n_block, int rows,
               int cols, Workspace<Acc>& ws) {
   const int d = p.head_dim;
-  const Acc scale_log2 = static_cast<Acc>(p.softmax_scale) * Acc(M_LOG2E);
+  const Acc softcap = static_cast<Acc>(p.mods.softcap);
   const Acc neg_inf = -std::numeric_limits<Acc>::infinity();
   Acc* S = ws.s.data();
   Acc* dP = ws.dp.data();
+  Acc* dtanh = softcap != Acc(0) ? ws.dtanh.data() : nullptr;
   gemm_a_bt(ws.q.data(), ws.kt.data(), rows, cols, d, kBlockN, S, kBlockN);
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) S[int64_t(r) * kBlockN + c] *= scale_log2;
+  scale_scores(S, kBlockN, rows, cols, static_cast<Acc>(p.softmax_scale), softcap, dtanh);
   mask_tile(S, kBlockN, m_block, n_block, rows, cols, sb.sq, sb.sk, p.window_left,
             p.window_right);
   for (int r = 0; r < rows; ++r) {
@@ -358,6 +398,10 @@ void bwd_p_ds(const FwdParams& p, const SeqLen& sb, int m_block, int n_block, in
       const int64_t i = int64_t(r) * kBlockN + c;
       dP[i] = S[i] * (dP[i] - Dr);
     }
+  }
+  if (dtanh != nullptr) {
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) dP[int64_t(r) * kBlockN + c] *= dtanh[int64_t(r) * kBlockN + c];
   }
 }
 

@@ -11,10 +11,12 @@
 // Mask (bottom-right aligned, FlashAttention semantics): query row i of a sequence with lengths
 // (sq, sk) sees key j iff  j >= i + sk - sq - window_left  (when window_left >= 0)
 //                     and  j <= i + sk - sq + window_right (when window_right >= 0).
-// causal is window_right = 0. A row that sees no key gets out = 0 and lse = -inf.
+// causal is window_right = 0. A row that sees no key gets out = 0 and lse = -inf (with sinks:
+// lse = the row's sink, logit_mods.h).
 #pragma once
 #include <cstdint>
 #include "longctx/config.h"
+#include "longctx/logit_mods.h"
 #include "longctx/seqlen.h"
 
 namespace longctx {
@@ -44,6 +46,7 @@ struct FwdParams {
   float softmax_scale_log2 = 1.f;  // softmax_scale * log2(e)
   bool causal = false;
   int window_left = -1, window_right = -1;  // causal => window_right == 0
+  LogitMods mods;  // softcap and sinks (logit_mods.h); the CUDA kernels take neither yet
 
   bool is_bf16 = true;  // else fp16 (CPU twin also accepts fp32 through its own path)
 };

@@ -18,6 +18,7 @@
 //  - a native cache gives bitwise the result of flash_attn_varlen_func on the gathered K/V;
 //  - every row's arithmetic depends only on its own query and the keys, never on which other
 //    rows share its tile, so chunked prefill equals a single pass bitwise (num_splits == 1).
+// Softcap and sinks (logit_mods.h) as in flash_cpu.h; a row's sink joins its split 0 only.
 // A key whose page id is invalid (only possible with validate=False) is masked.
 #pragma once
 #include <algorithm>
@@ -205,7 +206,6 @@ void attn_task(const AttnParams& p, int b, int hk, int m_block, int split,
   const int d = p.cache.head_dim;
   const int sq = s.sq, sk = s.sk;
   const int wl = p.window_left, wr = p.window_right;
-  const float scale_log2 = p.softmax_scale * float(M_LOG2E);
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   for (int r = 0; r < rows; ++r) {
@@ -220,8 +220,12 @@ void attn_task(const AttnParams& p, int b, int hk, int m_block, int split,
   float* mx = ws.rowv.data();
   float* l = ws.rowv2.data();
   std::fill(O, O + int64_t(rows) * d, 0.f);
-  std::fill(mx, mx + rows, neg_inf);
-  std::fill(l, l + rows, 0.f);
+  // The sinks join split 0 only: the merge then counts each once.
+  const LogitMods no_sinks{nullptr, p.mods.softcap};
+  const LogitMods& start = split == 0 ? p.mods : no_sinks;
+  for (int r = 0; r < rows; ++r)
+    flash::cpu::init_softmax_row(start, hk * group + static_cast<int>((r0 + r) % group), mx[r],
+                                 l[r]);
 
   const flash::TileRange all = packed_key_tiles(p, s, group, r0, rows);
   const int64_t ntiles = std::max(0, all.end - all.begin);
@@ -234,8 +238,8 @@ void attn_task(const AttnParams& p, int b, int hk, int m_block, int split,
     const int cols = load_kv_tile<T, F>(p, b, hk, n, s, ws, valid);
     float* S = ws.s.data();
     flash::cpu::gemm_a_bt(ws.q.data(), ws.kt.data(), rows, cols, d, kBlockN, S, kBlockN);
-    for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < cols; ++c) S[int64_t(r) * kBlockN + c] *= scale_log2;
+    flash::cpu::scale_scores(S, kBlockN, rows, cols, p.softmax_scale, p.mods.softcap,
+                             static_cast<float*>(nullptr));
     bool all_valid = true;
     for (int c = 0; c < cols; ++c) all_valid = all_valid && valid[c];
     // Monotone bounds: the last row's lower bound and the first row's upper bound decide.
@@ -257,7 +261,7 @@ void attn_task(const AttnParams& p, int b, int hk, int m_block, int split,
     const int64_t i = (r0 + r) / group;
     const int h = hk * group + static_cast<int>((r0 + r) % group);
     const bool empty = l[r] == 0.f;
-    const float inv = empty ? 0.f : 1.f / l[r];
+    const float inv = empty ? 0.f : std::isnan(mx[r]) ? mx[r] : 1.f / l[r];
     const float lse = empty ? neg_inf : mx[r] * float(M_LN2) + std::log(l[r]);
     if (p.num_splits == 1) {
       T* orow = static_cast<T*>(p.out) + s.q_offset(p.out_batch_stride, p.out_row_stride) +
