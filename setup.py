@@ -236,7 +236,7 @@ setup(
     cmdclass=cmdclass(),
     python_requires=">=3.10",
     install_requires=["numpy"],
-    extras_require={"plot": ["matplotlib"], "progress": ["tqdm"]},
+    extras_require={"plot": ["matplotlib"], "progress": ["tqdm"], "hf": ["transformers>=5.0"]},
     entry_points={"console_scripts": ["longctx=_longctx_cli:main"]},
     zip_safe=False,
 )

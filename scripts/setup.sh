@@ -26,10 +26,11 @@ PIP=("$VENV/bin/python" -m pip)
 # Python compiles what it imports on first use instead.
 run_step "pip" "$LOGS/pip.log" "^Successfully" "s/^/   /" \
   "${PIP[@]}" install --upgrade pip
-run_step "torch and the build tools ($TORCH_SPEC, ~5.5 GB; about 1 min from a local copy)" \
+# transformers: the optional [hf] extra, pinned, for tests/integrations (CI runs them).
+run_step "torch, the build tools and the test dependencies ($TORCH_SPEC, ~5.5 GB; about 1 min from a local copy)" \
   "$LOGS/deps.log" "^(Downloading|Installing collected packages)" "s/^(.{0,96}).*/   \1/" \
   "${PIP[@]}" install --no-compile "$TORCH_SPEC" "nvidia-cutlass==4.2.0.0" numpy pytest ninja \
-  setuptools wheel
+  setuptools wheel "transformers==5.18.0"
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
