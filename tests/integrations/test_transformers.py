@@ -112,6 +112,19 @@ def test_left_padded_batch_matches_rows_alone(name):
     assert got.tolist() == [a.tolist() for a in alone]
 
 
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_static_cache_generation_matches_eager(name):
+    """cache_implementation="static" (sliding layers in a fixed window buffer, full layers in
+    slots not yet written): left-padded greedy generation as eager's."""
+    _, eager, _, ours = models(name)
+    ids, mask, _ = _ids_and_mask(name, pad=4)
+    with torch.no_grad():
+        got, want = (m.generate(ids, attention_mask=mask, do_sample=False,
+                                max_new_tokens=NEW_TOKENS, cache_implementation="static")
+                     for m in (ours, eager))
+    assert got.tolist() == want.tolist()
+
+
 # --------------------------------------------------------------------------------- the adapter
 
 
@@ -245,6 +258,39 @@ def test_dropout_in_training_is_an_error():
         model(prompt("qwen2.5"))
     with torch.no_grad():
         model.eval()(prompt("qwen2.5"))  # eval: no dropout, runs
+
+
+def test_static_cache_without_a_mask_is_an_error():
+    from transformers import StaticCache
+
+    _, _, _, ours = models("llama3.1")
+    ids = prompt("llama3.1")
+    cache = StaticCache(config=ours.config, max_cache_len=64)
+    with pytest.raises(NotImplementedError, match="static cache without an attention_mask"):
+        ours(ids, past_key_values=cache)
+    cache = StaticCache(config=ours.config, max_cache_len=64)
+    with torch.no_grad():  # with the mask it runs
+        ours(ids, attention_mask=torch.ones_like(ids), past_key_values=cache)
+
+
+def test_mask_longctx_cannot_express_is_an_error():
+    """Chunked attention (Llama 4) and custom mask overlays (image tokens) reach the mask
+    function only as mask_function; refused, not ignored."""
+    from transformers.masking_utils import create_causal_mask, create_chunked_causal_mask
+
+    cfg, _, _, ours = models("llama3.1")
+    embeds = torch.zeros(1, 12, cfg.hidden_size)
+    args = dict(inputs_embeds=embeds, attention_mask=None, past_key_values=None)
+    assert create_causal_mask(ours.config, **args) is None  # plain causal: fine
+    def image_tokens_overlay(b, h, q, kv):
+        return kv < 4
+
+    with pytest.raises(NotImplementedError, match="image_tokens_overlay"):
+        create_causal_mask(ours.config, **args, or_mask_function=image_tokens_overlay)
+    chunked = type(ours.config).from_dict({**ours.config.to_dict(), "attention_chunk_size": 4})
+    chunked._attn_implementation = "longctx"
+    with pytest.raises(NotImplementedError, match="chunked_overlay"):
+        create_chunked_causal_mask(chunked, **args)
 
 
 def test_bidirectional_sliding_window_is_an_error():

@@ -6,9 +6,10 @@
 
 Importing this module registers two functions under the name "longctx" (`register()` does it
 again, or under another name): `longctx_attention_forward` with transformers' AttentionInterface,
-and transformers' own flash-attention mask function with its AttentionMaskInterface, so the
-attention function receives what FlashAttention receives: no mask when no token is padding,
-otherwise the 2D (batch, keys) boolean padding mask. Without a registered mask function
+and `longctx_attention_mask` with its AttentionMaskInterface: transformers' own flash-attention
+mask function (the attention function receives what FlashAttention receives: no mask when no
+token is padding, otherwise the 2D (batch, keys) boolean padding mask), behind a check that the
+mask the model asks for is one longctx expresses. Without a registered mask function
 transformers would hand the attention function no mask at all and padding would be ignored.
 
 How transformers' arguments map to longctx (docs/integrations.md):
@@ -30,7 +31,9 @@ How transformers' arguments map to longctx (docs/integrations.md):
   flash paths detect them) and FlashAttention's cu_seq_lens_q/_k keyword arguments -> varlen.
 
 What cannot be expressed raises NotImplementedError naming it (never a silently different
-result): dropout > 0, output_attentions, a 4D attention_mask (a custom bias or block mask), a
+result): dropout > 0, output_attentions, a 4D attention_mask (a custom bias or block mask), mask
+pieces other than causal / sliding window / padding / packing (chunked attention, image-token or
+block overlays, custom or/and mask functions), a static cache without an attention_mask, a
 sliding window without causal masking (transformers' bidirectional sliding conventions
 disagree), value head_dim != query head_dim, and softcap/sinks on a longctx build without them.
 """
@@ -42,11 +45,13 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+from transformers.masking_utils import (AttentionMaskInterface, causal_mask_function,
+                                        flash_attention_mask)
 
 from ..attention import flash_attn_func, flash_attn_varlen_func
 
-__all__ = ["NAME", "register", "longctx_attention_forward", "window_size_for"]
+__all__ = ["NAME", "register", "longctx_attention_forward", "longctx_attention_mask",
+           "window_size_for"]
 
 NAME = "longctx"
 _WHO = "longctx attention (attn_implementation='longctx')"
@@ -60,8 +65,61 @@ def register(name: str = NAME) -> str:
     """Registers the attention function and the mask function under `name`; returns it.
     Idempotent; importing this module already registered NAME."""
     AttentionInterface.register(name, longctx_attention_forward)
-    AttentionMaskInterface.register(name, flash_attention_mask)
+    AttentionMaskInterface.register(name, longctx_attention_mask)
     return name
+
+
+# The pieces of transformers' mask functions (masking_utils, by qualified name) that longctx
+# expresses: causal, sliding windows (the layer's sliding_window argument), padding (the 2D mask)
+# and packed sequences (position_ids). and_masks/or_masks combine pieces: their parts are checked.
+_EXPRESSED_MASKS = {
+    "causal_mask_function", "bidirectional_mask_function",
+    "sliding_window_overlay.<locals>.inner_mask",
+    "sliding_window_bidirectional_overlay.<locals>.inner_mask",
+    "padding_mask_function.<locals>.inner_mask",
+    "packed_sequence_mask_function.<locals>.inner_mask",
+}
+_COMBINED_MASKS = {"and_masks.<locals>.and_mask", "or_masks.<locals>.or_mask"}
+
+
+def _unexpressed_mask_parts(fn) -> list:
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    if name in _COMBINED_MASKS:
+        parts = [f for cell in (fn.__closure__ or ()) for f in (
+            cell.cell_contents if isinstance(cell.cell_contents, tuple) else ())]
+        return [p for f in parts for p in _unexpressed_mask_parts(f)] if parts else [name]
+    return [] if name in _EXPRESSED_MASKS else [name]
+
+
+def _has_causal_part(fn) -> bool:
+    if fn is causal_mask_function:
+        return True
+    cells = getattr(fn, "__closure__", None) or ()
+    return any(isinstance(c.cell_contents, tuple)
+               and any(_has_causal_part(f) for f in c.cell_contents) for c in cells)
+
+
+def longctx_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
+                           kv_offset: int = 0, mask_function=causal_mask_function,
+                           attention_mask: Optional[torch.Tensor] = None, **kwargs):
+    """transformers' mask-interface contract. Returns what its flash-attention mask function
+    returns (None, or the 2D padding mask sliced to this layer's keys) after refusing what
+    longctx would otherwise get silently wrong: mask pieces it cannot express, and a static
+    cache without a padding mask (its unused slots would be attended to)."""
+    unexpressed = _unexpressed_mask_parts(mask_function)
+    if unexpressed:
+        raise NotImplementedError(
+            f"{_WHO}: the model's attention mask includes {', '.join(unexpressed)}, which "
+            "longctx cannot express (it expresses causal masks, sliding windows, padding and "
+            "packed sequences); use attn_implementation='eager' or 'sdpa' for this model")
+    if (attention_mask is None and _has_causal_part(mask_function)
+            and (isinstance(q_offset, torch.Tensor) or q_offset + q_length - kv_offset < kv_length)):
+        raise NotImplementedError(
+            f"{_WHO}: a static cache without an attention_mask is not supported (its "
+            f"{kv_length} key slots are not all written); pass attention_mask (a (batch, "
+            "tokens so far) tensor of ones; generate() passes one)")
+    return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset,
+                                mask_function, attention_mask, **kwargs)
 
 
 def window_size_for(sliding_window: Optional[int], causal: bool) -> Tuple[int, int]:
