@@ -1,5 +1,5 @@
-"""bench/transformers: whole HuggingFace models with attn_implementation "longctx" against "sdpa" and
-"eager" on the same random weights, prefill and a training step (issue 25).
+"""bench/transformers: whole HuggingFace models with attn_implementation "longctx" against "sdpa"
+and "eager" on the same random weights, prefill and a training step (issue 25).
 Writes bench/results/<gpu>/transformers.{json,md}.
 
     python bench/transformers.py [--quick] [--models llama,gemma2,gpt-oss] [--no-eager] [--out DIR]
@@ -135,7 +135,9 @@ def step_fn(model, ids, kind: str) -> Callable[[], torch.Tensor]:
     """One prefill (the last token's logits) or one training step (the loss)."""
     if kind == "prefill":
         def prefill():
-            with torch.no_grad():  # not inference_mode: sdpa_backend's dispatch mode sees no op there
+            # no_grad, not inference_mode: under inference_mode sdpa_backend's dispatch mode sees
+            # no aten op
+            with torch.no_grad():
                 return model(ids, use_cache=False, logits_to_keep=1).logits
         return prefill
 

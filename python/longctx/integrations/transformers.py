@@ -56,7 +56,7 @@ __all__ = ["NAME", "register", "longctx_attention_forward", "longctx_attention_m
 NAME = "longctx"
 _WHO = "longctx attention (attn_implementation='longctx')"
 
-# Keywords this build's attention functions take (softcap and sinks arrive with issue 25).
+# Keywords this build's attention functions take (softcap and sinks exist since issue 25).
 _FLASH_KWARGS = (set(inspect.signature(flash_attn_func).parameters)
                  & set(inspect.signature(flash_attn_varlen_func).parameters))
 
@@ -71,7 +71,8 @@ def register(name: str = NAME) -> str:
 
 # The pieces of transformers' mask functions (masking_utils, by qualified name) that longctx
 # expresses: causal, sliding windows (the layer's sliding_window argument), padding (the 2D mask)
-# and packed sequences (position_ids). and_masks/or_masks combine pieces: their parts are checked.
+# and packed sequences (position_ids), intersected (and_masks). A union (or_masks: image tokens,
+# block overlays) is never expressed.
 _EXPRESSED_MASKS = {
     "causal_mask_function", "bidirectional_mask_function",
     "sliding_window_overlay.<locals>.inner_mask",
@@ -79,24 +80,26 @@ _EXPRESSED_MASKS = {
     "padding_mask_function.<locals>.inner_mask",
     "packed_sequence_mask_function.<locals>.inner_mask",
 }
-_COMBINED_MASKS = {"and_masks.<locals>.and_mask", "or_masks.<locals>.or_mask"}
+_AND, _OR = "and_masks.<locals>.and_mask", "or_masks.<locals>.or_mask"
+
+
+def _mask_parts(fn) -> list:
+    """The mask functions and_masks/or_masks combined into fn (their closure's tuple)."""
+    return [f for cell in (getattr(fn, "__closure__", None) or ())
+            if isinstance(cell.cell_contents, tuple) for f in cell.cell_contents]
 
 
 def _unexpressed_mask_parts(fn) -> list:
+    """Names of the pieces of fn longctx does not express ([] when it expresses all)."""
     name = getattr(fn, "__qualname__", type(fn).__name__)
-    if name in _COMBINED_MASKS:
-        parts = [f for cell in (fn.__closure__ or ()) for f in (
-            cell.cell_contents if isinstance(cell.cell_contents, tuple) else ())]
-        return [p for f in parts for p in _unexpressed_mask_parts(f)] if parts else [name]
+    if name in (_AND, _OR) and _mask_parts(fn):
+        inner = [p for f in _mask_parts(fn) for p in _unexpressed_mask_parts(f)]
+        return inner or ([name] if name == _OR else [])
     return [] if name in _EXPRESSED_MASKS else [name]
 
 
 def _has_causal_part(fn) -> bool:
-    if fn is causal_mask_function:
-        return True
-    cells = getattr(fn, "__closure__", None) or ()
-    return any(isinstance(c.cell_contents, tuple)
-               and any(_has_causal_part(f) for f in c.cell_contents) for c in cells)
+    return fn is causal_mask_function or any(_has_causal_part(f) for f in _mask_parts(fn))
 
 
 def longctx_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
@@ -112,8 +115,9 @@ def longctx_attention_mask(batch_size: int, q_length: int, kv_length: int, q_off
             f"{_WHO}: the model's attention mask includes {', '.join(unexpressed)}, which "
             "longctx cannot express (it expresses causal masks, sliding windows, padding and "
             "packed sequences); use attn_implementation='eager' or 'sdpa' for this model")
-    if (attention_mask is None and _has_causal_part(mask_function)
-            and (isinstance(q_offset, torch.Tensor) or q_offset + q_length - kv_offset < kv_length)):
+    # a static cache: its query offset is a tensor, or its keys outnumber the tokens seen
+    static = isinstance(q_offset, torch.Tensor) or q_offset + q_length - kv_offset < kv_length
+    if attention_mask is None and static and _has_causal_part(mask_function):
         raise NotImplementedError(
             f"{_WHO}: a static cache without an attention_mask is not supported (its "
             f"{kv_length} key slots are not all written); pass attention_mask (a (batch, "
