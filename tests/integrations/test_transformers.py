@@ -5,7 +5,8 @@ Six tiny random-weight families (tiny_models.py: Llama 3.1, Qwen2.5, Mistral, Ph
 gpt-oss) against the same weights under attn_implementation="eager": logits and the gradients of
 one training step against eager float64 (tolerance: tiny_models.assert_close_f64), greedy
 generation with transformers' default cache (tokens identical, each step's logits within the
-tolerance), and a left-padded batch (forward and generation) against the rows run alone. Then the
+tolerance), and a left-padded batch (forward and generation) against the rows run alone; static
+caches for two families with sliding layers. Then the
 adapter itself: registration, from_pretrained, no copies of transformers' tensors, GQA without
 repeated K/V, transformers' sliding-window mask convention, packed sequences, and the errors for
 what it cannot express.

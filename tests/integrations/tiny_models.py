@@ -74,14 +74,14 @@ def _gpt_oss():
                         layer_types=["sliding_attention", "full_attention"])
 
 
-# name -> (config factory, prompt length, the longctx keywords the family needs)
+# name -> (config factory, prompt length)
 MODELS = {
-    "llama3.1": (_llama, 32, ()),
-    "qwen2.5": (_qwen2, 32, ()),
-    "mistral": (_mistral, 32, ()),
-    "phi3": (_phi3, 40, ()),  # 40 > original_max_position_embeddings 32: long factors
-    "gemma2": (_gemma2, 32, ("softcap",)),
-    "gpt-oss": (_gpt_oss, 160, ("sinks",)),
+    "llama3.1": (_llama, 32),
+    "qwen2.5": (_qwen2, 32),
+    "mistral": (_mistral, 32),
+    "phi3": (_phi3, 40),  # 40 > original_max_position_embeddings 32: the long factors
+    "gemma2": (_gemma2, 32),
+    "gpt-oss": (_gpt_oss, 160),
 }
 
 
@@ -95,8 +95,7 @@ def _build(cfg, attn: str, dtype=torch.float32):
 def models(name: str):
     """(config, eager fp32, eager fp64, longctx fp32) with the same weights. Cached: callers
     reset train/eval mode and gradients."""
-    factory, _, _ = MODELS[name]
-    cfg = factory()
+    cfg = MODELS[name][0]()
     with torch.random.fork_rng():
         torch.manual_seed(1234)
         eager = _build(cfg, "eager")
