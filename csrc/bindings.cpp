@@ -65,6 +65,16 @@ TORCH_LIBRARY(longctx, m) {
       "Tensor cache_seqlens, Tensor? cu_seqlens_q, int max_seqlen_q, float softmax_scale, "
       "bool causal, int window_left, int window_right, int num_splits=0, bool validate=True, "
       "Tensor? sinks=None, float softcap=0.0) -> (Tensor out, Tensor lse)");
+  // Every check of flash_attn_with_kvcache, nothing computed: the Python wrapper runs it before
+  // it appends new tokens (a refused call writes nothing). new_tokens: appended first to each
+  // sequence (cache_seqlens: the lengths before it); -1 with packed q: its query rows.
+  m.def(
+      "flash_attn_with_kvcache_check(Tensor q, Tensor k_cache, Tensor v_cache, "
+      "Tensor? k_scale_cache, Tensor? v_scale_cache, Tensor? k_fp8_scale, Tensor? v_fp8_scale, "
+      "Tensor block_table, Tensor cache_seqlens, Tensor? cu_seqlens_q, int max_seqlen_q, "
+      "float softmax_scale, bool causal, int window_left, int window_right, int num_splits=0, "
+      "bool validate=True, Tensor? sinks=None, float softcap=0.0, int new_tokens=0) "
+      "-> ()");
 }
 
 namespace {

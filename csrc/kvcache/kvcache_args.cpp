@@ -6,6 +6,7 @@
 // run last, once every shape is known to be right, so a wrong page id or length is an error that
 // names the sequence, never a write outside the sequence's pages.
 #include "kvcache/kvcache_args.h"
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <unordered_map>
@@ -386,7 +387,7 @@ kvcache::AttnParams make_kvcache_attn_args(
     int64_t max_seqlen_q, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, const std::optional<at::Tensor>& sinks, double softcap,
     int64_t num_splits, bool validate, const at::Tensor& out, const at::Tensor& lse,
-    const char* op) {
+    const char* op, int64_t new_tokens) {
   check_elem_dtype(q, op, "q");
   const bool packed = cu_seqlens_q.has_value();
   const auto shapes = flash_fwd_output_shapes(q, packed, op);  // checks q's rank
@@ -456,10 +457,20 @@ kvcache::AttnParams make_kvcache_attn_args(
   a.mods = make_logit_mods(sinks, softcap, q, heads, op);
   a.num_splits = static_cast<int>(num_splits);
 
+  TORCH_CHECK(new_tokens >= (packed ? -1 : 0) && (!packed || new_tokens <= 0), "longctx.", op,
+              ": new_tokens must be -1 or 0 with packed queries, >= 0 without, got ",
+              new_tokens);
   if (validate) {
-    if (packed) check_cu_seqlens_values(*cu_seqlens_q, a.total_q, a.seqlen_q, op, "cu_seqlens_q");
-    check_pages(c, cache.block_table, cache.cache_seqlens,
-                std::vector<int64_t>(static_cast<size_t>(c.batch), 0), /*writes=*/false, op);
+    std::vector<int64_t> new_len(static_cast<size_t>(c.batch), std::max<int64_t>(new_tokens, 0));
+    if (packed) {
+      check_cu_seqlens_values(*cu_seqlens_q, a.total_q, a.seqlen_q, op, "cu_seqlens_q");
+      if (new_tokens == -1) {
+        const at::Tensor h = cu_seqlens_q->to(at::kCPU);
+        const int32_t* cu = h.data_ptr<int32_t>();
+        for (int b = 0; b < c.batch; ++b) new_len[b] = int64_t(cu[b + 1]) - cu[b];
+      }
+    }
+    check_pages(c, cache.block_table, cache.cache_seqlens, new_len, new_tokens != 0, op);
   }
   return a;
 }

@@ -33,7 +33,10 @@ kvcache::AppendParams make_kvcache_append_args(
 // flash_attn_with_kvcache: out (q's shape and dtype) and lse (batched (batch, heads, seqlen_q),
 // varlen (heads, total_q), fp32) must be allocated (flash_fwd_output_shapes gives the shapes).
 // num_splits must already be resolved (>= 1); the split scratch is attached by the caller.
-// sinks / softcap: common/logit_mods.h. With
+// sinks / softcap: common/logit_mods.h. new_tokens (the check before an append,
+// flash_attn_with_kvcache_check): 0, none; n > 0, n new tokens per sequence (batched q); -1, as
+// many as the sequence's query rows (packed q). cache_seqlens are then the lengths before the
+// append, and validate checks the pages of the lengths after it as the append will. With
 // validate, checks on the host that cache_seqlens fit in the block table, that the pages they
 // need are in [0, num_blocks), the cu_seqlens_q values and the fp8 scales.
 kvcache::AttnParams make_kvcache_attn_args(
@@ -41,7 +44,7 @@ kvcache::AttnParams make_kvcache_attn_args(
     int64_t max_seqlen_q, double softmax_scale, bool causal, int64_t window_left,
     int64_t window_right, const std::optional<at::Tensor>& sinks, double softcap,
     int64_t num_splits, bool validate, const at::Tensor& out, const at::Tensor& lse,
-    const char* op);
+    const char* op, int64_t new_tokens = 0);
 
 // The dtype of the pool's elements as the format enum (after the checks above).
 kvcache::Format kvcache_format(const at::Tensor& k_cache);

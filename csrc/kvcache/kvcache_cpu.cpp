@@ -42,6 +42,9 @@ struct Cpu {
   // Every CPU path masks keys on invalid pages: validate=False needs no host checks.
   static bool needs_host_checks(const at::Tensor&, const at::Tensor&, int64_t) { return false; }
 
+  // The CPU takes everything the shared checks accept.
+  static void check(const kvcache::AttnParams&, const at::Tensor&, const KVCacheTensors&) {}
+
   static void attend(const KVCacheAttnCall& c) {
     kvcache::AttnParams& p = c.params;  // num_splits: the caller's, automatic (0) = 1
     at::Tensor out_accum, lse_accum;
@@ -90,6 +93,7 @@ struct Cpu {
 TORCH_LIBRARY_IMPL(longctx, CPU, m) {
   m.impl("kvcache_append", &kvcache_append_op<Cpu>);
   m.impl("flash_attn_with_kvcache", &flash_attn_with_kvcache_op<Cpu>);
+  m.impl("flash_attn_with_kvcache_check", &flash_attn_with_kvcache_check_op<Cpu>);
 }
 
 // One family, "kvcache" (the name longctx info plans for): append and attention.

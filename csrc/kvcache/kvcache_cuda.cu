@@ -217,21 +217,29 @@ struct Cuda {
     return !is_decode(q, k_cache, seqlen_q);
   }
 
-  static void attend(const KVCacheAttnCall& c) {
+  // What only the CUDA kernels refuse: softcap and sinks (not built yet), head dims other than
+  // 64/128/256, pools the vector loads cannot read. Runs on the current device (a Hopper GPU).
+  static void check(const kvcache::AttnParams& p, const at::Tensor& q,
+                    const KVCacheTensors& cache) {
     constexpr const char* op = "flash_attn_with_kvcache";
-    kvcache::AttnParams& p = c.params;
     check_no_logit_mods_on_cuda(p.mods, op);
-    const c10::cuda::CUDAGuard guard(c.q.device());
+    const c10::cuda::CUDAGuard guard(q.device());
     check_hopper(op);
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    const int d = p.cache.head_dim;
     if (p.total_q == 0 || p.heads == 0) return;
+    const int d = p.cache.head_dim;
     LONGCTX_CHECK_ARG(d == 64 || d == 128 || d == 256, op, "k_cache",
                       "head_dim must be 64, 128 or 256 on CUDA, got ", d);
-    LONGCTX_CHECK_ARG(decode_aligned(c.cache.k_cache, c.cache.v_cache), op, "k_cache",
+    LONGCTX_CHECK_ARG(decode_aligned(cache.k_cache, cache.v_cache), op, "k_cache",
                       "and v_cache must be 16-byte aligned with page/slot/head strides that are "
-                      "multiples of 8 elements on CUDA, got strides ", c.cache.k_cache.strides(),
-                      " and ", c.cache.v_cache.strides());
+                      "multiples of 8 elements on CUDA, got strides ", cache.k_cache.strides(),
+                      " and ", cache.v_cache.strides());
+  }
+
+  static void attend(const KVCacheAttnCall& c) {  // after check()
+    kvcache::AttnParams& p = c.params;
+    if (p.total_q == 0 || p.heads == 0) return;
+    const c10::cuda::CUDAGuard guard(c.q.device());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if (!is_decode(c.q, c.cache.k_cache, p.seqlen_q)) {
       prefill_gather_fwd(c.q, p, c.cache.cache_seqlens, c.cu_seqlens_q, c.out, c.lse, stream);
       return;
@@ -245,6 +253,7 @@ struct Cuda {
 TORCH_LIBRARY_IMPL(longctx, CUDA, m) {
   m.impl("kvcache_append", &kvcache_append_op<Cuda>);
   m.impl("flash_attn_with_kvcache", &flash_attn_with_kvcache_op<Cuda>);
+  m.impl("flash_attn_with_kvcache_check", &flash_attn_with_kvcache_check_op<Cuda>);
 }
 
 LONGCTX_REGISTER_KERNEL("kvcache", "cuda", "bf16,fp16",

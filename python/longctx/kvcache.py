@@ -51,7 +51,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _C  # noqa: F401  (loads the extension: registers torch.ops.longctx.*)
-from ._common import (c_dtype_name, check_cu_seqlens, check_cu_seqlens_values,
+from ._common import (check_cu_seqlens, check_cu_seqlens_values,
                       check_index_vector, check_same_device, resolve_scale, resolve_sinks,
                       resolve_softcap, resolve_window, size_or_zero)
 from .rope import apply_rope
@@ -83,6 +83,11 @@ def _kvcache_append_fake(k, v, k_cache, v_cache, k_scale_cache, v_scale_cache, k
         ("k_fp8_scale", k_fp8_scale), ("v_fp8_scale", v_fp8_scale), ("block_table", block_table),
         ("cache_seqlens", cache_seqlens), ("cu_new", cu_new), ("positions", positions),
         ("inv_freq", inv_freq)))
+    return None
+
+
+@torch.library.register_fake("longctx::flash_attn_with_kvcache_check")
+def _flash_attn_with_kvcache_check_fake(*args):  # nothing to check on fake tensors
     return None
 
 
@@ -209,23 +214,27 @@ def kvcache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         bool(validate))
 
 
-_INT_MAX = 2**31 - 1
 
-
-def _precheck(q, k, v, k_cache, v_cache, scales, cache_seqlens, block_table, inv_freq,
-              cu_seqlens_q, max_seqlen_q, num_splits, validate, sinks, softcap) -> None:
-    """flash_attn_with_kvcache with new k/v or rope computes in Python (the query positions, the
-    lengths after the append) and appends before it attends: the checks the attention op would
-    make on what is used first run here, with the C++ checks' messages, so that bad input is an
-    error naming the caller's argument (not cu_new, which it never passed) and is found before
-    the append writes anything. Shapes only, plus the cu_seqlens_q values with validate (a sync
-    on CUDA, as the op's own validation)."""
+def _precheck(q, k, v, k_cache, v_cache, scale_args, cache_seqlens, block_table, inv_freq,
+              cu_seqlens_q, max_seqlen_q, attn_args) -> torch.Tensor:
+    """flash_attn_with_kvcache with new k/v or rope appends (and rotates) before it attends: the
+    attention's own checks run first, through the op flash_attn_with_kvcache_check with the
+    lengths after the append, so that a call the attention would refuse writes nothing and its
+    errors name the caller's arguments (not cu_new, which the caller never passed); with new
+    tokens, the page checks are those of the append. Checked here
+    is only what this wrapper composes: the devices of every tensor, the structure of
+    cache_seqlens and cu_seqlens_q (the lengths after the append are computed from them) and the
+    new k/v against q. scale_args: the ops' (k_scale_cache, v_scale_cache, k_fp8_scale,
+    v_fp8_scale); attn_args: the attention op's arguments after max_seqlen_q. Returns the
+    lengths after the append (int32, (batch,))."""
     op = "flash_attn_with_kvcache"
+    ksc, vsc, kfp8, vfp8 = scale_args
     check_same_device(op, (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
-                           ("k_scale", scales[0]), ("v_scale", scales[1]),
+                           ("k_scale", kfp8 if kfp8 is not None else ksc),
+                           ("v_scale", vfp8 if vfp8 is not None else vsc),
                            ("block_table", block_table), ("cache_seqlens", cache_seqlens),
                            ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q),
-                           ("rope", inv_freq), ("sinks", sinks)))
+                           ("rope", inv_freq), ("sinks", attn_args[-2])))
     packed = cu_seqlens_q is not None
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"longctx.{op}: q must be a tensor, got {type(q).__name__}")
@@ -260,61 +269,14 @@ def _precheck(q, k, v, k_cache, v_cache, scales, cache_seqlens, block_table, inv
                 raise RuntimeError(f"longctx.{op}: {name} must have total_q = {q.shape[0]} rows "
                                    f"(cu_seqlens_q gives each sequence's new tokens as well as "
                                    f"its queries), got shape {list(t.shape)}")
-    if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
-        if k_cache.dtype in _QUANTIZED:
-            allowed = ((torch.bfloat16, torch.float16, torch.float32) if q.device.type == "cpu"
-                       else (torch.bfloat16, torch.float16))
-            if q.dtype not in allowed:
-                raise RuntimeError(f"longctx.{op}: q must have dtype "
-                                   f"{', '.join(c_dtype_name(d) for d in allowed)}, got "
-                                   f"{c_dtype_name(q.dtype)}")
-        elif q.dtype != k_cache.dtype:
-            raise RuntimeError(f"longctx.{op}: k_cache must have the dtype of q "
-                               f"({c_dtype_name(q.dtype)}) or be a quantized cache (int8, "
-                               f"float8_e4m3fn), got {c_dtype_name(k_cache.dtype)}")
-        kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        if q.shape[-1] != head_dim:
-            raise RuntimeError(f"longctx.{op}: q has head_dim {q.shape[-1]} but k_cache has "
-                               f"head_dim = {head_dim}")
-        if kv_heads >= 1 and (q.shape[-2] < 1 or q.shape[-2] % kv_heads):
-            raise RuntimeError(f"longctx.{op}: q heads must be a multiple of the kv_heads of "
-                               f"k_cache (GQA): q has {q.shape[-2]} heads, k_cache has "
-                               f"{kv_heads}")
-        if q.device.type == "cuda" and q.numel():  # what only the CUDA attention rejects
-            if head_dim not in (64, 128, 256):
-                raise RuntimeError(f"longctx.{op}: k_cache head_dim must be 64, 128 or 256 on "
-                                   f"CUDA, got {head_dim}")
-            pools = (k_cache, v_cache) if isinstance(v_cache, torch.Tensor) and \
-                v_cache.dim() == 4 else (k_cache,)
-            aligned = torch.compiler.is_compiling() or all(  # no data_ptr() when tracing
-                t.data_ptr() % 16 == 0 and
-                all(t.shape[d] <= 1 or t.stride(d) % 8 == 0 for d in range(3)) for t in pools)
-            if not aligned:
-                raise RuntimeError(f"longctx.{op}: k_cache and v_cache must be 16-byte aligned "
-                                   f"with page/slot/head strides that are multiples of 8 "
-                                   f"elements on CUDA, got strides "
-                                   f"{' and '.join(str(list(t.stride())) for t in pools)}")
-    if q.shape[-1] > 1 and q.stride(-1) != 1:
-        raise RuntimeError(f"longctx.{op}: q must be contiguous in its last dimension, got "
-                           f"strides {list(q.stride())}")
-    if not 0 <= max_seqlen_q <= _INT_MAX:
-        raise RuntimeError(f"longctx.{op}: max_seqlen_q must lie in [0, 2^31), got "
-                           f"{max_seqlen_q}")
-    if not 0 <= num_splits <= 1024:
-        raise RuntimeError(f"longctx.{op}: num_splits must lie in [0, 1024] (0 = automatic), "
-                           f"got {num_splits}")
-    if not (math.isfinite(softcap) and softcap >= 0):
-        raise RuntimeError(f"longctx.{op}: softcap must be finite and >= 0 (0 = no capping), "
-                           f"got {softcap}")
-    if sinks is not None and tuple(sinks.shape) != (q.shape[-2],):
-        raise RuntimeError(f"longctx.{op}: sinks must have shape (heads,) = ({q.shape[-2]}), "
-                           f"got {list(sinks.shape)}")
-    if (sinks is not None or softcap) and q.device.type == "cuda":
-        raise RuntimeError(f"longctx.{op}: {'sinks are' if sinks is not None else 'softcap is'} "
-                           "not supported by the CUDA kernels yet (the CPU ops take them)")
-    if packed and validate and not torch.compiler.is_compiling():
-        check_cu_seqlens_values(cu_seqlens_q.tolist(), q.shape[0], max_seqlen_q, op,
-                                "cu_seqlens_q")
+    _ops.flash_attn_with_kvcache_check(q, k_cache, v_cache, *scale_args, block_table,
+                                       cache_seqlens, cu_seqlens_q, max_seqlen_q, *attn_args,
+                                       new_tokens=(0 if k is None else -1 if packed
+                                                   else k.shape[1]))
+    if k is None:
+        return cache_seqlens
+    new = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]) if packed else k.shape[1]
+    return (cache_seqlens + new).to(torch.int32)
 
 
 def _query_positions(q, total_len, sq, cu_seqlens_q):
@@ -387,33 +349,23 @@ def flash_attn_with_kvcache(
     scale = resolve_scale(softmax_scale, q, op)
     softcap = resolve_softcap(softcap, op)
     sinks = resolve_sinks(sinks, op)
-    total_len = cache_seqlens
     if (k is None) != (v is None):
         raise ValueError("flash_attn_with_kvcache: k and v must be given together")
+    attn_args = (scale, bool(causal), left, right, num_splits, bool(validate), sinks, softcap)
+    total_len = cache_seqlens
     if k is not None or inv_freq is not None:
-        if not math.isfinite(scale):
-            raise RuntimeError(f"longctx.{op}: softmax_scale must be finite, got {scale}")
-        _precheck(q, k, v, k_cache, v_cache, (kfp8 if kfp8 is not None else ksc,
-                                              vfp8 if vfp8 is not None else vsc),
-                  cache_seqlens, block_table, inv_freq, cu_seqlens_q, max_seqlen_q, num_splits,
-                  validate, sinks, softcap)
+        total_len = _precheck(q, k, v, k_cache, v_cache, (ksc, vsc, kfp8, vfp8), cache_seqlens,
+                              block_table, inv_freq, cu_seqlens_q, max_seqlen_q, attn_args)
     if k is not None:
         _ops.kvcache_append(k, v, k_cache, v_cache, ksc, vsc, kfp8, vfp8, block_table,
                             cache_seqlens, cu_seqlens_q, None, inv_freq, factor,
                             bool(rotary_interleaved), bool(validate))
-        if cu_seqlens_q is None:
-            total_len = cache_seqlens + k.shape[1]
-        else:
-            total_len = cache_seqlens + (cu_seqlens_q[1:] - cu_seqlens_q[:-1])
-        total_len = total_len.to(torch.int32)
     if inv_freq is not None:
         pos = _query_positions(q, total_len, max_seqlen_q, cu_seqlens_q)
         q, _ = apply_rope(q, None, pos, inv_freq, factor, interleaved=rotary_interleaved,
                           inplace=False)
     out, lse = _ops.flash_attn_with_kvcache(q, k_cache, v_cache, ksc, vsc, kfp8, vfp8, block_table,
-                                            total_len, cu_seqlens_q, max_seqlen_q, scale,
-                                            bool(causal), left, right, num_splits,
-                                            bool(validate), sinks, softcap)
+                                            total_len, cu_seqlens_q, max_seqlen_q, *attn_args)
     return (out, lse) if return_lse else out
 
 
