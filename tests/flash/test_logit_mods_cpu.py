@@ -62,6 +62,25 @@ def _assert_grads_close(names, ours, g64, gpt, dtype, lse64, out64, dout, sinks6
         assert (err <= bound).all(), f"dsinks: error {err.tolist()} > bound {bound.tolist()}"
 
 
+def _check_case(ours, ref, q, k, v, sinks, dtype):
+    """ours(q, k, v, sinks) -> (out, lse) against ref(q, k, v, sinks, upcast) -> (out, lse), the
+    float64 reference (upcast) and the same at the input precision: outputs, then dq, dk, dv and
+    dsinks (when sinks is given) by autograd."""
+    out, lse = ours(q, k, v, sinks)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s64 = sinks.detach().double().requires_grad_() if sinks is not None else None
+    out64, lse64 = ref(q64, k64, v64, s64, True)
+    out_pt, lse_pt = ref(q, k, v, sinks, False)
+    assert_fa3_close("out", out, out64, out_pt, dtype)
+    assert_fa3_close("lse", lse, lse64, lse_pt, dtype)
+    dout = torch.randn_like(out)
+    wrt = (q, k, v) + ((sinks,) if sinks is not None else ())
+    wrt64 = (q64, k64, v64) + ((s64,) if sinks is not None else ())
+    _assert_grads_close(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(out, wrt, dout),
+                        torch.autograd.grad(out64, wrt64, dout.double(), retain_graph=True),
+                        torch.autograd.grad(out_pt, wrt, dout), dtype, lse64, out64, dout, s64)
+
+
 @pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("mods", MODS, ids=[m[0] for m in MODS])
 @pytest.mark.parametrize("mask", MASKS, ids=[m[0] for m in MASKS])
@@ -75,21 +94,12 @@ def test_batched_fwd_bwd(dtype, mods, mask):
     v = torch.randn(b, sk, hk, d, dtype=dtype).requires_grad_()
     sinks = _sinks(h).requires_grad_() if with_sinks else None
     scale = 0.25  # exact in fp32 (the op keeps the scale in fp32)
-    out, lse = longctx.flash_attn_func(q, k, v, scale, causal, window, return_lse=True,
-                                       softcap=softcap, sinks=sinks)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    s64 = sinks.detach().double().requires_grad_() if with_sinks else None
-    out64, lse64 = attention_ref(q64, k64, v64, scale, causal, window, True, softcap, s64)
-    out_pt, lse_pt = attention_ref(q, k, v, scale, causal, window, False, softcap, sinks)
-    assert_fa3_close("out", out, out64, out_pt, dtype)
-    assert_fa3_close("lse", lse, lse64, lse_pt, dtype)
-
-    dout = torch.randn_like(out)
-    wrt = (q, k, v) + ((sinks,) if with_sinks else ())
-    wrt64 = (q64, k64, v64) + ((s64,) if with_sinks else ())
-    _assert_grads_close(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(out, wrt, dout),
-                        torch.autograd.grad(out64, wrt64, dout.double(), retain_graph=True),
-                        torch.autograd.grad(out_pt, wrt, dout), dtype, lse64, out64, dout, s64)
+    _check_case(lambda q, k, v, s: longctx.flash_attn_func(q, k, v, scale, causal, window,
+                                                           return_lse=True, softcap=softcap,
+                                                           sinks=s),
+                lambda q, k, v, s, up: attention_ref(q, k, v, scale, causal, window, up,
+                                                     softcap, s),
+                q, k, v, sinks, dtype)
 
 
 @pytest.mark.parametrize("mods", MODS, ids=[m[0] for m in MODS])
@@ -104,23 +114,12 @@ def test_varlen_fwd_bwd_with_empty_sequences(mods):
     k = torch.randn(int(cu_k[-1]), hk, d, dtype=FP32).requires_grad_()
     v = torch.randn(int(cu_k[-1]), hk, d, dtype=FP32).requires_grad_()
     sinks = _sinks(h).requires_grad_() if with_sinks else None
-    out, lse = longctx.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
-                                              0.125, True, (20, -1), return_lse=True,
-                                              softcap=softcap, sinks=sinks)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    s64 = sinks.detach().double().requires_grad_() if with_sinks else None
-    out64, lse64 = attention_varlen_ref(q64, k64, v64, cu_q, cu_k, 0.125, True, (20, -1), True,
-                                        softcap, s64)
-    out_pt, lse_pt = attention_varlen_ref(q, k, v, cu_q, cu_k, 0.125, True, (20, -1), False,
-                                          softcap, sinks)
-    assert_fa3_close("out", out, out64, out_pt, FP32)
-    assert_fa3_close("lse", lse, lse64, lse_pt, FP32)
-    dout = torch.randn_like(out)
-    wrt = (q, k, v) + ((sinks,) if with_sinks else ())
-    wrt64 = (q64, k64, v64) + ((s64,) if with_sinks else ())
-    _assert_grads_close(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(out, wrt, dout),
-                        torch.autograd.grad(out64, wrt64, dout.double(), retain_graph=True),
-                        torch.autograd.grad(out_pt, wrt, dout), FP32, lse64, out64, dout, s64)
+    _check_case(lambda q, k, v, s: longctx.flash_attn_varlen_func(
+                    q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), 0.125, True, (20, -1),
+                    return_lse=True, softcap=softcap, sinks=s),
+                lambda q, k, v, s, up: attention_varlen_ref(q, k, v, cu_q, cu_k, 0.125, True,
+                                                            (20, -1), up, softcap, s),
+                q, k, v, sinks, FP32)
 
 
 def test_rows_without_keys_get_zero_and_their_sink():
