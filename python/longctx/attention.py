@@ -191,6 +191,8 @@ def flash_attn_varlen_func(
     q: (total_q, heads, head_dim); k, v: (total_k, heads_kv, head_dim). cu_seqlens_q/_k: int32,
     (batch + 1,), offsets of each sequence's first row, starting at 0 and ending at total_q /
     total_k (a zero-length sequence is allowed). max_seqlen_q/_k bound every sequence length.
+    The CPU op checks these values; the CUDA op does not read them on the host (no sync per call,
+    as in FlashAttention), so on CUDA they must hold: values that break them are not detected.
     The mask applies within each sequence, bottom-right aligned per sequence; the other
     arguments are flash_attn_func's.
     Returns out, or (out, lse) with lse (heads, total_q) fp32.
