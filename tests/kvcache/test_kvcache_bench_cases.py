@@ -1,8 +1,8 @@
 """The KV-cache benchmark's CPU-side logic (longctx.bench.kvcache_cases, kvcache_report and
 kvcache_suite): the case lists the issue asks for, their selection, byte / FLOP / cu_seqlens
-arithmetic, the merge of several runs and the markdown of fabricated results. The rows of today's committed run
-(bench/results/h100/kvcache.json) pin the schema and numbers the suite must keep. One GPU test
-runs the --quick suite end to end.
+arithmetic, the merge of several runs and the markdown of fabricated results. The rows of
+today's committed run (bench/results/h100/kvcache.json) pin the schema and numbers the suite must
+keep. One GPU test runs the --quick suite end to end.
 """
 import copy
 import json
