@@ -400,8 +400,12 @@ void bwd_p_ds(const FwdParams& p, const SeqLen& sb, int m_block, int n_block, in
     }
   }
   if (dtanh != nullptr) {
-    for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < cols; ++c) dP[int64_t(r) * kBlockN + c] *= dtanh[int64_t(r) * kBlockN + c];
+    for (int r = 0; r < rows; ++r) {
+      for (int c = 0; c < cols; ++c) {
+        const int64_t i = int64_t(r) * kBlockN + c;
+        dP[i] *= dtanh[i];
+      }
+    }
   }
 }
 
