@@ -9,7 +9,8 @@ import pytest
 from attention_reference import visible_mask
 from longctx.bench import attn_bwd_suite, attn_fwd_suite
 from longctx.bench.attn_cases import (Case, bwd_grid, case_pairs, cu_seqlens, document_lengths,
-                                      fwd_flops, fwd_grid, mask_pairs, select, wants_flex)
+                                      fwd_flops, fwd_grid, mask_pairs, select, throughput,
+                                      wants_flex)
 
 
 @pytest.mark.parametrize("sq,sk", [(1, 1), (7, 7), (5, 13), (13, 5), (64, 64), (33, 100)])
@@ -72,3 +73,10 @@ def test_suites_take_only(suite):
     suite.add_arguments(ap)
     args = ap.parse_args(["--only", "s=131072,docs=", "--no-flex"])
     assert args.only == "s=131072,docs=" and args.no_flex
+
+
+def test_throughput_fields():
+    row = throughput(2e12, 4.0, {"sdpa_cudnn": 5.0, "flex": None}, prefix="fb_")
+    assert row["fb_tflops"] == pytest.approx(500.0)
+    assert row["fb_peer_tflops"] == {"sdpa_cudnn": pytest.approx(400.0), "flex": None}
+    assert row["fb_ratio"] == {"sdpa_cudnn": pytest.approx(1.25), "flex": None}

@@ -23,8 +23,9 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from . import attn_cases
 from .attn_cases import (bwd_grid, flex_runner, fwd_flops, make_inputs, ours_fn, sdpa_runner,
-                         select, to_bhsd, wants_flex)
+                         select, throughput, to_bhsd, wants_flex)
 from .ceilings import copy_bandwidth_gbps, matmul_tflops
 from .._common import nvtx_range
 from .results import Results
@@ -124,16 +125,12 @@ def run_attn_bwd(quick: bool = False, progress: Optional[Callable[[str], None]] 
         del q, k, v, dout, qt, kt, vt, dt
         res.add({"case": c.as_row(),
                  "ours_ms": ours_ms, "peers": peers, "flops": flops,
-                 "tflops": flops / (ours_ms * 1e-3) / 1e12,
-                 "peer_tflops": {n: (flops / (ms * 1e-3) / 1e12 if ms else None)
-                                 for n, ms in peers.items()},
-                 "ratio": {n: (ms / ours_ms if ms else None) for n, ms in peers.items()},
+                 **throughput(flops, ours_ms, peers),
                  "det_ms": det_ms,
                  "det_tflops": flops / (det_ms * 1e-3) / 1e12 if det_ms else None,
                  "det_cost": det_ms / ours_ms if det_ms else None,
                  "fb_ms": ours_fb, "peers_fb": peers_fb,
-                 "fb_tflops": fb_flops / (ours_fb * 1e-3) / 1e12,
-                 "fb_ratio": {n: (ms / ours_fb if ms else None) for n, ms in peers_fb.items()},
+                 **throughput(fb_flops, ours_fb, peers_fb, prefix="fb_"),
                  "bwd_peak_extra_bytes": extra,
                  "bwd_peak_mib": ({n: b / 2**20 for n, b in extra.items()} if extra else None)})
         torch.cuda.empty_cache()
@@ -144,15 +141,8 @@ def run_attn_bwd(quick: bool = False, progress: Optional[Callable[[str], None]] 
 
 # the command line of bench/attn_bwd.py (longctx.bench.bench_main)
 
-def add_arguments(ap) -> None:
-    ap.add_argument("--no-flex", action="store_true",
-                    help="skip FlexAttention (compiles per shape)")
-    ap.add_argument("--only", default="",
-                    help="comma-separated substrings of case tags to run (development runs)")
+add_arguments = attn_cases.add_arguments
 
 
 def run_args(args, progress) -> Results:
-    # every finished case is written at once: partial results survive a kill
-    return run_attn_bwd(args.quick, progress=progress, with_flex=not args.no_flex,
-                        checkpoint=lambda r: r.write(args.out, COLUMNS),
-                        only=[o for o in args.only.split(",") if o])
+    return run_attn_bwd(args.quick, progress=progress, **attn_cases.run_options(args, COLUMNS))

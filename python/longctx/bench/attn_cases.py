@@ -12,7 +12,7 @@ mask keeps (summed over sequences or documents); the backward counts 2.5x that.
 from __future__ import annotations
 
 import random
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 TOKENS = 32768  # batch * seqlen of the grid's batched cases
 
@@ -219,3 +219,29 @@ def sdpa_runner(backend, c: Case):
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=c.causal, enable_gqa=gqa)
     return run
+
+
+def throughput(flops: float, ours_ms: float, peers: Dict[str, Optional[float]],
+               prefix: str = "") -> dict:
+    """A row's rate fields: <prefix>tflops (ours), <prefix>peer_tflops and <prefix>ratio (peer
+    time over ours: > 1 means longctx is faster) per peer, None where a peer did not run."""
+    return {prefix + "tflops": flops / (ours_ms * 1e-3) / 1e12,
+            prefix + "peer_tflops": {n: (flops / (ms * 1e-3) / 1e12 if ms else None)
+                                     for n, ms in peers.items()},
+            prefix + "ratio": {n: (ms / ours_ms if ms else None) for n, ms in peers.items()}}
+
+
+# the command line both attention suites take (bench/attn_fwd.py, bench/attn_bwd.py)
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--no-flex", action="store_true",
+                    help="skip FlexAttention (compiles per shape)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated substrings of case tags to run (development runs)")
+
+
+def run_options(args, columns) -> dict:
+    """The run function's keyword arguments from the command line; every finished case is
+    written at once (partial results survive a kill)."""
+    return dict(with_flex=not args.no_flex, checkpoint=lambda r: r.write(args.out, columns),
+                only=[o for o in args.only.split(",") if o])

@@ -14,8 +14,9 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from . import attn_cases
 from .attn_cases import (flex_runner, fwd_flops, fwd_grid, make_inputs, ours_fn, sdpa_runner,
-                         select, to_bhsd, wants_flex)
+                         select, throughput, to_bhsd, wants_flex)
 from .ceilings import copy_bandwidth_gbps, matmul_tflops
 from .._common import nvtx_range
 from .results import Results
@@ -72,10 +73,7 @@ def run_attn_fwd(quick: bool = False, progress: Optional[Callable[[str], None]] 
                 peers["flex"] = None
         del q, k, v, qt, kt, vt
         res.add({"case": c.as_row(), "ours_ms": ours, "peers": peers, "flops": flops,
-                 "tflops": flops / (ours * 1e-3) / 1e12,
-                 "peer_tflops": {n: (flops / (ms * 1e-3) / 1e12 if ms else None)
-                                 for n, ms in peers.items()},
-                 "ratio": {n: (ms / ours if ms else None) for n, ms in peers.items()}})
+                 **throughput(flops, ours, peers)})
         torch.cuda.empty_cache()
         if checkpoint:
             checkpoint(res)
@@ -84,15 +82,8 @@ def run_attn_fwd(quick: bool = False, progress: Optional[Callable[[str], None]] 
 
 # the command line of bench/attn_fwd.py (longctx.bench.bench_main)
 
-def add_arguments(ap) -> None:
-    ap.add_argument("--no-flex", action="store_true",
-                    help="skip FlexAttention (compiles per shape)")
-    ap.add_argument("--only", default="",
-                    help="comma-separated substrings of case tags to run (development runs)")
+add_arguments = attn_cases.add_arguments
 
 
 def run_args(args, progress) -> Results:
-    # every finished case is written at once: partial results survive a kill
-    return run_attn_fwd(args.quick, progress=progress, with_flex=not args.no_flex,
-                        checkpoint=lambda r: r.write(args.out, COLUMNS),
-                        only=[o for o in args.only.split(",") if o])
+    return run_attn_fwd(args.quick, progress=progress, **attn_cases.run_options(args, COLUMNS))
