@@ -287,6 +287,29 @@ def test_kvcache_int8_with_mods():
     assert_fa3_close("out", out, out64, out_pt, BF16)
 
 
+def test_kvcache_opcheck_and_compile():
+    _seed("kvcache opcheck")
+    h, hk, d = 4, 2, 32
+    c, ids = _paged([torch.randn(40, hk, d), torch.randn(9, hk, d)],
+                    [torch.randn(40, hk, d), torch.randn(9, hk, d)], 16)
+    q = torch.randn(2, 3, h, d)
+    sinks = _sinks(h)
+    args = (q, c.k_cache, c.v_cache, None, None, None, None, c.block_table(ids),
+            c.cache_seqlens(ids), None, 3, 0.2, True, -1, -1, 2, True, sinks, 1.5)
+    torch.library.opcheck(ops.flash_attn_with_kvcache.default, args)
+    torch.library.opcheck(ops.flash_attn_with_kvcache_check.default, args + (3,))
+
+    def f(q, kc, vc, seqlens, table, sinks):
+        out = longctx.flash_attn_with_kvcache(q, kc, vc, seqlens, table, causal=True,
+                                              softcap=1.5, sinks=sinks)
+        return out.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    inputs = (q, c.k_cache, c.v_cache, c.cache_seqlens(ids), c.block_table(ids), sinks)
+    assert torch.equal(compiled(*inputs), f(*inputs))
+
+
 def test_kvcache_bad_sinks_with_new_tokens_writes_nothing():
     h, hk, d = 4, 2, 16
     c, ids = _paged([torch.randn(10, hk, d)], [torch.randn(10, hk, d)], 8)
