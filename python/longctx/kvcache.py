@@ -214,19 +214,17 @@ def kvcache_append(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         bool(validate))
 
 
-
 def _precheck(q, k, v, k_cache, v_cache, scale_args, cache_seqlens, block_table, inv_freq,
               cu_seqlens_q, max_seqlen_q, attn_args) -> torch.Tensor:
     """flash_attn_with_kvcache with new k/v or rope appends (and rotates) before it attends: the
-    attention's own checks run first, through the op flash_attn_with_kvcache_check with the
-    lengths after the append, so that a call the attention would refuse writes nothing and its
-    errors name the caller's arguments (not cu_new, which the caller never passed); with new
-    tokens, the page checks are those of the append. Checked here
-    is only what this wrapper composes: the devices of every tensor, the structure of
-    cache_seqlens and cu_seqlens_q (the lengths after the append are computed from them) and the
-    new k/v against q. scale_args: the ops' (k_scale_cache, v_scale_cache, k_fp8_scale,
-    v_fp8_scale); attn_args: the attention op's arguments after max_seqlen_q. Returns the
-    lengths after the append (int32, (batch,))."""
+    attention's own checks run first, through the op flash_attn_with_kvcache_check (told how
+    many tokens the append adds, so that its page checks are the append's), so that a call the
+    attention would refuse writes nothing and its errors name the caller's arguments (not
+    cu_new, which the caller never passed). Checked here is only what this wrapper composes: the
+    devices of every tensor, the structure of cache_seqlens and cu_seqlens_q (the lengths after
+    the append are computed from them) and the new k/v against q. scale_args: the ops'
+    (k_scale_cache, v_scale_cache, k_fp8_scale, v_fp8_scale); attn_args: the attention op's
+    arguments after max_seqlen_q. Returns the lengths after the append (int32, (batch,))."""
     op = "flash_attn_with_kvcache"
     ksc, vsc, kfp8, vfp8 = scale_args
     check_same_device(op, (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
