@@ -22,6 +22,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <cstdint>
+#include "longctx/kvcache/append_token.h"
 #include "longctx/kvcache/decode_cuda_cores.cuh"
 #include "longctx/kvcache/kvcache_params.h"
 #include "longctx/kvcache/paged.h"
@@ -35,47 +36,21 @@ namespace cuda {
 
 constexpr int kAppendWarps = 4;
 
-__device__ __forceinline__ int append_row_seq(const AppendParams& p, int64_t row) {
-  if (p.cu_new == nullptr) return static_cast<int>(row / p.seqlen_new);
-  int lo = 0, hi = p.cache.batch;  // last b with cu_new[b] <= row
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (p.cu_new[mid] <= row) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
 template <typename T, Format F>
 __global__ void __launch_bounds__(kAppendWarps * 32) kvcache_append_kernel(const AppendParams p) {
   __shared__ rope::CosSin cs[rope::kMaxFrequencies];
   __shared__ float buf[kAppendWarps][256];
   const PagedKV& c = p.cache;
   const int64_t row = blockIdx.x;
-  const int b = append_row_seq(p, row);
-  // rows of empty sequences between cu_new entries never map here: cu_new[b] <= row < cu_new[b+1]
-  const int64_t i = p.cu_new != nullptr ? row - p.cu_new[b] : row - int64_t(b) * p.seqlen_new;
-  const int64_t t = int64_t(c.cache_seqlens[b]) + i;
-  const Slot s = locate(c, b, t);
+  const AppendToken tok = append_token_at(p, row);  // append_token.h, as the CPU twin
+  const Slot s = locate(c, tok.b, tok.t);
   if (!s.valid) return;  // uniform over the CTA
   const int d = c.head_dim;
-  const int64_t kb = p.cu_new != nullptr ? 0 : int64_t(b) * p.k_batch_stride;
-  const int64_t vb = p.cu_new != nullptr ? 0 : int64_t(b) * p.v_batch_stride;
-  const int64_t r = p.cu_new != nullptr ? row : i;
-  const T* k = static_cast<const T*>(p.k) + kb + r * p.k_row_stride;
-  const T* v = static_cast<const T*>(p.v) + vb + r * p.v_row_stride;
+  const T* k = static_cast<const T*>(p.k) + tok.k_off;
+  const T* v = static_cast<const T*>(p.v) + tok.v_off;
   const bool rope_on = p.inv_freq != nullptr;
   if (rope_on) {
-    float pos;
-    if (p.positions == nullptr) {
-      pos = static_cast<float>(t);
-    } else {
-      const int64_t off = p.cu_new != nullptr ? row * p.pos_row_stride
-                                              : int64_t(b) * p.pos_batch_stride +
-                                                    i * p.pos_row_stride;
-      pos = p.positions_int64
-                ? static_cast<float>(static_cast<const int64_t*>(p.positions)[off])
-                : static_cast<float>(static_cast<const int32_t*>(p.positions)[off]);
-    }
+    const float pos = append_rope_position(p, tok, row);
     for (int f = threadIdx.x; f < p.n_freq; f += blockDim.x)
       cs[f] = rope::cos_sin(pos, p.inv_freq[f], p.rope_scale, /*inverse=*/false);
     __syncthreads();

@@ -27,6 +27,7 @@
 #include <limits>
 #include "longctx/flash/flash_cpu.h"
 #include "longctx/flash/mask.h"
+#include "longctx/kvcache/append_token.h"
 #include "longctx/kvcache/kvcache_params.h"
 #include "longctx/kvcache/paged.h"
 #include "longctx/kvcache/quant.h"
@@ -89,42 +90,20 @@ inline void load_head(const CacheView& cv, int64_t page, int slot, int head, int
 // Append
 // ---------------------------------------------------------------------------------------------
 
-// Sequence of packed new-token row `row` (rows of sequence b: [cu_new[b], cu_new[b+1])).
-inline int append_row_seq(const AppendParams& p, int64_t row) {
-  if (p.cu_new == nullptr) return static_cast<int>(row / p.seqlen_new);
-  const int32_t* it = std::upper_bound(p.cu_new, p.cu_new + p.cache.batch + 1, int32_t(row));
-  return static_cast<int>(it - p.cu_new) - 1;
-}
-
-// Writes new token `row` (packed row, or b * seqlen_new + i for the batched layout).
-// buf: head_dim floats of scratch; cs: n_freq entries of scratch.
+// Writes new token `row` (packed row, or b * seqlen_new + i for the batched layout; its geometry:
+// append_token.h). buf: head_dim floats of scratch; cs: n_freq entries of scratch.
 template <typename T, Format F>
 void append_token(const AppendParams& p, int64_t row, float* buf, rope::CosSin* cs) {
   const PagedKV& c = p.cache;
-  const int b = append_row_seq(p, row);
-  const int64_t i = p.cu_new != nullptr ? row - p.cu_new[b] : row - int64_t(b) * p.seqlen_new;
-  const int64_t t = int64_t(c.cache_seqlens[b]) + i;  // cache position
-  const Slot s = locate(c, b, t);
+  const AppendToken tok = append_token_at(p, row);
+  const Slot s = locate(c, tok.b, tok.t);
   if (!s.valid) return;  // only reachable with validate=False: never write outside the pool
   const int d = c.head_dim;
-  const int64_t kb = p.cu_new != nullptr ? 0 : int64_t(b) * p.k_batch_stride;
-  const int64_t vb = p.cu_new != nullptr ? 0 : int64_t(b) * p.v_batch_stride;
-  const int64_t r = p.cu_new != nullptr ? row : i;
-  const T* k = static_cast<const T*>(p.k) + kb + r * p.k_row_stride;
-  const T* v = static_cast<const T*>(p.v) + vb + r * p.v_row_stride;
+  const T* k = static_cast<const T*>(p.k) + tok.k_off;
+  const T* v = static_cast<const T*>(p.v) + tok.v_off;
 
   if (p.inv_freq != nullptr) {
-    float pos;
-    if (p.positions == nullptr) {
-      pos = static_cast<float>(t);
-    } else {
-      const int64_t off = p.cu_new != nullptr ? row * p.pos_row_stride
-                                              : int64_t(b) * p.pos_batch_stride +
-                                                    i * p.pos_row_stride;
-      pos = p.positions_int64
-                ? static_cast<float>(static_cast<const int64_t*>(p.positions)[off])
-                : static_cast<float>(static_cast<const int32_t*>(p.positions)[off]);
-    }
+    const float pos = append_rope_position(p, tok, row);
     for (int f = 0; f < p.n_freq; ++f)
       cs[f] = rope::cos_sin(pos, p.inv_freq[f], p.rope_scale, /*inverse=*/false);
   }
