@@ -142,20 +142,18 @@ def cu_seqlens(lengths: Sequence[int]) -> List[int]:
     return out
 
 
-def make_inputs(c: Case, requires_grad: bool = False):
+def make_inputs(c: Case):
     """bf16 CUDA inputs of the case. Batched: q (b, s, h, d), k/v (b, s, hk, d), cu = None.
     Packed: q (total, h, d), k/v (total, hk, d) and cu, the int32 cu_seqlens of the documents."""
     import torch
 
-    def rnd(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16,
-                           requires_grad=requires_grad)
-    if c.docs:
-        cu = torch.tensor(cu_seqlens(c.docs), device="cuda", dtype=torch.int32)
-        return (rnd(c.seqlen, c.heads, c.hdim), rnd(c.seqlen, c.heads_kv, c.hdim),
-                rnd(c.seqlen, c.heads_kv, c.hdim), cu)
-    return (rnd(c.batch, c.seqlen, c.heads, c.hdim), rnd(c.batch, c.seqlen, c.heads_kv, c.hdim),
-            rnd(c.batch, c.seqlen, c.heads_kv, c.hdim), None)
+    rows = (c.seqlen,) if c.docs else (c.batch, c.seqlen)
+
+    def rnd(heads):
+        return torch.randn(*rows, heads, c.hdim, device="cuda", dtype=torch.bfloat16)
+    cu = (torch.tensor(cu_seqlens(c.docs), device="cuda", dtype=torch.int32) if c.docs
+          else None)
+    return rnd(c.heads), rnd(c.heads_kv), rnd(c.heads_kv), cu
 
 
 def ours_fn(c: Case, cu, deterministic: bool = False):
