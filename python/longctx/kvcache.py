@@ -331,8 +331,8 @@ def flash_attn_with_kvcache(
     (batch, heads, seqlen_q) or (heads, total_q) packed; a row that sees no key gets out = 0 and
     lse = -inf. softcap and sinks: as in flash_attn_func (CPU only for now). With k/v, what the
     attention would reject is checked before the append (an error writes nothing); with k/v or
-    rope and validate, cu_seqlens_q's values are read on the host first (a sync on CUDA, as the
-    op's own validation).
+    rope and validate, that check reads the lengths, page ids and cu_seqlens_q on the host once
+    (a sync on CUDA), for the append and the attention together.
     """
     op = "flash_attn_with_kvcache"
     left, right = resolve_window(window_size, causal)
@@ -349,21 +349,31 @@ def flash_attn_with_kvcache(
     sinks = resolve_sinks(sinks, op)
     if (k is None) != (v is None):
         raise ValueError("flash_attn_with_kvcache: k and v must be given together")
-    attn_args = (scale, bool(causal), left, right, num_splits, bool(validate), sinks, softcap)
+
+    def attn_args(check: bool):  # the attention op's arguments after max_seqlen_q
+        return (scale, bool(causal), left, right, num_splits, check, sinks, softcap)
+
     total_len = cache_seqlens
-    if k is not None or inv_freq is not None:
+    prechecked = k is not None or inv_freq is not None
+    if prechecked:
         total_len = _precheck(q, k, v, k_cache, v_cache, (ksc, vsc, kfp8, vfp8), cache_seqlens,
-                              block_table, inv_freq, cu_seqlens_q, max_seqlen_q, attn_args)
+                              block_table, inv_freq, cu_seqlens_q, max_seqlen_q,
+                              attn_args(bool(validate)))
+    # _precheck's op has read on the host all that the append and the attention would validate
+    # (cu_seqlens_q, the pages of the lengths after the append, fp8 scales): they skip it. Traced
+    # by torch.compile, they keep it: a backend may drop the output-less check op.
+    validate = bool(validate) and not (prechecked and not torch.compiler.is_compiling())
     if k is not None:
         _ops.kvcache_append(k, v, k_cache, v_cache, ksc, vsc, kfp8, vfp8, block_table,
                             cache_seqlens, cu_seqlens_q, None, inv_freq, factor,
-                            bool(rotary_interleaved), bool(validate))
+                            bool(rotary_interleaved), validate)
     if inv_freq is not None:
         pos = _query_positions(q, total_len, max_seqlen_q, cu_seqlens_q)
         q, _ = apply_rope(q, None, pos, inv_freq, factor, interleaved=rotary_interleaved,
                           inplace=False)
     out, lse = _ops.flash_attn_with_kvcache(q, k_cache, v_cache, ksc, vsc, kfp8, vfp8, block_table,
-                                            total_len, cu_seqlens_q, max_seqlen_q, *attn_args)
+                                            total_len, cu_seqlens_q, max_seqlen_q,
+                                            *attn_args(validate))
     return (out, lse) if return_lse else out
 
 
