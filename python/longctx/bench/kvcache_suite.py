@@ -48,6 +48,7 @@ and the markdown in kvcache_report.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -466,7 +467,7 @@ def run_kvcache(quick: bool = False, progress: Optional[Callable[[str], None]] =
             _RUNNERS[type(c)](res, c, shared)
         except Exception as e:  # record and go on (an OOM must not lose the run)
             res.add({"case": c.case(), "error": repr(e)[:500]})
-            print(f"{c.tag}: FAILED {e!r}"[:600], flush=True)
+            print(f"{c.tag}: FAILED {e!r}"[:600], file=sys.stderr, flush=True)
         torch.cuda.empty_cache()
         if checkpoint:
             checkpoint(res)
