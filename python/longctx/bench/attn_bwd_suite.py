@@ -25,7 +25,7 @@ import torch
 
 from . import attn_cases
 from .attn_cases import (bwd_grid, flex_runner, fwd_flops, make_inputs, ours_fn, sdpa_runner,
-                         select, throughput, to_bhsd, wants_flex)
+                         throughput, to_bhsd, wants_flex)
 from .ceilings import copy_bandwidth_gbps, matmul_tflops
 from .._common import nvtx_range
 from .results import Results
@@ -90,10 +90,7 @@ def run_attn_bwd(quick: bool = False, progress: Optional[Callable[[str], None]] 
     from torch.nn.attention import SDPBackend
 
     res = Results("attn_bwd", copy_gbps=copy_bandwidth_gbps(), matmul_tflops=matmul_tflops())
-    for c in select(bwd_grid(quick), only):
-        tag = "attn_bwd " + c.tag
-        if progress:
-            progress(tag)
+    for c, tag in attn_cases.each_case("attn_bwd", bwd_grid(quick), only, progress):
         q, k, v, cu = make_inputs(c)
         dout = torch.randn_like(q)
         pairs4 = fwd_flops(c)
@@ -133,16 +130,10 @@ def run_attn_bwd(quick: bool = False, progress: Optional[Callable[[str], None]] 
                  **throughput(fb_flops, ours_fb, peers_fb, prefix="fb_"),
                  "bwd_peak_extra_bytes": extra,
                  "bwd_peak_mib": ({n: b / 2**20 for n, b in extra.items()} if extra else None)})
-        torch.cuda.empty_cache()
-        if checkpoint:
-            checkpoint(res)
+        attn_cases.case_done(res, checkpoint)
     return res
 
 
 # the command line of bench/attn_bwd.py (longctx.bench.bench_main)
 
-add_arguments = attn_cases.add_arguments
-
-
-def run_args(args, progress) -> Results:
-    return run_attn_bwd(args.quick, progress=progress, **attn_cases.run_options(args, COLUMNS))
+add_arguments, run_args = attn_cases.command_line(run_attn_bwd, COLUMNS)

@@ -238,6 +238,31 @@ def add_arguments(ap) -> None:
                     help="comma-separated substrings of case tags to run (development runs)")
 
 
+def command_line(run, columns):
+    """(add_arguments, run_args) of a suite's bench script (longctx.bench.bench_main) from its
+    run function run(quick, progress=..., with_flex=..., checkpoint=..., only=...)."""
+    def run_args(args, progress):
+        return run(args.quick, progress=progress, **run_options(args, columns))
+    return add_arguments, run_args
+
+
+def each_case(suite: str, grid: Sequence[Case], only: Sequence[str], progress):
+    """(case, tag) for the selected cases of the grid, announcing each to progress."""
+    for c in select(grid, only):
+        tag = f"{suite} {c.tag}"
+        if progress:
+            progress(tag)
+        yield c, tag
+
+
+def case_done(res, checkpoint) -> None:
+    """After each case: free the case's cached blocks and write the results so far."""
+    import torch
+    torch.cuda.empty_cache()
+    if checkpoint:
+        checkpoint(res)
+
+
 def run_options(args, columns) -> dict:
     """The run function's keyword arguments from the command line; every finished case is
     written at once (partial results survive a kill)."""

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence
 
-import torch
-
 from . import attn_cases
 from .attn_cases import (flex_runner, fwd_flops, fwd_grid, make_inputs, ours_fn, sdpa_runner,
-                         select, throughput, to_bhsd, wants_flex)
+                         throughput, to_bhsd, wants_flex)
 from .ceilings import copy_bandwidth_gbps, matmul_tflops
 from .._common import nvtx_range
 from .results import Results
@@ -47,10 +45,7 @@ def run_attn_fwd(quick: bool = False, progress: Optional[Callable[[str], None]] 
     from torch.nn.attention import SDPBackend
 
     res = Results("attn_fwd", copy_gbps=copy_bandwidth_gbps(), matmul_tflops=matmul_tflops())
-    for c in select(fwd_grid(quick), only):
-        tag = "attn_fwd " + c.tag
-        if progress:
-            progress(tag)
+    for c, tag in attn_cases.each_case("attn_fwd", fwd_grid(quick), only, progress):
         q, k, v, cu = make_inputs(c)
         flops = fwd_flops(c)
         ours_fn_ = ours_fn(c, cu)
@@ -74,16 +69,10 @@ def run_attn_fwd(quick: bool = False, progress: Optional[Callable[[str], None]] 
         del q, k, v, qt, kt, vt
         res.add({"case": c.as_row(), "ours_ms": ours, "peers": peers, "flops": flops,
                  **throughput(flops, ours, peers)})
-        torch.cuda.empty_cache()
-        if checkpoint:
-            checkpoint(res)
+        attn_cases.case_done(res, checkpoint)
     return res
 
 
 # the command line of bench/attn_fwd.py (longctx.bench.bench_main)
 
-add_arguments = attn_cases.add_arguments
-
-
-def run_args(args, progress) -> Results:
-    return run_attn_fwd(args.quick, progress=progress, **attn_cases.run_options(args, COLUMNS))
+add_arguments, run_args = attn_cases.command_line(run_attn_fwd, COLUMNS)
