@@ -15,8 +15,8 @@
 // the K/V data (and int8 scales) of batch n + 1 are in flight while batch n is computed. Each
 // thread keeps the query rows' 8 elements in fp32 registers (pre-multiplied by
 // softmax_scale * log2(e), and by the fp8 K scale of the head), computes its partial dot products,
-// reduces them over its TPK lanes with xor shuffles, and runs an fp32 online softmax (exp2) per
-// key group; int8 per-token scales multiply the score (K) and the probability (V), the fp8 V scale
+// reduces them over its TPK lanes with xor shuffles, caps them (softcap, ScoreCap) and runs an
+// fp32 online softmax (exp2) per key group; int8 per-token scales multiply the score (K) and the probability (V), the fp8 V scale
 // multiplies the output. At the end the NG key groups are merged through shared memory
 // (combine_and_store), and with num_splits > 1 the merge kernel (decode_merge.cuh) combines the
 // splits' partials.
@@ -132,6 +132,7 @@ __global__ void __launch_bounds__(kDecodeThreads, MinBlocks)
 
   float qscale = p.softmax_scale * 1.4426950408889634f;
   if constexpr (F == Format::kFp8E4M3) qscale *= c.k.head_scale[hk];
+  const ScoreCap cap(p.mods.softcap);
   float q[GT][8];
   int lo[GT], hi[GT];
   int klo = 0x7fffffff, khi = 0;
@@ -266,6 +267,7 @@ __global__ void __launch_bounds__(kDecodeThreads, MinBlocks)
       for (int g = 0; g < GT; ++g) {
         float x = sc[u][g];
         if constexpr (F == Format::kInt8) x *= cur.ks[u];
+        x = cap(x);
         sc[u][g] = (cur.pg[u] >= 0 && j >= lo[g] && j < hi[g]) ? x : -INFINITY;
       }
     }

@@ -223,8 +223,9 @@ struct MmaRowState {
   // thread's row is subtracted in the score's scaling FMA (set_key_bias). Exact up to fp32
   // rounding of a sum ~1152 |q| (relative 2^-23 of it, far below the int8 error).
   float kbias = 0.f;
+  ScoreCap cap;  // softcap of the scores (decode_common.cuh)
 
-  __device__ __forceinline__ MmaRowState() {
+  __device__ __forceinline__ explicit MmaRowState(float softcap) : cap(softcap) {
 #pragma unroll
     for (int j = 0; j < kNB; ++j) o[j][0] = o[j][1] = 0.f;
   }
@@ -248,8 +249,8 @@ struct MmaRowState {
     }
   }
 
-  // Consume the tile at t0 (keys t0 .. t0 + 15): S = Q K^T, mask to [lo, hi) and svalid, online
-  // softmax, O += P V. qscale = softmax_scale * log2(e) (* fp8 K scale).
+  // Consume the tile at t0 (keys t0 .. t0 + 15): S = Q K^T, softcap, mask to [lo, hi) and svalid,
+  // online softmax, O += P V. qscale = softmax_scale * log2(e) (* fp8 K scale).
   __device__ __forceinline__ void consume(const MmaTileFrags<F, D>& L, int t0, int lo, int hi,
                                           const uint32_t (&qa)[kSteps][2], float qscale, int c) {
     float sacc[2][4];
@@ -273,7 +274,7 @@ struct MmaRowState {
         mma16816<kBf16>(sacc[h], qa[st][0], 0u, qa[st][1], 0u, b0, b1);
       }
     }
-    // scale, mask, online softmax (row r; the 4 lanes of a row agree on m)
+    // scale, softcap, mask, online softmax (row r; the 4 lanes of a row agree on m)
     float sv[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
@@ -284,6 +285,7 @@ struct MmaRowState {
       } else {
         x = sacc[e >> 1][e & 1] * qscale;
       }
+      x = cap(x);
       sv[e] = (L.svalid[e] && j >= lo && j < hi) ? x : -INFINITY;
     }
     float mx = fmaxf(fmaxf(sv[0], sv[1]), fmaxf(sv[2], sv[3]));
