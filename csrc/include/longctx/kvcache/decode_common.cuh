@@ -12,8 +12,7 @@
 // (natural log, fp32); otherwise the split's fp32 partial (normalized out and its lse) into
 // out_accum / lse_accum for kvcache_merge_kernel. A row that saw no key gets out = 0, lse = -inf;
 // a row whose scores or values hold a NaN gets NaN.
-// Logit mods (logit_mods.h): every kernel caps its log2-domain scores with ScoreCap before the
-// mask; the head's sink joins only where a final row is written (combine_and_store with
+// Logit mods (logit_mods.h): every kernel caps its scores with cap_score before the mask; the head's sink joins only where a final row is written (combine_and_store with
 // num_splits == 1, the merge otherwise), never a split's partial, so it is counted once. With a
 // sink a row that saw no key gets out = 0, lse = sink; a -inf sink is bitwise no sink; a NaN
 // sink makes its head's rows NaN.
@@ -65,17 +64,20 @@ __device__ __forceinline__ DecodeCta decode_cta(int m_tiles) {
   return {static_cast<int>(blockIdx.y), hy / m_tiles, hy % m_tiles, static_cast<int>(blockIdx.z)};
 }
 
-// Logit softcapping of a score in the log2 domain (x = s * log2(e), s = softmax_scale q.k, any
-// fp8 / int8 K scale included): x' = c2 tanh(x / c2) with c2 = softcap * log2(e), which is
-// log2(e) c tanh(s / c); softcap 0 leaves x. Uniform branch.
-struct ScoreCap {
-  float c2 = 0.f, inv_c2 = 0.f;
-  __device__ __forceinline__ explicit ScoreCap(float softcap)
-      : c2(softcap * 1.4426950408889634f), inv_c2(softcap != 0.f ? 1.f / c2 : 0.f) {}
-  __device__ __forceinline__ float operator()(float x) const {
-    return c2 != 0.f ? c2 * tanh_approx(x * inv_c2) : x;
-  }
-};
+// The scale of q.k (times any fp8 / int8 K scale) that gives a kernel's score x: softmax_scale *
+// log2(e) (x = s log2(e), s = softmax_scale q.k, the log2 domain of the softmax), or with softcap
+// c softmax_scale / c (x = s / c, the argument of the cap's tanh).
+__device__ __forceinline__ float score_prescale(const AttnParams& p) {
+  return p.mods.softcap != 0.f ? p.softmax_scale / p.mods.softcap
+                               : p.softmax_scale * 1.4426950408889634f;
+}
+
+// Logit softcapping of a score x = s / c (score_prescale) into the log2 domain:
+// c log2(e) tanh(x); softcap 0 leaves x. Uniform branch; a kernel short of registers passes
+// p.mods.softcap itself (a constant-bank operand, no register).
+__device__ __forceinline__ float cap_score(float x, float softcap) {
+  return softcap != 0.f ? softcap * 1.4426950408889634f * tanh_approx(x) : x;
+}
 
 // The sink logit of head h (natural log), -inf for none.
 __device__ __forceinline__ float head_sink(const AttnParams& p, int h) {
