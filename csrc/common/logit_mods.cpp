@@ -26,11 +26,9 @@ LogitMods make_logit_mods(const std::optional<at::Tensor>& sinks, double softcap
   return m;
 }
 
-void check_no_logit_mods_on_cuda(const LogitMods& mods, const char* op) {
-  LONGCTX_CHECK_ARG(mods.sinks == nullptr, op, "sinks",
-                    "are not supported by the CUDA kernels yet (the CPU ops take them)");
-  LONGCTX_CHECK_ARG(mods.softcap == 0.f, op, "softcap",
-                    "is not supported by the CUDA kernels yet (the CPU ops take it)");
+void check_no_softcap(const LogitMods& mods, const char* op, const char* where) {
+  LONGCTX_CHECK_ARG(mods.softcap == 0.f, op, "softcap", "is not supported by ", where,
+                    " yet (the CPU ops take it)");
 }
 
 at::Tensor sinks_grad(const at::Tensor& sinks, const at::Tensor& lse,

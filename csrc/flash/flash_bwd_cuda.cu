@@ -7,7 +7,10 @@
 // tile) semaphores (bitwise reproducible; its cost: docs/kernels/flash_bwd.md).
 //
 // The build report: each instantiation file registers its own LONGCTX_REGISTER_KERNEL entry
-// ("flash_bwd", "cuda", "<dtype>", "hdim<D>,causal,window,gqa,varlen,deterministic").
+// ("flash_bwd", "cuda", "<dtype>", "hdim<D>,causal,window,gqa,varlen,deterministic,sinks").
+// Sinks: the kernels compute P = exp(S - lse) with the forward's lse, which includes the sink,
+// and P = 0 on masked entries whatever lse is (a row without keys has a finite lse with sinks);
+// dsinks comes from lse and D in flash_op.h.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -27,7 +30,7 @@ void run_bwd_cuda(const FlashBwdCall& c) {
   const flash::BwdParams& p = a.params;
   const c10::cuda::CUDAGuard guard(c.in.q.device());
   check_flash_cuda(a.dtype, op, "tensors");
-  check_no_logit_mods_on_cuda(p.fwd.mods, op);
+  check_no_softcap(p.fwd.mods, op, "the CUDA backward");  // sinks need no kernel change
   const flash::FlashBwdFn fn = find_flash_kernel<flash::FlashBwdTable>(
       p.fwd.head_dim, a.dtype, op,
       "the backward supports head_dim 64, 128 and 256; rebuild with LONGCTX_HEADDIMS / "

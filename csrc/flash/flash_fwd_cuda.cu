@@ -7,14 +7,13 @@
 // computes a tile, never the arithmetic).
 //
 // The build report: each instantiation file registers its own LONGCTX_REGISTER_KERNEL entry
-// ("flash_fwd", "cuda", "<dtype>", "hdim<D>,causal,window,gqa,varlen"), so the report lists
-// exactly the (head_dim, dtype) pairs in the binary.
+// ("flash_fwd", "cuda", "<dtype>", "hdim<D>,causal,window,gqa,varlen,softcap,sinks"), so the
+// report lists exactly the (head_dim, dtype) pairs in the binary.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <limits>
-#include "common/logit_mods.h"
 #include "common/nvtx.h"
 #include "flash/flash_cuda.h"
 #include "flash/flash_op.h"
@@ -29,7 +28,6 @@ void run_fwd_cuda(const FlashFwdCall& c) {
   const flash::FwdParams& p = a.params;
   const c10::cuda::CUDAGuard guard(c.in.q.device());
   check_flash_cuda(a.dtype, op, "q/k/v");
-  check_no_logit_mods_on_cuda(p.mods, op);
   const flash::FlashFwdFn fn = find_flash_kernel<flash::FlashFwdTable>(
       p.head_dim, a.dtype, op, "rebuild with LONGCTX_HEADDIMS / LONGCTX_DTYPES including it");
   const char* why = flash::flash_fwd_tma_unsupported_reason(p, 2);
@@ -39,9 +37,13 @@ void run_fwd_cuda(const FlashFwdCall& c) {
   const int64_t total_q = a.varlen ? c.in.q.size(0) : int64_t(p.batch) * p.seqlen_q;
   const int64_t total_k = a.varlen ? c.in.k.size(0) : int64_t(p.batch) * p.seqlen_k;
   if (total_q == 0 || p.heads == 0) return;
-  if (total_k == 0) {  // no keys anywhere: every row sees nothing
+  if (total_k == 0) {  // no keys anywhere: every row sees nothing (lse = its head's sink)
     c.out.zero_();
-    c.lse.fill_(-std::numeric_limits<float>::infinity());
+    if (c.in.sinks.has_value()) {
+      c.lse.copy_(a.varlen ? c.in.sinks->view({p.heads, 1}) : c.in.sinks->view({1, p.heads, 1}));
+    } else {
+      c.lse.fill_(-std::numeric_limits<float>::infinity());
+    }
     return;
   }
   // 4 bytes of scratch for the dynamic tile scheduler, private to this launch (stream-ordered

@@ -13,13 +13,14 @@
 
 namespace longctx {
 
-// The inputs a runner may need beyond the params: q and k (the packed row counts) and the
-// cu_seqlens (their values).
+// The inputs a runner may need beyond the params: q and k (the packed row counts), the
+// cu_seqlens (their values) and the sinks (the lse of rows without keys).
 struct FlashInputs {
   const at::Tensor& q;
   const at::Tensor& k;
   const std::optional<at::Tensor>& cu_seqlens_q;
   const std::optional<at::Tensor>& cu_seqlens_k;
+  const std::optional<at::Tensor>& sinks;
 };
 
 // What a runner gets: the checked arguments, the inputs and the allocated outputs. The backward's
@@ -54,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_op(
   const FlashFwdArgs a = make_flash_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                              max_seqlen_k, softmax_scale, causal, window_left,
                                              window_right, sinks, softcap, out, lse, op);
-  run(FlashFwdCall{a, {q, k, cu_seqlens_q, cu_seqlens_k}, out, lse});
+  run(FlashFwdCall{a, {q, k, cu_seqlens_q, cu_seqlens_k, sinks}, out, lse});
   return {out, lse};
 }
 
@@ -80,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd_op(
       dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       softmax_scale, causal, window_left, window_right, sinks, softcap, deterministic, dq, dk,
       dv, dsum, op);
-  run(FlashBwdCall{a, {q, k, cu_seqlens_q, cu_seqlens_k}, dq, dk, dv});
+  run(FlashBwdCall{a, {q, k, cu_seqlens_q, cu_seqlens_k, sinks}, dq, dk, dv});
   // The sinks' gradient needs only lse and D = rowsum(dout * out), which the runner left in dsum.
   at::Tensor dsinks = sinks.has_value() ? sinks_grad(*sinks, lse, dsum, a.varlen)
                                         : at::empty({0}, q.options().dtype(at::kFloat));

@@ -17,6 +17,9 @@
 //    gathered copy. The path reads cache_seqlens on the host (a sync) and always validates the
 //    page ids (with validate=False too), since the gathered keys could not be masked otherwise.
 //    num_splits is ignored there.
+// Both paths take softcap and sinks (logit_mods.h): the decode kernels cap their scores and add
+// the sink where a final row is written (decode_common.cuh, decode_merge.cuh); the prefill passes
+// both to the forward kernel.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -31,7 +34,6 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/nvtx.h"
-#include "common/logit_mods.h"
 #include "kvcache/kvcache_op.h"
 #include "longctx/kvcache/append.cuh"
 #include "longctx/kvcache/decode_launch.cuh"
@@ -90,8 +92,8 @@ bool decode_aligned(const at::Tensor& kc_, const at::Tensor& vc_) {
 
 void prefill_gather_fwd(
     const at::Tensor& q, const kvcache::AttnParams& p, const at::Tensor& cache_seqlens,
-    const std::optional<at::Tensor>& cu_seqlens_q, const at::Tensor& out, const at::Tensor& lse,
-    cudaStream_t stream) {
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& sinks,
+    const at::Tensor& out, const at::Tensor& lse, cudaStream_t stream) {
   const kvcache::PagedKV& c = p.cache;
   // lengths on the host (clamped as the decode path clamps them)
   const at::Tensor sl = cache_seqlens.to(at::kCPU);
@@ -146,7 +148,8 @@ void prefill_gather_fwd(
                             int64_t, int64_t, double, bool, int64_t, int64_t, bool,
                             const std::optional<at::Tensor>&, double)>();
   auto [o, l] = fwd.call(qp, kg, vg, cu_q, cu_k, max_sq, max_sk, double(p.softmax_scale),
-                         p.causal, p.window_left, p.window_right, false, std::nullopt, 0.0);
+                         p.causal, p.window_left, p.window_right, false, sinks,
+                         double(p.mods.softcap));
   if (packed) {
     out.copy_(o);
     lse.copy_(l);
@@ -217,12 +220,11 @@ struct Cuda {
     return !is_decode(q, k_cache, seqlen_q);
   }
 
-  // What only the CUDA kernels refuse: softcap and sinks (not built yet), head dims other than
-  // 64/128/256, pools the vector loads cannot read. Runs on the current device (a Hopper GPU).
+  // What only the CUDA kernels refuse: head dims other than 64/128/256, pools the vector loads
+  // cannot read. Runs on the current device (a Hopper GPU).
   static void check(const kvcache::AttnParams& p, const at::Tensor& q,
                     const KVCacheTensors& cache) {
     constexpr const char* op = "flash_attn_with_kvcache";
-    check_no_logit_mods_on_cuda(p.mods, op);
     const c10::cuda::CUDAGuard guard(q.device());
     check_hopper(op);
     if (p.total_q == 0 || p.heads == 0) return;
@@ -241,7 +243,8 @@ struct Cuda {
     const c10::cuda::CUDAGuard guard(c.q.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if (!is_decode(c.q, c.cache.k_cache, p.seqlen_q)) {
-      prefill_gather_fwd(c.q, p, c.cache.cache_seqlens, c.cu_seqlens_q, c.out, c.lse, stream);
+      prefill_gather_fwd(c.q, p, c.cache.cache_seqlens, c.cu_seqlens_q, c.sinks, c.out, c.lse,
+                         stream);
       return;
     }
     run_decode(p, c.q, c.num_splits, stream);
@@ -260,6 +263,6 @@ LONGCTX_REGISTER_KERNEL("kvcache", "cuda", "bf16,fp16",
                         "append,attention,decode_split_kv,decode_mma_hdim128,decode_staged_8bit,"
                         "prefill_gather_fwd,cache_bf16,cache_fp16,cache_int8,cache_fp8_e4m3,rope,"
                         "hdim64,hdim128,hdim256,causal,"
-                        "window,gqa,varlen,any_block_size");
+                        "window,gqa,varlen,any_block_size,softcap,sinks");
 
 }  // namespace longctx

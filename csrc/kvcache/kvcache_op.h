@@ -32,6 +32,7 @@ struct KVCacheAttnCall {
   const at::Tensor& q;
   const KVCacheTensors& cache;
   const std::optional<at::Tensor>& cu_seqlens_q;
+  const std::optional<at::Tensor>& sinks;  // params.mods.sinks as a tensor
   int64_t num_splits;  // as passed: 0 = automatic
   at::Tensor &out, &lse;
 };
@@ -96,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache_op(
   kvcache::AttnParams p = check_kvcache_attn<Device>(
       q, cache, cu_seqlens_q, max_seqlen_q, softmax_scale, causal, window_left, window_right,
       num_splits, validate, sinks, softcap, out, lse, op);
-  Device::attend(KVCacheAttnCall{p, q, cache, cu_seqlens_q, num_splits, out, lse});
+  Device::attend(KVCacheAttnCall{p, q, cache, cu_seqlens_q, sinks, num_splits, out, lse});
   return {out, lse};
 }
 

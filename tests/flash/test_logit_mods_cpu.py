@@ -16,6 +16,7 @@ import torch
 
 import longctx
 from attention_reference import assert_fa3_close, attention_ref, attention_varlen_ref
+from logit_mods_check import check_case as _check_case
 
 ops = torch.ops.longctx
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -36,48 +37,6 @@ def _seed(*key):
 def _sinks(h):
     # values a softmax of scores ~N(0, 1) notices; fp32 values exactly (the op computes in fp32)
     return (torch.randn(h) * 2 + 0.5).to(FP32)
-
-
-def _assert_grads_close(names, ours, g64, gpt, dtype, lse64, out64, dout, sinks64):
-    """assert_fa3_close for each gradient; dsinks gets one more term in its atol. It sums
-    exp(sinks - lse_i) * D_i over every row of a head, and lse is fp32 (as in every flash
-    kernel): each term carries lse's rounding (a few ulp of |lse|) as a relative error, which the
-    PyTorch reference (its softmax backward never exponentiates lse) does not have. Allowed:
-    4 ulp(max |lse|) * sum_i |term_i|, from the float64 terms."""
-    for name, g, r64, rpt in zip(names, ours, g64, gpt):
-        assert g.dtype == (FP32 if name == "dsinks" else dtype), name
-        if name != "dsinks":
-            assert_fa3_close(name, g, r64, rpt, dtype)
-            continue
-        varlen = lse64.dim() == 2  # (heads, total_q); batched (batch, heads, seqlen_q)
-        d = (dout.double() * out64.detach()).sum(-1)  # (.., rows, heads)
-        d = d.transpose(0, 1) if varlen else d.transpose(1, 2)
-        s = sinks64.detach().view((-1, 1) if varlen else (1, -1, 1))
-        terms = (torch.exp(s - lse64.detach()) * d).abs()
-        terms = terms.sum(1) if varlen else terms.sum((0, 2))
-        ulp = 2.0 ** -23 * 2.0 ** math.ceil(math.log2(lse64.detach().abs().max().item()))
-        err = (g.double() - r64).abs()
-        bound = 2 * (rpt.double() - r64).abs().max() + 1e-6 + 4 * ulp * terms
-        assert (err <= bound).all(), f"dsinks: error {err.tolist()} > bound {bound.tolist()}"
-
-
-def _check_case(ours, ref, q, k, v, sinks, dtype):
-    """ours(q, k, v, sinks) -> (out, lse) against ref(q, k, v, sinks, upcast) -> (out, lse), the
-    float64 reference (upcast) and the same at the input precision: outputs, then dq, dk, dv and
-    dsinks (when sinks is given) by autograd."""
-    out, lse = ours(q, k, v, sinks)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    s64 = sinks.detach().double().requires_grad_() if sinks is not None else None
-    out64, lse64 = ref(q64, k64, v64, s64, True)
-    out_pt, lse_pt = ref(q, k, v, sinks, False)
-    assert_fa3_close("out", out, out64, out_pt, dtype)
-    assert_fa3_close("lse", lse, lse64, lse_pt, dtype)
-    dout = torch.randn_like(out)
-    wrt = (q, k, v) + ((sinks,) if sinks is not None else ())
-    wrt64 = (q64, k64, v64) + ((s64,) if sinks is not None else ())
-    _assert_grads_close(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(out, wrt, dout),
-                        torch.autograd.grad(out64, wrt64, dout.double(), retain_graph=True),
-                        torch.autograd.grad(out_pt, wrt, dout), dtype, lse64, out64, dout, s64)
 
 
 @pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])
@@ -348,17 +307,3 @@ def _q_k_v():
 def test_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         longctx.flash_attn_func(*_q_k_v(), **kwargs)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kwargs,match", [
-    ({"sinks": torch.zeros(4)}, r"flash_attn_fwd: sinks are not supported by the CUDA kernels"),
-    ({"softcap": 30.0}, r"flash_attn_fwd: softcap is not supported by the CUDA kernels"),
-])
-def test_cuda_rejects_them_for_now(kwargs, match):
-    q = torch.randn(1, 8, 4, 64, dtype=BF16, device="cuda")
-    k, v = (torch.randn(1, 8, 2, 64, dtype=BF16, device="cuda") for _ in range(2))
-    kwargs = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in kwargs.items()}
-    with pytest.raises(RuntimeError, match=match):
-        longctx.flash_attn_func(q, k, v, **kwargs)

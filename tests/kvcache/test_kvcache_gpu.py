@@ -264,10 +264,12 @@ def _device_pools(kc, vc, combined=False, pad=0):
 
 def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, window, splits,
                      packed, combined=False, pad=0, gen=None, scale_layout="head",
-                     table_blocks=0):
+                     table_blocks=0, softcap=0.0, sinks=None, check=True):
     """Random pool + table, attention vs the float64 reference on the dequantized K/V.
     table_blocks: the block table's width (its capacity, which the staged kernel's tile order
-    depends on); the columns past a sequence's pages are -1, as PagedKVCache pads them."""
+    depends on); the columns past a sequence's pages are -1, as PagedKVCache pads them.
+    softcap, sinks (CPU fp32 (h,)): the logit modifiers, passed to the op and the reference.
+    check=False: only the op's (out, lse)."""
     batch = len(lens)
     max_blocks = max(1, -(-max(lens) // bs))
     num_blocks = batch * max_blocks + 5
@@ -292,17 +294,21 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
         right = 0
     out, lse = ops.flash_attn_with_kvcache(
         q.cuda(), kc_d, vc_d, cd(ksc), cd(vsc), cd(kf), cd(vf), table.cuda(), seqlens.cuda(),
-        cd(cu_q), max(q_lens), 1.0 / math.sqrt(d), causal, left, right, splits, True)
+        cd(cu_q), max(q_lens), 1.0 / math.sqrt(d), causal, left, right, splits, True, cd(sinks),
+        softcap)
     out, lse = out.cpu(), lse.cpu()
+    if not check:
+        return out, lse
     ks_, vs_ = (ksc, vsc) if cache_dtype == INT8 else (kf, vf)
     deq = [gather_kv(kc, vc, table, n, b, ks_, vs_) for b, n in enumerate(lens)]
     kd, vd = torch.cat([x[0] for x in deq]), torch.cat([x[1] for x in deq])
     qf = q if packed else q.flatten(0, 1)
     cq = cu_q if packed else _cu([q_lens[0]] * batch)
     ck = _cu(lens)
-    out64, lse64 = attention_varlen_ref(qf.double(), kd, vd, cq, ck, None, causal, window)
+    out64, lse64 = attention_varlen_ref(qf.double(), kd, vd, cq, ck, None, causal, window, True,
+                                        softcap, None if sinks is None else sinks.double())
     out_pt, lse_pt = attention_varlen_ref(qf, kd.to(dtype), vd.to(dtype), cq, ck, None, causal,
-                                          window, upcast=False)
+                                          window, False, softcap, sinks)
     of = out if packed else out.flatten(0, 1)
     lf = lse if packed else lse.permute(1, 0, 2).flatten(1, 2)
     assert_fa3_close("out", of, out64, out_pt, dtype)
@@ -404,6 +410,81 @@ def test_decode_many_splits(cache_dtype, splits):
     gen = torch.Generator().manual_seed(12)
     _check_attention(cache_dtype, BF16, 8, 1, 64, 16, [700, 4500], [1], True, (-1, -1),
                      splits, packed=False, gen=gen)
+
+
+# ---- softcap and sinks (longctx/logit_mods.h) ---------------------------------------------------
+
+MODS = [("softcap", 2.5, False), ("sinks", 0.0, True), ("both", 4.0, True)]
+
+
+def _mod_sinks(h, with_sinks, gen):
+    return (torch.randn(h, generator=gen) * 2 + 0.5) if with_sinks else None
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, FP16, INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("case", [DECODE_CASES[i] for i in (0, 2, 3, 4)],
+                         ids=lambda c: f"h{c[0]}-hk{c[1]}-d{c[2]}-bs{c[3]}")
+@pytest.mark.parametrize("splits", [1, 7])
+@pytest.mark.parametrize("variant", ["default", "fallback_layout"])
+@pytest.mark.parametrize("mods", MODS, ids=[m[0] for m in MODS])
+def test_decode_with_mods(cache_dtype, case, splits, variant, mods):
+    """Every decode kernel with softcap and sinks: the sink joins once, where the final row is
+    written (num_splits 1) or in the merge (7); an empty sequence gets out = 0, lse = sink."""
+    pad, scale_layout = _variant(variant, cache_dtype)
+    _, softcap, with_sinks = mods
+    h, hk, d, bs, causal, window = case
+    dtype = FP16 if cache_dtype == FP16 else BF16
+    gen = torch.Generator().manual_seed(21)
+    sinks = _mod_sinks(h, with_sinks, gen)
+    out, lse = _check_attention(cache_dtype, dtype, h, hk, d, bs, [0, 1, 300, 1537], [1],
+                                causal, window, splits, packed=False, pad=pad, gen=gen,
+                                scale_layout=scale_layout, softcap=softcap, sinks=sinks)
+    assert (out[0] == 0).all()
+    if with_sinks:
+        assert torch.equal(lse[0, :, 0], sinks)
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("splits", [1, 7])
+def test_decode_sink_edge_values(cache_dtype, splits):
+    """A -inf sink is bitwise no sink; a NaN sink makes its head's rows NaN only (same pool,
+    table and queries in every run: the same generator seed)."""
+    h = 8
+    sinks = torch.randn(h, generator=torch.Generator().manual_seed(22)) * 2 + 0.5
+
+    def run(s):
+        torch.manual_seed(23)  # (the 8-bit pools draw from the global generator)
+        return _check_attention(cache_dtype, BF16, h, 2, 128, 16, [0, 300, 1537], [1], True,
+                                (-1, -1), splits, packed=False,
+                                gen=torch.Generator().manual_seed(23), sinks=s, check=False)
+
+    o0, l0 = run(None)
+    o1, l1 = run(torch.full((h,), -math.inf))
+    assert torch.equal(o0, o1) and torch.equal(l0, l1)
+    base, lbase = run(sinks)
+    sinks[5] = math.nan
+    out, lse = run(sinks)
+    assert torch.isnan(out[:, :, 5]).all() and torch.isnan(lse[:, 5]).all()
+    keep = [i for i in range(h) if i != 5]
+    assert torch.equal(out[:, :, keep], base[:, :, keep])
+    assert torch.equal(lse[:, keep], lbase[:, keep])
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("mods", MODS, ids=[m[0] for m in MODS])
+def test_prefill_with_mods(cache_dtype, mods):
+    """The chunked prefill runs the forward kernel on the gathered pages: the mods reach it."""
+    if not _flash_fwd_compiled(128, BF16):
+        pytest.skip("flash_fwd hdim128 bf16 not compiled")
+    _, softcap, with_sinks = mods
+    gen = torch.Generator().manual_seed(24)
+    sinks = _mod_sinks(8, with_sinks, gen)
+    out, lse = _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [300, 0, 77], [100, 40, 77],
+                                True, (-1, -1), 0, packed=True, gen=gen, softcap=softcap,
+                                sinks=sinks)
+    assert (out[100:140] == 0).all()  # sequence 1 has no cached key
+    if with_sinks:
+        assert torch.equal(lse[:, 100:140], sinks[:, None].expand(8, 40))
 
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)

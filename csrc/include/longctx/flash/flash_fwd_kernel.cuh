@@ -7,7 +7,11 @@
 // the wgmma main loop (mainloop_fwd_sm90.cuh), the online softmax (softmax.cuh) and the
 // epilogue (epilogue_fwd.cuh). The K/V pipeline runs on across query tiles, so the next tile's
 // first K/V loads overlap the current tile's last P V and epilogue.
-// A tile whose rows see no key writes out = 0, lse = -inf and loads nothing.
+// A tile whose rows see no key writes out = 0, lse = -inf (with sinks: the head's sink) and loads
+// nothing.
+// Logit mods (logit_mods.h), both runtime switches that are uniform over the launch: softcap caps
+// S in the main loop before the mask; the head's sink (read once per tile, after the main loop)
+// joins the softmax denominator in finalize (softmax.cuh). Neither is tied to a template.
 // GQA: kv head = head / (heads / heads_kv).
 #pragma once
 #include <cute/tensor.hpp>
@@ -138,15 +142,21 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
                                          p.window_left, p.window_right);
       Tensor tOrO = partition_fragment_C(tiled_mma1, select<0, 2>(typename Traits::TileShape_MNK{}));
       clear(tOrO);
-      OnlineSoftmax<2> softmax(p.softmax_scale_log2);
+      // Softcap: the main loop turns S into tanh(S * softmax_scale / c) and the softmax scale
+      // becomes c (mainloop_fwd_sm90.cuh).
+      const float softcap = p.mods.softcap;
+      const float score_scale = softcap != 0.f ? softcap : p.softmax_scale;
+      OnlineSoftmax<2> softmax(softcap != 0.f ? softcap * 1.4426950408889634f : p.softmax_scale_log2);
       if (tr.end > tr.begin) {
         const MaskArgs ma{m_block, si.sq, si.sk, p.window_left, p.window_right};
+        const float softcap_in = softcap != 0.f ? p.softmax_scale / softcap : 0.f;
         consumer_mma<Traits>(ss, mma_tidx, pipe_k, pipe_v, st_k, st_v, q_iter, tr.begin,
-                             tr.end, ma, tOrO, softmax);
+                             tr.end, ma, softcap_in, tOrO, softmax);
         ++q_iter;
       }
       float inv_sum[2], lse[2];
-      softmax.finalize(p.softmax_scale, inv_sum, lse);
+      softmax.finalize(score_scale, p.mods.sinks != nullptr ? p.mods.sinks[h] : -CUDART_INF_F,
+                       inv_sum, lse);
       Tensor O_rc = make_tensor(tOrO.data(), acc_layout_rowcol(tOrO.layout()));
       rescale_rows(O_rc, inv_sum);
       auto thr_mma1 = tiled_mma1.get_thread_slice(mma_tidx);

@@ -46,7 +46,7 @@ struct FwdParams {
   float softmax_scale_log2 = 1.f;  // softmax_scale * log2(e)
   bool causal = false;
   int window_left = -1, window_right = -1;  // causal => window_right == 0
-  LogitMods mods;  // softcap and sinks (logit_mods.h); the CUDA kernels take neither yet
+  LogitMods mods;  // softcap and sinks (logit_mods.h)
 
   bool is_bf16 = true;  // else fp16 (CPU twin also accepts fp32 through its own path)
 };

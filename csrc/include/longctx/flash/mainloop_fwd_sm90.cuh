@@ -6,12 +6,13 @@
 // Consumers (warpgroups 1, 2; 64 query rows each), intra-warpgroup overlapped as in FA3:
 //   S(n_max-1) = Q K^T ; softmax -> P
 //   for n = n_max-2 .. n_min:  issue S(n) = Q K(n)^T ; issue O += P V(n+1) ;
-//                              wait S ; release K ; mask + softmax(S(n)) -> P', scale ;
+//                              wait S ; release K ; [softcap +] mask + softmax(S(n)) -> P', scale ;
 //                              wait PV ; release V(n+1) ; O *= scale ; P = P'
 //   O += P V(n_min)
 // so the softmax of tile n runs while the tensor cores do P V(n+1). Tiles are walked from the
 // last (the diagonal, masked ones first) to the first. The per-element mask is applied only to
-// tiles mask.h's tile_needs_mask flags. Invariants: consumer and producer walk the same tile range;
+// tiles mask.h's tile_needs_mask flags; with softcap (runtime switch, uniform) S is capped just
+// before it (apply_softcap). Invariants: consumer and producer walk the same tile range;
 // each pipeline state advances exactly once per KV tile on both sides and persists across the
 // query tiles of a persistent CTA; the Q barriers flip once per query tile that loads Q
 // (q_iter counts those), barrier_q_empty tells the producer sQ may be overwritten.
@@ -22,6 +23,7 @@
 #include <math_constants.h>
 #include "longctx/flash/mask.h"
 #include "longctx/flash/softmax.cuh"
+#include "longctx/tanh_approx.cuh"
 
 namespace longctx {
 namespace flash {
@@ -106,7 +108,16 @@ __device__ __forceinline__ void apply_mask(TensorS& tSrS, const TensorC& tScS, i
   }
 }
 
+// Logit softcapping of an S tile: S = tanh(S * softcap_in), softcap_in = softmax_scale / c (the
+// softmax then scales by c). Runs before the mask, so masked entries stay -inf; NaN stays NaN.
+template <typename TensorS>
+__device__ __forceinline__ void apply_softcap(TensorS& tSrS, float softcap_in) {
+  #pragma unroll
+  for (int i = 0; i < cute::size(tSrS); ++i) tSrS(i) = tanh_approx(tSrS(i) * softcap_in);
+}
+
 // Runs the consumer main loop; returns O (unnormalized) in tOrO and the softmax state.
+// softcap_in: 0 for no softcap, else softmax_scale / c (apply_softcap).
 template <typename Traits, typename TensorO, typename Softmax>
 __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss, int mma_tidx,
                                              typename Traits::MainloopPipeline& pipe_k,
@@ -114,7 +125,7 @@ __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss,
                                              typename Traits::PipelineState& st_k,
                                              typename Traits::PipelineState& st_v, int q_iter,
                                              int n_min, int n_max, const MaskArgs& ma,
-                                             TensorO& tOrO, Softmax& softmax) {
+                                             float softcap_in, TensorO& tOrO, Softmax& softmax) {
   using namespace cute;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   using Element = typename Traits::Element;
@@ -143,7 +154,8 @@ __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss,
     auto frag = cvt(*reinterpret_cast<const cutlass::Array<float, N>*>(tSrS.data()));
     *reinterpret_cast<cutlass::Array<Element, N>*>(tOrP.data()) = frag;
   };
-  auto maybe_mask = [&](int n) {
+  auto cap_and_mask = [&](int n) {
+    if (softcap_in != 0.f) apply_softcap(tSrS, softcap_in);
     if (tile_needs_mask(ma.m_block, n, kBlockM, kBlockN, ma.sq, ma.sk, ma.window_left,
                         ma.window_right)) {
       apply_mask(tSrS, tScS, ma.m_block * kBlockM, n * kBlockN, ma.sq, ma.sk, ma.window_left,
@@ -159,7 +171,7 @@ __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss,
   warpgroup_wait<0>();
   pipe_k.consumer_release(st_k);
   ++st_k;
-  maybe_mask(n);
+  cap_and_mask(n);
   softmax.first_step(S_rc);
   convert_p();
 
@@ -172,7 +184,7 @@ __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss,
     warpgroup_fence_operand(tSrS);
     pipe_k.consumer_release(st_k);
     ++st_k;
-    maybe_mask(n);
+    cap_and_mask(n);
     float scale_o[2];
     softmax.step(S_rc, scale_o);
     warpgroup_wait<0>();

@@ -11,6 +11,12 @@
 // lse = -inf. A NaN score (from q or k) makes P and the row sum NaN (fmaxf leaves it out of the
 // max, the exponent keeps it), and finalize keeps it: out and lse are NaN in that row, not the
 // empty row's 0 and -inf. lse is natural-log: m * softmax_scale + log(sum).
+// Sinks (logit_mods.h) join at finalize only, as one more key of value 0 with logit `sink`
+// (natural-log units, like m * softmax_scale): with M = max(m, sink) the denominator is
+// sum * e^(m - M) + e^(sink - M), lse = M + log(that) and inv_sum = e^(m - M) / (that); an empty
+// row gets out = 0 and lse = sink exactly. A sink of -inf takes the sink-free code (bitwise no
+// sink); a NaN sink enters the denominator explicitly, so every row of its head is NaN.
+// With softcap the scores the softmax sees are tanh values and softmax_scale is the cap c.
 #pragma once
 #include <cute/tensor.hpp>
 #include <math_constants.h>
@@ -98,14 +104,26 @@ struct OnlineSoftmax {
   }
 
   // inv_sum[r] multiplies O's row r; lse[r] is the natural-log LSE (valid in every quad lane).
-  __device__ __forceinline__ void finalize(float softmax_scale, float (&inv_sum)[kNRows],
-                                           float (&lse)[kNRows]) {
+  // sink: the head's sink logit, -inf for none.
+  __device__ __forceinline__ void finalize(float softmax_scale, float sink,
+                                           float (&inv_sum)[kNRows], float (&lse)[kNRows]) {
     #pragma unroll
     for (int r = 0; r < kNRows; ++r) {
       const float s = quad_sum(row_sum[r]);
-      const bool empty = s == 0.f;  // no key seen; a NaN sum is not empty (NaN out and lse)
-      inv_sum[r] = empty ? 0.f : 1.f / s;
-      lse[r] = empty ? -CUDART_INF_F : row_max[r] * softmax_scale + logf(s);
+      if (sink == -CUDART_INF_F) {
+        const bool empty = s == 0.f;  // no key seen; a NaN sum is not empty (NaN out and lse)
+        inv_sum[r] = empty ? 0.f : 1.f / s;
+        lse[r] = empty ? -CUDART_INF_F : row_max[r] * softmax_scale + logf(s);
+      } else {
+        // Empty row: m = -inf, total = 1, lse = sink, inv_sum = 0. fmaxf drops a NaN sink from
+        // M, but its own term e^(sink - M) is NaN and reaches total.
+        const float m = row_max[r] * softmax_scale;
+        const float M = fmaxf(m, sink);
+        const float wm = expf(m - M);
+        const float total = s * wm + expf(sink - M);
+        inv_sum[r] = wm / total;
+        lse[r] = M + logf(total);
+      }
     }
   }
 };

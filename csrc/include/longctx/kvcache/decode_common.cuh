@@ -12,6 +12,10 @@
 // (natural log, fp32); otherwise the split's fp32 partial (normalized out and its lse) into
 // out_accum / lse_accum for kvcache_merge_kernel. A row that saw no key gets out = 0, lse = -inf;
 // a row whose scores or values hold a NaN gets NaN.
+// Logit mods (logit_mods.h): every kernel caps its scores with cap_score before the mask; the head's sink joins only where a final row is written (combine_and_store with
+// num_splits == 1, the merge otherwise), never a split's partial, so it is counted once. With a
+// sink a row that saw no key gets out = 0, lse = sink; a -inf sink is bitwise no sink; a NaN
+// sink makes its head's rows NaN.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -21,6 +25,7 @@
 #include "longctx/kvcache/grid_dependency.cuh"
 #include "longctx/kvcache/kvcache_params.h"
 #include "longctx/kvcache/paged.h"
+#include "longctx/tanh_approx.cuh"
 
 namespace longctx {
 namespace kvcache {
@@ -59,6 +64,26 @@ __device__ __forceinline__ DecodeCta decode_cta(int m_tiles) {
   return {static_cast<int>(blockIdx.y), hy / m_tiles, hy % m_tiles, static_cast<int>(blockIdx.z)};
 }
 
+// The scale of q.k (times any fp8 / int8 K scale) that gives a kernel's score x: softmax_scale *
+// log2(e) (x = s log2(e), s = softmax_scale q.k, the log2 domain of the softmax), or with softcap
+// c softmax_scale / c (x = s / c, the argument of the cap's tanh).
+__device__ __forceinline__ float score_prescale(const AttnParams& p) {
+  return p.mods.softcap != 0.f ? p.softmax_scale / p.mods.softcap
+                               : p.softmax_scale * 1.4426950408889634f;
+}
+
+// Logit softcapping of a score x = s / c (score_prescale) into the log2 domain:
+// c log2(e) tanh(x); softcap 0 leaves x. Uniform branch; a kernel short of registers passes
+// p.mods.softcap itself (a constant-bank operand, no register).
+__device__ __forceinline__ float cap_score(float x, float softcap) {
+  return softcap != 0.f ? softcap * 1.4426950408889634f * tanh_approx(x) : x;
+}
+
+// The sink logit of head h (natural log), -inf for none.
+__device__ __forceinline__ float head_sink(const AttnParams& p, int h) {
+  return p.mods.sinks != nullptr ? p.mods.sinks[h] : -INFINITY;
+}
+
 // Keys the tile's rows see are [lo, hi) per row (mask.h's rule as an interval).
 __device__ __forceinline__ void row_interval(int64_t i, int sq, int sk, int wl, int wr, int& lo,
                                              int& hi) {
@@ -80,7 +105,8 @@ __device__ __forceinline__ int o_pos(int e) {
 }
 
 // OS: the row stride of sm_o in floats (D unless padded). Two steps: one thread per row folds
-// the groups' (m, l) into per-group weights exp2(m_w - M) / L (times vscale), written over sm_m,
+// the groups' (m, l) (and with num_splits == 1 the head's sink, a group of m = sink * log2(e),
+// l = 1 and o = 0) into per-group weights exp2(m_w - M) / L (times vscale), written over sm_m,
 // and the row's lse, written over sm_l[g]; then every element is a weighted sum of NW partial
 // rows (no exponentials or divisions per element; kDecodeThreads threads, unrolled, so the loads
 // of all of a thread's elements are in flight together). Every thread of the CTA calls it.
@@ -91,7 +117,9 @@ __device__ __forceinline__ void combine_and_store(const AttnParams& p, const Seq
                                                   const float* sm_o) {
   if (threadIdx.x < GT) {
     const int g = threadIdx.x;
-    float M = -INFINITY;
+    const float sink = p.num_splits == 1 ? head_sink(p, hk * group + (r0 + g) % group) : -INFINITY;
+    const float sink2 = sink * 1.4426950408889634f;
+    float M = sink2;  // fmaxf drops a NaN sink here; its own term below keeps it
 #pragma unroll
     for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w * RS + g]);
     float wt[NW], L = 0.f;
@@ -100,11 +128,13 @@ __device__ __forceinline__ void combine_and_store(const AttnParams& p, const Seq
       wt[w] = M == -INFINITY ? 0.f : exp2f(sm_m[w * RS + g] - M);
       L = fmaf(sm_l[w * RS + g], wt[w], L);
     }
-    const bool empty = L == 0.f;  // no key seen; a NaN sum (NaN in q, k or v) stays NaN
+    if (sink != -INFINITY) L += exp2f(sink2 - M);
+    const bool empty = L == 0.f;  // no key seen; a NaN sum (NaN in q, k, v or sink) stays NaN
     const float scale = empty ? 0.f : vscale / L;
 #pragma unroll
     for (int w = 0; w < NW; ++w) sm_m[w * RS + g] = wt[w] * scale;
-    sm_l[g] = empty ? -INFINITY : M * 0.6931471805599453f + logf(L);
+    // M = sink2 (the sink dominates, e.g. a row without keys): lse = sink + log L exactly.
+    sm_l[g] = empty ? -INFINITY : (M == sink2 ? sink : M * 0.6931471805599453f) + logf(L);
   }
   __syncthreads();
 #pragma unroll

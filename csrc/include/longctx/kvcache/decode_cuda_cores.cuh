@@ -13,11 +13,11 @@
 // (16-byte loads for bf16/fp16, 8-byte loads for int8/fp8), so the CTA holds NG = 128 / TPK keys
 // per step and U steps per batch. Batches are software-pipelined: the page ids of batch n + 2 and
 // the K/V data (and int8 scales) of batch n + 1 are in flight while batch n is computed. Each
-// thread keeps the query rows' 8 elements in fp32 registers (pre-multiplied by
-// softmax_scale * log2(e), and by the fp8 K scale of the head), computes its partial dot products,
-// reduces them over its TPK lanes with xor shuffles, and runs an fp32 online softmax (exp2) per
-// key group; int8 per-token scales multiply the score (K) and the probability (V), the fp8 V scale
-// multiplies the output. At the end the NG key groups are merged through shared memory
+// thread keeps the query rows' 8 elements in fp32 registers (pre-multiplied by score_prescale:
+// softmax_scale * log2(e), or softmax_scale / softcap; and by the fp8 K scale of the head),
+// computes its partial dot products, reduces them over its TPK lanes with xor shuffles, caps them
+// (softcap: cap_score) and runs an fp32 online softmax (exp2) per key group; int8 per-token scales
+// multiply the score (K) and the probability (V), the fp8 V scale multiplies the output. At the end the NG key groups are merged through shared memory
 // (combine_and_store), and with num_splits > 1 the merge kernel (decode_merge.cuh) combines the
 // splits' partials.
 //
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kDecodeThreads, MinBlocks)
   const int r0 = mt * GT;
   if (r0 >= R) return;  // whole CTA: uniform
 
-  float qscale = p.softmax_scale * 1.4426950408889634f;
+  float qscale = score_prescale(p);
   if constexpr (F == Format::kFp8E4M3) qscale *= c.k.head_scale[hk];
   float q[GT][8];
   int lo[GT], hi[GT];
@@ -266,6 +266,7 @@ __global__ void __launch_bounds__(kDecodeThreads, MinBlocks)
       for (int g = 0; g < GT; ++g) {
         float x = sc[u][g];
         if constexpr (F == Format::kInt8) x *= cur.ks[u];
+        x = cap_score(x, p.mods.softcap);
         sc[u][g] = (cur.pg[u] >= 0 && j >= lo[g] && j < hi[g]) ? x : -INFINITY;
       }
     }

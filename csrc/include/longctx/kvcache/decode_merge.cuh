@@ -8,6 +8,9 @@
 // before any is used. Launch: programmatic dependent (grid_dependency.cuh), waiting for the
 // decode kernel's partials before its first read. A row without keys gets out = 0, lse = -inf; a
 // NaN partial (lse or out) makes the row NaN (the running max keeps NaN, NaN weights are summed).
+// Sinks (logit_mods.h): the partials hold none; the head's sink joins here once, as one more
+// split with lse = sink and out = 0 (a row without keys: out = 0, lse = sink; a -inf sink changes
+// nothing; a NaN sink makes the row NaN).
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
@@ -26,7 +29,8 @@ namespace cuda {
 // partial rows and their lse issued before any is used: a merge moves a few tens of KB from L2,
 // so its cost is rounds of latency, not bandwidth. The warps' states meet in shared memory
 // (sm: NW * (D + 2) floats); warp 0 writes out = acc / l (T) at p.out + out_off and
-// lse = m + log l at p.lse + lse_off. A row without keys gets out = 0, lse = -inf.
+// lse = m + log l at p.lse + lse_off, after folding in the head's sink. A row without keys gets
+// out = 0, lse = -inf (with a sink: lse = sink).
 template <int D, int C>
 struct MergeState {
   static constexpr int E = D / 32;
@@ -86,6 +90,16 @@ struct MergeState {
       m = cm;
     }
   }
+  // Folds in the sink: a split with lse = sink and out = 0 (skipped for -inf: no sink).
+  __device__ __forceinline__ void add_sink(float sink) {
+    if (sink == -INFINITY) return;
+    const float M = max_keep_nan(m, sink);
+    const float a = m == -INFINITY ? 0.f : expf(m - M);
+    l = l * a + expf(sink - M);
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] *= a;
+    m = M;
+  }
   // Folds another state in.
   __device__ __forceinline__ void join(float m2, float l2, const float* acc2) {
     const float M = max_keep_nan(m, m2);
@@ -120,6 +134,7 @@ __device__ __forceinline__ void merge_split_row(const AttnParams& p, int64_t gro
   __syncthreads();
   if (warp != 0) return;
   for (int w = 1; w < nw; ++w) st.join(sm_m[w], sm_l[w], sm_acc + w * D + lane * E);
+  st.add_sink(head_sink(p, h));
   const bool empty = st.l == 0.f;
   T* op = static_cast<T*>(p.out) + out_off + lane * E;
 #pragma unroll

@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   split_range(rows, p.num_splits, cta.split, kCtaKeys, kb, ke);
   uint32_t qa[D / 16][2];
   const float qscale = cta.load_q(p, rows.row_active, qa);
-  State st;
+  State st(p.mods.softcap);
   st.set_key_bias(qa, qscale);
 
   const int bs = cache.block_size;

@@ -19,8 +19,8 @@
 // Dequantization: fp8 codes -> fp16 by cvt (exact), int8 -> fp16 by the 0x6400 magic number
 // (exact; for K the magic's offset 1152 stays in and 1152 sum(q) leaves the scores in their
 // scaling FMA, MmaRowState::kbias); Q is then fp16 (bf16 q converts exactly within fp16's
-// range), the mma is f16 with fp32 accumulation; scales are applied in fp32: S *= softmax_scale *
-// log2(e) * (fp8: K head scale; int8: the key's scale), P *= the int8 V scale of its key before
+// range), the mma is f16 with fp32 accumulation; scales are applied in fp32: S *= score_prescale
+// (decode_common.cuh) * (fp8: K head scale; int8: the key's scale), then the softcap, P *= the int8 V scale of its key before
 // packing, the fp8 V scale multiplies the output. bf16 / fp16 caches use their own mma type. P is
 // rounded to the mma type (bf16 for a bf16 cache, as FlashAttention does; fp16 otherwise).
 // Invariants: keys past a row's mask interval or on invalid pages get P = 0 and their V is zero
@@ -223,8 +223,9 @@ struct MmaRowState {
   // thread's row is subtracted in the score's scaling FMA (set_key_bias). Exact up to fp32
   // rounding of a sum ~1152 |q| (relative 2^-23 of it, far below the int8 error).
   float kbias = 0.f;
+  float softcap;  // cap_score's (decode_common.cuh)
 
-  __device__ __forceinline__ MmaRowState() {
+  __device__ __forceinline__ explicit MmaRowState(float softcap_) : softcap(softcap_) {
 #pragma unroll
     for (int j = 0; j < kNB; ++j) o[j][0] = o[j][1] = 0.f;
   }
@@ -248,8 +249,8 @@ struct MmaRowState {
     }
   }
 
-  // Consume the tile at t0 (keys t0 .. t0 + 15): S = Q K^T, mask to [lo, hi) and svalid, online
-  // softmax, O += P V. qscale = softmax_scale * log2(e) (* fp8 K scale).
+  // Consume the tile at t0 (keys t0 .. t0 + 15): S = Q K^T, softcap, mask to [lo, hi) and svalid,
+  // online softmax, O += P V. qscale = score_scale().
   __device__ __forceinline__ void consume(const MmaTileFrags<F, D>& L, int t0, int lo, int hi,
                                           const uint32_t (&qa)[kSteps][2], float qscale, int c) {
     float sacc[2][4];
@@ -273,7 +274,7 @@ struct MmaRowState {
         mma16816<kBf16>(sacc[h], qa[st][0], 0u, qa[st][1], 0u, b0, b1);
       }
     }
-    // scale, mask, online softmax (row r; the 4 lanes of a row agree on m)
+    // scale, softcap, mask, online softmax (row r; the 4 lanes of a row agree on m)
     float sv[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
@@ -284,6 +285,7 @@ struct MmaRowState {
       } else {
         x = sacc[e >> 1][e & 1] * qscale;
       }
+      x = cap_score(x, softcap);
       sv[e] = (L.svalid[e] && j >= lo && j < hi) ? x : -INFINITY;
     }
     float mx = fmaxf(fmaxf(sv[0], sv[1]), fmaxf(sv[2], sv[3]));
@@ -411,9 +413,10 @@ struct MmaCta {
   __device__ __forceinline__ MmaRows rows(const AttnParams& p) const {
     return mma_rows<GT>(p, s, r0, R, group, r);
   }
-  // The score scale: softmax_scale * log2(e), times the fp8 K scale of the head.
+  // The score scale: score_prescale (softmax_scale * log2(e), or with softcap
+  // softmax_scale / softcap), times the fp8 K scale of the head.
   __device__ __forceinline__ float score_scale(const AttnParams& p) const {
-    return p.softmax_scale * 1.4426950408889634f * k_head_scale;
+    return score_prescale(p) * k_head_scale;
   }
   // This thread's query elements (load_q_raw; convert with q_frags_from_raw).
   __device__ __forceinline__ void load_q_raw(const AttnParams& p, bool row_active,

@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   uint32_t qa[D / 16][2];
   q_frags_from_raw<T, F, D>(qraw, qa);
   const float qscale = cta.score_scale(p);
-  State st;
+  State st(p.mods.softcap);
   st.set_key_bias(qa, qscale);
   for (int i = 0; i < n_tiles; ++i) {
     cp_async_wait<S - 1>();

@@ -129,7 +129,7 @@ struct AttnParams {
   float softmax_scale = 1.f;
   bool causal = false;
   int window_left = -1, window_right = -1;  // causal => window_right == 0
-  LogitMods mods;  // softcap and sinks (logit_mods.h); the CUDA kernels take neither yet
+  LogitMods mods;  // softcap and sinks (logit_mods.h)
 
   // Split-KV scratch (num_splits > 1): out_accum (num_splits, total_q, heads, head_dim) fp32 and
   // lse_accum (num_splits, heads, total_q) fp32, contiguous; row index = the row of q (batched:
