@@ -146,7 +146,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
       // becomes c (mainloop_fwd_sm90.cuh).
       const float softcap = p.mods.softcap;
       const float score_scale = softcap != 0.f ? softcap : p.softmax_scale;
-      OnlineSoftmax<2> softmax(softcap != 0.f ? softcap * 1.4426950408889634f : p.softmax_scale_log2);
+      OnlineSoftmax<2> softmax(softcap != 0.f ? softcap * 1.4426950408889634f
+                                              : p.softmax_scale_log2);
       if (tr.end > tr.begin) {
         const MaskArgs ma{m_block, si.sq, si.sk, p.window_left, p.window_right};
         const float softcap_in = softcap != 0.f ? p.softmax_scale / softcap : 0.f;

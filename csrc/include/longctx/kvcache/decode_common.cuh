@@ -12,10 +12,11 @@
 // (natural log, fp32); otherwise the split's fp32 partial (normalized out and its lse) into
 // out_accum / lse_accum for kvcache_merge_kernel. A row that saw no key gets out = 0, lse = -inf;
 // a row whose scores or values hold a NaN gets NaN.
-// Logit mods (logit_mods.h): every kernel caps its scores with cap_score before the mask; the head's sink joins only where a final row is written (combine_and_store with
-// num_splits == 1, the merge otherwise), never a split's partial, so it is counted once. With a
-// sink a row that saw no key gets out = 0, lse = sink; a -inf sink is bitwise no sink; a NaN
-// sink makes its head's rows NaN.
+// Logit mods (logit_mods.h): every kernel caps its scores with cap_score before the mask; the
+// head's sink joins only where a final row is written (combine_and_store with num_splits == 1,
+// the merge otherwise), never a split's partial, so it is counted once. With a sink a row that
+// saw no key gets out = 0, lse = sink; a -inf sink is bitwise no sink; a NaN sink makes its
+// head's rows NaN.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
