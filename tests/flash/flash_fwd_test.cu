@@ -130,6 +130,8 @@ static bool run_case(const Case& c, std::mt19937& rng) {
     std::vector<double> s(sk);
     std::vector<float> sf(sk);
     std::vector<float> kf(size_t(sk) * d), vf(size_t(sk) * d), qf(d);
+    std::vector<double> od(d);
+    std::vector<float> ofl(d);
     for (int j = 0; j < sk; ++j)
       for (int e = 0; e < d; ++e) {
         kf[size_t(j) * d + e] = bits_to_float(K[(cuk[bi] + j) * k_rs + hki * d + e], c.bf16);
@@ -155,11 +157,20 @@ static bool run_case(const Case& c, std::mt19937& rng) {
       }
       const size_t orow = size_t(cuq[bi] + i) * H * d + size_t(hi) * d;
       const size_t lidx = varlen ? size_t(hi) * tq + cuq[bi] + i : (size_t(bi) * H + hi) * c.sq + i;
+      // P V with the keys outermost (rows of V are contiguous); each output element still sums
+      // its keys in ascending order. Keys with P = 0 in both (masked) add nothing.
+      std::fill(od.begin(), od.end(), 0.0);
+      std::fill(ofl.begin(), ofl.end(), 0.f);
+      for (int j = 0; j < sk; ++j) {
+        if (s[j] == 0 && sf[j] == 0) continue;
+        const double pj = s[j];
+        const float pjf = round16(sf[j], c.bf16);
+        const float* vr = &vf[size_t(j) * d];
+        for (int e = 0; e < d; ++e) { od[e] += pj * vr[e]; ofl[e] += pjf * vr[e]; }
+      }
       for (int e = 0; e < d; ++e) {
-        double o = 0; float of = 0;
-        for (int j = 0; j < sk; ++j) { o += s[j] * vf[size_t(j) * d + e]; of += round16(sf[j], c.bf16) * vf[size_t(j) * d + e]; }
-        o = sum > 0 ? o / sum : 0;
-        of = sumf > 0 ? round16(of / sumf, c.bf16) : 0;
+        const double o = sum > 0 ? od[e] / sum : 0;
+        const float of = sumf > 0 ? round16(ofl[e] / sumf, c.bf16) : 0;
         const double ours = bits_to_float(out1[orow + e], c.bf16);
         const double eo = std::fabs(ours - o);
         if (!(eo == eo)) bad[job] = 1;  // NaN: unwritten or broken
