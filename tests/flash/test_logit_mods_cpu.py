@@ -9,34 +9,23 @@ and lse = its sink; a sink of -inf is no sink (bitwise); a NaN sink makes its he
 leaves the other heads bitwise unchanged.
 """
 import math
-import zlib
 
 import pytest
 import torch
 
 import longctx
 from attention_reference import assert_fa3_close, attention_ref, attention_varlen_ref
-from logit_mods_check import check_case as _check_case
+from logit_mods_check import MODS, check_case as _check_case, make_sinks as _sinks, seed as _seed
 
 ops = torch.ops.longctx
 BF16, FP32 = torch.bfloat16, torch.float32
 
-MODS = [("softcap", 2.5, False), ("sinks", 0.0, True), ("both", 4.0, True)]
 MASKS = [  # (name, sq, sk, causal, window)
     ("full", 70, 90, False, (-1, -1)),
     ("causal", 70, 130, True, (-1, -1)),
     ("window", 100, 100, False, (17, 5)),
     ("causal_rows_without_keys", 90, 40, True, (-1, -1)),
 ]
-
-
-def _seed(*key):
-    torch.manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def _sinks(h):
-    # values a softmax of scores ~N(0, 1) notices; fp32 values exactly (the op computes in fp32)
-    return (torch.randn(h) * 2 + 0.5).to(FP32)
 
 
 @pytest.mark.parametrize("dtype", [BF16, FP32], ids=["bf16", "fp32"])

@@ -2,12 +2,26 @@
 (tests/flash/test_logit_mods_*.py): outputs and gradients, dsinks included, against the float64
 reference under FlashAttention-3's rule (attention_reference.assert_fa3_close)."""
 import math
+import zlib
 
 import torch
 
 from attention_reference import assert_fa3_close
 
 FP32 = torch.float32
+
+# (name, softcap, with sinks): the modifier settings both test files run
+MODS = [("softcap", 2.5, False), ("sinks", 0.0, True), ("both", 4.0, True)]
+
+
+def seed(*key):
+    """A fixed seed per test case (its parameters), independent of the run order."""
+    torch.manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def make_sinks(h, device="cpu"):
+    """Sinks a softmax of scores ~N(0, 1) notices, exact fp32 values (the ops compute in fp32)."""
+    return (torch.randn(h, device=device) * 2 + 0.5).to(FP32)
 
 
 def assert_grads_close(names, ours, g64, gpt, dtype, lse64, out64, dout, sinks64):
