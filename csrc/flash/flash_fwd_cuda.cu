@@ -29,7 +29,9 @@ void run_fwd_cuda(const FlashFwdCall& c) {
   const c10::cuda::CUDAGuard guard(c.in.q.device());
   check_flash_cuda(a.dtype, op, "q/k/v");
   const flash::FlashFwdFn fn = find_flash_kernel<flash::FlashFwdTable>(
-      p.head_dim, a.dtype, op, "rebuild with LONGCTX_HEADDIMS / LONGCTX_DTYPES including it");
+      p.head_dim, a.dtype, op,
+      "the forward supports head_dim 64, 128 and 256; rebuild with LONGCTX_HEADDIMS / "
+      "LONGCTX_DTYPES including it");
   const char* why = flash::flash_fwd_tma_unsupported_reason(p, 2);
   TORCH_CHECK(why == nullptr, "longctx.", op, ": ", why,
               " (the Hopper kernel loads them with TMA); pass .contiguous() tensors");

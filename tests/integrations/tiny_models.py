@@ -116,11 +116,30 @@ def prompt(name: str, batch: int = 1, seed: int = 0) -> torch.Tensor:
 
 
 def assert_close_f64(what: str, ours: torch.Tensor, eager32: torch.Tensor,
-                     ref64: torch.Tensor, floor: float = 1e-6) -> None:
-    """The module docstring's rule."""
+                     ref64: torch.Tensor, floor: float = 1e-6, eager_name: str = "eager fp32"
+                     ) -> None:
+    """The module docstring's rule (eager32: the eager model at the precision under test)."""
     ref64 = ref64.double()
     err = (ours.double() - ref64).abs().max().item()
     err_eager = (eager32.double() - ref64).abs().max().item()
     bound = 2 * err_eager + floor * ref64.abs().max().item()
     assert err <= bound, (f"{what}: max error {err:.3g} vs float64 > bound {bound:.3g} "
-                          f"(eager fp32's own error {err_eager:.3g})")
+                          f"({eager_name}'s own error {err_eager:.3g})")
+
+
+def cuda_models(name: str, head_dim=None):
+    """(eager bf16 on CUDA, eager fp64 on the CPU, longctx bf16 on CUDA) with the weights of
+    models(name); head_dim overrides the family's (the CUDA kernels take 64, 128 and 256)."""
+    cfg = MODELS[name][0]()
+    if head_dim is not None:
+        cfg.head_dim = head_dim
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        eager = _build(cfg, "eager")
+    eager64 = copy.deepcopy(eager).double()
+    built = []
+    for attn in ("eager", "longctx"):
+        m = _build(cfg, attn, torch.bfloat16).cuda()
+        m.load_state_dict(eager.state_dict())
+        built.append(m)
+    return built[0], eager64, built[1]
