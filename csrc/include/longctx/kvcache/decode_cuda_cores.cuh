@@ -18,8 +18,8 @@
 // computes its partial dot products, reduces them over its TPK lanes with xor shuffles, caps them
 // (softcap: cap_score) and runs an fp32 online softmax (exp2) per key group; int8 per-token scales
 // multiply the score (K) and the probability (V), the fp8 V scale multiplies the output. At the
-// end the NG key groups are merged through shared memory (combine_and_store), and with num_splits > 1 the merge kernel (decode_merge.cuh) combines the
-// splits' partials.
+// end the NG key groups are merged through shared memory (combine_and_store), and with
+// num_splits > 1 the merge kernel (decode_merge.cuh) combines the splits' partials.
 //
 // Launch: programmatic dependent (grid_dependency.cuh): the kernel waits for the previous grid
 // before its first memory access.

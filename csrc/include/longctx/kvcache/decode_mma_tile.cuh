@@ -21,8 +21,9 @@
 // scaling FMA, MmaRowState::kbias); Q is then fp16 (bf16 q converts exactly within fp16's
 // range), the mma is f16 with fp32 accumulation; scales are applied in fp32: S *= score_prescale
 // (decode_common.cuh) * (fp8: K head scale; int8: the key's scale), then the softcap; P *= the
-// int8 V scale of its key before packing, the fp8 V scale multiplies the output. bf16 / fp16 caches use their own mma type. P is
-// rounded to the mma type (bf16 for a bf16 cache, as FlashAttention does; fp16 otherwise).
+// int8 V scale of its key before packing, the fp8 V scale multiplies the output. bf16 / fp16
+// caches use their own mma type. P is rounded to the mma type (bf16 for a bf16 cache, as
+// FlashAttention does; fp16 otherwise).
 // Invariants: keys past a row's mask interval or on invalid pages get P = 0 and their V is zero
 // (not loaded), so stale or NaN slots never reach the output.
 #pragma once
