@@ -11,48 +11,52 @@ import statistics
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 import longctx
+from longctx.bench.attn_cases import Case, fwd_flops, make_inputs, sdpa_runner, to_bhsd
 from longctx.bench.results import Results
 from longctx.bench.timing import time_cuda
 
+SOFTCAP = 30.0
 COLUMNS = [("hdim", "case.hdim"), ("causal", "case.causal"), ("plain ms", "ours_ms"),
            ("sinks ms", "variants_ms.sinks"), ("softcap ms", "variants_ms.softcap"),
            ("cuDNN ms", "peers.sdpa_cudnn"), ("sinks / plain", "cost.sinks"),
            ("softcap / plain", "cost.softcap"), ("plain TFLOP/s", "tflops")]
 
 
-def _cudnn(q, k, v, causal):
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+def case(d: int, causal: bool) -> Case:
+    """The attn_fwd grid's 16K shape at head dim d (batch * seqlen = 32K, heads * hdim = 2048)."""
+    return Case(hdim=d, seqlen=16384, causal=causal, window_left=-1, heads=2048 // d,
+                heads_kv=2048 // d, batch=2)
 
 
-def measure(d: int, causal: bool) -> dict:
-    """One row: the three calls and cuDNN, alternating, median of 3 rounds."""
-    h, b, s = 2048 // d, 2, 16384
-    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    sinks = torch.randn(h, device="cuda", dtype=torch.float32)
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+def row(c: Case, ms: dict) -> dict:
+    """The result row of a case from its median times (plain, sinks, softcap, cudnn)."""
+    return {"case": {**c.as_row(), "softcap": SOFTCAP}, "ours_ms": ms["plain"],
+            "peers": {"sdpa_cudnn": ms["cudnn"]},
+            "variants_ms": {"sinks": ms["sinks"], "softcap": ms["softcap"]},
+            "cost": {"sinks": ms["sinks"] / ms["plain"], "softcap": ms["softcap"] / ms["plain"]},
+            "tflops": fwd_flops(c) / (ms["plain"] * 1e-3) / 1e12}
+
+
+def measure(c: Case) -> dict:
+    """The three calls and cuDNN, alternating, median of 3 rounds."""
+    q, k, v, _ = make_inputs(c)
+    sinks = torch.randn(c.heads, device="cuda", dtype=torch.float32)
+    qt, kt, vt = to_bhsd(c, q, k, v)
+    cudnn = sdpa_runner(SDPBackend.CUDNN_ATTENTION, c)
     fns = {
-        "plain": lambda: longctx.flash_attn_func(q, k, v, causal=causal),
-        "sinks": lambda: longctx.flash_attn_func(q, k, v, causal=causal, sinks=sinks),
-        "softcap": lambda: longctx.flash_attn_func(q, k, v, causal=causal, softcap=30.0),
-        "cudnn": lambda: _cudnn(qt, kt, vt, causal),
+        "plain": lambda: longctx.flash_attn_func(q, k, v, causal=c.causal),
+        "sinks": lambda: longctx.flash_attn_func(q, k, v, causal=c.causal, sinks=sinks),
+        "softcap": lambda: longctx.flash_attn_func(q, k, v, causal=c.causal, softcap=SOFTCAP),
+        "cudnn": lambda: cudnn(qt, kt, vt),
     }
     times = {n: [] for n in fns}
     for _ in range(3):
         for n, f in fns.items():
             times[n].append(time_cuda(f, warmup=3, reps=20, min_time_ms=100))
-    ms = {n: statistics.median(t) for n, t in times.items()}
-    flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
-    return {"case": {"hdim": d, "seqlen": s, "batch": b, "heads": h, "heads_kv": h,
-                     "causal": causal, "dtype": "bf16", "softcap": 30.0},
-            "ours_ms": ms["plain"], "peers": {"sdpa_cudnn": ms["cudnn"]},
-            "variants_ms": {"sinks": ms["sinks"], "softcap": ms["softcap"]},
-            "cost": {"sinks": ms["sinks"] / ms["plain"], "softcap": ms["softcap"] / ms["plain"]},
-            "tflops": flops / (ms["plain"] * 1e-3) / 1e12}
+    return row(c, {n: statistics.median(t) for n, t in times.items()})
 
 
 def main() -> None:
@@ -62,7 +66,7 @@ def main() -> None:
     res = Results("logit_mods")
     for d in (64, 128, 256):
         for causal in (False, True):
-            res.add(measure(d, causal))
+            res.add(measure(case(d, causal)))
             print(res.rows[-1], flush=True)
     print(f"wrote {res.write(args.out, COLUMNS)}")
 
