@@ -20,26 +20,11 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 
 import longctx.integrations.transformers as lt  # noqa: E402
-from tiny_models import MODELS, assert_close_f64, models, prompt  # noqa: E402
+from tiny_models import (MODELS, assert_close_f64, left_padded, models, positions,  # noqa: E402
+                         prompt)
 
 NAMES = list(MODELS)
 NEW_TOKENS = 5
-
-
-def _ids_and_mask(name, pad):
-    """Two prompts, the second left-padded by `pad` tokens: ids, mask, the unpadded rows."""
-    ids = prompt(name, batch=2, seed=1)
-    n = ids.shape[1]
-    rows = [ids[0:1], ids[1:2, pad:]]
-    padded = ids.clone()
-    padded[1, :pad] = 0  # the pad id; masked out
-    mask = torch.ones(2, n, dtype=torch.long)
-    mask[1, :pad] = 0
-    return padded, mask, rows
-
-
-def _positions(mask):
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _generate(model, ids, mask=None):
@@ -96,8 +81,8 @@ def test_left_padded_batch_matches_rows_alone(name):
     row's tokens alone."""
     _, eager, eager64, ours = models(name)
     pad = 5
-    ids, mask, rows = _ids_and_mask(name, pad)
-    pos = _positions(mask)
+    ids, mask, rows = left_padded(name, pad)
+    pos = positions(mask)
     with torch.no_grad():
         batch = ours(ids, attention_mask=mask, position_ids=pos).logits
         batch32 = eager(ids, attention_mask=mask, position_ids=pos).logits
@@ -118,7 +103,7 @@ def test_static_cache_generation_matches_eager(name):
     """cache_implementation="static" (sliding layers in a fixed window buffer, full layers in
     slots not yet written): left-padded greedy generation as eager's."""
     _, eager, _, ours = models(name)
-    ids, mask, _ = _ids_and_mask(name, pad=4)
+    ids, mask, _ = left_padded(name, pad=4)
     with torch.no_grad():
         got, want = (m.generate(ids, attention_mask=mask, do_sample=False,
                                 max_new_tokens=NEW_TOKENS, cache_implementation="static")

@@ -17,7 +17,8 @@ pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 
-from tiny_models import MODELS, assert_close_f64, cuda_models, prompt  # noqa: E402
+from tiny_models import (MODELS, assert_close_f64, cuda_models, left_padded,  # noqa: E402
+                         positions, prompt)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -86,14 +87,8 @@ def test_left_padded_batch_matches_rows_alone(name):
     """A left-padded batch runs as varlen: each row's logits against eager float64 on the row
     alone, the error scale from eager bf16 on the padded batch."""
     eager16, eager64, ours = _models(name)
-    pad = 5
-    ids = prompt(name, batch=2, seed=1)
-    rows = [ids[0:1], ids[1:2, pad:]]
-    ids[1, :pad] = 0  # the pad id; masked out
-    mask = torch.ones_like(ids)
-    mask[1, :pad] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    kw = dict(attention_mask=mask.cuda(), position_ids=pos.cuda())
+    ids, mask, rows = left_padded(name, pad=5)
+    kw = dict(attention_mask=mask.cuda(), position_ids=positions(mask).cuda())
     with torch.no_grad():
         batch, batch16 = _logits(ours, ids, **kw), _logits(eager16, ids, **kw)
         for r, row in enumerate(rows):

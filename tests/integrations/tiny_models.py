@@ -94,14 +94,19 @@ def _build(cfg, attn: str, dtype=torch.float32):
                                             experts_implementation="eager", dtype=dtype).eval()
 
 
+def _seeded_eager(cfg):
+    """The eager fp32 model of cfg with the weights every variant of the family shares."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        return _build(cfg, "eager")
+
+
 @functools.lru_cache(maxsize=None)
 def models(name: str):
     """(config, eager fp32, eager fp64, longctx fp32) with the same weights. Cached: callers
     reset train/eval mode and gradients."""
     cfg = MODELS[name][0]()
-    with torch.random.fork_rng():
-        torch.manual_seed(1234)
-        eager = _build(cfg, "eager")
+    eager = _seeded_eager(cfg)
     ours = _build(cfg, "longctx")
     ours.load_state_dict(eager.state_dict())
     eager64 = copy.deepcopy(eager).double()
@@ -113,6 +118,22 @@ def prompt(name: str, batch: int = 1, seed: int = 0) -> torch.Tensor:
     cfg, n = MODELS[name][0](), MODELS[name][1]
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, cfg.vocab_size, (batch, n), generator=g)
+
+
+def left_padded(name: str, pad: int):
+    """Two prompts, the second left-padded by `pad` tokens: ids, mask, the unpadded rows."""
+    ids = prompt(name, batch=2, seed=1)
+    rows = [ids[0:1], ids[1:2, pad:]]
+    padded = ids.clone()
+    padded[1, :pad] = 0  # the pad id; masked out
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    return padded, mask, rows
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """position_ids of a left-padded batch (pads at 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def assert_close_f64(what: str, ours: torch.Tensor, eager32: torch.Tensor,
@@ -133,9 +154,7 @@ def cuda_models(name: str, head_dim=None):
     cfg = MODELS[name][0]()
     if head_dim is not None:
         cfg.head_dim = head_dim
-    with torch.random.fork_rng():
-        torch.manual_seed(1234)
-        eager = _build(cfg, "eager")
+    eager = _seeded_eager(cfg)
     eager64 = copy.deepcopy(eager).double()
     built = []
     for attn in ("eager", "longctx"):
