@@ -150,9 +150,13 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
                                               : p.softmax_scale_log2);
       if (tr.end > tr.begin) {
         const MaskArgs ma{m_block, si.sq, si.sk, p.window_left, p.window_right};
-        const float softcap_in = softcap != 0.f ? p.softmax_scale / softcap : 0.f;
-        consumer_mma<Traits>(ss, mma_tidx, pipe_k, pipe_v, st_k, st_v, q_iter, tr.begin,
-                             tr.end, ma, softcap_in, tOrO, softmax);
+        if (softcap != 0.f) {
+          consumer_mma<Traits, true>(ss, mma_tidx, pipe_k, pipe_v, st_k, st_v, q_iter, tr.begin,
+                                     tr.end, ma, p.softmax_scale / softcap, tOrO, softmax);
+        } else {
+          consumer_mma<Traits, false>(ss, mma_tidx, pipe_k, pipe_v, st_k, st_v, q_iter,
+                                      tr.begin, tr.end, ma, 0.f, tOrO, softmax);
+        }
         ++q_iter;
       }
       float inv_sum[2], lse[2];
