@@ -9,9 +9,10 @@
 // first K/V loads overlap the current tile's last P V and epilogue.
 // A tile whose rows see no key writes out = 0, lse = -inf (with sinks: the head's sink) and loads
 // nothing.
-// Logit mods (logit_mods.h), both runtime switches that are uniform over the launch: softcap caps
-// S in the main loop before the mask; the head's sink (read once per tile, after the main loop)
-// joins the softmax denominator in finalize (softmax.cuh). Neither is tied to a template.
+// Logit mods (logit_mods.h), both runtime switches that are uniform over the launch, neither a
+// kernel instantiation: softcap picks, once per tile, the main-loop copy that caps S before the
+// mask (consumer_mma<Traits, true>); the head's sink (read once per tile, after the main loop)
+// joins the softmax denominator in finalize (softmax.cuh).
 // GQA: kv head = head / (heads / heads_kv).
 #pragma once
 #include <cute/tensor.hpp>

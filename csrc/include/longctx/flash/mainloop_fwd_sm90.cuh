@@ -11,8 +11,8 @@
 //   O += P V(n_min)
 // so the softmax of tile n runs while the tensor cores do P V(n+1). Tiles are walked from the
 // last (the diagonal, masked ones first) to the first. The per-element mask is applied only to
-// tiles mask.h's tile_needs_mask flags; with softcap (runtime switch, uniform) S is capped just
-// before it (apply_softcap). Invariants: consumer and producer walk the same tile range;
+// tiles mask.h's tile_needs_mask flags; with softcap (the kSoftcap copy of the loop) S is capped
+// just before it (apply_softcap). Invariants: consumer and producer walk the same tile range;
 // each pipeline state advances exactly once per KV tile on both sides and persists across the
 // query tiles of a persistent CTA; the Q barriers flip once per query tile that loads Q
 // (q_iter counts those), barrier_q_empty tells the producer sQ may be overwritten.
