@@ -127,6 +127,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
     const int mma_tidx = int(threadIdx.x) - 128;
+    if constexpr (Traits::kPingPong) ConsumerPingPong::init(mma_tidx / 128);
     typename Traits::PipelineState st_k, st_v;  // consumer start state: index 0, phase 0
     typename Traits::TiledMma1 tiled_mma1;
     for (int it = 0;; ++it) {
