@@ -10,8 +10,8 @@
 //     slot-major with kv_heads <= 8 (staged_line_scales_ok) take its line-copy variant;
 //   - otherwise head_dim 128 with 16-byte-aligned key rows (rows_16b_aligned): the register
 //     tensor-core kernel (decode_mma.cuh), the fallback for layouts the staged kernel cannot take
-//     (a page size that is not a multiple of 16; 8-bit strides that are not multiples of 16
-//     bytes; a slot stride too large for the staged kernel's int32 copy offsets);
+//     with 16-byte-aligned rows: a page size that is not a multiple of 16, a slot stride too
+//     large for the staged kernel's int32 copy offsets);
 //   - the rest (head_dim 256; head_dim 64 off the staged kernel's layouts; 8-bit rows aligned to
 //     8 bytes only): the CUDA-core kernel (decode_cuda_cores.cuh).
 #pragma once

@@ -16,9 +16,8 @@
 //     (staged_line_scales_ok), as whole 16-byte line copies of all kv heads' scales of the
 //     tile's slots (5 stages, to stay at 2 CTAs per SM);
 //   - the fallback for head_dim 128 layouts the staged kernel cannot take (page size not a
-//     multiple of 16, 8-bit strides not multiples of 16 bytes) whose key rows start 16-byte
-//     aligned (rows_16b_aligned): the register tensor-core kernel (decode_mma.cuh), whose loads
-//     are 16 bytes;
+//     multiple of 16) whose key rows start 16-byte aligned (rows_16b_aligned): the register
+//     tensor-core kernel (decode_mma.cuh), whose loads are 16 bytes;
 //   - the rest (head_dim 256; head_dim 64 off the staged layouts; 8-bit rows aligned to 8 bytes
 //     only): the CUDA-core kernel (decode_cuda_cores.cuh), whose 8-bit loads are 8 bytes.
 // Then, with more than one split, the merge kernel (decode_merge.cuh). Both launches are
