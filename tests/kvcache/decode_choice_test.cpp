@@ -1,10 +1,13 @@
 // Standalone CPU test of the decode's host-side decisions (decode_choice.h): which kernel serves
 // which cache layout (every format, head dims 64/128/256, page sizes, padded and misaligned
-// pools, int8 scale layouts), the staged kernel's depth, the split count and the tile deal.
+// pools, int8 scale layouts), the staged kernel's depth, the split count and the tile deal; and
+// of the staged kernel's shared-memory tile layout (staged_swizzle.h): the copies land where the
+// fragment reads look, and both are bank-conflict-free.
 // Exit code 0 on success; prints every failed check.
 #include <cstdint>
 #include <cstdio>
 #include "longctx/kvcache/decode_choice.h"
+#include "longctx/kvcache/staged_swizzle.h"
 
 using namespace longctx::kvcache;
 
@@ -75,6 +78,61 @@ Pool with(Format f, int d, int bs) {
   return p;
 }
 
+// Whether the 32 lanes' 16-byte accesses at byte offsets a[] are conflict-free: each phase of
+// 8 lanes hits 8 distinct 16-byte bank groups.
+bool conflict_free(const uint32_t (&a)[32]) {
+  for (int ph = 0; ph < 32; ph += 8) {
+    unsigned groups = 0;
+    for (int l = ph; l < ph + 8; ++l) groups |= 1u << (a[l] / 16 % 8);
+    if (groups != 0xffu) return false;
+  }
+  return true;
+}
+
+// The tile layout of P pieces per key row (64-, 128-, 256-byte rows): copy destinations are the
+// reads' offsets and a permutation of the tile; copies, K reads (pieces 4 u + c of key 8 h + r)
+// and 16-byte V reads (pieces r P / 8 + i of key 2 c + e0 + 8 e1, rows of >= 128 bytes) are
+// conflict-free (decode_mma_tile.cuh's fragment maps, lane = 4 r + c).
+template <int P>
+void check_layout(const char* name) {
+  constexpr int kKeyStep = 32 / P;
+  bool dest = true, perm = true, copies = true, kreads = true, vreads = true;
+  bool seen[16 * P] = {};
+  for (int u = 0; u < 16 / kKeyStep; ++u) {
+    uint32_t a[32];
+    for (int lane = 0; lane < 32; ++lane) {
+      a[lane] = staged_copy_dest<P>(staged_piece_offset<P>(lane / P, lane % P), u);
+      dest = dest && a[lane] == staged_piece_offset<P>(lane / P + kKeyStep * u, lane % P);
+      perm = perm && a[lane] % 16 == 0 && a[lane] / 16 < 16 * P && !seen[a[lane] / 16];
+      if (a[lane] / 16 < 16 * P) seen[a[lane] / 16] = true;
+    }
+    copies = copies && conflict_free(a);
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int u = 0; u < P / 4; ++u) {
+      uint32_t a[32];
+      for (int lane = 0; lane < 32; ++lane)
+        a[lane] = staged_piece_offset<P>(8 * h + lane / 4, 4 * u + lane % 4);
+      kreads = kreads && conflict_free(a);
+    }
+  for (int e = 0; e < 4 && P >= 8; ++e)
+    for (int i = 0; i < P / 8; ++i) {
+      uint32_t a[32];
+      for (int lane = 0; lane < 32; ++lane)
+        a[lane] = staged_piece_offset<P>(2 * (lane % 4) + (e & 1) + 8 * (e >> 1),
+                                         lane / 4 * P / 8 + i);
+      vreads = vreads && conflict_free(a);
+    }
+  const bool checks[] = {dest, perm, copies, kreads, vreads};
+  const char* what[] = {"copy destinations", "permutation", "copies conflict-free",
+                        "K reads conflict-free", "V reads conflict-free"};
+  for (int k = 0; k < 5; ++k) {
+    char msg[128];
+    std::snprintf(msg, sizeof msg, "%s: %s", name, what[k]);
+    check(checks[k], msg);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -138,6 +196,10 @@ int main() {
   check(staged_stages(kFp8, 128, false) == 6, "stages fp8 d128 = 6");
   check(staged_stages(kInt8, 64, false) == 6, "stages int8 d64 = 6");
   check(staged_stages(kInt8, 128, true) == 5, "stages int8 line scales = 5");
+
+  check_layout<4>("64-byte rows (8-bit d64)");
+  check_layout<8>("128-byte rows (8-bit d128, 16-bit d64)");
+  check_layout<16>("256-byte rows (16-bit d128)");
 
   // split count (GQA 32/8 batch 1: 8 row tiles; 2 CTAs x 132 SMs) and the tile deal
   check(choose_splits(8, 2, 132, 131072) == 33, "128K b1 on 2 x 132 slots: 33 splits");

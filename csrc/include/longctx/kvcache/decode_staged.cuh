@@ -25,9 +25,8 @@
 // Stage layout (one warp, one 16-key tile; a key row is D x 1 or 2 bytes = P 16-byte pieces):
 // K [16 keys][row], V [16][row], then (int8) K scales [16] and V scales [16] fp32, or with
 // kLineScales the scales of the tile's slots for all kv heads ([16][kv_heads] for K, then for V),
-// copied as whole 16-byte pieces. The pieces of a key row are XOR-swizzled (piece ^
-// piece_swizzle<P>(key)) so that the copies and the fragment reads hit distinct banks per 8-lane
-// phase at every P (see piece_swizzle). K/V copies carry an L2 evict-first hint (they are read
+// copied as whole 16-byte pieces. The pieces of a key row are XOR-swizzled (staged_swizzle.h) so
+// that the copies and the fragment reads hit distinct banks per 8-lane phase at every P. K/V copies carry an L2 evict-first hint (they are read
 // once), so the int8 scales, re-read by every kv head's CTA, stay in L2.
 // Page ids: bs must be a multiple of 16 (a tile lies in one page); lane j holds the page of the
 // warp's tile 32 n + j of the current batch of 32 tiles, and the next batch's ids are loaded one
@@ -47,6 +46,7 @@
 #include "longctx/kvcache/decode_mma_tile.cuh"
 #include "longctx/kvcache/kvcache_params.h"
 #include "longctx/kvcache/paged.h"
+#include "longctx/kvcache/staged_swizzle.h"
 
 namespace longctx {
 namespace kvcache {
@@ -101,28 +101,6 @@ struct StagedLayout {
   static constexpr int kCombineBytes = kMmaWarps * 8 * (2 + kMmaOStride<D>) * 4;  // m, l, o
   static constexpr int kSmemBytes = kRingBytes > kCombineBytes ? kRingBytes : kCombineBytes;
 };
-
-// XOR swizzle of the 16-byte pieces of key row `key` (a permutation of [0, P), P pieces per row).
-// A warp's 16-byte shared-memory accesses go in 4 phases of 8 lanes, conflict-free when the 8
-// pieces of a phase lie in distinct 16-byte bank groups (byte address / 16 mod 8). With rows of
-// 128 or 256 bytes (P = 8, 16) the group is (swizzled piece) mod 8; bits b0-b2 below are its
-// bits, k0-k2 the key's (key 8 h + r: k0 = r & 1, ...). MmaTileFrags's maps, lane (r, c):
-//   K reads, pieces 4 u + c of key 8 h + r: a phase is r = 2 j, 2 j + 1 (keys differing in k0)
-//     x c = 0..3 (b0, b1 of the piece): b2 must take k0: swizzle bit 2 = k0 ^ k2 (both P).
-//   V reads, key 2 c + e0 + 8 e1: a phase is c = 0..3 (keys differing in k1, k2) x r = 2 j,
-//     2 j + 1. P = 8: piece r, the pair differs in b0, so k1 and k2 go to b1 and b2; P = 16:
-//     pieces 2 r + i, one load per i, the pair differs in b1, so k1 goes to b0 (k2 to b2).
-//   Copies: 8 consecutive lanes copy pieces 8 m .. 8 m + 7 of one key: any XOR keeps them apart.
-// P = 4 (64-byte rows, 8-bit at D = 64): two keys per 128 bytes, kept by the formula of P = 8.
-template <int P>
-__device__ __forceinline__ int piece_swizzle(int key) {
-  static_assert(P == 4 || P == 8 || P == 16, "staged decode: 64-, 128- or 256-byte key rows");
-  if constexpr (P == 16) {
-    return ((key >> 1) & 1) | ((((key >> 2) ^ key) & 1) << 2);
-  } else {
-    return ((((key >> 1) & 3) << 1) ^ ((key & 1) << 2)) & (P - 1);
-  }
-}
 
 template <typename T, Format F, int D, int GT, int S, int MinBlocks, bool kLineScales = false>
 __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
@@ -195,10 +173,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   // Per-lane constants of the K/V copies, computed once (the copy issue runs every tile): lane
   // copies pieces lane + 32 u (u < kCopies) of a tile's 16 keys x P pieces, i.e. piece lane % P
   // of key lane / P + kKeyStep u. Byte offsets from the tile's first slot: koff + u kstep
-  // (int32: the launcher checks that 16 slot strides fit). Swizzled destinations in a stage:
-  // lane / P and kKeyStep u have disjoint bits and piece_swizzle is linear in the key's bits, so
-  // copy u's is (dbase ^ (piece_swizzle(kKeyStep u) << 4)) + kKeyStep u row bytes, constants
-  // but dbase (a few registers for the lane, not 3 per copy: 16-bit rows take 8 copies).
+  // (int32: the launcher checks that 16 slot strides fit); destinations staged_copy_dest(dbase,
+  // u) (staged_swizzle.h): a few registers per lane, not 3 per copy (16-bit rows take 8).
   static_assert(32 % P == 0, "staged decode: whole key rows per 32 pieces");
   constexpr int kKeyStep = 32 / P;
   constexpr int kCopies = kMmaTile / kKeyStep;
@@ -207,10 +183,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   const int32_t vslot = static_cast<int32_t>(cache.v.slot_stride * kEB);
   const int32_t koff = key0 * kslot + piece0 * 16, voff = key0 * vslot + piece0 * 16;
   const int32_t kstep = kKeyStep * kslot, vstep = kKeyStep * vslot;
-  const uint32_t dbase = key0 * Lay::kRowBytes + ((piece0 ^ piece_swizzle<P>(key0)) << 4);
-  auto doff = [&](int u) -> uint32_t {
-    return (dbase ^ (piece_swizzle<P>(kKeyStep * u) << 4)) + kKeyStep * u * Lay::kRowBytes;
-  };
+  const uint32_t dbase = staged_piece_offset<P>(key0, piece0);
+  auto doff = [&](int u) { return staged_copy_dest<P>(dbase, u); };
   const uint8_t* kbase =
       static_cast<const uint8_t*>(cache.k.data) + int64_t(hk) * cache.k.head_stride * kEB;
   const uint8_t* vbase =
@@ -293,8 +267,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
       for (int u = 0; u < Frags::kKLoads; ++u) {
         const int piece = 4 * u + c;
         L.set_k_piece(h, u, *reinterpret_cast<const uint4*>(
-                                stage + key * Lay::kRowBytes +
-                                ((piece ^ piece_swizzle<P>(key)) << 4)));
+                                stage + staged_piece_offset<P>(key, piece)));
       }
     }
 #pragma unroll
@@ -303,13 +276,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
       // bytes [r kVBytes, (r + 1) kVBytes) of the row: pieces 2 r, 2 r + 1 (16-bit, D = 128),
       // piece r (8-bit at D = 128, 16-bit at D = 64) or half of piece r / 2 (8-bit, D = 64)
       const int byte = r * Frags::kVBytes;
-      const uint8_t* row = stage + Lay::kTileBytes + key * Lay::kRowBytes;
+      const uint8_t* vstage = stage + Lay::kTileBytes;
       if constexpr (Frags::kVWords >= 4) {
 #pragma unroll
         for (int i = 0; i < Frags::kVWords / 4; ++i) {
-          const int piece = (byte >> 4) + i;
           const uint4 x = *reinterpret_cast<const uint4*>(
-              row + ((piece ^ piece_swizzle<P>(key)) << 4));
+              vstage + staged_piece_offset<P>(key, (byte >> 4) + i));
           L.v[e][4 * i] = x.x;
           L.v[e][4 * i + 1] = x.y;
           L.v[e][4 * i + 2] = x.z;
@@ -317,7 +289,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
         }
       } else {
         const uint2 x = *reinterpret_cast<const uint2*>(
-            row + (((byte >> 4) ^ piece_swizzle<P>(key)) << 4) + (byte & 15));
+            vstage + staged_piece_offset<P>(key, byte >> 4) + (byte & 15));
         L.v[e][0] = x.x;
         L.v[e][1] = x.y;
       }
