@@ -26,8 +26,9 @@
 // K [16 keys][row], V [16][row], then (int8) K scales [16] and V scales [16] fp32, or with
 // kLineScales the scales of the tile's slots for all kv heads ([16][kv_heads] for K, then for V),
 // copied as whole 16-byte pieces. The pieces of a key row are XOR-swizzled (staged_swizzle.h) so
-// that the copies and the fragment reads hit distinct banks per 8-lane phase at every P. K/V copies carry an L2 evict-first hint (they are read
-// once), so the int8 scales, re-read by every kv head's CTA, stay in L2.
+// that the copies and the fragment reads hit distinct banks per 8-lane phase at every P. K/V
+// copies carry an L2 evict-first hint (they are read once), so the int8 scales, re-read by every
+// kv head's CTA, stay in L2.
 // Page ids: bs must be a multiple of 16 (a tile lies in one page); lane j holds the page of the
 // warp's tile 32 n + j of the current batch of 32 tiles, and the next batch's ids are loaded one
 // batch ahead, so no copy waits for the block table after the first batch (whose loads, without a
