@@ -260,7 +260,7 @@ TORCH_LIBRARY_IMPL(longctx, CUDA, m) {
 }
 
 LONGCTX_REGISTER_KERNEL("kvcache", "cuda", "bf16,fp16",
-                        "append,attention,decode_split_kv,decode_mma_hdim128,decode_staged_8bit,"
+                        "append,attention,decode_split_kv,decode_mma_hdim128,decode_staged,"
                         "prefill_gather_fwd,cache_bf16,cache_fp16,cache_int8,cache_fp8_e4m3,rope,"
                         "hdim64,hdim128,hdim256,causal,"
                         "window,gqa,varlen,any_block_size,softcap,sinks");

@@ -317,17 +317,19 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
 
 
 # The decode kernel is chosen by the cache's layout (csrc/include/longctx/kvcache/
-# decode_launch.cuh): 8-bit caches at head_dim 64/128 whose page, slot and head strides are
-# multiples of 16 bytes and whose page size is a multiple of 16 run the cp.async-staged
-# tensor-core kernel; other head_dim 128 caches the register tensor-core kernel; the rest the
-# CUDA-core kernel. int8 scales: copied per key when head-major within a page (as PagedKVCache
-# stores them) or slot-major with more than 8 kv heads, as whole 16-byte lines of all kv heads'
-# scales when slot-major with <= 8 kv heads. The variants run every kernel on the same cases:
+# decode_choice.h; tests/kvcache/decode_choice_test.cpp checks the choice on the CPU): caches of
+# every format at head_dim 64/128 whose page, slot and head strides are multiples of 16 bytes and
+# whose page size is a multiple of 16 run the cp.async-staged tensor-core kernel (every 16-bit
+# pool with such a page size); other head_dim 128 caches with 16-byte-aligned rows the register
+# tensor-core kernel (page size 8: the last DECODE_CASES entry); the rest the CUDA-core kernel.
+# int8 scales: copied per key when head-major within a page (as PagedKVCache stores them) or
+# slot-major with more than 8 kv heads, as whole 16-byte lines of all kv heads' scales when
+# slot-major with <= 8 kv heads. The variants run every kernel on the same cases:
 # - default: contiguous pools, head-major int8 scales;
 # - fallback_layout: pools whose head rows are padded by 8 elements (head_dim + 8: strides
 #   still multiples of 8 elements, as the launcher requires, but not of 16 bytes for 8-bit
-#   caches), so 8-bit caches take the register tensor-core kernel (head_dim 128) or the CUDA-core
-#   kernel (64) instead of the staged one; for 16-bit caches a strided pool;
+#   caches), so 8-bit caches take the CUDA-core kernel instead of the staged one; 16-bit caches
+#   stay on the staged kernel with strided (16-byte padded) rows;
 # - slot_major_scales: int8 scales stored slot-major (int8 only).
 VARIANTS = {"default": (0, "head"), "fallback_layout": (8, "head"),
             "slot_major_scales": (0, "slot")}
@@ -349,6 +351,7 @@ DECODE_CASES = [  # h, hk, d, bs, causal, window
     (6, 2, 128, 64, False, (40, 7)),     # group 3 (tile of 4 with an inactive row), 2-sided
     (12, 3, 128, 32, False, (-1, -1)),   # 3 kv heads: int8 line scales of 12 pieces per pool
     (16, 16, 128, 16, True, (-1, -1)),   # 16 kv heads: slot-major int8 scales copied per key
+    (8, 2, 128, 8, True, (-1, -1)),      # page size 8: the register kernel (staged fallback)
 ]
 
 
@@ -375,13 +378,13 @@ def test_decode_matches_reference(cache_dtype, case, splits, variant):
 TILE_WARPS, PAIRS_FROM = 4, 48
 
 
-@pytest.mark.parametrize("cache_dtype", [INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("cache_dtype", [BF16, FP16, INT8, FP8], ids=FMT_IDS.get)
 @pytest.mark.parametrize("case", [DECODE_CASES[i] for i in (1, 3, 5, 6)],
                          ids=lambda c: f"h{c[0]}-hk{c[1]}-d{c[2]}-bs{c[3]}-w{c[5][0]}_{c[5][1]}")
 @pytest.mark.parametrize("splits", [3, 7])
 @pytest.mark.parametrize("run", [1, 2], ids=["single", "pairs"])
 def test_decode_tile_runs(cache_dtype, case, splits, run):
-    """The staged 8-bit kernel's deal orders: single 16-key tiles, or runs of 2 adjacent tiles
+    """The staged kernel's deal orders: single 16-key tiles, or runs of 2 adjacent tiles
     per warp and round-robin step where a warp has at least 48 tiles of the block table's
     capacity (its width x page size, whatever the lengths). The table is padded with -1 columns
     to just below (single) or just at (pairs) that capacity; the lengths end inside a warp's
@@ -398,8 +401,75 @@ def test_decode_tile_runs(cache_dtype, case, splits, run):
     round_keys = 16 * run * warps
     lens = [17, 16 * run * 3 + 5, round_keys, round_keys + 16 * run * 5 + 3, 4 * round_keys - 7]
     gen = torch.Generator().manual_seed(13)
-    _check_attention(cache_dtype, BF16, h, hk, d, bs, lens, [1], causal, window, splits,
+    dtype = FP16 if cache_dtype == FP16 else BF16
+    _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, [1], causal, window, splits,
                      packed=False, gen=gen, table_blocks=table_blocks)
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, FP16], ids=FMT_IDS.get)
+@pytest.mark.parametrize("h,hk,d,bs", [(32, 8, 128, 16), (16, 16, 128, 64), (32, 8, 64, 16),
+                                       (8, 8, 64, 32)],
+                         ids=["gqa32_8-d128-bs16", "mha16-d128-bs64", "gqa32_8-d64-bs16",
+                              "mha8-d64-bs32"])
+@pytest.mark.parametrize("splits", [1, 0, 7])
+def test_decode_16bit_staged_odd_lengths(cache_dtype, h, hk, d, bs, splits):
+    """16-bit caches on the staged kernel (256- and 128-byte key rows): lengths of one key, one
+    short of a tile, one past it and one past 4096 (the last tile holds one key), GQA and MHA,
+    one split, the automatic count and several."""
+    gen = torch.Generator().manual_seed(25)
+    _check_attention(cache_dtype, cache_dtype, h, hk, d, bs, [1, 15, 17, 4097], [1], True,
+                     (-1, -1), splits, packed=False, gen=gen)
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, FP16, INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("d,bs", [(128, 16), (64, 16), (128, 8), (64, 8)],
+                         ids=["d128-staged", "d64-staged", "d128-register", "d64-cuda_cores"])
+@pytest.mark.parametrize("splits", [1, 7])
+def test_decode_nan_key_reaches_its_rows(cache_dtype, d, bs, splits):
+    """A NaN in K (int8: a NaN K scale) makes NaN exactly the rows that see its key: the query
+    heads of its kv head in its sequence, when the key is inside their window. Every other row is
+    bitwise the output without the NaN (a window of 200 keys, GQA 4)."""
+    h, hk, window = 8, 2, (200, 0)  # causal: window_right 0
+    lens = [1000, 1000, 17]
+    # (sequence, key, kv head): visible (last row sees [799, 999]), outside the window, the
+    # last key of an odd length
+    nans = [(0, 900, 0), (1, 300, 0), (2, 16, 1)]
+    reached = [(0, 0), (2, 1)]  # (sequence, kv head) whose rows turn NaN
+    gen = torch.Generator().manual_seed(26)
+    batch = len(lens)
+    max_blocks = -(-max(lens) // bs)
+    num_blocks = batch * max_blocks + 5
+    table = _random_table(batch, max_blocks, num_blocks, gen)
+    torch.manual_seed(27)
+    (kc, vc), (ksc, vsc), (kf, vf) = _pool(num_blocks, bs, hk, d, cache_dtype, "cpu")
+    q = torch.randn(batch, 1, h, d, generator=gen).to(FP16 if cache_dtype == FP16 else BF16)
+
+    def attend(k_pool, k_scales):
+        return ops.flash_attn_with_kvcache(
+            q.cuda(), k_pool.cuda(), vc.cuda(), k_scales, None if vsc is None else vsc.cuda(),
+            None if kf is None else kf.cuda(), None if vf is None else vf.cuda(), table.cuda(),
+            torch.tensor(lens, dtype=torch.int32).cuda(), None, 1, 1.0 / math.sqrt(d), True,
+            window[0], window[1], splits, True)
+
+    clean = [x.cpu() for x in attend(kc, None if ksc is None else ksc.cuda())]
+    kp, ksp = kc.clone(), None if ksc is None else ksc.clone()
+    for b, key, head in nans:
+        page, slot = int(table[b, key // bs]), key % bs
+        if cache_dtype == INT8:
+            ksp[page, slot, head] = math.nan
+        elif cache_dtype == FP8:
+            kp.view(torch.uint8)[page, slot, head, 5] = 0x7F
+        else:
+            kp[page, slot, head, 5] = math.nan
+    out, lse = [x.cpu() for x in attend(kp, None if ksp is None else ksp.cuda())]
+    group = h // hk
+    hit = torch.zeros(batch, h, dtype=torch.bool)
+    for b, head in reached:
+        hit[b, head * group:(head + 1) * group] = True
+    assert torch.isnan(out[:, 0][hit]).all() and torch.isnan(lse[:, :, 0][hit]).all()
+    assert torch.equal(_bytes(out[:, 0][~hit]), _bytes(clean[0][:, 0][~hit]))
+    assert torch.equal(lse[:, :, 0][~hit], clean[1][:, :, 0][~hit])
+    assert torch.isfinite(clean[0].float()).all()
 
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)

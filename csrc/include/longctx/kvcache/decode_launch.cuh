@@ -4,19 +4,22 @@
 // register it in DecodeTable; the torch launcher (csrc/kvcache/kvcache_cuda.cu) checks the
 // arguments, allocates the split scratch and calls plan, decode and merge.
 //
-// Kernel choice (all 128 threads on the grid (kv_heads x row tiles, splits, batch), GT = 1, 4 or
-// 8 packed query rows per CTA):
-//   - 8-bit caches at head_dim 64/128 whose layout allows 16-byte copies (staged_decode_ok): the
-//     cp.async-staged tensor-core kernel (decode_staged.cuh), 6 stages and 2 CTAs per SM; int8
-//     scales copied per key (16 K and 16 V scales of a tile, two 64-byte requests where the
-//     scales are head-major, as PagedKVCache stores them), or, where the scales are slot-major
-//     with kv_heads <= 8 (staged_line_scales_ok), as whole 16-byte line copies of all kv heads'
-//     scales of the tile's slots (5 stages, to stay at 2 CTAs per SM);
-//   - other head_dim 128 caches whose key rows start 16-byte aligned (rows_16b_aligned: every
-//     16-bit cache the launcher accepts, 8-bit layouts the staged kernel cannot take for another
-//     reason): the register tensor-core kernel (decode_mma.cuh), whose loads are 16 bytes;
-//   - the rest (head_dim 64 and 256, 8-bit rows aligned to 8 bytes only): the CUDA-core kernel
-//     (decode_cuda_cores.cuh), whose 8-bit loads are 8 bytes.
+// Kernel choice (decode_choice.h, CUDA-free so that a CPU test checks it; every kernel runs 128
+// threads on the grid (kv_heads x row tiles, splits, batch), GT = 1, 4 or 8 packed query rows per
+// CTA):
+//   - head_dim 64/128 caches of any format whose layout allows 16-byte copies
+//     (staged_decode_ok: every 16-bit pool whose page size is a multiple of 16): the
+//     cp.async-staged tensor-core kernel (decode_staged.cuh), 2 CTAs per SM, staged_stages()
+//     deep (6 stages of 4 KiB, 3 of 8 KiB for 16-bit at head_dim 128); int8 scales copied per
+//     key (16 K and 16 V scales of a tile, two 64-byte requests where the scales are head-major,
+//     as PagedKVCache stores them), or, where the scales are slot-major with kv_heads <= 8
+//     (staged_line_scales_ok), as whole 16-byte line copies of all kv heads' scales of the
+//     tile's slots (5 stages, to stay at 2 CTAs per SM);
+//   - the fallback for head_dim 128 layouts the staged kernel cannot take (page size not a
+//     multiple of 16) whose key rows start 16-byte aligned (rows_16b_aligned): the register
+//     tensor-core kernel (decode_mma.cuh), whose loads are 16 bytes;
+//   - the rest (head_dim 256; head_dim 64 off the staged layouts; 8-bit rows aligned to 8 bytes
+//     only): the CUDA-core kernel (decode_cuda_cores.cuh), whose 8-bit loads are 8 bytes.
 // Then, with more than one split, the merge kernel (decode_merge.cuh). Both launches are
 // programmatic dependent on sm_90 (grid_dependency.cuh): the same ordering, the launch latency
 // hidden. Measurements behind these choices: docs/kernels/kvcache.md.
@@ -26,6 +29,7 @@
 #include <atomic>
 #include <cstdint>
 #include <utility>
+#include "longctx/kvcache/decode_choice.h"
 #include "longctx/kvcache/decode_cuda_cores.cuh"
 #include "longctx/kvcache/decode_merge.cuh"
 #include "longctx/kvcache/decode_mma.cuh"
@@ -35,6 +39,8 @@
 
 namespace longctx {
 namespace kvcache {
+
+static_assert(kDecodeWarps == cuda::kMmaWarps, "decode_choice.h counts the kernels' warps");
 
 // What plan() decides for one call.
 struct DecodeLaunch {
@@ -62,85 +68,6 @@ struct DecodeTag {};
 // Keyed by (int(Format), dtype of q).
 using DecodeTable = KernelTable<DecodeTag, DecodeFns>;
 
-// Packed query rows (seqlen_q * heads / kv_heads) per CTA: 1, 4 or 8.
-inline int decode_rows_per_cta(const AttnParams& p) {
-  const int64_t rows = int64_t(p.seqlen_q) * (p.heads / p.cache.kv_heads);
-  return rows <= 1 ? 1 : rows <= 4 ? 4 : 8;
-}
-// Row tiles per kv head (grid.x = kv_heads x row tiles).
-inline int decode_row_tiles(const AttnParams& p) {
-  const int64_t rows = int64_t(p.seqlen_q) * (p.heads / p.cache.kv_heads);
-  const int gt = decode_rows_per_cta(p);
-  return static_cast<int>((rows + gt - 1) / gt);
-}
-
-// Whether the staged kernel can take this cache: every 16-byte piece of a key row must be a
-// 16-byte aligned address (base pointers and page / slot / head strides; for 8-bit caches the
-// element strides are bytes), a 16-key tile must lie in one page, and the offsets of a tile's
-// 16 slots must fit in int32 (the kernel's per-lane copy offsets); the pool must hold a page
-// (copies of invalid tiles point into page 0 with size 0).
-inline bool staged_decode_ok(const PagedKV& c) {
-  auto a16 = [&](const CacheView& v) {
-    return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.page_stride % 16 == 0 &&
-           v.slot_stride % 16 == 0 && v.head_stride % 16 == 0 && v.slot_stride >= 0 &&
-           16 * v.slot_stride + c.head_dim < (int64_t(1) << 31);
-  };
-  return c.format != Format::kNative && c.block_size % 16 == 0 && c.num_blocks >= 1 &&
-         a16(c.k) && a16(c.v);
-}
-
-// Whether every key row of both pools starts 16-byte aligned (base pointers and page / slot /
-// head strides in bytes): what the register tensor-core kernel's 16-byte loads need. The launcher
-// guarantees 8-element strides, so 16-bit caches always qualify.
-inline bool rows_16b_aligned(const PagedKV& c) {
-  const int64_t eb = c.format == Format::kNative ? 2 : 1;
-  auto ok = [&](const CacheView& v) {
-    return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.page_stride * eb % 16 == 0 &&
-           v.slot_stride * eb % 16 == 0 && v.head_stride * eb % 16 == 0;
-  };
-  return ok(c.k) && ok(c.v);
-}
-
-// Whether the staged kernel's line copies of the int8 scales apply: int8, scales
-// (num_blocks, block_size, kv_heads) contiguous within a page (slot-major), 16-byte aligned
-// page starts, kv_heads <= 8.
-inline bool staged_line_scales_ok(const PagedKV& c) {
-  auto ok = [&](const CacheView& v) {
-    return v.scale_head_stride == 1 && v.scale_slot_stride == c.kv_heads &&
-           reinterpret_cast<uintptr_t>(v.token_scale) % 16 == 0 && v.scale_page_stride % 4 == 0;
-  };
-  return c.format == Format::kInt8 && c.kv_heads <= cuda::kLineScaleHeads && ok(c.k) && ok(c.v);
-}
-
-// Split count for `base` CTAs of `occ` per SM. A call's time goes as waves / splits (each CTA
-// does 1 / splits of its row tile's keys, ceil(base * splits / slots) waves), plus a small cost
-// per split (partials to write and merge, per-CTA ramp): the count minimizes
-// ceil(base * s / slots) / s * (1 + 0.002 s), with at least 256 keys per split and at most 256
-// splits (at batch 1 this takes 33 splits where 33 fill the device; a rule that stopped at 95%
-// full waves took 32, 2% slower).
-inline int choose_splits(int64_t base, int occ, int sms, int64_t max_keys) {
-  const int64_t slots = int64_t(occ) * sms;
-  if (base >= slots) return 1;
-  const int max_s = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(256, max_keys / 256)));
-  auto cost = [&](int s) {
-    return double((base * s + slots - 1) / slots) / double(s) * (1.0 + 0.002 * s);
-  };
-  int best = 1;
-  for (int s = 2; s <= max_s; ++s)
-    if (cost(s) < cost(best)) best = s;
-  return best;
-}
-
-// Staged kernel: adjacent 16-key tiles a warp takes per round-robin step, as a log2: pairs
-// where a warp has at least 48 tiles (max_keys, the block table's capacity, over the row tile's
-// splits x 4 warps; faster at 128K, slower at 16K-64K batch 1, where single tiles stay). The
-// order is fixed before the key counts are read (the first page ids are loaded while
-// cache_seqlens is in flight), hence the capacity rather than the lengths.
-inline int tile_run_log2(int64_t max_keys, int splits) {
-  const int64_t tiles_per_warp = (max_keys + 15) / 16 / (int64_t(splits) * cuda::kMmaWarps);
-  return tiles_per_warp >= 48 ? 1 : 0;
-}
-
 // Launches kernel<<<grid, block, smem, stream>>>(args...), with the programmatic stream
 // serialization attribute when pdl (the kernel must call grid_dependency_wait() first).
 template <typename... Params, typename... Args>
@@ -159,9 +86,6 @@ cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, int block, int s
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
-// The decode kernels (see the header).
-enum class DecodeKind { kStaged, kStagedLineScales, kMma, kCudaCores };
-
 // One decode kernel configuration: kernel(p, m_tiles) and its dynamic shared memory.
 template <typename T, Format F, int D, int GT, DecodeKind kKind>
 struct DecodeKernel {
@@ -169,7 +93,7 @@ struct DecodeKernel {
                                   kKind == DecodeKind::kStagedLineScales;
   static constexpr bool kLineScales = kKind == DecodeKind::kStagedLineScales;
   static constexpr bool kMma = kKind == DecodeKind::kMma;
-  static constexpr int kStages = kLineScales ? 5 : 6;  // staged: 2 CTAs per SM either way
+  static constexpr int kStages = staged_stages(F, D, kLineScales);  // 2 CTAs per SM
   static constexpr int smem_bytes() {
     if constexpr (kStaged) {
       return cuda::StagedLayout<F, D, kStages, kLineScales>::kSmemBytes;
@@ -202,21 +126,20 @@ struct DecodeKernel {
   }
 };
 
-// Calls f(DecodeKernel<...>{}) for the configuration that serves p (see the header).
+// Calls f(DecodeKernel<...>{}) for the configuration that serves p (decode_kind).
 template <typename T, Format F, int D, int GT, typename Fn>
 decltype(auto) with_decode_kernel_gt(const AttnParams& p, Fn&& f) {
   using Kind = DecodeKind;
-  if constexpr (F != Format::kNative && (D == 64 || D == 128)) {
-    if (staged_decode_ok(p.cache)) {
-      if constexpr (F == Format::kInt8) {
-        if (staged_line_scales_ok(p.cache))
-          return f(DecodeKernel<T, F, D, GT, Kind::kStagedLineScales>{});
-      }
-      return f(DecodeKernel<T, F, D, GT, Kind::kStaged>{});
+  const Kind kind = decode_kind(p.cache);
+  if constexpr (D == 64 || D == 128) {
+    if constexpr (F == Format::kInt8) {
+      if (kind == Kind::kStagedLineScales)
+        return f(DecodeKernel<T, F, D, GT, Kind::kStagedLineScales>{});
     }
+    if (kind == Kind::kStaged) return f(DecodeKernel<T, F, D, GT, Kind::kStaged>{});
   }
   if constexpr (D == 128) {
-    if (rows_16b_aligned(p.cache)) return f(DecodeKernel<T, F, D, GT, Kind::kMma>{});
+    if (kind == Kind::kMma) return f(DecodeKernel<T, F, D, GT, Kind::kMma>{});
   }
   return f(DecodeKernel<T, F, D, GT, Kind::kCudaCores>{});
 }

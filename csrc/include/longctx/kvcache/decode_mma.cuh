@@ -1,7 +1,8 @@
 // Split-KV decode attention over the paged KV cache on tensor cores with the loads in flight held
-// in registers, head_dim 128: the kernel for 16-bit caches and for 8-bit caches whose layout the
-// staged kernel (decode_staged.cuh) cannot take (decode_launch.cuh says which kernel serves a
-// call). The tile math is decode_mma_tile.cuh's.
+// in registers, head_dim 128: the fallback for caches of any format whose layout the staged
+// kernel (decode_staged.cuh) cannot take but whose key rows start 16-byte aligned (a page size
+// that is not a multiple of 16; decode_choice.h says which kernel serves a call). The tile math
+// is decode_mma_tile.cuh's.
 //
 // Work decomposition: one CTA of 4 warps per (kv head x tile of GT <= 8 packed GQA rows, split,
 // sequence); the CTA's keys are a contiguous range per split; each warp takes tiles of 16 keys

@@ -1,14 +1,14 @@
-// Split-KV decode over an 8-bit (int8 / fp8 e4m3) paged KV cache, head_dim 64 or 128: tensor
-// cores fed from a cp.async shared-memory pipeline. The kernel for 8-bit caches whose layout
-// allows 16-byte copies (staged_decode_ok in decode_launch.cuh).
+// Split-KV decode over a paged KV cache of any format (bf16 / fp16, int8, fp8 e4m3), head_dim 64
+// or 128: tensor cores fed from a cp.async shared-memory pipeline. The kernel for every cache
+// whose layout allows 16-byte copies (staged_decode_ok in decode_choice.h).
 //
-// Why: 8-bit decode is bound by the bytes in flight per SM, not by math. Holding in-flight K/V in
-// registers (decode_mma.cuh: 210-222 per thread, 2 CTAs per SM, loads and compute alternating)
-// keeps too few bytes in flight to reach the copy bandwidth. Here each warp owns a ring of S
-// stages of 16-key tiles in shared memory filled by cp.async (no registers while in flight);
-// while it computes tile i, tiles i + 1 .. i + S - 1 are being copied, so S - 1 tiles (4 KiB each
-// for D = 128) per warp are always in flight: with S = 6 and 2 CTAs (8 warps) per SM, ~160 KiB
-// per SM.
+// Why: decode is bound by the bytes in flight per SM, not by math. Holding in-flight K/V in
+// registers (decode_mma.cuh: loads and compute alternating, 2 CTAs per SM) keeps too few bytes
+// in flight to reach the copy bandwidth. Here each warp owns a ring of S stages of 16-key tiles
+// in shared memory filled by cp.async (no registers while in flight); a warp reads tile i's
+// fragments, refills its stage with tile i + S, then computes, so S tiles per warp are in flight
+// during the math: with 2 CTAs (8 warps) per SM, 192 KiB per SM for 6 stages of 4 KiB (8-bit
+// codes at D = 128, 16-bit at D = 64) or 3 stages of 8 KiB (16-bit at D = 128; staged_stages).
 //
 // Work decomposition: the grid of decode_mma.cuh (CTA of 4 warps per (kv head x tile of GT <= 8
 // packed GQA rows, split, sequence)), but a split is not a contiguous key range: the row tile's
@@ -18,16 +18,17 @@
 // Where warps have many tiles the launcher deals runs of 2 adjacent tiles instead (warp gw takes
 // 2 gw, 2 gw + 1, then 2 (gw + G), ...; p.decode_tile_run_log2). Per tile and warp the math is
 // MmaRowState::consume (decode_mma_tile.cuh: S = Q K^T and O += P V with mma.sync m16n8k16,
-// online softmax in fp32, dequantization exact to fp16 and scales in fp32); only where the
-// fragments come from differs.
+// online softmax in fp32; 16-bit K/V enter the bf16 / fp16 mma as stored, 8-bit codes are
+// converted exactly to fp16 and their scales applied in fp32); only where the fragments come
+// from differs.
 //
-// Stage layout (one warp, one 16-key tile): K codes [16 keys][D bytes], V codes [16][D], then
-// (int8) K scales [16] and V scales [16] fp32, or with kLineScales the scales of the tile's slots
-// for all kv heads ([16][kv_heads] for K, then for V), copied as whole 16-byte pieces. The 16-byte
-// pieces of a key row are XOR-swizzled (piece ^ piece_swizzle(key)) so that the fragment reads
-// (K: pieces i * 4 + c of keys 8 h + r; V: piece r of keys 2 c + ...) and the copies hit distinct
-// banks per 8-lane phase at D = 128. K/V copies carry an L2 evict-first hint (they are read
-// once), so the int8 scales, re-read by every kv head's CTA, stay in L2.
+// Stage layout (one warp, one 16-key tile; a key row is D x 1 or 2 bytes = P 16-byte pieces):
+// K [16 keys][row], V [16][row], then (int8) K scales [16] and V scales [16] fp32, or with
+// kLineScales the scales of the tile's slots for all kv heads ([16][kv_heads] for K, then for V),
+// copied as whole 16-byte pieces. The pieces of a key row are XOR-swizzled (staged_swizzle.h) so
+// that the copies and the fragment reads hit distinct banks per 8-lane phase at every P. K/V
+// copies carry an L2 evict-first hint (they are read once), so the int8 scales, re-read by every
+// kv head's CTA, stay in L2.
 // Page ids: bs must be a multiple of 16 (a tile lies in one page); lane j holds the page of the
 // warp's tile 32 n + j of the current batch of 32 tiles, and the next batch's ids are loaded one
 // batch ahead, so no copy waits for the block table after the first batch (whose loads, without a
@@ -41,10 +42,12 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
+#include "longctx/kvcache/decode_choice.h"
 #include "longctx/kvcache/decode_common.cuh"
 #include "longctx/kvcache/decode_mma_tile.cuh"
 #include "longctx/kvcache/kvcache_params.h"
 #include "longctx/kvcache/paged.h"
+#include "longctx/kvcache/staged_swizzle.h"
 
 namespace longctx {
 namespace kvcache {
@@ -82,14 +85,15 @@ __device__ __forceinline__ void cp_async_wait() {
 // scales copied 4 bytes at a time (32 single-sector requests per tile, a 4-byte scale per 32-byte
 // sector). Without it each lane copies one 4-byte scale; with head-major scales (slot stride 1,
 // the layout PagedKVCache allocates) a tile's 16 K and 16 V scales are then two 64-byte requests.
-constexpr int kLineScaleHeads = 8;
+// At most kLineScaleHeads (decode_choice.h) kv heads.
 
 template <Format F, int D, int S, bool kLineScales = false>
 struct StagedLayout {
-  static_assert(F != Format::kNative, "staged decode: 8-bit caches");
   static_assert(!kLineScales || F == Format::kInt8, "line scales: int8 caches");
-  static constexpr int kPieces = D / 16;                 // 16-byte pieces per key row
-  static constexpr int kTileBytes = kMmaTile * D;        // K (or V) codes of one tile
+  static constexpr int kEB = F == Format::kNative ? 2 : 1;  // bytes per stored element
+  static constexpr int kRowBytes = D * kEB;                 // one key row of one kv head
+  static constexpr int kPieces = kRowBytes / 16;            // 16-byte pieces per key row
+  static constexpr int kTileBytes = kMmaTile * kRowBytes;   // K (or V) of one tile
   static constexpr int kScaleOff = 2 * kTileBytes;       // int8 scales after K and V
   static constexpr int kScaleBytes = kMmaTile * 4 * (kLineScales ? kLineScaleHeads : 1);  // K or V
   static constexpr int kStageBytes = kScaleOff + (F == Format::kInt8 ? 2 * kScaleBytes : 0);
@@ -99,12 +103,6 @@ struct StagedLayout {
   static constexpr int kSmemBytes = kRingBytes > kCombineBytes ? kRingBytes : kCombineBytes;
 };
 
-// XOR swizzle of the 16-byte pieces of key row `key` (a permutation of [0, P) for P = D / 16).
-template <int P>
-__device__ __forceinline__ int piece_swizzle(int key) {
-  return ((((key >> 1) & 3) << 1) ^ ((key & 1) << 2)) & (P - 1);
-}
-
 template <typename T, Format F, int D, int GT, int S, int MinBlocks, bool kLineScales = false>
 __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     kvcache_decode_staged_kernel(const AttnParams p, int m_tiles) {
@@ -112,6 +110,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   static_assert(GT <= 8, "staged decode: at most 8 packed rows per CTA");
   static_assert(S >= 2, "staged decode: at least two stages");
   using Lay = StagedLayout<F, D, S, kLineScales>;
+  constexpr int kEB = Lay::kEB;
   using Frags = MmaTileFrags<F, D>;
   using State = MmaRowState<T, F, D>;
   constexpr int P = Lay::kPieces;
@@ -173,21 +172,24 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   int pg_nxt = n_tiles > 32 ? page_of_tile(32 + lane) : -1;  // needed from tile 32 on
 
   // Per-lane constants of the K/V copies, computed once (the copy issue runs every tile): lane
-  // copies pieces q = lane + 32 u of a tile's 16 keys x P pieces, key q / P, piece q % P;
-  // offsets from the tile's first slot (int32: the launcher checks 16 slot strides fit) and
-  // swizzled destinations in a stage.
-  constexpr int kCopies = (kMmaTile * P + 31) / 32;
-  int32_t koff[kCopies], voff[kCopies];
-  uint32_t doff[kCopies];
-#pragma unroll
-  for (int u = 0; u < kCopies; ++u) {
-    const int q = lane + 32 * u, key = q / P, piece = q % P;
-    koff[u] = key * static_cast<int32_t>(cache.k.slot_stride) + piece * 16;
-    voff[u] = key * static_cast<int32_t>(cache.v.slot_stride) + piece * 16;
-    doff[u] = key * D + ((piece ^ piece_swizzle<P>(key)) << 4);
-  }
-  const uint8_t* kbase = static_cast<const uint8_t*>(cache.k.data) + int64_t(hk) * cache.k.head_stride;
-  const uint8_t* vbase = static_cast<const uint8_t*>(cache.v.data) + int64_t(hk) * cache.v.head_stride;
+  // copies pieces lane + 32 u (u < kCopies) of a tile's 16 keys x P pieces, i.e. piece lane % P
+  // of key lane / P + kKeyStep u. Byte offsets from the tile's first slot: koff + u kstep
+  // (int32: the launcher checks that 16 slot strides fit); destinations staged_copy_dest(dbase,
+  // u) (staged_swizzle.h): a few registers per lane, not 3 per copy (16-bit rows take 8).
+  static_assert(32 % P == 0, "staged decode: whole key rows per 32 pieces");
+  constexpr int kKeyStep = 32 / P;
+  constexpr int kCopies = kMmaTile / kKeyStep;
+  const int key0 = lane / P, piece0 = lane % P;
+  const int32_t kslot = static_cast<int32_t>(cache.k.slot_stride * kEB);
+  const int32_t vslot = static_cast<int32_t>(cache.v.slot_stride * kEB);
+  const int32_t koff = key0 * kslot + piece0 * 16, voff = key0 * vslot + piece0 * 16;
+  const int32_t kstep = kKeyStep * kslot, vstep = kKeyStep * vslot;
+  const uint32_t dbase = staged_piece_offset<P>(key0, piece0);
+  auto doff = [&](int u) { return staged_copy_dest<P>(dbase, u); };
+  const uint8_t* kbase =
+      static_cast<const uint8_t*>(cache.k.data) + int64_t(hk) * cache.k.head_stride * kEB;
+  const uint8_t* vbase =
+      static_cast<const uint8_t*>(cache.v.data) + int64_t(hk) * cache.v.head_stride * kEB;
   uint8_t* ring = smem + warp * Lay::kWarpBytes;
   const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   uint32_t stage_ok = 0;  // bit k: the tile in stage k has a valid page (warp-uniform)
@@ -212,19 +214,19 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
       stage_ok = (stage_ok & ~(1u << (i % S))) | (uint32_t(pg >= 0) << (i % S));
       const int64_t page = pg >= 0 ? pg : 0;
       const uint8_t* ktile =
-          kbase + (page * cache.k.page_stride + int64_t(slot0) * cache.k.slot_stride);
+          kbase + (page * cache.k.page_stride + int64_t(slot0) * cache.k.slot_stride) * kEB;
       const uint8_t* vtile =
-          vbase + (page * cache.v.page_stride + int64_t(slot0) * cache.v.slot_stride);
+          vbase + (page * cache.v.page_stride + int64_t(slot0) * cache.v.slot_stride) * kEB;
       const int keys_left = pg >= 0 ? khi - t0 : 0;
+      const uint8_t* ksrc = ktile + koff;
+      const uint8_t* vsrc = vtile + voff;
 #pragma unroll
       for (int u = 0; u < kCopies; ++u) {
-        const int q = lane + 32 * u;
-        if (kMmaTile * P % 32 == 0 || q < kMmaTile * P) {
-          const bool ok = q / P < keys_left;
-          cp_async16_zfill_hint(stage + doff[u], ktile + koff[u], ok, l2_policy);
-          cp_async16_zfill_hint(stage + doff[u] + Lay::kTileBytes, vtile + voff[u], ok,
-                                l2_policy);
-        }
+        const bool ok = key0 + kKeyStep * u < keys_left;
+        cp_async16_zfill_hint(stage + doff(u), ksrc, ok, l2_policy);
+        cp_async16_zfill_hint(stage + doff(u) + Lay::kTileBytes, vsrc, ok, l2_policy);
+        ksrc += kstep;
+        vsrc += vstep;
       }
       if constexpr (kLineScales) {
         // 16 slots x kv_heads fp32 = 4 kv_heads 16-byte pieces per pool, contiguous from
@@ -266,23 +268,29 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
       for (int u = 0; u < Frags::kKLoads; ++u) {
         const int piece = 4 * u + c;
         L.set_k_piece(h, u, *reinterpret_cast<const uint4*>(
-                                stage + key * D + ((piece ^ piece_swizzle<P>(key)) << 4)));
+                                stage + staged_piece_offset<P>(key, piece)));
       }
     }
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int key = 2 * c + (e & 1) + 8 * (e >> 1);
-      const int byte = r * Frags::kVBytes;  // D = 128: piece r; D = 64: half of piece r / 2
-      const uint8_t* src = stage + Lay::kTileBytes + key * D +
-                           (((byte >> 4) ^ piece_swizzle<P>(key)) << 4) + (byte & 15);
-      if constexpr (Frags::kVWords == 4) {
-        const uint4 x = *reinterpret_cast<const uint4*>(src);
-        L.v[e][0] = x.x;
-        L.v[e][1] = x.y;
-        L.v[e][2] = x.z;
-        L.v[e][3] = x.w;
+      // bytes [r kVBytes, (r + 1) kVBytes) of the row: pieces 2 r, 2 r + 1 (16-bit, D = 128),
+      // piece r (8-bit at D = 128, 16-bit at D = 64) or half of piece r / 2 (8-bit, D = 64)
+      const int byte = r * Frags::kVBytes;
+      const uint8_t* vstage = stage + Lay::kTileBytes;
+      if constexpr (Frags::kVWords >= 4) {
+#pragma unroll
+        for (int i = 0; i < Frags::kVWords / 4; ++i) {
+          const uint4 x = *reinterpret_cast<const uint4*>(
+              vstage + staged_piece_offset<P>(key, (byte >> 4) + i));
+          L.v[e][4 * i] = x.x;
+          L.v[e][4 * i + 1] = x.y;
+          L.v[e][4 * i + 2] = x.z;
+          L.v[e][4 * i + 3] = x.w;
+        }
       } else {
-        const uint2 x = *reinterpret_cast<const uint2*>(src);
+        const uint2 x = *reinterpret_cast<const uint2*>(
+            vstage + staged_piece_offset<P>(key, byte >> 4) + (byte & 15));
         L.v[e][0] = x.x;
         L.v[e][1] = x.y;
       }

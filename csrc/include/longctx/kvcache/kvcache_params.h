@@ -41,7 +41,7 @@
 // varlen (heads, total_q).
 //
 // Split-KV (decode): with num_splits > 1 the key tiles of each (sequence, kv head, query tile) are
-// divided into num_splits sets (contiguous ranges; in the staged 8-bit kernel, 16-key tiles dealt
+// divided into num_splits sets (contiguous ranges; in the staged kernel, 16-key tiles dealt
 // round-robin); each writes an fp32 partial (out normalized by its own sum, and its lse) into
 // out_accum / lse_accum, and a merge pass combines them:
 //   lse = log(sum_s exp(lse_s)),  out = sum_s exp(lse_s - lse) * out_s.
