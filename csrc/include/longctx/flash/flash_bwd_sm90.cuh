@@ -1,6 +1,6 @@
 // Flash-attention backward, step 2 of 3 (main kernel), Hopper version: TMA + wgmma, warp
-// specialized (FA3 structure, own code); the backward of head dims 64 and 128 (256 runs the
-// mma.sync kernel, flash_bwd_kernel.cuh); preprocess and postprocess are shared.
+// specialized (FA3 structure, own code); the backward of head dims 64 and 128 (256 has its own
+// kernel, flash_bwd_sm90_hdim256.cuh, which shares this file's helpers and preprocess).
 //
 // What it computes. One CTA per (KV tile n of kBlockN = 128 keys, kv head hk, batch b). K and V
 // of the tile are TMA-loaded once. The CTA walks the query heads h of hk's GQA group and, for
@@ -32,9 +32,9 @@
 // is in smem (the dQ product reads both halves).
 // The stage is released after dV, dK (the last readers of Q and dO) completed.
 // The per-element mask (causal/window/key >= sk/query >= sq) runs only on tile pairs that
-// tile_fully_visible says need it or that cross sk or sq, as in the mma.sync kernel.
+// tile_fully_visible says need it or that cross sk or sq (bounds: mask.h's tile_mask).
 //
-// Deterministic mode: per-(batch, head, query tile of 64) semaphore as in the mma.sync kernel: the
+// Deterministic mode: per-(batch, head, query tile of 64) semaphore (kv_tile_rank): the
 // thread issuing the reduce waits until the counter equals this KV tile's rank among the tiles
 // that visit the query tile, issues the reduce, waits for its completion, fences and increments.
 // Query tiles are walked from the last to the first: every KV tile's range ends at the same or a
@@ -177,6 +177,7 @@ struct BwdKernelParams {
   typename Traits::TMA_Q tma_q, tma_do;
   typename Traits::TMA_K tma_k, tma_v;
   float* dq_accum;         // (heads, total_q_rows, D) fp32, zeroed by the preprocess
+                           // (hdim 256: rows of padded 64-row tiles, fragment order)
   const float* lse2;       // padded, see flash_bwd_preprocess.cuh
   const float* dpad;
   int64_t pad_head_stride;
@@ -209,6 +210,20 @@ __device__ __forceinline__ int ld_acquire_gpu(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
   return v;
+}
+
+// Deterministic mode: the rank of KV tile n_block among the KV tiles that visit query tile m,
+// i.e. how many of them add to m's dQ before it. Those tiles are contiguous (bwd_query_tiles'
+// bounds are monotone in n), so the rank is n_block minus the first of them (binary search).
+__device__ __forceinline__ int kv_tile_rank(int n_block, int m, int block_m, int block_n, int sq,
+                                            int sk, int wl, int wr) {
+  int lo = 0, hi = n_block;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    const TileRange rr = bwd_query_tiles(mid, block_m, block_n, sq, sk, wl, wr);
+    if (rr.end > m && rr.begin < rr.end) hi = mid; else lo = mid + 1;
+  }
+  return n_block - lo;
 }
 
 }  // namespace bwd_sm90
@@ -336,13 +351,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         int* sem = nullptr;
         if (bp.deterministic) {
           sem = kp.sems + (int64_t(b) * p.heads + h) * kp.num_m_max + m;
-          int lo = 0, hi = n_block;
-          while (lo < hi) {
-            const int mid = (lo + hi) / 2;
-            const TileRange rr = bwd_query_tiles(mid, kM, kN, si.sq, si.sk, wl, wr);
-            if (rr.end > m && rr.begin < rr.end) hi = mid; else lo = mid + 1;
-          }
-          const int expected = n_block - lo;
+          const int expected = kv_tile_rank(n_block, m, kM, kN, si.sq, si.sk, wl, wr);
           while (ld_acquire_gpu(sem) != expected) __nanosleep(32);
         }
         bulk_reduce_add_f32(dst, ss.smem_dq.data() + buf * (kM * kD), uint32_t(rows) * kD * 4);
@@ -413,19 +422,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       const float* s_d = ss.smem_d.data() + s * kM;
       const bool need_mask = n0 + kN > sk || m0 + kM > sq ||
                              !tile_fully_visible(m, n_block, kM, kN, sq, sk, wl, wr);
-      // mask_visible in tile-local int32 terms: key r (of this KV tile) and query c (of this
-      // query tile) are visible iff r < sk - n0, c < sq - m0 and d_lo <= r - c <= d_hi (diagonal
-      // bounds clamped to [-1024, 1024], |r - c| < 256). Tiles that need no mask get bounds
-      // that keep everything: one branch-free path (two paths spilled more registers).
-      int key_lim = 1 << 30, q_lim = 1 << 30, d_hi = 1024, d_lo = -1024;
-      if (need_mask) {
-        const int64_t base = int64_t(sk) - sq - n0 + m0;
-        auto clampd = [](int64_t v) { return int(v < -1024 ? -1024 : v > 1024 ? 1024 : v); };
-        if (wr >= 0) d_hi = clampd(base + wr);
-        if (wl >= 0) d_lo = clampd(base - wl);
-        key_lim = sk - n0;
-        q_lim = sq - m0;
-      }
+      // mask_visible in tile-local int32 terms (tile_mask; one branch-free path, two paths
+      // spilled more registers): key r of this KV tile and query c of this query tile.
+      const TileMask tm = tile_mask(need_mask, m0, n0, sq, sk, wl, wr);
+      const int key_lim = tm.key_lim, q_lim = tm.q_lim, d_hi = tm.d_hi, d_lo = tm.d_lo;
       warpgroup_wait<1>();
 #pragma unroll
       for (int i = 0; i < size(acc_s); ++i) {
