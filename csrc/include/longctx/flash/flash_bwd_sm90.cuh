@@ -29,7 +29,8 @@
 // dQ reduce: warp 1 of WG 0 is the dQ writer; sdQ is double-buffered with full/empty
 // mbarriers, so the consumers only wait for a buffer the writer has not yet read.
 // Per-iteration synchronization of the consumers: named barrier B1 (256 threads) after dS^T
-// is in smem (the dQ product reads both halves).
+// is in smem (the dQ product reads both halves); dS^T alternates between two buffers, so B1 of
+// the next iteration also orders the other warpgroup's dQ reads before the buffer's next write.
 // The stage is released after dV, dK (the last readers of Q and dO) completed.
 // The per-element mask (causal/window/key >= sk/query >= sq) runs only on tile pairs that
 // tile_fully_visible says need it or that cross sk or sq (bounds: mask.h's tile_mask).
@@ -42,8 +43,8 @@
 // reaches each query tile no earlier (in iterations) than tile n - 1 and waits at most about one
 // reduce for it. (Walked first-to-last, tile n of a causal mask would start 2n iterations late.)
 //
-// smem (hdim 128): K, V 2 x 32 KB, Q, dO 2 stages x 2 x 16 KB, dS^T 16 KB, dQ (fp32) 32 KB,
-// lse2/D 1 KB: ~177 KB, one CTA per SM.
+// smem (hdim 128): K, V 2 x 32 KB, Q, dO 2 stages x 2 x 16 KB, dS^T 2 x 16 KB, dQ (fp32)
+// 2 x 32 KB, lse2/D 1 KB: ~225 KB, one CTA per SM.
 #pragma once
 
 #ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
@@ -125,12 +126,18 @@ struct FlashBwdSm90Traits {
                          cute::make_shape(cute::Int<kHeadDim>{}, cute::Int<kBlockN>{}),
                          cute::Step<cute::_2, cute::_1>{})));
   // dS^T as (keys, queries), queries contiguous; (queries, keys) view: A operand of dQ, MN-major.
+  // Two dS^T buffers (iteration it uses it % 2): buffer it % 2 is rewritten in iteration it + 2,
+  // after both warpgroups passed barrier B1 of it + 1, which each reaches only once its dQ wgmma
+  // of iteration it (the last reader) completed. One buffer would leave the other warpgroup's
+  // dQ wgmma ordered before the next write by issue order only.
+  static constexpr int kDsBufs = 2;
   using SmemLayoutdS = decltype(cute::tile_to_shape(
-      AtomQ{}, cute::make_shape(cute::Int<kBlockN>{}, cute::Int<kBlockM>{})));
+      AtomQ{}, cute::make_shape(cute::Int<kBlockN>{}, cute::Int<kBlockM>{}, cute::Int<kDsBufs>{})));
   using SmemLayoutdSt = decltype(cute::composition(
-      SmemLayoutdS{}, cute::make_ordered_layout(
-                          cute::make_shape(cute::Int<kBlockM>{}, cute::Int<kBlockN>{}),
-                          cute::Step<cute::_2, cute::_1>{})));
+      SmemLayoutdS{},
+      cute::make_ordered_layout(
+          cute::make_shape(cute::Int<kBlockM>{}, cute::Int<kBlockN>{}, cute::Int<kDsBufs>{}),
+          cute::Step<cute::_2, cute::_1, cute::_3>{})));
   // dQ tile, fp32, row-major and unpadded: it is the source of one contiguous bulk reduce.
   using SmemLayoutdQ = cute::Layout<cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>,
                                     cute::Stride<cute::Int<kHeadDim>, cute::_1>>;
@@ -394,9 +401,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
     Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_N, MMA_K, PIPE)
     Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
-    Tensor tdQrdS = thr_dq.partition_fragment_A(sdSt);
+    Tensor tdQrdS = thr_dq.partition_fragment_A(sdSt);  // (MMA, MMA_M, MMA_K, BUF)
     Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);
-    Tensor tdSsdS = thr_sdp.partition_C(sdS);
+    Tensor tdSsdS = thr_sdp.partition_C(sdS);           // (MMA, MMA_M, MMA_N, BUF)
     Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kN>, Int<kM>>{}));
 
     Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kD>>{});
@@ -452,11 +459,17 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
             cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(acc_dp.data()));
       }
       // dS^T -> smem (pairs of adjacent queries are adjacent in smem: 4-byte stores).
+      const int buf = it & 1;
       {
         const uint32_t* src = reinterpret_cast<const uint32_t*>(rdS.data());
+        // Buffer 0's addresses plus a runtime shift: indexing the buffer mode at run time spilled
+        // 184 bytes at hdim 64 (44 without).
+        Tensor tdSsdS_0 = tdSsdS(_, _, _, 0);
+        static_assert(cute::cosize_v<typename Traits::SmemLayoutdS> == 2 * kN * kM);  // dense
+        const int shift = buf * (kN * kM / 2);  // in 4-byte words
 #pragma unroll
         for (int i = 0; i < kFrag; i += 2)
-          *reinterpret_cast<uint32_t*>(&tdSsdS(i)) = src[i / 2];
+          (reinterpret_cast<uint32_t*>(&tdSsdS_0(i)))[shift] = src[i / 2];
       }
       wg_gemm<false>(mma_dkv, rP, tdVrdOt(_, _, _, s), acc_dv);
       wg_gemm<false>(mma_dkv, rdS, tdKrQt(_, _, _, s), acc_dk);
@@ -464,8 +477,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 1);  // all of dS^T in smem
 
       Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kM>, Int<kD>>{});
-      wg_gemm<true>(mma_dq, tdQrdS, tdQrKt, acc_dq);
-      const int buf = it & 1;
+      wg_gemm<true>(mma_dq, tdQrdS(_, _, _, buf), tdQrKt, acc_dq);
       if (it >= 2) ss.dq_empty[buf].wait(((it >> 1) - 1) & 1);
       warpgroup_wait<0>();
       pipe.consumer_release(st);
