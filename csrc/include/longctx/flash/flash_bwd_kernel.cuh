@@ -11,6 +11,8 @@
 //   S  = Q K^T                      (64 x kBlockN, fp32 registers)
 //   P  = exp2(S * scale*log2e - lse*log2e)      (lse saved by the forward; -inf rows -> P = 0)
 //   dP = dO V^T ;  dS = P * (dP - D)            (D = rowsum(dO * O), from the preprocess)
+// or, with logit softcap c (logit_mods.h; the kernel's kSoftcap, chosen by the launcher):
+//   t  = tanh(S * scale / c) ;  P = exp2(t * c*log2e - lse*log2e) ;  dS = P * (dP - D) * (1 - t^2)
 //   dV += P^T dO ; dK += dS^T Q                  (kBlockN x D, fp32 registers, across all
 //                                                 query tiles and all heads of the group)
 //   dQ_accum[h] += dS K                          (fp32, global; red.global.add.v2.f32, or in
@@ -43,6 +45,7 @@
 #include <cutlass/numeric_types.h>
 #include "longctx/flash/flash_params.h"
 #include "longctx/flash/mask.h"
+#include "longctx/tanh_approx.cuh"
 
 namespace longctx {
 namespace flash {
@@ -160,7 +163,9 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
 
 }  // namespace bwd_detail
 
-template <class Traits>
+// kSoftcap: the launcher's choice from p.fwd.mods.softcap != 0 (uniform over the launch); a
+// template parameter, so the kernel without the cap is the same code as before it existed.
+template <class Traits, bool kSoftcap>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     flash_bwd_kernel(BwdParams bp, int64_t total_q_rows, float* __restrict__ dq_accum, int* sems,
                      int num_m_tiles_max) {
@@ -252,8 +257,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
     Tensor cMN = thr_mma.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kN>>{}));
     Tensor cMD = thr_mma.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kD>>{}));
-    const float scale_log2 = p.softmax_scale_log2;
     constexpr float kLog2e = 1.4426950408889634f;
+    // Softcap c: S -> t = tanh(S * cap_in), cap_in = softmax_scale / c, in the exponent with
+    // c * log2(e); dS gets the cap's derivative 1 - t^2 (softmax_scale enters dK in the epilogue
+    // and dQ in the postprocess, as without the cap).
+    const float cap_in = kSoftcap ? p.softmax_scale / p.mods.softcap : 0.f;
+    const float scale_log2 = kSoftcap ? p.mods.softcap * kLog2e : p.softmax_scale_log2;
 
     for (int it = 0; it < total_iters; ++it) {
       const int h = hk * group + it / n_m, m = range.begin + it % n_m;
@@ -309,9 +318,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       for (int i = 0; i < size(acc_s); ++i) {
         const int r = get<0>(cMN(i)), c = get<1>(cMN(i));
         const int slot = ((i % 4) / 2) + 2 * ((i / 4) % kMmaM);
-        float pv = exp2f(acc_s(i) * scale_log2 - lse_r[slot]);
+        float x = acc_s(i);
+        if constexpr (kSoftcap) x = tanh_approx(x * cap_in);
+        float pv = exp2f(x * scale_log2 - lse_r[slot]);
         if (need_mask && !mask_visible(m0 + r, n0 + c, sq, sk, wl, wr)) pv = 0.f;
-        const float ds = pv * (acc_dp(i) - d_r[slot]);
+        float ds = pv * (acc_dp(i) - d_r[slot]);
+        if constexpr (kSoftcap) ds *= 1.f - x * x;
         sP(r, c) = Element(pv);
         sdS(r, c) = Element(ds);
       }

@@ -41,7 +41,8 @@ cudaError_t run_flash_bwd_sm90(const BwdParams& p, int64_t total_q, int64_t /*to
   if (e != cudaSuccess) return e;
 
   if (f.seqlen_k > 0) {
-    auto kernel = flash_bwd_kernel<Traits>;
+    auto kernel = f.mods.softcap != 0.f ? flash_bwd_kernel<Traits, true>
+                                        : flash_bwd_kernel<Traits, false>;
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              Traits::kSmemBytes);
     if (e != cudaSuccess) return e;
@@ -116,8 +117,12 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
     kp.total_q_rows = rows;
     kp.sems = sems;
     kp.num_m_max = (f.seqlen_q + kBwdBlockM - 1) / kBwdBlockM;
+    const float c = f.mods.softcap;
+    kp.cap_in = c != 0.f ? f.softmax_scale / c : 0.f;
+    kp.cap_log2 = c * 1.4426950408889634f;
 
-    auto kernel = flash_bwd_sm90_kernel<Traits>;
+    auto kernel = c != 0.f ? flash_bwd_sm90_kernel<Traits, true>
+                           : flash_bwd_sm90_kernel<Traits, false>;
     constexpr int smem = Traits::kSmemBytes;
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
