@@ -60,7 +60,7 @@ _DTYPE_KEY = {"bf16": "DType::kBF16", "fp16": "DType::kFP16"}
 _FORMAT = {"native": "Format::kNative", "int8": "Format::kInt8", "fp8": "Format::kFp8E4M3"}
 # What build_info() reports for each flash instantiation (longctx.build_info()["kernels"]).
 _FEATURES = {"flash_fwd": "causal,window,gqa,varlen,softcap,sinks",
-             "flash_bwd": "causal,window,gqa,varlen,deterministic,sinks"}
+             "flash_bwd": "causal,window,gqa,varlen,deterministic,softcap,sinks"}
 
 
 def source(inst: Instantiation) -> str:

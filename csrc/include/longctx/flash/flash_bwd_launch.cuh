@@ -89,11 +89,17 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
     kp.total_q_rows = flash_bwd_dq_rows(p, total_q);
     kp.sems = sems;
     kp.num_m_max = (f.seqlen_q + kBwdBlockM - 1) / kBwdBlockM;
+    const float c = f.mods.softcap;
+    kp.cap_in = c != 0.f ? f.softmax_scale / c : 0.f;
+    kp.cap_log2 = c * 1.4426950408889634f;
 
-    auto kernel = [] {
-      if constexpr (kFragDq) return flash_bwd_sm90_hdim256_kernel<Traits>;
-      else return flash_bwd_sm90_kernel<Traits>;
-    }();
+    // Softcap: two instantiations of the main kernel, chosen here once per launch.
+    auto pick = [](auto softcap) {
+      constexpr bool kCap = decltype(softcap)::value;
+      if constexpr (kFragDq) return flash_bwd_sm90_hdim256_kernel<Traits, kCap>;
+      else return flash_bwd_sm90_kernel<Traits, kCap>;
+    };
+    auto kernel = c != 0.f ? pick(std::true_type{}) : pick(std::false_type{});
     constexpr int smem = Traits::kSmemBytes;
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;

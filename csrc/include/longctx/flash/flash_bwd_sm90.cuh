@@ -12,6 +12,9 @@
 //   P^T  = exp2(S^T * scale*log2e - lse2[q])   (lse2 = lse*log2e from the preprocess, +inf for
 //                                               rows that see no key and pad rows -> P = 0)
 //   dS^T = P^T * (dP^T - D[q])                 (D = rowsum(dO * O), preprocess)
+// or, with logit softcap c (logit_mods.h; the kernel's kSoftcap, chosen by the launcher):
+//   t    = tanh(S^T * scale / c)               (tanh_approx)
+//   P^T  = exp2(t * c*log2e - lse2[q]) ;  dS^T = P^T * (dP^T - D[q]) * (1 - t^2)
 //   dV  += P^T dO ; dK += dS^T Q               RS wgmma (A from registers), 128 x D, K = 64
 //   dQ   = dS K                                 SS wgmma, 64 x D, K = 128 (dS through smem; the
 //                                               two WGs split D), then written to smem (fp32)
@@ -69,6 +72,7 @@
 #include "longctx/flash/mainloop_fwd_sm90.cuh"  // wg_gemm
 #include "longctx/flash/mask.h"
 #include "longctx/flash/softmax.cuh"  // acc_layout_to_A_regs, fast_exp2
+#include "longctx/tanh_approx.cuh"
 
 namespace longctx {
 namespace flash {
@@ -191,6 +195,9 @@ struct BwdKernelParams {
   int64_t total_q_rows;
   int* sems;               // deterministic mode
   int num_m_max;           // semaphores per (batch, head)
+  // Softcap c (p.fwd.mods.softcap; 0: none): cap_in = softmax_scale / c, cap_log2 = c log2(e).
+  // Kernel params, so that the consumers read them as constant-bank operands (no registers).
+  float cap_in, cap_log2;
 };
 
 namespace bwd_sm90 {
@@ -235,7 +242,11 @@ __device__ __forceinline__ int kv_tile_rank(int n_block, int m, int block_m, int
 
 }  // namespace bwd_sm90
 
-template <typename Traits>
+// kSoftcap: the launcher's choice from p.fwd.mods.softcap != 0 (uniform over the launch). A
+// template parameter rather than a branch in the kernel: with both paths in one kernel the
+// consumers spilled 120 bytes instead of 32 (hdim 128), so the path without the cap would have
+// paid for it.
+template <typename Traits, bool kSoftcap>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> kp) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -433,20 +444,44 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       // spilled more registers): key r of this KV tile and query c of this query tile.
       const TileMask tm = tile_mask(need_mask, m0, n0, sq, sk, wl, wr);
       const int key_lim = tm.key_lim, q_lim = tm.q_lim, d_hi = tm.d_hi, d_lo = tm.d_lo;
-      warpgroup_wait<1>();
-#pragma unroll
-      for (int i = 0; i < size(acc_s); ++i) {
+      auto visible = [&](int i) {
         const int key = int(get<0>(tScS(i))), col = int(get<1>(tScS(i)));
         const int dlt = key - col;
-        const bool vis = key < key_lim && col < q_lim && dlt <= d_hi && dlt >= d_lo;
-        const float pv = fast_exp2(acc_s(i) * scale_log2 - s_lse[col]);
-        acc_s(i) = vis ? pv : 0.f;
+        return key < key_lim && col < q_lim && dlt <= d_hi && dlt >= d_lo;
+      };
+      // Softcap: S^T -> t = tanh(S^T * softmax_scale / c) in place while dP^T is in flight
+      // (masked entries get 2, a value tanh never takes), then P^T = exp2(t * c*log2e - lse2[q])
+      // and dS^T = P^T * (dP^T - D[q]) * (1 - t^2): the cap's derivative is the only extra
+      // factor, softmax_scale enters dK (epilogue) and dQ (postprocess) as without the cap.
+      warpgroup_wait<1>();
+      if constexpr (!kSoftcap) {
+#pragma unroll
+        for (int i = 0; i < size(acc_s); ++i) {
+          const int col = int(get<1>(tScS(i)));
+          const float pv = fast_exp2(acc_s(i) * scale_log2 - s_lse[col]);
+          acc_s(i) = visible(i) ? pv : 0.f;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < size(acc_s); ++i)
+          acc_s(i) = visible(i) ? tanh_approx(acc_s(i) * kp.cap_in) : 2.f;
       }
       warpgroup_wait<0>();
+      if constexpr (!kSoftcap) {
 #pragma unroll
-      for (int i = 0; i < size(acc_dp); ++i) {
-        const int col = int(get<1>(tScS(i)));
-        acc_dp(i) = acc_s(i) * (acc_dp(i) - s_d[col]);
+        for (int i = 0; i < size(acc_dp); ++i) {
+          const int col = int(get<1>(tScS(i)));
+          acc_dp(i) = acc_s(i) * (acc_dp(i) - s_d[col]);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < size(acc_dp); ++i) {
+          const int col = int(get<1>(tScS(i)));
+          const float t = acc_s(i);
+          const float pv = t > 1.f ? 0.f : fast_exp2(t * kp.cap_log2 - s_lse[col]);
+          acc_s(i) = pv;
+          acc_dp(i) = pv * (acc_dp(i) - s_d[col]) * (1.f - t * t);
+        }
       }
       constexpr int kFrag = decltype(size(acc_s))::value;
       Tensor rP = make_tensor<Element>(acc_layout_to_A_regs(acc_s.layout()));

@@ -11,6 +11,8 @@
 //   P    = exp2(S * scale*log2e - lse2[q]) (lse2 = lse*log2e from the preprocess, +inf for rows
 //          that see no key and pad rows -> P = 0), masked entries 0
 //   dS   = P * (dP - D[q])                 (D = rowsum(dO * O), preprocess)
+// or, with logit softcap c (logit_mods.h; the kernel's kSoftcap, chosen by the launcher):
+//   t    = tanh(S * scale / c) ;  P = exp2(t * c*log2e - lse2[q]) ;  dS = P * (1 - t^2) * (dP - D)
 //   P, dS -> smem as (keys, queries) tiles, queries contiguous (stmatrix .trans), 2 buffers
 //   dV^T += dO^T P, dK^T += Q^T dS          SS wgmma, 256 x 80, K = 64 (WG w: D rows
 //                                           [64w, 64w + 64) and [128 + 64w, 192 + 64w))
@@ -56,6 +58,7 @@
 #include <cute/atom/copy_traits_sm90.hpp>
 #include "longctx/flash/flash_bwd_dispatch.cuh"
 #include "longctx/flash/flash_bwd_sm90.cuh"  // BwdKernelParams, bwd_sm90 helpers, wg_gemm
+#include "longctx/tanh_approx.cuh"
 
 namespace longctx {
 namespace flash {
@@ -197,7 +200,9 @@ __host__ __device__ auto dq_frag_coords(int tidx) {
 
 }  // namespace bwd_sm90
 
-template <typename Traits>
+// kSoftcap: the launcher's choice from p.fwd.mods.softcap != 0 (uniform over the launch); a
+// template parameter, so the kernel without the cap contains none of its code.
+template <typename Traits, bool kSoftcap>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     flash_bwd_sm90_hdim256_kernel(const __grid_constant__ BwdKernelParams<Traits> kp) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -401,12 +406,21 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       const TileMask tm = tile_mask(need_mask, m0, n0, sq, sk, wl, wr);
       const int key_lim = tm.key_lim, q_lim = tm.q_lim, d_hi = tm.d_hi, d_lo = tm.d_lo;
       constexpr int kFrag = decltype(size(acc_s))::value;
+      cutlass::NumericArrayConverter<Element, float, kFrag> cvt;
+      Tensor rP = make_tensor_like<Element>(acc_s);
       warpgroup_wait<1>();
       {
         // Per row, the bounds become limits on the key's offset from this thread's first key
         // (a compile-time constant per register): two compares per element, no per-element
         // loop invariants.
+        // Softcap: t = tanh(S * softmax_scale / c), P = exp2(t * c*log2e - lse2[q]) (masked: 0)
+        // is converted here pair by pair (registers c, c + 1 are adjacent) and S's registers
+        // keep P * (1 - t^2), so dS = P * (1 - t^2) * (dP - D) below is the same code as without
+        // the cap and t needs no registers of its own.
         Tensor sRC = make_tensor(acc_s.data(), acc_layout_rowcol(acc_s.layout()));
+        Tensor pRC = make_tensor(rP.data(), acc_layout_rowcol(rP.layout()));
+        cutlass::NumericArrayConverter<Element, float, 2> cvt2;
+        cutlass::Array<float, 2> pv2;
 #pragma unroll
         for (int r = 0; r < size<0>(sRC); ++r) {
           const int q = int(get<0>(cRC(r, 0)));
@@ -417,18 +431,24 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
           for (int c = 0; c < size<1>(sRC); ++c) {
             const int kc = int(get<1>(cRC(r, c))) - key0;
             const bool vis = row_ok && kc <= hi && kc >= lo;
-            const float pv = fast_exp2(sRC(r, c) * scale_log2 - lse);
-            sRC(r, c) = vis ? pv : 0.f;
+            if constexpr (!kSoftcap) {
+              const float pv = fast_exp2(sRC(r, c) * scale_log2 - lse);
+              sRC(r, c) = vis ? pv : 0.f;
+            } else {
+              const float t = tanh_approx(sRC(r, c) * kp.cap_in);
+              pv2[c % 2] = vis ? fast_exp2(t * kp.cap_log2 - lse) : 0.f;
+              sRC(r, c) = pv2[c % 2] * (1.f - t * t);
+              if (c % 2 == 1)
+                *reinterpret_cast<cutlass::Array<Element, 2>*>(&pRC(r, c - 1)) = cvt2(pv2);
+            }
           }
         }
       }
-      cutlass::NumericArrayConverter<Element, float, kFrag> cvt;
-      {
-        Tensor rP = make_tensor_like<Element>(acc_s);
+      if constexpr (!kSoftcap) {
         *reinterpret_cast<cutlass::Array<Element, kFrag>*>(rP.data()) =
             cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(acc_s.data()));
-        copy(s2s, thr_s2s.retile_S(rP), tPsP(_, _, _, buf));
       }
+      copy(s2s, thr_s2s.retile_S(rP), tPsP(_, _, _, buf));
       warpgroup_wait<0>();
       {
         Tensor sRC = make_tensor(acc_s.data(), acc_layout_rowcol(acc_s.layout()));
