@@ -19,7 +19,7 @@ import torch
 import longctx
 from attention_reference import attention_ref, attention_varlen_ref
 from gpu_kernels import skip_unless_compiled
-from logit_mods_check import check_case
+from logit_mods_check import check_case, check_flash_func
 
 pytestmark = pytest.mark.gpu
 
@@ -61,12 +61,7 @@ def test_batched_matches_reference(dtype, hdim, mods, mask):
     q, k, v = _qkv(2, sq, sk, 4, 2, hdim, dtype)
     sinks = _sinks(4).requires_grad_() if with_sinks else None
     scale = 1 / 8  # exact in fp32
-    check_case(lambda q, k, v, s: longctx.flash_attn_func(q, k, v, scale, causal, window,
-                                                          return_lse=True, softcap=softcap,
-                                                          sinks=s),
-               lambda q, k, v, s, up: attention_ref(q, k, v, scale, causal, window, up,
-                                                    softcap, s),
-               q, k, v, sinks, dtype)
+    check_flash_func(q, k, v, sinks, dtype, scale, causal, window, softcap)
 
 
 @pytest.mark.parametrize("hdim", [64, 128, 256])

@@ -1,6 +1,7 @@
 // Flash-attention backward, step 2 of 3 (main kernel), Hopper version: TMA + wgmma, warp
 // specialized (FA3 structure, own code); the backward of head dims 64 and 128 (256 has its own
-// kernel, flash_bwd_sm90_hdim256.cuh, which shares this file's helpers and preprocess).
+// kernel, flash_bwd_sm90_hdim256.cuh, which shares this file's helpers and preprocess and the
+// setup helpers of flash_bwd_cta.cuh).
 //
 // What it computes. One CTA per (KV tile n of kBlockN = 128 keys, kv head hk, batch b). K and V
 // of the tile are TMA-loaded once. The CTA walks the query heads h of hk's GQA group and, for
@@ -67,6 +68,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
+#include "longctx/flash/flash_bwd_cta.cuh"
 #include "longctx/flash/flash_params.h"
 #include "longctx/flash/flash_bwd_preprocess.cuh"
 #include "longctx/flash/mainloop_fwd_sm90.cuh"  // wg_gemm
@@ -220,25 +222,6 @@ __device__ __forceinline__ void bulk_wait_read_all() {
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// Deterministic mode: the rank of KV tile n_block among the KV tiles that visit query tile m,
-// i.e. how many of them add to m's dQ before it. Those tiles are contiguous (bwd_query_tiles'
-// bounds are monotone in n), so the rank is n_block minus the first of them (binary search).
-__device__ __forceinline__ int kv_tile_rank(int n_block, int m, int block_m, int block_n, int sq,
-                                            int sk, int wl, int wr) {
-  int lo = 0, hi = n_block;
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    const TileRange rr = bwd_query_tiles(mid, block_m, block_n, sq, sk, wl, wr);
-    if (rr.end > m && rr.begin < rr.end) hi = mid; else lo = mid + 1;
-  }
-  return n_block - lo;
-}
 
 }  // namespace bwd_sm90
 
@@ -296,18 +279,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       ss.dq_full[i].init(Traits::kNumMmaThreads);
       ss.dq_empty[i].init(1);
     }
-    cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(kp.tma_do.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
+    bwd_prefetch_tma(kp);
   }
-  typename MainloopPipeline::Params pp;
-  pp.role = warp_group_idx == 0 ? MainloopPipeline::ThreadCategory::Producer
-                                : MainloopPipeline::ThreadCategory::Consumer;
-  pp.is_leader = threadIdx.x == 0;
-  pp.num_consumers = Traits::kNumMmaThreads;
-  pp.transaction_bytes = Traits::kTmaBytesStage;
-  MainloopPipeline pipe(ss.pipeline, pp, Shape<_1, _1, _1>{});
+  MainloopPipeline pipe(ss.pipeline,
+                        bwd_pipeline_params<MainloopPipeline, Traits::kNumMmaThreads>(
+                            warp_group_idx, Traits::kTmaBytesStage),
+                        Shape<_1, _1, _1>{});
   cutlass::arch::fence_barrier_init();
   __syncthreads();
 
@@ -316,35 +293,21 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   if (warp_group_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
     if (threadIdx.x == 0) {
+      bwd_load_kv<Traits>(kp, ss, si, hk, n_block);
       Tensor mQ = kp.tma_q.get_tma_tensor(kp.shape_q);
       Tensor mdO = kp.tma_do.get_tma_tensor(kp.shape_q);
-      Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k);
-      Tensor mV = kp.tma_v.get_tma_tensor(kp.shape_k);
       Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename Traits::SmemLayoutQ{});
       Tensor sdO = make_tensor(make_smem_ptr(ss.smem_do.data()), typename Traits::SmemLayoutQ{});
-      Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename Traits::SmemLayoutK{});
-      Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutK{});
-      auto tile_k = Shape<Int<kN>, Int<kD>>{};
-      Tensor gK = local_tile(domain_offset(make_coord(si.k_start, _0{}), mK(_, _, hk, si.tma_batch())),
-                             tile_k, make_coord(n_block, _0{}));
-      Tensor gV = local_tile(domain_offset(make_coord(si.k_start, _0{}), mV(_, _, hk, si.tma_batch())),
-                             tile_k, make_coord(n_block, _0{}));
-      auto [tKgK, tKsK] = tma_partition(kp.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-      auto [tVgV, tVsV] = tma_partition(kp.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-      ss.barrier_kv.arrive_and_expect_tx(Traits::kTmaBytesKV);
-      copy(kp.tma_k.with(reinterpret_cast<uint64_t&>(ss.barrier_kv), 0), tKgK, tKsK);
-      copy(kp.tma_v.with(reinterpret_cast<uint64_t&>(ss.barrier_kv), 0), tVgV, tVsV);
-
       typename Traits::PipelineState st = cutlass::make_producer_start_state<MainloopPipeline>();
       auto tile_q = Shape<Int<kM>, Int<kD>>{};
       for (int it = 0; it < total; ++it) {
         const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
-        Tensor gQ = local_tile(domain_offset(make_coord(si.q_start, _0{}), mQ(_, _, h, si.tma_batch())),
-                               tile_q, make_coord(m, _0{}));
-        Tensor gdO = local_tile(domain_offset(make_coord(si.q_start, _0{}), mdO(_, _, h, si.tma_batch())),
-                                tile_q, make_coord(m, _0{}));
-        auto [tQgQ, tQsQ] = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-        auto [tdOgdO, tdOsdO] = tma_partition(kp.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+        Tensor gQ = bwd_rows_tile(mQ, si.q_start, h, si.tma_batch(), tile_q, m);
+        Tensor gdO = bwd_rows_tile(mdO, si.q_start, h, si.tma_batch(), tile_q, m);
+        auto [tQgQ, tQsQ] = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
+                                          group_modes<0, 2>(gQ));
+        auto [tdOgdO, tdOsdO] = tma_partition(kp.tma_do, _0{}, Layout<_1>{},
+                                              group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
         pipe.producer_acquire(st);
         uint64_t* bar = pipe.producer_get_barrier(st);
         const int s = st.index();
@@ -539,7 +502,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 #pragma unroll
       for (int i = 0; i < kAcc; i += 2) {
         const int row = int(get<0>(tcKV(i))), c = int(get<1>(tcKV(i)));
-        if (row < rows_k) *reinterpret_cast<uint32_t*>(g + int64_t(row) * row_stride + c) = r32[i / 2];
+        if (row < rows_k)
+          *reinterpret_cast<uint32_t*>(g + int64_t(row) * row_stride + c) = r32[i / 2];
       }
     };
     store(acc_dk, gdK, bp.dk_row_stride);

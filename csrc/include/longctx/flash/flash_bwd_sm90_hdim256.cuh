@@ -1,7 +1,8 @@
 // Flash-attention backward, step 2 of 3 (main kernel) for head dim 256: TMA + wgmma, warp
 // specialized, FlashAttention-3's hdim-256 shape (64 x 80 tiles, dK/dV and dQ computed
-// transposed), own code; and its dQ postprocess (step 3). Preprocess, mask, producer helpers and
-// the semaphore protocol are shared with the hdim 64/128 kernel (flash_bwd_sm90.cuh).
+// transposed), own code; and its dQ postprocess (step 3). Preprocess, mask, the producer's K/V
+// load and the semaphore protocol are shared with the hdim 64/128 kernel (flash_bwd_sm90.cuh,
+// flash_bwd_cta.cuh).
 //
 // What it computes. One CTA per (KV tile n of kBlockN = 80 keys, kv head hk, batch b). K and V of
 // the tile are TMA-loaded once. The CTA walks the query heads h of hk's GQA group and, for each,
@@ -248,26 +249,16 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const int warp_group_idx = warp_idx / 4;
   if (warp_idx == 0 && cute::elect_one_sync()) {
     ss.barrier_kv.init(1);
-    cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(kp.tma_do.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
+    bwd_prefetch_tma(kp);
   }
-  const auto role = warp_group_idx == 0 ? PipelineQ::ThreadCategory::Producer
-                                        : PipelineQ::ThreadCategory::Consumer;
-  typename PipelineQ::Params ppq;
-  ppq.role = role;
-  ppq.is_leader = threadIdx.x == 0;
-  ppq.num_consumers = Traits::kNumMmaThreads;
-  ppq.transaction_bytes = Traits::kTmaBytesQ;
-  PipelineQ pipe_q(ss.pipeline_q, ppq, Shape<_1, _1, _1>{});
-  typename PipelinedO::Params ppd;
-  ppd.role = warp_group_idx == 0 ? PipelinedO::ThreadCategory::Producer
-                                 : PipelinedO::ThreadCategory::Consumer;
-  ppd.is_leader = threadIdx.x == 0;
-  ppd.num_consumers = Traits::kNumMmaThreads;
-  ppd.transaction_bytes = Traits::kTmaBytesQ;
-  PipelinedO pipe_do(ss.pipeline_do, ppd, Shape<_1, _1, _1>{});
+  PipelineQ pipe_q(ss.pipeline_q,
+                   bwd_pipeline_params<PipelineQ, Traits::kNumMmaThreads>(warp_group_idx,
+                                                                         Traits::kTmaBytesQ),
+                   Shape<_1, _1, _1>{});
+  PipelinedO pipe_do(ss.pipeline_do,
+                     bwd_pipeline_params<PipelinedO, Traits::kNumMmaThreads>(warp_group_idx,
+                                                                            Traits::kTmaBytesQ),
+                     Shape<_1, _1, _1>{});
   cutlass::arch::fence_barrier_init();
   __syncthreads();
 
@@ -276,41 +267,18 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   if (warp_group_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
     if (threadIdx.x == 0) {
+      bwd_load_kv<Traits>(kp, ss, si, hk, n_block);
       Tensor mQ = kp.tma_q.get_tma_tensor(kp.shape_q);
       Tensor mdO = kp.tma_do.get_tma_tensor(kp.shape_q);
-      Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k);
-      Tensor mV = kp.tma_v.get_tma_tensor(kp.shape_k);
       Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename Traits::SmemLayoutQ{});
       Tensor sdO = make_tensor(make_smem_ptr(ss.smem_do.data()), typename Traits::SmemLayoutdO{});
-      Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename Traits::SmemLayoutK{});
-      Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutK{});
-      auto tile_k = Shape<Int<kN>, Int<kD>>{};
-      auto kv_view = [&](auto& mT) {
-        return local_tile(domain_offset(make_coord(si.k_start, _0{}), mT(_, _, hk, si.tma_batch())),
-                          tile_k, make_coord(n_block, _0{}));
-      };
-      Tensor gK = kv_view(mK);
-      Tensor gV = kv_view(mV);
-      auto [tKgK, tKsK] = tma_partition(kp.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
-                                        group_modes<0, 2>(gK));
-      auto [tVgV, tVsV] = tma_partition(kp.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
-                                        group_modes<0, 2>(gV));
-      ss.barrier_kv.arrive_and_expect_tx(Traits::kTmaBytesKV);
-      copy(kp.tma_k.with(reinterpret_cast<uint64_t&>(ss.barrier_kv), 0), tKgK, tKsK);
-      copy(kp.tma_v.with(reinterpret_cast<uint64_t&>(ss.barrier_kv), 0), tVgV, tVsV);
-
       auto st_q = cutlass::make_producer_start_state<PipelineQ>();
       auto st_do = cutlass::make_producer_start_state<PipelinedO>();
       auto tile_q = Shape<Int<kM>, Int<kD>>{};
       for (int it = 0; it < total; ++it) {
         const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
-        auto q_view = [&](auto& mT) {
-          return local_tile(
-              domain_offset(make_coord(si.q_start, _0{}), mT(_, _, h, si.tma_batch())), tile_q,
-              make_coord(m, _0{}));
-        };
-        Tensor gQ = q_view(mQ);
-        Tensor gdO = q_view(mdO);
+        Tensor gQ = bwd_rows_tile(mQ, si.q_start, h, si.tma_batch(), tile_q, m);
+        Tensor gdO = bwd_rows_tile(mdO, si.q_start, h, si.tma_batch(), tile_q, m);
         auto [tQgQ, tQsQ] = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
                                           group_modes<0, 2>(gQ));
         auto [tdOgdO, tdOsdO] = tma_partition(kp.tma_do, _0{}, Layout<_1>{},
