@@ -3,12 +3,13 @@
 // kernel, flash_bwd_sm90_hdim256.cuh, which shares this file's helpers and preprocess and the
 // setup helpers of flash_bwd_cta.cuh).
 //
-// What it computes. One CTA per (KV tile n of kBlockN = 128 keys, kv head hk, batch b). K and V
-// of the tile are TMA-loaded once. The CTA walks the query heads h of hk's GQA group and, for
-// each, the query tiles m (kBlockM = 64 rows) in bwd_query_tiles(n) (tiles outside the mask are
-// never loaded); per (h, m), with S^T and dP^T computed transposed ("swapAB", keys as the M
-// dimension, so P^T and dS^T come out of the accumulators in the register layout of a wgmma A
-// operand):
+// What it computes. One CTA per (KV tile n of kBlockN = 128 keys, kv head hk, batch b), in the
+// order of tile_scheduler.cuh's BwdTileOrder (longest KV tiles first within L2-sized sections
+// of kv heads). K and V of the tile are TMA-loaded once. The CTA walks the query tiles m
+// (kBlockM = 64 rows) in bwd_query_tiles(n), last to first (tiles outside the mask are never
+// loaded), and for each the query heads h of hk's GQA group; per (m, h), with S^T and dP^T
+// computed transposed ("swapAB", keys as the M dimension, so P^T and dS^T come out of the
+// accumulators in the register layout of a wgmma A operand):
 //   S^T  = K Q^T, dP^T = V dO^T              SS wgmma, 128 x 64, K = D (one 64-key half per WG)
 //   P^T  = exp2(S^T * scale*log2e - lse2[q])   (lse2 = lse*log2e from the preprocess, +inf for
 //                                               rows that see no key and pad rows -> P = 0)
@@ -22,11 +23,13 @@
 //                                               and added to the global fp32 accumulator with
 //                                               ONE bulk reduce (cp.reduce.async.bulk .add.f32)
 //                                               per tile, issued by one thread.
+// Issue order per iteration (FA3's): S^T, dP^T; [exp, dS]; dV; barrier B1; dQ; dK; then dQ goes
+// to smem while dK still runs on the tensor cores.
 // Finally dK = scale * dK and dV are written in the input dtype (rows < sk). GQA: the group's
 // heads are summed in registers (no dK/dV scratch, deterministic for free).
 //
 // Warp roles: 3 warpgroups (384 threads). WG 0: producer, 24 registers (setmaxnreg); one thread
-// TMA-loads K, V once (transaction barrier) and, per (h, m), Q and dO tiles (64 x D) plus the 64
+// TMA-loads K, V once (transaction barrier) and, per (m, h), Q and dO tiles (64 x D) plus the 64
 // lse2 and D values (1-D bulk copies from the padded preprocess buffers) into stage s of a
 // 2-stage PipelineTmaAsync. WGs 1-2: consumers, 240 registers; WG w owns keys [64w, 64w + 64)
 // of the tile for S^T, dP^T, dK and dV, and columns [wD/2, (w+1)D/2) of dQ.
@@ -35,17 +38,20 @@
 // Per-iteration synchronization of the consumers: named barrier B1 (256 threads) after dS^T
 // is in smem (the dQ product reads both halves); dS^T alternates between two buffers, so B1 of
 // the next iteration also orders the other warpgroup's dQ reads before the buffer's next write.
-// The stage is released after dV, dK (the last readers of Q and dO) completed.
+// The stage is released after dK (the last reader of Q) completed.
 // The per-element mask (causal/window/key >= sk/query >= sq) runs only on tile pairs that
 // tile_fully_visible says need it or that cross sk or sq (bounds: mask.h's tile_mask).
 //
 // Deterministic mode: per-(batch, head, query tile of 64) semaphore (kv_tile_rank): the
 // thread issuing the reduce waits until the counter equals this KV tile's rank among the tiles
 // that visit the query tile, issues the reduce, waits for its completion, fences and increments.
-// Query tiles are walked from the last to the first: every KV tile's range ends at the same or a
-// later query tile than its predecessors' (bwd_query_tiles' bounds grow with n), so KV tile n
-// reaches each query tile no earlier (in iterations) than tile n - 1 and waits at most about one
-// reduce for it. (Walked first-to-last, tile n of a causal mask would start 2n iterations late.)
+// Query tiles are walked from the last to the first, with the group's heads inner: every KV
+// tile's range ends at the same or a later query tile than its predecessors' (bwd_query_tiles'
+// bounds grow with n), so KV tile n reaches each (query tile, head) no earlier (in iterations)
+// than tile n - 1 and waits at most about one reduce for it. (Query tiles first to last: tile n
+// of a causal mask would start 2n iterations late; heads outer: tile n - 1 reaches head g about
+// 2g iterations after tile n, since it has two more query tiles per head.) A CTA waits only for
+// lower KV tiles of its (kv head, batch), which BwdTileOrder starts earlier.
 //
 // smem (hdim 128): K, V 2 x 32 KB, Q, dO 2 stages x 2 x 16 KB, dS^T 2 x 16 KB, dQ (fp32)
 // 2 x 32 KB, lse2/D 1 KB: ~225 KB, one CTA per SM.
@@ -74,6 +80,7 @@
 #include "longctx/flash/mainloop_fwd_sm90.cuh"  // wg_gemm
 #include "longctx/flash/mask.h"
 #include "longctx/flash/softmax.cuh"  // acc_layout_to_A_regs, fast_exp2
+#include "longctx/flash/tile_scheduler.cuh"
 #include "longctx/tanh_approx.cuh"
 
 namespace longctx {
@@ -197,6 +204,7 @@ struct BwdKernelParams {
   int64_t total_q_rows;
   int* sems;               // deterministic mode
   int num_m_max;           // semaphores per (batch, head)
+  BwdTileOrder order;      // which (KV tile, kv head, batch) CTA blockIdx.x is
   // Softcap c (p.fwd.mods.softcap; 0: none): cap_in = softmax_scale / c, cap_log2 = c log2(e).
   // Kernel params, so that the consumers read them as constant-bank operands (no registers).
   float cap_in, cap_log2;
@@ -245,7 +253,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const FwdParams& p = bp.fwd;
   const bool varlen = p.cu_seqlens_q != nullptr;
 
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  int n_block, hk, b;
+  kp.order.decode(int(blockIdx.x), n_block, hk, b);
   const SeqLen si = sequence(p, b);
   const int n0 = n_block * kN;
   if (n0 >= si.sk) return;
@@ -301,7 +310,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       typename Traits::PipelineState st = cutlass::make_producer_start_state<MainloopPipeline>();
       auto tile_q = Shape<Int<kM>, Int<kD>>{};
       for (int it = 0; it < total; ++it) {
-        const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
+        const int h = hk * group + it % group, m = range.end - 1 - it / group;
         Tensor gQ = bwd_rows_tile(mQ, si.q_start, h, si.tma_batch(), tile_q, m);
         Tensor gdO = bwd_rows_tile(mdO, si.q_start, h, si.tma_batch(), tile_q, m);
         auto [tQgQ, tQsQ] = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
@@ -323,7 +332,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       // add the tile to the fp32 accumulator with one bulk reduce, free the buffer once read.
       const int64_t q_row0 = si.q_row0(p.seqlen_q);
       for (int it = 0; it < total; ++it) {
-        const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
+        const int h = hk * group + it % group, m = range.end - 1 - it / group;
         const int m0 = m * kM;
         const int buf = it & 1, use = it >> 1;
         ss.dq_full[buf].wait(use & 1);
@@ -391,7 +400,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     typename Traits::PipelineState st;
 
     for (int it = 0; it < total; ++it) {
-      const int m = range.end - 1 - it % n_m;  // (the producer and dQ writer track the head)
+      const int m = range.end - 1 - it / group;  // (the producer and dQ writer track h)
       const int m0 = m * kM;
       pipe.consumer_wait(st);
       const int s = st.index();
@@ -469,17 +478,18 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         for (int i = 0; i < kFrag; i += 2)
           (reinterpret_cast<uint32_t*>(&tdSsdS_0(i)))[shift] = src[i / 2];
       }
+      // FA3's order: dV before the barrier, then dQ and dK, so that dQ goes to smem while dK
+      // still runs on the tensor cores (wgmma groups complete in issue order).
       wg_gemm<false>(mma_dkv, rP, tdVrdOt(_, _, _, s), acc_dv);
-      wg_gemm<false>(mma_dkv, rdS, tdKrQt(_, _, _, s), acc_dk);
       cutlass::arch::fence_view_async_shared();
       cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 1);  // all of dS^T in smem
 
       Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kM>, Int<kD>>{});
       wg_gemm<true>(mma_dq, tdQrdS(_, _, _, buf), tdQrKt, acc_dq);
+      wg_gemm<false>(mma_dkv, rdS, tdKrQt(_, _, _, s), acc_dk);
       if (it >= 2) ss.dq_empty[buf].wait(((it >> 1) - 1) & 1);
-      warpgroup_wait<0>();
-      pipe.consumer_release(st);
-      ++st;
+      warpgroup_wait<1>();  // dV and dQ done; dK may still run
+      warpgroup_fence_operand(acc_dq);
       Tensor tdQsdQ = thr_dq.partition_C(make_tensor(
           make_smem_ptr(ss.smem_dq.data() + buf * (kM * kD)), typename Traits::SmemLayoutdQ{}));
 #pragma unroll
@@ -487,6 +497,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         *reinterpret_cast<float2*>(&tdQsdQ(i)) = make_float2(acc_dq(i), acc_dq(i + 1));
       cutlass::arch::fence_view_async_shared();
       ss.dq_full[buf].arrive();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_dk);
+      pipe.consumer_release(st);  // dK done: the last reader of Q (and dV of dO) in this stage
+      ++st;
     }
 
     // Epilogue: dK = scale * dK, dV, rows < sk, converted in registers, 4-byte stores.

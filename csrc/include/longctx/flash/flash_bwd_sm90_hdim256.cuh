@@ -4,10 +4,11 @@
 // load and the semaphore protocol are shared with the hdim 64/128 kernel (flash_bwd_sm90.cuh,
 // flash_bwd_cta.cuh).
 //
-// What it computes. One CTA per (KV tile n of kBlockN = 80 keys, kv head hk, batch b). K and V of
-// the tile are TMA-loaded once. The CTA walks the query heads h of hk's GQA group and, for each,
-// the query tiles m (kBlockM = 64 rows) in bwd_query_tiles(n), last to first; per (h, m), with
-// queries as the M dimension of S (not swapped):
+// What it computes. One CTA per (KV tile n of kBlockN = 80 keys, kv head hk, batch b), in
+// BwdTileOrder's order (tile_scheduler.cuh). K and V of the tile are TMA-loaded once. The CTA
+// walks the query tiles m (kBlockM = 64 rows) in bwd_query_tiles(n), last to first, and for each
+// the query heads h of hk's GQA group (the deterministic mode's order, flash_bwd_sm90.cuh); per
+// (m, h), with queries as the M dimension of S (not swapped):
 //   S    = Q K^T, dP = dO V^T    SS wgmma, 64 x 80, K = 256 (WG w: keys [40w, 40w + 40))
 //   P    = exp2(S * scale*log2e - lse2[q]) (lse2 = lse*log2e from the preprocess, +inf for rows
 //          that see no key and pad rows -> P = 0), masked entries 0
@@ -28,7 +29,7 @@
 // heads are summed in registers.
 //
 // Warp roles: 3 warpgroups (384 threads). WG 0: producer, 24 registers (setmaxnreg); one thread
-// TMA-loads K, V once (transaction barrier) and, per (h, m), Q and the 64 lse2 values into
+// TMA-loads K, V once (transaction barrier) and, per (m, h), Q and the 64 lse2 values into
 // stage s of a 2-stage PipelineTmaAsync and dO and the 64 D values into a 1-stage one (a second
 // dO stage does not fit in shared memory). WGs 1-2: consumers, 240 registers.
 // Per-iteration synchronization of the consumers: named barrier B1 (256 threads) after P and dS
@@ -220,7 +221,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const FwdParams& p = bp.fwd;
   const bool varlen = p.cu_seqlens_q != nullptr;
 
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  int n_block, hk, b;
+  kp.order.decode(int(blockIdx.x), n_block, hk, b);
   const SeqLen si = sequence(p, b);
   const int n0 = n_block * kN;
   if (n0 >= si.sk) return;
@@ -276,7 +278,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       auto st_do = cutlass::make_producer_start_state<PipelinedO>();
       auto tile_q = Shape<Int<kM>, Int<kD>>{};
       for (int it = 0; it < total; ++it) {
-        const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
+        const int h = hk * group + it % group, m = range.end - 1 - it / group;
         Tensor gQ = bwd_rows_tile(mQ, si.q_start, h, si.tma_batch(), tile_q, m);
         Tensor gdO = bwd_rows_tile(mdO, si.q_start, h, si.tma_batch(), tile_q, m);
         auto [tQgQ, tQsQ] = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
@@ -354,7 +356,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     typename PipelinedO::PipelineState st_do;
 
     for (int it = 0; it < total; ++it) {
-      const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
+      const int h = hk * group + it % group, m = range.end - 1 - it / group;
       const int m0 = m * kM;
       const int buf = it & 1;
       pipe_q.consumer_wait(st_q);
