@@ -60,7 +60,7 @@ _DTYPE_KEY = {"bf16": "DType::kBF16", "fp16": "DType::kFP16"}
 _FORMAT = {"native": "Format::kNative", "int8": "Format::kInt8", "fp8": "Format::kFp8E4M3"}
 # What build_info() reports for each flash instantiation (longctx.build_info()["kernels"]).
 _FEATURES = {"flash_fwd": "causal,window,gqa,varlen,softcap,sinks",
-             "flash_bwd": "causal,window,gqa,varlen,deterministic,sinks"}
+             "flash_bwd": "causal,window,gqa,varlen,deterministic,softcap,sinks"}
 
 
 def source(inst: Instantiation) -> str:
@@ -73,8 +73,8 @@ def source(inst: Instantiation) -> str:
         header = "flash_fwd_launch.cuh" if fwd else "flash_bwd_launch.cuh"
         return (
             _HEADER.format(what=f"{fam}, head_dim {var}, {dt}")
-            + ("#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED  // before any CuTe header: wgmma N = 80\n"
-               if fwd else "")
+            # before any CuTe header: wgmma N = 80 (forward and backward) and 40 (backward)
+            + "#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED\n"
             + '#include "common/build_registry.h"\n'
             + f'#include "longctx/flash/{header}"\n\n'
             + "namespace longctx {\nnamespace flash {\nnamespace {\n"

@@ -26,11 +26,6 @@ LogitMods make_logit_mods(const std::optional<at::Tensor>& sinks, double softcap
   return m;
 }
 
-void check_no_softcap(const LogitMods& mods, const char* op, const char* where) {
-  LONGCTX_CHECK_ARG(mods.softcap == 0.f, op, "softcap", "is not supported by ", where,
-                    " yet (the CPU ops take it)");
-}
-
 at::Tensor sinks_grad(const at::Tensor& sinks, const at::Tensor& lse,
                       const at::Tensor& dsoftmax_sum, bool varlen) {
   const int64_t heads = sinks.size(0);

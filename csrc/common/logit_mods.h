@@ -12,10 +12,6 @@ namespace longctx {
 LogitMods make_logit_mods(const std::optional<at::Tensor>& sinks, double softcap,
                           const at::Tensor& q, int64_t heads, const char* op);
 
-// For a kernel that does not cap logits (where: its name in the message): an error naming the
-// softcap argument when it is set.
-void check_no_softcap(const LogitMods& mods, const char* op, const char* where);
-
 // dsinks[h] = -sum over the rows i of head h of exp(sinks[h] - lse_i) * dsoftmax_sum_i, from the
 // forward's lse and D = rowsum(dout * out) laid out alike: batched (batch, heads, seqlen_q),
 // varlen (heads, total_q). Summed in float64, returned as fp32 (heads,).

@@ -7,15 +7,16 @@
 // tile) semaphores (bitwise reproducible; its cost: docs/kernels/flash_bwd.md).
 //
 // The build report: each instantiation file registers its own LONGCTX_REGISTER_KERNEL entry
-// ("flash_bwd", "cuda", "<dtype>", "hdim<D>,causal,window,gqa,varlen,deterministic,sinks").
+// ("flash_bwd", "cuda", "<dtype>",
+// "hdim<D>,causal,window,gqa,varlen,deterministic,softcap,sinks").
 // Sinks: the kernels compute P = exp(S - lse) with the forward's lse, which includes the sink,
 // and P = 0 on masked entries whatever lse is (a row without keys has a finite lse with sinks);
-// dsinks comes from lse and D in flash_op.h.
+// dsinks comes from lse and D in flash_op.h. Softcap: the main kernels cap S as the forward does
+// and multiply dS by the cap's derivative (flash_bwd_sm90.cuh, flash_bwd_sm90_hdim256.cuh).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-#include "common/logit_mods.h"
 #include "common/nvtx.h"
 #include "flash/flash_cuda.h"
 #include "flash/flash_op.h"
@@ -33,7 +34,6 @@ void run_bwd_cuda(const FlashBwdCall& c) {
               "longctx.", op, ": the CUDA backward supports head_dim 64, 128 and 256, got ",
               p.fwd.head_dim, " (the forward also runs other multiples of 8)");
   check_flash_cuda(a.dtype, op, "tensors");
-  check_no_softcap(p.fwd.mods, op, "the CUDA backward");  // sinks need no kernel change
   const flash::FlashBwdFn fn = find_flash_kernel<flash::FlashBwdTable>(
       p.fwd.head_dim, a.dtype, op,
       "the backward supports head_dim 64, 128 and 256; rebuild with LONGCTX_HEADDIMS / "

@@ -160,8 +160,7 @@ def flash_attn_func(
     as a key with a zero value (gpt-oss's learnable sinks): out_i = sum_j exp(s_ij - L_i) v_j with
     L_i = log(exp(sinks[h]) + sum_j exp(s_ij)), in the units of the scaled (and capped) scores;
     computed in fp32; its gradient flows when it requires grad. A row that sees no key then
-    gets out = 0 and lse = sinks[h].
-    On CUDA the backward does not take softcap yet (an error naming it); the rest runs on both.
+    gets out = 0 and lse = sinks[h]. Both modifiers run forward and backward on CPU and CUDA.
 
     Returns out (q's shape and dtype), or (out, lse) with return_lse, lse (batch, heads,
     seqlen_q) fp32 = logsumexp_j(s_ij), the sink included (-inf for rows that see no key). The

@@ -15,7 +15,8 @@ import torch
 
 import longctx
 from attention_reference import assert_fa3_close, attention_ref, attention_varlen_ref
-from logit_mods_check import MODS, check_case as _check_case, make_sinks as _sinks, seed as _seed
+from logit_mods_check import (MODS, check_case as _check_case, check_flash_func,
+                              make_sinks as _sinks, seed as _seed)
 
 ops = torch.ops.longctx
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -41,12 +42,7 @@ def test_batched_fwd_bwd(dtype, mods, mask):
     v = torch.randn(b, sk, hk, d, dtype=dtype).requires_grad_()
     sinks = _sinks(h).requires_grad_() if with_sinks else None
     scale = 0.25  # exact in fp32 (the op keeps the scale in fp32)
-    _check_case(lambda q, k, v, s: longctx.flash_attn_func(q, k, v, scale, causal, window,
-                                                           return_lse=True, softcap=softcap,
-                                                           sinks=s),
-                lambda q, k, v, s, up: attention_ref(q, k, v, scale, causal, window, up,
-                                                     softcap, s),
-                q, k, v, sinks, dtype)
+    check_flash_func(q, k, v, sinks, dtype, scale, causal, window, softcap)
 
 
 @pytest.mark.parametrize("mods", MODS, ids=[m[0] for m in MODS])

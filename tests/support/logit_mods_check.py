@@ -6,7 +6,8 @@ import zlib
 
 import torch
 
-from attention_reference import assert_fa3_close
+import longctx
+from attention_reference import assert_fa3_close, attention_ref
 
 FP32 = torch.float32
 
@@ -67,3 +68,13 @@ def check_case(ours, ref, q, k, v, sinks, dtype, grads=True):
                         torch.autograd.grad(out64, wrt64, dout.double(), retain_graph=True),
                         torch.autograd.grad(out_pt, wrt, dout), dtype, lse64, out64, dout, s64)
     return out, lse
+
+
+def check_flash_func(q, k, v, sinks, dtype, scale, causal, window, softcap):
+    """check_case for longctx.flash_attn_func against attention_ref, both with these arguments."""
+    return check_case(lambda q, k, v, s: longctx.flash_attn_func(q, k, v, scale, causal, window,
+                                                                 return_lse=True, softcap=softcap,
+                                                                 sinks=s),
+                      lambda q, k, v, s, up: attention_ref(q, k, v, scale, causal, window, up,
+                                                           softcap, s),
+                      q, k, v, sinks, dtype)

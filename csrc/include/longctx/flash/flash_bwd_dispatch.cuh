@@ -4,9 +4,10 @@
 // standalone test and benchmark use it alike.
 //
 // Workspace (caller-allocated, 16-byte aligned, stream-private):
-//   dq_accum: heads * total_q_rows * head_dim floats, total_q_rows = total_q (varlen) or
-//             batch * seqlen_q, followed by the row-padded lse2 and D buffers of the wgmma
-//             kernel (2 * heads * bwd_pad_head_stride floats; flash_bwd_accum_floats counts all);
+//   dq_accum: heads * dq_rows * head_dim floats (flash_bwd_dq_rows: head dims 64 and 128 one row
+//             per query row, total_q (varlen) or batch * seqlen_q; head dim 256 64 rows per
+//             padded query tile, bwd_dq_tiles), followed by the row-padded lse2 and D buffers
+//             (2 * heads * bwd_pad_head_stride floats; flash_bwd_accum_floats counts all);
 //   sems:     batch * heads * ceil(seqlen_q / 64) ints (deterministic mode only; may be null
 //             otherwise). seqlen_q is max_seqlen_q in varlen.
 // Requirements (flash_bwd_unsupported_reason): 16-byte-aligned q/k/v/out/dout/dq/dk/dv, row
@@ -34,13 +35,53 @@ LONGCTX_HOST_DEVICE int64_t bwd_pad_head_stride(bool varlen, int batch, int64_t 
                 : int64_t(batch) * ((int64_t(seqlen_q) + 63) / 64 * 64);
 }
 
+// dQ accumulator of the head-dim-256 kernel (flash_bwd_sm90_hdim256.cuh): per head, query tiles
+// of 64 rows, each a contiguous block of 64 x 256 floats in that kernel's fragment order; a
+// sequence's tiles are consecutive and sequences never share one. Tile of (sequence b, query
+// tile 0): batched b * ceil(seqlen_q / 64), varlen (cu_seqlens_q[b] + 64 b) / 64 (each sequence
+// adds at least one tile more than its rows need, so the last tile of b stays below b + 1's).
+LONGCTX_HOST_DEVICE int64_t bwd_dq_tile_base(bool varlen, int b, int64_t q_off, int seqlen_q) {
+  return varlen ? (q_off + 64 * int64_t(b)) / 64 : int64_t(b) * ((int64_t(seqlen_q) + 63) / 64);
+}
+// Tiles per head: every (b, m) above has a tile index below this.
+LONGCTX_HOST_DEVICE int64_t bwd_dq_tiles(bool varlen, int batch, int64_t total_q, int seqlen_q) {
+  return varlen ? (total_q + 64 * int64_t(batch)) / 64
+                : int64_t(batch) * ((int64_t(seqlen_q) + 63) / 64);
+}
+
+// Inverse of bwd_dq_tile_base: the sequence b that owns tile t and t's query tile m in it (m may
+// lie past the sequence's rows: the spare tile a varlen sequence is followed by).
+LONGCTX_HOST_DEVICE void bwd_dq_tile_owner(const int32_t* cu_seqlens_q, int batch, int seqlen_q,
+                                           int64_t t, int& b, int64_t& m) {
+  if (cu_seqlens_q == nullptr) {
+    const int64_t per_b = (int64_t(seqlen_q) + 63) / 64;
+    b = int(t / per_b);
+    m = t % per_b;
+    return;
+  }
+  int lo = 0, hi = batch - 1;  // last b whose first tile is <= t
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (bwd_dq_tile_base(true, mid, cu_seqlens_q[mid], seqlen_q) <= t) lo = mid;
+    else hi = mid - 1;
+  }
+  b = lo;
+  m = t - bwd_dq_tile_base(true, lo, cu_seqlens_q[lo], seqlen_q);
+}
+
 constexpr int kBwdBlockM = 64;
 
 inline int64_t flash_bwd_total_q_rows(const BwdParams& p, int64_t total_q) {
   return p.fwd.cu_seqlens_q != nullptr ? total_q : int64_t(p.fwd.batch) * p.fwd.seqlen_q;
 }
+// Rows per head of the dQ accumulator (see the workspace above).
+inline int64_t flash_bwd_dq_rows(const BwdParams& p, int64_t total_q) {
+  if (p.fwd.head_dim == 256)
+    return 64 * bwd_dq_tiles(p.fwd.cu_seqlens_q != nullptr, p.fwd.batch, total_q, p.fwd.seqlen_q);
+  return flash_bwd_total_q_rows(p, total_q);
+}
 inline int64_t flash_bwd_dq_floats(const BwdParams& p, int64_t total_q) {
-  return int64_t(p.fwd.heads) * flash_bwd_total_q_rows(p, total_q) * p.fwd.head_dim;
+  return int64_t(p.fwd.heads) * flash_bwd_dq_rows(p, total_q) * p.fwd.head_dim;
 }
 inline int64_t flash_bwd_pad_stride(const BwdParams& p, int64_t total_q) {
   return bwd_pad_head_stride(p.fwd.cu_seqlens_q != nullptr, p.fwd.batch, total_q, p.fwd.seqlen_q);

@@ -1,68 +1,41 @@
-// Host side of the flash-attention backward kernels: run_flash_bwd_sm90_wgmma (TMA + wgmma,
-// flash_bwd_sm90.cuh; head dims 64 and 128) and run_flash_bwd_sm90 (mma.sync,
-// flash_bwd_kernel.cuh; head dim 256) each launch preprocess (D, zeroed dQ accumulator and
-// semaphores), their main kernel and postprocess (dq = scale * accumulator) on a stream.
-// Framework-free (raw BwdParams); workspace and requirements: flash_bwd_dispatch.cuh.
-// Grid of the main kernels: (ceil(seqlen_k / kBlockN), heads_kv, batch); one CTA per KV tile.
+// Host side of the flash-attention backward: run_flash_bwd_sm90_wgmma launches preprocess (D,
+// padded lse2/D, zeroed dQ accumulator and semaphores), the TMA + wgmma main kernel
+// (flash_bwd_sm90.cuh for head dims 64 and 128, flash_bwd_sm90_hdim256.cuh for 256) and the
+// postprocess (dq = scale * accumulator; row-major accumulator at 64/128, fragment order at 256)
+// on a stream. Framework-free (raw BwdParams); workspace and requirements:
+// flash_bwd_dispatch.cuh. Grid of the main kernels: (ceil(seqlen_k / kBlockN), heads_kv, batch);
+// one CTA per KV tile (kBlockN = 128 at hdim 64/128, 80 at 256).
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
+#include <type_traits>
 #include "longctx/flash/flash_bwd_dispatch.cuh"
-#include "longctx/flash/flash_bwd_kernel.cuh"
 #include "longctx/flash/flash_bwd_postprocess.cuh"
 #include "longctx/flash/flash_bwd_preprocess.cuh"
 #include "longctx/flash/flash_bwd_sm90.cuh"
+#include "longctx/flash/flash_bwd_sm90_hdim256.cuh"
 #include "longctx/flash/tma_view.cuh"
 
 namespace longctx {
 namespace flash {
 
 template <typename Element, int kHeadDim>
-cudaError_t run_flash_bwd_sm90(const BwdParams& p, int64_t total_q, int64_t /*total_k*/,
-                               float* dq_accum, int* sems, cudaStream_t stream) {
-  using Traits = FlashBwdTraits<Element, kHeadDim>;
-  constexpr int kBlockN = Traits::kBlockN;
-  const FwdParams& f = p.fwd;
-  if (f.head_dim != kHeadDim) return cudaErrorInvalidValue;
-  if (flash_bwd_unsupported_reason(p) != nullptr) return cudaErrorInvalidValue;
-  if (p.deterministic && sems == nullptr) return cudaErrorInvalidValue;
-  if (f.batch <= 0 || f.heads <= 0 || f.seqlen_q <= 0) return cudaSuccess;
-  const int64_t rows = flash_bwd_total_q_rows(p, total_q);
-  const int64_t accum = flash_bwd_dq_floats(p, total_q);
-  const int64_t nsems = p.deterministic ? flash_bwd_num_sems(p) : 0;
-  const int num_m_max = (f.seqlen_q + kBwdBlockM - 1) / kBwdBlockM;
+struct BwdSm90TraitsFor {
+  using type = FlashBwdSm90Traits<Element, kHeadDim>;
+};
+template <typename Element>
+struct BwdSm90TraitsFor<Element, 256> {
+  using type = FlashBwdSm90Hdim256Traits<Element>;
+};
 
-  int dev = 0, sms = 132;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  flash_bwd_preprocess_kernel<Element, kHeadDim><<<sms * 8, 256, 0, stream>>>(
-      p, rows, dq_accum, accum, p.deterministic ? sems : nullptr, nsems);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-
-  if (f.seqlen_k > 0) {
-    auto kernel = flash_bwd_kernel<Traits>;
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             Traits::kSmemBytes);
-    if (e != cudaSuccess) return e;
-    const dim3 grid((f.seqlen_k + kBlockN - 1) / kBlockN, f.heads_kv, f.batch);
-    kernel<<<grid, Traits::kNThreads, Traits::kSmemBytes, stream>>>(p, rows, dq_accum, sems,
-                                                                   num_m_max);
-    e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
-  }
-  flash_bwd_postprocess_kernel<Element, kHeadDim><<<sms * 8, 256, 0, stream>>>(p, rows, dq_accum);
-  return cudaGetLastError();
-}
-
-
-// The TMA + wgmma main kernel (flash_bwd_sm90.cuh) between the same preprocess (which also
-// writes the padded lse2 / D) and postprocess.
+// Preprocess (which also writes the padded lse2 / D), the TMA + wgmma main kernel of the head
+// dim, postprocess.
 template <typename Element, int kHeadDim>
 cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_t total_k,
                                      float* dq_accum, int* sems, cudaStream_t stream) {
   using namespace cute;
-  using Traits = FlashBwdSm90Traits<Element, kHeadDim>;
+  using Traits = typename BwdSm90TraitsFor<Element, kHeadDim>::type;
+  constexpr bool kFragDq = kHeadDim == 256;  // dQ accumulator in fragment order
   const FwdParams& f = p.fwd;
   if (f.head_dim != kHeadDim) return cudaErrorInvalidValue;
   if (flash_bwd_unsupported_reason(p) != nullptr) return cudaErrorInvalidValue;
@@ -113,34 +86,57 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
     kp.lse2 = pad.lse2;
     kp.dpad = pad.d;
     kp.pad_head_stride = pad_stride;
-    kp.total_q_rows = rows;
+    kp.total_q_rows = flash_bwd_dq_rows(p, total_q);
     kp.sems = sems;
     kp.num_m_max = (f.seqlen_q + kBwdBlockM - 1) / kBwdBlockM;
+    const float c = f.mods.softcap;
+    kp.cap_in = c != 0.f ? f.softmax_scale / c : 0.f;
+    kp.cap_log2 = c * 1.4426950408889634f;
 
-    auto kernel = flash_bwd_sm90_kernel<Traits>;
+    // Softcap: two instantiations of the main kernel, chosen here once per launch.
+    auto pick = [](auto softcap) {
+      constexpr bool kCap = decltype(softcap)::value;
+      if constexpr (kFragDq) return flash_bwd_sm90_hdim256_kernel<Traits, kCap>;
+      else return flash_bwd_sm90_kernel<Traits, kCap>;
+    };
+    auto kernel = c != 0.f ? pick(std::true_type{}) : pick(std::false_type{});
     constexpr int smem = Traits::kSmemBytes;
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
-    const dim3 grid((f.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, f.heads_kv, f.batch);
-    kernel<<<grid, Traits::kNumThreads, smem, stream>>>(kp);
+    // CTA order (tile_scheduler.cuh): sections of (kv head, batch) pairs whose query heads' Q
+    // and dO fit in ~32 MB of L2, the longest (first) KV tiles first inside a section.
+    BwdTileOrder& order = kp.order;
+    order.num_n = (f.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
+    order.heads_kv = f.heads_kv;
+    order.num_hb = f.heads_kv * f.batch;
+    const int64_t qdo_bytes = int64_t(f.heads / f.heads_kv) * (f.seqlen_q > 0 ? f.seqlen_q : 1) *
+                              kHeadDim * 2 * int64_t(sizeof(Element));
+    const int64_t hps = (int64_t(32) << 20) / qdo_bytes;
+    order.hb_per_section = int(hps < 1 ? 1 : hps > order.num_hb ? order.num_hb : hps);
+    const int64_t ctas = int64_t(order.num_n) * order.num_hb;
+    if (ctas >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
+    kernel<<<dim3(unsigned(ctas)), Traits::kNumThreads, smem, stream>>>(kp);
     e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
-  flash_bwd_postprocess_kernel<Element, kHeadDim><<<sms * 8, 256, 0, stream>>>(p, rows, dq_accum);
+  if constexpr (kFragDq) {
+    const int64_t tiles = flash_bwd_dq_rows(p, total_q) / kBwdBlockM;
+    const int64_t jobs = int64_t(f.heads) * tiles;
+    const int grid = int(jobs < int64_t(sms) * 8 ? jobs : int64_t(sms) * 8);
+    if (grid > 0)
+      flash_bwd_postprocess_frag_kernel<Traits><<<grid, 256, 0, stream>>>(p, tiles, dq_accum);
+  } else {
+    flash_bwd_postprocess_kernel<Element, kHeadDim><<<sms * 8, 256, 0, stream>>>(p, rows,
+                                                                                dq_accum);
+  }
   return cudaGetLastError();
 }
 
-// The backward each head dim runs: the TMA + wgmma kernel at 64 and 128, the mma.sync kernel at
-// 256 (its smem does not fit the wgmma kernel's tiles there).
+// The backward each head dim runs (every head dim has a wgmma kernel).
 template <typename Element, int kHeadDim>
 cudaError_t run_flash_bwd(const BwdParams& p, int64_t total_q, int64_t total_k, float* dq_accum,
                           int* sems, cudaStream_t stream) {
-  if constexpr (kHeadDim <= 128) {
-    return run_flash_bwd_sm90_wgmma<Element, kHeadDim>(p, total_q, total_k, dq_accum, sems,
-                                                       stream);
-  } else {
-    return run_flash_bwd_sm90<Element, kHeadDim>(p, total_q, total_k, dq_accum, sems, stream);
-  }
+  return run_flash_bwd_sm90_wgmma<Element, kHeadDim>(p, total_q, total_k, dq_accum, sems, stream);
 }
 
 }  // namespace flash

@@ -3,8 +3,9 @@
 //
 // Tiling: one thread per 8 consecutive elements of a (row, head) of dq (a 16-byte store), a
 // grid-stride loop over total_q_rows * heads * head_dim / 8 chunks.
-// Accumulator layout (shared with the main kernel): accum[(h * total_q_rows + row) * D + c], where
-// row is the packed row (varlen) or b * seqlen_q + i (batched).
+// Accumulator layout (shared with the hdim 64/128 main kernel): accum[(h * total_q_rows + row) * D
+// + c], where row is the packed row (varlen) or b * seqlen_q + i (batched). Head dim 256 keeps
+// its accumulator in fragment order and has its own postprocess (flash_bwd_sm90_hdim256.cuh).
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>

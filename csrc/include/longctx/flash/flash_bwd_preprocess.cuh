@@ -6,12 +6,13 @@
 // chunks per row, so hdim 64/128/256 use 8/16/32 lanes), accumulates in fp32, reduces with
 // shuffles. Rows past a varlen sequence do not exist (varlen rows are the packed rows), batched
 // rows are all real. The accumulator is zeroed by a grid-stride loop over float4s.
-// For the wgmma kernel (flash_bwd_sm90.cuh) it also writes, when pad.lse2 != nullptr, two
-// row-padded fp32 copies that its producer bulk-copies per query tile of 64 rows: lse2 =
-// lse * log2(e) (+inf where lse = -inf, so P = 0) and D, at [h * pad.head_stride +
-// bwd_pad_base(b) + i] (flash_bwd_dispatch.cuh); the pad rows [sq, roundup(sq, 64)) of every
-// (sequence, head) get lse2 = +inf and D = 0 (P = dS = 0 for those query columns).
-// Invariants: dq_accum holds heads * total_q_rows * head_dim floats (see flash_bwd_dispatch.cuh),
+// For the wgmma kernels (flash_bwd_sm90.cuh, flash_bwd_sm90_hdim256.cuh) it also writes, when
+// pad.lse2 != nullptr, two row-padded fp32 copies that their producers bulk-copy per query tile
+// of 64 rows: lse2 = lse * log2(e) (+inf where lse = -inf, so P = 0) and D, at
+// [h * pad.head_stride + bwd_pad_base(b) + i] (flash_bwd_dispatch.cuh); the pad rows
+// [sq, roundup(sq, 64)) of every (sequence, head) get lse2 = +inf and D = 0 (P = dS = 0 for
+// those query rows).
+// Invariants: dq_accum holds accum_elems = flash_bwd_dq_floats floats (flash_bwd_dispatch.cuh),
 // 16-byte aligned; out/dout rows are 16-byte aligned (checked by the launcher).
 #pragma once
 #include <cuda_runtime.h>
@@ -24,7 +25,7 @@ namespace longctx {
 namespace flash {
 
 struct BwdPad {
-  float* lse2 = nullptr;  // nullptr: not written (the mma.sync kernel reads lse itself)
+  float* lse2 = nullptr;  // nullptr: not written
   float* d = nullptr;
   int64_t head_stride = 0;
 };

@@ -1,49 +1,60 @@
 // Flash-attention backward, step 2 of 3 (main kernel), Hopper version: TMA + wgmma, warp
-// specialized (FA3 structure, own code); the backward of head dims 64 and 128 (256 runs the
-// mma.sync kernel, flash_bwd_kernel.cuh); preprocess and postprocess are shared.
+// specialized (FA3 structure, own code); the backward of head dims 64 and 128 (256 has its own
+// kernel, flash_bwd_sm90_hdim256.cuh, which shares this file's helpers and preprocess and the
+// setup helpers of flash_bwd_cta.cuh).
 //
-// What it computes. One CTA per (KV tile n of kBlockN = 128 keys, kv head hk, batch b). K and V
-// of the tile are TMA-loaded once. The CTA walks the query heads h of hk's GQA group and, for
-// each, the query tiles m (kBlockM = 64 rows) in bwd_query_tiles(n) (tiles outside the mask are
-// never loaded); per (h, m), with S^T and dP^T computed transposed ("swapAB", keys as the M
-// dimension, so P^T and dS^T come out of the accumulators in the register layout of a wgmma A
-// operand):
+// What it computes. One CTA per (KV tile n of kBlockN = 128 keys, kv head hk, batch b), in the
+// order of tile_scheduler.cuh's BwdTileOrder (longest KV tiles first within L2-sized sections
+// of kv heads). K and V of the tile are TMA-loaded once. The CTA walks the query tiles m
+// (kBlockM = 64 rows) in bwd_query_tiles(n), last to first (tiles outside the mask are never
+// loaded), and for each the query heads h of hk's GQA group; per (m, h), with S^T and dP^T
+// computed transposed ("swapAB", keys as the M dimension, so P^T and dS^T come out of the
+// accumulators in the register layout of a wgmma A operand):
 //   S^T  = K Q^T, dP^T = V dO^T              SS wgmma, 128 x 64, K = D (one 64-key half per WG)
 //   P^T  = exp2(S^T * scale*log2e - lse2[q])   (lse2 = lse*log2e from the preprocess, +inf for
 //                                               rows that see no key and pad rows -> P = 0)
 //   dS^T = P^T * (dP^T - D[q])                 (D = rowsum(dO * O), preprocess)
+// or, with logit softcap c (logit_mods.h; the kernel's kSoftcap, chosen by the launcher):
+//   t    = tanh(S^T * scale / c)               (tanh_approx)
+//   P^T  = exp2(t * c*log2e - lse2[q]) ;  dS^T = P^T * (dP^T - D[q]) * (1 - t^2)
 //   dV  += P^T dO ; dK += dS^T Q               RS wgmma (A from registers), 128 x D, K = 64
 //   dQ   = dS K                                 SS wgmma, 64 x D, K = 128 (dS through smem; the
 //                                               two WGs split D), then written to smem (fp32)
 //                                               and added to the global fp32 accumulator with
 //                                               ONE bulk reduce (cp.reduce.async.bulk .add.f32)
 //                                               per tile, issued by one thread.
+// Issue order per iteration (FA3's): S^T, dP^T; [exp, dS]; dV; barrier B1; dQ; dK; then dQ goes
+// to smem while dK still runs on the tensor cores.
 // Finally dK = scale * dK and dV are written in the input dtype (rows < sk). GQA: the group's
 // heads are summed in registers (no dK/dV scratch, deterministic for free).
 //
 // Warp roles: 3 warpgroups (384 threads). WG 0: producer, 24 registers (setmaxnreg); one thread
-// TMA-loads K, V once (transaction barrier) and, per (h, m), Q and dO tiles (64 x D) plus the 64
+// TMA-loads K, V once (transaction barrier) and, per (m, h), Q and dO tiles (64 x D) plus the 64
 // lse2 and D values (1-D bulk copies from the padded preprocess buffers) into stage s of a
 // 2-stage PipelineTmaAsync. WGs 1-2: consumers, 240 registers; WG w owns keys [64w, 64w + 64)
 // of the tile for S^T, dP^T, dK and dV, and columns [wD/2, (w+1)D/2) of dQ.
 // dQ reduce: warp 1 of WG 0 is the dQ writer; sdQ is double-buffered with full/empty
 // mbarriers, so the consumers only wait for a buffer the writer has not yet read.
 // Per-iteration synchronization of the consumers: named barrier B1 (256 threads) after dS^T
-// is in smem (the dQ product reads both halves).
-// The stage is released after dV, dK (the last readers of Q and dO) completed.
+// is in smem (the dQ product reads both halves); dS^T alternates between two buffers, so B1 of
+// the next iteration also orders the other warpgroup's dQ reads before the buffer's next write.
+// The stage is released after dK (the last reader of Q) completed.
 // The per-element mask (causal/window/key >= sk/query >= sq) runs only on tile pairs that
-// tile_fully_visible says need it or that cross sk or sq, as in the mma.sync kernel.
+// tile_fully_visible says need it or that cross sk or sq (bounds: mask.h's tile_mask).
 //
-// Deterministic mode: per-(batch, head, query tile of 64) semaphore as in the mma.sync kernel: the
+// Deterministic mode: per-(batch, head, query tile of 64) semaphore (kv_tile_rank): the
 // thread issuing the reduce waits until the counter equals this KV tile's rank among the tiles
 // that visit the query tile, issues the reduce, waits for its completion, fences and increments.
-// Query tiles are walked from the last to the first: every KV tile's range ends at the same or a
-// later query tile than its predecessors' (bwd_query_tiles' bounds grow with n), so KV tile n
-// reaches each query tile no earlier (in iterations) than tile n - 1 and waits at most about one
-// reduce for it. (Walked first-to-last, tile n of a causal mask would start 2n iterations late.)
+// Query tiles are walked from the last to the first, with the group's heads inner: every KV
+// tile's range ends at the same or a later query tile than its predecessors' (bwd_query_tiles'
+// bounds grow with n), so KV tile n reaches each (query tile, head) no earlier (in iterations)
+// than tile n - 1 and waits at most about one reduce for it. (Query tiles first to last: tile n
+// of a causal mask would start 2n iterations late; heads outer: tile n - 1 reaches head g about
+// 2g iterations after tile n, since it has two more query tiles per head.) A CTA waits only for
+// lower KV tiles of its (kv head, batch), which BwdTileOrder starts earlier.
 //
-// smem (hdim 128): K, V 2 x 32 KB, Q, dO 2 stages x 2 x 16 KB, dS^T 16 KB, dQ (fp32) 32 KB,
-// lse2/D 1 KB: ~177 KB, one CTA per SM.
+// smem (hdim 128): K, V 2 x 32 KB, Q, dO 2 stages x 2 x 16 KB, dS^T 2 x 16 KB, dQ (fp32)
+// 2 x 32 KB, lse2/D 1 KB: ~225 KB, one CTA per SM.
 #pragma once
 
 #ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
@@ -63,11 +74,14 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
+#include "longctx/flash/flash_bwd_cta.cuh"
 #include "longctx/flash/flash_params.h"
 #include "longctx/flash/flash_bwd_preprocess.cuh"
 #include "longctx/flash/mainloop_fwd_sm90.cuh"  // wg_gemm
 #include "longctx/flash/mask.h"
 #include "longctx/flash/softmax.cuh"  // acc_layout_to_A_regs, fast_exp2
+#include "longctx/flash/tile_scheduler.cuh"
+#include "longctx/tanh_approx.cuh"
 
 namespace longctx {
 namespace flash {
@@ -125,12 +139,18 @@ struct FlashBwdSm90Traits {
                          cute::make_shape(cute::Int<kHeadDim>{}, cute::Int<kBlockN>{}),
                          cute::Step<cute::_2, cute::_1>{})));
   // dS^T as (keys, queries), queries contiguous; (queries, keys) view: A operand of dQ, MN-major.
+  // Two dS^T buffers (iteration it uses it % 2): buffer it % 2 is rewritten in iteration it + 2,
+  // after both warpgroups passed barrier B1 of it + 1, which each reaches only once its dQ wgmma
+  // of iteration it (the last reader) completed. One buffer would leave the other warpgroup's
+  // dQ wgmma ordered before the next write by issue order only.
+  static constexpr int kDsBufs = 2;
   using SmemLayoutdS = decltype(cute::tile_to_shape(
-      AtomQ{}, cute::make_shape(cute::Int<kBlockN>{}, cute::Int<kBlockM>{})));
+      AtomQ{}, cute::make_shape(cute::Int<kBlockN>{}, cute::Int<kBlockM>{}, cute::Int<kDsBufs>{})));
   using SmemLayoutdSt = decltype(cute::composition(
-      SmemLayoutdS{}, cute::make_ordered_layout(
-                          cute::make_shape(cute::Int<kBlockM>{}, cute::Int<kBlockN>{}),
-                          cute::Step<cute::_2, cute::_1>{})));
+      SmemLayoutdS{},
+      cute::make_ordered_layout(
+          cute::make_shape(cute::Int<kBlockM>{}, cute::Int<kBlockN>{}, cute::Int<kDsBufs>{}),
+          cute::Step<cute::_2, cute::_1, cute::_3>{})));
   // dQ tile, fp32, row-major and unpadded: it is the source of one contiguous bulk reduce.
   using SmemLayoutdQ = cute::Layout<cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>,
                                     cute::Stride<cute::Int<kHeadDim>, cute::_1>>;
@@ -177,12 +197,17 @@ struct BwdKernelParams {
   typename Traits::TMA_Q tma_q, tma_do;
   typename Traits::TMA_K tma_k, tma_v;
   float* dq_accum;         // (heads, total_q_rows, D) fp32, zeroed by the preprocess
+                           // (hdim 256: rows of padded 64-row tiles, fragment order)
   const float* lse2;       // padded, see flash_bwd_preprocess.cuh
   const float* dpad;
   int64_t pad_head_stride;
   int64_t total_q_rows;
   int* sems;               // deterministic mode
   int num_m_max;           // semaphores per (batch, head)
+  BwdTileOrder order;      // which (KV tile, kv head, batch) CTA blockIdx.x is
+  // Softcap c (p.fwd.mods.softcap; 0: none): cap_in = softmax_scale / c, cap_log2 = c log2(e).
+  // Kernel params, so that the consumers read them as constant-bank operands (no registers).
+  float cap_in, cap_log2;
 };
 
 namespace bwd_sm90 {
@@ -205,15 +230,14 @@ __device__ __forceinline__ void bulk_wait_read_all() {
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
 
 }  // namespace bwd_sm90
 
-template <typename Traits>
+// kSoftcap: the launcher's choice from p.fwd.mods.softcap != 0 (uniform over the launch). A
+// template parameter rather than a branch in the kernel: with both paths in one kernel the
+// consumers spilled 120 bytes instead of 32 (hdim 128), so the path without the cap would have
+// paid for it.
+template <typename Traits, bool kSoftcap>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> kp) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -229,7 +253,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const FwdParams& p = bp.fwd;
   const bool varlen = p.cu_seqlens_q != nullptr;
 
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  int n_block, hk, b;
+  kp.order.decode(int(blockIdx.x), n_block, hk, b);
   const SeqLen si = sequence(p, b);
   const int n0 = n_block * kN;
   if (n0 >= si.sk) return;
@@ -263,18 +288,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       ss.dq_full[i].init(Traits::kNumMmaThreads);
       ss.dq_empty[i].init(1);
     }
-    cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(kp.tma_do.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
-    cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
+    bwd_prefetch_tma(kp);
   }
-  typename MainloopPipeline::Params pp;
-  pp.role = warp_group_idx == 0 ? MainloopPipeline::ThreadCategory::Producer
-                                : MainloopPipeline::ThreadCategory::Consumer;
-  pp.is_leader = threadIdx.x == 0;
-  pp.num_consumers = Traits::kNumMmaThreads;
-  pp.transaction_bytes = Traits::kTmaBytesStage;
-  MainloopPipeline pipe(ss.pipeline, pp, Shape<_1, _1, _1>{});
+  MainloopPipeline pipe(ss.pipeline,
+                        bwd_pipeline_params<MainloopPipeline, Traits::kNumMmaThreads>(
+                            warp_group_idx, Traits::kTmaBytesStage),
+                        Shape<_1, _1, _1>{});
   cutlass::arch::fence_barrier_init();
   __syncthreads();
 
@@ -283,35 +302,21 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   if (warp_group_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
     if (threadIdx.x == 0) {
+      bwd_load_kv<Traits>(kp, ss, si, hk, n_block);
       Tensor mQ = kp.tma_q.get_tma_tensor(kp.shape_q);
       Tensor mdO = kp.tma_do.get_tma_tensor(kp.shape_q);
-      Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k);
-      Tensor mV = kp.tma_v.get_tma_tensor(kp.shape_k);
       Tensor sQ = make_tensor(make_smem_ptr(ss.smem_q.data()), typename Traits::SmemLayoutQ{});
       Tensor sdO = make_tensor(make_smem_ptr(ss.smem_do.data()), typename Traits::SmemLayoutQ{});
-      Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename Traits::SmemLayoutK{});
-      Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutK{});
-      auto tile_k = Shape<Int<kN>, Int<kD>>{};
-      Tensor gK = local_tile(domain_offset(make_coord(si.k_start, _0{}), mK(_, _, hk, si.tma_batch())),
-                             tile_k, make_coord(n_block, _0{}));
-      Tensor gV = local_tile(domain_offset(make_coord(si.k_start, _0{}), mV(_, _, hk, si.tma_batch())),
-                             tile_k, make_coord(n_block, _0{}));
-      auto [tKgK, tKsK] = tma_partition(kp.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-      auto [tVgV, tVsV] = tma_partition(kp.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-      ss.barrier_kv.arrive_and_expect_tx(Traits::kTmaBytesKV);
-      copy(kp.tma_k.with(reinterpret_cast<uint64_t&>(ss.barrier_kv), 0), tKgK, tKsK);
-      copy(kp.tma_v.with(reinterpret_cast<uint64_t&>(ss.barrier_kv), 0), tVgV, tVsV);
-
       typename Traits::PipelineState st = cutlass::make_producer_start_state<MainloopPipeline>();
       auto tile_q = Shape<Int<kM>, Int<kD>>{};
       for (int it = 0; it < total; ++it) {
-        const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
-        Tensor gQ = local_tile(domain_offset(make_coord(si.q_start, _0{}), mQ(_, _, h, si.tma_batch())),
-                               tile_q, make_coord(m, _0{}));
-        Tensor gdO = local_tile(domain_offset(make_coord(si.q_start, _0{}), mdO(_, _, h, si.tma_batch())),
-                                tile_q, make_coord(m, _0{}));
-        auto [tQgQ, tQsQ] = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-        auto [tdOgdO, tdOsdO] = tma_partition(kp.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+        const int h = hk * group + it % group, m = range.end - 1 - it / group;
+        Tensor gQ = bwd_rows_tile(mQ, si.q_start, h, si.tma_batch(), tile_q, m);
+        Tensor gdO = bwd_rows_tile(mdO, si.q_start, h, si.tma_batch(), tile_q, m);
+        auto [tQgQ, tQsQ] = tma_partition(kp.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
+                                          group_modes<0, 2>(gQ));
+        auto [tdOgdO, tdOsdO] = tma_partition(kp.tma_do, _0{}, Layout<_1>{},
+                                              group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
         pipe.producer_acquire(st);
         uint64_t* bar = pipe.producer_get_barrier(st);
         const int s = st.index();
@@ -327,7 +332,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       // add the tile to the fp32 accumulator with one bulk reduce, free the buffer once read.
       const int64_t q_row0 = si.q_row0(p.seqlen_q);
       for (int it = 0; it < total; ++it) {
-        const int h = hk * group + it / n_m, m = range.end - 1 - it % n_m;
+        const int h = hk * group + it % group, m = range.end - 1 - it / group;
         const int m0 = m * kM;
         const int buf = it & 1, use = it >> 1;
         ss.dq_full[buf].wait(use & 1);
@@ -336,13 +341,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         int* sem = nullptr;
         if (bp.deterministic) {
           sem = kp.sems + (int64_t(b) * p.heads + h) * kp.num_m_max + m;
-          int lo = 0, hi = n_block;
-          while (lo < hi) {
-            const int mid = (lo + hi) / 2;
-            const TileRange rr = bwd_query_tiles(mid, kM, kN, si.sq, si.sk, wl, wr);
-            if (rr.end > m && rr.begin < rr.end) hi = mid; else lo = mid + 1;
-          }
-          const int expected = n_block - lo;
+          const int expected = kv_tile_rank(n_block, m, kM, kN, si.sq, si.sk, wl, wr);
           while (ld_acquire_gpu(sem) != expected) __nanosleep(32);
         }
         bulk_reduce_add_f32(dst, ss.smem_dq.data() + buf * (kM * kD), uint32_t(rows) * kD * 4);
@@ -385,9 +384,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
     Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_N, MMA_K, PIPE)
     Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
-    Tensor tdQrdS = thr_dq.partition_fragment_A(sdSt);
+    Tensor tdQrdS = thr_dq.partition_fragment_A(sdSt);  // (MMA, MMA_M, MMA_K, BUF)
     Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);
-    Tensor tdSsdS = thr_sdp.partition_C(sdS);
+    Tensor tdSsdS = thr_sdp.partition_C(sdS);           // (MMA, MMA_M, MMA_N, BUF)
     Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kN>, Int<kM>>{}));
 
     Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kD>>{});
@@ -401,7 +400,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     typename Traits::PipelineState st;
 
     for (int it = 0; it < total; ++it) {
-      const int m = range.end - 1 - it % n_m;  // (the producer and dQ writer track the head)
+      const int m = range.end - 1 - it / group;  // (the producer and dQ writer track h)
       const int m0 = m * kM;
       pipe.consumer_wait(st);
       const int s = st.index();
@@ -413,33 +412,48 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       const float* s_d = ss.smem_d.data() + s * kM;
       const bool need_mask = n0 + kN > sk || m0 + kM > sq ||
                              !tile_fully_visible(m, n_block, kM, kN, sq, sk, wl, wr);
-      // mask_visible in tile-local int32 terms: key r (of this KV tile) and query c (of this
-      // query tile) are visible iff r < sk - n0, c < sq - m0 and d_lo <= r - c <= d_hi (diagonal
-      // bounds clamped to [-1024, 1024], |r - c| < 256). Tiles that need no mask get bounds
-      // that keep everything: one branch-free path (two paths spilled more registers).
-      int key_lim = 1 << 30, q_lim = 1 << 30, d_hi = 1024, d_lo = -1024;
-      if (need_mask) {
-        const int64_t base = int64_t(sk) - sq - n0 + m0;
-        auto clampd = [](int64_t v) { return int(v < -1024 ? -1024 : v > 1024 ? 1024 : v); };
-        if (wr >= 0) d_hi = clampd(base + wr);
-        if (wl >= 0) d_lo = clampd(base - wl);
-        key_lim = sk - n0;
-        q_lim = sq - m0;
-      }
-      warpgroup_wait<1>();
-#pragma unroll
-      for (int i = 0; i < size(acc_s); ++i) {
+      // mask_visible in tile-local int32 terms (tile_mask; one branch-free path, two paths
+      // spilled more registers): key r of this KV tile and query c of this query tile.
+      const TileMask tm = tile_mask(need_mask, m0, n0, sq, sk, wl, wr);
+      const int key_lim = tm.key_lim, q_lim = tm.q_lim, d_hi = tm.d_hi, d_lo = tm.d_lo;
+      auto visible = [&](int i) {
         const int key = int(get<0>(tScS(i))), col = int(get<1>(tScS(i)));
         const int dlt = key - col;
-        const bool vis = key < key_lim && col < q_lim && dlt <= d_hi && dlt >= d_lo;
-        const float pv = fast_exp2(acc_s(i) * scale_log2 - s_lse[col]);
-        acc_s(i) = vis ? pv : 0.f;
+        return key < key_lim && col < q_lim && dlt <= d_hi && dlt >= d_lo;
+      };
+      // Softcap: S^T -> t = tanh(S^T * softmax_scale / c) in place while dP^T is in flight
+      // (masked entries get 2, a value tanh never takes), then P^T = exp2(t * c*log2e - lse2[q])
+      // and dS^T = P^T * (dP^T - D[q]) * (1 - t^2): the cap's derivative is the only extra
+      // factor, softmax_scale enters dK (epilogue) and dQ (postprocess) as without the cap.
+      warpgroup_wait<1>();
+      if constexpr (!kSoftcap) {
+#pragma unroll
+        for (int i = 0; i < size(acc_s); ++i) {
+          const int col = int(get<1>(tScS(i)));
+          const float pv = fast_exp2(acc_s(i) * scale_log2 - s_lse[col]);
+          acc_s(i) = visible(i) ? pv : 0.f;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < size(acc_s); ++i)
+          acc_s(i) = visible(i) ? tanh_approx(acc_s(i) * kp.cap_in) : 2.f;
       }
       warpgroup_wait<0>();
+      if constexpr (!kSoftcap) {
 #pragma unroll
-      for (int i = 0; i < size(acc_dp); ++i) {
-        const int col = int(get<1>(tScS(i)));
-        acc_dp(i) = acc_s(i) * (acc_dp(i) - s_d[col]);
+        for (int i = 0; i < size(acc_dp); ++i) {
+          const int col = int(get<1>(tScS(i)));
+          acc_dp(i) = acc_s(i) * (acc_dp(i) - s_d[col]);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < size(acc_dp); ++i) {
+          const int col = int(get<1>(tScS(i)));
+          const float t = acc_s(i);
+          const float pv = t > 1.f ? 0.f : fast_exp2(t * kp.cap_log2 - s_lse[col]);
+          acc_s(i) = pv;
+          acc_dp(i) = pv * (acc_dp(i) - s_d[col]) * (1.f - t * t);
+        }
       }
       constexpr int kFrag = decltype(size(acc_s))::value;
       Tensor rP = make_tensor<Element>(acc_layout_to_A_regs(acc_s.layout()));
@@ -452,24 +466,30 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
             cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(acc_dp.data()));
       }
       // dS^T -> smem (pairs of adjacent queries are adjacent in smem: 4-byte stores).
+      const int buf = it & 1;
       {
         const uint32_t* src = reinterpret_cast<const uint32_t*>(rdS.data());
+        // Buffer 0's addresses plus a runtime shift: indexing the buffer mode at run time spilled
+        // 184 bytes at hdim 64 (44 without).
+        Tensor tdSsdS_0 = tdSsdS(_, _, _, 0);
+        static_assert(cute::cosize_v<typename Traits::SmemLayoutdS> == 2 * kN * kM);  // dense
+        const int shift = buf * (kN * kM / 2);  // in 4-byte words
 #pragma unroll
         for (int i = 0; i < kFrag; i += 2)
-          *reinterpret_cast<uint32_t*>(&tdSsdS(i)) = src[i / 2];
+          (reinterpret_cast<uint32_t*>(&tdSsdS_0(i)))[shift] = src[i / 2];
       }
+      // FA3's order: dV before the barrier, then dQ and dK, so that dQ goes to smem while dK
+      // still runs on the tensor cores (wgmma groups complete in issue order).
       wg_gemm<false>(mma_dkv, rP, tdVrdOt(_, _, _, s), acc_dv);
-      wg_gemm<false>(mma_dkv, rdS, tdKrQt(_, _, _, s), acc_dk);
       cutlass::arch::fence_view_async_shared();
       cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 1);  // all of dS^T in smem
 
       Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kM>, Int<kD>>{});
-      wg_gemm<true>(mma_dq, tdQrdS, tdQrKt, acc_dq);
-      const int buf = it & 1;
+      wg_gemm<true>(mma_dq, tdQrdS(_, _, _, buf), tdQrKt, acc_dq);
+      wg_gemm<false>(mma_dkv, rdS, tdKrQt(_, _, _, s), acc_dk);
       if (it >= 2) ss.dq_empty[buf].wait(((it >> 1) - 1) & 1);
-      warpgroup_wait<0>();
-      pipe.consumer_release(st);
-      ++st;
+      warpgroup_wait<1>();  // dV and dQ done; dK may still run
+      warpgroup_fence_operand(acc_dq);
       Tensor tdQsdQ = thr_dq.partition_C(make_tensor(
           make_smem_ptr(ss.smem_dq.data() + buf * (kM * kD)), typename Traits::SmemLayoutdQ{}));
 #pragma unroll
@@ -477,6 +497,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         *reinterpret_cast<float2*>(&tdQsdQ(i)) = make_float2(acc_dq(i), acc_dq(i + 1));
       cutlass::arch::fence_view_async_shared();
       ss.dq_full[buf].arrive();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_dk);
+      pipe.consumer_release(st);  // dK done: the last reader of Q (and dV of dO) in this stage
+      ++st;
     }
 
     // Epilogue: dK = scale * dK, dV, rows < sk, converted in registers, 4-byte stores.
@@ -492,7 +516,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 #pragma unroll
       for (int i = 0; i < kAcc; i += 2) {
         const int row = int(get<0>(tcKV(i))), c = int(get<1>(tcKV(i)));
-        if (row < rows_k) *reinterpret_cast<uint32_t*>(g + int64_t(row) * row_stride + c) = r32[i / 2];
+        if (row < rows_k)
+          *reinterpret_cast<uint32_t*>(g + int64_t(row) * row_stride + c) = r32[i / 2];
       }
     };
     store(acc_dk, gdK, bp.dk_row_stride);

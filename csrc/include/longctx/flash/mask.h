@@ -117,5 +117,27 @@ LONGCTX_HOST_DEVICE bool tile_needs_mask(int m_block, int n_block, int block_m, 
                              window_right);
 }
 
+// The per-element mask of a (query tile at row m0, KV tile at key n0) pair in tile-local int32
+// terms: key c (of the KV tile) and query r (of the query tile) are visible iff c < key_lim,
+// r < q_lim and d_lo <= c - r <= d_hi. The diagonal bounds are clamped to [-1024, 1024], which
+// keeps the answer for tiles of at most 1024 rows and keys (|c - r| < 1024). Pairs that need no
+// mask get bounds that keep everything (one branch-free path in the backward kernels).
+struct TileMask {
+  int key_lim = 1 << 30, q_lim = 1 << 30, d_hi = 1024, d_lo = -1024;
+};
+LONGCTX_HOST_DEVICE TileMask tile_mask(bool need_mask, int m0, int n0, int sq, int sk, int wl,
+                                       int wr) {
+  TileMask t;
+  if (need_mask) {
+    const int64_t base = int64_t(sk) - sq - n0 + m0;
+    auto clampd = [](int64_t v) { return int(v < -1024 ? -1024 : v > 1024 ? 1024 : v); };
+    if (wr >= 0) t.d_hi = clampd(base + wr);
+    if (wl >= 0) t.d_lo = clampd(base - wl);
+    t.key_lim = sk - n0;
+    t.q_lim = sq - m0;
+  }
+  return t;
+}
+
 }  // namespace flash
 }  // namespace longctx

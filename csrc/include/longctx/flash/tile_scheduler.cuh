@@ -1,5 +1,9 @@
-// Tile order of the forward kernel's persistent grid: which (query tile, head, batch) tile t is.
+// Tile orders of the attention kernels: which (query tile, head, batch) tile t of the forward's
+// persistent grid is (FwdTileScheduler), and which (KV tile, kv head, batch) CTA t of the
+// backward's grid is (BwdTileOrder). Both walk sections of (head, batch) pairs sized to L2 with
+// the longest tiles first inside a section (section_walk).
 //
+// Forward:
 // The tile space is num_m query tiles x (heads * batch). It is walked in sections of
 // hb_per_section (head, batch) pairs whose K/V fit together in L2 (the host sizes the section
 // from seqlen_k * head_dim); inside a section, query tiles go from the last to the first (under
@@ -15,6 +19,20 @@
 namespace longctx {
 namespace flash {
 
+// Tile t of num_m tiles x num_hb (head, batch) pairs walked in sections of hb_per_section pairs
+// (the last section may be smaller), the pairs fastest inside a section: mi is the tile's place
+// in the walk along num_m (0 first), hb its pair.
+__host__ __device__ inline void section_walk(int t, int num_m, int num_hb, int hb_per_section,
+                                             int& mi, int& hb) {
+  const int section_tiles = num_m * hb_per_section;
+  const int s = t / section_tiles;
+  const int r = t - s * section_tiles;
+  const int hb0 = s * hb_per_section;
+  const int hps = (num_hb - hb0) < hb_per_section ? (num_hb - hb0) : hb_per_section;
+  mi = r / hps;
+  hb = hb0 + (r - mi * hps);
+}
+
 struct FwdTileScheduler {
   int num_m = 0;           // query tiles per (head, batch): ceil(seqlen_q / kBlockM)
   int heads = 0;
@@ -23,16 +41,32 @@ struct FwdTileScheduler {
   int total = 0;           // num_m * num_hb
 
   __host__ __device__ void decode(int t, int& m_block, int& h, int& b) const {
-    const int section_tiles = num_m * hb_per_section;
-    const int s = t / section_tiles;
-    const int r = t - s * section_tiles;
-    const int hb0 = s * hb_per_section;
-    const int hps = (num_hb - hb0) < hb_per_section ? (num_hb - hb0) : hb_per_section;
-    const int mi = r / hps;
-    const int hb = hb0 + (r - mi * hps);
+    int mi, hb;
+    section_walk(t, num_m, num_hb, hb_per_section, mi, hb);
     m_block = num_m - 1 - mi;
     h = hb % heads;
     b = hb / heads;
+  }
+};
+
+// Backward: one CTA per (KV tile, kv head, batch), grid num_n x heads_kv x batch in one
+// dimension. Sections of hb_per_section (kv head, batch) pairs whose query heads' Q and dO fit
+// in L2 together (the host sizes them from seqlen_q * head_dim * group); inside a section KV
+// tiles go first to last with the pairs fastest. Under a causal mask the first KV tiles see the
+// most query tiles, so the longest CTAs start first and the last wave is short, and the CTAs
+// resident together read their heads' Q and dO through L2. Deterministic mode: a CTA waits
+// only for lower KV tiles of its own (kv head, batch), which come earlier in this order.
+struct BwdTileOrder {
+  int num_n = 0;           // KV tiles per (kv head, batch): ceil(seqlen_k / kBlockN)
+  int heads_kv = 0;
+  int num_hb = 0;          // heads_kv * batch
+  int hb_per_section = 1;  // >= 1
+
+  __host__ __device__ void decode(int t, int& n_block, int& hk, int& b) const {
+    int hb;
+    section_walk(t, num_n, num_hb, hb_per_section, n_block, hb);
+    hk = hb % heads_kv;
+    b = hb / heads_kv;
   }
 };
 
