@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 #include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
 #include "longctx/flash/flash_params.h"
 #include "longctx/flash/mask.h"
 
@@ -68,6 +69,33 @@ __device__ __forceinline__ void bwd_load_kv(const KernelParams& kp, Storage& ss,
   ss.barrier_kv.arrive_and_expect_tx(Traits::kTmaBytesKV);
   copy(kp.tma_k.with(reinterpret_cast<uint64_t&>(ss.barrier_kv), 0), tKgK, tKsK);
   copy(kp.tma_v.with(reinterpret_cast<uint64_t&>(ss.barrier_kv), 0), tVgV, tVsV);
+}
+
+// Varlen: the rows of the CTA's K/V tile past its packed sequence's end hold the next sequence's
+// keys, and a masked entry's dS = 0 times a NaN there would give NaN (0 x NaN) in this
+// sequence's dQ (dP = V dO^T is NaN there, dQ = dS K). Warps 2 and 3 of the producer warpgroup
+// (otherwise idle) wait for the K/V load, zero rows [row0, kN) of both tiles (none unless
+// varlen: a batched TMA zero-fills rows past the tensor) and arrive on kv_ready (64 arrivals),
+// which the consumers wait on instead of the load's barrier, unconditionally: their code keeps
+// its shape (zeroing in the consumers, even once before the main loop, raised the hdim-128
+// kernel's spills from 72 / 76 to 164 / 184 bytes; a branch between the two barriers, to
+// 100 / 112). 16-byte stores: the
+// tiles' swizzles permute 16-byte chunks, so 8 elements from a multiple of 8 columns are
+// contiguous.
+template <typename Traits, typename Storage>
+__device__ __forceinline__ void clear_kv_tail(Storage& ss, int row0, int tid64) {
+  using namespace cute;
+  constexpr int kChunks = Traits::kHeadDim / 8;
+  Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename Traits::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutK{});
+  ss.barrier_kv.wait(0);
+  for (int i = tid64; i < (Traits::kBlockN - row0) * kChunks; i += 64) {
+    const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
+    *reinterpret_cast<uint4*>(&sK(r, c)) = make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(&sV(r, c)) = make_uint4(0, 0, 0, 0);
+  }
+  cutlass::arch::fence_view_async_shared();  // generic-proxy writes before the wgmma reads
+  ss.kv_ready.arrive();
 }
 
 __device__ __forceinline__ int ld_acquire_gpu(const int* p) {

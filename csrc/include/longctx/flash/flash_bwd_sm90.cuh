@@ -168,6 +168,7 @@ struct FlashBwdSm90Traits {
     alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_lse;
     alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_d;
     alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_kv;
+    alignas(16) cutlass::arch::ClusterBarrier kv_ready;  // varlen: K/V tail zeroed (64)
     alignas(16) cutlass::arch::ClusterBarrier dq_full[2];   // kNumMmaThreads arrivals
     alignas(16) cutlass::arch::ClusterBarrier dq_empty[2];  // 1 arrival (the dQ warp)
     alignas(16) typename MainloopPipeline::SharedStorage pipeline;
@@ -284,6 +285,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const int lane_predicate = cute::elect_one_sync();
   if (warp_idx == 0 && lane_predicate) {
     ss.barrier_kv.init(1);
+    ss.kv_ready.init(64);
     for (int i = 0; i < 2; ++i) {
       ss.dq_full[i].init(Traits::kNumMmaThreads);
       ss.dq_empty[i].init(1);
@@ -357,6 +359,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         ss.dq_empty[buf].arrive();
       }
       bulk_wait_all();
+    } else if (warp_idx >= 2) {
+      clear_kv_tail<Traits>(ss, varlen ? rows_k : kN, int(threadIdx.x) - 64);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
@@ -396,7 +400,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
     const float scale_log2 = p.softmax_scale_log2;
     const int sq = si.sq, sk = si.sk;
-    ss.barrier_kv.wait(0);
+    ss.kv_ready.wait(0);  // K/V landed (and, varlen, its tail zeroed: clear_kv_tail)
     typename Traits::PipelineState st;
 
     for (int it = 0; it < total; ++it) {

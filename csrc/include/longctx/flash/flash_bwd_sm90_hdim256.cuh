@@ -151,6 +151,7 @@ struct FlashBwdSm90Hdim256Traits {
     alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_lse;
     alignas(16) cute::array_aligned<float, kBlockM * kStagesdO> smem_d;
     alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_kv;
+    alignas(16) cutlass::arch::ClusterBarrier kv_ready;  // varlen: K/V tail zeroed (64)
     alignas(16) typename PipelineQ::SharedStorage pipeline_q;
     alignas(16) typename PipelinedO::SharedStorage pipeline_do;
   };
@@ -251,6 +252,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const int warp_group_idx = warp_idx / 4;
   if (warp_idx == 0 && cute::elect_one_sync()) {
     ss.barrier_kv.init(1);
+    ss.kv_ready.init(64);
     bwd_prefetch_tma(kp);
   }
   PipelineQ pipe_q(ss.pipeline_q,
@@ -297,6 +299,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         bulk_g2s(ss.smem_d.data() + st_do.index() * kM, kp.dpad + off, kM * 4, bar);
         ++st_do;
       }
+    } else if (warp_idx >= 2) {
+      clear_kv_tail<Traits>(ss, varlen ? rows_k : kN, int(threadIdx.x) - 64);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
@@ -351,7 +355,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     const int sq = si.sq, sk = si.sk;
     const int64_t dq_tile0 = bwd_dq_tile_base(varlen, b, si.q_start, p.seqlen_q);
     const int dq_lane_off = dq_frag_offset(0, tidx, 0);
-    ss.barrier_kv.wait(0);
+    ss.kv_ready.wait(0);  // K/V landed (and, varlen, its tail zeroed: clear_kv_tail)
     typename PipelineQ::PipelineState st_q;
     typename PipelinedO::PipelineState st_do;
 

@@ -156,7 +156,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
       OnlineSoftmax<2> softmax(softcap != 0.f ? softcap * 1.4426950408889634f
                                               : p.softmax_scale_log2);
       if (tr.end > tr.begin) {
-        const MaskArgs ma{m_block, si.sq, si.sk, p.window_left, p.window_right};
+        const int v_tail = si.sk - (tr.end - 1) * kBlockN;  // rows of the last KV tile in sk
+        const MaskArgs ma{m_block, si.sq, si.sk, p.window_left, p.window_right,
+                          p.cu_seqlens_k != nullptr && v_tail < kBlockN ? v_tail : kBlockN};
         if (softcap != 0.f) {
           consumer_mma<Traits, true>(ss, mma_tidx, pipe_k, pipe_v, st_k, st_v, q_iter, tr.begin,
                                      tr.end, ma, p.softmax_scale / softcap, tOrO, softmax);

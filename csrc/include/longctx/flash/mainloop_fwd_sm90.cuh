@@ -91,7 +91,31 @@ __device__ __forceinline__ void producer_load(typename Traits::SharedStorage& ss
 
 struct MaskArgs {
   int m_block, sq, sk, window_left, window_right;
+  // Varlen: the first V row of the tile's last KV tile (n_max - 1, processed first) that belongs
+  // to the next packed sequence, or kBlockN when there is none (batched launches: the TMA
+  // zero-fills rows past the tensor).
+  int v_tail_row;
 };
+
+// Zeroes rows [row0, kBlockN) of V stage `stage` before any P V reads it: those rows belong to
+// the next packed sequence, and a masked key's P = 0 times a NaN (or inf) there would give NaN
+// (0 x NaN) in rows of this sequence. Both consumer warpgroups take part (named barrier
+// kVTailBarrier, after ConsumerPingPong's ids); it runs once per query tile whose KV range ends
+// inside a tile, in varlen launches only.
+template <typename Traits>
+__device__ __forceinline__ void clear_v_tail(typename Traits::SharedStorage& ss, int stage,
+                                             int row0, int mma_tidx) {
+  using namespace cute;
+  constexpr uint32_t kVTailBarrier = 2;
+  constexpr int kChunks = Traits::kHeadDim / 8;  // 16-byte chunks, which the swizzle permutes
+  Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutV{});
+  const int n = (Traits::kBlockN - row0) * kChunks;
+  for (int i = mma_tidx; i < n; i += Traits::kNumMmaThreads)
+    *reinterpret_cast<uint4*>(&sV(row0 + i / kChunks, (i % kChunks) * 8, stage)) =
+        make_uint4(0, 0, 0, 0);
+  cutlass::arch::fence_view_async_shared();  // generic-proxy writes before the wgmma reads
+  cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, kVTailBarrier);
+}
 
 // Sets S(i, j) = -inf in an S tile held in wgmma accumulators where key j is invisible to query
 // i (mask.h's rule in 32-bit arithmetic: positions are < 2^31): i = m0 + row, j = n0 + col, with
@@ -200,6 +224,10 @@ __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss,
   cap_and_mask(n);
   softmax.first_step(S_rc);
   convert_p();
+  if (ma.v_tail_row < kBlockN) {
+    pipe_v.consumer_wait(st_v);  // V(n_max - 1) landed (the later wait returns at once)
+    clear_v_tail<Traits>(ss, st_v.index(), ma.v_tail_row, mma_tidx);
+  }
 
   for (n = n_max - 2; n >= n_min; --n) {
     pipe_k.consumer_wait(st_k);
