@@ -148,8 +148,8 @@ FlashFwdArgs make_flash_fwd_args(const at::Tensor& q, const at::Tensor& k, const
     LONGCTX_CHECK_ARG(head_dim >= 1 && head_dim <= 256, op, "q",
                       "must have head_dim in [1, 256] on CPU, got ", head_dim);
   } else {
-    LONGCTX_CHECK_ARG(head_dim == 64 || head_dim == 128 || head_dim == 256, op, "q",
-                      "must have head_dim 64, 128 or 256 on CUDA, got ", head_dim);
+    LONGCTX_CHECK_ARG(head_dim % 8 == 0 && head_dim >= 8 && head_dim <= 256, op, "q",
+                      "must have head_dim a multiple of 8 in [8, 256] on CUDA, got ", head_dim);
   }
   const int64_t heads = q.size(-2), heads_kv = k.size(-2);
   LONGCTX_CHECK_ARG(v.size(-2) == heads_kv, op, "v", "must have the heads_kv of k (", heads_kv,

@@ -29,6 +29,9 @@ void run_bwd_cuda(const FlashBwdCall& c) {
   const FlashBwdArgs& a = c.args;
   const flash::BwdParams& p = a.params;
   const c10::cuda::CUDAGuard guard(c.in.q.device());
+  TORCH_CHECK(p.fwd.head_dim == 64 || p.fwd.head_dim == 128 || p.fwd.head_dim == 256,
+              "longctx.", op, ": the CUDA backward supports head_dim 64, 128 and 256, got ",
+              p.fwd.head_dim, " (the forward also runs other multiples of 8)");
   check_flash_cuda(a.dtype, op, "tensors");
   check_no_softcap(p.fwd.mods, op, "the CUDA backward");  // sinks need no kernel change
   const flash::FlashBwdFn fn = find_flash_kernel<flash::FlashBwdTable>(

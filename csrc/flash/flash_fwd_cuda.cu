@@ -8,7 +8,8 @@
 //
 // The build report: each instantiation file registers its own LONGCTX_REGISTER_KERNEL entry
 // ("flash_fwd", "cuda", "<dtype>", "hdim<D>,causal,window,gqa,varlen,softcap,sinks"), so the
-// report lists exactly the (head_dim, dtype) pairs in the binary.
+// report lists exactly the (head_dim, dtype) pairs in the binary. Other head dims (multiples of 8
+// up to 256) run the next compiled one up (fwd_kernel_head_dim).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -29,9 +30,9 @@ void run_fwd_cuda(const FlashFwdCall& c) {
   const c10::cuda::CUDAGuard guard(c.in.q.device());
   check_flash_cuda(a.dtype, op, "q/k/v");
   const flash::FlashFwdFn fn = find_flash_kernel<flash::FlashFwdTable>(
-      p.head_dim, a.dtype, op,
-      "the forward supports head_dim 64, 128 and 256; rebuild with LONGCTX_HEADDIMS / "
-      "LONGCTX_DTYPES including it");
+      flash::fwd_kernel_head_dim(p.head_dim), a.dtype, op,
+      "head_dim 64, 128 and 256 run their own kernels, other multiples of 8 the next one up; "
+      "rebuild with LONGCTX_HEADDIMS / LONGCTX_DTYPES including it");
   const char* why = flash::flash_fwd_tma_unsupported_reason(p, 2);
   TORCH_CHECK(why == nullptr, "longctx.", op, ": ", why,
               " (the Hopper kernel loads them with TMA); pass .contiguous() tensors");

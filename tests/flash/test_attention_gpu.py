@@ -155,11 +155,66 @@ def test_flash_fwd_64bit_offsets():
                v[s0:s1][None], d ** -0.5, True, -1, -1)
 
 
+# Head dims between the compiled ones run the next kernel up, the columns past head_dim loaded
+# as zeros (fwd_kernel_head_dim): 96 (Phi-3) and a spread of others.
+PADDED_CASES = [CASES[1], CASES[2], CASES[4], CASES[5], CASES[7]]
+
+
+@pytest.mark.parametrize("hdim", [8, 32, 80, 96, 112, 136, 192, 248])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", PADDED_CASES,
+                         ids=lambda c: "b%d_sq%d_sk%d_h%d_%d_c%d_w%d_%d" % c)
+def test_flash_fwd_padded_head_dim(hdim, dtype, case):
+    _skip_unless(64 if hdim <= 64 else 128 if hdim <= 128 else 256, dtype)
+    b, sq, sk, h, hk, causal, wl, wr = case
+    # q/k/v are views into wider tensors whose extra columns hold large values: the kernel must
+    # read head_dim columns only (the TMA's zero fill, not what lies past them in memory).
+    wide = (hdim + 15) // 16 * 16 + 16
+    q, k, v = (1e3 * torch.randn(b, s, n, wide, device="cuda", dtype=dtype)
+               for s, n in ((sq, h), (sk, hk), (sk, hk)))
+    q, k, v = (t[..., :hdim].normal_() for t in (q, k, v))
+    scale = 1.0 / math.sqrt(hdim)
+    out, lse = torch.ops.longctx.flash_attn_fwd(q, k, v, None, None, 0, 0, scale, causal, wl, wr)
+    assert out.shape == (b, sq, h, hdim) and out.dtype == dtype
+    _check(out, lse, q, k, v, scale, causal, wl, -1 if causal else wr)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_fwd_padded_head_dim_varlen(causal):
+    _skip_unless(128, torch.bfloat16)
+    lens_q, lens_k = [17, 0, 300, 1, 257], [17, 5, 400, 90, 200]
+    cu_q, cu_k = [0], [0]
+    for a, c in zip(lens_q, lens_k):
+        cu_q.append(cu_q[-1] + a)
+        cu_k.append(cu_k[-1] + c)
+    hdim, dev = 96, "cuda"
+    q = torch.randn(cu_q[-1], 4, hdim, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(cu_k[-1], 2, hdim, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(cu_k[-1], 2, hdim, device=dev, dtype=torch.bfloat16)
+    tq = torch.tensor(cu_q, dtype=torch.int32, device=dev)
+    tk = torch.tensor(cu_k, dtype=torch.int32, device=dev)
+    out, lse = torch.ops.longctx.flash_attn_fwd(q, k, v, tq, tk, max(lens_q), max(lens_k),
+                                                hdim ** -0.5, causal, -1, -1)
+    _check(out, lse, q, k, v, hdim ** -0.5, causal, -1, -1, cu_q, cu_k)
+
+
 def test_flash_fwd_errors():
     _skip_unless(128, torch.bfloat16)
-    q = torch.randn(1, 64, 2, 96, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="head_dim"):
-        torch.ops.longctx.flash_attn_fwd(q, q, q, None, None, 0, 0, 0.1, False, -1, -1)
+    for d in (100, 264):  # not a multiple of 8; past 256
+        q = torch.randn(1, 64, 2, d, device="cuda", dtype=torch.bfloat16)
+        msg = f"q must have head_dim a multiple of 8 in \\[8, 256\\] on CUDA, got {d}"
+        with pytest.raises(RuntimeError, match=msg):
+            torch.ops.longctx.flash_attn_fwd(q, q, q, None, None, 0, 0, 0.1, False, -1, -1)
     q = torch.randn(1, 64, 2, 128, device="cuda", dtype=torch.float32)
     with pytest.raises(RuntimeError):
         torch.ops.longctx.flash_attn_fwd(q, q, q, None, None, 0, 0, 0.1, False, -1, -1)
+
+
+def test_flash_bwd_padded_head_dim_names_it():
+    """The forward runs head_dim 96 on the 128 kernel; the CUDA backward names it."""
+    _skip_unless(128, torch.bfloat16)
+    q = torch.randn(1, 64, 2, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = longctx.flash_attn_func(q, q, q, causal=True)
+    with pytest.raises(RuntimeError, match="the CUDA backward supports head_dim 64, 128 and 256, "
+                                           "got 96"):
+        out.sum().backward()

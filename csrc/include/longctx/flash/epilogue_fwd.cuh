@@ -5,7 +5,8 @@
 // goes out as one 32-bit store, so a quad writes 16 contiguous bytes per row and a warp covers
 // 8 rows x 16 B per instruction (the L2 merges them; the output is O(sq*D), negligible next to
 // the O(sq*sk*D) main loop). Rows >= sq (tile tail, or the next packed sequence in varlen) are
-// not written. Lane 0 of each quad writes the LSE of its 2 rows. Offsets are 64-bit.
+// not written, nor columns >= p.head_dim (a head dim run on a wider kernel, a multiple of 8).
+// Lane 0 of each quad writes the LSE of its 2 rows. Offsets are 64-bit.
 #pragma once
 #include <cute/tensor.hpp>
 #include <cutlass/numeric_conversion.h>
@@ -31,6 +32,7 @@ __device__ __forceinline__ void store_o_lse(const FwdParams& p, const SeqLen& si
       #pragma unroll
       for (int v = 0; v < size<0, 2>(tOrO); ++v) {
         const int col = int(get<1>(tOcO(make_coord(0, rr, v), 0, 0)));
+        if (col >= p.head_dim) continue;
         cutlass::Array<float, 2> f;
         f[0] = tOrO(make_coord(0, rr, v), 0, 0);
         f[1] = tOrO(make_coord(1, rr, v), 0, 0);

@@ -21,6 +21,13 @@ struct FlashFwdTag {};
 // Keyed by (head_dim, dtype); filled by the generated flash_fwd_hdim<D>_<dtype>.cu files.
 using FlashFwdTable = KernelTable<FlashFwdTag, FlashFwdFn>;
 
+// The compiled head dim (64, 128 or 256) whose kernel runs head_dim d (a multiple of 8 up to 256):
+// d itself, or the next one up. A kernel with kHeadDim > d loads Q, K and V through TMA
+// descriptors d columns wide, so the columns past d land in shared memory as zeros (S exact,
+// O's extra columns 0), and the epilogue stores d columns: no extra instantiation, at
+// kHeadDim / d times the matrix work (head_dim 96: 1.33x).
+inline int fwd_kernel_head_dim(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
+
 // The TMA needs 16-byte-aligned base pointers and strides that are multiples of 16 bytes;
 // returns why a layout cannot be used, or nullptr.
 inline const char* flash_fwd_tma_unsupported_reason(const FwdParams& p, int elem_bytes) {

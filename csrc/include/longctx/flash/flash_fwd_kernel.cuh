@@ -91,8 +91,21 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
       Tensor mQ = kp.tma_q.get_tma_tensor(kp.shape_q);
       Tensor mK = kp.tma_k.get_tma_tensor(kp.shape_k);
       Tensor mV = kp.tma_v.get_tma_tensor(kp.shape_k);
+      // Next tile: dynamic (atomic counter, greedy: a CTA takes the next tile in the
+      // longest-first order as soon as its producer has issued the current one) or static.
+      auto next_tile = [&](int t) {
+        return kp.tile_counter != nullptr ? int(gridDim.x) + atomicAdd(kp.tile_counter, 1)
+                                          : t + int(gridDim.x);
+      };
       int t = blockIdx.x;
       for (int it = 0;; ++it) {
+        // Varlen: tiles past their sequence's end are skipped here, while the consumers still
+        // work on the previous tile; only tiles the consumers write are handed off.
+        int m_block = 0, h = 0, b = 0;
+        for (; t < sched.total; t = next_tile(t)) {
+          sched.decode(t, m_block, h, b);
+          if (m_block * kBlockM < sequence(p, b).sq) break;
+        }
         // Hand tile t to the consumers (slot it % 2; wait until they read the id written two
         // hand-offs ago), then load it; t >= total tells them to stop.
         const int slot = it & 1, use = it >> 1;
@@ -100,15 +113,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
         ss.tile_ids[slot] = t;
         ss.tile_full[slot].arrive();
         if (t >= sched.total) break;
-        const int t_cur = t;
-        // Next tile: dynamic (atomic counter, greedy: a CTA takes the next tile in the
-        // longest-first order as soon as its producer has issued the current one) or static.
-        t = kp.tile_counter != nullptr ? int(gridDim.x) + atomicAdd(kp.tile_counter, 1)
-                                       : t + int(gridDim.x);
-        int m_block, h, b;
-        sched.decode(t_cur, m_block, h, b);
+        t = next_tile(t);
         const SeqLen si = sequence(p, b);
-        if (m_block * kBlockM >= si.sq) continue;  // varlen: past this sequence
         const TileRange tr = fwd_key_tiles(m_block, kBlockM, kBlockN, si.sq, si.sk,
                                            p.window_left, p.window_right);
         if (tr.end <= tr.begin) continue;  // no key visible: nothing to load
@@ -127,6 +133,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
     const int mma_tidx = int(threadIdx.x) - 128;
+    if constexpr (Traits::kPingPong) ConsumerPingPong::init(mma_tidx / 128);
     typename Traits::PipelineState st_k, st_v;  // consumer start state: index 0, phase 0
     typename Traits::TiledMma1 tiled_mma1;
     for (int it = 0;; ++it) {
@@ -137,8 +144,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
       if (t >= sched.total) break;
       int m_block, h, b;
       sched.decode(t, m_block, h, b);
-      const SeqLen si = sequence(p, b);
-      if (m_block * kBlockM >= si.sq) continue;
+      const SeqLen si = sequence(p, b);  // the producer hands off only tiles inside it
       const TileRange tr = fwd_key_tiles(m_block, kBlockM, kBlockN, si.sq, si.sk,
                                          p.window_left, p.window_right);
       Tensor tOrO = partition_fragment_C(tiled_mma1, select<0, 2>(typename Traits::TileShape_MNK{}));

@@ -30,7 +30,10 @@ cudaError_t run_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t tota
                                int* tile_counter, cudaStream_t stream) {
   using namespace cute;
   using Traits = FlashFwdTraits<Element, kHeadDim>;
-  if (p.head_dim != kHeadDim) return cudaErrorInvalidValue;
+  // head_dim <= kHeadDim: the TMA views are head_dim wide, so the columns past it load as zeros
+  // (fwd_kernel_head_dim); a multiple of 8 keeps the rows' strides 16-byte multiples.
+  if (p.head_dim > kHeadDim || p.head_dim % 8 != 0 || p.head_dim <= 0)
+    return cudaErrorInvalidValue;
   if (flash_fwd_tma_unsupported_reason(p, sizeof(Element)) != nullptr) return cudaErrorInvalidValue;
   const bool varlen = p.cu_seqlens_q != nullptr;
   if (p.batch <= 0 || p.seqlen_q <= 0 || p.heads <= 0) return cudaSuccess;  // nothing to do
@@ -40,8 +43,8 @@ cudaError_t run_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t tota
   const int rows_q = int(varlen ? total_q : p.seqlen_q);
   const int rows_k = int(varlen ? total_k : p.seqlen_k);
   const int bt = varlen ? 1 : p.batch;
-  kp.shape_q = make_shape(rows_q, kHeadDim, p.heads, bt);
-  kp.shape_k = make_shape(rows_k > 0 ? rows_k : 1, kHeadDim, p.heads_kv, bt);
+  kp.shape_q = make_shape(rows_q, p.head_dim, p.heads, bt);
+  kp.shape_k = make_shape(rows_k > 0 ? rows_k : 1, p.head_dim, p.heads_kv, bt);
   const bool one_batch = varlen || p.batch == 1;
   auto mQ = tma_view<Element>(p.q, kp.shape_q, p.q_row_stride, p.q_head_stride, p.q_batch_stride,
                               one_batch, rows_q);

@@ -59,6 +59,9 @@ struct FlashFwdTraits {
   static constexpr int kProducerRegs = FwdTileSize<kHeadDim_>::kProducerRegs;
   static constexpr int kConsumerRegs = FwdTileSize<kHeadDim_>::kConsumerRegs;
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 168 * 384, "setmaxnreg pool");
+  // The consumers' main-loop steps take turns on the tensor cores (ConsumerPingPong) at head
+  // dims up to 128, as in FA3; at 256 a step is long enough that the turns would only stall.
+  static constexpr bool kPingPong = kHeadDim <= 128;
 
   static_assert(kHeadDim % 64 == 0, "head dim must be a multiple of 64");
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "kBlockN");

@@ -9,7 +9,9 @@
 //                              wait S ; release K ; [softcap +] mask + softmax(S(n)) -> P', scale ;
 //                              wait PV ; release V(n+1) ; O *= scale ; P = P'
 //   O += P V(n_min)
-// so the softmax of tile n runs while the tensor cores do P V(n+1). Tiles are walked from the
+// so the softmax of tile n runs while the tensor cores do P V(n+1). At hdim 64/128 the loop
+// steps of the two consumers also take turns (ConsumerPingPong): one's softmax runs under the
+// other's wgmmas. Tiles are walked from the
 // last (the diagonal, masked ones first) to the first. The per-element mask is applied only to
 // tiles mask.h's tile_needs_mask flags; with softcap (the kSoftcap copy of the loop) S is capped
 // just before it (apply_softcap). Invariants: consumer and producer walk the same tile range;
@@ -18,6 +20,7 @@
 // (q_iter counts those), barrier_q_empty tells the producer sQ may be overwritten.
 #pragma once
 #include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 #include "longctx/flash/flash_fwd_traits.cuh"
 #include <math_constants.h>
@@ -116,6 +119,27 @@ __device__ __forceinline__ void apply_softcap(TensorS& tSrS, float softcap_in) {
   for (int i = 0; i < cute::size(tSrS); ++i) tSrS(i) = tanh_approx(tSrS(i) * softcap_in);
 }
 
+// Ping-pong of the two consumer warpgroups (Traits::kPingPong; FA3's warp-scheduler barriers).
+// In each main-loop step a warpgroup issues its S and P V wgmmas only in its turn and passes the
+// turn on once they are issued, so the steps of the two warpgroups alternate on the tensor cores
+// and one warpgroup's softmax runs under the other's products. Consumer c waits on named barrier
+// kFirstId + c and arrives on the other's; consumer 0 holds the first turn (init). Both consumers
+// of a CTA run the same tiles with the same number of steps, so the turns stay balanced; the one
+// arrival left over at exit is harmless. Ids are CUTLASS user ids (offset past its reserved ones).
+struct ConsumerPingPong {
+  static constexpr uint32_t kFirstId = 0;
+  static constexpr uint32_t kThreads = 256;
+  __device__ __forceinline__ static void init(int consumer) {
+    if (consumer == 0) cutlass::arch::NamedBarrier::arrive(kThreads, kFirstId);
+  }
+  __device__ __forceinline__ static void wait_turn(int consumer) {
+    cutlass::arch::NamedBarrier::sync(kThreads, kFirstId + consumer);
+  }
+  __device__ __forceinline__ static void pass_turn(int consumer) {
+    cutlass::arch::NamedBarrier::arrive(kThreads, kFirstId + 1 - consumer);
+  }
+};
+
 // Runs the consumer main loop; returns O (unnormalized) in tOrO and the softmax state.
 // kSoftcap: S is capped with softcap_in = softmax_scale / c (apply_softcap). The kernel picks the
 // instantiation once per tile: a test of softcap_in inside the loop costs hdim 64 about 5%.
@@ -132,6 +156,7 @@ __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss,
   using Element = typename Traits::Element;
   typename Traits::TiledMma0 tiled_mma0;
   typename Traits::TiledMma1 tiled_mma1;
+  const int consumer = __shfl_sync(0xffffffffu, mma_tidx / 128, 0);  // warp-uniform
   auto thr_mma0 = tiled_mma0.get_thread_slice(mma_tidx);
   auto thr_mma1 = tiled_mma1.get_thread_slice(mma_tidx);
 
@@ -178,9 +203,11 @@ __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss,
 
   for (n = n_max - 2; n >= n_min; --n) {
     pipe_k.consumer_wait(st_k);
+    if constexpr (Traits::kPingPong) ConsumerPingPong::wait_turn(consumer);
     wg_gemm<true>(tiled_mma0, tSrQ, tSrK(_, _, _, st_k.index()), tSrS);
     pipe_v.consumer_wait(st_v);
     wg_gemm<false>(tiled_mma1, tOrP, tOrV(_, _, _, st_v.index()), tOrO);
+    if constexpr (Traits::kPingPong) ConsumerPingPong::pass_turn(consumer);
     warpgroup_wait<1>();
     warpgroup_fence_operand(tSrS);
     pipe_k.consumer_release(st_k);

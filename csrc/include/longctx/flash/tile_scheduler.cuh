@@ -9,7 +9,7 @@
 // then takes the next tile of an atomic counter as soon as its producer has issued the current
 // one (the dynamic schedule, the default), or tiles c + gridDim.x, c + 2 gridDim.x, ... (the
 // static schedule, a launch without a counter). Tiles past a varlen sequence's end are skipped by
-// the kernel (producer and consumers decide alike).
+// the producer, which hands the consumers only the tiles they write.
 #pragma once
 
 namespace longctx {
