@@ -1,8 +1,9 @@
 // Standalone CPU test of the decode's host-side decisions (decode_choice.h): which kernel serves
-// which cache layout (every format, head dims 64/128/256, page sizes, padded and misaligned
-// pools, int8 scale layouts), the staged kernel's depth, the split count and the tile deal; and
-// of the staged kernel's shared-memory tile layout (staged_swizzle.h): the copies land where the
-// fragment reads look, and both are bank-conflict-free.
+// which cache layout (every format, head dims 64/128/256 and the multiples of 8 between them on
+// the next width up, page sizes, padded and misaligned pools, int8 scale layouts), the staged
+// kernel's depth, the split count and the tile deal; and of the staged kernel's shared-memory
+// tile layout (staged_swizzle.h): the copies land where the fragment reads look, and both are
+// bank-conflict-free.
 // Exit code 0 on success; prints every failed check.
 #include <cstdint>
 #include <cstdio>
@@ -189,6 +190,49 @@ int main() {
   Pool fp8slot = with(kFp8, 128, 16);
   fp8slot.slot_major_scales = true;  // (no int8 scales: ignored)
   expect(fp8slot, K::kStaged, "fp8 never takes line scales");
+
+  // head dims between the compiled widths: multiples of 8 up to 256, run by the next width
+  check(decode_head_dim_ok(96) && decode_head_dim_ok(8) && decode_head_dim_ok(256) &&
+            decode_head_dim_ok(72) && !decode_head_dim_ok(36) && !decode_head_dim_ok(0) &&
+            !decode_head_dim_ok(264) && !decode_head_dim_ok(100),
+        "head dims: multiples of 8 in [8, 256]");
+  check(decode_kernel_head_dim(8) == 64 && decode_kernel_head_dim(64) == 64 &&
+            decode_kernel_head_dim(72) == 128 && decode_kernel_head_dim(96) == 128 &&
+            decode_kernel_head_dim(128) == 128 && decode_kernel_head_dim(136) == 256 &&
+            decode_kernel_head_dim(192) == 256 && decode_kernel_head_dim(256) == 256,
+        "kernel width: the next of 64, 128, 256");
+  // 16-bit rows are whole 16-byte pieces at every multiple of 8: staged at d <= 128 (page size a
+  // multiple of 16), register at 72..120 with page size 8, CUDA cores past 128
+  expect(with(kBf16, 96, 16), K::kStaged, "16-bit d96 bs16");
+  expect(with(kBf16, 96, 64), K::kStaged, "16-bit d96 bs64");
+  expect(with(kBf16, 72, 16), K::kStaged, "16-bit d72 bs16");
+  expect(with(kBf16, 40, 16), K::kStaged, "16-bit d40 bs16");
+  expect(with(kBf16, 8, 16), K::kStaged, "16-bit d8 bs16");
+  expect(with(kBf16, 96, 8), K::kMma, "16-bit d96 bs8");
+  expect(with(kBf16, 40, 8), K::kCudaCores, "16-bit d40 bs8");
+  expect(with(kBf16, 192, 16), K::kCudaCores, "16-bit d192 bs16");
+  Pool pad96 = with(kBf16, 96, 16);
+  pad96.pad = 32;  // rows of a 128-element pool viewed as 96
+  expect(pad96, K::kStaged, "16-bit d96 in 128-element rows");
+  // 8-bit rows: whole pieces where d is a multiple of 16; 8-byte rows take the CUDA cores
+  for (Format f : {kInt8, kFp8}) {
+    const bool i8 = f == kInt8;
+    expect(with(f, 96, 16), K::kStaged, i8 ? "int8 d96 bs16" : "fp8 d96 bs16");
+    expect(with(f, 80, 64), K::kStaged, i8 ? "int8 d80 bs64" : "fp8 d80 bs64");
+    expect(with(f, 48, 16), K::kStaged, i8 ? "int8 d48 bs16" : "fp8 d48 bs16");
+    expect(with(f, 96, 8), K::kMma, i8 ? "int8 d96 bs8" : "fp8 d96 bs8");
+    expect(with(f, 72, 16), K::kCudaCores, i8 ? "int8 d72 bs16" : "fp8 d72 bs16");
+    expect(with(f, 40, 16), K::kCudaCores, i8 ? "int8 d40 bs16" : "fp8 d40 bs16");
+    Pool p72 = with(f, 72, 16);
+    p72.pad = 56;  // 16-byte strides, but a 72-byte row is not whole 16-byte pieces
+    expect(p72, K::kCudaCores, i8 ? "int8 d72 in 128-byte rows" : "fp8 d72 in 128-byte rows");
+    p72.bs = 8;
+    expect(p72, K::kCudaCores, i8 ? "int8 d72 bs8 in 128-byte rows" : "fp8 d72 bs8, 128 B rows");
+    expect(with(f, 192, 16), K::kCudaCores, i8 ? "int8 d192" : "fp8 d192");
+  }
+  Pool slot96 = with(kInt8, 96, 16);
+  slot96.slot_major_scales = true;
+  expect(slot96, K::kStagedLineScales, "int8 d96 slot-major scales, 8 kv heads");
 
   // pipeline depth: 8 KiB stages (16-bit d128) 3 deep, 4 KiB and smaller 6, line scales 5
   check(staged_stages(kBf16, 128, false) == 3, "stages 16-bit d128 = 3");
