@@ -202,33 +202,41 @@ int main() {
             decode_kernel_head_dim(192) == 256 && decode_kernel_head_dim(256) == 256,
         "kernel width: the next of 64, 128, 256");
   // 16-bit rows are whole 16-byte pieces at every multiple of 8: staged at d <= 128 (page size a
-  // multiple of 16), register at 72..120 with page size 8, CUDA cores past 128
-  expect(with(kBf16, 96, 16), K::kStaged, "16-bit d96 bs16");
-  expect(with(kBf16, 96, 64), K::kStaged, "16-bit d96 bs64");
-  expect(with(kBf16, 72, 16), K::kStaged, "16-bit d72 bs16");
-  expect(with(kBf16, 40, 16), K::kStaged, "16-bit d40 bs16");
-  expect(with(kBf16, 8, 16), K::kStaged, "16-bit d8 bs16");
-  expect(with(kBf16, 96, 8), K::kMma, "16-bit d96 bs8");
-  expect(with(kBf16, 40, 8), K::kCudaCores, "16-bit d40 bs8");
-  expect(with(kBf16, 192, 16), K::kCudaCores, "16-bit d192 bs16");
+  // multiple of 16), register at 72..128 with page size 8, CUDA cores past 128. 8-bit rows are
+  // whole pieces where d is a multiple of 16; 8-byte rows (d = 40, 72) take the CUDA cores.
+  struct Between {
+    Format f;
+    int d, bs;
+    DecodeKind want;
+  };
+  const Between between[] = {
+      {kBf16, 96, 16, K::kStaged},      {kBf16, 96, 64, K::kStaged},
+      {kBf16, 72, 16, K::kStaged},      {kBf16, 40, 16, K::kStaged},
+      {kBf16, 8, 16, K::kStaged},       {kBf16, 96, 8, K::kMma},
+      {kBf16, 40, 8, K::kCudaCores},    {kBf16, 192, 16, K::kCudaCores},
+      {kInt8, 96, 16, K::kStaged},      {kFp8, 96, 16, K::kStaged},
+      {kInt8, 80, 64, K::kStaged},      {kFp8, 80, 64, K::kStaged},
+      {kInt8, 48, 16, K::kStaged},      {kFp8, 48, 16, K::kStaged},
+      {kInt8, 96, 8, K::kMma},          {kFp8, 96, 8, K::kMma},
+      {kInt8, 72, 16, K::kCudaCores},   {kFp8, 72, 16, K::kCudaCores},
+      {kInt8, 40, 16, K::kCudaCores},   {kFp8, 40, 16, K::kCudaCores},
+      {kInt8, 192, 16, K::kCudaCores},  {kFp8, 192, 16, K::kCudaCores},
+  };
+  for (const Between& w : between) {
+    char what[64];
+    std::snprintf(what, sizeof what, "%s d%d bs%d",
+                  w.f == kBf16 ? "16-bit" : w.f == kInt8 ? "int8" : "fp8", w.d, w.bs);
+    expect(with(w.f, w.d, w.bs), w.want, what);
+  }
   Pool pad96 = with(kBf16, 96, 16);
   pad96.pad = 32;  // rows of a 128-element pool viewed as 96
   expect(pad96, K::kStaged, "16-bit d96 in 128-element rows");
-  // 8-bit rows: whole pieces where d is a multiple of 16; 8-byte rows take the CUDA cores
   for (Format f : {kInt8, kFp8}) {
-    const bool i8 = f == kInt8;
-    expect(with(f, 96, 16), K::kStaged, i8 ? "int8 d96 bs16" : "fp8 d96 bs16");
-    expect(with(f, 80, 64), K::kStaged, i8 ? "int8 d80 bs64" : "fp8 d80 bs64");
-    expect(with(f, 48, 16), K::kStaged, i8 ? "int8 d48 bs16" : "fp8 d48 bs16");
-    expect(with(f, 96, 8), K::kMma, i8 ? "int8 d96 bs8" : "fp8 d96 bs8");
-    expect(with(f, 72, 16), K::kCudaCores, i8 ? "int8 d72 bs16" : "fp8 d72 bs16");
-    expect(with(f, 40, 16), K::kCudaCores, i8 ? "int8 d40 bs16" : "fp8 d40 bs16");
     Pool p72 = with(f, 72, 16);
     p72.pad = 56;  // 16-byte strides, but a 72-byte row is not whole 16-byte pieces
-    expect(p72, K::kCudaCores, i8 ? "int8 d72 in 128-byte rows" : "fp8 d72 in 128-byte rows");
+    expect(p72, K::kCudaCores, f == kInt8 ? "int8 d72 in 128-byte rows" : "fp8 d72, 128 B rows");
     p72.bs = 8;
-    expect(p72, K::kCudaCores, i8 ? "int8 d72 bs8 in 128-byte rows" : "fp8 d72 bs8, 128 B rows");
-    expect(with(f, 192, 16), K::kCudaCores, i8 ? "int8 d192" : "fp8 d192");
+    expect(p72, K::kCudaCores, f == kInt8 ? "int8 d72 bs8, 128 B rows" : "fp8 d72 bs8, 128 B rows");
   }
   Pool slot96 = with(kInt8, 96, 16);
   slot96.slot_major_scales = true;
