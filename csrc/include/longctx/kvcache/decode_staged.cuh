@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   // A head_dim d < D leaves pieces >= d kEB / 16 of every row outside the cache's row: their
   // copies read nothing (size 0, the source the row's first piece) and zero-fill the stage.
   const int key0 = lane / P, piece0 = lane % P;
-  const bool piece_in_row = piece0 < cache.head_dim * kEB / 16;  // whole pieces: the launcher
+  const bool piece_in_row = piece0 < cache.head_dim * kEB / 16;  // whole: staged_decode_ok
   const int32_t src_piece = piece_in_row ? piece0 * 16 : 0;
   const int32_t kslot = static_cast<int32_t>(cache.k.slot_stride * kEB);
   const int32_t vslot = static_cast<int32_t>(cache.v.slot_stride * kEB);
