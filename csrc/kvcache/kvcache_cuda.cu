@@ -5,7 +5,8 @@
 // on write).
 //
 // flash_attn_with_kvcache picks one of two paths:
-//  - decode (seqlen_q * heads / kv_heads <= 32 packed rows per kv head, head_dim 64/128/256):
+//  - decode (seqlen_q * heads / kv_heads <= 32 packed rows per kv head, head_dim a multiple of 8
+//    up to 256: 64/128/256 and the others on the next of those kernels up, decode_choice.h):
 //    split-KV, dequantization fused; the kernel that serves the cache's layout and the merge of
 //    the splits (longctx/kvcache/decode_launch.cuh, instantiated per (format, dtype) by the
 //    generated kvcache_decode_<format>_<dtype>.cu files). num_splits = 0 chooses the split count
@@ -220,8 +221,8 @@ struct Cuda {
     return !is_decode(q, k_cache, seqlen_q);
   }
 
-  // What only the CUDA kernels refuse: head dims other than 64/128/256, pools the vector loads
-  // cannot read. Runs on the current device (a Hopper GPU).
+  // What only the CUDA kernels refuse: head dims that are not multiples of 8 up to 256, pools the
+  // vector loads cannot read. Runs on the current device (a Hopper GPU).
   static void check(const kvcache::AttnParams& p, const at::Tensor& q,
                     const KVCacheTensors& cache) {
     constexpr const char* op = "flash_attn_with_kvcache";
@@ -229,8 +230,9 @@ struct Cuda {
     check_hopper(op);
     if (p.total_q == 0 || p.heads == 0) return;
     const int d = p.cache.head_dim;
-    LONGCTX_CHECK_ARG(d == 64 || d == 128 || d == 256, op, "k_cache",
-                      "head_dim must be 64, 128 or 256 on CUDA, got ", d);
+    LONGCTX_CHECK_ARG(kvcache::decode_head_dim_ok(d), op, "k_cache",
+                      "head_dim must be a multiple of 8 in [8, 256] on CUDA (64, 128 and 256 run "
+                      "their own kernels, the others the next of them up), got ", d);
     LONGCTX_CHECK_ARG(decode_aligned(cache.k_cache, cache.v_cache), op, "k_cache",
                       "and v_cache must be 16-byte aligned with page/slot/head strides that are "
                       "multiples of 8 elements on CUDA, got strides ", cache.k_cache.strides(),

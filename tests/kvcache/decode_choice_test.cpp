@@ -1,8 +1,9 @@
 // Standalone CPU test of the decode's host-side decisions (decode_choice.h): which kernel serves
-// which cache layout (every format, head dims 64/128/256, page sizes, padded and misaligned
-// pools, int8 scale layouts), the staged kernel's depth, the split count and the tile deal; and
-// of the staged kernel's shared-memory tile layout (staged_swizzle.h): the copies land where the
-// fragment reads look, and both are bank-conflict-free.
+// which cache layout (every format, head dims 64/128/256 and the multiples of 8 between them on
+// the next width up, page sizes, padded and misaligned pools, int8 scale layouts), the staged
+// kernel's depth, the split count and the tile deal; and of the staged kernel's shared-memory
+// tile layout (staged_swizzle.h): the copies land where the fragment reads look, and both are
+// bank-conflict-free.
 // Exit code 0 on success; prints every failed check.
 #include <cstdint>
 #include <cstdio>
@@ -189,6 +190,57 @@ int main() {
   Pool fp8slot = with(kFp8, 128, 16);
   fp8slot.slot_major_scales = true;  // (no int8 scales: ignored)
   expect(fp8slot, K::kStaged, "fp8 never takes line scales");
+
+  // head dims between the compiled widths: multiples of 8 up to 256, run by the next width
+  check(decode_head_dim_ok(96) && decode_head_dim_ok(8) && decode_head_dim_ok(256) &&
+            decode_head_dim_ok(72) && !decode_head_dim_ok(36) && !decode_head_dim_ok(0) &&
+            !decode_head_dim_ok(264) && !decode_head_dim_ok(100),
+        "head dims: multiples of 8 in [8, 256]");
+  check(decode_kernel_head_dim(8) == 64 && decode_kernel_head_dim(64) == 64 &&
+            decode_kernel_head_dim(72) == 128 && decode_kernel_head_dim(96) == 128 &&
+            decode_kernel_head_dim(128) == 128 && decode_kernel_head_dim(136) == 256 &&
+            decode_kernel_head_dim(192) == 256 && decode_kernel_head_dim(256) == 256,
+        "kernel width: the next of 64, 128, 256");
+  // 16-bit rows are whole 16-byte pieces at every multiple of 8: staged at d <= 128 (page size a
+  // multiple of 16), register at 72..128 with page size 8, CUDA cores past 128. 8-bit rows are
+  // whole pieces where d is a multiple of 16; 8-byte rows (d = 40, 72) take the CUDA cores.
+  struct Between {
+    Format f;
+    int d, bs;
+    DecodeKind want;
+  };
+  const Between between[] = {
+      {kBf16, 96, 16, K::kStaged},      {kBf16, 96, 64, K::kStaged},
+      {kBf16, 72, 16, K::kStaged},      {kBf16, 40, 16, K::kStaged},
+      {kBf16, 8, 16, K::kStaged},       {kBf16, 96, 8, K::kMma},
+      {kBf16, 40, 8, K::kCudaCores},    {kBf16, 192, 16, K::kCudaCores},
+      {kInt8, 96, 16, K::kStaged},      {kFp8, 96, 16, K::kStaged},
+      {kInt8, 80, 64, K::kStaged},      {kFp8, 80, 64, K::kStaged},
+      {kInt8, 48, 16, K::kStaged},      {kFp8, 48, 16, K::kStaged},
+      {kInt8, 96, 8, K::kMma},          {kFp8, 96, 8, K::kMma},
+      {kInt8, 72, 16, K::kCudaCores},   {kFp8, 72, 16, K::kCudaCores},
+      {kInt8, 40, 16, K::kCudaCores},   {kFp8, 40, 16, K::kCudaCores},
+      {kInt8, 192, 16, K::kCudaCores},  {kFp8, 192, 16, K::kCudaCores},
+  };
+  for (const Between& w : between) {
+    char what[64];
+    std::snprintf(what, sizeof what, "%s d%d bs%d",
+                  w.f == kBf16 ? "16-bit" : w.f == kInt8 ? "int8" : "fp8", w.d, w.bs);
+    expect(with(w.f, w.d, w.bs), w.want, what);
+  }
+  Pool pad96 = with(kBf16, 96, 16);
+  pad96.pad = 32;  // rows of a 128-element pool viewed as 96
+  expect(pad96, K::kStaged, "16-bit d96 in 128-element rows");
+  for (Format f : {kInt8, kFp8}) {
+    Pool p72 = with(f, 72, 16);
+    p72.pad = 56;  // 16-byte strides, but a 72-byte row is not whole 16-byte pieces
+    expect(p72, K::kCudaCores, f == kInt8 ? "int8 d72 in 128-byte rows" : "fp8 d72, 128 B rows");
+    p72.bs = 8;
+    expect(p72, K::kCudaCores, f == kInt8 ? "int8 d72 bs8, 128 B rows" : "fp8 d72 bs8, 128 B rows");
+  }
+  Pool slot96 = with(kInt8, 96, 16);
+  slot96.slot_major_scales = true;
+  expect(slot96, K::kStagedLineScales, "int8 d96 slot-major scales, 8 kv heads");
 
   // pipeline depth: 8 KiB stages (16-bit d128) 3 deep, 4 KiB and smaller 6, line scales 5
   check(staged_stages(kBf16, 128, false) == 3, "stages 16-bit d128 = 3");

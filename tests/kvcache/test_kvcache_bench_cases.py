@@ -200,7 +200,7 @@ def test_plain_decode_ms_pairs_the_window_rows():
 # ---- results: merge and markdown -----------------------------------------------------------
 
 def _fabricated():
-    """Results with a row of every kind the suite writes, a failed hdim 96 case included."""
+    """Results with a row of every kind the suite writes, a failed hdim 256 case included."""
     res = Results("kvcache", gpu="h200", copy_gbps=4250.0, matmul_tflops=800.0)
     peers = {"sdpa_cudnn": 0.05, "sdpa_flash": 0.06}
     mode = {"sdpa_cudnn": "enable_gqa", "sdpa_flash": "enable_gqa"}
@@ -217,9 +217,9 @@ def _fabricated():
     res.add(decode(kc.DecodeCase("window", "bf16", 131072, 1, window=(4096, 0)), 0.0115,
                    ratio_plain=1.15))
     res.add(decode(kc.DecodeCase("hdim", "bf16", 131072, 16, hdim=64), 1.5))
-    res.add({"case": kc.DecodeCase("hdim", "int8", 131072, 16, hdim=96).case(),
-             "error": "RuntimeError('longctx.flash_attn_with_kvcache: k_cache head_dim must be "
-                      "64, 128 or 256 on CUDA, got 96')"})
+    res.add(decode(kc.DecodeCase("hdim", "int8", 131072, 16, hdim=96), 0.9))
+    res.add({"case": kc.DecodeCase("hdim", "int8", 131072, 16, hdim=256).case(),
+             "error": "OutOfMemoryError('CUDA out of memory. Tried to allocate 4.00 GiB')"})
     res.add({"case": kc.PrefillCase("int8", 131072, 8192, (32768, 131072)).case(),
              "ours_ms": 237.5, "fwd_ms": 233.3, "one_pass_fwd_ms": 226.5, "append_ms": 1.9,
              "flops": 1, "tflops": 592.6, "fwd_tflops": 603.1, "frac_fwd": 0.9825,
@@ -247,7 +247,8 @@ def test_markdown_of_fabricated_results():
     assert window[2].startswith("| bf16 | 131072 | 1 | 4096 | 0.0115 |")
     assert window[2].endswith("| 0.230 | 1.150 |")
     hdim = _table_rows(md, "Decode at other head dims")
-    assert len(hdim) == 2 and hdim[1].startswith("| bf16 | 64 | 131072 | 16 | 1.5000 |")
+    assert len(hdim) == 3 and hdim[1].startswith("| bf16 | 64 | 131072 | 16 | 1.5000 |")
+    assert hdim[2].startswith("| int8 | 96 | 131072 | 16 | 0.9000 |")
     prefill = _table_rows(md, "Chunked prefill")
     assert prefill[0].endswith("| extra MiB |")
     assert prefill[1].startswith("| int8 | 131072 | 8192 | 237.50 |")
@@ -257,8 +258,7 @@ def test_markdown_of_fabricated_results():
                         "| 3.000 | 7.81e-03 |")
     assert len(_table_rows(md, "Output error")) == 2
     failed = _section(md, "Failed cases")
-    assert any("hdim 96" in line and "head_dim must be 64, 128 or 256" in line
-               for line in failed)
+    assert any("hdim 256" in line and "out of memory" in line for line in failed)
     assert "Rows from several runs" not in md
 
 

@@ -139,14 +139,16 @@ def test_append_matches_cpu(cache_dtype, dtype, bs, d):
 @pytest.mark.parametrize("interleaved,partial,scaling",
                          [(False, False, None), (True, True, "yarn"), (False, True, "llama3")],
                          ids=["neox", "interleaved-partial-yarn", "neox-partial-llama3"])
-def test_append_rope_equals_apply_rope_then_append(cache_dtype, interleaved, partial, scaling):
+@pytest.mark.parametrize("d", [128, 96], ids=["d128", "d96"])
+def test_append_rope_equals_apply_rope_then_append(cache_dtype, interleaved, partial, scaling, d):
+    """head_dim 96: Phi-3's (LongRoPE models), partial rotary 64 of it."""
     gen = torch.Generator().manual_seed(2)
-    hk, d, bs = 2, 128, 16
+    hk, bs = 2, 16
     sc = {"yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
           "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
           None: None}[scaling]
-    rf = longctx.rope_frequencies(d, base=500000.0, rotary_dim=96 if partial else None,
+    rf = longctx.rope_frequencies(d, base=500000.0, rotary_dim=d * 3 // 4 if partial else None,
                                   scaling=sc)
     inv = rf.inv_freq.cuda()
     lens_before, new = [5, 0, 33], [7, 20, 1]
@@ -264,8 +266,10 @@ def _device_pools(kc, vc, combined=False, pad=0):
 
 def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, window, splits,
                      packed, combined=False, pad=0, gen=None, scale_layout="head",
-                     table_blocks=0, softcap=0.0, sinks=None, check=True):
+                     table_blocks=0, softcap=0.0, sinks=None, check=True, q_pad=0):
     """Random pool + table, attention vs the float64 reference on the dequantized K/V.
+    q_pad > 0: q is the [..., :d] view of rows of d + q_pad elements whose padding is NaN (a
+    kernel that read q past head_dim would turn its rows NaN).
     table_blocks: the block table's width (its capacity, which the staged kernel's tile order
     depends on); the columns past a sequence's pages are -1, as PagedKVCache pads them.
     softcap, sinks (CPU fp32 (h,)): the logit modifiers, passed to the op and the reference.
@@ -292,8 +296,13 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
     left, right = window
     if causal:
         right = 0
+    q_d = q.cuda()
+    if q_pad:
+        q_buf = torch.full(q.shape[:-1] + (d + q_pad,), math.nan, dtype=dtype, device="cuda")
+        q_buf[..., :d] = q_d
+        q_d = q_buf[..., :d]
     out, lse = ops.flash_attn_with_kvcache(
-        q.cuda(), kc_d, vc_d, cd(ksc), cd(vsc), cd(kf), cd(vf), table.cuda(), seqlens.cuda(),
+        q_d, kc_d, vc_d, cd(ksc), cd(vsc), cd(kf), cd(vf), table.cuda(), seqlens.cuda(),
         cd(cu_q), max(q_lens), 1.0 / math.sqrt(d), causal, left, right, splits, True, cd(sinks),
         softcap)
     out, lse = out.cpu(), lse.cpu()
@@ -322,6 +331,7 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
 # whose page size is a multiple of 16 run the cp.async-staged tensor-core kernel (every 16-bit
 # pool with such a page size); other head_dim 128 caches with 16-byte-aligned rows the register
 # tensor-core kernel (page size 8: the last DECODE_CASES entry); the rest the CUDA-core kernel.
+# Other head dims run the kernels of the next width up (test_decode_padded_head_dims).
 # int8 scales: copied per key when head-major within a page (as PagedKVCache stores them) or
 # slot-major with more than 8 kv heads, as whole 16-byte lines of all kv heads' scales when
 # slot-major with <= 8 kv heads. The variants run every kernel on the same cases:
@@ -421,9 +431,62 @@ def test_decode_16bit_staged_odd_lengths(cache_dtype, h, hk, d, bs, splits):
                      (-1, -1), splits, packed=False, gen=gen)
 
 
+# Head dims between the compiled widths: head_dim d (a multiple of 8 up to 256) runs the kernels
+# of width D, the next of 64/128/256 (decode_choice.h), reading d columns of a key row. 16-bit
+# rows (2 d bytes) and 8-bit rows with d a multiple of 16 are whole 16-byte pieces: the staged
+# kernel at D = 64/128 (page size a multiple of 16), the register kernel at D = 128 (page size
+# 8); 8-bit rows of an odd multiple of 8 bytes (d = 40, 72) and every d > 128 run the CUDA-core
+# kernel. With poison, the pools' head rows are D elements whose columns past d hold 0x7F bytes
+# (NaN / 3e38 / int8 127, _device_pools) and q's rows carry 8 NaN columns past d: a kernel that
+# read a column past d would fail.
+PAD_DIMS = [96, 80, 40, 72, 192]
+PAD_CASES = [  # h, hk, bs, causal, window
+    (32, 8, 16, True, (-1, -1)),   # GQA 32/8, page 16
+    (4, 4, 64, False, (40, 7)),    # MHA, page 64, a two-sided window
+    (8, 2, 8, True, (-1, -1)),     # page 8: the register kernel at D = 128 (whole-piece rows)
+]
+
+
+def _kernel_width(d):
+    return 64 if d <= 64 else 128 if d <= 128 else 256
+
+
 @pytest.mark.parametrize("cache_dtype", [BF16, FP16, INT8, FP8], ids=FMT_IDS.get)
-@pytest.mark.parametrize("d,bs", [(128, 16), (64, 16), (128, 8), (64, 8)],
-                         ids=["d128-staged", "d64-staged", "d128-register", "d64-cuda_cores"])
+@pytest.mark.parametrize("d", PAD_DIMS, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("case", PAD_CASES, ids=lambda c: f"h{c[0]}-hk{c[1]}-bs{c[2]}")
+@pytest.mark.parametrize("splits", [1, 0, 7])
+@pytest.mark.parametrize("poison", [False, True], ids=["contiguous", "poisoned"])
+def test_decode_padded_head_dims(cache_dtype, d, case, splits, poison):
+    """Head dims 96 (Phi-3), 80, 40, 72 and 192 on every decode kernel against the reference:
+    an empty sequence, one key, lengths off the tile and page edges."""
+    h, hk, bs, causal, window = case
+    dtype = FP16 if cache_dtype == FP16 else BF16
+    gen = torch.Generator().manual_seed(31)
+    pad = _kernel_width(d) - d if poison else 0
+    out, lse = _check_attention(cache_dtype, dtype, h, hk, d, bs, [0, 1, 17, 300, 1537], [1],
+                                causal, window, splits, packed=False, pad=pad, gen=gen,
+                                q_pad=8 if poison else 0)
+    assert (out[0] == 0).all() and torch.isinf(lse[0]).all()
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("d", [96, 80], ids=["d96", "d80"])
+@pytest.mark.parametrize("window", [(-1, -1), (200, -1)], ids=["causal", "window200"])
+def test_prefill_padded_head_dims(cache_dtype, d, window):
+    """The chunked prefill at head dims between the compiled widths: the gather writes d columns
+    and the forward kernel of width 128 runs them (pools poisoned past d)."""
+    if not _flash_fwd_compiled(_kernel_width(d), BF16):
+        pytest.skip(f"flash_fwd hdim{_kernel_width(d)} bf16 not compiled")
+    gen = torch.Generator().manual_seed(33)
+    _check_attention(cache_dtype, BF16, 8, 2, d, 16, [300, 1000, 77], [100, 513, 77], True,
+                     window, 0, packed=True, gen=gen, pad=_kernel_width(d) - d, q_pad=8)
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, FP16, INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("d,bs", [(128, 16), (64, 16), (128, 8), (64, 8), (96, 16), (96, 8),
+                                  (192, 16)],
+                         ids=["d128-staged", "d64-staged", "d128-register", "d64-cuda_cores",
+                              "d96-staged", "d96-register", "d192-cuda_cores"])
 @pytest.mark.parametrize("splits", [1, 7])
 def test_decode_nan_key_reaches_its_rows(cache_dtype, d, bs, splits):
     """A NaN in K (int8: a NaN K scale) makes NaN exactly the rows that see its key: the query
@@ -557,6 +620,26 @@ def test_prefill_with_mods(cache_dtype, mods):
         assert torch.equal(lse[:, 100:140], sinks[:, None].expand(8, 40))
 
 
+@pytest.mark.parametrize("cache_dtype", [BF16, FP16, INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("d,bs", [(96, 16), (96, 8), (192, 16)],
+                         ids=["d96-staged", "d96-register", "d192-cuda_cores"])
+@pytest.mark.parametrize("splits", [1, 7])
+@pytest.mark.parametrize("mods", MODS, ids=[m[0] for m in MODS])
+def test_decode_padded_head_dims_with_mods(cache_dtype, d, bs, splits, mods):
+    """Softcap and sinks at head dims between the compiled widths, pools poisoned past d."""
+    _, softcap, with_sinks = mods
+    h, hk = 8, 2
+    dtype = FP16 if cache_dtype == FP16 else BF16
+    gen = torch.Generator().manual_seed(32)
+    sinks = _mod_sinks(h, with_sinks, gen)
+    out, lse = _check_attention(cache_dtype, dtype, h, hk, d, bs, [0, 1, 300, 1537], [1], True,
+                                (-1, -1), splits, packed=False, pad=_kernel_width(d) - d,
+                                gen=gen, softcap=softcap, sinks=sinks, q_pad=8)
+    assert (out[0] == 0).all()
+    if with_sinks:
+        assert torch.equal(lse[0, :, 0], sinks)
+
+
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_decode_unvalidated_bad_pages_are_masked(cache_dtype, variant):
@@ -647,13 +730,15 @@ def test_prefill_matches_reference(cache_dtype, window):
 
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
-def test_chunked_prefill_equals_single_pass(cache_dtype):
+@pytest.mark.parametrize("d", [128, 96], ids=["d128", "d96"])
+def test_chunked_prefill_equals_single_pass(cache_dtype, d):
     """A 4000-token prompt prefilled in chunks of 1024 (append the chunk, attend its queries,
-    then decode a few tokens) equals one pass over the whole prompt."""
+    then decode a few tokens) equals one pass over the whole prompt; head_dim 96 runs the
+    forward and the decode kernels of width 128."""
     if not _flash_fwd_compiled(128, BF16):
         pytest.skip("flash_fwd hdim128 bf16 not compiled")
     gen = torch.Generator().manual_seed(7)
-    h, hk, d, bs, n, chunk = 8, 2, 128, 16, 4000, 1024
+    h, hk, bs, n, chunk = 8, 2, 16, 4000, 1024
     k = keys_with_outliers(1, n, hk, d, generator=gen).cuda()
     v = torch.randn(1, n, hk, d, generator=gen).to(BF16).cuda()
     q = torch.randn(1, n, h, d, generator=gen).to(BF16).cuda()
@@ -814,9 +899,13 @@ def test_errors_name_the_argument_cuda():
         attn(kc=kc.to(INT8), vc=vc.to(INT8))
     with pytest.raises(RuntimeError, match=r"k_cache must have the dtype of k"):
         app(kc=kc.half(), vc=vc.half())
-    with pytest.raises(RuntimeError, match=r"head_dim must be 64, 128 or 256 on CUDA"):
-        kc2 = torch.zeros(6, bs, hk, 32, dtype=BF16, device="cuda")
-        attn(q=torch.randn(2, 1, 4, 32, dtype=BF16, device="cuda"), kc=kc2, vc=kc2.clone())
+    # head dims: multiples of 8 up to 256 (the others of 64/128/256 on the next kernel up)
+    kc2 = torch.zeros(6, bs, hk, 40, dtype=BF16, device="cuda")
+    attn(q=torch.randn(2, 1, 4, 40, dtype=BF16, device="cuda"), kc=kc2, vc=kc2.clone())
+    with pytest.raises(RuntimeError, match=r"head_dim must be a multiple of 8 in \[8, 256\] on "
+                       r"CUDA .*got 36"):
+        kc2 = torch.zeros(6, bs, hk, 36, dtype=BF16, device="cuda")
+        attn(q=torch.randn(2, 1, 4, 36, dtype=BF16, device="cuda"), kc=kc2, vc=kc2.clone())
 
 
 def test_build_info_lists_kvcache_cuda():

@@ -24,7 +24,9 @@ lists them):
   window's keys, bytes count the window's keys only, and the windowed row's ratio_plain is its
   time over the 4K decode's.
 - hdim: decode at head dims 64, 96 and 256 (128K, batch 16, every format), timed as the decode
-  rows. A head dim the op rejects is recorded as a failed case (its error in the row).
+  rows, with frac_copy (issue 25's target: 0.85 of copy bandwidth). head_dim 96 (Phi-3) runs the
+  kernels of width 128 reading 96 columns per key row; its bytes count 96 columns. A head dim the
+  op rejects is recorded as a failed case (its error in the row).
 - prefill: a 128K prompt in 8K chunks (append the chunk, then attend its 8K queries over the
   cache), hdim 128; ours vs the forward kernel (longctx.flash_attn_func, causal bottom-right) on
   contiguous bf16 K/V at the same (8K, 8K * (c + 1)) shapes; TFLOP/s with

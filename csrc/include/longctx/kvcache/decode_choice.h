@@ -3,17 +3,24 @@
 // kernel serves a cache layout, its pipeline depth, the rows per CTA, the split count and the
 // staged kernel's tile deal.
 //
+// Head dims: every multiple of 8 in [8, 256] (decode_head_dim_ok). A kernel is compiled for the
+// widths D = 64, 128 and 256; head_dim d runs the one of width decode_kernel_head_dim(d), the
+// next of them up, with the columns past d as zeros (zero Q columns add nothing to q.k, zero V
+// columns give output columns that are not stored): key rows are read as d elements, no more.
+//
 // Kernel choice (every decode kernel runs 128 threads on the grid (kv_heads x row tiles, splits,
-// batch)):
-//   - head_dim 64/128 and a layout that allows 16-byte copies (staged_decode_ok), any format:
-//     the cp.async-staged tensor-core kernel (decode_staged.cuh), 2 CTAs per SM; int8 scales
-//     slot-major with kv_heads <= 8 (staged_line_scales_ok) take its line-copy variant;
-//   - otherwise head_dim 128 with 16-byte-aligned key rows (rows_16b_aligned): the register
-//     tensor-core kernel (decode_mma.cuh), the fallback for layouts the staged kernel cannot take
-//     with 16-byte-aligned rows: a page size that is not a multiple of 16, a slot stride too
-//     large for the staged kernel's int32 copy offsets);
-//   - the rest (head_dim 256; head_dim 64 off the staged kernel's layouts; 8-bit rows aligned to
-//     8 bytes only): the CUDA-core kernel (decode_cuda_cores.cuh).
+// batch)), by D:
+//   - D = 64 or 128 and a layout that allows 16-byte copies (staged_decode_ok: key rows of whole
+//     16-byte pieces, d x bytes a multiple of 16), any format: the cp.async-staged tensor-core
+//     kernel (decode_staged.cuh), 2 CTAs per SM; int8 scales slot-major with kv_heads <= 8
+//     (staged_line_scales_ok) take its line-copy variant;
+//   - otherwise D = 128 with 16-byte-aligned key rows of whole 16-byte pieces
+//     (rows_16b_aligned): the register tensor-core kernel (decode_mma.cuh), the fallback for
+//     layouts the staged kernel cannot take with such rows: a page size that is not a multiple
+//     of 16, a slot stride too large for the staged kernel's int32 copy offsets);
+//   - the rest (D = 256; D = 64 off the staged kernel's layouts; 8-bit rows aligned to 8 bytes
+//     only, e.g. d an odd multiple of 8): the CUDA-core kernel (decode_cuda_cores.cuh), whose
+//     loads are 8 elements.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -43,12 +50,25 @@ inline int decode_row_tiles(const AttnParams& p) {
 // Bytes per stored element: 2 for 16-bit caches, 1 for 8-bit ones.
 inline int64_t cache_elem_bytes(const PagedKV& c) { return c.format == Format::kNative ? 2 : 1; }
 
-// Whether the staged kernel can take this cache: every 16-byte piece of a key row must be a
-// 16-byte aligned address (base pointers and page / slot / head strides in bytes), a 16-key tile
-// must lie in one page, and the byte offsets of a tile's 16 slots must fit in int32 (the
-// kernel's per-lane copy offsets); the pool must hold a page (copies of invalid tiles point into
-// page 0 with size 0). The launcher accepts 16-bit pools only with 8-element (16-byte) strides
-// and 16-byte aligned pointers, so a 16-bit cache leaves the staged kernel only for its page size.
+// The head dims the CUDA decode takes: multiples of 8 (the CUDA-core kernel's 8-element loads and
+// the launcher's 8-element strides) in [8, 256].
+constexpr bool decode_head_dim_ok(int d) { return d % 8 == 0 && d >= 8 && d <= 256; }
+
+// The compiled width D (64, 128 or 256) whose kernels run head_dim d: the next one up.
+constexpr int decode_kernel_head_dim(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
+
+// Whether a key row of d elements is whole 16-byte pieces (the tensor-core kernels' copies).
+inline bool rows_whole_pieces(const PagedKV& c) {
+  return c.head_dim * cache_elem_bytes(c) % 16 == 0;
+}
+
+// Whether the staged kernel can take this cache: a key row must be whole 16-byte pieces
+// (rows_whole_pieces), each at a 16-byte aligned address (base pointers and page / slot / head
+// strides in bytes), a 16-key tile must lie in one page, and the byte offsets of a tile's 16
+// slots must fit in int32 (the kernel's per-lane copy offsets); the pool must hold a page (copies
+// of invalid tiles point into page 0 with size 0). The launcher accepts 16-bit pools only with
+// 8-element (16-byte) strides and head dims and 16-byte aligned pointers, so a 16-bit cache
+// leaves the staged kernel only for its page size.
 inline bool staged_decode_ok(const PagedKV& c) {
   const int64_t eb = cache_elem_bytes(c);
   auto a16 = [&](const CacheView& v) {
@@ -56,19 +76,21 @@ inline bool staged_decode_ok(const PagedKV& c) {
            v.slot_stride * eb % 16 == 0 && v.head_stride * eb % 16 == 0 && v.slot_stride >= 0 &&
            (16 * v.slot_stride + c.head_dim) * eb < (int64_t(1) << 31);
   };
-  return c.block_size % 16 == 0 && c.num_blocks >= 1 && a16(c.k) && a16(c.v);
+  return c.block_size % 16 == 0 && c.num_blocks >= 1 && rows_whole_pieces(c) && a16(c.k) &&
+         a16(c.v);
 }
 
 // Whether every key row of both pools starts 16-byte aligned (base pointers and page / slot /
-// head strides in bytes): what the register tensor-core kernel's 16-byte loads need. The launcher
-// guarantees 8-element strides, so 16-bit caches always qualify.
+// head strides in bytes) and is whole 16-byte pieces: what the register tensor-core kernel's
+// 16-byte loads need. The launcher guarantees 8-element strides and head dims, so 16-bit caches
+// always qualify.
 inline bool rows_16b_aligned(const PagedKV& c) {
   const int64_t eb = cache_elem_bytes(c);
   auto ok = [&](const CacheView& v) {
     return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && v.page_stride * eb % 16 == 0 &&
            v.slot_stride * eb % 16 == 0 && v.head_stride * eb % 16 == 0;
   };
-  return ok(c.k) && ok(c.v);
+  return rows_whole_pieces(c) && ok(c.k) && ok(c.v);
 }
 
 // Whether the staged kernel's line copies of the int8 scales apply: int8, scales
@@ -84,9 +106,10 @@ inline bool staged_line_scales_ok(const PagedKV& c) {
 
 // The kernel that serves this cache (see the header).
 inline DecodeKind decode_kind(const PagedKV& c) {
-  if ((c.head_dim == 64 || c.head_dim == 128) && staged_decode_ok(c))
+  const int D = decode_kernel_head_dim(c.head_dim);
+  if ((D == 64 || D == 128) && staged_decode_ok(c))
     return staged_line_scales_ok(c) ? DecodeKind::kStagedLineScales : DecodeKind::kStaged;
-  if (c.head_dim == 128 && rows_16b_aligned(c)) return DecodeKind::kMma;
+  if (D == 128 && rows_16b_aligned(c)) return DecodeKind::kMma;
   return DecodeKind::kCudaCores;
 }
 

@@ -8,9 +8,11 @@
 // combine_and_store input (shared memory, written by the groups, __syncthreads() done by the
 // caller): per group w and packed row g (slot w * RS + g): the running max m (log2 domain), the
 // sum l of exp2(s - m) and the unnormalized output o[D] (o at (w * RS + g) * OS + o_pos(e)). Rows
-// r0 + g >= R are skipped. Output: num_splits == 1: out (T, normalized, times vscale) and lse
-// (natural log, fp32); otherwise the split's fp32 partial (normalized out and its lse) into
-// out_accum / lse_accum for kvcache_merge_kernel. A row that saw no key gets out = 0, lse = -inf;
+// r0 + g >= R are skipped; of a row's D columns the first head_dim are stored (a kernel of width
+// D > head_dim computes the rest as zeros). Output: num_splits == 1: out (T, normalized, times
+// vscale) and lse (natural log, fp32); otherwise the split's fp32 partial (normalized out and its
+// lse) into out_accum / lse_accum (rows of head_dim floats) for kvcache_merge_kernel. A row that
+// saw no key gets out = 0, lse = -inf;
 // a row whose scores or values hold a NaN gets NaN.
 // Logit mods (logit_mods.h): every kernel caps its scores with cap_score before the mask; the
 // head's sink joins only where a final row is written (combine_and_store with num_splits == 1,
@@ -138,13 +140,14 @@ __device__ __forceinline__ void combine_and_store(const AttnParams& p, const Seq
     sm_l[g] = empty ? -INFINITY : (M == sink2 ? sink : M * 0.6931471805599453f) + logf(L);
   }
   __syncthreads();
+  const int d = p.cache.head_dim;  // <= D: the columns stored
 #pragma unroll
   for (int k = 0; k < (GT * D + kDecodeThreads - 1) / kDecodeThreads; ++k) {
     const int idx = static_cast<int>(threadIdx.x) + k * kDecodeThreads;
     if (GT * D % kDecodeThreads != 0 && idx >= GT * D) break;
     const int g = idx / D, e = idx % D;
     const int rr = r0 + g;
-    if (rr >= R) continue;
+    if (rr >= R || e >= d) continue;
     float val = 0.f;
 #pragma unroll
     for (int w = 0; w < NW; ++w)
@@ -161,7 +164,7 @@ __device__ __forceinline__ void combine_and_store(const AttnParams& p, const Seq
         p.lse[s.lse_offset(p.lse_batch_stride) + int64_t(h) * p.lse_head_stride + i] = lse;
     } else {
       const int64_t grow = s.q_row0(p.seqlen_q) + i;
-      p.out_accum[((int64_t(split) * p.total_q + grow) * p.heads + h) * D + e] = val;
+      p.out_accum[((int64_t(split) * p.total_q + grow) * p.heads + h) * d + e] = val;
       if (e == 0) p.lse_accum[(int64_t(split) * p.heads + h) * p.total_q + grow] = lse;
     }
   }

@@ -1,6 +1,7 @@
-// Split-KV decode attention over the paged KV cache on CUDA cores: the kernel for head_dim 64
-// and 256 where the tensor-core kernels do not apply (decode_launch.cuh says which kernel serves a
-// call). The few query rows of a decode step (seqlen_q * heads / kv_heads <= 32 packed rows per kv
+// Split-KV decode attention over the paged KV cache on CUDA cores: the kernel of widths D = 64,
+// 128 and 256 where the tensor-core kernels do not apply (decode_launch.cuh says which kernel
+// serves a call); head_dim d (a multiple of 8) <= D, the threads of dims >= d load nothing. The
+// few query rows of a decode step (seqlen_q * heads / kv_heads <= 32 packed rows per kv
 // head) against up to millions of cached keys, dequantized in registers.
 //
 // Work decomposition. One CTA (128 threads) per (kv head hk x tile of GT packed query rows,
@@ -9,10 +10,11 @@
 // or 8 rows per CTA; rows past the sequence's are inactive). The keys a tile sees (the union of
 // its rows' mask intervals) are cut into num_splits contiguous ranges, one per CTA.
 //
-// Inside a CTA: a key row of head_dim D elements is read by TPK = D / 8 threads, 8 elements each
-// (16-byte loads for bf16/fp16, 8-byte loads for int8/fp8), so the CTA holds NG = 128 / TPK keys
-// per step and U steps per batch. Batches are software-pipelined: the page ids of batch n + 2 and
-// the K/V data (and int8 scales) of batch n + 1 are in flight while batch n is computed. Each
+// Inside a CTA: a key row of D elements is read by TPK = D / 8 threads, 8 elements each
+// (16-byte loads for bf16/fp16, 8-byte loads for int8/fp8; zeros past d, not loaded), so the CTA
+// holds NG = 128 / TPK keys per step and U steps per batch. Batches are software-pipelined: the
+// page ids of batch n + 2 and the K/V data (and int8 scales) of batch n + 1 are in flight while
+// batch n is computed. Each
 // thread keeps the query rows' 8 elements in fp32 registers (pre-multiplied by score_prescale:
 // softmax_scale * log2(e), or softmax_scale / softcap; and by the fp8 K scale of the head),
 // computes its partial dot products, reduces them over its TPK lanes with xor shuffles, caps them
@@ -124,6 +126,10 @@ __global__ void __launch_bounds__(kDecodeThreads, MinBlocks)
   const int split = cta.split, hk = cta.hk, mt = cta.mt, b = cta.b;
   const int tid = threadIdx.x, kg = tid / TPK, ld = tid % TPK;
   const PagedKV& c = p.cache;
+  // Dims [8 ld, 8 ld + 8) lie in the head_dim d (a multiple of 8): threads past it hold q = 0 and
+  // mask every key (load_pages), so they load no K/V and add zeros to the reduced dot products;
+  // a key row costs d elements of memory traffic.
+  const bool col_ok = ld * 8 < c.head_dim;
   const int group = p.heads / c.kv_heads;
   const SeqLen s = sequence(p, b);
   const int R = s.sq * group;
@@ -148,8 +154,10 @@ __global__ void __launch_bounds__(kDecodeThreads, MinBlocks)
       const T* qp = static_cast<const T*>(p.q) + s.q_offset(p.q_batch_stride, p.q_row_stride) +
                     int64_t(i) * p.q_row_stride +
                     int64_t(h) * p.q_head_stride + ld * 8;
+      if (col_ok) {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) q[g][e] = to_float(qp[e]) * qscale;
+        for (int e = 0; e < 8; ++e) q[g][e] = to_float(qp[e]) * qscale;
+      }
       row_interval(i, s.sq, s.sk, p.window_left, p.window_right, lo[g], hi[g]);
       if (hi[g] > lo[g]) {
         klo = min(klo, lo[g]);
@@ -175,13 +183,14 @@ __global__ void __launch_bounds__(kDecodeThreads, MinBlocks)
   const int64_t k_head = int64_t(hk) * c.k.head_stride + ld * 8;
   const int64_t v_head = int64_t(hk) * c.v.head_stride + ld * 8;
 
-  // page id (or -1: masked) of each key of a batch
+  // page id (or -1: masked) of each key of a batch; -1 for the threads past the head_dim, which
+  // then load nothing, and whose masked state (zeros past d) is never stored
   auto load_pages = [&](int j0, int (&pg)[U]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int j = j0 + u * NG + kg;
       pg[u] = -1;
-      if (j < ke) {
+      if (col_ok && j < ke) {
         const int pi = pow2 ? (j >> bs_shift) : j / bs;
         const int page = __ldg(bt + pi);
         pg[u] = (page >= 0 && int64_t(page) < c.num_blocks) ? page : -1;

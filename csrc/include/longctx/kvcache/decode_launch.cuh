@@ -6,20 +6,23 @@
 //
 // Kernel choice (decode_choice.h, CUDA-free so that a CPU test checks it; every kernel runs 128
 // threads on the grid (kv_heads x row tiles, splits, batch), GT = 1, 4 or 8 packed query rows per
-// CTA):
-//   - head_dim 64/128 caches of any format whose layout allows 16-byte copies
-//     (staged_decode_ok: every 16-bit pool whose page size is a multiple of 16): the
-//     cp.async-staged tensor-core kernel (decode_staged.cuh), 2 CTAs per SM, staged_stages()
-//     deep (6 stages of 4 KiB, 3 of 8 KiB for 16-bit at head_dim 128); int8 scales copied per
-//     key (16 K and 16 V scales of a tile, two 64-byte requests where the scales are head-major,
-//     as PagedKVCache stores them), or, where the scales are slot-major with kv_heads <= 8
-//     (staged_line_scales_ok), as whole 16-byte line copies of all kv heads' scales of the
-//     tile's slots (5 stages, to stay at 2 CTAs per SM);
-//   - the fallback for head_dim 128 layouts the staged kernel cannot take (page size not a
-//     multiple of 16) whose key rows start 16-byte aligned (rows_16b_aligned): the register
-//     tensor-core kernel (decode_mma.cuh), whose loads are 16 bytes;
-//   - the rest (head_dim 256; head_dim 64 off the staged layouts; 8-bit rows aligned to 8 bytes
-//     only): the CUDA-core kernel (decode_cuda_cores.cuh), whose 8-bit loads are 8 bytes.
+// CTA). head_dim d (a multiple of 8 up to 256) runs the kernels of width D =
+// decode_kernel_head_dim(d), 64, 128 or 256, the next compiled width up: the copies and loads
+// read d columns of a key row, the columns past d are zeros in the math, and d columns are
+// stored (outputs, split partials, merge).
+//   - D = 64/128 caches of any format whose layout allows 16-byte copies
+//     (staged_decode_ok: every 16-bit pool whose page size is a multiple of 16; 8-bit pools
+//     need d a multiple of 16): the cp.async-staged tensor-core kernel (decode_staged.cuh), 2
+//     CTAs per SM, staged_stages() deep (6 stages of 4 KiB, 3 of 8 KiB for 16-bit at D = 128);
+//     int8 scales copied per key (16 K and 16 V scales of a tile, two 64-byte requests where the
+//     scales are head-major, as PagedKVCache stores them), or, where the scales are slot-major
+//     with kv_heads <= 8 (staged_line_scales_ok), as whole 16-byte line copies of all kv heads'
+//     scales of the tile's slots (5 stages, to stay at 2 CTAs per SM);
+//   - the fallback for D = 128 layouts the staged kernel cannot take (page size not a
+//     multiple of 16) whose key rows are 16-byte aligned whole pieces (rows_16b_aligned): the
+//     register tensor-core kernel (decode_mma.cuh), whose loads are 16 bytes;
+//   - the rest (D = 256; D = 64 off the staged layouts; 8-bit rows aligned to 8 bytes only):
+//     the CUDA-core kernel (decode_cuda_cores.cuh), whose 8-bit loads are 8 bytes.
 // Then, with more than one split, the merge kernel (decode_merge.cuh). Both launches are
 // programmatic dependent on sm_90 (grid_dependency.cuh): the same ordering, the launch latency
 // hidden. Measurements behind these choices: docs/kernels/kvcache.md.
@@ -154,7 +157,7 @@ decltype(auto) with_decode_kernel(const AttnParams& p, Fn&& f) {
       default: return with_decode_kernel_gt<T, F, D, 8>(p, f);
     }
   };
-  switch (p.cache.head_dim) {
+  switch (decode_kernel_head_dim(p.cache.head_dim)) {
     case 64: return by_gt(std::integral_constant<int, 64>{});
     case 128: return by_gt(std::integral_constant<int, 128>{});
     default: return by_gt(std::integral_constant<int, 256>{});
@@ -201,7 +204,7 @@ cudaError_t decode_launch(const AttnParams& p, const DecodeLaunch& l, bool pdl,
 template <typename T, Format F>
 cudaError_t decode_merge(const AttnParams& p, bool pdl, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.total_q), static_cast<unsigned>(p.heads));
-  switch (p.cache.head_dim) {
+  switch (decode_kernel_head_dim(p.cache.head_dim)) {
     case 64:
       return launch_kernel(&cuda::kvcache_merge_kernel<T, 64>, grid, cuda::kMergeThreads, 0,
                            stream, pdl, p);

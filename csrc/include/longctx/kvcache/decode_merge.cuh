@@ -23,8 +23,9 @@ namespace kvcache {
 namespace cuda {
 
 // The split merge of one output row (row of q `grow`, head h) by the NW = blockDim.x / 32 warps
-// of a CTA (kvcache_merge_kernel). Warp w takes the splits w, w + NW, ..., lane l the dims
-// [l E, l E + E) (E = D / 32), and folds its splits into an online state (m: max lse,
+// of a CTA (kvcache_merge_kernel). Partial rows are head_dim d <= D floats (the kernel's width D:
+// 64, 128 or 256). Warp w takes the splits w, w + NW, ..., lane l the dims [l E, l E + E)
+// (E = D / 32; lanes past d idle), and folds its splits into an online state (m: max lse,
 // l: sum exp(lse_s - m), acc: sum exp(lse_s - m) out_s) C splits at a time, every load of the C
 // partial rows and their lse issued before any is used: a merge moves a few tens of KB from L2,
 // so its cost is rounds of latency, not bandwidth. The warps' states meet in shared memory
@@ -40,13 +41,16 @@ struct MergeState {
     for (int e = 0; e < E; ++e) acc[e] = 0.f;
   }
   // Folds splits sp0, sp0 + step, ... (< num_splits) of row (grow, h), this lane's dims.
+  // A lane whose dims lie past the head_dim d reads lane 0's (same sectors, no extra traffic)
+  // and is not stored.
   __device__ __forceinline__ void fold(const AttnParams& p, int64_t grow, int h, int sp0,
                                        int step, int lane) {
     const int S = p.num_splits;
+    const int64_t d = p.cache.head_dim;
     const float* la = p.lse_accum + int64_t(h) * p.total_q + grow;
     const int64_t lstride = int64_t(p.heads) * p.total_q;
-    const float* oa = p.out_accum + (grow * p.heads + h) * D + lane * E;
-    const int64_t ostride = p.total_q * int64_t(p.heads) * D;
+    const float* oa = p.out_accum + (grow * p.heads + h) * d + (lane * E < d ? lane * E : 0);
+    const int64_t ostride = p.total_q * int64_t(p.heads) * d;
     for (int base = sp0; base < S; base += C * step) {
       float lv[C], xv[C][E];
 #pragma unroll
@@ -137,8 +141,10 @@ __device__ __forceinline__ void merge_split_row(const AttnParams& p, int64_t gro
   st.add_sink(head_sink(p, h));
   const bool empty = st.l == 0.f;
   T* op = static_cast<T*>(p.out) + out_off + lane * E;
+  if (lane * E < p.cache.head_dim) {  // E divides 8, head_dim is a multiple of 8
 #pragma unroll
-  for (int e = 0; e < E; ++e) op[e] = from_float<T>(empty ? 0.f : st.acc[e] / st.l);
+    for (int e = 0; e < E; ++e) op[e] = from_float<T>(empty ? 0.f : st.acc[e] / st.l);
+  }
   if (lane == 0) p.lse[lse_off] = empty ? -INFINITY : st.m + logf(st.l);
 }
 

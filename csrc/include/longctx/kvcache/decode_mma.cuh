@@ -1,8 +1,9 @@
 // Split-KV decode attention over the paged KV cache on tensor cores with the loads in flight held
-// in registers, head_dim 128: the fallback for caches of any format whose layout the staged
-// kernel (decode_staged.cuh) cannot take but whose key rows start 16-byte aligned (a page size
-// that is not a multiple of 16; decode_choice.h says which kernel serves a call). The tile math
-// is decode_mma_tile.cuh's.
+// in registers, width D = 128 (head_dim d <= 128 of whole 16-byte pieces: the pieces past d are
+// not loaded, zeros in the math; decode_common.cuh stores d columns): the fallback for caches of
+// any format whose layout the staged kernel (decode_staged.cuh) cannot take but whose key rows
+// start 16-byte aligned (a page size that is not a multiple of 16; decode_choice.h says which
+// kernel serves a call). The tile math is decode_mma_tile.cuh's.
 //
 // Work decomposition: one CTA of 4 warps per (kv head x tile of GT <= 8 packed GQA rows, split,
 // sequence); the CTA's keys are a contiguous range per split; each warp takes tiles of 16 keys
@@ -80,6 +81,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   const uint8_t* vbase = static_cast<const uint8_t*>(cache.v.data);
   const int64_t k_head = int64_t(hk) * cache.k.head_stride;
   const int64_t v_head = int64_t(hk) * cache.v.head_stride;
+  const int row_pieces = cache.head_dim * kEB / 16;  // 16-byte pieces of a key row (<= D's)
 
   // Page id of the 16-key tile at t0 when block_size is a multiple of 16 (the tile lies in one
   // page), -1 if invalid or past the block table. Loaded one iteration ahead of the data, so the
@@ -120,8 +122,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
                                     int64_t(slot) * cache.k.slot_stride + k_head) * kEB;
 #pragma unroll
       for (int i = 0; i < kKLoads; ++i) {
-        L.set_k_piece(h, i, kvalid ? __ldg(reinterpret_cast<const uint4*>(src) + i * 4 + c)
-                                   : make_uint4(0, 0, 0, 0));
+        L.set_k_piece(h, i, kvalid && i * 4 + c < row_pieces
+                                ? __ldg(reinterpret_cast<const uint4*>(src) + i * 4 + c)
+                                : make_uint4(0, 0, 0, 0));
       }
     }
     // V: keys t0 + {2c, 2c + 1, 2c + 8, 2c + 9}, this thread's bytes of row r
@@ -135,7 +138,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
                                     int64_t(slot) * cache.v.slot_stride + v_head) * kEB;
 #pragma unroll
       for (int i = 0; i < kVLoads; ++i) {
-        const uint4 x = L.svalid[e]
+        const uint4 x = L.svalid[e] && r * kVLoads + i < row_pieces
                             ? __ldg(reinterpret_cast<const uint4*>(src) + r * kVLoads + i)
                             : make_uint4(0, 0, 0, 0);
         L.v[e][4 * i] = x.x;

@@ -175,19 +175,23 @@ struct MmaTileFrags {
 // physical dim (L / P) * 4P + c P + L % P, P = elements per 16-byte piece (the permutation the
 // K pieces i * 4 + c imply); Q is rounded to the mma type. Two steps, so that a kernel can issue
 // the loads first and convert after other work (the staged kernel: after its first copies):
-// QueryRaw holds this thread's D / 4 query elements as loaded (bits; zeros for a null row).
+// QueryRaw holds this thread's D / 4 query elements as loaded (bits; zeros for a null row and
+// for the dims >= d, the head_dim, which a kernel of width D > d computes as zeros: q.k and the
+// int8 key bias see only the d dims, the kernels' K past them being finite, zero-filled).
 template <typename T, int D>
 struct QueryRaw {
   uint16_t x[D / 4];
 };
 
 template <typename T, Format F, int D>
-__device__ __forceinline__ void load_q_raw(const T* qp, int c, QueryRaw<T, D>& raw) {
+__device__ __forceinline__ void load_q_raw(const T* qp, int c, int d, QueryRaw<T, D>& raw) {
   constexpr int kPiece = 16 / MmaTileFrags<F, D>::kEB;
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(qp);
 #pragma unroll
-  for (int L = 0; L < D / 4; ++L)
-    raw.x[L] = qp != nullptr ? bits[(L / kPiece) * (4 * kPiece) + c * kPiece + L % kPiece] : 0;
+  for (int L = 0; L < D / 4; ++L) {
+    const int dim = (L / kPiece) * (4 * kPiece) + c * kPiece + L % kPiece;
+    raw.x[L] = qp != nullptr && dim < d ? bits[dim] : 0;
+  }
 }
 
 template <typename T, Format F, int D>
@@ -422,7 +426,8 @@ struct MmaCta {
   // This thread's query elements (load_q_raw; convert with q_frags_from_raw).
   __device__ __forceinline__ void load_q_raw(const AttnParams& p, bool row_active,
                                              QueryRaw<T, D>& raw) const {
-    cuda::load_q_raw<T, F, D>(mma_q_row<T>(p, s, r0, r, group, hk, row_active), c, raw);
+    cuda::load_q_raw<T, F, D>(mma_q_row<T>(p, s, r0, r, group, hk, row_active), c,
+                              p.cache.head_dim, raw);
   }
   // Loads and converts this thread's query fragments; returns score_scale(p).
   __device__ __forceinline__ float load_q(const AttnParams& p, bool row_active,

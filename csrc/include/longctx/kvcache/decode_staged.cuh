@@ -1,6 +1,7 @@
-// Split-KV decode over a paged KV cache of any format (bf16 / fp16, int8, fp8 e4m3), head_dim 64
-// or 128: tensor cores fed from a cp.async shared-memory pipeline. The kernel for every cache
-// whose layout allows 16-byte copies (staged_decode_ok in decode_choice.h).
+// Split-KV decode over a paged KV cache of any format (bf16 / fp16, int8, fp8 e4m3), width D = 64
+// or 128 (head_dim d <= D, whole 16-byte pieces per key row): tensor cores fed from a cp.async
+// shared-memory pipeline. The kernel for every cache whose layout allows 16-byte copies
+// (staged_decode_ok in decode_choice.h).
 //
 // Why: decode is bound by the bytes in flight per SM, not by math. Holding in-flight K/V in
 // registers (decode_mma.cuh: loads and compute alternating, 2 CTAs per SM) keeps too few bytes
@@ -22,6 +23,10 @@
 // converted exactly to fp16 and their scales applied in fp32); only where the fragments come
 // from differs.
 //
+// Head dims below D (Phi-3's 96 at D = 128): the stage keeps D-wide rows; the copies of pieces
+// past the cache's d-element row have size 0 (nothing read, zeros written), so a key row costs
+// d elements of memory traffic and the math sees zero columns; q's dims >= d load as zeros and
+// the combine stores d columns (decode_common.cuh).
 // Stage layout (one warp, one 16-key tile; a key row is D x 1 or 2 bytes = P 16-byte pieces):
 // K [16 keys][row], V [16][row], then (int8) K scales [16] and V scales [16] fp32, or with
 // kLineScales the scales of the tile's slots for all kv heads ([16][kv_heads] for K, then for V),
@@ -179,10 +184,14 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
   static_assert(32 % P == 0, "staged decode: whole key rows per 32 pieces");
   constexpr int kKeyStep = 32 / P;
   constexpr int kCopies = kMmaTile / kKeyStep;
+  // A head_dim d < D leaves pieces >= d kEB / 16 of every row outside the cache's row: their
+  // copies read nothing (size 0, the source the row's first piece) and zero-fill the stage.
   const int key0 = lane / P, piece0 = lane % P;
+  const bool piece_in_row = piece0 < cache.head_dim * kEB / 16;  // whole: staged_decode_ok
+  const int32_t src_piece = piece_in_row ? piece0 * 16 : 0;
   const int32_t kslot = static_cast<int32_t>(cache.k.slot_stride * kEB);
   const int32_t vslot = static_cast<int32_t>(cache.v.slot_stride * kEB);
-  const int32_t koff = key0 * kslot + piece0 * 16, voff = key0 * vslot + piece0 * 16;
+  const int32_t koff = key0 * kslot + src_piece, voff = key0 * vslot + src_piece;
   const int32_t kstep = kKeyStep * kslot, vstep = kKeyStep * vslot;
   const uint32_t dbase = staged_piece_offset<P>(key0, piece0);
   auto doff = [&](int u) { return staged_copy_dest<P>(dbase, u); };
@@ -218,11 +227,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
       const uint8_t* vtile =
           vbase + (page * cache.v.page_stride + int64_t(slot0) * cache.v.slot_stride) * kEB;
       const int keys_left = pg >= 0 ? khi - t0 : 0;
+      const int row_keys_left = piece_in_row ? keys_left : 0;
       const uint8_t* ksrc = ktile + koff;
       const uint8_t* vsrc = vtile + voff;
 #pragma unroll
       for (int u = 0; u < kCopies; ++u) {
-        const bool ok = key0 + kKeyStep * u < keys_left;
+        const bool ok = key0 + kKeyStep * u < row_keys_left;
         cp_async16_zfill_hint(stage + doff(u), ksrc, ok, l2_policy);
         cp_async16_zfill_hint(stage + doff(u) + Lay::kTileBytes, vsrc, ok, l2_policy);
         ksrc += kstep;
