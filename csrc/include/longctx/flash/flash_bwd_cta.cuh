@@ -71,30 +71,38 @@ __device__ __forceinline__ void bwd_load_kv(const KernelParams& kp, Storage& ss,
   copy(kp.tma_v.with(reinterpret_cast<uint64_t&>(ss.barrier_kv), 0), tVgV, tVsV);
 }
 
-// Varlen: the rows of the CTA's K/V tile past its packed sequence's end hold the next sequence's
-// keys, and a masked entry's dS = 0 times a NaN there would give NaN (0 x NaN) in this
-// sequence's dQ (dP = V dO^T is NaN there, dQ = dS K). Warps 2 and 3 of the producer warpgroup
-// (otherwise idle) wait for the K/V load, zero rows [row0, kN) of both tiles (none unless
-// varlen: a batched TMA zero-fills rows past the tensor) and arrive on kv_ready (64 arrivals),
-// which the consumers wait on instead of the load's barrier, unconditionally: their code keeps
-// its shape (zeroing in the consumers, even once before the main loop, raised the hdim-128
-// kernel's spills from 72 / 76 to 164 / 184 bytes; a branch between the two barriers, to
+// Varlen: rows past a packed sequence's end in the CTA's K/V tile, or in the Q/dO stage of a
+// query tile that crosses seqlen_q, hold the next sequence's rows, and a masked entry's P = 0 or
+// dS = 0 times a NaN there would give NaN (0 x NaN) in this sequence's dQ, dK or dV. Warps 2 and
+// 3 of the producer warpgroup (otherwise idle) wait for each load, zero those rows (none unless
+// varlen: a batched TMA zero-fills rows past the tensor) and arrive on a ready barrier (64
+// arrivals) that the consumers wait on instead of the load's own, unconditionally: their code
+// keeps its shape (zeroing in the consumers, even once before the main loop, raised the hdim-128
+// kernel's spills from 72 / 76 to 164 / 184 bytes; a branch between two barriers, to
 // 100 / 112). 16-byte stores: the
 // tiles' swizzles permute 16-byte chunks, so 8 elements from a multiple of 8 columns are
 // contiguous.
+// Zeroes rows [row0, rows) of a (rows, D) shared-memory tile, 64 threads (tid64), followed by
+// the proxy fence the consumers' wgmma reads need.
+template <typename TensorT>
+__device__ __forceinline__ void zero_tail_rows(TensorT&& t, int row0, int tid64) {
+  using namespace cute;
+  constexpr int kRows = decltype(size<0>(t))::value, kChunks = decltype(size<1>(t))::value / 8;
+  for (int i = tid64; i < (kRows - row0) * kChunks; i += 64)
+    *reinterpret_cast<uint4*>(&t(row0 + i / kChunks, (i % kChunks) * 8)) = make_uint4(0, 0, 0, 0);
+  cutlass::arch::fence_view_async_shared();  // generic-proxy writes before the wgmma reads
+}
+
 template <typename Traits, typename Storage>
 __device__ __forceinline__ void clear_kv_tail(Storage& ss, int row0, int tid64) {
   using namespace cute;
-  constexpr int kChunks = Traits::kHeadDim / 8;
   Tensor sK = make_tensor(make_smem_ptr(ss.smem_k.data()), typename Traits::SmemLayoutK{});
   Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutK{});
   ss.barrier_kv.wait(0);
-  for (int i = tid64; i < (Traits::kBlockN - row0) * kChunks; i += 64) {
-    const int r = row0 + i / kChunks, c = (i % kChunks) * 8;
-    *reinterpret_cast<uint4*>(&sK(r, c)) = make_uint4(0, 0, 0, 0);
-    *reinterpret_cast<uint4*>(&sV(r, c)) = make_uint4(0, 0, 0, 0);
+  if (row0 < Traits::kBlockN) {
+    zero_tail_rows(sK, row0, tid64);
+    zero_tail_rows(sV, row0, tid64);
   }
-  cutlass::arch::fence_view_async_shared();  // generic-proxy writes before the wgmma reads
   ss.kv_ready.arrive();
 }
 

@@ -168,7 +168,8 @@ struct FlashBwdSm90Traits {
     alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_lse;
     alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_d;
     alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_kv;
-    alignas(16) cutlass::arch::ClusterBarrier kv_ready;  // varlen: K/V tail zeroed (64)
+    alignas(16) cutlass::arch::ClusterBarrier kv_ready;  // K/V landed, tail zeroed (64)
+    alignas(16) cutlass::arch::ClusterBarrier qdo_ready[kStages];  // Q/dO stage ready (64)
     alignas(16) cutlass::arch::ClusterBarrier dq_full[2];   // kNumMmaThreads arrivals
     alignas(16) cutlass::arch::ClusterBarrier dq_empty[2];  // 1 arrival (the dQ warp)
     alignas(16) typename MainloopPipeline::SharedStorage pipeline;
@@ -286,6 +287,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   if (warp_idx == 0 && lane_predicate) {
     ss.barrier_kv.init(1);
     ss.kv_ready.init(64);
+    for (int i = 0; i < Traits::kStages; ++i) ss.qdo_ready[i].init(64);
     for (int i = 0; i < 2; ++i) {
       ss.dq_full[i].init(Traits::kNumMmaThreads);
       ss.dq_empty[i].init(1);
@@ -360,7 +362,24 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       }
       bulk_wait_all();
     } else if (warp_idx >= 2) {
-      clear_kv_tail<Traits>(ss, varlen ? rows_k : kN, int(threadIdx.x) - 64);
+      // Ready barriers (flash_bwd_cta.cuh): K/V once, then each Q/dO stage in the walk's order,
+      // with the next packed sequence's rows zeroed where a tile crosses its end.
+      const int tid64 = int(threadIdx.x) - 64;
+      clear_kv_tail<Traits>(ss, varlen ? rows_k : kN, tid64);
+      using LayoutQ = typename Traits::SmemLayoutQ;
+      Tensor sQ_all = make_tensor(make_smem_ptr(ss.smem_q.data()), LayoutQ{});
+      Tensor sdO_all = make_tensor(make_smem_ptr(ss.smem_do.data()), LayoutQ{});
+      typename Traits::PipelineState st;
+      for (int it = 0; it < total; ++it) {
+        const int m0 = (range.end - 1 - it / group) * kM;
+        pipe.consumer_wait(st);  // the stage's TMA (and lse2/D copies) landed
+        if (varlen && m0 + kM > si.sq) {
+          zero_tail_rows(sQ_all(_, _, st.index()), si.sq - m0, tid64);
+          zero_tail_rows(sdO_all(_, _, st.index()), si.sq - m0, tid64);
+        }
+        ss.qdo_ready[st.index()].arrive();
+        ++st;
+      }
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
@@ -406,7 +425,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     for (int it = 0; it < total; ++it) {
       const int m = range.end - 1 - it / group;  // (the producer and dQ writer track h)
       const int m0 = m * kM;
-      pipe.consumer_wait(st);
+      ss.qdo_ready[st.index()].wait(st.phase());  // landed (and tail zeroed: warps 2-3)
       const int s = st.index();
       Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kN>, Int<kM>>{});
       Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kN>, Int<kM>>{});

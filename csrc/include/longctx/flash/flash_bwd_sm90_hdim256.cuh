@@ -151,7 +151,9 @@ struct FlashBwdSm90Hdim256Traits {
     alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_lse;
     alignas(16) cute::array_aligned<float, kBlockM * kStagesdO> smem_d;
     alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_kv;
-    alignas(16) cutlass::arch::ClusterBarrier kv_ready;  // varlen: K/V tail zeroed (64)
+    alignas(16) cutlass::arch::ClusterBarrier kv_ready;  // K/V landed, tail zeroed (64)
+    alignas(16) cutlass::arch::ClusterBarrier q_ready[kStages];     // Q stage ready (64)
+    alignas(16) cutlass::arch::ClusterBarrier do_ready[kStagesdO];  // dO stage ready (64)
     alignas(16) typename PipelineQ::SharedStorage pipeline_q;
     alignas(16) typename PipelinedO::SharedStorage pipeline_do;
   };
@@ -253,6 +255,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   if (warp_idx == 0 && cute::elect_one_sync()) {
     ss.barrier_kv.init(1);
     ss.kv_ready.init(64);
+    for (int i = 0; i < Traits::kStages; ++i) ss.q_ready[i].init(64);
+    for (int i = 0; i < Traits::kStagesdO; ++i) ss.do_ready[i].init(64);
     bwd_prefetch_tma(kp);
   }
   PipelineQ pipe_q(ss.pipeline_q,
@@ -300,7 +304,27 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         ++st_do;
       }
     } else if (warp_idx >= 2) {
-      clear_kv_tail<Traits>(ss, varlen ? rows_k : kN, int(threadIdx.x) - 64);
+      // Ready barriers (flash_bwd_cta.cuh): K/V once, then each Q and dO stage in the walk's
+      // order, with the next packed sequence's rows zeroed where a tile crosses its end.
+      const int tid64 = int(threadIdx.x) - 64;
+      clear_kv_tail<Traits>(ss, varlen ? rows_k : kN, tid64);
+      Tensor sQ_all = make_tensor(make_smem_ptr(ss.smem_q.data()), typename Traits::SmemLayoutQ{});
+      Tensor sdO_all =
+          make_tensor(make_smem_ptr(ss.smem_do.data()), typename Traits::SmemLayoutdO{});
+      typename PipelineQ::PipelineState st_q;
+      typename PipelinedO::PipelineState st_do;
+      for (int it = 0; it < total; ++it) {
+        const int m0 = (range.end - 1 - it / group) * kM;
+        const bool cross = varlen && m0 + kM > si.sq;
+        pipe_q.consumer_wait(st_q);  // the stage's TMA (and lse2 copy) landed
+        if (cross) zero_tail_rows(sQ_all(_, _, st_q.index()), si.sq - m0, tid64);
+        ss.q_ready[st_q.index()].arrive();
+        ++st_q;
+        pipe_do.consumer_wait(st_do);
+        if (cross) zero_tail_rows(sdO_all(_, _, st_do.index()), si.sq - m0, tid64);
+        ss.do_ready[st_do.index()].arrive();
+        ++st_do;
+      }
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
@@ -363,11 +387,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       const int h = hk * group + it % group, m = range.end - 1 - it / group;
       const int m0 = m * kM;
       const int buf = it & 1;
-      pipe_q.consumer_wait(st_q);
+      ss.q_ready[st_q.index()].wait(st_q.phase());  // landed (and tail zeroed: warps 2-3)
       const int s = st_q.index();
       Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kM>, Int<kN>>{});
       wg_gemm<true>(mma_sdp, tSrQ(_, _, _, s), tSrK, acc_s);
-      pipe_do.consumer_wait(st_do);
+      ss.do_ready[st_do.index()].wait(st_do.phase());
       const int sd = st_do.index();
       Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kM>, Int<kN>>{});
       wg_gemm<true>(mma_sdp, tSrdO(_, _, _, sd), tSrV, acc_dp);
