@@ -17,7 +17,8 @@
 //    NOT fused in this path: it pays one extra read of the cache and a write + read of the
 //    gathered copy. The path reads cache_seqlens on the host (a sync) and always validates the
 //    page ids (with validate=False too), since the gathered keys could not be masked otherwise.
-//    num_splits is ignored there.
+//    With a left window only the keys some query can see are gathered (and, for packed queries,
+//    cu_seqlens_q is read on the host too). num_splits is ignored there.
 // Both paths take softcap and sinks (logit_mods.h): the decode kernels cap their scores and add
 // the sink where a final row is written (decode_common.cuh, decode_merge.cuh); the prefill passes
 // both to the forward kernel.
@@ -100,10 +101,24 @@ void prefill_gather_fwd(
   const at::Tensor sl = cache_seqlens.to(at::kCPU);
   const int32_t* len = sl.data_ptr<int32_t>();
   const int64_t cap = int64_t(c.max_blocks) * c.block_size;
-  std::vector<int32_t> cu(static_cast<size_t>(c.batch) + 1, 0);
+  // With a left window only keys [sk - sq - window_left, sk) of a sequence can be seen (bottom-
+  // right aligned masks): the gather starts there, and the forward over the shortened keys sees
+  // the same masks (both ends move by the same offset). Query lengths: q's or cu_seqlens_q's.
+  const bool windowed = p.window_left >= 0;
+  at::Tensor cq_host;
+  if (windowed && cu_seqlens_q.has_value()) cq_host = cu_seqlens_q->to(at::kCPU);
+  std::vector<int32_t> cu(static_cast<size_t>(c.batch) + 1, 0), first(c.batch, 0);
   int64_t max_sk = 0;
   for (int b = 0; b < c.batch; ++b) {
-    const int64_t sk = std::min<int64_t>(std::max<int32_t>(len[b], 0), cap);
+    int64_t sk = std::min<int64_t>(std::max<int32_t>(len[b], 0), cap);
+    if (windowed) {
+      const int64_t sq = cq_host.defined()
+                             ? int64_t(cq_host.data_ptr<int32_t>()[b + 1]) -
+                                   cq_host.data_ptr<int32_t>()[b]
+                             : q.size(1);
+      first[b] = static_cast<int32_t>(std::max<int64_t>(0, sk - sq - p.window_left));
+      sk -= first[b];
+    }
     max_sk = std::max(max_sk, sk);
     TORCH_CHECK(int64_t(cu[b]) + sk <= std::numeric_limits<int32_t>::max(),
                 "longctx.flash_attn_with_kvcache: more than 2^31 cached keys in the batch");
@@ -112,6 +127,8 @@ void prefill_gather_fwd(
   const int64_t total_k = cu[c.batch];
   auto opts = q.options();
   at::Tensor cu_k = at::from_blob(cu.data(), {c.batch + 1}, at::kInt).to(q.device());
+  at::Tensor k_first;
+  if (windowed) k_first = at::from_blob(first.data(), {c.batch}, at::kInt).to(q.device());
   at::Tensor kg = at::empty({total_k, c.kv_heads, c.head_dim}, opts);
   at::Tensor vg = at::empty({total_k, c.kv_heads, c.head_dim}, opts);
   if (total_k > 0) {
@@ -122,8 +139,8 @@ void prefill_gather_fwd(
       using T = std::remove_pointer_t<decltype(tag)>;
       constexpr Format F = decltype(fmt)::value;
       kc::kvcache_gather_kernel<T, F><<<grid, 256, 0, stream>>>(
-          c, cu_k.data_ptr<int32_t>(), static_cast<T*>(kg.data_ptr()),
-          static_cast<T*>(vg.data_ptr()));
+          c, cu_k.data_ptr<int32_t>(), windowed ? k_first.data_ptr<int32_t>() : nullptr,
+          static_cast<T*>(kg.data_ptr()), static_cast<T*>(vg.data_ptr()));
     });
     check_launch("flash_attn_with_kvcache", "gather kernel");
   }

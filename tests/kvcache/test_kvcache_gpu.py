@@ -911,3 +911,15 @@ def test_errors_name_the_argument_cuda():
 def test_build_info_lists_kvcache_cuda():
     fams = [k for k in longctx.build_info()["kernels"] if k["family"] == "kvcache"]
     assert {k["device"] for k in fams} >= {"cpu", "cuda"}
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8], ids=FMT_IDS.get)
+def test_prefill_window_batched_queries(cache_dtype):
+    """The windowed prefill gathers only the keys the chunk's queries can see (from
+    sk - sq - window_left): batched queries of 64 rows over caches of 300, 1000 and 77 keys with a
+    window of 50 (gathers start at 186, 886 and 0)."""
+    if not _flash_fwd_compiled(128, BF16):
+        pytest.skip("flash_fwd hdim128 bf16 not compiled")
+    gen = torch.Generator().manual_seed(41)
+    _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [300, 1000, 77], [64], True, (50, -1), 0,
+                     packed=False, gen=gen)

@@ -98,14 +98,17 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kvcache_append_kernel(const
   }
 }
 
-// Gather: keys [0, sk_b) of every sequence into dst rows [cu_k[b], cu_k[b] + sk_b), both pools,
+// Gather: cached keys [k_first[b], k_first[b] + n_b) of every sequence (n_b = cu_k[b + 1] -
+// cu_k[b]; k_first nullptr: from 0) into dst rows [cu_k[b], cu_k[b + 1]), both pools,
 // dequantized to T. dst: (total_k, kv_heads, head_dim) contiguous.
 constexpr int kGatherTokens = 16;
 
 template <typename T, Format F>
 __global__ void __launch_bounds__(256)
-    kvcache_gather_kernel(const PagedKV c, const int32_t* cu_k, T* k_dst, T* v_dst) {
+    kvcache_gather_kernel(const PagedKV c, const int32_t* cu_k, const int32_t* k_first, T* k_dst,
+                          T* v_dst) {
   const int b = blockIdx.y;
+  const int64_t first = k_first != nullptr ? k_first[b] : 0;  // cache position of token 0
   const int64_t sk = cu_k[b + 1] - cu_k[b];
   const int64_t t0 = int64_t(blockIdx.x) * kGatherTokens;
   if (t0 >= sk) return;
@@ -118,7 +121,7 @@ __global__ void __launch_bounds__(256)
     const int tt = w / per_tok, rem = w % per_tok, h = rem / vecs, ch = (rem % vecs) * 8;
     const int64_t t = t0 + tt;
     const CacheView& cv = is_k ? c.k : c.v;
-    const Slot s = locate(c, b, t);
+    const Slot s = locate(c, b, first + t);
     float f[8];
     if (s.valid) {
       const RawVec<F> raw = load_raw<F>(cv.data, elem_offset(cv, s.page, s.slot, h) + ch);
