@@ -48,19 +48,24 @@ def test_flash_nan_query_row(device, causal):
     _finite_rows_equal(lse.transpose(1, 2), ref_lse.transpose(1, 2), keep)
 
 
+def _causal_with_nan(device, s, dtype, which, j):
+    """(out without the NaN, out with a NaN at position j, channel 7, of k or v), causal, one
+    sequence of s tokens, 2 query heads on 1 kv head, head_dim 128."""
+    q = torch.randn(1, s, 2, 128, dtype=dtype, device=device)
+    k = torch.randn(1, s, 1, 128, dtype=dtype, device=device)
+    v = torch.randn(1, s, 1, 128, dtype=dtype, device=device)
+    ref = longctx.flash_attn_func(q, k, v, causal=True)
+    (k if which == "k" else v)[0, j, 0, 7] = float("nan")
+    return ref, longctx.flash_attn_func(q, k, v, causal=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_flash_nan_key_reaches_the_rows_that_see_it(device):
     _skip_unless_hopper(device)
-    b, s, h, hk, d = 1, 200, 2, 1, 128
-    q = torch.randn(b, s, h, d, dtype=torch.float16, device=device)
-    k = torch.randn(b, s, hk, d, dtype=torch.float16, device=device)
-    v = torch.randn(b, s, hk, d, dtype=torch.float16, device=device)
-    ref = longctx.flash_attn_func(q, k, v, causal=True)
     j = 150
-    k[0, j, 0, 7] = float("nan")
-    out = longctx.flash_attn_func(q, k, v, causal=True)
+    ref, out = _causal_with_nan(device, 200, torch.float16, "k", j)
     assert torch.isnan(out[0, j:]).all(dim=-1).all()  # rows i >= j see key j (causal)
-    keep = torch.zeros(b, s, h, dtype=torch.bool, device=device)
+    keep = torch.zeros(1, 200, 2, dtype=torch.bool, device=device)
     keep[0, :j] = True
     _finite_rows_equal(out, ref, keep)
 
@@ -72,16 +77,10 @@ def test_flash_nan_value_stays_in_the_tiles_that_load_it(device):
     NaN, as a dense P V does; documented in flash_fwd.md), but never outside the tiles that load
     it: with causal 128 x 128 tiles, rows of query tile 0 never load key 150."""
     _skip_unless_hopper(device)
-    b, s, h, hk, d = 1, 300, 2, 1, 128
-    q = torch.randn(b, s, h, d, dtype=torch.bfloat16, device=device)
-    k = torch.randn(b, s, hk, d, dtype=torch.bfloat16, device=device)
-    v = torch.randn(b, s, hk, d, dtype=torch.bfloat16, device=device)
-    ref = longctx.flash_attn_func(q, k, v, causal=True)
     j = 150
-    v[0, j, 0, 7] = float("nan")
-    out = longctx.flash_attn_func(q, k, v, causal=True)
+    ref, out = _causal_with_nan(device, 300, torch.bfloat16, "v", j)
     assert torch.isnan(out[0, j:, :, 7]).all()  # rows i >= j see key j
-    keep = torch.zeros(b, s, h, dtype=torch.bool, device=device)
+    keep = torch.zeros(1, 300, 2, dtype=torch.bool, device=device)
     keep[0, :128] = True
     _finite_rows_equal(out, ref, keep)
 
