@@ -79,11 +79,11 @@ __device__ __forceinline__ void bwd_load_kv(const KernelParams& kp, Storage& ss,
 // arrivals) that the consumers wait on instead of the load's own, unconditionally: their code
 // keeps its shape (zeroing in the consumers, even once before the main loop, raised the hdim-128
 // kernel's spills from 72 / 76 to 164 / 184 bytes; a branch between two barriers, to
-// 100 / 112). 16-byte stores: the
-// tiles' swizzles permute 16-byte chunks, so 8 elements from a multiple of 8 columns are
-// contiguous.
-// Zeroes rows [row0, rows) of a (rows, D) shared-memory tile, 64 threads (tid64), followed by
-// the proxy fence the consumers' wgmma reads need.
+// 100 / 112).
+//
+// zero_tail_rows: zeroes rows [row0, rows) of a (rows, D) shared-memory tile with 64 threads
+// (tid64), then the proxy fence the consumers' wgmma reads need. 16-byte stores: the tiles'
+// swizzles permute 16-byte chunks, so 8 elements from a multiple of 8 columns are contiguous.
 template <typename TensorT>
 __device__ __forceinline__ void zero_tail_rows(TensorT&& t, int row0, int tid64) {
   using namespace cute;
