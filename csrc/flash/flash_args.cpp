@@ -4,7 +4,7 @@
 // Order matters: every check runs before anything that would index a size the user got wrong
 // (rank before size(i), dtype before data_ptr<T>), so bad input is an error, never a crash.
 // The CPU path accepts fp32 and float64 on top of bf16/fp16 (float64 makes gradcheck possible)
-// and any head_dim in [1, 256]; CUDA takes bf16/fp16 and head_dim 64, 128 or 256.
+// and any head_dim in [1, 256]; CUDA takes bf16/fp16 and head_dim a multiple of 8 in [8, 256].
 #include "flash/flash_args.h"
 #include <cmath>
 #include <limits>

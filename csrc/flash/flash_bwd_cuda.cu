@@ -1,7 +1,8 @@
 // CUDA launcher of longctx::flash_attn_bwd (Hopper, sm_90a): the op of flash_op.h (the checks of
 // the CPU backward, dq/dk/dv and the fp32 D (dsoftmax_sum)) with a runner that allocates the dQ
 // accumulator (+ semaphores when deterministic) and runs the compiled (head_dim, dtype)
-// instantiation from FlashBwdTable (the generated flash_bwd_hdim<D>_<dtype>.cu files) on the
+// instantiation from FlashBwdTable (the generated flash_bwd_hdim<D>_<dtype>.cu files; other
+// head dims, multiples of 8 up to 256, run the next D up, flash_bwd_dispatch.cuh) on the
 // current stream: preprocess (D, zeroing), main kernel, postprocess
 // (dq = scale * acc). deterministic = true orders the dQ additions with per-(batch, head, query
 // tile) semaphores (bitwise reproducible; its cost: docs/kernels/flash_bwd.md).
@@ -30,14 +31,12 @@ void run_bwd_cuda(const FlashBwdCall& c) {
   const FlashBwdArgs& a = c.args;
   const flash::BwdParams& p = a.params;
   const c10::cuda::CUDAGuard guard(c.in.q.device());
-  TORCH_CHECK(p.fwd.head_dim == 64 || p.fwd.head_dim == 128 || p.fwd.head_dim == 256,
-              "longctx.", op, ": the CUDA backward supports head_dim 64, 128 and 256, got ",
-              p.fwd.head_dim, " (the forward also runs other multiples of 8)");
   check_flash_cuda(a.dtype, op, "tensors");
   const flash::FlashBwdFn fn = find_flash_kernel<flash::FlashBwdTable>(
-      p.fwd.head_dim, a.dtype, op,
-      "the backward supports head_dim 64, 128 and 256; rebuild with LONGCTX_HEADDIMS / "
-      "LONGCTX_DTYPES including it and without LONGCTX_DISABLE_BWD");
+      flash::fwd_kernel_head_dim(p.fwd.head_dim), a.dtype, op,
+      "head_dim 64, 128 and 256 run their own kernels, other multiples of 8 the next one up; "
+      "rebuild with LONGCTX_HEADDIMS / LONGCTX_DTYPES including it and without "
+      "LONGCTX_DISABLE_BWD");
   const char* why = flash::flash_bwd_unsupported_reason(p);
   TORCH_CHECK(why == nullptr, "longctx.", op, ": ", why, "; pass .contiguous() tensors");
 

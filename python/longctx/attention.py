@@ -137,7 +137,7 @@ def flash_attn_func(
     q: (batch, seqlen_q, heads, head_dim); k, v: (batch, seqlen_k, heads_kv, head_dim), heads a
     multiple of heads_kv (GQA/MQA: query head h reads kv head h // (heads / heads_kv)).
     CUDA: bf16/fp16, head_dim a multiple of 8 up to 256 (64/128/256 have their own kernels, the
-    others run the next one up; the CUDA backward takes 64/128/256); CPU: also fp32/float64, any
+    others run the next one up, forward and backward); CPU: also fp32/float64, any
     head_dim in [1, 256]. The last dimension must be contiguous. softmax_scale defaults to
     1/sqrt(head_dim).
 

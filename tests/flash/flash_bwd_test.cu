@@ -1,16 +1,16 @@
 // Standalone correctness test of the flash-attention backward (no torch).
 //
-// For a grid of shapes and masks (head dims 64/128/256, bf16/fp16, causal, windows, GQA/MQA,
-// sq != sk, odd lengths, rows that see no key, varlen with empty sequences) it draws random q, k,
-// v, dout, computes out and lse on the CPU in float64 (rounded to the kernel's input types, as
-// the forward would hand them over), runs the backward (preprocess, main, postprocess) and
-// compares dq, dk, dv with a float64 reference. Tolerance (FlashAttention-3 rule, as
-// tests/support/attention_reference.py's assert_fa3_close applies it): max|X - ref| <=
-// 2 * max|X_emu - ref| + atol, with X_emu the same computation done on the CPU at the kernel's
-// precision (fp32 scores and dP, P and dS rounded to the 16-bit type before the products,
-// outputs rounded) and atol = 2 * max|fl(ref + 0.3) - 0.3 - ref| + 1e-6. Outputs are
-// NaN-poisoned first (every element must be written). Each case also runs twice with
-// deterministic = true: both runs must pass and be bitwise equal.
+// For a grid of shapes and masks (head dims 64/128/256 and, on the next of those kernels up,
+// 80/96/192; bf16/fp16, causal, windows, GQA/MQA, sq != sk, odd lengths, rows that see no key,
+// varlen with empty sequences) it draws random q, k, v, dout, computes out and lse on the CPU in
+// float64 (rounded to the kernel's input types, as the forward would hand them over), runs the
+// backward (preprocess, main, postprocess) and compares dq, dk, dv with a float64 reference.
+// Tolerance (FlashAttention-3 rule, as tests/support/attention_reference.py's assert_fa3_close
+// applies it): max|X - ref| <= 2 * max|X_emu - ref| + atol, with X_emu the same computation done on
+// the CPU at the kernel's precision (fp32 scores and dP, P and dS rounded to the 16-bit type before
+// the products, outputs rounded) and atol = 2 * max|fl(ref + 0.3) - 0.3 - ref| + 1e-6. Outputs are
+// NaN-poisoned first (every element must be written). Each case also runs twice with deterministic
+// = true: both runs must pass and be bitwise equal.
 // Built by CMake (ctest runs it; exit 77, skipped, without a Hopper GPU). Usage: flash_bwd_test
 // [seed] [quick]. Exit code 0 iff every case passes; (head_dim, dtype) pairs the build did not
 // compile are skipped.
@@ -250,10 +250,16 @@ int main(int argc, char** argv) {
   cases.push_back({128, true, 2, 4, 4, 777, 1000, false, -1, -1, {}, {}});
   cases.push_back({128, false, 1, 4, 2, 1500, 1400, false, 300, 0, {}, {}});  // sliding window, GQA
   cases.push_back({64, true, 1, 8, 2, 1100, 1100, true, -1, -1, {}, {}});     // hdim 64, many tiles
+  for (int d : {96, 80, 192}) {  // padded head dims: on the next kernel up
+    cases.push_back({d, true, 2, 4, 2, 333, 201, false, -1, -1, {}, {}});
+    cases.push_back({d, true, 1, 4, 1, 300, 300, true, -1, -1, {}, {}});
+    add_varlen_pair(cases, d, true, {17, 0, 300, 1}, {17, 5, 400, 90}, {33, 5, 129, 0});
+  }
   int fails = 0, ran = 0;
   for (const auto& c : cases) {
     FlashBwdFn fn = longctx::flash::FlashBwdTable::find(
-        c.d, c.bf16 ? longctx::DType::kBF16 : longctx::DType::kFP16);
+        longctx::flash::fwd_kernel_head_dim(c.d),
+        c.bf16 ? longctx::DType::kBF16 : longctx::DType::kFP16);
     if (!fn) { printf("SKIP %s (not compiled)\n", c.name().c_str()); continue; }
     fails += run_case(c, rng, fn) ? 0 : 1; ++ran;
   }

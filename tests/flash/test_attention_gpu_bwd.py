@@ -94,6 +94,82 @@ def test_flash_bwd_varlen(causal):
         _check(name, g, g64, gp)
 
 
+def _nan_padded(x):
+    """x as a view into a wider tensor whose extra columns hold NaN: a kernel that reads past
+    head_dim gets NaN into the gradients (the padded kernels must see zeros there instead)."""
+    d = x.shape[-1]
+    wide = torch.full((*x.shape[:-1], d + 24), float("nan"), device=x.device, dtype=x.dtype)
+    wide[..., :d] = x
+    return wide[..., :d]
+
+
+def _padded_bwd(q, k, v, dout, causal, cu_q=None, cu_k=None, max_q=0, max_k=0):
+    """dq, dk, dv of the ops called directly (autograd would make dout contiguous) with q, k, v,
+    out and dout all NaN-padded views."""
+    q, k, v = (_nan_padded(t) for t in (q, k, v))
+    scale = q.shape[-1] ** -0.5
+    tq, tk = (None if c is None else torch.tensor(c, dtype=torch.int32, device="cuda")
+              for c in (cu_q, cu_k))
+    out, lse = torch.ops.longctx.flash_attn_fwd(q, k, v, tq, tk, max_q, max_k, scale, causal,
+                                                -1, -1)
+    return torch.ops.longctx.flash_attn_bwd(_nan_padded(dout), q, k, v, _nan_padded(out), lse,
+                                            tq, tk, max_q, max_k, scale, causal, -1, -1,
+                                            False)[:3]
+
+
+# Head dims between the compiled ones run the next kernel up (flash_bwd_dispatch.cuh): Phi-3's 96,
+# 80 and 192 (on the 256 kernel), with odd lengths and GQA.
+PADDED_CASES = [  # (b, sq, sk, h, hk, causal)
+    (2, 256, 256, 4, 4, False),
+    (1, 300, 300, 4, 4, True),
+    (1, 200, 333, 4, 1, True),
+    (2, 333, 201, 6, 2, False),
+]
+
+
+@pytest.mark.parametrize("hdim", [80, 96, 192])
+@pytest.mark.parametrize("case", PADDED_CASES, ids=lambda c: "b%d_sq%d_sk%d_h%d_%d_c%d" % c)
+def test_flash_bwd_padded_head_dim(hdim, case):
+    dtype = torch.bfloat16
+    _skip_unless(64 if hdim <= 64 else 128 if hdim <= 128 else 256, dtype)
+    b, sq, sk, h, hk, causal = case
+    torch.manual_seed(hash((hdim, sq, sk, h, causal)) % 2**31)
+    q = torch.randn(b, sq, h, hdim, device="cuda", dtype=dtype)
+    k = torch.randn(b, sk, hk, hdim, device="cuda", dtype=dtype)
+    v = torch.randn(b, sk, hk, hdim, device="cuda", dtype=dtype)
+    dout = torch.randn(b, sq, h, hdim, device="cuda", dtype=dtype)
+    ours = _padded_bwd(q, k, v, dout, causal)
+    ref = _grads(lambda q, k, v: attention_ref(q, k, v, causal=causal)[0],
+                 (q.double(), k.double(), v.double()), dout.double())
+    pt = _grads(lambda q, k, v: attention_ref(q, k, v, causal=causal, upcast=False)[0],
+                (q, k, v), dout)
+    for name, g, g64, gp in zip(("dq", "dk", "dv"), ours, ref, pt):
+        assert g.shape == g64.shape
+        _check(name, g, g64, gp)
+
+
+@pytest.mark.parametrize("hdim", [80, 96, 192])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_bwd_padded_head_dim_varlen(hdim, causal):
+    dtype = torch.bfloat16
+    _skip_unless(128 if hdim <= 128 else 256, dtype)
+    torch.manual_seed(hdim + causal)
+    lq, lk = [17, 0, 300, 1, 257], [17, 5, 400, 90, 200]
+    cq = [0] + torch.tensor(lq).cumsum(0).tolist()
+    ck = [0] + torch.tensor(lk).cumsum(0).tolist()
+    q = torch.randn(cq[-1], 4, hdim, device="cuda", dtype=dtype)
+    k = torch.randn(ck[-1], 2, hdim, device="cuda", dtype=dtype)
+    v = torch.randn(ck[-1], 2, hdim, device="cuda", dtype=dtype)
+    dout = torch.randn_like(q)
+    ours = _padded_bwd(q, k, v, dout, causal, cq, ck, max(lq), max(lk))
+    ref = _grads(lambda q, k, v: attention_varlen_ref(q, k, v, cq, ck, causal=causal)[0],
+                 (q.double(), k.double(), v.double()), dout.double())
+    pt = _grads(lambda q, k, v: attention_varlen_ref(q, k, v, cq, ck, causal=causal,
+                                                     upcast=False)[0], (q, k, v), dout)
+    for name, g, g64, gp in zip(("dq", "dk", "dv"), ours, ref, pt):
+        _check(name, g, g64, gp)
+
+
 def test_flash_bwd_deterministic():
     _skip_unless(128, torch.bfloat16)
     torch.manual_seed(3)

@@ -150,7 +150,7 @@ def assert_close_f64(what: str, ours: torch.Tensor, eager32: torch.Tensor,
 
 def cuda_models(name: str, head_dim=None):
     """(eager bf16 on CUDA, eager fp64 on the CPU, longctx bf16 on CUDA) with the weights of
-    models(name); head_dim overrides the family's (the CUDA kernels take 64, 128 and 256)."""
+    models(name); head_dim overrides the family's."""
     cfg = MODELS[name][0]()
     if head_dim is not None:
         cfg.head_dim = head_dim

@@ -3,19 +3,24 @@
 // (registry.h). Framework-free: the torch launcher (csrc/flash/flash_bwd_cuda.cu) and the
 // standalone test and benchmark use it alike.
 //
+// Head dims: any multiple of 8 up to 256 runs the kernel of width D = fwd_kernel_head_dim
+// (64, 128 or 256), as the forward does: its TMA views are head_dim wide, so Q, K, V and dO's
+// columns past head_dim load as zeros (S, dP exact; the extra columns of dQ, dK, dV are 0), and
+// the epilogues and the dQ postprocess store head_dim columns.
 // Workspace (caller-allocated, 16-byte aligned, stream-private):
-//   dq_accum: heads * dq_rows * head_dim floats (flash_bwd_dq_rows: head dims 64 and 128 one row
-//             per query row, total_q (varlen) or batch * seqlen_q; head dim 256 64 rows per
+//   dq_accum: heads * dq_rows * D floats, D the kernel width (flash_bwd_dq_rows: D 64 and 128
+//             one row per query row, total_q (varlen) or batch * seqlen_q; D 256 64 rows per
 //             padded query tile, bwd_dq_tiles), followed by the row-padded lse2 and D buffers
 //             (2 * heads * bwd_pad_head_stride floats; flash_bwd_accum_floats counts all);
 //   sems:     batch * heads * ceil(seqlen_q / 64) ints (deterministic mode only; may be null
 //             otherwise). seqlen_q is max_seqlen_q in varlen.
-// Requirements (flash_bwd_unsupported_reason): 16-byte-aligned q/k/v/out/dout/dq/dk/dv, row
-// and head strides multiples of 8 elements.
+// Requirements (flash_bwd_unsupported_reason): head_dim a multiple of 8 in [8, 256],
+// 16-byte-aligned q/k/v/out/dout/dq/dk/dv, row and head strides multiples of 8 elements.
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
 #include "longctx/config.h"
+#include "longctx/flash/flash_fwd_dispatch.cuh"
 #include "longctx/flash/flash_params.h"
 #include "longctx/registry.h"
 
@@ -76,12 +81,13 @@ inline int64_t flash_bwd_total_q_rows(const BwdParams& p, int64_t total_q) {
 }
 // Rows per head of the dQ accumulator (see the workspace above).
 inline int64_t flash_bwd_dq_rows(const BwdParams& p, int64_t total_q) {
-  if (p.fwd.head_dim == 256)
+  if (fwd_kernel_head_dim(p.fwd.head_dim) == 256)
     return 64 * bwd_dq_tiles(p.fwd.cu_seqlens_q != nullptr, p.fwd.batch, total_q, p.fwd.seqlen_q);
   return flash_bwd_total_q_rows(p, total_q);
 }
 inline int64_t flash_bwd_dq_floats(const BwdParams& p, int64_t total_q) {
-  return int64_t(p.fwd.heads) * flash_bwd_dq_rows(p, total_q) * p.fwd.head_dim;
+  const int d = fwd_kernel_head_dim(p.fwd.head_dim);  // the kernels' row width
+  return int64_t(p.fwd.heads) * flash_bwd_dq_rows(p, total_q) * d;
 }
 inline int64_t flash_bwd_pad_stride(const BwdParams& p, int64_t total_q) {
   return bwd_pad_head_stride(p.fwd.cu_seqlens_q != nullptr, p.fwd.batch, total_q, p.fwd.seqlen_q);
@@ -97,6 +103,8 @@ inline int64_t flash_bwd_num_sems(const BwdParams& p) {
 inline const char* flash_bwd_unsupported_reason(const BwdParams& p) {
   auto mis = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) != 0; };
   const FwdParams& f = p.fwd;
+  if (f.head_dim % 8 != 0 || f.head_dim < 8 || f.head_dim > 256)
+    return "head_dim must be a multiple of 8 in [8, 256]";
   if (mis(f.q) || mis(f.k) || mis(f.v) || mis(f.out) || mis(p.dout) || mis(p.dq) || mis(p.dk) ||
       mis(p.dv))
     return "q, k, v, out, dout, dq, dk and dv must be 16-byte aligned";

@@ -1,10 +1,11 @@
 // Host side of the flash-attention backward: run_flash_bwd_sm90_wgmma launches preprocess (D,
 // padded lse2/D, zeroed dQ accumulator and semaphores), the TMA + wgmma main kernel
-// (flash_bwd_sm90.cuh for head dims 64 and 128, flash_bwd_sm90_hdim256.cuh for 256) and the
-// postprocess (dq = scale * accumulator; row-major accumulator at 64/128, fragment order at 256)
-// on a stream. Framework-free (raw BwdParams); workspace and requirements:
-// flash_bwd_dispatch.cuh. Grid of the main kernels: (ceil(seqlen_k / kBlockN), heads_kv, batch);
-// one CTA per KV tile (kBlockN = 128 at hdim 64/128, 80 at 256).
+// (flash_bwd_sm90.cuh for kernel widths 64 and 128, flash_bwd_sm90_hdim256.cuh for 256; other
+// head dims run the next width up, flash_bwd_dispatch.cuh) and the postprocess (dq = scale *
+// accumulator; row-major accumulator at 64/128, fragment order at 256) on a stream.
+// Framework-free (raw BwdParams); workspace and requirements: flash_bwd_dispatch.cuh. Grid of
+// the main kernels: (ceil(seqlen_k / kBlockN), heads_kv, batch); one CTA per KV tile
+// (kBlockN = 128 at hdim 64/128, 80 at 256).
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
@@ -37,7 +38,9 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
   using Traits = typename BwdSm90TraitsFor<Element, kHeadDim>::type;
   constexpr bool kFragDq = kHeadDim == 256;  // dQ accumulator in fragment order
   const FwdParams& f = p.fwd;
-  if (f.head_dim != kHeadDim) return cudaErrorInvalidValue;
+  // head_dim <= kHeadDim: the TMA views are head_dim wide, so the columns past it load as zeros
+  // (flash_bwd_dispatch.cuh); the kernel this head_dim runs is the one it must be launched as.
+  if (fwd_kernel_head_dim(f.head_dim) != kHeadDim) return cudaErrorInvalidValue;
   if (flash_bwd_unsupported_reason(p) != nullptr) return cudaErrorInvalidValue;
   if (p.deterministic && sems == nullptr) return cudaErrorInvalidValue;
   if (f.batch <= 0 || f.heads <= 0 || f.seqlen_q <= 0) return cudaSuccess;
@@ -65,8 +68,8 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
     const int rows_q = int(varlen ? total_q : f.seqlen_q);
     const int rows_k = int(varlen ? total_k : f.seqlen_k);
     const int bt = varlen ? 1 : f.batch;
-    kp.shape_q = make_shape(rows_q > 0 ? rows_q : 1, kHeadDim, f.heads, bt);
-    kp.shape_k = make_shape(rows_k > 0 ? rows_k : 1, kHeadDim, f.heads_kv, bt);
+    kp.shape_q = make_shape(rows_q > 0 ? rows_q : 1, f.head_dim, f.heads, bt);
+    kp.shape_k = make_shape(rows_k > 0 ? rows_k : 1, f.head_dim, f.heads_kv, bt);
     const bool one_batch = varlen || f.batch == 1;
     auto mQ = tma_view<Element>(f.q, kp.shape_q, f.q_row_stride, f.q_head_stride,
                                 f.q_batch_stride, one_batch, rows_q);

@@ -4,7 +4,8 @@
 // Tiling: one thread per 8 consecutive elements of a (row, head) of dq (a 16-byte store), a
 // grid-stride loop over total_q_rows * heads * head_dim / 8 chunks.
 // Accumulator layout (shared with the hdim 64/128 main kernel): accum[(h * total_q_rows + row) * D
-// + c], where row is the packed row (varlen) or b * seqlen_q + i (batched). Head dim 256 keeps
+// + c], where row is the packed row (varlen) or b * seqlen_q + i (batched) and D = kHeadDim, the
+// kernel width; only the head_dim <= D columns of dq are written. Head dim 256 keeps
 // its accumulator in fragment order and has its own postprocess (flash_bwd_sm90_hdim256.cuh).
 #pragma once
 #include <cuda_runtime.h>
@@ -19,12 +20,12 @@ __global__ void flash_bwd_postprocess_kernel(BwdParams p, int64_t total_q_rows,
                                              const float* __restrict__ dq_accum) {
   const FwdParams& f = p.fwd;
   const bool varlen = f.cu_seqlens_q != nullptr;
-  constexpr int kChunks = kHeadDim / 8;
-  const int64_t n = total_q_rows * f.heads * kChunks;
+  const int chunks = f.head_dim / 8;
+  const int64_t n = total_q_rows * f.heads * chunks;
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < n;
        t += int64_t(gridDim.x) * blockDim.x) {
-    const int c = int(t % kChunks) * 8;
-    const int64_t rh = t / kChunks;
+    const int c = int(t % chunks) * 8;
+    const int64_t rh = t / chunks;
     const int64_t row = rh % total_q_rows;
     const int h = int(rh / total_q_rows);
     int64_t b = 0, i = row;

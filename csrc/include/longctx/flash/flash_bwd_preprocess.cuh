@@ -3,17 +3,19 @@
 // per-(batch, head, query tile) semaphores that the deterministic mode orders its dQ additions by.
 //
 // Tiling: one warp per (row, head); each lane reads 16-byte chunks of dout and out (head_dim / 8
-// chunks per row, so hdim 64/128/256 use 8/16/32 lanes), accumulates in fp32, reduces with
-// shuffles. Rows past a varlen sequence do not exist (varlen rows are the packed rows), batched
-// rows are all real. The accumulator is zeroed by a grid-stride loop over float4s.
+// chunks per row, so hdim 64/96/128/256 use 8/12/16/32 lanes: head_dim columns, not the kernel
+// width kHeadDim), accumulates in fp32, reduces with shuffles. Rows past a varlen sequence do
+// not exist (varlen rows are the packed rows), batched rows are all real. The accumulator is
+// zeroed by a grid-stride loop over float4s.
 // For the wgmma kernels (flash_bwd_sm90.cuh, flash_bwd_sm90_hdim256.cuh) it also writes, when
 // pad.lse2 != nullptr, two row-padded fp32 copies that their producers bulk-copy per query tile
 // of 64 rows: lse2 = lse * log2(e) (+inf where lse = -inf, so P = 0) and D, at
 // [h * pad.head_stride + bwd_pad_base(b) + i] (flash_bwd_dispatch.cuh); the pad rows
 // [sq, roundup(sq, 64)) of every (sequence, head) get lse2 = +inf and D = 0 (P = dS = 0 for
 // those query rows).
-// Invariants: dq_accum holds accum_elems = flash_bwd_dq_floats floats (flash_bwd_dispatch.cuh),
-// 16-byte aligned; out/dout rows are 16-byte aligned (checked by the launcher).
+// Invariants: dq_accum holds accum_elems = flash_bwd_dq_floats floats (flash_bwd_dispatch.cuh:
+// rows kHeadDim wide, all zeroed), 16-byte aligned; out/dout rows are 16-byte aligned (checked
+// by the launcher).
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>
@@ -47,7 +49,7 @@ __global__ void flash_bwd_preprocess_kernel(BwdParams p, int64_t total_q_rows, f
   const bool varlen = f.cu_seqlens_q != nullptr;
   const int lane = threadIdx.x & 31;
   const int64_t warp = gtid >> 5, nwarps = gsize >> 5;
-  constexpr int kChunks = kHeadDim / 8;
+  const int chunks = f.head_dim / 8;  // <= kHeadDim / 8 <= 32 lanes
   const int64_t work = total_q_rows * f.heads;
   for (int64_t w = warp; w < work; w += nwarps) {
     const int64_t row = w / f.heads;
@@ -55,7 +57,7 @@ __global__ void flash_bwd_preprocess_kernel(BwdParams p, int64_t total_q_rows, f
     int64_t b = 0, i = row;
     if (!varlen) { b = row / f.seqlen_q; i = row % f.seqlen_q; }
     float acc = 0.f;
-    if (lane < kChunks) {
+    if (lane < chunks) {
       const Element* o = reinterpret_cast<const Element*>(f.out) + b * f.out_batch_stride +
                          i * f.out_row_stride + h * f.out_head_stride + lane * 8;
       const Element* d = reinterpret_cast<const Element*>(p.dout) + b * p.dout_batch_stride +

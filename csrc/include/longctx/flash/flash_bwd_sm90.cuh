@@ -271,10 +271,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
                  int64_t(si.k_start + n0) * bp.dk_row_stride + int64_t(hk) * bp.dk_head_stride;
   Element* gdV = reinterpret_cast<Element*>(bp.dv) + int64_t(b) * bp.dv_batch_stride +
                  int64_t(si.k_start + n0) * bp.dv_row_stride + int64_t(hk) * bp.dv_head_stride;
-  if (total == 0) {  // no query sees these keys: zero gradients
-    constexpr int kChunks = kD / 8;
-    for (int t = threadIdx.x; t < rows_k * kChunks; t += blockDim.x) {
-      const int r = t / kChunks, c = (t % kChunks) * 8;
+  if (total == 0) {  // no query sees these keys: zero gradients (head_dim columns)
+    const int chunks = p.head_dim / 8;
+    for (int t = threadIdx.x; t < rows_k * chunks; t += blockDim.x) {
+      const int r = t / chunks, c = (t % chunks) * 8;
       *reinterpret_cast<uint4*>(gdK + int64_t(r) * bp.dk_row_stride + c) = make_uint4(0, 0, 0, 0);
       *reinterpret_cast<uint4*>(gdV + int64_t(r) * bp.dv_row_stride + c) = make_uint4(0, 0, 0, 0);
     }
@@ -526,7 +526,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       ++st;
     }
 
-    // Epilogue: dK = scale * dK, dV, rows < sk, converted in registers, 4-byte stores.
+    // Epilogue: dK = scale * dK, dV, rows < sk and columns < head_dim (the columns past it are
+    // the zero-loaded padding of a narrower head_dim), converted in registers, 4-byte stores.
     const float scale = p.softmax_scale;
     constexpr int kAcc = decltype(size(acc_dk))::value;
 #pragma unroll
@@ -539,7 +540,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 #pragma unroll
       for (int i = 0; i < kAcc; i += 2) {
         const int row = int(get<0>(tcKV(i))), c = int(get<1>(tcKV(i)));
-        if (row < rows_k)
+        if (row < rows_k && c < p.head_dim)
           *reinterpret_cast<uint32_t*>(g + int64_t(row) * row_stride + c) = r32[i / 2];
       }
     };
