@@ -12,6 +12,7 @@
 #include <cutlass/arch/barrier.h>
 #include "longctx/flash/flash_params.h"
 #include "longctx/flash/mask.h"
+#include "longctx/flash/smem_tail_rows.cuh"
 
 namespace longctx {
 namespace flash {
@@ -79,20 +80,7 @@ __device__ __forceinline__ void bwd_load_kv(const KernelParams& kp, Storage& ss,
 // arrivals) that the consumers wait on instead of the load's own, unconditionally: their code
 // keeps its shape (zeroing in the consumers, even once before the main loop, raised the hdim-128
 // kernel's spills from 72 / 76 to 164 / 184 bytes; a branch between two barriers, to
-// 100 / 112).
-//
-// zero_tail_rows: zeroes rows [row0, rows) of a (rows, D) shared-memory tile with 64 threads
-// (tid64), then the proxy fence the consumers' wgmma reads need. 16-byte stores: the tiles'
-// swizzles permute 16-byte chunks, so 8 elements from a multiple of 8 columns are contiguous.
-template <typename TensorT>
-__device__ __forceinline__ void zero_tail_rows(TensorT&& t, int row0, int tid64) {
-  using namespace cute;
-  constexpr int kRows = decltype(size<0>(t))::value, kChunks = decltype(size<1>(t))::value / 8;
-  for (int i = tid64; i < (kRows - row0) * kChunks; i += 64)
-    *reinterpret_cast<uint4*>(&t(row0 + i / kChunks, (i % kChunks) * 8)) = make_uint4(0, 0, 0, 0);
-  cutlass::arch::fence_view_async_shared();  // generic-proxy writes before the wgmma reads
-}
-
+// 100 / 112). The rows are zeroed by zero_tail_rows (smem_tail_rows.cuh).
 template <typename Traits, typename Storage>
 __device__ __forceinline__ void clear_kv_tail(Storage& ss, int row0, int tid64) {
   using namespace cute;
@@ -100,8 +88,8 @@ __device__ __forceinline__ void clear_kv_tail(Storage& ss, int row0, int tid64) 
   Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutK{});
   ss.barrier_kv.wait(0);
   if (row0 < Traits::kBlockN) {
-    zero_tail_rows(sK, row0, tid64);
-    zero_tail_rows(sV, row0, tid64);
+    zero_tail_rows<64>(sK, row0, tid64);
+    zero_tail_rows<64>(sV, row0, tid64);
   }
   ss.kv_ready.arrive();
 }

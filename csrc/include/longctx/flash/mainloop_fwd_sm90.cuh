@@ -25,6 +25,7 @@
 #include "longctx/flash/flash_fwd_traits.cuh"
 #include <math_constants.h>
 #include "longctx/flash/mask.h"
+#include "longctx/flash/smem_tail_rows.cuh"
 #include "longctx/flash/softmax.cuh"
 #include "longctx/tanh_approx.cuh"
 
@@ -107,13 +108,8 @@ __device__ __forceinline__ void clear_v_tail(typename Traits::SharedStorage& ss,
                                              int row0, int mma_tidx) {
   using namespace cute;
   constexpr uint32_t kVTailBarrier = 2;
-  constexpr int kChunks = Traits::kHeadDim / 8;  // 16-byte chunks, which the swizzle permutes
   Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutV{});
-  const int n = (Traits::kBlockN - row0) * kChunks;
-  for (int i = mma_tidx; i < n; i += Traits::kNumMmaThreads)
-    *reinterpret_cast<uint4*>(&sV(row0 + i / kChunks, (i % kChunks) * 8, stage)) =
-        make_uint4(0, 0, 0, 0);
-  cutlass::arch::fence_view_async_shared();  // generic-proxy writes before the wgmma reads
+  zero_tail_rows<Traits::kNumMmaThreads>(sV(_, _, stage), row0, mma_tidx);
   cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, kVTailBarrier);
 }
 
