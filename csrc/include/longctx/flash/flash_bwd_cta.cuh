@@ -94,6 +94,16 @@ __device__ __forceinline__ void clear_kv_tail(Storage& ss, int row0, int tid64) 
   ss.kv_ready.arrive();
 }
 
+// Waits, as a thread outside the pipeline's consumers (producer warps 2 and 3), for the TMA of
+// stage st of a PipelineTmaAsync whose shared storage is `storage`. Not consumer_wait: that
+// traps (brkpt) for a thread of the producer role in builds without NDEBUG, as the torch
+// extension's are.
+template <typename PipelineStorage, typename PipelineState>
+__device__ __forceinline__ void wait_stage_loaded(PipelineStorage& storage,
+                                                  const PipelineState& st) {
+  storage.full_barrier_[st.index()].wait(st.phase());
+}
+
 __device__ __forceinline__ int ld_acquire_gpu(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");

@@ -372,7 +372,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       typename Traits::PipelineState st;
       for (int it = 0; it < total; ++it) {
         const int m0 = (range.end - 1 - it / group) * kM;
-        pipe.consumer_wait(st);  // the stage's TMA (and lse2/D copies) landed
+        wait_stage_loaded(ss.pipeline, st);  // the stage's TMA (and lse2/D copies) landed
         if (varlen && m0 + kM > si.sq) {
           zero_tail_rows<64>(sQ_all(_, _, st.index()), si.sq - m0, tid64);
           zero_tail_rows<64>(sdO_all(_, _, st.index()), si.sq - m0, tid64);

@@ -316,11 +316,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       for (int it = 0; it < total; ++it) {
         const int m0 = (range.end - 1 - it / group) * kM;
         const bool cross = varlen && m0 + kM > si.sq;
-        pipe_q.consumer_wait(st_q);  // the stage's TMA (and lse2 copy) landed
+        wait_stage_loaded(ss.pipeline_q, st_q);  // the stage's TMA (and lse2 copy) landed
         if (cross) zero_tail_rows<64>(sQ_all(_, _, st_q.index()), si.sq - m0, tid64);
         ss.q_ready[st_q.index()].arrive();
         ++st_q;
-        pipe_do.consumer_wait(st_do);
+        wait_stage_loaded(ss.pipeline_do, st_do);
         if (cross) zero_tail_rows<64>(sdO_all(_, _, st_do.index()), si.sq - m0, tid64);
         ss.do_ready[st_do.index()].arrive();
         ++st_do;
