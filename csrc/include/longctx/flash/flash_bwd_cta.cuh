@@ -1,9 +1,9 @@
 // Setup pieces that both TMA + wgmma backward kernels share (flash_bwd_sm90.cuh for head dims 64
 // and 128, flash_bwd_sm90_hdim256.cuh for 256): the TMA descriptor prefetch, the pipelines'
-// parameters, the producer's one-time K/V load and row tiles of the TMA views, and the
-// deterministic mode's semaphore helpers. The CTA's bookkeeping (which KV tile, heads and query
-// tiles, the walk) stays in each kernel as scalars: a shared struct for it raised the hdim-128
-// kernel's spills from 32/40 to 72/80 bytes.
+// parameters, the producer's one-time K/V load and row tiles of the TMA views, the producer
+// warps' stage waits and varlen tail zeroing, and the deterministic mode's semaphore helpers.
+// The CTA's bookkeeping (which KV tile, heads and query tiles, the walk) stays in each kernel as
+// scalars: a shared struct for it raised the hdim-128 kernel's spills from 32/40 to 72/80 bytes.
 #pragma once
 
 #include <cuda_runtime.h>
