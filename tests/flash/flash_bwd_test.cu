@@ -2,9 +2,10 @@
 //
 // For a grid of shapes and masks (head dims 64/128/256 and, on the next of those kernels up,
 // 80/96/192; bf16/fp16, causal, windows, GQA/MQA, sq != sk, odd lengths, rows that see no key,
-// varlen with empty sequences) it draws random q, k, v, dout, computes out and lse on the CPU in
-// float64 (rounded to the kernel's input types, as the forward would hand them over), runs the
-// backward (preprocess, main, postprocess) and compares dq, dk, dv with a float64 reference.
+// varlen with empty sequences; logit softcap at 64/128/256, batched and varlen) it draws random
+// q, k, v, dout, computes out and lse on the CPU in float64 (rounded to the kernel's input
+// types, as the forward would hand them over), runs the backward (preprocess, main,
+// postprocess) and compares dq, dk, dv with a float64 reference.
 // Tolerance (FlashAttention-3 rule, as tests/support/attention_reference.py's assert_fa3_close
 // applies it): max|X - ref| <= 2 * max|X_emu - ref| + atol, with X_emu the same computation done on
 // the CPU at the kernel's precision (fp32 scores and dP, P and dS rounded to the 16-bit type before
@@ -54,6 +55,10 @@ static bool run_case(const Case& c, std::mt19937& rng, FlashBwdFn fn) {
   int maxq = 0, maxk = 0;
   for (int i = 0; i < B; ++i) { maxq = std::max(maxq, cuq[i + 1] - cuq[i]); maxk = std::max(maxk, cuk[i + 1] - cuk[i]); }
   const double scale = 1.0 / std::sqrt(double(d));
+  // Softcap c: the score x = scale * q.k becomes c tanh(x / c); its derivative 1 - tanh^2
+  // multiplies dS (the kernels' scale stays outside, on dQ and dK).
+  const double cap = c.softcap;
+  auto capped = [&](double x) { return cap != 0 ? cap * std::tanh(x / cap) : x; };
   const int wr = c.causal ? 0 : c.wr, wl = c.wl;
   auto lse_idx = [&](int bi, int hi, int i) -> size_t {
     return varlen ? size_t(hi) * tq + cuq[bi] + i : (size_t(bi) * H + hi) * c.sq + i;
@@ -76,7 +81,10 @@ static bool run_case(const Case& c, std::mt19937& rng, FlashBwdFn fn) {
       double mx = -INFINITY;
       for (int j = 0; j < sk; ++j) {
         double a = 0;
-        if (vis(i, j, sq, sk)) { for (int e = 0; e < d; ++e) a += Q(bi, i, hi, e) * K(bi, j, hki, e); a *= scale; }
+        if (vis(i, j, sq, sk)) {
+          for (int e = 0; e < d; ++e) a += Q(bi, i, hi, e) * K(bi, j, hki, e);
+          a = capped(a * scale);
+        }
         else a = -INFINITY;
         s[j] = a; mx = std::max(mx, a);
       }
@@ -97,7 +105,8 @@ static bool run_case(const Case& c, std::mt19937& rng, FlashBwdFn fn) {
   parallel_for(B * HK, [&](int job) {  // one kv head (and its whole group) per job: no races
     const int bi = job / HK, hki = job % HK;
     const int sq = cuq[bi + 1] - cuq[bi], sk = cuk[bi + 1] - cuk[bi];
-    std::vector<double> p(sk), dp(sk);
+    std::vector<double> p(sk), dp(sk), dcap(sk, 1.0);
+    std::vector<float> dcapf(sk, 1.f);
     std::vector<float> pf(sk), dpf(sk);
     for (int hi = hki * G; hi < (hki + 1) * G; ++hi)
       for (int i = 0; i < sq; ++i) {
@@ -106,7 +115,11 @@ static bool run_case(const Case& c, std::mt19937& rng, FlashBwdFn fn) {
         double mx = -INFINITY;
         for (int j = 0; j < sk; ++j) {
           double a = -INFINITY;
-          if (vis(i, j, sq, sk)) { a = 0; for (int e = 0; e < d; ++e) a += Q(bi, i, hi, e) * K(bi, j, hki, e); a *= scale; }
+          if (vis(i, j, sq, sk)) {
+            a = 0; for (int e = 0; e < d; ++e) a += Q(bi, i, hi, e) * K(bi, j, hki, e);
+            a *= scale;
+            if (cap != 0) { const double t = std::tanh(a / cap); dcap[j] = 1 - t * t; a = cap * t; }
+          }
           p[j] = a; mx = std::max(mx, a);
         }
         double sum = 0;
@@ -120,14 +133,21 @@ static bool run_case(const Case& c, std::mt19937& rng, FlashBwdFn fn) {
           float sf = 0;
           if (vis(i, j, sq, sk) && lse != -INFINITY) {
             for (int e = 0; e < d; ++e) sf += float(Q(bi, i, hi, e)) * float(K(bi, j, hki, e));
-            pf[j] = std::exp2(sf * float(scale * M_LOG2E) - lse * float(M_LOG2E));
+            if (cap != 0) {  // the kernels: t = tanh(s * scale / c), P = exp2(t c log2e - lse2)
+              const float t = std::tanh(sf * float(scale / cap));
+              dcapf[j] = 1.f - t * t;
+              pf[j] = std::exp2(t * float(cap * M_LOG2E) - lse * float(M_LOG2E));
+            } else {
+              pf[j] = std::exp2(sf * float(scale * M_LOG2E) - lse * float(M_LOG2E));
+            }
           } else pf[j] = 0.f;
         }
         for (int e = 0; e < d; ++e) Df += float(DO(bi, i, hi, e)) * bits_to_float(ho[(cuq[bi] + i) * q_rs + hi * d + e], bf);
         const size_t qrow = (cuq[bi] + i) * q_rs + hi * d;
         for (int j = 0; j < sk; ++j) {
-          const double ds = p[j] * (dp[j] - D);
-          const float dsf = round16(pf[j] * (dpf[j] - Df), bf), p16 = round16(pf[j], bf);
+          const double ds = p[j] * (dp[j] - D) * dcap[j];
+          const float dsf = round16(pf[j] * (dpf[j] - Df) * dcapf[j], bf);
+          const float p16 = round16(pf[j], bf);
           if (p[j] == 0 && pf[j] == 0) continue;
           const size_t krow = (cuk[bi] + j) * k_rs + hki * d;
           for (int e = 0; e < d; ++e) {
@@ -176,6 +196,7 @@ static bool run_case(const Case& c, std::mt19937& rng, FlashBwdFn fn) {
   p.batch = B; p.heads = H; p.heads_kv = HK; p.head_dim = d;
   p.seqlen_q = maxq; p.seqlen_k = maxk;
   p.softmax_scale = float(scale); p.softmax_scale_log2 = float(scale * M_LOG2E);
+  p.mods.softcap = c.softcap;
   p.causal = c.causal; p.window_left = wl; p.window_right = wr; p.is_bf16 = bf;
   bp.dout = do_; bp.dq = dq_; bp.dk = dk_; bp.dv = dv_; bp.dsoftmax_sum = dsum;
   bp.dout_row_stride = q_rs; bp.dout_head_stride = d; bp.dout_batch_stride = p.q_batch_stride;
@@ -250,6 +271,17 @@ int main(int argc, char** argv) {
   cases.push_back({128, true, 2, 4, 4, 777, 1000, false, -1, -1, {}, {}});
   cases.push_back({128, false, 1, 4, 2, 1500, 1400, false, 300, 0, {}, {}});  // sliding window, GQA
   cases.push_back({64, true, 1, 8, 2, 1100, 1100, true, -1, -1, {}, {}});     // hdim 64, many tiles
+  for (int d : {64, 128, 256}) {  // logit softcap (Gemma 2): the kernels' kSoftcap copies
+    Case sc{d, true, 1, 4, 2, 200, 333, true, -1, -1, {}, {}};
+    sc.softcap = 1.5f;  // small enough that tanh saturates on part of the scores
+    cases.push_back(sc);
+    sc = Case{d, false, 2, 2, 2, 177, 177, false, 64, 16, {}, {}};
+    sc.softcap = 4.f;
+    cases.push_back(sc);
+  }
+  Case scv{128, true, 0, 4, 2, 0, 0, true, -1, -1, {17, 0, 300, 1}, {17, 5, 400, 90}};
+  scv.softcap = 2.f;  // varlen
+  cases.push_back(scv);
   for (int d : {96, 80, 192}) {  // padded head dims: on the next kernel up
     cases.push_back({d, true, 2, 4, 2, 333, 201, false, -1, -1, {}, {}});
     cases.push_back({d, true, 1, 4, 1, 300, 300, true, -1, -1, {}, {}});

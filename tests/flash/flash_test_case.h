@@ -10,13 +10,16 @@ struct Case {
   int d; bool bf16; int b, h, hk, sq, sk; bool causal; int wl, wr;
   std::vector<int> lens_q = {}, lens_k = {};  // varlen when non-empty
   bool packed_qkv = false;                    // q, k, v interleaved in one (b, s, 3, h, d) buffer
+  float softcap = 0.f;                        // logit softcap c (0: none); flash_bwd_test only
   bool varlen() const { return !lens_q.empty(); }
   int batch() const { return varlen() ? int(lens_q.size()) : b; }
   std::string name() const {
     char buf[256];
-    snprintf(buf, sizeof buf, "d=%d %s b=%d h=%d/%d sq=%d sk=%d causal=%d win=(%d,%d)%s%s", d,
+    char cap[32] = "";
+    if (softcap != 0.f) snprintf(cap, sizeof cap, " softcap=%g", softcap);
+    snprintf(buf, sizeof buf, "d=%d %s b=%d h=%d/%d sq=%d sk=%d causal=%d win=(%d,%d)%s%s%s", d,
              bf16 ? "bf16" : "fp16", b, h, hk, sq, sk, causal, wl, wr,
-             lens_q.empty() ? "" : " varlen", packed_qkv ? " packed" : "");
+             lens_q.empty() ? "" : " varlen", packed_qkv ? " packed" : "", cap);
     return buf;
   }
   // cuq / cuk: the batch() + 1 row offsets of the sequences' queries and keys.
