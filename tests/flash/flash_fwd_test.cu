@@ -2,14 +2,15 @@
 //
 // For a grid of shapes and masks (head dims 64/128/256, bf16/fp16, causal, windows, GQA/MQA,
 // seqlen_q != seqlen_k, lengths that are not multiples of the tiles, rows that see no key,
-// strided (packed qkv) inputs, varlen with a zero-length sequence) it runs the kernel on random
-// inputs and compares with a CPU float64 reference computed from the same 16-bit inputs.
+// strided (packed qkv) inputs, varlen with a zero-length sequence, logit softcap) it runs the
+// kernel on random inputs and compares with a CPU float64 reference computed from the same
+// 16-bit inputs (with softcap c the scores are c tanh(s / c)).
 // Tolerance (FlashAttention-3 rule): max |out - ref| <= 2 * max |emu - ref| + atol, where emu is
 // the same computation done on the CPU at the kernel's precision (fp32 scores, P rounded to the
-// 16-bit type before P V, output rounded). lse (fp32, natural log) must match within 1e-3 and
-// be -inf exactly where the reference is. Outputs are poisoned with NaN first (every element
-// must be written), and the kernel is run twice, with the dynamic and then the static tile
-// schedule: results must be bitwise identical.
+// 16-bit type before P V, output rounded). lse (fp32, natural log) must match within 1e-3 (plus
+// tanh.approx's bound with softcap) and be -inf exactly where the reference is. Outputs are
+// poisoned with NaN first (every element must be written), and the kernel is run twice, with
+// the dynamic and then the static tile schedule: results must be bitwise identical.
 // Built by CMake (ctest runs it; exit 77, skipped, without a Hopper GPU). Usage: flash_fwd_test
 // [seed] [quick]; quick runs only the small cases (for compute-sanitizer). Exit code 0 iff every
 // case passes; (head_dim, dtype) pairs the build did not compile are skipped.
@@ -100,6 +101,7 @@ static bool run_case(const Case& c, std::mt19937& rng) {
   p.softmax_scale_log2 = p.softmax_scale * float(M_LOG2E);
   p.causal = c.causal; p.window_left = c.wl; p.window_right = c.causal ? 0 : c.wr;
   p.is_bf16 = c.bf16;
+  p.mods.softcap = c.softcap;
 
   auto fn = longctx::flash::FlashFwdTable::find(
       d, c.bf16 ? longctx::DType::kBF16 : longctx::DType::kFP16);
@@ -124,6 +126,8 @@ static bool run_case(const Case& c, std::mt19937& rng) {
       diff_sq(B * H, 0);
   std::vector<int> bad(B * H, 0);
   const double scale = p.softmax_scale;
+  const double cap = c.softcap;
+  const float capf = c.softcap, scale_cap = cap != 0 ? float(scale / cap) : 0.f;
   parallel_for(B * H, [&](int job) {
     const int bi = job / H, hi = job % H, hki = hi / (H / HK);
     const int sq = cuq[bi + 1] - cuq[bi], sk = cuk[bi + 1] - cuk[bi];
@@ -146,8 +150,13 @@ static bool run_case(const Case& c, std::mt19937& rng) {
         if (p.window_left >= 0) vis = vis && j >= i + sk - sq - p.window_left;
         double acc = 0; float accf = 0;
         if (vis) for (int e = 0; e < d; ++e) { acc += double(qf[e]) * kf[size_t(j) * d + e]; accf += qf[e] * kf[size_t(j) * d + e]; }
-        s[j] = vis ? acc * scale : -INFINITY;
-        sf[j] = vis ? accf * float(scale) : -INFINITY;
+        if (cap != 0) {
+          s[j] = vis ? cap * std::tanh(acc * scale / cap) : -INFINITY;
+          sf[j] = vis ? capf * std::tanh(accf * scale_cap) : -INFINITY;
+        } else {
+          s[j] = vis ? acc * scale : -INFINITY;
+          sf[j] = vis ? accf * float(scale) : -INFINITY;
+        }
         mx = std::max(mx, s[j]); mxf = std::max(mxf, sf[j]);
       }
       double sum = 0; float sumf = 0;
@@ -194,7 +203,10 @@ static bool run_case(const Case& c, std::mt19937& rng) {
     rs += ref_sq[j]; ds += diff_sq[j]; nbad += bad[j];
   }
   const double atol = c.bf16 ? 2e-3 : 5e-4;
-  const bool ok = nbad == 0 && deterministic && eo <= 2 * ee + atol && el <= 1e-3;
+  // With softcap the kernel's scores carry tanh.approx's error (relative 2^-10.987, so up to
+  // c * 4.9e-4 absolute), which the lse inherits; the emulation uses an exact tanh.
+  const double lse_tol = 1e-3 + (c.softcap != 0.f ? c.softcap * 4.9e-4 : 0.0);
+  const bool ok = nbad == 0 && deterministic && eo <= 2 * ee + atol && el <= lse_tol;
   printf("%s %-72s max_err=%.3e emu_err=%.3e rel_l2=%.2e lse_err=%.2e%s%s\n", ok ? "PASS" : "FAIL",
          c.name().c_str(), eo, ee, rs > 0 ? std::sqrt(ds / rs) : 0.0, el,
          deterministic ? "" : " NONDETERMINISTIC", nbad ? " NaN/-inf mismatch" : "");
@@ -235,6 +247,22 @@ int main(int argc, char** argv) {
     Case vl{128, true, 0, 32, 8, 0, 0, true, -1, -1};
     vl.lens_q = {17, 300, 0, 128, 1, 257, 640};
     vl.lens_k = {17, 400, 5, 128, 90, 200, 640};
+    cases.push_back(vl);
+  }
+  // Logit softcap (Gemma 2): the main loop's kSoftcap copy.
+  for (int d : {64, 128, 256}) {
+    Case sc{d, true, 2, 4, 2, 300, 333, true, -1, -1};
+    sc.softcap = 1.5f;  // small enough that tanh saturates on part of the scores
+    cases.push_back(sc);
+    sc = Case{d, false, 1, 2, 2, 450, 450, false, 64, 32};
+    sc.softcap = 4.f;
+    cases.push_back(sc);
+  }
+  {
+    Case vl{128, true, 0, 4, 2, 0, 0, true, -1, -1};
+    vl.lens_q = {17, 300, 0, 128, 1};
+    vl.lens_k = {17, 400, 5, 128, 90};
+    vl.softcap = 2.f;
     cases.push_back(vl);
   }
   // "quick": only the small cases (for compute-sanitizer runs).

@@ -10,7 +10,7 @@ struct Case {
   int d; bool bf16; int b, h, hk, sq, sk; bool causal; int wl, wr;
   std::vector<int> lens_q = {}, lens_k = {};  // varlen when non-empty
   bool packed_qkv = false;                    // q, k, v interleaved in one (b, s, 3, h, d) buffer
-  float softcap = 0.f;                        // logit softcap c (0: none); flash_bwd_test only
+  float softcap = 0.f;                        // logit softcap c (0: none)
   bool varlen() const { return !lens_q.empty(); }
   int batch() const { return varlen() ? int(lens_q.size()) : b; }
   std::string name() const {
