@@ -8,8 +8,10 @@ gpt-oss's sinks through the CUDA backward.
 
 Tolerance (set by the bf16 eager path's own error): the reference is eager in float64 on the CPU,
 and for logits max|X_longctx - X_f64| <= 2 * max|X_eager_bf16 - X_f64| + 1e-3 * max|X_f64|;
-gradients, where a single element's error is noisy in bf16, compare the relative L2 error:
-|G_longctx - G_f64| / |G_f64| <= 2 * |G_eager_bf16 - G_f64| / |G_f64| + 1e-3.
+gradients, where a single element's error is noisy in bf16, compare the relative L2 error,
+scaled by the larger of eager bf16's and rounded_ref's (float64 attention rounded where a
+flash kernel rounds: a flash backward's own error, 2.2x eager's on gpt-oss's k_proj):
+|G_longctx - G_f64| / |G_f64| <= 2 * max(eager bf16's, rounded_ref's) + 1e-3.
 """
 import pytest
 
@@ -17,8 +19,9 @@ pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 
-from tiny_models import (MODELS, assert_close_f64, cuda_models, left_padded,  # noqa: E402
-                         positions, prompt)
+import rounded_ref  # noqa: E402  (registers its attn_implementation)
+from tiny_models import (MODELS, assert_close_f64, cuda_model, cuda_models,  # noqa: E402
+                         left_padded, positions, prompt)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -60,17 +63,19 @@ def _grads(model, ids):
 @pytest.mark.parametrize("name", NAMES)
 def test_training_step_gradients_match_eager(name):
     eager16, eager64, ours = _models(name)
+    flash16 = cuda_model(name, rounded_ref.NAME, CUDA_HEAD_DIM[name])
     ids = prompt(name, seed=2)
-    g_ours, g16, g64 = (_grads(m, ids) for m in (ours, eager16, eager64))
-    assert g_ours.keys() == g64.keys() == g16.keys()
+    g_ours, g16, g_flash, g64 = (_grads(m, ids) for m in (ours, eager16, flash16, eager64))
+    assert g_ours.keys() == g64.keys() == g16.keys() == g_flash.keys()
     for n, ref in g64.items():
         norm = ref.norm().item()
         if norm == 0:
             continue
-        err = (g_ours[n] - ref).norm().item() / norm
-        err16 = (g16[n] - ref).norm().item() / norm
-        assert err <= 2 * err16 + 1e-3, (f"{name} grad {n}: relative L2 error {err:.3g} vs "
-                                          f"float64 > 2 x eager bf16's {err16:.3g} + 1e-3")
+        err, err16, err_flash = ((g[n] - ref).norm().item() / norm
+                                 for g in (g_ours, g16, g_flash))
+        assert err <= 2 * max(err16, err_flash) + 1e-3, (
+            f"{name} grad {n}: relative L2 error {err:.3g} vs float64 > 2 x max(eager bf16's "
+            f"{err16:.3g}, rounded_ref's {err_flash:.3g}) + 1e-3")
 
 
 @pytest.mark.parametrize("name", NAMES)

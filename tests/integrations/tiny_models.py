@@ -148,12 +148,26 @@ def assert_close_f64(what: str, ours: torch.Tensor, eager32: torch.Tensor,
                           f"({eager_name}'s own error {err_eager:.3g})")
 
 
-def cuda_models(name: str, head_dim=None):
-    """(eager bf16 on CUDA, eager fp64 on the CPU, longctx bf16 on CUDA) with the weights of
-    models(name); head_dim overrides the family's."""
+def _config(name: str, head_dim=None):
     cfg = MODELS[name][0]()
     if head_dim is not None:
         cfg.head_dim = head_dim
+    return cfg
+
+
+def cuda_model(name: str, attn: str, head_dim=None):
+    """The bf16 model of name on CUDA under attn_implementation attn, with models(name)'s
+    weights; head_dim overrides the family's."""
+    cfg = _config(name, head_dim)
+    m = _build(cfg, attn, torch.bfloat16).cuda()
+    m.load_state_dict(_seeded_eager(cfg).state_dict())
+    return m
+
+
+def cuda_models(name: str, head_dim=None):
+    """(eager bf16 on CUDA, eager fp64 on the CPU, longctx bf16 on CUDA) with the weights of
+    models(name); head_dim overrides the family's."""
+    cfg = _config(name, head_dim)
     eager = _seeded_eager(cfg)
     eager64 = copy.deepcopy(eager).double()
     built = []

@@ -1,7 +1,6 @@
 """The accuracy checks of the logit modifiers (softcap, sinks) shared by the CPU and GPU tests
 (tests/flash/test_logit_mods_*.py): outputs and gradients, dsinks included, against the float64
 reference under FlashAttention-3's rule (attention_reference.assert_fa3_close)."""
-import math
 import zlib
 
 import torch
@@ -25,26 +24,33 @@ def make_sinks(h, device="cpu"):
     return (torch.randn(h, device=device) * 2 + 0.5).to(FP32)
 
 
-def assert_grads_close(names, ours, g64, gpt, dtype, lse64, out64, dout, sinks64):
-    """assert_fa3_close for each gradient; dsinks gets one more term in its atol. It sums
-    exp(sinks - lse_i) * D_i over every row of a head, and lse is fp32 (as in every flash
-    kernel): each term carries lse's rounding (a few ulp of |lse|) as a relative error, which the
-    PyTorch reference (its softmax backward never exponentiates lse) does not have. Allowed:
-    4 ulp(max |lse|) * sum_i |term_i|, from the float64 terms."""
+def assert_grads_close(names, ours, g64, gpt, dtype, out, lse, dout, sinks):
+    """assert_fa3_close for dq, dk and dv. dsinks is checked against its definition,
+    -sum_i exp(sinks - lse_i) * D_i with D_i = dout_i . out_i, evaluated in float64 on the
+    forward's own out and lse (the stored values every flash backward uses; their accuracy is
+    checked by assert_fa3_close in check_case). Against the float64 model instead, dsinks carries
+    the forward's bf16 rounding (P and out) through a sum with cancellation, on no scale of
+    PyTorch's bf16 softmax backward: a float64 emulation of a flash kernel's rounding points
+    exceeded 2x PyTorch's error on 2 of 6 random cases. Allowed: fp32 arithmetic, (rows + head_dim
+    + 16) ulp of sum_i |term_i|."""
     for name, g, r64, rpt in zip(names, ours, g64, gpt):
         assert g.dtype == (FP32 if name == "dsinks" else dtype), name
         if name != "dsinks":
             assert_fa3_close(name, g, r64, rpt, dtype)
             continue
-        varlen = lse64.dim() == 2  # (heads, total_q); batched (batch, heads, seqlen_q)
-        d = (dout.double() * out64.detach()).sum(-1)  # (.., rows, heads)
+        varlen = lse.dim() == 2  # (heads, total_q); batched (batch, heads, seqlen_q)
+        d = (dout.double() * out.detach().double()).sum(-1)  # (.., rows, heads)
         d = d.transpose(0, 1) if varlen else d.transpose(1, 2)
-        s = sinks64.detach().view((-1, 1) if varlen else (1, -1, 1))
-        terms = (torch.exp(s - lse64.detach()) * d).abs()
-        terms = terms.sum(1) if varlen else terms.sum((0, 2))
-        ulp = 2.0 ** -23 * 2.0 ** math.ceil(math.log2(lse64.detach().abs().max().item()))
-        err = (g.double() - r64).abs()
-        bound = 2 * (rpt.double() - r64).abs().max() + 1e-6 + 4 * ulp * terms
+        s = sinks.detach().double().view((-1, 1) if varlen else (1, -1, 1))
+        terms = torch.exp(s - lse.detach().double()) * d
+        if varlen:
+            ref, mag, rows = -terms.sum(1), terms.abs().sum(1), terms.shape[1]
+        else:
+            ref, mag = -terms.sum((0, 2)), terms.abs().sum((0, 2))
+            rows = terms.numel() // terms.shape[1]
+        n = rows + out.shape[-1] + 16
+        err = (g.double() - ref).abs()
+        bound = 1e-6 + n * 2.0 ** -24 * mag
         assert (err <= bound).all(), f"dsinks: error {err.tolist()} > bound {bound.tolist()}"
 
 
@@ -66,7 +72,7 @@ def check_case(ours, ref, q, k, v, sinks, dtype, grads=True):
     wrt64 = (q64, k64, v64) + ((s64,) if sinks is not None else ())
     assert_grads_close(("dq", "dk", "dv", "dsinks"), torch.autograd.grad(out, wrt, dout),
                         torch.autograd.grad(out64, wrt64, dout.double(), retain_graph=True),
-                        torch.autograd.grad(out_pt, wrt, dout), dtype, lse64, out64, dout, s64)
+                        torch.autograd.grad(out_pt, wrt, dout), dtype, out, lse, dout, sinks)
     return out, lse
 
 
