@@ -84,9 +84,8 @@ class _Rounded(torch.autograd.Function):
                 None, None, None, None)
 
 
-def rounded_attention(module, query, key, value, attention_mask, dropout=0.0,
-                             scaling=None, sliding_window=None, softcap=None, is_causal=None,
-                             s_aux=None, **kwargs):
+def rounded_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      sliding_window=None, softcap=None, is_causal=None, s_aux=None, **kwargs):
     """transformers' attention-function contract, (batch, heads, seq, dim) in and
     ((batch, seq, heads, dim), None) out."""
     if attention_mask is not None or (dropout and module.training):
@@ -94,8 +93,8 @@ def rounded_attention(module, query, key, value, attention_mask, dropout=0.0,
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
     out = _Rounded.apply(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                               s_aux, scale, causal, window_size_for(sliding_window, causal),
-                               float(softcap or 0.0))
+                         s_aux, scale, causal, window_size_for(sliding_window, causal),
+                         float(softcap or 0.0))
     return out, None
 
 

@@ -155,13 +155,18 @@ def _config(name: str, head_dim=None):
     return cfg
 
 
+def _on_cuda(cfg, attn: str, eager):
+    """A bf16 copy of the eager model `eager` on CUDA under attn_implementation attn."""
+    m = _build(cfg, attn, torch.bfloat16).cuda()
+    m.load_state_dict(eager.state_dict())
+    return m
+
+
 def cuda_model(name: str, attn: str, head_dim=None):
     """The bf16 model of name on CUDA under attn_implementation attn, with models(name)'s
     weights; head_dim overrides the family's."""
     cfg = _config(name, head_dim)
-    m = _build(cfg, attn, torch.bfloat16).cuda()
-    m.load_state_dict(_seeded_eager(cfg).state_dict())
-    return m
+    return _on_cuda(cfg, attn, _seeded_eager(cfg))
 
 
 def cuda_models(name: str, head_dim=None):
@@ -169,10 +174,5 @@ def cuda_models(name: str, head_dim=None):
     models(name); head_dim overrides the family's."""
     cfg = _config(name, head_dim)
     eager = _seeded_eager(cfg)
-    eager64 = copy.deepcopy(eager).double()
-    built = []
-    for attn in ("eager", "longctx"):
-        m = _build(cfg, attn, torch.bfloat16).cuda()
-        m.load_state_dict(eager.state_dict())
-        built.append(m)
-    return built[0], eager64, built[1]
+    return (_on_cuda(cfg, "eager", eager), copy.deepcopy(eager).double(),
+            _on_cuda(cfg, "longctx", eager))
