@@ -90,7 +90,7 @@ bool conflict_free(const uint32_t (&a)[32]) {
   return true;
 }
 
-// The tile layout of P pieces per key row (64-, 128-, 256-byte rows): copy destinations are the
+// The tile layout of P pieces per key row (64- to 512-byte rows): copy destinations are the
 // reads' offsets and a permutation of the tile; copies, K reads (pieces 4 u + c of key 8 h + r)
 // and 16-byte V reads (pieces r P / 8 + i of key 2 c + e0 + 8 e1, rows of >= 128 bytes) are
 // conflict-free (decode_mma_tile.cuh's fragment maps, lane = 4 r + c).
@@ -151,12 +151,14 @@ int main() {
   Pool mha = with(kBf16, 128, 32);
   mha.hk = 32;
   expect(mha, K::kStaged, "16-bit d128 bs32, 32 kv heads");
+  expect(with(kBf16, 256, 16), K::kStaged, "16-bit d256 bs16");
+  expect(with(kBf16, 192, 16), K::kStaged, "16-bit d192 bs16 (width 256)");
   // ... and the fallbacks: register kernel at d128, CUDA cores at d64 / d256
   expect(with(kBf16, 128, 8), K::kMma, "16-bit d128 bs8");
   expect(with(kBf16, 128, 24), K::kMma, "16-bit d128 bs24");
   expect(with(kBf16, 128, 1), K::kMma, "16-bit d128 bs1");
   expect(with(kBf16, 64, 8), K::kCudaCores, "16-bit d64 bs8");
-  expect(with(kBf16, 256, 16), K::kCudaCores, "16-bit d256 bs16");
+  expect(with(kBf16, 256, 8), K::kCudaCores, "16-bit d256 bs8");
   Pool huge = with(kBf16, 128, 16);
   huge.slot_stride = int64_t(1) << 26;  // 16 slots = 2^31 bytes: past the int32 copy offsets
   expect(huge, K::kMma, "16-bit d128 bs16, 2^26-element slot stride");
@@ -180,7 +182,8 @@ int main() {
     mis.base = 4096 + 8;
     expect(mis, K::kCudaCores, i8 ? "int8 d128 8-byte aligned pool" : "fp8 8-byte aligned pool");
     expect(with(f, 128, 8), K::kMma, i8 ? "int8 d128 bs8" : "fp8 d128 bs8");
-    expect(with(f, 256, 16), K::kCudaCores, i8 ? "int8 d256" : "fp8 d256");
+    expect(with(f, 256, 16), K::kStaged, i8 ? "int8 d256" : "fp8 d256");
+    expect(with(f, 256, 8), K::kCudaCores, i8 ? "int8 d256 bs8" : "fp8 d256 bs8");
   }
   Pool slot = with(kInt8, 128, 16);
   slot.slot_major_scales = true;
@@ -201,9 +204,9 @@ int main() {
             decode_kernel_head_dim(128) == 128 && decode_kernel_head_dim(136) == 256 &&
             decode_kernel_head_dim(192) == 256 && decode_kernel_head_dim(256) == 256,
         "kernel width: the next of 64, 128, 256");
-  // 16-bit rows are whole 16-byte pieces at every multiple of 8: staged at d <= 128 (page size a
-  // multiple of 16), register at 72..128 with page size 8, CUDA cores past 128. 8-bit rows are
-  // whole pieces where d is a multiple of 16; 8-byte rows (d = 40, 72) take the CUDA cores.
+  // 16-bit rows are whole 16-byte pieces at every multiple of 8: staged at every width (page size
+  // a multiple of 16), else register at 72..128 and CUDA cores past 128. 8-bit rows are whole
+  // pieces where d is a multiple of 16; 8-byte rows (d = 40, 72, 200) take the CUDA cores.
   struct Between {
     Format f;
     int d, bs;
@@ -213,14 +216,16 @@ int main() {
       {kBf16, 96, 16, K::kStaged},      {kBf16, 96, 64, K::kStaged},
       {kBf16, 72, 16, K::kStaged},      {kBf16, 40, 16, K::kStaged},
       {kBf16, 8, 16, K::kStaged},       {kBf16, 96, 8, K::kMma},
-      {kBf16, 40, 8, K::kCudaCores},    {kBf16, 192, 16, K::kCudaCores},
+      {kBf16, 40, 8, K::kCudaCores},    {kBf16, 192, 16, K::kStaged},
+      {kBf16, 200, 16, K::kStaged},     {kBf16, 192, 8, K::kCudaCores},
       {kInt8, 96, 16, K::kStaged},      {kFp8, 96, 16, K::kStaged},
       {kInt8, 80, 64, K::kStaged},      {kFp8, 80, 64, K::kStaged},
       {kInt8, 48, 16, K::kStaged},      {kFp8, 48, 16, K::kStaged},
       {kInt8, 96, 8, K::kMma},          {kFp8, 96, 8, K::kMma},
       {kInt8, 72, 16, K::kCudaCores},   {kFp8, 72, 16, K::kCudaCores},
       {kInt8, 40, 16, K::kCudaCores},   {kFp8, 40, 16, K::kCudaCores},
-      {kInt8, 192, 16, K::kCudaCores},  {kFp8, 192, 16, K::kCudaCores},
+      {kInt8, 192, 16, K::kStaged},     {kFp8, 192, 16, K::kStaged},
+      {kInt8, 200, 16, K::kCudaCores},  {kFp8, 200, 16, K::kCudaCores},
   };
   for (const Between& w : between) {
     char what[64];
@@ -242,16 +247,23 @@ int main() {
   slot96.slot_major_scales = true;
   expect(slot96, K::kStagedLineScales, "int8 d96 slot-major scales, 8 kv heads");
 
-  // pipeline depth: 8 KiB stages (16-bit d128) 3 deep, 4 KiB and smaller 6, line scales 5
+  // pipeline depth: 8 KiB stages (16-bit d128) 3 deep, 4 KiB and smaller 6, line scales 5;
+  // width 256: 3 (16 KiB 16-bit stages at 1 CTA per SM, 8-bit at 2)
   check(staged_stages(kBf16, 128, false) == 3, "stages 16-bit d128 = 3");
   check(staged_stages(kBf16, 64, false) == 6, "stages 16-bit d64 = 6");
   check(staged_stages(kFp8, 128, false) == 6, "stages fp8 d128 = 6");
   check(staged_stages(kInt8, 64, false) == 6, "stages int8 d64 = 6");
   check(staged_stages(kInt8, 128, true) == 5, "stages int8 line scales = 5");
+  check(staged_stages(kBf16, 256, false) == 3 && staged_ctas_per_sm(kBf16, 256) == 1,
+        "16-bit d256: 3 stages, 1 CTA per SM");
+  check(staged_stages(kFp8, 256, false) == 3 && staged_stages(kInt8, 256, true) == 3 &&
+            staged_ctas_per_sm(kInt8, 256) == 2 && staged_ctas_per_sm(kBf16, 128) == 2,
+        "8-bit d256: 3 stages, 2 CTAs per SM");
 
   check_layout<4>("64-byte rows (8-bit d64)");
   check_layout<8>("128-byte rows (8-bit d128, 16-bit d64)");
-  check_layout<16>("256-byte rows (16-bit d128)");
+  check_layout<16>("256-byte rows (16-bit d128, 8-bit d256)");
+  check_layout<32>("512-byte rows (16-bit d256)");
 
   // split count (GQA 32/8 batch 1: 8 row tiles; 2 CTAs x 132 SMs) and the tile deal
   check(choose_splits(8, 2, 132, 131072) == 33, "128K b1 on 2 x 132 slots: 33 splits");

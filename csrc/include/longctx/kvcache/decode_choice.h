@@ -10,15 +10,16 @@
 //
 // Kernel choice (every decode kernel runs 128 threads on the grid (kv_heads x row tiles, splits,
 // batch)), by D:
-//   - D = 64 or 128 and a layout that allows 16-byte copies (staged_decode_ok: key rows of whole
-//     16-byte pieces, d x bytes a multiple of 16), any format: the cp.async-staged tensor-core
-//     kernel (decode_staged.cuh), 2 CTAs per SM; int8 scales slot-major with kv_heads <= 8
-//     (staged_line_scales_ok) take its line-copy variant;
+//   - a layout that allows 16-byte copies (staged_decode_ok: key rows of whole 16-byte pieces,
+//     d x bytes a multiple of 16), any format and width: the cp.async-staged tensor-core kernel
+//     (decode_staged.cuh), 2 CTAs per SM (1 for 16-bit caches at D = 256, whose 16 KiB tiles
+//     fill an SM's shared memory at 3 stages of 4 warps); int8 scales slot-major with
+//     kv_heads <= 8 (staged_line_scales_ok) take its line-copy variant;
 //   - otherwise D = 128 with 16-byte-aligned key rows of whole 16-byte pieces
 //     (rows_16b_aligned): the register tensor-core kernel (decode_mma.cuh), the fallback for
 //     layouts the staged kernel cannot take with such rows: a page size that is not a multiple
 //     of 16, a slot stride too large for the staged kernel's int32 copy offsets);
-//   - the rest (D = 256; D = 64 off the staged kernel's layouts; 8-bit rows aligned to 8 bytes
+//   - the rest (D = 64 and 256 off the staged kernel's layouts; 8-bit rows aligned to 8 bytes
 //     only, e.g. d an odd multiple of 8): the CUDA-core kernel (decode_cuda_cores.cuh), whose
 //     loads are 8 elements.
 #pragma once
@@ -107,20 +108,29 @@ inline bool staged_line_scales_ok(const PagedKV& c) {
 // The kernel that serves this cache (see the header).
 inline DecodeKind decode_kind(const PagedKV& c) {
   const int D = decode_kernel_head_dim(c.head_dim);
-  if ((D == 64 || D == 128) && staged_decode_ok(c))
+  if (staged_decode_ok(c))
     return staged_line_scales_ok(c) ? DecodeKind::kStagedLineScales : DecodeKind::kStaged;
   if (D == 128 && rows_16b_aligned(c)) return DecodeKind::kMma;
   return DecodeKind::kCudaCores;
 }
 
-// Stages of the staged kernel's per-warp ring at 2 CTAs (8 warps) per SM. A warp refills the
-// stage it has just read before computing on it, so S tiles per warp are in flight during its
-// math: 24 KiB per warp, 192 KiB per SM, with K and V of a 16-key tile at 4 KiB (8-bit codes at
-// D = 128, 16-bit at D = 64: 6 stages) or 8 KiB (16-bit at D = 128: 3 stages, 96 KiB of ring
-// per CTA; 4 would not fit 2 CTAs in 228 KiB). 8-bit at D = 64 keeps 6 stages of 2 KiB. The
-// int8 line-scale stage holds 1 KiB more scales: 5 stages, so 2 CTAs still fit.
+// Stages of the staged kernel's per-warp ring. A warp refills the stage it has just read before
+// computing on it, so S tiles per warp are in flight during its math: 192 KiB per SM. At 2 CTAs
+// (8 warps) per SM, 24 KiB per warp, with K and V of a 16-key tile at 4 KiB (8-bit codes at
+// D = 128, 16-bit at D = 64: 6 stages) or 8 KiB (16-bit at D = 128, 8-bit at D = 256: 3 stages,
+// 96 KiB of ring per CTA; 4 would not fit 2 CTAs in 228 KiB). 8-bit at D = 64 keeps 6 stages of
+// 2 KiB. The int8 line-scale stage holds 1 KiB more scales: 5 stages, so 2 CTAs still fit (3 at
+// D = 256: 9 KiB stages). 16-bit at D = 256 (16 KiB tiles): 3 stages, 192 KiB for the one CTA
+// per SM (staged_ctas_per_sm).
 constexpr int staged_stages(Format f, int head_dim, bool line_scales) {
+  if (head_dim == 256) return 3;
   return line_scales ? 5 : (f == Format::kNative && head_dim == 128) ? 3 : 6;
+}
+
+// CTAs per SM the staged kernel is built for (its __launch_bounds__ minimum): 1 where a CTA's
+// ring is 192 KiB (16-bit at D = 256), else 2.
+constexpr int staged_ctas_per_sm(Format f, int head_dim) {
+  return f == Format::kNative && head_dim == 256 ? 1 : 2;
 }
 
 // Split count for `base` CTAs of `occ` per SM. A call's time goes as waves / splits (each CTA

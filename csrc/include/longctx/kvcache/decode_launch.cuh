@@ -10,10 +10,11 @@
 // decode_kernel_head_dim(d), 64, 128 or 256, the next compiled width up: the copies and loads
 // read d columns of a key row, the columns past d are zeros in the math, and d columns are
 // stored (outputs, split partials, merge).
-//   - D = 64/128 caches of any format whose layout allows 16-byte copies
-//     (staged_decode_ok: every 16-bit pool whose page size is a multiple of 16; 8-bit pools
-//     need d a multiple of 16): the cp.async-staged tensor-core kernel (decode_staged.cuh), 2
-//     CTAs per SM, staged_stages() deep (6 stages of 4 KiB, 3 of 8 KiB for 16-bit at D = 128);
+//   - caches of any format and width whose layout allows 16-byte copies (staged_decode_ok:
+//     every 16-bit pool whose page size is a multiple of 16; 8-bit pools need d a multiple of
+//     16): the cp.async-staged tensor-core kernel (decode_staged.cuh), 2 CTAs per SM (1 for
+//     16-bit at D = 256), staged_stages() deep (6 stages of 4 KiB; 3 of 8 KiB for 16-bit at
+//     D = 128 and 8-bit at D = 256; 3 of 16 KiB for 16-bit at D = 256);
 //     int8 scales copied per key (16 K and 16 V scales of a tile, two 64-byte requests where the
 //     scales are head-major, as PagedKVCache stores them), or, where the scales are slot-major
 //     with kv_heads <= 8 (staged_line_scales_ok), as whole 16-byte line copies of all kv heads'
@@ -21,7 +22,7 @@
 //   - the fallback for D = 128 layouts the staged kernel cannot take (page size not a
 //     multiple of 16) whose key rows are 16-byte aligned whole pieces (rows_16b_aligned): the
 //     register tensor-core kernel (decode_mma.cuh), whose loads are 16 bytes;
-//   - the rest (D = 256; D = 64 off the staged layouts; 8-bit rows aligned to 8 bytes only):
+//   - the rest (D = 64 and 256 off the staged layouts; 8-bit rows aligned to 8 bytes only):
 //     the CUDA-core kernel (decode_cuda_cores.cuh), whose 8-bit loads are 8 bytes.
 // Then, with more than one split, the merge kernel (decode_merge.cuh). Both launches are
 // programmatic dependent on sm_90 (grid_dependency.cuh): the same ordering, the launch latency
@@ -96,7 +97,8 @@ struct DecodeKernel {
                                   kKind == DecodeKind::kStagedLineScales;
   static constexpr bool kLineScales = kKind == DecodeKind::kStagedLineScales;
   static constexpr bool kMma = kKind == DecodeKind::kMma;
-  static constexpr int kStages = staged_stages(F, D, kLineScales);  // 2 CTAs per SM
+  static constexpr int kStages = staged_stages(F, D, kLineScales);
+  static constexpr int kStagedCtas = staged_ctas_per_sm(F, D);
   static constexpr int smem_bytes() {
     if constexpr (kStaged) {
       return cuda::StagedLayout<F, D, kStages, kLineScales>::kSmemBytes;
@@ -106,7 +108,7 @@ struct DecodeKernel {
   }
   static constexpr auto fn() {
     if constexpr (kStaged) {
-      return &cuda::kvcache_decode_staged_kernel<T, F, D, GT, kStages, 2, kLineScales>;
+      return &cuda::kvcache_decode_staged_kernel<T, F, D, GT, kStages, kStagedCtas, kLineScales>;
     } else if constexpr (kMma) {
       return &cuda::kvcache_decode_mma_kernel<T, F, D, GT, F == Format::kNative ? 1 : 2, 1>;
     } else {
@@ -134,13 +136,11 @@ template <typename T, Format F, int D, int GT, typename Fn>
 decltype(auto) with_decode_kernel_gt(const AttnParams& p, Fn&& f) {
   using Kind = DecodeKind;
   const Kind kind = decode_kind(p.cache);
-  if constexpr (D == 64 || D == 128) {
-    if constexpr (F == Format::kInt8) {
-      if (kind == Kind::kStagedLineScales)
-        return f(DecodeKernel<T, F, D, GT, Kind::kStagedLineScales>{});
-    }
-    if (kind == Kind::kStaged) return f(DecodeKernel<T, F, D, GT, Kind::kStaged>{});
+  if constexpr (F == Format::kInt8) {
+    if (kind == Kind::kStagedLineScales)
+      return f(DecodeKernel<T, F, D, GT, Kind::kStagedLineScales>{});
   }
+  if (kind == Kind::kStaged) return f(DecodeKernel<T, F, D, GT, Kind::kStaged>{});
   if constexpr (D == 128) {
     if (kind == Kind::kMma) return f(DecodeKernel<T, F, D, GT, Kind::kMma>{});
   }

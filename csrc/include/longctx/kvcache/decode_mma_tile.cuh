@@ -258,6 +258,17 @@ struct MmaRowState {
   // online softmax, O += P V. qscale = score_scale().
   __device__ __forceinline__ void consume(const MmaTileFrags<F, D>& L, int t0, int lo, int hi,
                                           const uint32_t (&qa)[kSteps][2], float qscale, int c) {
+    uint32_t pa[2];
+    scores(L, t0, lo, hi, qa, qscale, c, pa);
+    accumulate(L, pa);
+  }
+
+  // consume's two halves, for a caller that reads L.v only after the scores (the staged kernel
+  // at D = 256, where K and V fragments together would not fit the registers). scores uses
+  // L.k, L.kscale, L.vscale and L.svalid and leaves P (A fragments) in pa; accumulate uses L.v.
+  __device__ __forceinline__ void scores(const MmaTileFrags<F, D>& L, int t0, int lo, int hi,
+                                         const uint32_t (&qa)[kSteps][2], float qscale, int c,
+                                         uint32_t (&pa)[2]) {
     float sacc[2][4];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -315,11 +326,14 @@ struct MmaRowState {
       l += pr[e];
       if constexpr (F == Format::kInt8) pr[e] *= L.vscale[e];
     }
-    const uint32_t pa0 = pack2(pr[0], pr[1], kBf16);  // keys 2c, 2c+1
-    const uint32_t pa2 = pack2(pr[2], pr[3], kBf16);  // keys 2c+8, 2c+9
+    pa[0] = pack2(pr[0], pr[1], kBf16);  // keys 2c, 2c+1
+    pa[1] = pack2(pr[2], pr[3], kBf16);  // keys 2c+8, 2c+9
+  }
 
-    // O += P V: n-block jb takes byte jb % 4 of word jb / 4 of the four keys; 8-bit codes are
-    // paired per two n-blocks (one byte permute gives (k0.b, k1.b, k0.b+1, k1.b+1)).
+  // O += P V: n-block jb takes byte jb % 4 of word jb / 4 of the four keys; 8-bit codes are
+  // paired per two n-blocks (one byte permute gives (k0.b, k1.b, k0.b+1, k1.b+1)).
+  __device__ __forceinline__ void accumulate(const MmaTileFrags<F, D>& L,
+                                             const uint32_t (&pa)[2]) {
 #pragma unroll
     for (int jb = 0; jb < kNB; jb += 2) {
       uint32_t b0[2], b1[2];
@@ -340,7 +354,7 @@ struct MmaRowState {
 #pragma unroll
       for (int x = 0; x < 2; ++x) {
         float acc[4] = {o[jb + x][0], o[jb + x][1], 0.f, 0.f};
-        mma16816<kBf16>(acc, pa0, 0u, pa2, 0u, b0[x], b1[x]);
+        mma16816<kBf16>(acc, pa[0], 0u, pa[1], 0u, b0[x], b1[x]);
         o[jb + x][0] = acc[0];
         o[jb + x][1] = acc[1];
       }

@@ -1,5 +1,5 @@
-// Split-KV decode over a paged KV cache of any format (bf16 / fp16, int8, fp8 e4m3), width D = 64
-// or 128 (head_dim d <= D, whole 16-byte pieces per key row): tensor cores fed from a cp.async
+// Split-KV decode over a paged KV cache of any format (bf16 / fp16, int8, fp8 e4m3), width D = 64,
+// 128 or 256 (head_dim d <= D, whole 16-byte pieces per key row): tensor cores fed from a cp.async
 // shared-memory pipeline. The kernel for every cache whose layout allows 16-byte copies
 // (staged_decode_ok in decode_choice.h).
 //
@@ -9,7 +9,8 @@
 // in shared memory filled by cp.async (no registers while in flight); a warp reads tile i's
 // fragments, refills its stage with tile i + S, then computes, so S tiles per warp are in flight
 // during the math: with 2 CTAs (8 warps) per SM, 192 KiB per SM for 6 stages of 4 KiB (8-bit
-// codes at D = 128, 16-bit at D = 64) or 3 stages of 8 KiB (16-bit at D = 128; staged_stages).
+// codes at D = 128, 16-bit at D = 64) or 3 stages of 8 KiB (16-bit at D = 128, 8-bit at
+// D = 256); 16-bit at D = 256 runs 1 CTA per SM with 3 stages of 16 KiB (staged_stages).
 //
 // Work decomposition: the grid of decode_mma.cuh (CTA of 4 warps per (kv head x tile of GT <= 8
 // packed GQA rows, split, sequence)), but a split is not a contiguous key range: the row tile's
@@ -111,7 +112,7 @@ struct StagedLayout {
 template <typename T, Format F, int D, int GT, int S, int MinBlocks, bool kLineScales = false>
 __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     kvcache_decode_staged_kernel(const AttnParams p, int m_tiles) {
-  static_assert(D == 64 || D == 128, "staged decode: head_dim 64 or 128");
+  static_assert(D == 64 || D == 128 || D == 256, "staged decode: width 64, 128 or 256");
   static_assert(GT <= 8, "staged decode: at most 8 packed rows per CTA");
   static_assert(S >= 2, "staged decode: at least two stages");
   using Lay = StagedLayout<F, D, S, kLineScales>;
@@ -266,8 +267,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     cp_async_commit();
   };
 
-  // The fragments of tile i from its stage (see MmaTileFrags for the maps).
-  auto read_frags = [&](int i, Frags& L) {
+  // The fragments of tile i from its stage (see MmaTileFrags for the maps): K's, the keys'
+  // validity and int8 scales (read_k_frags), then V's (read_v_frags).
+  auto read_k_frags = [&](int i, Frags& L) {
     const uint8_t* stage = ring + (i % S) * Lay::kStageBytes;
     const int t0 = tile_t0(i);
     const bool page_ok = (stage_ok >> (i % S)) & 1u;
@@ -284,8 +286,28 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int key = 2 * c + (e & 1) + 8 * (e >> 1);
-      // bytes [r kVBytes, (r + 1) kVBytes) of the row: pieces 2 r, 2 r + 1 (16-bit, D = 128),
-      // piece r (8-bit at D = 128, 16-bit at D = 64) or half of piece r / 2 (8-bit, D = 64)
+      L.svalid[e] = page_ok && t0 + key < khi;
+      if constexpr (kLineScales) {
+        const float* sc = reinterpret_cast<const float*>(stage + Lay::kScaleOff);
+        L.kscale[e] = L.svalid[e] ? sc[key * cache.kv_heads + hk] : 0.f;
+        L.vscale[e] = L.svalid[e] ? sc[Lay::kScaleBytes / 4 + key * cache.kv_heads + hk] : 0.f;
+      } else if constexpr (F == Format::kInt8) {
+        const float* sc = reinterpret_cast<const float*>(stage + Lay::kScaleOff);
+        L.kscale[e] = sc[key];
+        L.vscale[e] = sc[kMmaTile + key];
+      } else {
+        L.kscale[e] = L.vscale[e] = 1.f;
+      }
+    }
+  };
+  auto read_v_frags = [&](int i, Frags& L) {
+    const uint8_t* stage = ring + (i % S) * Lay::kStageBytes;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = 2 * c + (e & 1) + 8 * (e >> 1);
+      // bytes [r kVBytes, (r + 1) kVBytes) of the row: pieces 4 r .. 4 r + 3 (16-bit, D = 256),
+      // pieces 2 r, 2 r + 1 (16-bit at D = 128, 8-bit at D = 256), piece r (8-bit at D = 128,
+      // 16-bit at D = 64) or half of piece r / 2 (8-bit, D = 64)
       const int byte = r * Frags::kVBytes;
       const uint8_t* vstage = stage + Lay::kTileBytes;
       if constexpr (Frags::kVWords >= 4) {
@@ -304,18 +326,6 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
         L.v[e][0] = x.x;
         L.v[e][1] = x.y;
       }
-      L.svalid[e] = page_ok && t0 + key < khi;
-      if constexpr (kLineScales) {
-        const float* sc = reinterpret_cast<const float*>(stage + Lay::kScaleOff);
-        L.kscale[e] = L.svalid[e] ? sc[key * cache.kv_heads + hk] : 0.f;
-        L.vscale[e] = L.svalid[e] ? sc[Lay::kScaleBytes / 4 + key * cache.kv_heads + hk] : 0.f;
-      } else if constexpr (F == Format::kInt8) {
-        const float* sc = reinterpret_cast<const float*>(stage + Lay::kScaleOff);
-        L.kscale[e] = sc[key];
-        L.vscale[e] = sc[kMmaTile + key];
-      } else {
-        L.kscale[e] = L.vscale[e] = 1.f;
-      }
     }
   };
 
@@ -333,10 +343,22 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     cp_async_wait<S - 1>();
     __syncwarp();
     Frags L;
-    read_frags(i, L);
-    __syncwarp();  // every lane has read stage i % S before it is refilled
-    issue(i + S);
-    st.consume(L, tile_t0(i), lo, hi, qa, qscale, c);
+    read_k_frags(i, L);
+    if constexpr (D == 256) {
+      // K and V fragments together (128 registers at 16-bit) would spill: V is read after the
+      // scores, and the stage refilled after that.
+      uint32_t pa[2];
+      st.scores(L, tile_t0(i), lo, hi, qa, qscale, c, pa);
+      read_v_frags(i, L);
+      __syncwarp();  // every lane has read stage i % S before it is refilled
+      issue(i + S);
+      st.accumulate(L, pa);
+    } else {
+      read_v_frags(i, L);
+      __syncwarp();  // every lane has read stage i % S before it is refilled
+      issue(i + S);
+      st.consume(L, tile_t0(i), lo, hi, qa, qscale, c);
+    }
   }
   cp_async_wait<0>();
   // The merge kernel may launch once every CTA is here (grid_dependency.cuh).
