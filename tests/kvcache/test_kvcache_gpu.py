@@ -358,6 +358,8 @@ DECODE_CASES = [  # h, hk, d, bs, causal, window
     (4, 4, 64, 7, False, (-1, -1)),      # MHA, odd page size (8-bit: the CUDA-core kernel)
     (8, 2, 64, 16, True, (-1, -1)),      # head_dim 64 through the staged kernel (8-bit)
     (16, 1, 256, 32, True, (100, -1)),   # group 16: two row tiles; sliding window
+    (8, 2, 256, 16, True, (-1, -1)),     # width 256 on the staged kernel, GQA 4
+    (4, 4, 256, 8, False, (-1, -1)),     # width 256, page size 8: the CUDA-core kernel
     (6, 2, 128, 64, False, (40, 7)),     # group 3 (tile of 4 with an inactive row), 2-sided
     (12, 3, 128, 32, False, (-1, -1)),   # 3 kv heads: int8 line scales of 12 pieces per pool
     (16, 16, 128, 16, True, (-1, -1)),   # 16 kv heads: slot-major int8 scales copied per key
