@@ -441,9 +441,9 @@ def test_decode_16bit_staged_odd_lengths(cache_dtype, h, hk, d, bs, splits):
 # rows (2 d bytes) and 8-bit rows with d a multiple of 16 are whole 16-byte pieces: the staged
 # kernel at every width (page size a multiple of 16), else the register kernel at D = 128 and
 # the CUDA-core kernel at D = 64 and 256 (page size 8); 8-bit rows of an odd multiple of 8 bytes
-# (d = 40, 72) run the CUDA-core kernel. With poison, the pools' head rows are D elements whose columns past d hold 0x7F bytes
-# (NaN / 3e38 / int8 127, _device_pools) and q's rows carry 8 NaN columns past d: a kernel that
-# read a column past d would fail.
+# (d = 40, 72) run the CUDA-core kernel. With poison, the pools' head rows are D elements whose
+# columns past d hold 0x7F bytes (NaN / 3e38 / int8 127, _device_pools) and q's rows carry 8 NaN
+# columns past d: a kernel that read a column past d would fail.
 PAD_DIMS = [96, 80, 40, 72, 192]
 PAD_CASES = [  # h, hk, bs, causal, window
     (32, 8, 16, True, (-1, -1)),   # GQA 32/8, page 16
