@@ -18,6 +18,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import flash_attention_mask
 
+from attention_reference import visible_mask
 from longctx.integrations.transformers import window_size_for
 
 NAME = "rounded_ref"  # no "flash" in it: transformers takes such names for its flash kernels
@@ -27,16 +28,7 @@ def _scores(q, k, scale, causal, window, softcap):
     """(S before the cap, S after the cap and the mask), (batch, heads, sq, sk) in float64."""
     s0 = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     s = softcap * torch.tanh(s0 / softcap) if softcap else s0
-    sq, sk = q.shape[1], k.shape[1]
-    i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)  # bottom-right aligned
-    j = torch.arange(sk, device=q.device)[None]
-    keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
-    if causal:
-        keep &= j <= i
-    if window[0] >= 0:
-        keep &= j >= i - window[0]
-    if window[1] >= 0:
-        keep &= j <= i + window[1]
+    keep = visible_mask(q.shape[1], k.shape[1], causal, window, q.device)
     return s0, s.masked_fill(~keep, float("-inf"))
 
 

@@ -25,8 +25,8 @@ INT8, FP8 = torch.int8, torch.float8_e4m3fn
 FMT_IDS = {BF16: "bf16", FP16: "fp16", INT8: "int8", FP8: "fp8"}
 
 
-def _kvcache_cuda_compiled():
-    return any(k["family"] == "kvcache" and k["device"] == "cuda"
+def _cuda_compiled(family):
+    return any(k["family"] == family and k["device"] == "cuda"
                for k in longctx.build_info()["kernels"])
 
 
@@ -42,7 +42,7 @@ def _needs_kernels():
         pytest.skip("needs a CUDA GPU")
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the kvcache kernels need a Hopper GPU (sm_90)")
-    if not _kvcache_cuda_compiled():
+    if not _cuda_compiled("kvcache"):
         pytest.skip("kvcache CUDA kernels not compiled in this build")
 
 
@@ -142,8 +142,7 @@ def test_append_matches_cpu(cache_dtype, dtype, bs, d):
 @pytest.mark.parametrize("d", [128, 96], ids=["d128", "d96"])
 def test_append_rope_equals_apply_rope_then_append(cache_dtype, interleaved, partial, scaling, d):
     """head_dim 96: Phi-3's (LongRoPE models), partial rotary 64 of it."""
-    if not any(k["family"] == "rope" and k["device"] == "cuda"
-               for k in longctx.build_info()["kernels"]):
+    if not _cuda_compiled("rope"):
         pytest.skip("the CUDA RoPE kernels are not compiled in this build")
     gen = torch.Generator().manual_seed(2)
     hk, bs = 2, 16
