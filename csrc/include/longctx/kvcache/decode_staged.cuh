@@ -344,19 +344,16 @@ __global__ void __launch_bounds__(kMmaWarps * 32, MinBlocks)
     __syncwarp();
     Frags L;
     read_k_frags(i, L);
+    // D = 256: K and V fragments together (128 registers at 16-bit) would spill, so the scores
+    // come first and V is read (and the stage refilled) after them.
+    uint32_t pa[2];
+    if constexpr (D == 256) st.scores(L, tile_t0(i), lo, hi, qa, qscale, c, pa);
+    read_v_frags(i, L);
+    __syncwarp();  // every lane has read stage i % S before it is refilled
+    issue(i + S);
     if constexpr (D == 256) {
-      // K and V fragments together (128 registers at 16-bit) would spill: V is read after the
-      // scores, and the stage refilled after that.
-      uint32_t pa[2];
-      st.scores(L, tile_t0(i), lo, hi, qa, qscale, c, pa);
-      read_v_frags(i, L);
-      __syncwarp();  // every lane has read stage i % S before it is refilled
-      issue(i + S);
       st.accumulate(L, pa);
     } else {
-      read_v_frags(i, L);
-      __syncwarp();  // every lane has read stage i % S before it is refilled
-      issue(i + S);
       st.consume(L, tile_t0(i), lo, hi, qa, qscale, c);
     }
   }
