@@ -19,6 +19,11 @@
 //    page ids (with validate=False too), since the gathered keys could not be masked otherwise.
 //    With a left window only the keys some query can see are gathered (and, for packed queries,
 //    cu_seqlens_q is read on the host too). num_splits is ignored there.
+//  - mixed batches (packed queries whose leading sequences are decode rows, as continuous-
+//    batching servers order them): that path reads cu_seqlens_q on the host and runs the
+//    leading sequences of at most 32 packed rows per kv head on the decode kernels and the rest
+//    on the chunked prefill (attend_mixed), instead of making every decode row a 128-row tile of
+//    the forward kernel over its gathered context.
 // Both paths take softcap and sinks (logit_mods.h): the decode kernels cap their scores and add
 // the sink where a final row is written (decode_common.cuh, decode_merge.cuh); the prefill passes
 // both to the forward kernel.
@@ -230,6 +235,51 @@ bool is_decode(const at::Tensor& q, const at::Tensor& k_cache, int64_t seqlen_q)
   return seqlen_q * std::max<int64_t>(group, 1) <= kc::kDecodeMaxRows;
 }
 
+// Mixed batches: the number of leading sequences of a packed batch (cu_seqlens_q on the host)
+// that the decode path serves, at most kDecodeMaxRows packed rows per kv head each.
+int leading_decode_seqs(const at::Tensor& cu_q_host, int batch, int64_t group) {
+  const int32_t* cu = cu_q_host.data_ptr<int32_t>();
+  int nd = 0;
+  while (nd < batch && int64_t(cu[nd + 1] - cu[nd]) * group <= kc::kDecodeMaxRows) ++nd;
+  return nd;
+}
+
+// The longest query of sequences [b0, b1) (cu_seqlens_q on the host).
+int max_query_len(const int32_t* cu, int b0, int b1) {
+  int m = 0;
+  for (int b = b0; b < b1; ++b) m = std::max(m, cu[b + 1] - cu[b]);
+  return m;
+}
+
+// A packed batch whose first nd sequences (0 < nd < batch) are decode rows: those run the decode
+// kernels on the first cu[nd] rows (the same pointers, fewer sequences), the others the chunked
+// prefill on views of the rest (their rows, cache lengths, block-table rows and lse columns,
+// cu_seqlens_q rebased to 0 on the device). Same stream, so out and lse are written in order.
+void attend_mixed(const KVCacheAttnCall& c, const at::Tensor& cu_q_host, int nd,
+                  cudaStream_t stream) {
+  const kvcache::AttnParams& p = c.params;
+  const int batch = p.cache.batch;
+  const int32_t* cu = cu_q_host.data_ptr<int32_t>();
+  const int64_t rows_d = cu[nd], rows_p = int64_t(cu[batch]) - rows_d;
+
+  kvcache::AttnParams pd = p;
+  pd.cache.batch = nd;
+  pd.total_q = rows_d;
+  pd.seqlen_q = max_query_len(cu, 0, nd);
+  run_decode(pd, c.q, c.num_splits, stream);
+
+  kvcache::AttnParams pp = p;
+  pp.cache.batch = batch - nd;
+  pp.cache.block_table = p.cache.block_table + int64_t(nd) * p.cache.block_table_stride;
+  pp.cache.cache_seqlens = p.cache.cache_seqlens + nd;
+  pp.total_q = rows_p;
+  pp.seqlen_q = max_query_len(cu, nd, batch);
+  const at::Tensor cu_p = c.cu_seqlens_q->narrow(0, nd, batch - nd + 1) - cu[nd];
+  prefill_gather_fwd(c.q.narrow(0, rows_d, rows_p), pp,
+                     c.cache.cache_seqlens.narrow(0, nd, batch - nd), cu_p, c.sinks,
+                     c.out.narrow(0, rows_d, rows_p), c.lse.narrow(1, rows_d, rows_p), stream);
+}
+
 struct Cuda {
   static void append(const kvcache::AppendParams& p, const at::Tensor& k) { append_cuda(p, k); }
 
@@ -262,6 +312,14 @@ struct Cuda {
     const c10::cuda::CUDAGuard guard(c.q.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if (!is_decode(c.q, c.cache.k_cache, p.seqlen_q)) {
+      if (c.cu_seqlens_q.has_value() && p.cache.batch > 1) {  // mixed batch? (the path syncs)
+        const at::Tensor cq = c.cu_seqlens_q->to(at::kCPU);
+        const int nd = leading_decode_seqs(cq, p.cache.batch, p.heads / p.cache.kv_heads);
+        if (nd > 0 && nd < p.cache.batch) {
+          attend_mixed(c, cq, nd, stream);
+          return;
+        }
+      }
       prefill_gather_fwd(c.q, p, c.cache.cache_seqlens, c.cu_seqlens_q, c.sinks, c.out, c.lse,
                          stream);
       return;

@@ -734,6 +734,24 @@ def test_prefill_matches_reference(cache_dtype, window):
 
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("window", [(-1, -1), (200, -1)], ids=["causal", "window200"])
+@pytest.mark.parametrize("splits", [0, 3], ids=["auto_splits", "splits3"])
+def test_mixed_batch_leading_decode_rows(cache_dtype, window, splits):
+    """A continuous-batching step: leading decode rows (1 and 2 queries: 4 and 8 packed rows per
+    kv head), then prefill chunks, then one more decode row, packed. The leading rows run the
+    decode kernels and the rest the chunked prefill (attend_mixed); the trailing decode row stays
+    on the prefill. Against float64, like every other call."""
+    if not _flash_fwd_compiled(128, BF16):
+        pytest.skip("flash_fwd hdim128 bf16 not compiled")
+    gen = torch.Generator().manual_seed(61)
+    _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [300, 1000, 77, 2000, 500],
+                     [1, 2, 77, 513, 1], True, window, splits, packed=True, gen=gen)
+    # an empty cache and an empty query among the leading decode rows
+    _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [0, 700, 40, 900], [1, 0, 40, 300], True,
+                     window, splits, packed=True, gen=gen)
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
 @pytest.mark.parametrize("d", [128, 96], ids=["d128", "d96"])
 def test_chunked_prefill_equals_single_pass(cache_dtype, d):
     """A 4000-token prompt prefilled in chunks of 1024 (append the chunk, attend its queries,
