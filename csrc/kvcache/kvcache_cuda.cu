@@ -262,11 +262,13 @@ void attend_mixed(const KVCacheAttnCall& c, const at::Tensor& cu_q_host, int nd,
   const int32_t* cu = cu_q_host.data_ptr<int32_t>();
   const int64_t rows_d = cu[nd], rows_p = int64_t(cu[batch]) - rows_d;
 
-  kvcache::AttnParams pd = p;
-  pd.cache.batch = nd;
-  pd.total_q = rows_d;
-  pd.seqlen_q = max_query_len(cu, 0, nd);
-  run_decode(pd, c.q, c.num_splits, stream);
+  if (rows_d > 0) {  // leading rows with no query at all have nothing to write
+    kvcache::AttnParams pd = p;
+    pd.cache.batch = nd;
+    pd.total_q = rows_d;
+    pd.seqlen_q = max_query_len(cu, 0, nd);
+    run_decode(pd, c.q, c.num_splits, stream);
+  }
 
   kvcache::AttnParams pp = p;
   pp.cache.batch = batch - nd;

@@ -746,9 +746,12 @@ def test_mixed_batch_leading_decode_rows(cache_dtype, window, splits):
     gen = torch.Generator().manual_seed(61)
     _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [300, 1000, 77, 2000, 500],
                      [1, 2, 77, 513, 1], True, window, splits, packed=True, gen=gen)
-    # an empty cache and an empty query among the leading decode rows
+    # an empty cache and an empty query among the leading decode rows; leading rows that are
+    # all empty queries
     _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [0, 700, 40, 900], [1, 0, 40, 300], True,
                      window, splits, packed=True, gen=gen)
+    _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [50, 600], [0, 200], True, window, splits,
+                     packed=True, gen=gen)
 
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
