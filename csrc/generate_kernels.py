@@ -58,9 +58,13 @@ _CUTLASS_TYPE = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
 _CUDA_TYPE = {"bf16": "__nv_bfloat16", "fp16": "__half"}
 _DTYPE_KEY = {"bf16": "DType::kBF16", "fp16": "DType::kFP16"}
 _FORMAT = {"native": "Format::kNative", "int8": "Format::kInt8", "fp8": "Format::kFp8E4M3"}
-# What build_info() reports for each flash instantiation (longctx.build_info()["kernels"]).
+# What build_info() reports for each flash and decode instantiation (longctx.build_info()["kernels"]).
 _FEATURES = {"flash_fwd": "causal,window,gqa,varlen,softcap,sinks",
-             "flash_bwd": "causal,window,gqa,varlen,deterministic,softcap,sinks"}
+             "flash_bwd": "causal,window,gqa,varlen,deterministic,softcap,sinks",
+             "kvcache_decode": "split_kv,staged,mma_hdim128,cuda_cores,hdim64,hdim128,hdim256,"
+                               "causal,window,gqa,varlen,softcap,sinks"}
+# The cache format's feature name in a decode entry (native caches: the dtype's, cache_bf16).
+_CACHE_FEATURE = {"int8": "int8", "fp8": "fp8_e4m3"}
 
 
 def source(inst: Instantiation) -> str:
@@ -85,14 +89,19 @@ def source(inst: Instantiation) -> str:
             + f'                        "hdim{var},{_FEATURES[fam]}");\n\n'
             + "}  // namespace longctx\n")
     if fam == "kvcache_decode":
+        cache = dt if var == "native" else _CACHE_FEATURE[var]
         return (
             _HEADER.format(what=f"kvcache_decode, {var} cache, {dt}")
+            + '#include "common/build_registry.h"\n'
             + '#include "longctx/kvcache/decode_launch.cuh"\n\n'
             + "namespace longctx {\nnamespace kvcache {\nnamespace {\n"
             + f"const DecodeTable::Registration registration(\n"
             + f"    static_cast<int>({_FORMAT[var]}), {_DTYPE_KEY[dt]},\n"
             + f"    decode_fns<{_CUDA_TYPE[dt]}, {_FORMAT[var]}>());\n"
-            + "}  // namespace\n}  // namespace kvcache\n}  // namespace longctx\n")
+            + "}  // namespace\n}  // namespace kvcache\n\n"
+            + f'LONGCTX_REGISTER_KERNEL("kvcache", "cuda", "{dt}",\n'
+            + f'                        "decode,cache_{cache},{_FEATURES[fam]}");\n\n'
+            + "}  // namespace longctx\n")
     raise ValueError(f"unknown family {fam!r}")
 
 

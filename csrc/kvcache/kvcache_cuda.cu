@@ -338,10 +338,11 @@ TORCH_LIBRARY_IMPL(longctx, CUDA, m) {
   m.impl("flash_attn_with_kvcache_check", &flash_attn_with_kvcache_check_op<Cuda>);
 }
 
+// The append and the chunked prefill's gather live here, for every dtype and format; each
+// decode instantiation registers its own (format, dtype) entry ("decode", generate_kernels.py).
 LONGCTX_REGISTER_KERNEL("kvcache", "cuda", "bf16,fp16",
-                        "append,attention,decode_split_kv,decode_mma_hdim128,decode_staged,"
-                        "prefill_gather_fwd,cache_bf16,cache_fp16,cache_int8,cache_fp8_e4m3,rope,"
-                        "hdim64,hdim128,hdim256,causal,"
-                        "window,gqa,varlen,any_block_size,softcap,sinks");
+                        "append,attention,prefill_gather_fwd,cache_bf16,cache_fp16,cache_int8,"
+                        "cache_fp8_e4m3,rope,causal,window,gqa,varlen,any_block_size,softcap,"
+                        "sinks");
 
 }  // namespace longctx

@@ -36,14 +36,34 @@ def _flash_fwd_compiled(d, dtype):
                and name in k["dtypes"] for k in longctx.build_info()["kernels"])
 
 
+_CACHE_FEATURE = {BF16: "cache_bf16", FP16: "cache_fp16", INT8: "cache_int8",
+                  FP8: "cache_fp8_e4m3"}
+
+
+def _decode_compiled(cache_dtype, dtype=None):
+    """Whether the decode kernels of the cache format for queries of dtype (default: the tests'
+    choice, fp16 for an fp16 cache and bf16 otherwise) are in the build: each (format, dtype)
+    instantiation registers its own entry (csrc/generate_kernels.py)."""
+    name = FMT_IDS[dtype or (FP16 if cache_dtype == FP16 else BF16)]
+    return any(k["family"] == "kvcache" and k["device"] == "cuda" and "decode" in k["features"]
+               and _CACHE_FEATURE[cache_dtype] in k["features"] and name in k["dtypes"]
+               for k in longctx.build_info()["kernels"])
+
+
 @pytest.fixture(autouse=True)
-def _needs_kernels():
+def _needs_kernels(request):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the kvcache kernels need a Hopper GPU (sm_90)")
     if not _cuda_compiled("kvcache"):
         pytest.skip("kvcache CUDA kernels not compiled in this build")
+    # A build restricted by LONGCTX_DTYPES may lack a format's decode kernels (a full build has
+    # them all: test_build_info_lists_every_decode_instantiation).
+    callspec = getattr(request.node, "callspec", None)
+    cache_dtype = callspec.params.get("cache_dtype") if callspec is not None else None
+    if cache_dtype in _CACHE_FEATURE and not _decode_compiled(cache_dtype):
+        pytest.skip(f"the {FMT_IDS[cache_dtype]} cache's decode kernels are not in this build")
 
 
 def _cu(lens, device="cpu"):
@@ -936,6 +956,17 @@ def test_errors_name_the_argument_cuda():
 def test_build_info_lists_kvcache_cuda():
     fams = [k for k in longctx.build_info()["kernels"] if k["family"] == "kvcache"]
     assert {k["device"] for k in fams} >= {"cpu", "cuda"}
+
+
+def test_build_info_lists_every_decode_instantiation():
+    """A build of every kernel and dtype holds the decode kernels of every cache format for both
+    query dtypes (the fixture's skips cannot hide a missing one there)."""
+    sw = longctx.build_info()["switches"]
+    if "kernels=all" not in sw or "dtypes=bf16,fp16" not in sw:
+        pytest.skip(f"a restricted build ({sw})")
+    for cache_dtype, dtype in [(BF16, BF16), (FP16, FP16), (INT8, BF16), (INT8, FP16),
+                               (FP8, BF16), (FP8, FP16)]:
+        assert _decode_compiled(cache_dtype, dtype), (cache_dtype, dtype)
 
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8], ids=FMT_IDS.get)
