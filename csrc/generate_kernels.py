@@ -58,7 +58,8 @@ _CUTLASS_TYPE = {"bf16": "cutlass::bfloat16_t", "fp16": "cutlass::half_t"}
 _CUDA_TYPE = {"bf16": "__nv_bfloat16", "fp16": "__half"}
 _DTYPE_KEY = {"bf16": "DType::kBF16", "fp16": "DType::kFP16"}
 _FORMAT = {"native": "Format::kNative", "int8": "Format::kInt8", "fp8": "Format::kFp8E4M3"}
-# What build_info() reports for each flash and decode instantiation (longctx.build_info()["kernels"]).
+# What build_info() reports for each flash and decode instantiation
+# (longctx.build_info()["kernels"]).
 _FEATURES = {"flash_fwd": "causal,window,gqa,varlen,softcap,sinks",
              "flash_bwd": "causal,window,gqa,varlen,deterministic,softcap,sinks",
              "kvcache_decode": "split_kv,staged,mma_hdim128,cuda_cores,hdim64,hdim128,hdim256,"
