@@ -228,19 +228,23 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
 
 // The decode path serves at most kDecodeMaxRows packed query rows (seqlen_q x GQA group) per kv
 // head; larger shapes take the gathered prefill.
+bool decode_rows_fit(int64_t seqlen_q, int64_t group) {
+  return seqlen_q * std::max<int64_t>(group, 1) <= kc::kDecodeMaxRows;
+}
+
 bool is_decode(const at::Tensor& q, const at::Tensor& k_cache, int64_t seqlen_q) {
   // Runs before the argument checks: q's rank is checked, k_cache's is not yet.
   const int64_t group = k_cache.dim() == 4 && k_cache.size(2) > 0 ? q.size(-2) / k_cache.size(2)
                                                                    : 1;
-  return seqlen_q * std::max<int64_t>(group, 1) <= kc::kDecodeMaxRows;
+  return decode_rows_fit(seqlen_q, group);
 }
 
 // Mixed batches: the number of leading sequences of a packed batch (cu_seqlens_q on the host)
-// that the decode path serves, at most kDecodeMaxRows packed rows per kv head each.
+// that the decode path serves (decode_rows_fit for each).
 int leading_decode_seqs(const at::Tensor& cu_q_host, int batch, int64_t group) {
   const int32_t* cu = cu_q_host.data_ptr<int32_t>();
   int nd = 0;
-  while (nd < batch && int64_t(cu[nd + 1] - cu[nd]) * group <= kc::kDecodeMaxRows) ++nd;
+  while (nd < batch && decode_rows_fit(cu[nd + 1] - cu[nd], group)) ++nd;
   return nd;
 }
 
