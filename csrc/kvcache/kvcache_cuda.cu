@@ -44,6 +44,8 @@
 #include "kvcache/kvcache_op.h"
 #include "longctx/kvcache/append.cuh"
 #include "longctx/kvcache/decode_launch.cuh"
+#include "longctx/kvcache/prefill_chunks.h"
+#include "longctx/kvcache/prefill_fold.cuh"
 
 namespace longctx {
 namespace {
@@ -97,6 +99,71 @@ bool decode_aligned(const at::Tensor& kc_, const at::Tensor& vc_) {
 // chunked prefill: gather + the Hopper forward kernel
 // ------------------------------------------------------------------------------------------------
 
+// out, lse += (o, l) of one more key chunk (prefill_fold.cuh); o, l in the forward's varlen
+// layout, out and lse in the op's (packed, or (batch, seqlen_q, ...) when not packed).
+void fold_key_chunk(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& o,
+                    const at::Tensor& l, bool packed, cudaStream_t stream) {
+  const int64_t rows = o.size(0);
+  if (rows == 0) return;
+  const int heads = static_cast<int>(o.size(1)), d = static_cast<int>(o.size(2));
+  const int lanes = kc::fold_lanes(d);
+  const int64_t blocks = (rows * heads * lanes + kc::kFoldThreads - 1) / kc::kFoldThreads;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "longctx.flash_attn_with_kvcache: too many query rows for the prefill's fold");
+  dispatch_cuda_dtype(out.scalar_type(), "flash_attn_with_kvcache", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    kc::PrefillFold<T> f{};
+    f.out = static_cast<T*>(out.data_ptr());
+    f.lse = lse.data_ptr<float>();
+    f.o = static_cast<const T*>(o.data_ptr());
+    f.l = l.data_ptr<float>();
+    f.rows = rows;
+    f.heads = heads;
+    f.head_dim = d;
+    // packed: out (rows, heads, d), lse (heads, rows); else out (batch, sq, heads, d), lse
+    // (batch, heads, sq)
+    f.rows_per_batch = packed ? rows : out.size(1);
+    f.out_batch_stride = packed ? 0 : out.stride(0);
+    f.out_row_stride = out.stride(-3);
+    f.out_head_stride = out.stride(-2);
+    f.lse_batch_stride = packed ? 0 : lse.stride(0);
+    f.lse_row_stride = lse.stride(-1);
+    f.lse_head_stride = lse.stride(-2);
+    kc::prefill_fold_kernel<T><<<static_cast<unsigned>(blocks), kc::kFoldThreads, 0, stream>>>(
+        f, lanes);
+  });
+  check_launch("flash_attn_with_kvcache", "prefill fold kernel");
+}
+
+// One key chunk's K/V gathered (and dequantized) into contiguous (keys, kv_heads, head_dim)
+// tensors: keys [first[b], first[b] + count) of sequence b at rows cu[b]..cu[b + 1].
+std::pair<at::Tensor, at::Tensor> gather_keys(const at::Tensor& q, const kvcache::PagedKV& c,
+                                              const std::vector<int32_t>& cu,
+                                              const std::vector<int32_t>& first, int64_t max_sk,
+                                              at::Tensor& cu_k, cudaStream_t stream) {
+  const int64_t total_k = cu[c.batch];
+  auto opts = q.options();
+  cu_k = at::from_blob(const_cast<int32_t*>(cu.data()), {c.batch + 1}, at::kInt).to(q.device());
+  const at::Tensor k_first =
+      at::from_blob(const_cast<int32_t*>(first.data()), {c.batch}, at::kInt).to(q.device());
+  at::Tensor kg = at::empty({total_k, c.kv_heads, c.head_dim}, opts);
+  at::Tensor vg = at::empty({total_k, c.kv_heads, c.head_dim}, opts);
+  if (total_k > 0) {
+    const dim3 grid(static_cast<unsigned>((max_sk + kc::kGatherTokens - 1) / kc::kGatherTokens),
+                    c.batch);
+    dispatch_cuda_dtype_and_format(q.scalar_type(), c.format, "flash_attn_with_kvcache",
+                                   [&](auto* tag, auto fmt) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      constexpr Format F = decltype(fmt)::value;
+      kc::kvcache_gather_kernel<T, F><<<grid, 256, 0, stream>>>(
+          c, cu_k.data_ptr<int32_t>(), k_first.data_ptr<int32_t>(),
+          static_cast<T*>(kg.data_ptr()), static_cast<T*>(vg.data_ptr()));
+    });
+    check_launch("flash_attn_with_kvcache", "gather kernel");
+  }
+  return {kg, vg};
+}
+
 void prefill_gather_fwd(
     const at::Tensor& q, const kvcache::AttnParams& p, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& sinks,
@@ -109,45 +176,23 @@ void prefill_gather_fwd(
   // With a left window only keys [sk - sq - window_left, sk) of a sequence can be seen (bottom-
   // right aligned masks): the gather starts there, and the forward over the shortened keys sees
   // the same masks (both ends move by the same offset). Query lengths: q's or cu_seqlens_q's.
+  // Without one the keys are gathered in chunks from the last key back (prefill_chunks.h).
   const bool windowed = p.window_left >= 0;
   at::Tensor cq_host;
   if (windowed && cu_seqlens_q.has_value()) cq_host = cu_seqlens_q->to(at::kCPU);
-  std::vector<int32_t> cu(static_cast<size_t>(c.batch) + 1, 0), first(c.batch, 0);
-  int64_t max_sk = 0;
+  std::vector<int64_t> start(c.batch, 0), keys(c.batch, 0);
+  int64_t max_keys = 0;
   for (int b = 0; b < c.batch; ++b) {
-    int64_t sk = std::min<int64_t>(std::max<int32_t>(len[b], 0), cap);
+    keys[b] = std::min<int64_t>(std::max<int32_t>(len[b], 0), cap);
     if (windowed) {
       const int64_t sq = cq_host.defined()
                              ? int64_t(cq_host.data_ptr<int32_t>()[b + 1]) -
                                    cq_host.data_ptr<int32_t>()[b]
                              : q.size(1);
-      first[b] = static_cast<int32_t>(std::max<int64_t>(0, sk - sq - p.window_left));
-      sk -= first[b];
+      start[b] = std::max<int64_t>(0, keys[b] - sq - p.window_left);
+      keys[b] -= start[b];
     }
-    max_sk = std::max(max_sk, sk);
-    TORCH_CHECK(int64_t(cu[b]) + sk <= std::numeric_limits<int32_t>::max(),
-                "longctx.flash_attn_with_kvcache: more than 2^31 cached keys in the batch");
-    cu[b + 1] = static_cast<int32_t>(cu[b] + sk);
-  }
-  const int64_t total_k = cu[c.batch];
-  auto opts = q.options();
-  at::Tensor cu_k = at::from_blob(cu.data(), {c.batch + 1}, at::kInt).to(q.device());
-  at::Tensor k_first;
-  if (windowed) k_first = at::from_blob(first.data(), {c.batch}, at::kInt).to(q.device());
-  at::Tensor kg = at::empty({total_k, c.kv_heads, c.head_dim}, opts);
-  at::Tensor vg = at::empty({total_k, c.kv_heads, c.head_dim}, opts);
-  if (total_k > 0) {
-    const dim3 grid(static_cast<unsigned>((max_sk + kc::kGatherTokens - 1) / kc::kGatherTokens),
-                    c.batch);
-    dispatch_cuda_dtype_and_format(q.scalar_type(), c.format, "flash_attn_with_kvcache",
-                                   [&](auto* tag, auto fmt) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      constexpr Format F = decltype(fmt)::value;
-      kc::kvcache_gather_kernel<T, F><<<grid, 256, 0, stream>>>(
-          c, cu_k.data_ptr<int32_t>(), windowed ? k_first.data_ptr<int32_t>() : nullptr,
-          static_cast<T*>(kg.data_ptr()), static_cast<T*>(vg.data_ptr()));
-    });
-    check_launch("flash_attn_with_kvcache", "gather kernel");
+    max_keys = std::max(max_keys, keys[b]);
   }
   // q packed (total_q, heads, d) with cu_seqlens_q
   at::Tensor qp, cu_q;
@@ -159,7 +204,8 @@ void prefill_gather_fwd(
     max_sq = p.seqlen_q;
   } else {
     qp = q.reshape({-1, q.size(2), q.size(3)});
-    cu_q = at::arange(0, int64_t(c.batch + 1) * q.size(1), q.size(1), opts.dtype(at::kInt));
+    cu_q = at::arange(0, int64_t(c.batch + 1) * q.size(1), q.size(1),
+                      q.options().dtype(at::kInt));
     max_sq = q.size(1);
   }
   if (!qp.is_contiguous()) qp = qp.contiguous();
@@ -170,15 +216,39 @@ void prefill_gather_fwd(
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                             int64_t, int64_t, double, bool, int64_t, int64_t, bool,
                             const std::optional<at::Tensor>&, double)>();
-  auto [o, l] = fwd.call(qp, kg, vg, cu_q, cu_k, max_sq, max_sk, double(p.softmax_scale),
-                         p.causal, p.window_left, p.window_right, false, sinks,
-                         double(p.mods.softcap));
-  if (packed) {
-    out.copy_(o);
-    lse.copy_(l);
-  } else {
-    out.copy_(o.view(q.sizes()));
-    lse.copy_(l.view({q.size(2), c.batch, q.size(1)}).permute({1, 0, 2}));
+  const int chunks = kvcache::prefill_key_chunks(max_keys, windowed);
+  const int64_t window_right = p.causal ? 0 : p.window_right;
+  std::vector<int32_t> cu(static_cast<size_t>(c.batch) + 1, 0), first(c.batch, 0);
+  for (int ch = 0; ch < chunks; ++ch) {
+    int64_t max_sk = 0;
+    for (int b = 0; b < c.batch; ++b) {
+      const kvcache::KeyChunk kc_b =
+          chunks == 1 ? kvcache::KeyChunk{0, keys[b]} : kvcache::prefill_key_chunk(keys[b], ch);
+      first[b] = static_cast<int32_t>(start[b] + kc_b.first);
+      max_sk = std::max(max_sk, kc_b.count);
+      TORCH_CHECK(int64_t(cu[b]) + kc_b.count <= std::numeric_limits<int32_t>::max(),
+                  "longctx.flash_attn_with_kvcache: more than 2^31 cached keys in the batch");
+      cu[b + 1] = static_cast<int32_t>(cu[b] + kc_b.count);
+    }
+    at::Tensor cu_k;
+    auto [kg, vg] = gather_keys(q, c, cu, first, max_sk, cu_k, stream);
+    // chunk 0 runs the call's mask and adds the sinks; chunk ch > 0 the mask moved by ch chunks
+    auto [o, l] = fwd.call(qp, kg, vg, cu_q, cu_k, max_sq, max_sk, double(p.softmax_scale),
+                           ch == 0 && p.causal, p.window_left,
+                           ch == 0 ? p.window_right
+                                   : kvcache::prefill_chunk_window_right(window_right, ch),
+                           false, ch == 0 ? sinks : std::nullopt, double(p.mods.softcap));
+    kg.reset();  // the next chunk's gather reuses this memory
+    vg.reset();
+    if (ch > 0) {
+      fold_key_chunk(out, lse, o, l, packed, stream);
+    } else if (packed) {
+      out.copy_(o);
+      lse.copy_(l);
+    } else {
+      out.copy_(o.view(q.sizes()));
+      lse.copy_(l.view({q.size(2), c.batch, q.size(1)}).permute({1, 0, 2}));
+    }
   }
 }
 

@@ -644,6 +644,85 @@ def test_prefill_with_mods(cache_dtype, mods):
         assert torch.equal(lse[:, 100:140], sinks[:, None].expand(8, 40))
 
 
+# The unwindowed prefill gathers at most kPrefillKeyChunk = 32768 keys of a sequence at a time,
+# from the last key back, and folds the chunks by their lse (prefill_chunks.h, prefill_fold.cuh).
+KEY_CHUNK = 32768
+CHUNK_MASKS = {"causal": (True, (-1, -1)), "non_causal": (False, (-1, -1)),
+               "right_window": (False, (-1, 700))}
+
+
+CHUNK_CASES = [("causal", m) for m in [("none", 0.0, False)] + MODS] + [
+    ("non_causal", ("none", 0.0, False)), ("right_window", ("none", 0.0, False)),
+    ("right_window", MODS[2])]
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("mask,mods", CHUNK_CASES, ids=[f"{c[0]}-{c[1][0]}" for c in CHUNK_CASES])
+def test_prefill_key_chunks_match_reference(cache_dtype, mask, mods):
+    """Contexts of three chunks (70001 keys: 4465 + 2 x 32768), of exactly one chunk, of a
+    chunk and a bit (33000) and of 5 keys in one packed batch, then not packed: against float64
+    over all the keys at once. The sinks join the first chunk only; softcap every chunk."""
+    if not _flash_fwd_compiled(64, BF16):
+        pytest.skip("flash_fwd hdim64 bf16 not compiled")
+    causal, window = CHUNK_MASKS[mask]
+    _, softcap, with_sinks = mods
+    gen = torch.Generator().manual_seed(25)
+    sinks = _mod_sinks(4, with_sinks, gen)
+    _check_attention(cache_dtype, BF16, 4, 2, 64, 16, [70001, KEY_CHUNK, 33000, 5],
+                     [300, 40, 77, 5], causal, window, 0, packed=True, gen=gen, softcap=softcap,
+                     sinks=sinks)
+    _check_attention(cache_dtype, BF16, 4, 2, 64, 16, [66000, 40000], [64], causal, window, 0,
+                     packed=False, gen=gen, softcap=softcap, sinks=sinks)
+
+
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["plain", "sinks"])
+def test_prefill_key_chunks_long_query(with_sinks):
+    """A 33000-row query chunk against 66000 keys (causal): rows below 33000 - 32768 = 232 see no
+    key of the first chunk (lse -inf there, folded in from the next). A second sequence of 20000
+    keys leaves its first 13000 rows with no key at all (out 0, lse -inf or the sink). Rows
+    around both edges and the last ones against a float64 reference."""
+    if not _flash_fwd_compiled(64, BF16):
+        pytest.skip("flash_fwd hdim64 bf16 not compiled")
+    gen = torch.Generator().manual_seed(26)
+    h, hk, d, bs, sq = 2, 1, 64, 16, 33000
+    lens = [66000, 20000]
+    num_blocks = sum(-(-n // bs) for n in lens) + 3
+    kc = keys_with_outliers(num_blocks, bs, hk, d, dtype=BF16, generator=gen)
+    vc = torch.randn(num_blocks, bs, hk, d, generator=gen).to(BF16)
+    max_blocks = -(-max(lens) // bs)
+    table = _random_table(1, num_blocks, num_blocks, gen)[0]
+    table = torch.stack([table[:max_blocks], table[-max_blocks:]]).contiguous()
+    sinks = _mod_sinks(h, with_sinks, gen)
+    q = torch.randn(2 * sq, h, d, generator=gen).to(BF16)
+    scale = 1.0 / math.sqrt(d)
+    out, lse = ops.flash_attn_with_kvcache(
+        q.cuda(), kc.cuda(), vc.cuda(), None, None, None, None, table.cuda(),
+        torch.tensor(lens, dtype=torch.int32).cuda(), _cu([sq, sq]).cuda(), sq, scale, True, -1,
+        -1, 0, True, None if sinks is None else sinks.cuda(), 0.0)
+    out, lse = out.cpu(), lse.cpu()
+    for b, n in enumerate(lens):
+        kd, vd = gather_kv(kc, vc, table, n, b)
+        rows = sorted({*range(0, 300), *range(sq - KEY_CHUNK - 20, sq - KEY_CHUNK + 20),
+                       *range(sq - n - 20, sq - n + 20), *range(sq - 40, sq)} & {*range(sq)})
+        rows = torch.tensor(rows)
+        qb = q[b * sq + rows].double()
+        s = torch.einsum("rhd,kd->hrk", qb, kd[:, 0]) * scale  # hk = 1
+        visible = torch.arange(n)[None, :] <= (rows + n - sq)[:, None]
+        s = s.masked_fill(~visible, -math.inf)
+        if sinks is not None:
+            s = torch.cat([s, sinks.double()[:, None, None].expand(h, len(rows), 1)], -1)
+        lse64 = torch.logsumexp(s, -1)
+        p = torch.exp(s - lse64[..., None]).nan_to_num(0.0)[..., :n]
+        out64 = torch.einsum("hrk,kd->rhd", p, vd[:, 0])
+        got_o, got_l = out[b * sq + rows].double(), lse[:, b * sq + rows].double()
+        assert torch.equal(torch.isinf(got_l), torch.isinf(lse64))
+        fin = torch.isfinite(lse64)
+        assert (got_l[fin] - lse64[fin]).abs().max() < 2e-3
+        assert (got_o - out64).abs().max() < 2e-2
+        empty = rows < sq - n
+        assert (got_o[empty] == 0).all()
+
+
 @pytest.mark.parametrize("cache_dtype", [BF16, FP16, INT8, FP8], ids=FMT_IDS.get)
 @pytest.mark.parametrize("d,bs", [(96, 16), (96, 8), (192, 16)],
                          ids=["d96-staged", "d96-register", "d192-cuda_cores"])
