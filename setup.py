@@ -55,6 +55,9 @@ def launcher_selected(path: Path, kernels, with_bwd: bool) -> bool:
     family = path.name[:-len("_cuda.cu")]
     if not with_bwd and family == "flash_bwd":
         return False
+    # the KV cache's chunked prefill calls the forward's launcher (flash_attn_fwd_cuda)
+    if family == "flash_fwd" and generate_kernels.family_selected("kvcache", kernels):
+        return True
     return generate_kernels.family_selected(family, kernels)
 
 

@@ -4,6 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <optional>
+#include <tuple>
 #include "common/dispatch.h"
 #include "generated/build_config.h"
 #include "longctx/registry.h"
@@ -29,5 +31,15 @@ auto find_flash_kernel(int head_dim, at::ScalarType dtype, const char* op, const
               " not compiled in this build (", LONGCTX_BUILD_SWITCHES, "; ", hint, ")");
   return fn;
 }
+
+// flash_attn_fwd for the library's other CUDA ops (the KV cache's chunked prefill): the op's
+// checks, outputs and kernel on the current stream, its grid limited to max_ctas CTAs (0: one
+// per SM).
+std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
+    int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& sinks,
+    double softcap, int max_ctas);
 
 }  // namespace longctx

@@ -4,6 +4,7 @@
 // mask sees, and folding the chunks' softmax states by their lse gives the one-pass softmax.
 #include <cmath>
 #include <cstdio>
+#include <initializer_list>
 #include <random>
 #include <vector>
 #include "longctx/flash/mask.h"

@@ -851,6 +851,25 @@ def test_mixed_batch_leading_decode_rows(cache_dtype, window, splits):
                      window, splits, packed=True, gen=gen)
     _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [50, 600], [0, 200], True, window, splits,
                      packed=True, gen=gen)
+    # decode rows at 40000 keys beside a prefill of more than one key chunk (20000 + 700 keys
+    # would be one; 40000 is two)
+    _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [40000, 3001, 40000], [1, 2, 700], True,
+                     window, splits, packed=True, gen=gen)
+
+
+def test_mixed_batch_on_a_user_stream():
+    """The mixed path runs its prefill on a side stream beside the decode rows on the caller's
+    stream and joins them: called on a user stream, its outputs read on that stream are complete
+    and equal the default stream's."""
+    if not _flash_fwd_compiled(128, BF16):
+        pytest.skip("flash_fwd hdim128 bf16 not compiled")
+    args = (BF16, BF16, 8, 2, 128, 16, [20000, 1000, 3000], [1, 2, 1500], True, (-1, -1), 0)
+    ref = _check_attention(*args, packed=True, gen=torch.Generator().manual_seed(62))
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        got = _check_attention(*args, packed=True, gen=torch.Generator().manual_seed(62),
+                               check=False)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
