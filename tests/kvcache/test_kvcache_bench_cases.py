@@ -105,14 +105,14 @@ def test_tags_are_unique_and_select_cases():
 
 
 def test_existing_rows_keep_their_cases():
-    """The decode and prefill groups produce exactly the cases of today's committed rows (same
-    keys, same order, same values)."""
+    """The decode, window, hdim, prefill and mixed groups produce exactly the cases of the
+    committed run's rows (same keys, same order, same values)."""
     doc = _committed()
     plan = kc.plan(quick=False)
-    for kind, group in (("decode", "decode"), ("prefill", "prefill")):
-        committed = [r["case"] for r in doc["rows"] if r["case"]["kind"] == kind]
-        ours = [c.case() for c in plan if c.group == group]
-        assert [list(c.items()) for c in ours] == [list(c.items()) for c in committed]
+    kinds = ("decode", "prefill", "mixed")
+    committed = [r["case"] for r in doc["rows"] if r["case"]["kind"] in kinds]
+    ours = [c.case() for c in plan if c.case()["kind"] in kinds]
+    assert [list(c.items()) for c in ours] == [list(c.items()) for c in committed]
 
 
 def test_new_cases_describe_themselves():
@@ -137,8 +137,9 @@ def test_decode_bytes_match_the_committed_rows():
     for r in rows:
         c = r["case"]
         elem = 2 if c["format"] == "bf16" else 1
-        assert kc.decode_bytes(c["batch"], c["context"], c["hdim"], elem,
-                               c["format"] == "int8") == r["bytes"], c
+        window_left = c.get("window", [-1, -1])[0]
+        assert kc.decode_bytes(c["batch"], c["context"], c["hdim"], elem, c["format"] == "int8",
+                               window_left) == r["bytes"], c
 
 
 def test_decode_bytes_of_a_window():
@@ -263,16 +264,14 @@ def test_markdown_of_fabricated_results():
 
 
 def test_markdown_of_the_committed_run_keeps_its_tables():
-    """Today's committed results render with the new markdown; the decode and error tables are
-    line for line the committed ones, the prefill table gains the extra MiB column ("-")."""
+    """The committed results render to the committed markdown's tables, line for line."""
     doc = _committed()
     committed_md = COMMITTED.with_suffix(".md").read_text()
     md = kr.markdown(_results(doc))
-    for title in ("Decode (", "Output error"):
-        assert _section(md, title) == _section(committed_md, title)
-    old, new = _table_rows(committed_md, "Chunked prefill"), _table_rows(md, "Chunked prefill")
-    assert [line[:-2] for line in old[1:]] == [line.rsplit(" | ", 1)[0] for line in new[1:]]
-    assert all(line.endswith("| - |") for line in new[1:])
+    for title in ("Decode (", "Sliding-window decode", "Decode at other head dims",
+                  "Chunked prefill", "Mixed batch", "Output error"):
+        assert _section(md, title), title
+        assert _section(md, title) == _section(committed_md, title), title
 
 
 def test_markdown_lists_failed_rows_of_older_runs():
