@@ -54,6 +54,15 @@ namespace {
 namespace kc = kvcache::cuda;
 using kvcache::Format;
 
+// The build's one development switch (setup.py / CMake LONGCTX_MIXED_OVERLAP, off by default):
+// a mixed batch runs its prefill beside its decode rows (attend_mixed) instead of after them.
+// Not yet measured against two separate calls; docs/kernels/kvcache.md.
+#ifdef LONGCTX_MIXED_OVERLAP
+constexpr bool kMixedOverlap = true;
+#else
+constexpr bool kMixedOverlap = false;
+#endif
+
 // err: a launch call's own result; a launch error also stays in cudaGetLastError (cleared here).
 void check_launch(const char* op, const char* what, cudaError_t err = cudaSuccess) {
   const cudaError_t last = cudaGetLastError();
@@ -351,10 +360,11 @@ int mixed_decode_sms(const KVCacheAttnCall& c, const int32_t* cu, int nd) {
 // A packed batch whose first nd sequences (0 < nd < batch) are decode rows: those run the decode
 // kernels on the first cu[nd] rows (the same pointers, fewer sequences), the others the chunked
 // prefill on views of the rest (their rows, cache lengths, block-table rows and lse columns,
-// cu_seqlens_q rebased to 0 on the device). The two write disjoint rows of out and lse and run
-// at the same time: the prefill first, on a high-priority side stream that waits for the
-// caller's stream, its forward on all but mixed_decode_sms SMs; then the decode on the caller's
-// stream, which waits for the side stream at the end.
+// cu_seqlens_q rebased to 0 on the device). The two write disjoint rows of out and lse. By
+// default they run one after the other on the caller's stream. With kMixedOverlap they run at
+// the same time: the prefill first, on a high-priority side stream that waits for the caller's
+// stream, its forward on all but mixed_decode_sms SMs; then the decode on the caller's stream,
+// which waits for the side stream at the end.
 void attend_mixed(const KVCacheAttnCall& c, const at::Tensor& cu_q_host, int nd,
                   cudaStream_t stream) {
   const kvcache::AttnParams& p = c.params;
@@ -362,7 +372,7 @@ void attend_mixed(const KVCacheAttnCall& c, const at::Tensor& cu_q_host, int nd,
   const int32_t* cu = cu_q_host.data_ptr<int32_t>();
   const int64_t rows_d = cu[nd], rows_p = int64_t(cu[batch]) - rows_d;
   // leading rows with no query at all have nothing to write
-  const int decode_sms = rows_d > 0 ? mixed_decode_sms(c, cu, nd) : 0;
+  const int decode_sms = kMixedOverlap && rows_d > 0 ? mixed_decode_sms(c, cu, nd) : 0;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
   kvcache::AttnParams pp = p;
