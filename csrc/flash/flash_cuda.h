@@ -4,9 +4,8 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <optional>
-#include <tuple>
 #include "common/dispatch.h"
+#include "flash/flash_op.h"
 #include "generated/build_config.h"
 #include "longctx/registry.h"
 
@@ -32,14 +31,8 @@ auto find_flash_kernel(int head_dim, at::ScalarType dtype, const char* op, const
   return fn;
 }
 
-// flash_attn_fwd for the library's other CUDA ops (the KV cache's chunked prefill): the op's
-// checks, outputs and kernel on the current stream, its grid limited to max_ctas CTAs (0: one
-// per SM).
-std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
-    int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& sinks,
-    double softcap, int max_ctas);
+// The forward's CUDA runner (flash_fwd_cuda.cu): the library's other CUDA ops (the KV cache's
+// chunked prefill) call it through flash_attn_fwd_limited<&run_fwd_cuda> (flash_op.h).
+void run_fwd_cuda(const FlashFwdCall& c);
 
 }  // namespace longctx

@@ -21,7 +21,6 @@
 #include "longctx/flash/flash_fwd_dispatch.cuh"
 
 namespace longctx {
-namespace {
 
 void run_fwd_cuda(const FlashFwdCall& c) {
   constexpr const char* op = "flash_attn_fwd";
@@ -56,19 +55,6 @@ void run_fwd_cuda(const FlashFwdCall& c) {
                              at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "longctx.", op, ": kernel launch failed: ",
               cudaGetErrorString(err));
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_cuda(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
-    int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& sinks,
-    double softcap, int max_ctas) {
-  return flash_attn_fwd_limited<&run_fwd_cuda>(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                               max_seqlen_k, softmax_scale, causal, window_left,
-                                               window_right, sinks, softcap, max_ctas);
 }
 
 TORCH_LIBRARY_IMPL(longctx, CUDA, m) { m.impl("flash_attn_fwd", &flash_attn_fwd_op<&run_fwd_cuda>); }

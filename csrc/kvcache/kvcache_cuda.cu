@@ -133,12 +133,8 @@ void fold_key_chunk(const at::Tensor& out, const at::Tensor& lse, const at::Tens
     // packed: out (rows, heads, d), lse (heads, rows); else out (batch, sq, heads, d), lse
     // (batch, heads, sq)
     f.rows_per_batch = packed ? rows : out.size(1);
-    f.out_batch_stride = packed ? 0 : out.stride(0);
-    f.out_row_stride = out.stride(-3);
-    f.out_head_stride = out.stride(-2);
-    f.lse_batch_stride = packed ? 0 : lse.stride(0);
-    f.lse_row_stride = lse.stride(-1);
-    f.lse_head_stride = lse.stride(-2);
+    f.out_at = {packed ? 0 : out.stride(0), out.stride(-3), out.stride(-2)};
+    f.lse_at = {packed ? 0 : lse.stride(0), lse.stride(-1), lse.stride(-2)};
     kc::prefill_fold_kernel<T><<<static_cast<unsigned>(blocks), kc::kFoldThreads, 0, stream>>>(
         f, lanes);
   });
@@ -236,7 +232,7 @@ void prefill_gather_fwd(
     at::Tensor cu_k;
     auto [kg, vg] = gather_keys(q, c, cu, first, max_sk, cu_k, stream);
     // chunk 0 runs the call's mask and adds the sinks; chunk ch > 0 the mask moved by ch chunks
-    auto [o, l] = flash_attn_fwd_cuda(
+    auto [o, l] = flash_attn_fwd_limited<&run_fwd_cuda>(
         qp, kg, vg, cu_q, cu_k, max_sq, max_sk, double(p.softmax_scale), ch == 0 && p.causal,
         p.window_left,
         ch == 0 ? p.window_right : kvcache::prefill_chunk_window_right(window_right, ch),

@@ -3,6 +3,7 @@
 // moved mask (window_right + c * chunk over the chunk's keys) sees exactly the keys the call's
 // mask sees, and folding the chunks' softmax states by their lse gives the one-pass softmax.
 #include <cmath>
+#include <cstdarg>
 #include <cstdio>
 #include <initializer_list>
 #include <random>
@@ -16,42 +17,41 @@ namespace kv = longctx::kvcache;
 
 static int failures = 0;
 static long checks = 0;
-#define CHECK(cond, ...)                       \
-  do {                                         \
-    ++checks;                                  \
-    if (!(cond)) {                             \
-      if (++failures <= 10) {                  \
-        std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-        std::printf(__VA_ARGS__);              \
-        std::printf("\n");                     \
-      }                                        \
-    }                                          \
-  } while (0)
+__attribute__((format(printf, 2, 3))) static void check(bool ok, const char* fmt, ...) {
+  ++checks;
+  if (ok || ++failures > 10) return;
+  std::va_list args;
+  va_start(args, fmt);
+  std::printf("FAIL: ");
+  std::vprintf(fmt, args);
+  std::printf("\n");
+  va_end(args);
+}
 
 // Masks of one case: keys in chunks, and each chunk's mask against the call's.
 static void check_masks(int sq, int sk, int wr, int64_t chunk) {
   const int n = kv::prefill_key_chunks(sk, false, chunk);
-  CHECK(n >= 1 && (n - 1) * chunk < (sk > 0 ? sk : 1), "chunks %d for sk %d chunk %lld", n, sk,
+  check(n >= 1 && (n - 1) * chunk < (sk > 0 ? sk : 1), "chunks %d for sk %d chunk %lld", n, sk,
         (long long)chunk);
   std::vector<int> owner(sk, -1);
   for (int c = 0; c < n; ++c) {
     const kv::KeyChunk kc = kv::prefill_key_chunk(sk, c, chunk);
-    CHECK(kc.count >= 0 && kc.count <= chunk && kc.first >= 0 && kc.first + kc.count <= sk,
+    check(kc.count >= 0 && kc.count <= chunk && kc.first >= 0 && kc.first + kc.count <= sk,
           "chunk %d of sk %d: [%lld, +%lld)", c, sk, (long long)kc.first, (long long)kc.count);
     const int64_t cwr = kv::prefill_chunk_window_right(wr, c, chunk);
     for (int64_t j = kc.first; j < kc.first + kc.count; ++j) {
-      CHECK(owner[j] < 0, "key %lld in chunks %d and %d", (long long)j, owner[j], c);
+      check(owner[j] < 0, "key %lld in chunks %d and %d", (long long)j, owner[j], c);
       owner[j] = c;
       for (int i = 0; i < sq; ++i) {
         const bool want = mask_visible(i, j, sq, sk, -1, wr);
         const bool got = mask_visible(i, j - kc.first, sq, static_cast<int>(kc.count), -1,
                                       static_cast<int>(cwr));
-        CHECK(want == got, "sq %d sk %d wr %d chunk %lld: row %d key %lld (chunk %d) %d vs %d",
+        check(want == got, "sq %d sk %d wr %d chunk %lld: row %d key %lld (chunk %d) %d vs %d",
               sq, sk, wr, (long long)chunk, i, (long long)j, c, want, got);
       }
     }
   }
-  for (int j = 0; j < sk; ++j) CHECK(owner[j] >= 0, "key %d of sk %d in no chunk", j, sk);
+  for (int j = 0; j < sk; ++j) check(owner[j] >= 0, "key %d of sk %d in no chunk", j, sk);
 }
 
 // Folding per-chunk (lse, out) states of random scores equals the one-pass softmax.
@@ -89,23 +89,23 @@ static void check_fold(std::mt19937& rng, int keys, int64_t chunk, bool sink) {
       lse = w.lse;
     }
   }
-  CHECK(std::isinf(want_lse) == std::isinf(lse), "keys %d: lse %g vs %g", keys, lse, want_lse);
+  check(std::isinf(want_lse) == std::isinf(lse), "keys %d: lse %g vs %g", keys, lse, want_lse);
   if (!std::isinf(want_lse))
-    CHECK(std::fabs(lse - want_lse) < 1e-4 * (1 + std::fabs(want_lse)), "keys %d: lse %g vs %g",
+    check(std::fabs(lse - want_lse) < 1e-4 * (1 + std::fabs(want_lse)), "keys %d: lse %g vs %g",
           keys, lse, want_lse);
-  CHECK(std::fabs(out - want_out) < 1e-4 * (1 + std::fabs(want_out)), "keys %d: out %g vs %g",
+  check(std::fabs(out - want_out) < 1e-4 * (1 + std::fabs(want_out)), "keys %d: out %g vs %g",
         keys, out, want_out);
 }
 
 int main() {
   // chunk counts and bounds at the real chunk size
-  CHECK(kv::prefill_key_chunks(0, false) == 1 && kv::prefill_key_chunks(32768, false) == 1 &&
+  check(kv::prefill_key_chunks(0, false) == 1 && kv::prefill_key_chunks(32768, false) == 1 &&
             kv::prefill_key_chunks(32769, false) == 2 && kv::prefill_key_chunks(1 << 20, true) == 1,
         "chunk counts");
   const kv::KeyChunk last = kv::prefill_key_chunk(70001, 2);
-  CHECK(last.first == 0 && last.count == 70001 - 2 * 32768, "third chunk of 70001 keys");
-  CHECK(kv::prefill_key_chunk(33000, 2).count == 0, "past the first key");
-  CHECK(kv::prefill_chunk_window_right(-1, 3) == -1 && kv::prefill_chunk_window_right(0, 2) ==
+  check(last.first == 0 && last.count == 70001 - 2 * 32768, "third chunk of 70001 keys");
+  check(kv::prefill_key_chunk(33000, 2).count == 0, "past the first key");
+  check(kv::prefill_chunk_window_right(-1, 3) == -1 && kv::prefill_chunk_window_right(0, 2) ==
             65536, "window_right of a chunk");
   std::mt19937 rng(7);
   for (int sq = 0; sq <= 9; ++sq)
@@ -120,11 +120,11 @@ int main() {
   }
   // NaN reaches the fold's output; two empty states stay empty
   const kv::FoldWeights wn = kv::fold_weights(1.f, NAN);
-  CHECK(std::isnan(wn.a) && std::isnan(wn.b) && std::isnan(wn.lse), "NaN lse_b");
+  check(std::isnan(wn.a) && std::isnan(wn.b) && std::isnan(wn.lse), "NaN lse_b");
   const kv::FoldWeights wn2 = kv::fold_weights(NAN, 1.f);
-  CHECK(std::isnan(wn2.a) && std::isnan(wn2.lse), "NaN lse_a");
+  check(std::isnan(wn2.a) && std::isnan(wn2.lse), "NaN lse_a");
   const kv::FoldWeights we = kv::fold_weights(-INFINITY, -INFINITY);
-  CHECK(we.a == 0.f && we.b == 0.f && we.lse == -INFINITY, "empty states");
+  check(we.a == 0.f && we.b == 0.f && we.lse == -INFINITY, "empty states");
   std::printf("prefill_chunks_test: %ld checks, %d failures\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }

@@ -21,6 +21,11 @@ namespace cuda {
 
 constexpr int kFoldThreads = 256;
 
+// Element strides of an output: offset = b * batch + row * row + h * head.
+struct FoldStrides {
+  int64_t batch, row, head;
+};
+
 template <typename T>
 struct PrefillFold {
   T* out;
@@ -29,8 +34,7 @@ struct PrefillFold {
   const float* l;
   int64_t rows, rows_per_batch;
   int heads, head_dim;
-  int64_t out_batch_stride, out_row_stride, out_head_stride;  // elements
-  int64_t lse_batch_stride, lse_row_stride, lse_head_stride;
+  FoldStrides out_at, lse_at;
 };
 
 // Lanes per (row, head): the power of two >= head_dim / 8.
@@ -49,14 +53,14 @@ __global__ void __launch_bounds__(kFoldThreads) prefill_fold_kernel(const Prefil
   const int64_t r = live ? pair / f.heads : 0;
   const int h = live ? static_cast<int>(pair % f.heads) : 0;
   const int64_t b = r / f.rows_per_batch, rb = r % f.rows_per_batch;
-  float* lse = f.lse + b * f.lse_batch_stride + rb * f.lse_row_stride + h * f.lse_head_stride;
+  float* lse = f.lse + b * f.lse_at.batch + rb * f.lse_at.row + h * f.lse_at.head;
   const FoldWeights w = fold_weights(live ? *lse : 0.f, live ? f.l[h * f.rows + r] : 0.f);
   __syncwarp();
   if (!live) return;
   if (lane == 0) *lse = w.lse;
   const int ch = lane * 8;
   if (ch >= f.head_dim) return;
-  T* dst = f.out + b * f.out_batch_stride + rb * f.out_row_stride + h * f.out_head_stride + ch;
+  T* dst = f.out + b * f.out_at.batch + rb * f.out_at.row + h * f.out_at.head + ch;
   const T* src = f.o + (r * f.heads + h) * int64_t(f.head_dim) + ch;
   uint4 a = *reinterpret_cast<const uint4*>(dst);
   const uint4 c = *reinterpret_cast<const uint4*>(src);
