@@ -20,15 +20,13 @@ namespace kvcache {
 constexpr double kDecodeBytesPerSm = 50e9;
 constexpr double kPrefillFlopsPerSm = 4.5e12;
 
-// (query, key) pairs the mask keeps in one sequence of sq rows and sk keys (mask.h's rule).
+// (query, key) pairs the mask keeps in one sequence of sq rows and sk keys: each row's visible
+// keys are mask.h's key range of a one-row tile of one-key tiles.
 inline int64_t visible_pairs(int sq, int sk, int window_left, int window_right) {
   int64_t pairs = 0;
-  const int64_t shift = int64_t(sk) - sq;
-  for (int64_t i = 0; i < sq; ++i) {
-    int64_t lo = 0, hi = sk;  // visible keys [lo, hi)
-    if (window_left >= 0 && i + shift - window_left > lo) lo = i + shift - window_left;
-    if (window_right >= 0 && i + shift + window_right + 1 < hi) hi = i + shift + window_right + 1;
-    if (hi > lo) pairs += hi - lo;
+  for (int i = 0; i < sq; ++i) {
+    const flash::TileRange r = flash::fwd_key_tiles(i, 1, 1, sq, sk, window_left, window_right);
+    if (r.end > r.begin) pairs += r.end - r.begin;
   }
   return pairs;
 }
