@@ -851,8 +851,7 @@ def test_mixed_batch_leading_decode_rows(cache_dtype, window, splits):
                      window, splits, packed=True, gen=gen)
     _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [50, 600], [0, 200], True, window, splits,
                      packed=True, gen=gen)
-    # decode rows at 40000 keys beside a prefill of more than one key chunk (20000 + 700 keys
-    # would be one; 40000 is two)
+    # decode rows at 40000 and 3001 keys beside a prefill over 40000 keys (two key chunks)
     _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [40000, 3001, 40000], [1, 2, 700], True,
                      window, splits, packed=True, gen=gen)
 
