@@ -14,8 +14,6 @@ CPU-only extension is built. Environment switches restrict what is compiled (see
   LONGCTX_DISABLE_NCCL=1      build without the NCCL ring communicator (ring attention then
                               exchanges through torch.distributed); with LONGCTX_REQUIRE_CUDA=1
                               a CUDA build without NCCL headers/library fails instead
-  LONGCTX_MIXED_OVERLAP=1     development, off by default: a mixed KV-cache batch runs its prefill
-                              beside its decode rows (docs/kernels/kvcache.md; not yet measured)
   MAX_JOBS=N                  parallel compile jobs (ninja)
 """
 import os
@@ -57,7 +55,7 @@ def launcher_selected(path: Path, kernels, with_bwd: bool) -> bool:
     family = path.name[:-len("_cuda.cu")]
     if not with_bwd and family == "flash_bwd":
         return False
-    # the KV cache's chunked prefill calls the forward's launcher (flash_attn_fwd_cuda)
+    # the KV cache's chunked prefill calls the forward's launcher (run_fwd_cuda)
     if family == "flash_fwd" and generate_kernels.family_selected("kvcache", kernels):
         return True
     return generate_kernels.family_selected(family, kernels)
@@ -167,7 +165,6 @@ def extensions():
         f"kernels={','.join(kernels) if kernels else 'all'};headdims={','.join(headdims)};"
         f"dtypes={','.join(dtypes)};bwd={int(with_bwd)}"
         + (";nccl=0" if env_flag("LONGCTX_DISABLE_NCCL") else "")
-        + (";mixed_overlap=1" if env_flag("LONGCTX_MIXED_OVERLAP") else "")
     )
     if not with_cuda:
         switches = cpu_only_switches(torch, CUDA_HOME)
@@ -218,7 +215,7 @@ def extensions():
     nvcc = [
         "-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr", "--expt-extended-lambda",
         "-DLONGCTX_WITH_CUDA", "-Xfatbin", "-compress-all", *gencode,
-    ] + (["-DLONGCTX_MIXED_OVERLAP=1"] if env_flag("LONGCTX_MIXED_OVERLAP") else [])
+    ]
     announce(f"CUDA extension for sm_{',sm_'.join(archs)}, {len(sources)} C++/CUDA files "
              f"({switches}{'' if nccl else ';no NCCL communicator'})")
     return [CUDAExtension("longctx._C", sources, include_dirs=include_dirs,

@@ -32,7 +32,7 @@ auto find_flash_kernel(int head_dim, at::ScalarType dtype, const char* op, const
 }
 
 // The forward's CUDA runner (flash_fwd_cuda.cu): the library's other CUDA ops (the KV cache's
-// chunked prefill) call it through flash_attn_fwd_limited<&run_fwd_cuda> (flash_op.h).
+// chunked prefill) call it through flash_attn_fwd_op<&run_fwd_cuda> (flash_op.h).
 void run_fwd_cuda(const FlashFwdCall& c);
 
 }  // namespace longctx

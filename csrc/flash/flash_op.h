@@ -39,27 +39,6 @@ struct FlashBwdCall {
 using FlashFwdRunner = void (*)(const FlashFwdCall&);
 using FlashBwdRunner = void (*)(const FlashBwdCall&);
 
-// The forward op with the kernel's grid limited to max_ctas CTAs (0: no limit; FwdParams).
-template <FlashFwdRunner run>
-std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_limited(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
-    int64_t window_left, int64_t window_right, const std::optional<at::Tensor>& sinks,
-    double softcap, int max_ctas) {
-  constexpr const char* op = "flash_attn_fwd";
-  NvtxRange range("longctx::flash_attn_fwd");
-  const auto shapes = flash_fwd_output_shapes(q, cu_seqlens_q.has_value(), op);
-  auto out = at::empty(shapes.out, q.options());
-  auto lse = at::empty(shapes.lse, q.options().dtype(at::kFloat));
-  FlashFwdArgs a = make_flash_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                       max_seqlen_k, softmax_scale, causal, window_left,
-                                       window_right, sinks, softcap, out, lse, op);
-  a.params.max_ctas = max_ctas;
-  run(FlashFwdCall{a, {q, k, cu_seqlens_q, cu_seqlens_k, sinks}, out, lse});
-  return {out, lse};
-}
-
 // deterministic does not change the forward (bindings.cpp says why the schema carries it).
 template <FlashFwdRunner run>
 std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_op(
@@ -68,9 +47,16 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_fwd_op(
     int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
     int64_t window_left, int64_t window_right, bool /*deterministic*/,
     const std::optional<at::Tensor>& sinks, double softcap) {
-  return flash_attn_fwd_limited<run>(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                     max_seqlen_k, softmax_scale, causal, window_left,
-                                     window_right, sinks, softcap, 0);
+  constexpr const char* op = "flash_attn_fwd";
+  NvtxRange range("longctx::flash_attn_fwd");
+  const auto shapes = flash_fwd_output_shapes(q, cu_seqlens_q.has_value(), op);
+  auto out = at::empty(shapes.out, q.options());
+  auto lse = at::empty(shapes.lse, q.options().dtype(at::kFloat));
+  const FlashFwdArgs a = make_flash_fwd_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, softmax_scale, causal, window_left,
+                                             window_right, sinks, softcap, out, lse, op);
+  run(FlashFwdCall{a, {q, k, cu_seqlens_q, cu_seqlens_k, sinks}, out, lse});
+  return {out, lse};
 }
 
 // Returns (dq, dk, dv, dsinks); dsinks is (heads,) fp32 with sinks and empty (0,) without.

@@ -44,7 +44,6 @@
 #include "kvcache/kvcache_op.h"
 #include "longctx/kvcache/append.cuh"
 #include "longctx/kvcache/decode_launch.cuh"
-#include "longctx/kvcache/mixed_overlap.h"
 #include "longctx/kvcache/prefill_chunks.h"
 #include "longctx/kvcache/prefill_fold.cuh"
 
@@ -53,15 +52,6 @@ namespace {
 
 namespace kc = kvcache::cuda;
 using kvcache::Format;
-
-// The build's one development switch (setup.py / CMake LONGCTX_MIXED_OVERLAP, off by default):
-// a mixed batch runs its prefill beside its decode rows (attend_mixed) instead of after them.
-// Not yet measured against two separate calls; docs/kernels/kvcache.md.
-#ifdef LONGCTX_MIXED_OVERLAP
-constexpr bool kMixedOverlap = true;
-#else
-constexpr bool kMixedOverlap = false;
-#endif
 
 // err: a launch call's own result; a launch error also stays in cudaGetLastError (cleared here).
 void check_launch(const char* op, const char* what, cudaError_t err = cudaSuccess) {
@@ -173,7 +163,7 @@ std::pair<at::Tensor, at::Tensor> gather_keys(const at::Tensor& q, const kvcache
 void prefill_gather_fwd(
     const at::Tensor& q, const kvcache::AttnParams& p, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& sinks,
-    const at::Tensor& out, const at::Tensor& lse, cudaStream_t stream, int max_ctas = 0) {
+    const at::Tensor& out, const at::Tensor& lse, cudaStream_t stream) {
   const kvcache::PagedKV& c = p.cache;
   // lengths on the host (clamped as the decode path clamps them)
   const at::Tensor sl = cache_seqlens.to(at::kCPU);
@@ -232,11 +222,11 @@ void prefill_gather_fwd(
     at::Tensor cu_k;
     auto [kg, vg] = gather_keys(q, c, cu, first, max_sk, cu_k, stream);
     // chunk 0 runs the call's mask and adds the sinks; chunk ch > 0 the mask moved by ch chunks
-    auto [o, l] = flash_attn_fwd_limited<&run_fwd_cuda>(
+    auto [o, l] = flash_attn_fwd_op<&run_fwd_cuda>(
         qp, kg, vg, cu_q, cu_k, max_sq, max_sk, double(p.softmax_scale), ch == 0 && p.causal,
         p.window_left,
-        ch == 0 ? p.window_right : kvcache::prefill_chunk_window_right(window_right, ch),
-        ch == 0 ? sinks : std::nullopt, double(p.mods.softcap), max_ctas);
+        ch == 0 ? p.window_right : kvcache::prefill_chunk_window_right(window_right, ch), false,
+        ch == 0 ? sinks : std::nullopt, double(p.mods.softcap));
     kg.reset();  // the next chunk's gather reuses this memory
     vg.reset();
     if (ch > 0) {
@@ -324,52 +314,24 @@ int max_query_len(const int32_t* cu, int b0, int b1) {
   return m;
 }
 
-// Work enqueued on `waiter` from now on runs after the work enqueued on `done` so far.
-void stream_waits_for(cudaStream_t waiter, cudaStream_t done) {
-  cudaEvent_t ev = nullptr;
-  cudaError_t err = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
-  if (err == cudaSuccess) err = cudaEventRecord(ev, done);
-  if (err == cudaSuccess) err = cudaStreamWaitEvent(waiter, ev, 0);
-  if (ev != nullptr) cudaEventDestroy(ev);  // released once the wait has completed
-  check_launch("flash_attn_with_kvcache", "stream ordering", err);
-}
-
-// The SMs a mixed batch's decode rows get beside its prefill (mixed_overlap.h): the bytes of
-// the decode rows' caches against the prefill's FLOPs. Reads cache_seqlens on the host.
-int mixed_decode_sms(const KVCacheAttnCall& c, const int32_t* cu, int nd) {
-  const kvcache::AttnParams& p = c.params;
-  const at::Tensor sl = c.cache.cache_seqlens.to(at::kCPU);
-  const int32_t* len = sl.data_ptr<int32_t>();
-  const int64_t cap = int64_t(p.cache.max_blocks) * p.cache.block_size;
-  auto keys = [&](int b) { return std::min<int64_t>(std::max<int32_t>(len[b], 0), cap); };
-  double bytes = 0, flops = 0;
-  for (int b = 0; b < nd; ++b)
-    bytes += 2.0 * keys(b) * p.cache.kv_heads * p.cache.head_dim * c.cache.k_cache.element_size();
-  for (int b = nd; b < p.cache.batch; ++b)
-    flops += 4.0 * p.heads * p.cache.head_dim *
-             kvcache::visible_pairs(cu[b + 1] - cu[b], static_cast<int>(keys(b)), p.window_left,
-                                    p.window_right);
-  return kvcache::mixed_decode_sms(bytes, flops,
-                                   at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-}
-
 // A packed batch whose first nd sequences (0 < nd < batch) are decode rows: those run the decode
 // kernels on the first cu[nd] rows (the same pointers, fewer sequences), the others the chunked
 // prefill on views of the rest (their rows, cache lengths, block-table rows and lse columns,
-// cu_seqlens_q rebased to 0 on the device). The two write disjoint rows of out and lse. By
-// default they run one after the other on the caller's stream. With kMixedOverlap they run at
-// the same time: the prefill first, on a high-priority side stream that waits for the caller's
-// stream, its forward on all but mixed_decode_sms SMs; then the decode on the caller's stream,
-// which waits for the side stream at the end.
+// cu_seqlens_q rebased to 0 on the device). Same stream, so out and lse are written in order.
 void attend_mixed(const KVCacheAttnCall& c, const at::Tensor& cu_q_host, int nd,
                   cudaStream_t stream) {
   const kvcache::AttnParams& p = c.params;
   const int batch = p.cache.batch;
   const int32_t* cu = cu_q_host.data_ptr<int32_t>();
   const int64_t rows_d = cu[nd], rows_p = int64_t(cu[batch]) - rows_d;
-  // leading rows with no query at all have nothing to write
-  const int decode_sms = kMixedOverlap && rows_d > 0 ? mixed_decode_sms(c, cu, nd) : 0;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+
+  if (rows_d > 0) {  // leading rows with no query at all have nothing to write
+    kvcache::AttnParams pd = p;
+    pd.cache.batch = nd;
+    pd.total_q = rows_d;
+    pd.seqlen_q = max_query_len(cu, 0, nd);
+    run_decode(pd, c.q, c.num_splits, stream);
+  }
 
   kvcache::AttnParams pp = p;
   pp.cache.batch = batch - nd;
@@ -378,31 +340,9 @@ void attend_mixed(const KVCacheAttnCall& c, const at::Tensor& cu_q_host, int nd,
   pp.total_q = rows_p;
   pp.seqlen_q = max_query_len(cu, nd, batch);
   const at::Tensor cu_p = c.cu_seqlens_q->narrow(0, nd, batch - nd + 1) - cu[nd];
-  const at::cuda::CUDAStream caller = at::cuda::getCurrentCUDAStream();
-  const at::cuda::CUDAStream side = decode_sms > 0
-                                        ? at::cuda::getStreamFromPool(true, caller.device_index())
-                                        : caller;
-  if (decode_sms > 0) stream_waits_for(side, caller);
-  {
-    const at::cuda::CUDAStreamGuard guard(side);
-    prefill_gather_fwd(c.q.narrow(0, rows_d, rows_p), pp,
-                       c.cache.cache_seqlens.narrow(0, nd, batch - nd), cu_p, c.sinks,
-                       c.out.narrow(0, rows_d, rows_p), c.lse.narrow(1, rows_d, rows_p),
-                       side.stream(), sms - decode_sms);
-  }
-  if (rows_d > 0) {
-    kvcache::AttnParams pd = p;
-    pd.cache.batch = nd;
-    pd.total_q = rows_d;
-    pd.seqlen_q = max_query_len(cu, 0, nd);
-    try {
-      run_decode(pd, c.q, c.num_splits, stream);
-    } catch (...) {  // the caller's stream still orders after the prefill
-      if (decode_sms > 0) stream_waits_for(caller, side);
-      throw;
-    }
-  }
-  if (decode_sms > 0) stream_waits_for(caller, side);
+  prefill_gather_fwd(c.q.narrow(0, rows_d, rows_p), pp,
+                     c.cache.cache_seqlens.narrow(0, nd, batch - nd), cu_p, c.sinks,
+                     c.out.narrow(0, rows_d, rows_p), c.lse.narrow(1, rows_d, rows_p), stream);
 }
 
 struct Cuda {

@@ -857,9 +857,9 @@ def test_mixed_batch_leading_decode_rows(cache_dtype, window, splits):
 
 
 def test_mixed_batch_on_a_user_stream():
-    """A mixed call on a user stream (where the build's LONGCTX_MIXED_OVERLAP runs the prefill on
-    a side stream and joins it back): its outputs, read on that stream, match float64 and equal
-    the default stream's bitwise (same inputs: both generators seeded)."""
+    """A mixed call on a user stream (decode and prefill kernels, the prefill's gathers and folds
+    all enqueued there): its outputs, read on that stream, match float64 and equal the default
+    stream's bitwise (same inputs: both generators seeded)."""
     if not _flash_fwd_compiled(128, BF16):
         pytest.skip("flash_fwd hdim128 bf16 not compiled")
     args = (BF16, BF16, 8, 2, 128, 16, [20000, 1000, 3000], [1, 2, 1500], True, (-1, -1), 0)

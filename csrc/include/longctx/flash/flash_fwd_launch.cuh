@@ -7,8 +7,8 @@
 // FwdParams does not carry: the caller passes them). TMA needs a 16-byte-aligned base and
 // 16-byte-multiple strides: flash_fwd_tma_unsupported_reason() says why a layout cannot be
 // used (the launcher turns that into a user-facing error).
-// Grid: persistent, min(#tiles, #SMs, p.max_ctas if set) CTAs over ceil(seqlen_q / 128) x heads
-// x batch tiles (seqlen_q is max_seqlen_q in varlen).
+// Grid: persistent, min(#tiles, #SMs) CTAs over ceil(seqlen_q / 128) x heads x batch tiles
+// (seqlen_q is max_seqlen_q in varlen).
 #pragma once
 #include <cuda_runtime.h>
 #include <cute/tensor.hpp>
@@ -81,8 +81,7 @@ cudaError_t run_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t tota
   int dev = 0, sms = 132;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  const int cap = p.max_ctas > 0 && p.max_ctas < sms ? p.max_ctas : sms;
-  const int ctas = sc.total < cap ? sc.total : cap;
+  const int ctas = sc.total < sms ? sc.total : sms;
   dim3 grid(ctas > 0 ? ctas : 1);
   kp.tile_counter = tile_counter;
   if (kp.tile_counter != nullptr) {

@@ -49,9 +49,6 @@ struct FwdParams {
   LogitMods mods;  // softcap and sinks (logit_mods.h)
 
   bool is_bf16 = true;  // else fp16 (CPU twin also accepts fp32 through its own path)
-  // CUDA: at most this many CTAs in the persistent grid (0: one per SM). A mixed KV-cache batch
-  // leaves the other SMs to its decode rows, which run beside the forward.
-  int max_ctas = 0;
 };
 
 // Backward: fwd describes q, k, v, out and lse (all read), with the same mask and scale as the
