@@ -17,7 +17,9 @@ lists them):
   is the same memory; the 8-bit rows' ratio_cudnn uses the bf16 row's cuDNN time (select whole
   (context, batch) groups). Achieved bandwidth counts the bytes of K, V, int8 scales and block
   table the kernel must read (decode_bytes), over the copy bandwidth (read + write bytes of a
-  2 GiB device copy) measured in the same run.
+  2 GiB device copy) measured in the same run. Alternatives in the same run (the row's
+  "alternatives", ms): the pools stored head-major within a page (decode and hdim groups),
+  int8 scales slot-major and fixed split counts (decode group).
 - window: bf16 decode of a 128K sequence through a sliding window of 4096 keys (window_size
   (4096, 0): the 4097 newest keys) beside a plain 4K-context decode, batch 1 and 16, timed as
   the decode rows; the rows carry case["window"], the peers run on a contiguous copy of the
@@ -213,14 +215,14 @@ def _run_decode(res: Results, c: DecodeCase, shared: _Shared) -> None:
                                                                   c.hdim)
     window = c.window or (-1, -1)
 
-    def ours(k_scale=ks, v_scale=vs, num_splits=0):
-        return flash_attn_with_kvcache(q, kc, vc, seqlens, table, window_size=window,
+    def ours(k_scale=ks, v_scale=vs, num_splits=0, k_cache=kc, v_cache=vc):
+        return flash_attn_with_kvcache(q, k_cache, v_cache, seqlens, table, window_size=window,
                                        k_scale=k_scale, v_scale=v_scale, validate=False,
                                        num_splits=num_splits)
     with nvtx_range(c.tag + " longctx"):
         ours_ms = _graph_time(ours)
         eager_ms = time_cuda(ours, warmup=5, reps=30, min_time_ms=100)
-    alt = _decode_alternatives(c, ours, ks, vs) if c.group == "decode" else {}
+    alt = _decode_alternatives(c, ours, ks, vs, kc, vc) if c.group in ("decode", "hdim") else {}
     peer_ms, peer_mode = shared.decode_peers.setdefault(c.peer_key, ({}, {}))
     if c.fmt == "bf16":
         _decode_peers(c, q, kc, vc, peer_ms, peer_mode)
@@ -239,11 +241,25 @@ def _run_decode(res: Results, c: DecodeCase, shared: _Shared) -> None:
     res.add(row)
 
 
-def _decode_alternatives(c: DecodeCase, ours, ks, vs) -> Dict[str, float]:
-    """Alternatives measured in the same run beside the default: int8 scales stored slot-major
-    (contiguous: the decode copies all kv heads' scales of a tile's slots) and fixed split
-    counts."""
+def _head_major(pool):
+    """The same pool stored head-major within each page: memory (pages, kv_heads, block_size, d)
+    behind the op's (pages, block_size, kv_heads, d) view, so that a kv head's page is one
+    contiguous run of block_size key rows instead of rows kv_heads x d elements apart."""
+    return pool.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _decode_alternatives(c: DecodeCase, ours, ks, vs, kc, vc) -> Dict[str, float]:
+    """Alternatives measured in the same run beside the default: the pools stored head-major
+    within a page (both groups; a narrow key row, e.g. 64 bytes of 8-bit codes, then is part of
+    a contiguous page run instead of a lone 64-byte access), and in the decode group int8 scales
+    stored slot-major (contiguous: the decode copies all kv heads' scales of a tile's slots) and
+    fixed split counts."""
     alt: Dict[str, float] = {}
+    kh, vh = _head_major(kc), _head_major(vc)
+    alt["head_major_pool_ms"] = _graph_time(lambda: ours(k_cache=kh, v_cache=vh))
+    del kh, vh
+    if c.group != "decode":
+        return alt
     if c.fmt == "int8":
         ks_slot, vs_slot = ks.contiguous(), vs.contiguous()
         alt["scales_slot_major_ms"] = _graph_time(lambda: ours(ks_slot, vs_slot))
