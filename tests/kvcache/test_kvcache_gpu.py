@@ -267,12 +267,15 @@ def test_nothing_written_outside_own_slots(cache_dtype):
 
 # ---- attention ------------------------------------------------------------------------------
 
-def _device_pools(kc, vc, combined=False, pad=0):
+def _device_pools(kc, vc, combined=False, pad=0, head_major=False):
     """The pools on the GPU: two tensors, or k_cache = kv[:, 0] and v_cache = kv[:, 1] of one
     combined pool (strided pages); pad > 0 pads every head row by `pad` elements (the pools are
-    [..., :head_dim] views, the padding poisoned: a kernel that read it would fail the test)."""
+    [..., :head_dim] views, the padding poisoned: a kernel that read it would fail the test);
+    head_major: each page stored (kv_heads, block_size, d), the op's (block_size, kv_heads, d)
+    view a transpose of it (a kv head's page one contiguous run of key rows)."""
     d = kc.shape[-1]
-    shape = (kc.shape[0],) + ((2,) if combined else ()) + kc.shape[1:-1] + (d + pad,)
+    page = kc.shape[1:-1][::-1] if head_major else kc.shape[1:-1]
+    shape = (kc.shape[0],) + ((2,) if combined else ()) + page + (d + pad,)
     bufs = [torch.empty(shape, dtype=kc.dtype, device="cuda") for _ in range(1 if combined else 2)]
     for buf in bufs:
         buf.view(torch.uint8).fill_(0x7F)  # int8 127, fp8 NaN, bf16 3e38, fp16 NaN
@@ -280,6 +283,8 @@ def _device_pools(kc, vc, combined=False, pad=0):
         pools = [bufs[0][:, 0], bufs[0][:, 1]]
     else:
         pools = bufs
+    if head_major:
+        pools = [p.transpose(1, 2) for p in pools]
     pools = [p[..., :d] for p in pools]
     for dst, src in zip(pools, (kc, vc)):
         dst.copy_(src)
@@ -288,8 +293,10 @@ def _device_pools(kc, vc, combined=False, pad=0):
 
 def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, window, splits,
                      packed, combined=False, pad=0, gen=None, scale_layout="head",
-                     table_blocks=0, softcap=0.0, sinks=None, check=True, q_pad=0):
+                     table_blocks=0, softcap=0.0, sinks=None, check=True, q_pad=0,
+                     head_major=False):
     """Random pool + table, attention vs the float64 reference on the dequantized K/V.
+    head_major: the pools stored head-major within a page (_device_pools).
     q_pad > 0: q is the [..., :d] view of rows of d + q_pad elements whose padding is NaN (a
     kernel that read q past head_dim would turn its rows NaN).
     table_blocks: the block table's width (its capacity, which the staged kernel's tile order
@@ -306,7 +313,7 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
                                            scale_layout)
     if cache_dtype in (BF16, FP16):
         kc = keys_with_outliers(num_blocks, bs, hk, d, dtype=cache_dtype, generator=gen)
-    kc_d, vc_d = _device_pools(kc, vc, combined, pad)
+    kc_d, vc_d = _device_pools(kc, vc, combined, pad, head_major)
     seqlens = torch.tensor(lens, dtype=torch.int32)
     if packed:
         q = torch.randn(sum(q_lens), h, d, generator=gen).to(dtype)
@@ -805,6 +812,23 @@ def test_decode_several_queries_packed_and_pool_view(cache_dtype, variant):
                      scale_layout=layout)
     _check_attention(cache_dtype, BF16, 8, 2, 128, 16, [10, 700], [4, 4], False, (64, 2), 5,
                      packed=False, pad=pad, gen=gen, scale_layout=layout)
+
+
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=FMT_IDS.get)
+@pytest.mark.parametrize("d", [64, 96, 128])
+@pytest.mark.parametrize("splits", [0, 5])
+def test_decode_and_prefill_head_major_pools(cache_dtype, d, splits):
+    """Pools stored head-major within a page (bench's head_major_pool_ms alternative): slot
+    stride d, head stride block_size x d (+ poisoned row padding), decode and prefill."""
+    gen = torch.Generator().manual_seed(41)
+    _check_attention(cache_dtype, BF16, 8, 2, d, 16, [1, 300, 4099], [1], True, (-1, -1),
+                     splits, packed=False, gen=gen, head_major=True)
+    _check_attention(cache_dtype, BF16, 8, 2, d, 16, [1, 300, 4099], [1, 2, 77], True,
+                     (-1, -1), splits, packed=True, pad=8, gen=gen, head_major=True)
+    if not _flash_fwd_compiled(_kernel_width(d), BF16):
+        pytest.skip(f"flash_fwd hdim{_kernel_width(d)} bf16 not compiled (the prefill case)")
+    _check_attention(cache_dtype, BF16, 8, 2, d, 16, [700, 2000], [300, 600], True, (-1, -1),
+                     splits, packed=True, gen=gen, head_major=True)
 
 
 @pytest.mark.parametrize("layout", ["head", "slot", "head_odd"])
