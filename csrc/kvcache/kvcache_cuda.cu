@@ -132,7 +132,9 @@ void fold_key_chunk(const at::Tensor& out, const at::Tensor& lse, const at::Tens
 }
 
 // One key chunk's K/V gathered (and dequantized) into contiguous (keys, kv_heads, head_dim)
-// tensors: keys [first[b], first[b] + count) of sequence b at rows cu[b]..cu[b + 1].
+// tensors: keys [first[b], first[b] + count) of sequence b at rows cu[b]..cu[b + 1]. first is
+// copied to the device only where some sequence starts past key 0 (the kernel reads nullptr as
+// all zeros).
 std::pair<at::Tensor, at::Tensor> gather_keys(const at::Tensor& q, const kvcache::PagedKV& c,
                                               const std::vector<int32_t>& cu,
                                               const std::vector<int32_t>& first, int64_t max_sk,
@@ -140,8 +142,10 @@ std::pair<at::Tensor, at::Tensor> gather_keys(const at::Tensor& q, const kvcache
   const int64_t total_k = cu[c.batch];
   auto opts = q.options();
   cu_k = at::from_blob(const_cast<int32_t*>(cu.data()), {c.batch + 1}, at::kInt).to(q.device());
-  const at::Tensor k_first =
-      at::from_blob(const_cast<int32_t*>(first.data()), {c.batch}, at::kInt).to(q.device());
+  const bool from_zero = std::all_of(first.begin(), first.end(), [](int32_t f) { return f == 0; });
+  at::Tensor k_first;
+  if (!from_zero)
+    k_first = at::from_blob(const_cast<int32_t*>(first.data()), {c.batch}, at::kInt).to(q.device());
   at::Tensor kg = at::empty({total_k, c.kv_heads, c.head_dim}, opts);
   at::Tensor vg = at::empty({total_k, c.kv_heads, c.head_dim}, opts);
   if (total_k > 0) {
@@ -152,7 +156,7 @@ std::pair<at::Tensor, at::Tensor> gather_keys(const at::Tensor& q, const kvcache
       using T = std::remove_pointer_t<decltype(tag)>;
       constexpr Format F = decltype(fmt)::value;
       kc::kvcache_gather_kernel<T, F><<<grid, 256, 0, stream>>>(
-          c, cu_k.data_ptr<int32_t>(), k_first.data_ptr<int32_t>(),
+          c, cu_k.data_ptr<int32_t>(), from_zero ? nullptr : k_first.data_ptr<int32_t>(),
           static_cast<T*>(kg.data_ptr()), static_cast<T*>(vg.data_ptr()));
     });
     check_launch("flash_attn_with_kvcache", "gather kernel");
