@@ -12,7 +12,7 @@ from . import _C  # noqa: F401  (registers torch.ops.longctx.*)
 from .attention import flash_attn_func, flash_attn_varlen_func
 from .info import build_info
 from .kvcache import (PagedKVCache, flash_attn_with_kvcache, fp8_scales_from_data,
-                      int8_scales, kvcache_append)
+                      int8_scales, kv_pool, kvcache_append)
 from .ring import ring_flash_attn_func, ring_positions, ring_shard, ring_unshard
 from .rope import apply_rope
 from .rope_scaling import ROPE_TYPES, RopeFrequencies, rope_frequencies
@@ -27,6 +27,7 @@ __all__ = [
     "PagedKVCache",
     "fp8_scales_from_data",
     "int8_scales",
+    "kv_pool",
     "ring_flash_attn_func",
     "ring_shard",
     "ring_unshard",

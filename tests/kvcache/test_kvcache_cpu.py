@@ -582,6 +582,45 @@ def test_int8_scales_head_major_equals_slot_major():
     assert torch.equal(o1, o2) and o1.abs().max() > 0
 
 
+@pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=["bf16", "int8", "fp8"])
+def test_kv_pool_head_major_equals_token_major(cache_dtype):
+    """kv_pool / PagedKVCache store each page head-major (memory (blocks, kv_heads, block_size,
+    d) behind the ops' (blocks, block_size, kv_heads, d) view); append and attention through
+    such pools give bitwise the results of token-major (contiguous) pools."""
+    p = longctx.kv_pool(5, 16, 3, 8, dtype=INT8)
+    assert p.shape == (5, 16, 3, 8) and p.stride() == (384, 8, 128, 1) and p.dtype == INT8
+    assert (p == 0).all()
+    with pytest.raises(ValueError, match=r"kv_pool: .*head_dim must be >= 1, got \(5, 16, 3, 0\)"):
+        longctx.kv_pool(5, 16, 3, 0)
+    gen = torch.Generator().manual_seed(37)
+    fp8 = dict(k_scale=0.05, v_scale=0.04) if cache_dtype == FP8 else {}
+    c, ids, _, _ = _fill_cache([40, 77], 2, 32, 16, BF16, cache_dtype, gen=gen, **fp8)
+    assert c.k_cache.stride() == (1024, 32, 512, 1) and c.v_cache.stride() == (1024, 32, 512, 1)
+    scales = dict(k_scale=c.k_scale, v_scale=c.v_scale)
+    tok = [c.k_cache.contiguous(), c.v_cache.contiguous()]
+    tok_scales = {n: t.clone() for n, t in scales.items() if t is not None}
+    k = keys_with_outliers(50, 2, 32, generator=gen)
+    v = torch.randn(50, 2, 32, generator=gen).to(BF16)
+    lens = c.cache_seqlens(ids)
+    for sid, n in zip(ids, (20, 30)):
+        c.reserve(sid, c.seqlen(sid) + n)
+    table, cu = c.block_table(ids), _cu([20, 30])
+    before = c.k_cache.clone()
+    longctx.kvcache_append(k, v, c.k_cache, c.v_cache, lens, table, cu_new=cu, **scales)
+    longctx.kvcache_append(k, v, tok[0], tok[1], lens, table, cu_new=cu, **tok_scales)
+    assert c.k_cache.stride() == (1024, 32, 512, 1)
+    assert not torch.equal(c.k_cache.view(torch.uint8), before.view(torch.uint8))
+    assert torch.equal(c.k_cache.view(torch.uint8), tok[0].view(torch.uint8))
+    assert torch.equal(c.v_cache.view(torch.uint8), tok[1].view(torch.uint8))
+    q = torch.randn(2, 3, 4, 32, generator=gen).to(BF16)
+    lens = lens + torch.tensor([20, 30], dtype=torch.int32)
+    o1 = longctx.flash_attn_with_kvcache(q, c.k_cache, c.v_cache, lens, table, causal=True,
+                                         **scales)
+    o2 = longctx.flash_attn_with_kvcache(q, tok[0], tok[1], lens, table, causal=True,
+                                         **tok_scales)
+    assert torch.equal(o1, o2) and o1.abs().max() > 0
+
+
 # ---- opcheck and torch.compile --------------------------------------------------------------
 
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=["bf16", "int8", "fp8"])

@@ -4,10 +4,13 @@
 // head dims run the next width up, flash_bwd_dispatch.cuh) and the postprocess (dq = scale *
 // accumulator; row-major accumulator at 64/128, fragment order at 256) on a stream.
 // Framework-free (raw BwdParams); workspace and requirements: flash_bwd_dispatch.cuh. Grid of
-// the main kernels: (ceil(seqlen_k / kBlockN), heads_kv, batch); one CTA per KV tile
-// (kBlockN = 128 at hdim 64/128, 80 at 256).
+// the main kernels: ceil(seqlen_k / kBlockN) x heads_kv x batch CTAs, one per KV tile
+// (kBlockN = 128 at hdim 64/128, 80 at 256): at hdim 128 a 3-D grid (blockIdx = (KV tile,
+// kv head, batch); one launch per 65535 x 65535 block of (kv head, batch)), at 64 and 256 one
+// dimension in BwdTileOrder.
 #pragma once
 #include <cuda_runtime.h>
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include "longctx/flash/flash_bwd_dispatch.cuh"
@@ -96,13 +99,17 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
     kp.cap_in = c != 0.f ? f.softmax_scale / c : 0.f;
     kp.cap_log2 = c * 1.4426950408889634f;
 
-    // Softcap: two instantiations of the main kernel, chosen here once per launch.
-    auto pick = [](auto softcap) {
+    // Softcap (and at hdim 64/128 varlen, which alone needs the ready barriers): instantiations
+    // of the main kernel, chosen here once per launch.
+    auto pick = [](auto softcap, auto var) {
       constexpr bool kCap = decltype(softcap)::value;
       if constexpr (kFragDq) return flash_bwd_sm90_hdim256_kernel<Traits, kCap>;
-      else return flash_bwd_sm90_kernel<Traits, kCap>;
+      else return flash_bwd_sm90_kernel<Traits, kCap, decltype(var)::value>;
     };
-    auto kernel = c != 0.f ? pick(std::true_type{}) : pick(std::false_type{});
+    using Yes = std::true_type;
+    using No = std::false_type;
+    auto kernel = c != 0.f ? (varlen ? pick(Yes{}, Yes{}) : pick(Yes{}, No{}))
+                           : (varlen ? pick(No{}, Yes{}) : pick(No{}, No{}));
     constexpr int smem = Traits::kSmemBytes;
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
@@ -118,9 +125,27 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
     order.hb_per_section = int(hps < 1 ? 1 : hps > order.num_hb ? order.num_hb : hps);
     const int64_t ctas = int64_t(order.num_n) * order.num_hb;
     if (ctas >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
-    kernel<<<dim3(unsigned(ctas)), Traits::kNumThreads, smem, stream>>>(kp);
-    e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
+    bool grid3d = false;
+    if constexpr (!kFragDq) grid3d = Traits::kGrid3d;
+    if (!grid3d) {
+      kernel<<<dim3(unsigned(ctas)), Traits::kNumThreads, smem, stream>>>(kp);
+      e = cudaGetLastError();
+      if (e != cudaSuccess) return e;
+    }
+    // 3-D grid: (kv head, batch) in blocks of at most 65535 x 65535 (grid y / z limits); the
+    // launches share nothing (deterministic mode orders KV tiles of one (kv head, batch) only).
+    constexpr int kMaxYZ = 65535;
+    for (int hk0 = 0; grid3d && hk0 < f.heads_kv; hk0 += kMaxYZ) {
+      for (int b0 = 0; b0 < f.batch; b0 += kMaxYZ) {
+        kp.hk0 = hk0;
+        kp.b0 = b0;
+        const dim3 grid(unsigned(order.num_n), unsigned(std::min(kMaxYZ, f.heads_kv - hk0)),
+                        unsigned(std::min(kMaxYZ, f.batch - b0)));
+        kernel<<<grid, Traits::kNumThreads, smem, stream>>>(kp);
+        e = cudaGetLastError();
+        if (e != cudaSuccess) return e;
+      }
+    }
   }
   if constexpr (kFragDq) {
     const int64_t tiles = flash_bwd_dq_rows(p, total_q) / kBwdBlockM;

@@ -3,13 +3,17 @@
 // kernel, flash_bwd_sm90_hdim256.cuh, which shares this file's helpers and preprocess and the
 // setup helpers of flash_bwd_cta.cuh).
 //
-// What it computes. One CTA per (KV tile n of kBlockN = 128 keys, kv head hk, batch b), in the
-// order of tile_scheduler.cuh's BwdTileOrder (longest KV tiles first within L2-sized sections
-// of kv heads). K and V of the tile are TMA-loaded once. The CTA walks the query tiles m
-// (kBlockM = 64 rows) in bwd_query_tiles(n), last to first (tiles outside the mask are never
-// loaded), and for each the query heads h of hk's GQA group; per (m, h), with S^T and dP^T
-// computed transposed ("swapAB", keys as the M dimension, so P^T and dS^T come out of the
-// accumulators in the register layout of a wgmma A operand):
+// What it computes. One CTA per (KV tile n of kBlockN = 128 keys, kv head hk, batch b). CTA
+// order (Traits::kGrid3d): at hdim 128 the grid (n, hk, b) = blockIdx (x, y, z), indices read
+// from special registers (decoding a 1-D index cost the consumers 40 / 44 bytes of spills, and
+// the 3-D grid with the batched-launch barriers below ran 3-6% faster at 16K on an H100); at
+// hdim 64, which has no spills, one dimension in tile_scheduler.cuh's BwdTileOrder (longest KV
+// tiles first within L2-sized sections of kv heads: the 3-D grid was 2-3% slower there). K and
+// V of the tile are TMA-loaded once. The CTA walks the query tiles m (kBlockM = 64 rows) in bwd_query_tiles(n),
+// last to first (tiles outside the mask are never loaded), and for each the query heads h of
+// hk's GQA group; per (m, h), with S^T and dP^T computed transposed ("swapAB", keys as the M
+// dimension, so P^T and dS^T come out of the accumulators in the register layout of a wgmma A
+// operand):
 //   S^T  = K Q^T, dP^T = V dO^T              SS wgmma, 128 x 64, K = D (one 64-key half per WG)
 //   P^T  = exp2(S^T * scale*log2e - lse2[q])   (lse2 = lse*log2e from the preprocess, +inf for
 //                                               rows that see no key and pad rows -> P = 0)
@@ -51,7 +55,7 @@
 // than tile n - 1 and waits at most about one reduce for it. (Query tiles first to last: tile n
 // of a causal mask would start 2n iterations late; heads outer: tile n - 1 reaches head g about
 // 2g iterations after tile n, since it has two more query tiles per head.) A CTA waits only for
-// lower KV tiles of its (kv head, batch), which BwdTileOrder starts earlier.
+// lower KV tiles of its (kv head, batch), which both CTA orders dispatch earlier.
 //
 // smem (hdim 128): K, V 2 x 32 KB, Q, dO 2 stages x 2 x 16 KB, dS^T 2 x 16 KB, dQ (fp32)
 // 2 x 32 KB, lse2/D 1 KB: ~225 KB, one CTA per SM.
@@ -101,6 +105,8 @@ struct FlashBwdSm90Traits {
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 168 * 384, "setmaxnreg pool");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: hdim 64 or 128");
+  // CTA order (header): a 3-D grid at hdim 128, BwdTileOrder over a 1-D grid at hdim 64.
+  static constexpr bool kGrid3d = kHeadDim == 128;
 
   using TileSdP = cute::Shape<cute::Int<kBlockN>, cute::Int<kBlockM>, cute::Int<kHeadDim>>;
   using TileDKV = cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::Int<kBlockM>>;
@@ -168,8 +174,8 @@ struct FlashBwdSm90Traits {
     alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_lse;
     alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_d;
     alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_kv;
-    alignas(16) cutlass::arch::ClusterBarrier kv_ready;  // K/V landed, tail zeroed (64)
-    alignas(16) cutlass::arch::ClusterBarrier qdo_ready[kStages];  // Q/dO stage ready (64)
+    alignas(16) cutlass::arch::ClusterBarrier kv_ready;  // varlen: K/V landed, tail zeroed (64)
+    alignas(16) cutlass::arch::ClusterBarrier qdo_ready[kStages];  // varlen: Q/dO stage ready
     alignas(16) cutlass::arch::ClusterBarrier dq_full[2];   // kNumMmaThreads arrivals
     alignas(16) cutlass::arch::ClusterBarrier dq_empty[2];  // 1 arrival (the dQ warp)
     alignas(16) typename MainloopPipeline::SharedStorage pipeline;
@@ -206,7 +212,8 @@ struct BwdKernelParams {
   int64_t total_q_rows;
   int* sems;               // deterministic mode
   int num_m_max;           // semaphores per (batch, head)
-  BwdTileOrder order;      // which (KV tile, kv head, batch) CTA blockIdx.x is
+  BwdTileOrder order;      // 1-D grids: which (KV tile, kv head, batch) CTA blockIdx.x is
+  int hk0 = 0, b0 = 0;     // 3-D grid: (kv head, batch) of blockIdx (y, z) = (0, 0)
   // Softcap c (p.fwd.mods.softcap; 0: none): cap_in = softmax_scale / c, cap_log2 = c log2(e).
   // Kernel params, so that the consumers read them as constant-bank operands (no registers).
   float cap_in, cap_log2;
@@ -239,7 +246,12 @@ __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wa
 // template parameter rather than a branch in the kernel: with both paths in one kernel the
 // consumers spilled 120 bytes instead of 32 (hdim 128), so the path without the cap would have
 // paid for it.
-template <typename Traits, bool kSoftcap>
+// kVarlen: the launch is varlen (p.fwd.cu_seqlens_q set; the launcher's choice, uniform over the
+// launch). Only then do producer warps 2-3 zero the next sequence's rows of K/V and Q/dO and the
+// consumers wait on their ready barriers (kv_ready, qdo_ready); a batched launch's TMA
+// zero-fills rows past the tensor, so there the consumers wait on the loads' own barriers
+// (barrier_kv, the pipeline's full barriers) and warps 2-3 have nothing to do.
+template <typename Traits, bool kSoftcap, bool kVarlen>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> kp) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -256,7 +268,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const bool varlen = p.cu_seqlens_q != nullptr;
 
   int n_block, hk, b;
-  kp.order.decode(int(blockIdx.x), n_block, hk, b);
+  if constexpr (Traits::kGrid3d) {
+    n_block = blockIdx.x;
+    hk = kp.hk0 + int(blockIdx.y);
+    b = kp.b0 + int(blockIdx.z);
+  } else {
+    kp.order.decode(int(blockIdx.x), n_block, hk, b);
+  }
   const SeqLen si = sequence(p, b);
   const int n0 = n_block * kN;
   if (n0 >= si.sk) return;
@@ -286,8 +304,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const int lane_predicate = cute::elect_one_sync();
   if (warp_idx == 0 && lane_predicate) {
     ss.barrier_kv.init(1);
-    ss.kv_ready.init(64);
-    for (int i = 0; i < Traits::kStages; ++i) ss.qdo_ready[i].init(64);
+    if constexpr (kVarlen) {
+      ss.kv_ready.init(64);
+      for (int i = 0; i < Traits::kStages; ++i) ss.qdo_ready[i].init(64);
+    }
     for (int i = 0; i < 2; ++i) {
       ss.dq_full[i].init(Traits::kNumMmaThreads);
       ss.dq_empty[i].init(1);
@@ -361,11 +381,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         ss.dq_empty[buf].arrive();
       }
       bulk_wait_all();
-    } else if (warp_idx >= 2) {
-      // Ready barriers (flash_bwd_cta.cuh): K/V once, then each Q/dO stage in the walk's order,
-      // with the next packed sequence's rows zeroed where a tile crosses its end.
+    } else if (kVarlen && warp_idx >= 2) {
+      // Ready barriers (flash_bwd_cta.cuh), varlen only: K/V once, then each Q/dO stage in the
+      // walk's order, with the next packed sequence's rows zeroed where a tile crosses its end.
       const int tid64 = int(threadIdx.x) - 64;
-      clear_kv_tail<Traits>(ss, varlen ? rows_k : kN, tid64);
+      clear_kv_tail<Traits>(ss, rows_k, tid64);
       using LayoutQ = typename Traits::SmemLayoutQ;
       Tensor sQ_all = make_tensor(make_smem_ptr(ss.smem_q.data()), LayoutQ{});
       Tensor sdO_all = make_tensor(make_smem_ptr(ss.smem_do.data()), LayoutQ{});
@@ -373,7 +393,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       for (int it = 0; it < total; ++it) {
         const int m0 = (range.end - 1 - it / group) * kM;
         wait_stage_loaded(ss.pipeline, st);  // the stage's TMA (and lse2/D copies) landed
-        if (varlen && m0 + kM > si.sq) {
+        if (m0 + kM > si.sq) {
           zero_tail_rows<64>(sQ_all(_, _, st.index()), si.sq - m0, tid64);
           zero_tail_rows<64>(sdO_all(_, _, st.index()), si.sq - m0, tid64);
         }
@@ -419,13 +439,15 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
     const float scale_log2 = p.softmax_scale_log2;
     const int sq = si.sq, sk = si.sk;
-    ss.kv_ready.wait(0);  // K/V landed (and, varlen, its tail zeroed: clear_kv_tail)
+    if constexpr (kVarlen) ss.kv_ready.wait(0);  // K/V landed, its tail zeroed: clear_kv_tail
+    else ss.barrier_kv.wait(0);
     typename Traits::PipelineState st;
 
     for (int it = 0; it < total; ++it) {
       const int m = range.end - 1 - it / group;  // (the producer and dQ writer track h)
       const int m0 = m * kM;
-      ss.qdo_ready[st.index()].wait(st.phase());  // landed (and tail zeroed: warps 2-3)
+      if constexpr (kVarlen) ss.qdo_ready[st.index()].wait(st.phase());  // tail zeroed: warps 2-3
+      else pipe.consumer_wait(st);
       const int s = st.index();
       Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kN>, Int<kM>>{});
       Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kN>, Int<kM>>{});
