@@ -4,8 +4,9 @@ Layout (the one vLLM and FlashInfer users know, "NHD" pages):
 - k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim) pools of pages, last dimension
   contiguous (any strides elsewhere: k_cache = kv[:, 0] of a combined pool works). `kv_pool`
   and PagedKVCache store each page head-major (FlashInfer's "HND": a kv head's page is one
-  contiguous run), which the CUDA decode reads fastest (8-bit codes at head dim 64 and 96 in
-  0.66-0.72x the time of token-major pages);
+  contiguous run) where a key row is narrower than 256 bytes, which the CUDA decode reads
+  fastest there (8-bit codes at head dim 64 and 96 in 0.66-0.72x the time of token-major
+  pages), and token-major otherwise;
 - block_table: int32 (batch, max_blocks); token t of sequence b lives in page
   block_table[b, t // block_size], slot t % block_size; entries past a sequence's pages are never
   read (PagedKVCache pads them with -1);
@@ -75,6 +76,7 @@ _ops = torch.ops.longctx
 FP8_E4M3_MAX = 448.0
 INT8_MAX = 127.0
 _QUANTIZED = (torch.int8, torch.float8_e4m3fn)
+_POOL_DTYPES = (torch.bfloat16, torch.float16, torch.float32) + _QUANTIZED
 
 
 @torch.library.register_fake("longctx::kvcache_append")
@@ -155,30 +157,45 @@ def fp8_scales_from_data(x: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
     return _fp8_scales(x, margin, "fp8_scales_from_data", "x")
 
 
-def _head_major_zeros(fn: str, num_blocks: int, block_size: int, kv_heads: int,
-                      tail: Tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-    """Zeros of shape (num_blocks, block_size, kv_heads, *tail) stored head-major within each
-    page: memory (num_blocks, kv_heads, block_size, *tail)."""
+def _page_zeros(fn: str, num_blocks: int, block_size: int, kv_heads: int,
+                tail: Tuple[int, ...], dtype: torch.dtype, device,
+                head_major: bool = True) -> torch.Tensor:
+    """Zeros of shape (num_blocks, block_size, kv_heads, *tail), stored head-major within each
+    page (memory (num_blocks, kv_heads, block_size, *tail)) or contiguous."""
     dims = (num_blocks, block_size, kv_heads) + tail
     if min(dims) < 1:
         names = "num_blocks, block_size, kv_heads" + (", head_dim" if tail else "")
         raise ValueError(f"{fn}: {names} must be >= 1, got {dims}")
+    if not head_major:
+        return torch.zeros(dims, dtype=dtype, device=device)
     return torch.zeros((num_blocks, kv_heads, block_size) + tail, dtype=dtype,
                        device=device).transpose(1, 2)
 
 
 def kv_pool(num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-            dtype: torch.dtype = torch.bfloat16, device=None) -> torch.Tensor:
-    """A zeroed K or V pool for the ops: shape (num_blocks, block_size, kv_heads, head_dim), the
-    ops' (NHD) view, stored head-major within each page (memory (num_blocks, kv_heads,
-    block_size, head_dim), FlashInfer's "HND" pages: strides (block_size * kv_heads * head_dim,
-    head_dim, block_size * head_dim, 1)), as PagedKVCache allocates its pools. A kv head's page
-    is then one contiguous run, which the CUDA decode reads faster than token-major pages where
-    a key row is narrow (128K tokens, batch 16 on an H100: 8-bit codes at head dim 64 and 96 in
-    0.66-0.72x the time, bf16 in 0.96 / 0.89x; head dim 256 within 2%; docs/kernels/kvcache.md).
-    A contiguous (token-major) pool of the same shape works with every op too."""
-    return _head_major_zeros("kv_pool", num_blocks, block_size, kv_heads, (head_dim,), dtype,
-                             device)
+            dtype: torch.dtype = torch.bfloat16, device=None,
+            head_major: Optional[bool] = None) -> torch.Tensor:
+    """A zeroed K or V pool for the ops, shape (num_blocks, block_size, kv_heads, head_dim) (the
+    ops' "NHD" view), in the memory layout the CUDA decode reads fastest, as PagedKVCache
+    allocates its pools. Every op takes either layout.
+
+    head_major: True stores each page head-major (memory (num_blocks, kv_heads, block_size,
+    head_dim), FlashInfer's "HND": a kv head's page is one contiguous run); False token-major
+    (contiguous); None (default) head-major where a key row is narrower than 256 bytes
+    (head_dim * element size < 256: 8-bit codes at head dim <= 248, 16-bit at <= 120). Measured
+    (H100, decode at 128K, batch 16, docs/kernels/kvcache.md): head-major takes 0.66-0.72x the
+    time of token-major for 8-bit codes at head dim 64 and 96, 0.89-0.97x for bf16 there and
+    0.96-0.99x for 8-bit at 128; token-major is 2-9% faster for bf16 at head dim 128 (batch 1)
+    and 256."""
+    if dtype not in _POOL_DTYPES:
+        raise ValueError(f"kv_pool: dtype must be one of {', '.join(map(str, _POOL_DTYPES))}, "
+                         f"got {dtype}")
+    if head_major is not None and not isinstance(head_major, bool):
+        raise TypeError(f"kv_pool: head_major must be True, False or None, got {head_major!r}")
+    if head_major is None:
+        head_major = head_dim * torch.empty((), dtype=dtype).element_size() < 256
+    return _page_zeros("kv_pool", num_blocks, block_size, kv_heads, (head_dim,), dtype, device,
+                       head_major)
 
 
 def int8_scales(num_blocks: int, block_size: int, kv_heads: int, device=None) -> torch.Tensor:
@@ -186,8 +203,8 @@ def int8_scales(num_blocks: int, block_size: int, kv_heads: int, device=None) ->
     stored head-major within each page (strides (block_size * kv_heads, 1, block_size)), the
     layout the CUDA decode kernel reads with the fewest bytes (docs/kernels/kvcache.md). A
     contiguous (slot-major) tensor of the same shape works too, a little slower."""
-    return _head_major_zeros("int8_scales", num_blocks, block_size, kv_heads, (),
-                             torch.float32, device)
+    return _page_zeros("int8_scales", num_blocks, block_size, kv_heads, (), torch.float32,
+                       device)
 
 
 def _scale_args(k_cache: torch.Tensor, k_scale, v_scale):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import longctx
+from gpu_kernels import skip_unless_compiled
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -22,6 +23,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 def _skip_unless_hopper(device):
     if device == "cuda" and (not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9):
         pytest.skip("needs a Hopper GPU")
+
+
+def _skip_unless_built(device, hdim, dtype, backward=False):
+    """On CUDA: skip without a Hopper GPU or without the (hdim, dtype) attention kernels."""
+    if device == "cuda":
+        skip_unless_compiled(hdim, dtype, ("flash_fwd", "flash_bwd") if backward
+                             else ("flash_fwd",))
 
 
 def _finite_rows_equal(out, ref, keep):
@@ -33,7 +41,7 @@ def _finite_rows_equal(out, ref, keep):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_nan_query_row(device, causal):
-    _skip_unless_hopper(device)
+    _skip_unless_built(device, 64, torch.bfloat16)
     b, s, h, hk, d = 2, 70, 4, 2, 64
     q = torch.randn(b, s, h, d, dtype=torch.bfloat16, device=device)
     k = torch.randn(b, s, hk, d, dtype=torch.bfloat16, device=device)
@@ -61,7 +69,7 @@ def _causal_with_nan(device, s, dtype, which, j):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_flash_nan_key_reaches_the_rows_that_see_it(device):
-    _skip_unless_hopper(device)
+    _skip_unless_built(device, 128, torch.float16)
     j = 150
     ref, out = _causal_with_nan(device, 200, torch.float16, "k", j)
     assert torch.isnan(out[0, j:]).all(dim=-1).all()  # rows i >= j see key j (causal)
@@ -76,7 +84,7 @@ def test_flash_nan_value_stays_in_the_tiles_that_load_it(device):
     NaN where its query tile multiplies a zero weight by that key's value in the same tile (0 x
     NaN, as a dense P V does; documented in flash_fwd.md), but never outside the tiles that load
     it: with causal 128 x 128 tiles, rows of query tile 0 never load key 150."""
-    _skip_unless_hopper(device)
+    _skip_unless_built(device, 128, torch.bfloat16)
     j = 150
     ref, out = _causal_with_nan(device, 300, torch.bfloat16, "v", j)
     assert torch.isnan(out[0, j:, :, 7]).all()  # rows i >= j see key j
@@ -109,7 +117,7 @@ def _assert_sequence0_unchanged(device, d, causal, poison, names):
     """Sequence 0's rows of `names` are finite and bitwise those of the NaN-free call. Sequence
     0's last tiles (200 rows: not a multiple of the tile sizes) overlap sequence 1's first rows
     in memory."""
-    _skip_unless_hopper(device)
+    _skip_unless_built(device, d, torch.bfloat16, backward=True)
     ref, bad = (_varlen_grads(device, d, causal, p) for p in ("", poison))
     for name in names:
         assert torch.isfinite(bad[name][:200]).all(), name

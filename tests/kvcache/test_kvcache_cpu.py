@@ -585,13 +585,21 @@ def test_int8_scales_head_major_equals_slot_major():
 @pytest.mark.parametrize("cache_dtype", [BF16, INT8, FP8], ids=["bf16", "int8", "fp8"])
 def test_kv_pool_head_major_equals_token_major(cache_dtype):
     """kv_pool / PagedKVCache store each page head-major (memory (blocks, kv_heads, block_size,
-    d) behind the ops' (blocks, block_size, kv_heads, d) view); append and attention through
-    such pools give bitwise the results of token-major (contiguous) pools."""
+    d) behind the ops' (blocks, block_size, kv_heads, d) view) where a key row is narrower than
+    256 bytes; append and attention through such pools give bitwise the results of token-major
+    (contiguous) pools."""
     p = longctx.kv_pool(5, 16, 3, 8, dtype=INT8)
     assert p.shape == (5, 16, 3, 8) and p.stride() == (384, 8, 128, 1) and p.dtype == INT8
     assert (p == 0).all()
     with pytest.raises(ValueError, match=r"kv_pool: .*head_dim must be >= 1, got \(5, 16, 3, 0\)"):
         longctx.kv_pool(5, 16, 3, 0)
+    # head-major by default where a key row is narrower than 256 bytes, else token-major
+    assert longctx.kv_pool(2, 16, 2, 128, dtype=INT8).stride() == (4096, 128, 2048, 1)
+    assert longctx.kv_pool(2, 16, 2, 120, dtype=BF16).stride() == (3840, 120, 1920, 1)
+    assert longctx.kv_pool(2, 16, 2, 128, dtype=BF16).is_contiguous()
+    assert longctx.kv_pool(2, 16, 2, 256, dtype=FP8).is_contiguous()
+    assert longctx.kv_pool(2, 16, 2, 64, dtype=BF16, head_major=False).is_contiguous()
+    assert longctx.kv_pool(2, 16, 2, 256, head_major=True).stride() == (8192, 256, 4096, 1)
     gen = torch.Generator().manual_seed(37)
     fp8 = dict(k_scale=0.05, v_scale=0.04) if cache_dtype == FP8 else {}
     c, ids, _, _ = _fill_cache([40, 77], 2, 32, 16, BF16, cache_dtype, gen=gen, **fp8)

@@ -196,6 +196,10 @@ def good_int8_scales(s):
     return longctx.int8_scales(2, 4, 2, device=s["dev"])
 
 
+def good_kv_pool(s):
+    return longctx.kv_pool(2, 4, 2, 64, dtype=torch.int8, device=s["dev"])
+
+
 def good_ring(s):
     return longctx.ring_flash_attn_func(s["q"], s["k"], s["v"], causal=True)
 
@@ -662,6 +666,15 @@ CASES = [
     Case("int8_scales", "num_blocks 0", no_inputs,
          lambda s: longctx.int8_scales(0, 4, 2, device=s["dev"]), VE, r"int8_scales: .*>= 1",
          good_int8_scales),
+    Case("kv_pool", "head_dim 0", no_inputs,
+         lambda s: longctx.kv_pool(2, 4, 2, 0, device=s["dev"]), VE,
+         r"kv_pool: num_blocks, block_size, kv_heads, head_dim must be >= 1", good_kv_pool),
+    Case("kv_pool", "dtype float64", no_inputs,
+         lambda s: longctx.kv_pool(2, 4, 2, 64, dtype=torch.float64, device=s["dev"]), VE,
+         r"kv_pool: dtype must be .*got torch.float64", good_kv_pool),
+    Case("kv_pool", "head_major 'HND'", no_inputs,
+         lambda s: longctx.kv_pool(2, 4, 2, 64, head_major="HND", device=s["dev"]), TE,
+         r"kv_pool: head_major must be True, False or None", good_kv_pool),
     # ring_shard, ring_unshard, ring_positions
     Case("ring_shard", "dim 7", shard_inputs, lambda s: longctx.ring_shard(s["x"], 0, 2, dim=7),
          VE, r"longctx.ring_shard: dim must be an int in \[-4, 4\)", good_shard),

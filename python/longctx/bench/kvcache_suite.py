@@ -18,8 +18,10 @@ lists them):
   (context, batch) groups). Achieved bandwidth counts the bytes of K, V, int8 scales and block
   table the kernel must read (decode_bytes), over the copy bandwidth (read + write bytes of a
   2 GiB device copy) measured in the same run. Alternatives in the same run (the row's
-  "alternatives", ms): the pools stored head-major within a page (decode and hdim groups),
-  int8 scales slot-major and fixed split counts (decode group).
+  "alternatives", ms): the pools in the other memory layout (decode and hdim groups; ours reads
+  them as `kv_pool` and PagedKVCache allocate them: head-major within a page where a key row is
+  narrower than 256 bytes, else token-major; the alternative is token_major_pool_ms or
+  head_major_pool_ms), int8 scales slot-major and fixed split counts (decode group).
 - window: bf16 decode of a 128K sequence through a sliding window of 4096 keys (window_size
   (4096, 0): the 4097 newest keys) beside a plain 4K-context decode, batch 1 and 16, timed as
   the decode rows; the rows carry case["window"], the peers run on a contiguous copy of the
@@ -140,12 +142,12 @@ def _sdpa_decode(backend, q, k, v):
 def _fill_quantized(cache_dtype, batch, ctx, hdim=D, gen_chunk=8192):
     """Pools of `cache_dtype` holding batch sequences of ctx random tokens, written by our append
     from bf16 chunks; returns (k_cache, v_cache, k_scale, v_scale, table, seqlens, append_ms)."""
-    from ..kvcache import int8_scales, kvcache_append
+    from ..kvcache import int8_scales, kv_pool, kvcache_append
 
     pages = ctx // BS
     shape = (batch * pages, BS, HK, hdim)
-    kc = torch.empty(shape, dtype=cache_dtype, device="cuda")
-    vc = torch.empty(shape, dtype=cache_dtype, device="cuda")
+    kc = kv_pool(*shape, dtype=cache_dtype, device="cuda")  # as PagedKVCache's
+    vc = kv_pool(*shape, dtype=cache_dtype, device="cuda")
     if cache_dtype == torch.int8:  # head-major within a page, as PagedKVCache stores them
         ks = int8_scales(*shape[:3], device="cuda")
         vs = int8_scales(*shape[:3], device="cuda")
@@ -172,14 +174,17 @@ def _fill_quantized(cache_dtype, batch, ctx, hdim=D, gen_chunk=8192):
 
 def _decode_inputs(fmt, batch, ctx, hdim=D):
     """One bf16 query token per sequence and a cache of `fmt` holding batch sequences of ctx
-    random tokens (bf16: pages in order, the peers' contiguous cache is the same memory);
+    random tokens in pools laid out as `kv_pool` allocates them (bf16: pages in order, so the
+    token-major copy of the pools is the peers' contiguous cache);
     returns (q, k_cache, v_cache, k_scale, v_scale, table, seqlens, append_ms)."""
     q = torch.randn(batch, 1, H, hdim, device="cuda", dtype=torch.bfloat16)
     if fmt != "bf16":
         return (q,) + _fill_quantized(FORMATS[fmt], batch, ctx, hdim)
     pages = ctx // BS
-    kc = torch.randn(batch * pages, BS, HK, hdim, device="cuda", dtype=torch.bfloat16)
-    vc = torch.randn_like(kc)
+    kc = _in_pool_layout(torch.randn(batch * pages, BS, HK, hdim, device="cuda",
+                                     dtype=torch.bfloat16))
+    vc = _in_pool_layout(torch.randn(batch * pages, BS, HK, hdim, device="cuda",
+                                     dtype=torch.bfloat16))
     table = torch.arange(batch * pages, dtype=torch.int32, device="cuda").view(batch, pages)
     seqlens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     return q, kc, vc, None, None, table, seqlens, None
@@ -241,23 +246,29 @@ def _run_decode(res: Results, c: DecodeCase, shared: _Shared) -> None:
     res.add(row)
 
 
-def _head_major(pool):
-    """The same pool stored head-major within each page: memory (pages, kv_heads, block_size, d)
-    behind the op's (pages, block_size, kv_heads, d) view, so that a kv head's page is one
-    contiguous run of block_size key rows instead of rows kv_heads x d elements apart."""
-    return pool.transpose(1, 2).contiguous().transpose(1, 2)
+def _in_pool_layout(pool, head_major=None):
+    """A copy of pool in kv_pool's memory layout (head_major None: kv_pool's default for the
+    shape and dtype; True: memory (pages, kv_heads, block_size, d) behind the op's (pages,
+    block_size, kv_heads, d) view, a kv head's page one contiguous run of block_size key rows;
+    False: contiguous, rows kv_heads x d elements apart)."""
+    from ..kvcache import kv_pool
+
+    out = kv_pool(*pool.shape, dtype=pool.dtype, device=pool.device, head_major=head_major)
+    return out.copy_(pool)
 
 
 def _decode_alternatives(c: DecodeCase, ours, ks, vs, kc, vc) -> Dict[str, float]:
-    """Alternatives measured in the same run beside the default: the pools stored head-major
-    within a page (both groups; a narrow key row, e.g. 64 bytes of 8-bit codes, then is part of
-    a contiguous page run instead of a lone 64-byte access), and in the decode group int8 scales
-    stored slot-major (contiguous: the decode copies all kv heads' scales of a tile's slots) and
-    fixed split counts."""
+    """Alternatives measured in the same run beside the default: the pools in the other memory
+    layout (both groups: token-major, a narrow key row such as 64 bytes of 8-bit codes is a
+    lone 64-byte access; head-major, part of a contiguous page run), and in the decode group
+    int8 scales stored slot-major (contiguous: the decode copies all kv heads' scales of a
+    tile's slots) and fixed split counts."""
     alt: Dict[str, float] = {}
-    kh, vh = _head_major(kc), _head_major(vc)
-    alt["head_major_pool_ms"] = _graph_time(lambda: ours(k_cache=kh, v_cache=vh))
-    del kh, vh
+    head_major = not kc.is_contiguous()
+    ko, vo = _in_pool_layout(kc, not head_major), _in_pool_layout(vc, not head_major)
+    name = "token_major_pool_ms" if head_major else "head_major_pool_ms"
+    alt[name] = _graph_time(lambda: ours(k_cache=ko, v_cache=vo))
+    del ko, vo
     if c.group != "decode":
         return alt
     if c.fmt == "int8":
@@ -270,13 +281,13 @@ def _decode_alternatives(c: DecodeCase, ours, ks, vs, kc, vc) -> Dict[str, float
 
 
 def _decode_peers(c: DecodeCase, q, kc, vc, peer_ms, peer_mode) -> None:
-    """SDPA cuDNN and flash on the keys the query sees, contiguous (b, s, HK, d): the bf16 pool
-    itself, or a copy of the window's keys."""
+    """SDPA cuDNN and flash on the keys the query sees, contiguous (b, s, HK, d): the bf16 pool's
+    token-major copy, or a copy of the window's keys."""
     from torch.nn.attention import SDPBackend
 
     keys = visible_keys(c.context, (c.window or (-1, -1))[0])
-    kb = kc.view(c.batch, c.context, HK, c.hdim)[:, c.context - keys:]
-    vb = vc.view(c.batch, c.context, HK, c.hdim)[:, c.context - keys:]
+    kb = kc.contiguous().view(c.batch, c.context, HK, c.hdim)[:, c.context - keys:]
+    vb = vc.contiguous().view(c.batch, c.context, HK, c.hdim)[:, c.context - keys:]
     if keys < c.context:
         kb, vb = kb.contiguous(), vb.contiguous()
     for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),

@@ -80,8 +80,8 @@ __device__ __forceinline__ void bwd_load_kv(const KernelParams& kp, Storage& ss,
 // arrivals) that the consumers wait on instead of the load's own: their code keeps its shape
 // (zeroing in the consumers, even once before the main loop, raised the hdim-128 kernel's spills
 // from 72 / 76 to 164 / 184 bytes; a branch between two barriers, to 100 / 112). The hdim 64/128
-// kernel takes this hop only in its varlen instantiation (kVarlen); the hdim-256 kernel in every
-// launch. The rows are zeroed by zero_tail_rows (smem_tail_rows.cuh).
+// kernel takes this hop where its kReadyHop says (varlen launches; batched ones at hdim 64 too);
+// the hdim-256 kernel in every launch. The rows are zeroed by zero_tail_rows (smem_tail_rows.cuh).
 template <typename Traits, typename Storage>
 __device__ __forceinline__ void clear_kv_tail(Storage& ss, int row0, int tid64) {
   using namespace cute;

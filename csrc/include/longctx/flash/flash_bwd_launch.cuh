@@ -99,17 +99,20 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
     kp.cap_in = c != 0.f ? f.softmax_scale / c : 0.f;
     kp.cap_log2 = c * 1.4426950408889634f;
 
-    // Softcap (and at hdim 64/128 varlen, which alone needs the ready barriers): instantiations
-    // of the main kernel, chosen here once per launch.
-    auto pick = [](auto softcap, auto var) {
+    // Instantiations of the main kernel, chosen here once per launch: softcap or not, and at
+    // hdim 64/128 the ready-barrier hop (kReadyHop: varlen launches, and every launch where
+    // batched ones keep it too, Traits::kBatchedDirectWait false).
+    auto pick = [](auto softcap, auto hop) {
       constexpr bool kCap = decltype(softcap)::value;
       if constexpr (kFragDq) return flash_bwd_sm90_hdim256_kernel<Traits, kCap>;
-      else return flash_bwd_sm90_kernel<Traits, kCap, decltype(var)::value>;
+      else return flash_bwd_sm90_kernel<Traits, kCap, decltype(hop)::value>;
     };
-    using Yes = std::true_type;
-    using No = std::false_type;
-    auto kernel = c != 0.f ? (varlen ? pick(Yes{}, Yes{}) : pick(Yes{}, No{}))
-                           : (varlen ? pick(No{}, Yes{}) : pick(No{}, No{}));
+    auto pick_hop = [&](auto softcap) {
+      if constexpr (kFragDq) return pick(softcap, std::true_type{});
+      else if constexpr (!Traits::kBatchedDirectWait) return pick(softcap, std::true_type{});
+      else return varlen ? pick(softcap, std::true_type{}) : pick(softcap, std::false_type{});
+    };
+    auto kernel = c != 0.f ? pick_hop(std::true_type{}) : pick_hop(std::false_type{});
     constexpr int smem = Traits::kSmemBytes;
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;

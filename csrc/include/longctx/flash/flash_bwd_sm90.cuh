@@ -105,8 +105,10 @@ struct FlashBwdSm90Traits {
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 168 * 384, "setmaxnreg pool");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "wgmma backward: hdim 64 or 128");
-  // CTA order (header): a 3-D grid at hdim 128, BwdTileOrder over a 1-D grid at hdim 64.
+  // CTA order (header): a 3-D grid at hdim 128, BwdTileOrder over a 1-D grid at hdim 64; and
+  // whether batched launches skip the ready-barrier hop (the kernel's kReadyHop): at hdim 128.
   static constexpr bool kGrid3d = kHeadDim == 128;
+  static constexpr bool kBatchedDirectWait = kHeadDim == 128;
 
   using TileSdP = cute::Shape<cute::Int<kBlockN>, cute::Int<kBlockM>, cute::Int<kHeadDim>>;
   using TileDKV = cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::Int<kBlockM>>;
@@ -246,12 +248,14 @@ __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wa
 // template parameter rather than a branch in the kernel: with both paths in one kernel the
 // consumers spilled 120 bytes instead of 32 (hdim 128), so the path without the cap would have
 // paid for it.
-// kVarlen: the launch is varlen (p.fwd.cu_seqlens_q set; the launcher's choice, uniform over the
-// launch). Only then do producer warps 2-3 zero the next sequence's rows of K/V and Q/dO and the
-// consumers wait on their ready barriers (kv_ready, qdo_ready); a batched launch's TMA
-// zero-fills rows past the tensor, so there the consumers wait on the loads' own barriers
-// (barrier_kv, the pipeline's full barriers) and warps 2-3 have nothing to do.
-template <typename Traits, bool kSoftcap, bool kVarlen>
+// kReadyHop (the launcher's choice, uniform over the launch): producer warps 2-3 wait for each
+// load, zero the next packed sequence's rows of K/V and Q/dO (varlen launches only) and arrive on
+// ready barriers (kv_ready, qdo_ready) that the consumers wait on. Varlen launches need it.
+// Without it (batched launches at hdim 128: a batched TMA zero-fills rows past the tensor) the
+// consumers wait on the loads' own barriers (barrier_kv, the pipeline's full barriers) and warps
+// 2-3 have nothing to do. Batched launches at hdim 64 hop too: without the hop they ran
+// 0.970-0.978x as fast (H100, 16K, two calls).
+template <typename Traits, bool kSoftcap, bool kReadyHop>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     flash_bwd_sm90_kernel(const __grid_constant__ BwdKernelParams<Traits> kp) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -304,7 +308,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   const int lane_predicate = cute::elect_one_sync();
   if (warp_idx == 0 && lane_predicate) {
     ss.barrier_kv.init(1);
-    if constexpr (kVarlen) {
+    if constexpr (kReadyHop) {
       ss.kv_ready.init(64);
       for (int i = 0; i < Traits::kStages; ++i) ss.qdo_ready[i].init(64);
     }
@@ -381,11 +385,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         ss.dq_empty[buf].arrive();
       }
       bulk_wait_all();
-    } else if (kVarlen && warp_idx >= 2) {
-      // Ready barriers (flash_bwd_cta.cuh), varlen only: K/V once, then each Q/dO stage in the
-      // walk's order, with the next packed sequence's rows zeroed where a tile crosses its end.
+    } else if (kReadyHop && warp_idx >= 2) {
+      // Ready barriers (flash_bwd_cta.cuh): K/V once, then each Q/dO stage in the walk's order,
+      // with the next packed sequence's rows zeroed where a tile crosses its end.
       const int tid64 = int(threadIdx.x) - 64;
-      clear_kv_tail<Traits>(ss, rows_k, tid64);
+      clear_kv_tail<Traits>(ss, varlen ? rows_k : kN, tid64);
       using LayoutQ = typename Traits::SmemLayoutQ;
       Tensor sQ_all = make_tensor(make_smem_ptr(ss.smem_q.data()), LayoutQ{});
       Tensor sdO_all = make_tensor(make_smem_ptr(ss.smem_do.data()), LayoutQ{});
@@ -393,7 +397,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       for (int it = 0; it < total; ++it) {
         const int m0 = (range.end - 1 - it / group) * kM;
         wait_stage_loaded(ss.pipeline, st);  // the stage's TMA (and lse2/D copies) landed
-        if (m0 + kM > si.sq) {
+        if (varlen && m0 + kM > si.sq) {
           zero_tail_rows<64>(sQ_all(_, _, st.index()), si.sq - m0, tid64);
           zero_tail_rows<64>(sdO_all(_, _, st.index()), si.sq - m0, tid64);
         }
@@ -439,14 +443,14 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
     const float scale_log2 = p.softmax_scale_log2;
     const int sq = si.sq, sk = si.sk;
-    if constexpr (kVarlen) ss.kv_ready.wait(0);  // K/V landed, its tail zeroed: clear_kv_tail
+    if constexpr (kReadyHop) ss.kv_ready.wait(0);  // K/V landed, tail zeroed: clear_kv_tail
     else ss.barrier_kv.wait(0);
     typename Traits::PipelineState st;
 
     for (int it = 0; it < total; ++it) {
       const int m = range.end - 1 - it / group;  // (the producer and dQ writer track h)
       const int m0 = m * kM;
-      if constexpr (kVarlen) ss.qdo_ready[st.index()].wait(st.phase());  // tail zeroed: warps 2-3
+      if constexpr (kReadyHop) ss.qdo_ready[st.index()].wait(st.phase());  // zeroed: warps 2-3
       else pipe.consumer_wait(st);
       const int s = st.index();
       Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kN>, Int<kM>>{});
