@@ -544,6 +544,17 @@ def test_paged_cache_manager():
         longctx.PagedKVCache(4, 8, 1, 16, cache_dtype=torch.float16)
 
 
+def _reserve_new_tokens(c, ids, gen):
+    """Pages for 20 and 30 more tokens of the two sequences `ids` of c (kv_heads 2, head_dim
+    32) and those tokens: (k, v, cache_seqlens before, block_table, cu_new)."""
+    k = keys_with_outliers(50, 2, 32, generator=gen)
+    v = torch.randn(50, 2, 32, generator=gen).to(BF16)
+    lens = c.cache_seqlens(ids)
+    for sid, n in zip(ids, (20, 30)):
+        c.reserve(sid, c.seqlen(sid) + n)
+    return k, v, lens, c.block_table(ids), _cu([20, 30])
+
+
 def test_int8_scales_head_major_equals_slot_major():
     """int8_scales / PagedKVCache store the scales head-major within a page (logical shape
     (num_blocks, block_size, kv_heads)); append and attention through them give bitwise the
@@ -557,12 +568,7 @@ def test_int8_scales_head_major_equals_slot_major():
     c, ids, _, _ = _fill_cache([40, 77], 2, 32, 16, BF16, INT8, gen=gen)
     assert c.k_scale.stride() == (32, 1, 16) and c.v_scale.stride() == (32, 1, 16)
     # the same appends into slot-major scale tensors
-    k = keys_with_outliers(50, 2, 32, generator=gen)
-    v = torch.randn(50, 2, 32, generator=gen).to(BF16)
-    lens = c.cache_seqlens(ids)
-    for sid, n in zip(ids, (20, 30)):
-        c.reserve(sid, c.seqlen(sid) + n)
-    table, cu = c.block_table(ids), _cu([20, 30])
+    k, v, lens, table, cu = _reserve_new_tokens(c, ids, gen)
     slot = [c.k_scale.contiguous(), c.v_scale.contiguous()]
     pools = [c.k_cache.clone(), c.v_cache.clone()]
     head = [c.k_scale.clone(), c.v_scale.clone()]
@@ -607,12 +613,7 @@ def test_kv_pool_head_major_equals_token_major(cache_dtype):
     scales = dict(k_scale=c.k_scale, v_scale=c.v_scale)
     tok = [c.k_cache.contiguous(), c.v_cache.contiguous()]
     tok_scales = {n: t.clone() for n, t in scales.items() if t is not None}
-    k = keys_with_outliers(50, 2, 32, generator=gen)
-    v = torch.randn(50, 2, 32, generator=gen).to(BF16)
-    lens = c.cache_seqlens(ids)
-    for sid, n in zip(ids, (20, 30)):
-        c.reserve(sid, c.seqlen(sid) + n)
-    table, cu = c.block_table(ids), _cu([20, 30])
+    k, v, lens, table, cu = _reserve_new_tokens(c, ids, gen)
     before = c.k_cache.clone()
     longctx.kvcache_append(k, v, c.k_cache, c.v_cache, lens, table, cu_new=cu, **scales)
     longctx.kvcache_append(k, v, tok[0], tok[1], lens, table, cu_new=cu, **tok_scales)
