@@ -5,15 +5,15 @@
 //
 // What it computes. One CTA per (KV tile n of kBlockN = 128 keys, kv head hk, batch b). CTA
 // order (Traits::kGrid3d): at hdim 128 the grid (n, hk, b) = blockIdx (x, y, z), indices read
-// from special registers (decoding a 1-D index cost the consumers 40 / 44 bytes of spills, and
-// the 3-D grid with the batched-launch barriers below ran 3-6% faster at 16K on an H100); at
-// hdim 64, which has no spills, one dimension in tile_scheduler.cuh's BwdTileOrder (longest KV
-// tiles first within L2-sized sections of kv heads: the 3-D grid was 2-3% slower there). K and
-// V of the tile are TMA-loaded once. The CTA walks the query tiles m (kBlockM = 64 rows) in bwd_query_tiles(n),
-// last to first (tiles outside the mask are never loaded), and for each the query heads h of
-// hk's GQA group; per (m, h), with S^T and dP^T computed transposed ("swapAB", keys as the M
-// dimension, so P^T and dS^T come out of the accumulators in the register layout of a wgmma A
-// operand):
+// from special registers (decoding a 1-D index cost the consumers 40 / 44 bytes of spills; the
+// 3-D grid with the batched launches' direct barrier waits ran 0-7% faster at 16K on an H100);
+// at hdim 64, which has no spills, one dimension in tile_scheduler.cuh's BwdTileOrder (longest
+// KV tiles first within L2-sized sections of kv heads: the 3-D grid was 2-3% slower there). K
+// and V of the tile are TMA-loaded once. The CTA walks the query tiles m (kBlockM = 64 rows) in
+// bwd_query_tiles(n), last to first (tiles outside the mask are never loaded), and for each the
+// query heads h of hk's GQA group; per (m, h), with S^T and dP^T computed transposed ("swapAB",
+// keys as the M dimension, so P^T and dS^T come out of the accumulators in the register layout
+// of a wgmma A operand):
 //   S^T  = K Q^T, dP^T = V dO^T              SS wgmma, 128 x 64, K = D (one 64-key half per WG)
 //   P^T  = exp2(S^T * scale*log2e - lse2[q])   (lse2 = lse*log2e from the preprocess, +inf for
 //                                               rows that see no key and pad rows -> P = 0)
@@ -176,8 +176,8 @@ struct FlashBwdSm90Traits {
     alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_lse;
     alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_d;
     alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_kv;
-    alignas(16) cutlass::arch::ClusterBarrier kv_ready;  // varlen: K/V landed, tail zeroed (64)
-    alignas(16) cutlass::arch::ClusterBarrier qdo_ready[kStages];  // varlen: Q/dO stage ready
+    alignas(16) cutlass::arch::ClusterBarrier kv_ready;  // kReadyHop: K/V landed, tail zeroed (64)
+    alignas(16) cutlass::arch::ClusterBarrier qdo_ready[kStages];  // kReadyHop: Q/dO stage ready
     alignas(16) cutlass::arch::ClusterBarrier dq_full[2];   // kNumMmaThreads arrivals
     alignas(16) cutlass::arch::ClusterBarrier dq_empty[2];  // 1 arrival (the dQ warp)
     alignas(16) typename MainloopPipeline::SharedStorage pipeline;
