@@ -134,19 +134,20 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
       kernel<<<dim3(unsigned(ctas)), Traits::kNumThreads, smem, stream>>>(kp);
       e = cudaGetLastError();
       if (e != cudaSuccess) return e;
-    }
-    // 3-D grid: (kv head, batch) in blocks of at most 65535 x 65535 (grid y / z limits); the
-    // launches share nothing (deterministic mode orders KV tiles of one (kv head, batch) only).
-    constexpr int kMaxYZ = 65535;
-    for (int hk0 = 0; grid3d && hk0 < f.heads_kv; hk0 += kMaxYZ) {
-      for (int b0 = 0; b0 < f.batch; b0 += kMaxYZ) {
-        kp.hk0 = hk0;
-        kp.b0 = b0;
-        const dim3 grid(unsigned(order.num_n), unsigned(std::min(kMaxYZ, f.heads_kv - hk0)),
-                        unsigned(std::min(kMaxYZ, f.batch - b0)));
-        kernel<<<grid, Traits::kNumThreads, smem, stream>>>(kp);
-        e = cudaGetLastError();
-        if (e != cudaSuccess) return e;
+    } else {
+      // (kv head, batch) in blocks of at most 65535 x 65535 (grid y / z limits); the launches
+      // share nothing (deterministic mode orders KV tiles of one (kv head, batch) only).
+      constexpr int kMaxYZ = 65535;
+      for (int hk0 = 0; hk0 < f.heads_kv; hk0 += kMaxYZ) {
+        for (int b0 = 0; b0 < f.batch; b0 += kMaxYZ) {
+          kp.hk0 = hk0;
+          kp.b0 = b0;
+          const dim3 grid(unsigned(order.num_n), unsigned(std::min(kMaxYZ, f.heads_kv - hk0)),
+                          unsigned(std::min(kMaxYZ, f.batch - b0)));
+          kernel<<<grid, Traits::kNumThreads, smem, stream>>>(kp);
+          e = cudaGetLastError();
+          if (e != cudaSuccess) return e;
+        }
       }
     }
   }
