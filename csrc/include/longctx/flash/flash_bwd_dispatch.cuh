@@ -8,9 +8,9 @@
 // columns past head_dim load as zeros (S, dP exact; the extra columns of dQ, dK, dV are 0), and
 // the epilogues and the dQ postprocess store head_dim columns.
 // Workspace (caller-allocated, 16-byte aligned, stream-private):
-//   dq_accum: heads * dq_rows * D floats, D the kernel width (flash_bwd_dq_rows: D 64 and 128
-//             one row per query row, total_q (varlen) or batch * seqlen_q; D 256 64 rows per
-//             padded query tile, bwd_dq_tiles), followed by the row-padded lse2 and D buffers
+//   dq_accum: heads * dq_rows * D floats, D the kernel width (flash_bwd_dq_rows: 64 rows per
+//             padded query tile, bwd_dq_tiles; D 64 and 128 row-major, D 256 in that kernel's
+//             fragment order), followed by the row-padded lse2 and D buffers
 //             (2 * heads * bwd_pad_head_stride floats; flash_bwd_accum_floats counts all);
 //   sems:     batch * heads * ceil(seqlen_q / 64) ints (deterministic mode only; may be null
 //             otherwise). seqlen_q is max_seqlen_q in varlen.
@@ -40,11 +40,13 @@ LONGCTX_HOST_DEVICE int64_t bwd_pad_head_stride(bool varlen, int batch, int64_t 
                 : int64_t(batch) * ((int64_t(seqlen_q) + 63) / 64 * 64);
 }
 
-// dQ accumulator of the head-dim-256 kernel (flash_bwd_sm90_hdim256.cuh): per head, query tiles
-// of 64 rows, each a contiguous block of 64 x 256 floats in that kernel's fragment order; a
-// sequence's tiles are consecutive and sequences never share one. Tile of (sequence b, query
-// tile 0): batched b * ceil(seqlen_q / 64), varlen (cu_seqlens_q[b] + 64 b) / 64 (each sequence
-// adds at least one tile more than its rows need, so the last tile of b stays below b + 1's).
+// dQ accumulator of the wgmma kernels: per head, query tiles of 64 rows, each a contiguous block
+// of 64 x D floats (row-major at D 64 and 128, the TMA reduce's target; fragment order at D 256,
+// flash_bwd_sm90_hdim256.cuh); a sequence's tiles are consecutive and sequences never share one,
+// so a whole-tile reduce past a sequence's last row stays in its spare rows. Tile of (sequence
+// b, query tile 0): batched b * ceil(seqlen_q / 64), varlen (cu_seqlens_q[b] + 64 b) / 64 (each
+// sequence adds at least one tile more than its rows need, so the last tile of b stays below
+// b + 1's).
 LONGCTX_HOST_DEVICE int64_t bwd_dq_tile_base(bool varlen, int b, int64_t q_off, int seqlen_q) {
   return varlen ? (q_off + 64 * int64_t(b)) / 64 : int64_t(b) * ((int64_t(seqlen_q) + 63) / 64);
 }
@@ -81,9 +83,7 @@ inline int64_t flash_bwd_total_q_rows(const BwdParams& p, int64_t total_q) {
 }
 // Rows per head of the dQ accumulator (see the workspace above).
 inline int64_t flash_bwd_dq_rows(const BwdParams& p, int64_t total_q) {
-  if (fwd_kernel_head_dim(p.fwd.head_dim) == 256)
-    return 64 * bwd_dq_tiles(p.fwd.cu_seqlens_q != nullptr, p.fwd.batch, total_q, p.fwd.seqlen_q);
-  return flash_bwd_total_q_rows(p, total_q);
+  return 64 * bwd_dq_tiles(p.fwd.cu_seqlens_q != nullptr, p.fwd.batch, total_q, p.fwd.seqlen_q);
 }
 inline int64_t flash_bwd_dq_floats(const BwdParams& p, int64_t total_q) {
   const int d = fwd_kernel_head_dim(p.fwd.head_dim);  // the kernels' row width

@@ -89,10 +89,21 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
     kp.tma_k = make_tma_copy(SM90_TMA_LOAD{}, mK, typename Traits::SmemLayoutK{}, tile_k, _1{});
     kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mV, typename Traits::SmemLayoutK{}, tile_k, _1{});
     kp.dq_accum = dq_accum;
+    if constexpr (!kFragDq) {
+      // dq_accum as (tile rows, head_dim, heads, 1): the padded query tiles of D floats per row
+      // (flash_bwd_dispatch.cuh), whole tiles added; the columns past head_dim are clipped.
+      const int64_t dq_rows = flash_bwd_dq_rows(p, total_q);
+      kp.shape_dq = make_shape(int(dq_rows), f.head_dim, f.heads, 1);
+      auto mdQ = make_tensor(make_gmem_ptr(dq_accum), kp.shape_dq,
+                             make_stride(int64_t(kHeadDim), _1{}, dq_rows * kHeadDim,
+                                         dq_rows * kHeadDim * f.heads));
+      kp.tma_dq = make_tma_copy(SM90_TMA_REDUCE_ADD{}, mdQ, typename Traits::SmemLayoutdQ{},
+                                tile_q, _1{});
+    }
     kp.lse2 = pad.lse2;
     kp.dpad = pad.d;
     kp.pad_head_stride = pad_stride;
-    kp.total_q_rows = flash_bwd_dq_rows(p, total_q);
+    kp.dq_rows = flash_bwd_dq_rows(p, total_q);
     kp.sems = sems;
     kp.num_m_max = (f.seqlen_q + kBwdBlockM - 1) / kBwdBlockM;
     const float c = f.mods.softcap;
@@ -151,14 +162,14 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
       }
     }
   }
+  const int64_t tiles = flash_bwd_dq_rows(p, total_q) / kBwdBlockM;
   if constexpr (kFragDq) {
-    const int64_t tiles = flash_bwd_dq_rows(p, total_q) / kBwdBlockM;
     const int64_t jobs = int64_t(f.heads) * tiles;
     const int grid = int(jobs < int64_t(sms) * 8 ? jobs : int64_t(sms) * 8);
     if (grid > 0)
       flash_bwd_postprocess_frag_kernel<Traits><<<grid, 256, 0, stream>>>(p, tiles, dq_accum);
   } else {
-    flash_bwd_postprocess_kernel<Element, kHeadDim><<<sms * 8, 256, 0, stream>>>(p, rows,
+    flash_bwd_postprocess_kernel<Element, kHeadDim><<<sms * 8, 256, 0, stream>>>(p, tiles,
                                                                                 dq_accum);
   }
   return cudaGetLastError();

@@ -48,7 +48,9 @@
 //
 // Deterministic mode: per-(batch, head, query tile of 64) semaphore (kv_tile_rank): the
 // thread issuing the reduce waits until the counter equals this KV tile's rank among the tiles
-// that visit the query tile, issues the reduce, waits for its completion, fences and increments.
+// that visit the query tile, issues the reduce and frees the buffer once read; the increment
+// (after a fence) follows the reduce's completion, checked once the next iteration's reduce is
+// issued. Waits only go to lower KV tiles, so the chain ends at a tile that waits for none.
 // Query tiles are walked from the last to the first, with the group's heads inner: every KV
 // tile's range ends at the same or a later query tile than its predecessors' (bwd_query_tiles'
 // bounds grow with n), so KV tile n reaches each (query tile, head) no earlier (in iterations)
@@ -159,9 +161,12 @@ struct FlashBwdSm90Traits {
       cute::make_ordered_layout(
           cute::make_shape(cute::Int<kBlockM>{}, cute::Int<kBlockN>{}, cute::Int<kDsBufs>{}),
           cute::Step<cute::_2, cute::_1, cute::_3>{})));
-  // dQ tile, fp32, row-major and unpadded: it is the source of one contiguous bulk reduce.
-  using SmemLayoutdQ = cute::Layout<cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>,
-                                    cute::Stride<cute::Int<kHeadDim>, cute::_1>>;
+  // dQ tile, fp32, 128-byte swizzled (8 x 32-float atoms, a 64 x 32 column block contiguous):
+  // the source of one TMA reduce-add per iteration. Row-major and unswizzled, each float2 store
+  // of a warp's accumulator fragment (8 rows x 4 lanes) hit the same 8 banks in all 8 rows.
+  using SmemLayoutdQ = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<float>{},
+      cute::make_shape(cute::Int<kBlockM>{}, cute::Int<kHeadDim>{})));
 
   using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename cutlass::PipelineState<kStages>;
@@ -172,7 +177,7 @@ struct FlashBwdSm90Traits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> smem_q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> smem_do;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutdS>> smem_ds;
-    alignas(128) cute::array_aligned<float, kBlockM * kHeadDim * kDqBufs> smem_dq;
+    alignas(1024) cute::array_aligned<float, kBlockM * kHeadDim * kDqBufs> smem_dq;
     alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_lse;
     alignas(16) cute::array_aligned<float, kBlockM * kStages> smem_d;
     alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_kv;
@@ -194,6 +199,11 @@ struct FlashBwdSm90Traits {
       cute::SM90_TMA_LOAD{},
       cute::make_tensor(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQKV{}, StrideQKV{}),
       cute::take<0, 2>(SmemLayoutQ{}), cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}, cute::_1{}));
+  using StrideDq = cute::Stride<int64_t, cute::_1, int64_t, int64_t>;
+  using TMA_dQ = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_REDUCE_ADD{},
+      cute::make_tensor(cute::make_gmem_ptr(static_cast<float*>(nullptr)), ShapeQKV{}, StrideDq{}),
+      SmemLayoutdQ{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}, cute::_1{}));
   using TMA_K = decltype(cute::make_tma_copy(
       cute::SM90_TMA_LOAD{},
       cute::make_tensor(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQKV{}, StrideQKV{}),
@@ -206,12 +216,15 @@ struct BwdKernelParams {
   typename Traits::ShapeQKV shape_q, shape_k;
   typename Traits::TMA_Q tma_q, tma_do;
   typename Traits::TMA_K tma_k, tma_v;
-  float* dq_accum;         // (heads, total_q_rows, D) fp32, zeroed by the preprocess
-                           // (hdim 256: rows of padded 64-row tiles, fragment order)
+  // hdim 64/128: reduce-add into dq_accum as (tile rows, D, heads, 1) of extents shape_dq.
+  typename Traits::ShapeQKV shape_dq;
+  typename Traits::TMA_dQ tma_dq;
+  float* dq_accum;         // (heads, dq_rows, D) fp32, zeroed by the preprocess
+                           // in padded 64-row tiles (hdim 256: in fragment order)
   const float* lse2;       // padded, see flash_bwd_preprocess.cuh
   const float* dpad;
   int64_t pad_head_stride;
-  int64_t total_q_rows;
+  int64_t dq_rows;         // rows per head of dq_accum (flash_bwd_dq_rows)
   int* sems;               // deterministic mode
   int num_m_max;           // semaphores per (batch, head)
   BwdTileOrder order;      // 1-D grids: which (KV tile, kv head, batch) CTA blockIdx.x is
@@ -231,16 +244,44 @@ __device__ __forceinline__ void bulk_g2s(void* smem, const void* gmem, uint32_t 
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
       ::"r"(s), "l"(gmem), "r"(bytes), "r"(b) : "memory");
 }
-__device__ __forceinline__ void bulk_reduce_add_f32(float* gmem, const float* smem, uint32_t bytes) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
-               ::"l"(gmem), "r"(s), "r"(bytes) : "memory");
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void st_shared_f32x2(uint32_t addr, float a, float b) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b) : "memory");
+}
+// Byte offsets in sdQ (Traits::SmemLayoutdQ: 64 x 32-float column blocks of 8 KB, 128-byte
+// rows whose 16-byte chunks are XORed with row % 8) of consumer thread tidx's dQ registers.
+// Its fragment (wgmma C, 64 x D/2 per warpgroup w): register i = 4j + 2v + e holds row
+// 16 warp + lane / 4 + 8v, column (D/2) w + 8j + 2 (lane % 4) + e. Since row % 8 = lane / 4
+// for every register, register pair (i, i + 1) lies at dq_store_offset(base, i) =
+// (base ^ 32 (j % 4)) + 8192 (j / 4) + 1024 v: one XOR and constants per pair, conflict-free
+// (a warp's float2 store covers each bank twice). tests/flash/flash_bwd_dq_tile_test.cu checks
+// both against the layout and the MMA partition.
+template <int kD>
+__host__ __device__ __forceinline__ uint32_t dq_store_base(int tidx) {
+  const int w = tidx / 128, warp = (tidx % 128) / 32, lane = tidx % 32, x = lane >> 2;
+  return uint32_t((w * (kD / 2) / 32) * 8192 + (16 * warp + x) * 128 +
+                  16 * (((lane & 3) >> 1) ^ (x & 1)) + 8 * (lane & 1) + 32 * (x >> 1));
+}
+__host__ __device__ __forceinline__ uint32_t dq_store_offset(uint32_t base, int i) {
+  const int j = i / 4, v = (i / 2) % 2;
+  return (base ^ uint32_t(32 * (j % 4))) + uint32_t(8192 * (j / 4) + 1024 * v);
 }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void bulk_wait_read_all() {
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all_but_newest() {
+  asm volatile("cp.async.bulk.wait_group 1;\n" ::: "memory");
+}
+// Deterministic dQ: publish a completed bulk reduce to the next KV tile waiting on `sem`.
+__device__ __forceinline__ void release_increment(int* sem) {
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+  __threadfence();
+  atomicAdd(sem, 1);
+}
 
 }  // namespace bwd_sm90
 
@@ -317,6 +358,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       ss.dq_empty[i].init(1);
     }
     bwd_prefetch_tma(kp);
+    cute::prefetch_tma_descriptor(kp.tma_dq.get_tma_descriptor());
   }
   MainloopPipeline pipe(ss.pipeline,
                         bwd_pipeline_params<MainloopPipeline, Traits::kNumMmaThreads>(
@@ -358,33 +400,42 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     } else if (warp_idx == 1 && lane_predicate) {
       // dQ writer: per iteration, wait for both consumer warpgroups' halves of dQ in sdQ[buf],
       // add the tile to the fp32 accumulator with one bulk reduce, free the buffer once read.
-      const int64_t q_row0 = si.q_row0(p.seqlen_q);
+      // Deterministic mode: the semaphore of an iteration's reduce is incremented once that
+      // reduce completed, checked after the next reduce was issued (bulk groups complete in
+      // order), so the completion latency overlaps the next iteration instead of adding to it.
+      Tensor mdQ = kp.tma_dq.get_tma_tensor(kp.shape_dq);
+      const int dq_row0 = int(64 * bwd_dq_tile_base(varlen, b, si.q_start, p.seqlen_q));
+      auto tile_q = Shape<Int<kM>, Int<kD>>{};
+      int* pending = nullptr;  // deterministic: the semaphore of the reduce still in flight
       for (int it = 0; it < total; ++it) {
-        const int h = hk * group + it % group, m = range.end - 1 - it / group;
-        const int m0 = m * kM;
         const int buf = it & 1, use = it >> 1;
+        const int h = hk * group + it % group, m = range.end - 1 - it / group;
         ss.dq_full[buf].wait(use & 1);
-        float* dst = kp.dq_accum + (int64_t(h) * kp.total_q_rows + q_row0 + m0) * kD;
-        const int rows = min(kM, si.sq - m0);
+        Tensor gdQ = bwd_rows_tile(mdQ, dq_row0, h, 0, tile_q, m);
+        Tensor sdQ = make_tensor(make_smem_ptr(ss.smem_dq.data() + buf * (kM * kD)),
+                                 typename Traits::SmemLayoutdQ{});
+        auto [tdQgdQ, tdQsdQ] = tma_partition(kp.tma_dq, _0{}, Layout<_1>{}, group_modes<0, 2>(sdQ),
+                                              group_modes<0, 2>(gdQ));
         int* sem = nullptr;
         if (bp.deterministic) {
           sem = kp.sems + (int64_t(b) * p.heads + h) * kp.num_m_max + m;
           const int expected = kv_tile_rank(n_block, m, kM, kN, si.sq, si.sk, wl, wr);
           while (ld_acquire_gpu(sem) != expected) __nanosleep(32);
         }
-        bulk_reduce_add_f32(dst, ss.smem_dq.data() + buf * (kM * kD), uint32_t(rows) * kD * 4);
+        copy(kp.tma_dq, tdQsdQ, tdQgdQ);
         bulk_commit();
-        if (bp.deterministic) {
-          bulk_wait_all();
-          asm volatile("fence.proxy.async.global;\n" ::: "memory");
-          __threadfence();
-          atomicAdd(sem, 1);
-        } else {
-          bulk_wait_read_all();
-        }
+        bulk_wait_read_all();
         ss.dq_empty[buf].arrive();
+        if (bp.deterministic) {
+          if (pending != nullptr) {
+            bulk_wait_all_but_newest();
+            release_increment(pending);
+          }
+          pending = sem;
+        }
       }
       bulk_wait_all();
+      if (pending != nullptr) release_increment(pending);
     } else if (kReadyHop && warp_idx >= 2) {
       // Ready barriers (flash_bwd_cta.cuh): K/V once, then each Q/dO stage in the walk's order,
       // with the next packed sequence's rows zeroed where a tile crosses its end.
@@ -436,6 +487,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     Tensor tdSsdS = thr_sdp.partition_C(sdS);           // (MMA, MMA_M, MMA_N, BUF)
     Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kN>, Int<kM>>{}));
 
+    const uint32_t dq_base = dq_store_base<kD>(tidx);  // this thread's dQ registers in sdQ
     Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kD>>{});
     Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kD>>{});
     clear(acc_dk);
@@ -539,11 +591,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       if (it >= 2) ss.dq_empty[buf].wait(((it >> 1) - 1) & 1);
       warpgroup_wait<1>();  // dV and dQ done; dK may still run
       warpgroup_fence_operand(acc_dq);
-      Tensor tdQsdQ = thr_dq.partition_C(make_tensor(
-          make_smem_ptr(ss.smem_dq.data() + buf * (kM * kD)), typename Traits::SmemLayoutdQ{}));
+      {
+        const uint32_t sdq = smem_addr(ss.smem_dq.data() + buf * (kM * kD));
+        static_assert(decltype(size(acc_dq))::value == kD / 4, "dQ fragment: 64 x D/2 per WG");
 #pragma unroll
-      for (int i = 0; i < size(acc_dq); i += 2)
-        *reinterpret_cast<float2*>(&tdQsdQ(i)) = make_float2(acc_dq(i), acc_dq(i + 1));
+        for (int i = 0; i < kD / 4; i += 2)
+          st_shared_f32x2(sdq + dq_store_offset(dq_base, i), acc_dq(i), acc_dq(i + 1));
+      }
       cutlass::arch::fence_view_async_shared();
       ss.dq_full[buf].arrive();
       warpgroup_wait<0>();

@@ -176,6 +176,7 @@ struct FlashBwdSm90Hdim256Traits {
       cute::make_tensor(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQKV{},
                         StrideQKV{}),
       SmemLayoutK{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}, cute::_1{}));
+  struct TMA_dQ {};  // unused: dQ goes out as float4 atomics (below)
 
   // dQ fragment order. One query tile's dQ^T (256 x 64) is 16384 floats: half c of D (128 rows),
   // then consumer thread tidx (WG w = tidx / 128, t = tidx % 128) owning 64 of those rows, then
@@ -480,7 +481,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       ++st_q;
 
       float* dst = kp.dq_accum +
-                   (int64_t(h) * kp.total_q_rows + (dq_tile0 + m) * kM) * kD + dq_lane_off;
+                   (int64_t(h) * kp.dq_rows + (dq_tile0 + m) * kM) * kD + dq_lane_off;
       int* sem = nullptr;
       if (bp.deterministic) {
         sem = kp.sems + (int64_t(b) * p.heads + h) * kp.num_m_max + m;
