@@ -23,9 +23,10 @@
 //   P^T  = exp2(t * c*log2e - lse2[q]) ;  dS^T = P^T * (dP^T - D[q]) * (1 - t^2)
 //   dV  += P^T dO ; dK += dS^T Q               RS wgmma (A from registers), 128 x D, K = 64
 //   dQ   = dS K                                 SS wgmma, 64 x D, K = 128 (dS through smem; the
-//                                               two WGs split D), then written to smem (fp32)
-//                                               and added to the global fp32 accumulator with
-//                                               ONE bulk reduce (cp.reduce.async.bulk .add.f32)
+//                                               two WGs split D), then written to a swizzled
+//                                               fp32 smem tile (conflict-free float2 stores)
+//                                               and added to the global fp32 accumulator
+//                                               (padded 64-row tiles) by ONE TMA reduce-add
 //                                               per tile, issued by one thread.
 // Issue order per iteration (FA3's): S^T, dP^T; [exp, dS]; dV; barrier B1; dQ; dK; then dQ goes
 // to smem while dK still runs on the tensor cores.
@@ -96,7 +97,7 @@ template <typename Element_, int kHeadDim_>
 struct FlashBwdSm90Traits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  // sdQ buffers: a dedicated warp (warp 1 of the producer warpgroup) issues the dQ bulk reduces
+  // sdQ buffers: a dedicated warp (warp 1 of the producer warpgroup) issues the dQ TMA reduces
   // from a double-buffered sdQ (mbarrier hand-off: the consumers never wait for the reduce).
   static constexpr int kDqBufs = 2;
   static constexpr int kBlockM = 64;   // query rows per iteration
@@ -276,7 +277,7 @@ __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wa
 __device__ __forceinline__ void bulk_wait_all_but_newest() {
   asm volatile("cp.async.bulk.wait_group 1;\n" ::: "memory");
 }
-// Deterministic dQ: publish a completed bulk reduce to the next KV tile waiting on `sem`.
+// Deterministic dQ: publish a completed reduce to the next KV tile waiting on `sem`.
 __device__ __forceinline__ void release_increment(int* sem) {
   asm volatile("fence.proxy.async.global;\n" ::: "memory");
   __threadfence();
@@ -399,7 +400,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       }
     } else if (warp_idx == 1 && lane_predicate) {
       // dQ writer: per iteration, wait for both consumer warpgroups' halves of dQ in sdQ[buf],
-      // add the tile to the fp32 accumulator with one bulk reduce, free the buffer once read.
+      // add the tile to the fp32 accumulator with one TMA reduce-add, free the buffer once read.
       // Deterministic mode: the semaphore of an iteration's reduce is incremented once that
       // reduce completed, checked after the next reduce was issued (bulk groups complete in
       // order), so the completion latency overlaps the next iteration instead of adding to it.
