@@ -11,21 +11,10 @@
 #include <cstdio>
 #include <vector>
 #include "longctx/flash/flash_bwd_sm90.cuh"
+#include "host_check.h"
 
 using namespace cute;
 using namespace longctx::flash;
-
-static int failures = 0;
-#define CHECK(cond, ...)                                    \
-  do {                                                      \
-    if (!(cond)) {                                          \
-      if (failures++ < 20) {                                \
-        std::printf("FAIL %s:%d: ", __FILE__, __LINE__);    \
-        std::printf(__VA_ARGS__);                           \
-        std::printf("\n");                                  \
-      }                                                     \
-    }                                                       \
-  } while (0)
 
 template <int kD>
 static void check_dq_stores() {

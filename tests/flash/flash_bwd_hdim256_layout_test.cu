@@ -20,23 +20,12 @@
 #include <cstdlib>
 #include <vector>
 #include "longctx/flash/flash_bwd_sm90_hdim256.cuh"
+#include "host_check.h"
 
 using namespace cute;
 using namespace longctx::flash;
 using Traits = FlashBwdSm90Hdim256Traits<cutlass::bfloat16_t>;
 using Element = Traits::Element;
-
-static int failures = 0;
-#define CHECK(cond, ...)                                    \
-  do {                                                      \
-    if (!(cond)) {                                          \
-      if (failures++ < 20) {                                \
-        std::printf("FAIL %s:%d: ", __FILE__, __LINE__);    \
-        std::printf(__VA_ARGS__);                           \
-        std::printf("\n");                                  \
-      }                                                     \
-    }                                                       \
-  } while (0)
 
 static void check_dq_order() {
   constexpr int kTile = Traits::kDqTileFloats;
