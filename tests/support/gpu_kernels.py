@@ -28,3 +28,15 @@ def skip_unless_compiled(hdim, dtype, families=("flash_fwd",)):
     for fam in families:
         if (hdim, name) not in compiled_cuda(fam):
             pytest.skip(f"{fam} hdim {hdim} {name} not compiled in this build")
+
+
+def skip_unless_family(family):
+    """Skip the calling test without a Hopper GPU or without any CUDA kernel of `family`
+    ("kvcache", "rope", ...)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the kernels need a Hopper GPU (sm_90)")
+    if not any(k["family"] == family and k["device"] == "cuda"
+               for k in longctx.build_info()["kernels"]):
+        pytest.skip(f"{family} CUDA kernels not compiled in this build")

@@ -49,9 +49,7 @@
 //
 // Deterministic mode: per-(batch, head, query tile of 64) semaphore (kv_tile_rank): the
 // thread issuing the reduce waits until the counter equals this KV tile's rank among the tiles
-// that visit the query tile, issues the reduce and frees the buffer once read; the increment
-// (after a fence) follows the reduce's completion, checked once the next iteration's reduce is
-// issued. Waits only go to lower KV tiles, so the chain ends at a tile that waits for none.
+// that visit the query tile, issues the reduce, waits for its completion, fences and increments.
 // Query tiles are walked from the last to the first, with the group's heads inner: every KV
 // tile's range ends at the same or a later query tile than its predecessors' (bwd_query_tiles'
 // bounds grow with n), so KV tile n reaches each (query tile, head) no earlier (in iterations)
@@ -274,9 +272,6 @@ __device__ __forceinline__ void bulk_wait_read_all() {
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_all_but_newest() {
-  asm volatile("cp.async.bulk.wait_group 1;\n" ::: "memory");
-}
 // Deterministic dQ: publish a completed reduce to the next KV tile waiting on `sem`.
 __device__ __forceinline__ void release_increment(int* sem) {
   asm volatile("fence.proxy.async.global;\n" ::: "memory");
@@ -401,13 +396,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     } else if (warp_idx == 1 && lane_predicate) {
       // dQ writer: per iteration, wait for both consumer warpgroups' halves of dQ in sdQ[buf],
       // add the tile to the fp32 accumulator with one TMA reduce-add, free the buffer once read.
-      // Deterministic mode: the semaphore of an iteration's reduce is incremented once that
-      // reduce completed, checked after the next reduce was issued (bulk groups complete in
-      // order), so the completion latency overlaps the next iteration instead of adding to it.
       Tensor mdQ = kp.tma_dq.get_tma_tensor(kp.shape_dq);
       const int dq_row0 = int(64 * bwd_dq_tile_base(varlen, b, si.q_start, p.seqlen_q));
       auto tile_q = Shape<Int<kM>, Int<kD>>{};
-      int* pending = nullptr;  // deterministic: the semaphore of the reduce still in flight
       for (int it = 0; it < total; ++it) {
         const int buf = it & 1, use = it >> 1;
         const int h = hk * group + it % group, m = range.end - 1 - it / group;
@@ -425,18 +416,15 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         }
         copy(kp.tma_dq, tdQsdQ, tdQgdQ);
         bulk_commit();
-        bulk_wait_read_all();
-        ss.dq_empty[buf].arrive();
         if (bp.deterministic) {
-          if (pending != nullptr) {
-            bulk_wait_all_but_newest();
-            release_increment(pending);
-          }
-          pending = sem;
+          bulk_wait_all();
+          release_increment(sem);
+        } else {
+          bulk_wait_read_all();
         }
+        ss.dq_empty[buf].arrive();
       }
       bulk_wait_all();
-      if (pending != nullptr) release_increment(pending);
     } else if (kReadyHop && warp_idx >= 2) {
       // Ready barriers (flash_bwd_cta.cuh): K/V once, then each Q/dO stage in the walk's order,
       // with the next packed sequence's rows zeroed where a tile crosses its end.
