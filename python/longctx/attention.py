@@ -151,8 +151,9 @@ def flash_attn_func(
     A query row that sees no key gets out = 0 and lse = -inf; a NaN in q, k or v gives NaN in
     the rows it reaches.
     deterministic: the backward's gradients are bitwise reproducible run to run (on CUDA dQ is
-    then accumulated in a fixed order: measured 0.96-1.13x the time of the default atomic
-    order, 1.38x for causal GQA); torch.use_deterministic_algorithms(True) asks for it too.
+    then accumulated in a fixed order: on an H200 1.0-1.1x the default's time at head dim
+    128, 1.1-1.6x at 64, 1.2-1.4x at 256); torch.use_deterministic_algorithms(True) asks for
+    it too.
     The forward is deterministic either way, and so is the CPU backward.
     softcap: > 0 caps the scores as softcap * tanh(softmax_scale * q.k / softcap) before the mask
     and the softmax (Gemma 2's attention logit softcapping); 0 (default) leaves them.
