@@ -6,7 +6,7 @@
 //     same row: the float2 stores put each value where the TMA reduce reads it.
 //  2. The 256 threads' registers cover the 64 x D tile exactly once.
 //  3. Each warp's float2 store of a register pair touches every shared-memory bank exactly
-//     twice: two wavefronts for 256 bytes, no bank conflict.
+//     twice (a row-major tile: 8 banks 8 times each).
 // Exit code 0 iff all pass.
 #include <cstdio>
 #include <vector>

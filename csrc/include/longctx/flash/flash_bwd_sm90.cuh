@@ -24,7 +24,8 @@
 //   dV  += P^T dO ; dK += dS^T Q               RS wgmma (A from registers), 128 x D, K = 64
 //   dQ   = dS K                                 SS wgmma, 64 x D, K = 128 (dS through smem; the
 //                                               two WGs split D), then written to a swizzled
-//                                               fp32 smem tile (conflict-free float2 stores)
+//                                               fp32 smem tile (float2 stores, no 8-way
+//                                               bank conflicts)
 //                                               and added to the global fp32 accumulator
 //                                               (padded 64-row tiles) by ONE TMA reduce-add
 //                                               per tile, issued by one thread.
@@ -254,8 +255,9 @@ __device__ __forceinline__ void st_shared_f32x2(uint32_t addr, float a, float b)
 // Its fragment (wgmma C, 64 x D/2 per warpgroup w): register i = 4j + 2v + e holds row
 // 16 warp + lane / 4 + 8v, column (D/2) w + 8j + 2 (lane % 4) + e. Since row % 8 = lane / 4
 // for every register, register pair (i, i + 1) lies at dq_store_offset(base, i) =
-// (base ^ 32 (j % 4)) + 8192 (j / 4) + 1024 v: one XOR and constants per pair, conflict-free
-// (a warp's float2 store covers each bank twice). tests/flash/flash_bwd_dq_tile_test.cu checks
+// (base ^ 32 (j % 4)) + 8192 (j / 4) + 1024 v: one XOR and constants per pair. A warp's float2
+// store covers each bank twice; served per half-warp, rows x and x ^ 1 still share 8 banks
+// (2-way; row-major: 8-way over the warp). tests/flash/flash_bwd_dq_tile_test.cu checks
 // both against the layout and the MMA partition.
 template <int kD>
 __host__ __device__ __forceinline__ uint32_t dq_store_base(int tidx) {
