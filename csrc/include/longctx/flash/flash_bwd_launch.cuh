@@ -93,6 +93,7 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
       // dq_accum as (tile rows, head_dim, heads, 1): the padded query tiles of D floats per row
       // (flash_bwd_dispatch.cuh), whole tiles added; the columns past head_dim are clipped.
       const int64_t dq_rows = flash_bwd_dq_rows(p, total_q);
+      if (dq_rows > INT32_MAX) return cudaErrorInvalidValue;  // TMA coordinates are int32
       kp.shape_dq = make_shape(int(dq_rows), f.head_dim, f.heads, 1);
       auto mdQ = make_tensor(make_gmem_ptr(dq_accum), kp.shape_dq,
                              make_stride(int64_t(kHeadDim), _1{}, dq_rows * kHeadDim,
