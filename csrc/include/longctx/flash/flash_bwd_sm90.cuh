@@ -24,11 +24,10 @@
 //   dV  += P^T dO ; dK += dS^T Q               RS wgmma (A from registers), 128 x D, K = 64
 //   dQ   = dS K                                 SS wgmma, 64 x D, K = 128 (dS through smem; the
 //                                               two WGs split D), then written to a swizzled
-//                                               fp32 smem tile (float2 stores, no 8-way
-//                                               bank conflicts)
-//                                               and added to the global fp32 accumulator
-//                                               (padded 64-row tiles) by ONE TMA reduce-add
-//                                               per tile, issued by one thread.
+//                                               fp32 smem tile (float2 stores, no 8-way bank
+//                                               conflicts) and added to the global fp32
+//                                               accumulator (padded 64-row tiles) by ONE TMA
+//                                               reduce-add per tile, issued by one thread.
 // Issue order per iteration (FA3's): S^T, dP^T; [exp, dS]; dV; barrier B1; dQ; dK; then dQ goes
 // to smem while dK still runs on the tensor cores.
 // Finally dK = scale * dK and dV are written in the input dtype (rows < sk). GQA: the group's
