@@ -49,6 +49,7 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
   if (f.batch <= 0 || f.heads <= 0 || f.seqlen_q <= 0) return cudaSuccess;
   const bool varlen = f.cu_seqlens_q != nullptr;
   const int64_t rows = flash_bwd_total_q_rows(p, total_q);
+  const int64_t dq_rows = flash_bwd_dq_rows(p, total_q);  // per head, 64-row query tiles
   const int64_t dq_floats = flash_bwd_dq_floats(p, total_q);
   const int64_t pad_stride = flash_bwd_pad_stride(p, total_q);
   const int64_t nsems = p.deterministic ? flash_bwd_num_sems(p) : 0;
@@ -92,7 +93,6 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
     if constexpr (!kFragDq) {
       // dq_accum as (tile rows, head_dim, heads, 1): the padded query tiles of D floats per row
       // (flash_bwd_dispatch.cuh), whole tiles added; the columns past head_dim are clipped.
-      const int64_t dq_rows = flash_bwd_dq_rows(p, total_q);
       if (dq_rows > INT32_MAX) return cudaErrorInvalidValue;  // TMA coordinates are int32
       kp.shape_dq = make_shape(int(dq_rows), f.head_dim, f.heads, 1);
       auto mdQ = make_tensor(make_gmem_ptr(dq_accum), kp.shape_dq,
@@ -104,7 +104,7 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
     kp.lse2 = pad.lse2;
     kp.dpad = pad.d;
     kp.pad_head_stride = pad_stride;
-    kp.dq_rows = flash_bwd_dq_rows(p, total_q);
+    kp.dq_rows = dq_rows;
     kp.sems = sems;
     kp.num_m_max = (f.seqlen_q + kBwdBlockM - 1) / kBwdBlockM;
     const float c = f.mods.softcap;
@@ -163,7 +163,7 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
       }
     }
   }
-  const int64_t tiles = flash_bwd_dq_rows(p, total_q) / kBwdBlockM;
+  const int64_t tiles = dq_rows / kBwdBlockM;
   if constexpr (kFragDq) {
     const int64_t jobs = int64_t(f.heads) * tiles;
     const int grid = int(jobs < int64_t(sms) * 8 ? jobs : int64_t(sms) * 8);
