@@ -1,12 +1,12 @@
 // Host-only checks of the hdim 64/128 backward kernel's dQ tile stores (no GPU needed; the
 // layouts are CuTe's, evaluated on the host with the kernel's own types), for both head dims:
-//  1. dq_store_offset(dq_store_base(tidx), i) is, for every consumer thread and every even
-//     accumulator register i, the byte offset in SmemLayoutdQ of the (query, column) that the
-//     dQ TiledMma's partition gives register i, and register i + 1 is the next float of the
-//     same row: the float2 stores put each value where the TMA reduce reads it.
+//  1. Store i of consumer thread tidx writes registers r = dq_store_reg(tidx, i) and r + 1 at
+//     dq_store_offset(dq_store_base(tidx), i): the byte offset in SmemLayoutdQ of the (query,
+//     column) that the dQ TiledMma's partition gives register r, r + 1 the next float of the
+//     same row; every even register is stored once.
 //  2. The 256 threads' registers cover the 64 x D tile exactly once.
-//  3. Each warp's float2 store of a register pair touches every shared-memory bank exactly
-//     twice (a row-major tile: 8 banks 8 times each).
+//  3. Each half-warp's 64-bit store (the unit a 64-bit shared store is served in) touches every
+//     shared-memory bank exactly once: one wavefront per half-warp, no bank conflict.
 // Exit code 0 iff all pass.
 #include <cstdio>
 #include <vector>
@@ -29,11 +29,17 @@ static void check_dq_stores() {
         make_identity_tensor(Shape<Int<kM>, Int<kD>>{}));
     CHECK(int(size(coords)) == kD / 4, "hdim %d: %d registers", kD, int(size(coords)));
     const uint32_t base = bwd_sm90::dq_store_base<kD>(tidx);
+    std::vector<int> stored(kD / 4, 0);
     for (int i = 0; i < int(size(coords)); i += 2) {
-      const int r = int(get<0>(coords(i))), c = int(get<1>(coords(i)));
-      const int r1 = int(get<0>(coords(i + 1))), c1 = int(get<1>(coords(i + 1)));
+      const int reg = bwd_sm90::dq_store_reg(tidx, i);
+      CHECK(reg % 2 == 0 && reg >= 0 && reg < kD / 4, "hdim %d tidx %d store %d: register %d",
+            kD, tidx, i, reg);
+      if (reg % 2 != 0 || reg < 0 || reg >= kD / 4) continue;
+      ++stored[reg];
+      const int r = int(get<0>(coords(reg))), c = int(get<1>(coords(reg)));
+      const int r1 = int(get<0>(coords(reg + 1))), c1 = int(get<1>(coords(reg + 1)));
       CHECK(r1 == r && c1 == c + 1, "hdim %d tidx %d reg %d: (%d, %d) then (%d, %d)", kD, tidx,
-            i, r, c, r1, c1);
+            reg, r, c, r1, c1);
       const uint32_t off = bwd_sm90::dq_store_offset(base, i);
       const int want = int(reinterpret_cast<char*>(&sdQ(r, c)) - reinterpret_cast<char*>(buf));
       const int want1 = int(reinterpret_cast<char*>(&sdQ(r, c + 1)) - reinterpret_cast<char*>(buf));
@@ -46,21 +52,24 @@ static void check_dq_stores() {
         if (f >= 0 && f < kM * kD) ++seen[f];
       }
     }
+    for (int reg = 0; reg < kD / 4; reg += 2)
+      CHECK(stored[reg] == 1, "hdim %d tidx %d: register %d stored %d times", kD, tidx, reg,
+            stored[reg]);
   }
   for (int f = 0; f < kM * kD; ++f)
     CHECK(seen[f] == 1, "hdim %d: float %d written %d times", kD, f, seen[f]);
-  for (int warp = 0; warp < Traits::kNumMmaThreads / 32; ++warp)
+  for (int half = 0; half < Traits::kNumMmaThreads / 16; ++half)
     for (int i = 0; i < kD / 4; i += 2) {
       int bank[32] = {};
-      for (int lane = 0; lane < 32; ++lane) {
+      for (int lane = 0; lane < 16; ++lane) {
         const uint32_t off =
-            bwd_sm90::dq_store_offset(bwd_sm90::dq_store_base<kD>(32 * warp + lane), i);
+            bwd_sm90::dq_store_offset(bwd_sm90::dq_store_base<kD>(16 * half + lane), i);
         ++bank[(off / 4) % 32];
         ++bank[(off / 4 + 1) % 32];
       }
       for (int k = 0; k < 32; ++k)
-        CHECK(bank[k] == 2, "hdim %d warp %d reg %d: bank %d hit %d times", kD, warp, i, k,
-              bank[k]);
+        CHECK(bank[k] == 1, "hdim %d half-warp %d store %d: bank %d hit %d times", kD, half, i,
+              k, bank[k]);
     }
 }
 

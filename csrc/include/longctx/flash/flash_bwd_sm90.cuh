@@ -24,8 +24,8 @@
 //   dV  += P^T dO ; dK += dS^T Q               RS wgmma (A from registers), 128 x D, K = 64
 //   dQ   = dS K                                 SS wgmma, 64 x D, K = 128 (dS through smem; the
 //                                               two WGs split D), then written to a swizzled
-//                                               fp32 smem tile (float2 stores, no 8-way bank
-//                                               conflicts) and added to the global fp32
+//                                               fp32 smem tile (float2 stores, conflict-free
+//                                               per half-warp) and added to the global fp32
 //                                               accumulator (padded 64-row tiles) by ONE TMA
 //                                               reduce-add per tile, issued by one thread.
 // Issue order per iteration (FA3's): S^T, dP^T; [exp, dS]; dV; barrier B1; dQ; dK; then dQ goes
@@ -247,24 +247,30 @@ __device__ __forceinline__ void bulk_g2s(void* smem, const void* gmem, uint32_t 
 __device__ __forceinline__ void st_shared_f32x2(uint32_t addr, float a, float b) {
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b) : "memory");
 }
-// Byte offsets in sdQ (Traits::SmemLayoutdQ: 64 x 32-float column blocks of 8 KB, 128-byte
-// rows whose 16-byte chunks are XORed with row % 8) of consumer thread tidx's dQ registers.
-// Its fragment (wgmma C, 64 x D/2 per warpgroup w): register i = 4j + 2v + e holds row
-// 16 warp + lane / 4 + 8v, column (D/2) w + 8j + 2 (lane % 4) + e. Since row % 8 = lane / 4
-// for every register, register pair (i, i + 1) lies at dq_store_offset(base, i) =
-// (base ^ 32 (j % 4)) + 8192 (j / 4) + 1024 v: one XOR and constants per pair. A warp's float2
-// store covers each bank twice; served per half-warp, rows x and x ^ 1 still share 8 banks
-// (2-way; row-major: 8-way over the warp). tests/flash/flash_bwd_dq_tile_test.cu checks
-// both against the layout and the MMA partition.
+// dQ registers -> sdQ (Traits::SmemLayoutdQ: 64 x 32-float column blocks of 8 KB, 128-byte
+// rows whose 16-byte chunks are XORed with row % 8). The fragment (wgmma C, 64 x D/2 per
+// warpgroup w): register i = 4j + 2v + e of consumer thread tidx holds row 16 warp + lane / 4
+// + 8v, column (D/2) w + 8j + 2 (lane % 4) + e, so row % 8 = x = lane / 4 for all of them.
+// A 64-bit shared store is served per half-warp (4 rows of x); rows x and x ^ 1 put group j
+// on the same 32-byte bank group, so in store i = 4j + 2v the lanes of odd x write the pair of
+// group j ^ 2 instead (registers dq_store_reg(tidx, i), i ^ 8): each half-warp then covers the
+// 32 banks once. The pair's byte offset is dq_store_offset(base, i) = (base ^ 32 (j % 4)) +
+// 8192 (j / 4) + 1024 v with dq_store_base folding the odd rows' j ^ 2 into base: one XOR and
+// constants per store. tests/flash/flash_bwd_dq_tile_test.cu checks all three against the
+// layout and the MMA partition.
 template <int kD>
 __host__ __device__ __forceinline__ uint32_t dq_store_base(int tidx) {
   const int w = tidx / 128, warp = (tidx % 128) / 32, lane = tidx % 32, x = lane >> 2;
+  const int group = (x >> 1) ^ (2 * (x & 1));  // 32-byte group of j = 0 (j ^ 2 for odd x)
   return uint32_t((w * (kD / 2) / 32) * 8192 + (16 * warp + x) * 128 +
-                  16 * (((lane & 3) >> 1) ^ (x & 1)) + 8 * (lane & 1) + 32 * (x >> 1));
+                  16 * (((lane & 3) >> 1) ^ (x & 1)) + 8 * (lane & 1) + 32 * group);
 }
 __host__ __device__ __forceinline__ uint32_t dq_store_offset(uint32_t base, int i) {
   const int j = i / 4, v = (i / 2) % 2;
   return (base ^ uint32_t(32 * (j % 4))) + uint32_t(8192 * (j / 4) + 1024 * v);
+}
+__host__ __device__ __forceinline__ int dq_store_reg(int tidx, int i) {
+  return i ^ (8 * ((tidx >> 2) & 1));
 }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void bulk_wait_read_all() {
@@ -582,9 +588,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       {
         const uint32_t sdq = smem_addr(ss.smem_dq.data() + buf * (kM * kD));
         static_assert(decltype(size(acc_dq))::value == kD / 4, "dQ fragment: 64 x D/2 per WG");
+        const bool odd_row = (tidx >> 2) & 1;  // dq_store_reg: odd rows store group j ^ 2
 #pragma unroll
         for (int i = 0; i < kD / 4; i += 2)
-          st_shared_f32x2(sdq + dq_store_offset(dq_base, i), acc_dq(i), acc_dq(i + 1));
+          st_shared_f32x2(sdq + dq_store_offset(dq_base, i),
+                          odd_row ? acc_dq(i ^ 8) : acc_dq(i),
+                          odd_row ? acc_dq((i ^ 8) + 1) : acc_dq(i + 1));
       }
       cutlass::arch::fence_view_async_shared();
       ss.dq_full[buf].arrive();
