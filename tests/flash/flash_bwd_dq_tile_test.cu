@@ -1,5 +1,5 @@
-// Host-only checks of the hdim 64/128 backward kernel's dQ tile stores (no GPU needed; the
-// layouts are CuTe's, evaluated on the host with the kernel's own types), for both head dims:
+// Host-only checks of the hdim 64/128 backward kernel (no GPU needed; the layouts are CuTe's,
+// evaluated on the host with the kernel's own types), for both head dims: its dQ tile stores
 //  1. Store i of consumer thread tidx writes registers r = dq_store_reg(tidx, i) and r + 1 at
 //     dq_store_offset(dq_store_base(tidx), i): the byte offset in SmemLayoutdQ of the (query,
 //     column) that the dQ TiledMma's partition gives register r, r + 1 the next float of the
@@ -7,6 +7,13 @@
 //  2. The 256 threads' registers cover the 64 x D tile exactly once.
 //  3. Each half-warp's 64-bit store (the unit a 64-bit shared store is served in) touches every
 //     shared-memory bank exactly once: one wavefront per half-warp, no bank conflict.
+// and its walk and mask for each head dim's tile shape (kBlockM x kBlockN):
+//  4. bwd_query_tiles(n) visits every query tile with a visible pair, and the consumer loop's
+//     per-element rule (keys as rows: tile_fully_visible, tile_mask, then the four compares)
+//     equals mask_visible on every (key, query) pair of every visited tile pair (causal,
+//     windows, sq != sk, partial tiles; rows and keys past the sequence masked).
+//  5. Deterministic order: the KV tiles visiting a query tile are contiguous and kv_tile_rank
+//     numbers them 0, 1, ... in KV-tile order.
 // Exit code 0 iff all pass.
 #include <cstdio>
 #include <vector>
@@ -73,14 +80,74 @@ static void check_dq_stores() {
     }
 }
 
+// The consumer loop's per-element rule for one (query tile m, KV tile n) pair: key r of the KV
+// tile (the accumulator's row), query c of the query tile (its column).
+template <int kM, int kN>
+static bool kernel_visible(int m, int n, int key, int q, int sq, int sk, int wl, int wr) {
+  const int m0 = m * kM, n0 = n * kN;
+  const bool need_mask = n0 + kN > sk || m0 + kM > sq ||
+                         !tile_fully_visible(m, n, kM, kN, sq, sk, wl, wr);
+  const TileMask tm = tile_mask(need_mask, m0, n0, sq, sk, wl, wr);
+  const int dlt = key - q;
+  return key < tm.key_lim && q < tm.q_lim && dlt <= tm.d_hi && dlt >= tm.d_lo;
+}
+
+template <int kM, int kN>
+static void check_walk() {
+  const int lens[] = {1, 63, 64, 65, 127, 128, 129, 200, 333, 513};
+  const int wins[][2] = {{-1, -1}, {-1, 0}, {50, 0}, {64, 32}, {0, 0}, {1500, -1}, {-1, 100},
+                         {200, 130}};
+  for (int sq : lens)
+    for (int sk : lens)
+      for (auto& w : wins) {
+        const int wl = w[0], wr = w[1];
+        const int n_tiles = (sk + kN - 1) / kN, m_tiles = (sq + kM - 1) / kM;
+        std::vector<int> first(m_tiles, -1), count(m_tiles, 0);
+        for (int n = 0; n < n_tiles; ++n) {
+          const TileRange rg = bwd_query_tiles(n, kM, kN, sq, sk, wl, wr);
+          for (int m = 0; m < m_tiles; ++m) {
+            const bool visited = m >= rg.begin && m < rg.end;
+            if (visited) {
+              CHECK(first[m] < 0 || first[m] + count[m] == n,
+                    "%dx%d sq %d sk %d w (%d, %d): KV tiles of query tile %d not contiguous", kM,
+                    kN, sq, sk, wl, wr, m);
+              if (first[m] < 0) first[m] = n;
+              const int rank = bwd_sm90::kv_tile_rank(n, m, kM, kN, sq, sk, wl, wr);
+              CHECK(rank == count[m], "%dx%d sq %d sk %d w (%d, %d): tile (%d, %d) rank %d not %d",
+                    kM, kN, sq, sk, wl, wr, m, n, rank, count[m]);
+              ++count[m];
+            }
+            for (int q = 0; q < kM; ++q)
+              for (int key = 0; key < kN; ++key) {
+                const int i = m * kM + q, j = n * kN + key;
+                const bool ref = i < sq && j < sk && mask_visible(i, j, sq, sk, wl, wr);
+                if (!visited) {
+                  CHECK(!ref, "%dx%d: tile (%d, %d) skipped but (%d, %d) visible", kM, kN, m, n,
+                        i, j);
+                  continue;
+                }
+                const bool got = kernel_visible<kM, kN>(m, n, key, q, sq, sk, wl, wr);
+                CHECK(got == ref, "%dx%d sq %d sk %d w (%d, %d): (%d, %d) kernel %d ref %d", kM,
+                      kN, sq, sk, wl, wr, i, j, int(got), int(ref));
+              }
+          }
+        }
+      }
+}
+
 int main() {
   std::setvbuf(stdout, nullptr, _IONBF, 0);
   check_dq_stores<64>();
   check_dq_stores<128>();
+  using T64 = FlashBwdSm90Traits<cutlass::bfloat16_t, 64>;
+  using T128 = FlashBwdSm90Traits<cutlass::bfloat16_t, 128>;
+  check_walk<T64::kBlockM, T64::kBlockN>();
+  if constexpr (T128::kBlockM != T64::kBlockM || T128::kBlockN != T64::kBlockN)
+    check_walk<T128::kBlockM, T128::kBlockN>();
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;
   }
-  std::printf("all dQ tile store checks passed (hdim 64, 128)\n");
+  std::printf("all dQ tile store, walk and mask checks passed (hdim 64, 128)\n");
   return 0;
 }

@@ -114,8 +114,8 @@ __device__ __forceinline__ int ld_acquire_gpu(const int* p) {
 // Deterministic mode: the rank of KV tile n_block among the KV tiles that visit query tile m,
 // i.e. how many of them add to m's dQ before it. Those tiles are contiguous (bwd_query_tiles'
 // bounds are monotone in n), so the rank is n_block minus the first of them (binary search).
-__device__ __forceinline__ int kv_tile_rank(int n_block, int m, int block_m, int block_n, int sq,
-                                            int sk, int wl, int wr) {
+__host__ __device__ __forceinline__ int kv_tile_rank(int n_block, int m, int block_m, int block_n,
+                                                     int sq, int sk, int wl, int wr) {
   int lo = 0, hi = n_block;
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
