@@ -6,12 +6,24 @@ import torch
 import longctx
 
 
+def _cuda_kernels(family):
+    """The build_info entries of `family`'s CUDA kernels."""
+    return [k for k in longctx.build_info()["kernels"]
+            if k["family"] == family and k["device"] == "cuda"]
+
+
+def _skip_unless_hopper():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the kernels need a Hopper GPU (sm_90)")
+
+
 def compiled_cuda(family):
     """{(head_dim, "bf16"|"fp16")} compiled for CUDA in `family` ("flash_fwd", "flash_bwd")."""
     return {
         (int(f[4:]), dt)
-        for k in longctx.build_info()["kernels"]
-        if k["family"] == family and k["device"] == "cuda"
+        for k in _cuda_kernels(family)
         for f in k["features"]
         if f.startswith("hdim")
         for dt in k["dtypes"]
@@ -20,10 +32,7 @@ def compiled_cuda(family):
 
 def skip_unless_compiled(hdim, dtype, families=("flash_fwd",)):
     """Skip the calling test without a Hopper GPU or without the (hdim, dtype) kernels."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the attention kernels need a Hopper GPU (sm_90)")
+    _skip_unless_hopper()
     name = "bf16" if dtype == torch.bfloat16 else "fp16"
     for fam in families:
         if (hdim, name) not in compiled_cuda(fam):
@@ -33,10 +42,6 @@ def skip_unless_compiled(hdim, dtype, families=("flash_fwd",)):
 def skip_unless_family(family):
     """Skip the calling test without a Hopper GPU or without any CUDA kernel of `family`
     ("kvcache", "rope", ...)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the kernels need a Hopper GPU (sm_90)")
-    if not any(k["family"] == family and k["device"] == "cuda"
-               for k in longctx.build_info()["kernels"]):
+    _skip_unless_hopper()
+    if not _cuda_kernels(family):
         pytest.skip(f"{family} CUDA kernels not compiled in this build")
