@@ -39,12 +39,14 @@
 // stage once dK^T's did.
 // Mask: tile-local, branch free, as in flash_bwd_sm90.cuh (rows are queries here).
 //
-// Deterministic mode: per-(batch, head, query tile of 64) semaphore. Before the first dQ atomic
-// of a query tile, consumer thread 0 spins (ld.acquire) until the semaphore equals this KV tile's
-// rank among the tiles visiting that query tile (kv_tile_rank), then named barrier B2 (256);
-// after the last atomic every thread fences (fence.acq_rel.gpu), B2 again, and thread 0
-// increments with red.release.gpu. Each address then receives its additions in KV-tile order:
-// bitwise reproducible.
+// Deterministic mode: per-(batch, head, query tile of 64) semaphore. Warp 1 of the producer
+// warpgroup spins (ld.acquire) until the semaphore equals this KV tile's rank among the tiles
+// visiting the query tile (kv_tile_rank) and arrives on named barrier kBarSemReady, which the
+// consumers sync on before their first dQ atomic of the tile; after their last one they arrive
+// (without waiting) on kBarDqAdded, on which warp 1 syncs, then fences (fence.acq_rel.gpu,
+// cumulative over the consumers' atomics ordered before it by the barrier, CUTLASS's
+// arrive_inc pattern) and increments. Each address then receives its additions in KV-tile
+// order: bitwise reproducible. The consumers wait only for the semaphore, never for a fence.
 //
 // smem: K, V 2 x 40 KB, Q 2 stages x 32 KB, dO 1 stage x 32 KB, P and dS 2 buffers x 2 x 10 KB,
 // lse2/D 768 B, barriers: 222,208 bytes (static_assert <= 227 KB), one CTA per SM.
@@ -251,6 +253,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     return;
   }
 
+  // Named barriers (CUTLASS user ids): B1 = 1 (P and dS in smem); deterministic mode's hand-off
+  // between the consumers and the semaphore warp (warp 1).
+  constexpr int kBarSemReady = 3, kBarDqAdded = 4;
   const int warp_idx = cutlass::canonical_warp_idx_sync();
   const int warp_group_idx = warp_idx / 4;
   if (warp_idx == 0 && cute::elect_one_sync()) {
@@ -303,6 +308,29 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         copy(kp.tma_do.with(*bar, 0), tdOgdO, tdOsdO(_, st_do.index()));
         bulk_g2s(ss.smem_d.data() + st_do.index() * kM, kp.dpad + off, kM * 4, bar);
         ++st_do;
+      }
+    } else if (warp_idx == 1) {
+      // Deterministic mode's semaphore warp: per iteration, wait until the query tile's
+      // semaphore equals this KV tile's rank and open barrier kBarSemReady to the consumers;
+      // after their last dQ atomic (kBarDqAdded) publish them with a gpu-scope fence and the
+      // increment (the consumers never wait on the fence).
+      if (bp.deterministic) {
+        constexpr int kSync = Traits::kNumMmaThreads + 32;
+        const bool leader = threadIdx.x == 32;
+        for (int it = 0; it < total; ++it) {
+          const int h = hk * group + it % group, m = range.end - 1 - it / group;
+          int* sem = kp.sems + (int64_t(b) * p.heads + h) * kp.num_m_max + m;
+          if (leader) {
+            const int expected = kv_tile_rank(n_block, m, kM, kN, si.sq, si.sk, wl, wr);
+            while (ld_acquire_gpu(sem) != expected) __nanosleep(32);
+          }
+          __syncwarp();
+          cutlass::arch::NamedBarrier::arrive(kSync, kBarSemReady);
+          cutlass::arch::NamedBarrier::sync(kSync, kBarDqAdded);
+          if (leader)
+            asm volatile("fence.acq_rel.gpu;\n"
+                         "red.relaxed.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem) : "memory");
+        }
       }
     } else if (warp_idx >= 2) {
       // Ready barriers (flash_bwd_cta.cuh): K/V once, then each Q and dO stage in the walk's
@@ -482,15 +510,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
       float* dst = kp.dq_accum +
                    (int64_t(h) * kp.dq_rows + (dq_tile0 + m) * kM) * kD + dq_lane_off;
-      int* sem = nullptr;
-      if (bp.deterministic) {
-        sem = kp.sems + (int64_t(b) * p.heads + h) * kp.num_m_max + m;
-        if (tidx == 0) {
-          const int expected = kv_tile_rank(n_block, m, kM, kN, sq, sk, wl, wr);
-          while (ld_acquire_gpu(sem) != expected) __nanosleep(32);
-        }
-        cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 2);
-      }
+      // Deterministic mode: the semaphore warp opens kBarSemReady once the lower KV tiles'
+      // atomics to this query tile are published.
+      if (bp.deterministic)
+        cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads + 32, kBarSemReady);
       auto add_half = [&](int c) {
 #pragma unroll
         for (int g = 0; g < Traits::kDqFrag / 4; ++g)
@@ -503,12 +526,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       wg_gemm<true>(mma_dq, tdQrKt1, tdQrdSt(_, _, _, buf), acc_dq);
       warpgroup_wait<0>();
       add_half(1);
-      if (bp.deterministic) {
-        asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
-        cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 2);
-        if (tidx == 0)
-          asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem) : "memory");
-      }
+      if (bp.deterministic)
+        cutlass::arch::NamedBarrier::arrive(Traits::kNumMmaThreads + 32, kBarDqAdded);
     }
 
     // Epilogue: dK = scale * dK, dV; the accumulators are (D, keys): 2-byte stores, keys < sk,
