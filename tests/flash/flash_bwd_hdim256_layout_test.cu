@@ -13,7 +13,8 @@
 //     the consumer loop) equals mask_visible on every (query, key) pair of every visited tile
 //     pair, and bwd_query_tiles(n, 64, 80) visits every query tile with a visible pair.
 //  4. dQ tiles: bwd_dq_tile_base / bwd_dq_tile_owner give disjoint tiles per sequence below
-//     bwd_dq_tiles and invert each other (batched and varlen, empty sequences included).
+//     bwd_dq_tiles and invert each other, and the lse2/D pads hold whole query tiles (batched
+//     and varlen, empty sequences included; query tiles of 64 and of 128 rows).
 // Exit code 0 iff all pass.
 #include <cstdio>
 #include <algorithm>
@@ -191,43 +192,64 @@ static void check_mask() {
       }
 }
 
-static void check_dq_tiles() {
+// Every 64-row tile that a block_m-row reduce of sequence b touches (64-row tiles m <
+// (block_m / 64) ceil(len / block_m)) lies below bwd_dq_tiles, belongs to b alone and maps back
+// to (b, m); every block_m-row lse2/D tile of b stays below the next sequence's pad base and the
+// head stride.
+static void check_dq_tiles(int block_m) {
+  const int per = block_m / 64;
   // Batched.
-  for (int sq : {1, 64, 65, 200}) {
+  for (int sq : {1, 64, 65, 128, 129, 200}) {
     const int B = 3;
-    const int64_t tiles = bwd_dq_tiles(false, B, 0, sq);
-    for (int b = 0; b < B; ++b)
-      for (int m = 0; m * 64 < sq; ++m) {
-        const int64_t t = bwd_dq_tile_base(false, b, 0, sq) + m;
-        CHECK(t < tiles, "batched tile %lld >= %lld", (long long)t, (long long)tiles);
+    const int64_t tiles = bwd_dq_tiles(false, B, 0, sq, block_m);
+    for (int b = 0; b < B; ++b) {
+      for (int m = 0; m < per * ((sq + block_m - 1) / block_m); ++m) {
+        const int64_t t = bwd_dq_tile_base(false, b, 0, sq, block_m) + m;
+        CHECK(t < tiles, "block_m %d: batched tile %lld >= %lld", block_m, (long long)t,
+              (long long)tiles);
         int bb;
         int64_t mm;
-        bwd_dq_tile_owner(nullptr, B, sq, t, bb, mm);
-        CHECK(bb == b && mm == m, "batched owner");
+        bwd_dq_tile_owner(nullptr, B, sq, block_m, t, bb, mm);
+        CHECK(bb == b && mm == m, "block_m %d: batched owner", block_m);
       }
+      const int64_t end = bwd_pad_base(false, b, 0, sq, block_m) +
+                          int64_t((sq + block_m - 1) / block_m) * block_m;
+      CHECK(end <= bwd_pad_base(false, b + 1, 0, sq, block_m) &&
+                end <= bwd_pad_head_stride(false, B, 0, sq, block_m),
+            "block_m %d: batched pad of %d", block_m, b);
+    }
   }
   // Varlen, including empty sequences and lengths at tile boundaries.
   const std::vector<std::vector<int>> lens = {
-      {0}, {1}, {64}, {65, 0, 63, 128, 1}, {0, 0, 5}, {300, 64, 64, 0, 200, 7}};
+      {0}, {1}, {64}, {65, 0, 63, 128, 1}, {0, 0, 5}, {300, 64, 64, 0, 200, 7},
+      {127, 129, 255, 256, 257, 1, 383}};
   for (const auto& L : lens) {
     const int B = int(L.size());
     std::vector<int32_t> cu(B + 1, 0);
     for (int b = 0; b < B; ++b) cu[b + 1] = cu[b] + L[b];
     const int maxq = 1;
-    const int64_t tiles = bwd_dq_tiles(true, B, cu[B], maxq);
+    const int64_t tiles = bwd_dq_tiles(true, B, cu[B], maxq, block_m);
     std::vector<int> seen(tiles, 0);
-    for (int b = 0; b < B; ++b)
-      for (int m = 0; m * 64 < L[b]; ++m) {
-        const int64_t t = bwd_dq_tile_base(true, b, cu[b], maxq) + m;
-        CHECK(t >= 0 && t < tiles, "varlen tile %lld of %lld", (long long)t, (long long)tiles);
+    for (int b = 0; b < B; ++b) {
+      for (int m = 0; m < per * ((L[b] + block_m - 1) / block_m); ++m) {
+        const int64_t t = bwd_dq_tile_base(true, b, cu[b], maxq, block_m) + m;
+        CHECK(t >= 0 && t < tiles, "block_m %d: varlen tile %lld of %lld", block_m,
+              (long long)t, (long long)tiles);
         if (t < 0 || t >= tiles) continue;
-        CHECK(seen[t]++ == 0, "varlen tile %lld shared", (long long)t);
+        CHECK(seen[t]++ == 0, "block_m %d: varlen tile %lld shared", block_m, (long long)t);
         int bb;
         int64_t mm;
-        bwd_dq_tile_owner(cu.data(), B, maxq, t, bb, mm);
-        CHECK(bb == b && mm == m, "varlen owner of %lld: (%d, %lld) not (%d, %d)",
-              (long long)t, bb, (long long)mm, b, m);
+        bwd_dq_tile_owner(cu.data(), B, maxq, block_m, t, bb, mm);
+        CHECK(bb == b && mm == m, "block_m %d: varlen owner of %lld: (%d, %lld) not (%d, %d)",
+              block_m, (long long)t, bb, (long long)mm, b, m);
       }
+      const int64_t end = bwd_pad_base(true, b, cu[b], maxq, block_m) +
+                          int64_t((L[b] + block_m - 1) / block_m) * block_m;
+      const int64_t next = b + 1 < B ? bwd_pad_base(true, b + 1, cu[b + 1], maxq, block_m)
+                                     : bwd_pad_head_stride(true, B, cu[B], maxq, block_m);
+      CHECK(end <= next, "block_m %d: varlen pad of %d ends at %lld past %lld", block_m, b,
+            (long long)end, (long long)next);
+    }
   }
 }
 
@@ -238,7 +260,8 @@ int main() {
   check_dq_order();
   check_pds_store();
   check_mask();
-  check_dq_tiles();
+  check_dq_tiles(64);
+  check_dq_tiles(128);
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;

@@ -12,8 +12,8 @@
 //             padded query tile, bwd_dq_tiles; D 64 and 128 row-major, D 256 in that kernel's
 //             fragment order), followed by the row-padded lse2 and D buffers
 //             (2 * heads * bwd_pad_head_stride floats; flash_bwd_accum_floats counts all);
-//   sems:     batch * heads * ceil(seqlen_q / 64) ints (deterministic mode only; may be null
-//             otherwise). seqlen_q is max_seqlen_q in varlen.
+//   sems:     batch * heads * ceil(seqlen_q / bwd_block_m(D)) ints (deterministic mode only;
+//             may be null otherwise). seqlen_q is max_seqlen_q in varlen.
 // Requirements (flash_bwd_unsupported_reason): head_dim a multiple of 8 in [8, 256],
 // 16-byte-aligned q/k/v/out/dout/dq/dk/dv, row and head strides multiples of 8 elements.
 #pragma once
@@ -27,41 +27,53 @@
 namespace longctx {
 namespace flash {
 
+// Query rows per iteration of the wgmma backward of kernel width D (Traits::kBlockM): 128 at
+// D 64 (FA3's 128 x 128 tiles), 64 otherwise. The padded layouts below leave room for whole
+// tiles of this height after every sequence.
+LONGCTX_HOST_DEVICE constexpr int bwd_block_m(int kernel_head_dim) {
+  return kernel_head_dim == 64 ? 128 : 64;
+}
+
 // Row-padded per-head layout of lse2 / D for the wgmma backward (flash_bwd_preprocess.cuh). Each
-// sequence starts at a 16-byte-aligned row and is followed by >= 64 spare rows, so a 64-row tile
-// starting inside it never reaches the next sequence. Batched: b * roundup(seqlen_q, 64).
-LONGCTX_HOST_DEVICE int64_t bwd_pad_base(bool varlen, int b, int64_t q_off, int seqlen_q) {
-  return varlen ? ((q_off + 72 * int64_t(b) + 3) & ~int64_t(3))
-                : int64_t(b) * ((int64_t(seqlen_q) + 63) / 64 * 64);
+// sequence starts at a 16-byte-aligned row and is followed by >= block_m spare rows, so a
+// block_m-row tile starting inside it never reaches the next sequence. Batched:
+// b * roundup(seqlen_q, block_m).
+LONGCTX_HOST_DEVICE int64_t bwd_pad_base(bool varlen, int b, int64_t q_off, int seqlen_q,
+                                         int block_m) {
+  return varlen ? ((q_off + (block_m + 8) * int64_t(b) + 3) & ~int64_t(3))
+                : int64_t(b) * ((int64_t(seqlen_q) + block_m - 1) / block_m * block_m);
 }
 LONGCTX_HOST_DEVICE int64_t bwd_pad_head_stride(bool varlen, int batch, int64_t total_q,
-                                                int seqlen_q) {
-  return varlen ? ((total_q + 72 * int64_t(batch) + 8) & ~int64_t(3))
-                : int64_t(batch) * ((int64_t(seqlen_q) + 63) / 64 * 64);
+                                                int seqlen_q, int block_m) {
+  return varlen ? ((total_q + (block_m + 8) * int64_t(batch) + 8) & ~int64_t(3))
+                : int64_t(batch) * ((int64_t(seqlen_q) + block_m - 1) / block_m * block_m);
 }
 
 // dQ accumulator of the wgmma kernels: per head, query tiles of 64 rows, each a contiguous block
 // of 64 x D floats (row-major at D 64 and 128, the TMA reduce's target; fragment order at D 256,
 // flash_bwd_sm90_hdim256.cuh); a sequence's tiles are consecutive and sequences never share one,
-// so a whole-tile reduce past a sequence's last row stays in its spare rows. Tile of (sequence
-// b, query tile 0): batched b * ceil(seqlen_q / 64), varlen (cu_seqlens_q[b] + 64 b) / 64 (each
-// sequence adds at least one tile more than its rows need, so the last tile of b stays below
-// b + 1's).
-LONGCTX_HOST_DEVICE int64_t bwd_dq_tile_base(bool varlen, int b, int64_t q_off, int seqlen_q) {
-  return varlen ? (q_off + 64 * int64_t(b)) / 64 : int64_t(b) * ((int64_t(seqlen_q) + 63) / 64);
+// so a whole block_m-row reduce past a sequence's last row stays in its spare rows. Tile of
+// (sequence b, query tile 0): batched b * roundup(seqlen_q, block_m) / 64, varlen
+// (cu_seqlens_q[b] + block_m b) / 64: sequence b then owns at least floor((len + block_m) / 64)
+// >= block_m / 64 * ceil(len / block_m) tiles, all its block_m-row tiles.
+LONGCTX_HOST_DEVICE int64_t bwd_dq_tile_base(bool varlen, int b, int64_t q_off, int seqlen_q,
+                                             int block_m) {
+  return varlen ? (q_off + block_m * int64_t(b)) / 64
+                : int64_t(b) * ((int64_t(seqlen_q) + block_m - 1) / block_m * (block_m / 64));
 }
 // Tiles per head: every (b, m) above has a tile index below this.
-LONGCTX_HOST_DEVICE int64_t bwd_dq_tiles(bool varlen, int batch, int64_t total_q, int seqlen_q) {
-  return varlen ? (total_q + 64 * int64_t(batch)) / 64
-                : int64_t(batch) * ((int64_t(seqlen_q) + 63) / 64);
+LONGCTX_HOST_DEVICE int64_t bwd_dq_tiles(bool varlen, int batch, int64_t total_q, int seqlen_q,
+                                         int block_m) {
+  return varlen ? (total_q + block_m * int64_t(batch)) / 64
+                : int64_t(batch) * ((int64_t(seqlen_q) + block_m - 1) / block_m * (block_m / 64));
 }
 
-// Inverse of bwd_dq_tile_base: the sequence b that owns tile t and t's query tile m in it (m may
-// lie past the sequence's rows: the spare tile a varlen sequence is followed by).
+// Inverse of bwd_dq_tile_base: the sequence b that owns tile t and t's 64-row query tile m in
+// it (m may lie past the sequence's rows: the spare tiles a sequence is followed by).
 LONGCTX_HOST_DEVICE void bwd_dq_tile_owner(const int32_t* cu_seqlens_q, int batch, int seqlen_q,
-                                           int64_t t, int& b, int64_t& m) {
+                                           int block_m, int64_t t, int& b, int64_t& m) {
   if (cu_seqlens_q == nullptr) {
-    const int64_t per_b = (int64_t(seqlen_q) + 63) / 64;
+    const int64_t per_b = bwd_dq_tile_base(false, 1, 0, seqlen_q, block_m);
     b = int(t / per_b);
     m = t % per_b;
     return;
@@ -69,35 +81,41 @@ LONGCTX_HOST_DEVICE void bwd_dq_tile_owner(const int32_t* cu_seqlens_q, int batc
   int lo = 0, hi = batch - 1;  // last b whose first tile is <= t
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (bwd_dq_tile_base(true, mid, cu_seqlens_q[mid], seqlen_q) <= t) lo = mid;
+    if (bwd_dq_tile_base(true, mid, cu_seqlens_q[mid], seqlen_q, block_m) <= t) lo = mid;
     else hi = mid - 1;
   }
   b = lo;
-  m = t - bwd_dq_tile_base(true, lo, cu_seqlens_q[lo], seqlen_q);
+  m = t - bwd_dq_tile_base(true, lo, cu_seqlens_q[lo], seqlen_q, block_m);
 }
 
-constexpr int kBwdBlockM = 64;
+constexpr int kBwdBlockM = 64;  // rows of a dQ accumulator tile
 
+inline int flash_bwd_block_m(const BwdParams& p) {
+  return bwd_block_m(fwd_kernel_head_dim(p.fwd.head_dim));
+}
 inline int64_t flash_bwd_total_q_rows(const BwdParams& p, int64_t total_q) {
   return p.fwd.cu_seqlens_q != nullptr ? total_q : int64_t(p.fwd.batch) * p.fwd.seqlen_q;
 }
 // Rows per head of the dQ accumulator (see the workspace above).
 inline int64_t flash_bwd_dq_rows(const BwdParams& p, int64_t total_q) {
-  return 64 * bwd_dq_tiles(p.fwd.cu_seqlens_q != nullptr, p.fwd.batch, total_q, p.fwd.seqlen_q);
+  return 64 * bwd_dq_tiles(p.fwd.cu_seqlens_q != nullptr, p.fwd.batch, total_q, p.fwd.seqlen_q,
+                           flash_bwd_block_m(p));
 }
 inline int64_t flash_bwd_dq_floats(const BwdParams& p, int64_t total_q) {
   const int d = fwd_kernel_head_dim(p.fwd.head_dim);  // the kernels' row width
   return int64_t(p.fwd.heads) * flash_bwd_dq_rows(p, total_q) * d;
 }
 inline int64_t flash_bwd_pad_stride(const BwdParams& p, int64_t total_q) {
-  return bwd_pad_head_stride(p.fwd.cu_seqlens_q != nullptr, p.fwd.batch, total_q, p.fwd.seqlen_q);
+  return bwd_pad_head_stride(p.fwd.cu_seqlens_q != nullptr, p.fwd.batch, total_q, p.fwd.seqlen_q,
+                             flash_bwd_block_m(p));
 }
 // Whole workspace: dQ accumulator + padded lse2 and D.
 inline int64_t flash_bwd_accum_floats(const BwdParams& p, int64_t total_q) {
   return flash_bwd_dq_floats(p, total_q) + 2 * int64_t(p.fwd.heads) * flash_bwd_pad_stride(p, total_q);
 }
 inline int64_t flash_bwd_num_sems(const BwdParams& p) {
-  return int64_t(p.fwd.batch) * p.fwd.heads * ((p.fwd.seqlen_q + kBwdBlockM - 1) / kBwdBlockM);
+  const int bm = flash_bwd_block_m(p);
+  return int64_t(p.fwd.batch) * p.fwd.heads * ((p.fwd.seqlen_q + bm - 1) / bm);
 }
 
 inline const char* flash_bwd_unsupported_reason(const BwdParams& p) {

@@ -106,7 +106,8 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
     kp.pad_head_stride = pad_stride;
     kp.dq_rows = dq_rows;
     kp.sems = sems;
-    kp.num_m_max = (f.seqlen_q + kBwdBlockM - 1) / kBwdBlockM;
+    kp.num_m_max = (f.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+    static_assert(Traits::kBlockM == bwd_block_m(kHeadDim), "the workspace's padding");
     const float c = f.mods.softcap;
     kp.cap_in = c != 0.f ? f.softmax_scale / c : 0.f;
     kp.cap_log2 = c * 1.4426950408889634f;

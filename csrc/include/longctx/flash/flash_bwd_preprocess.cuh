@@ -9,10 +9,10 @@
 // zeroed by a grid-stride loop over float4s.
 // For the wgmma kernels (flash_bwd_sm90.cuh, flash_bwd_sm90_hdim256.cuh) it also writes, when
 // pad.lse2 != nullptr, two row-padded fp32 copies that their producers bulk-copy per query tile
-// of 64 rows: lse2 = lse * log2(e) (+inf where lse = -inf, so P = 0) and D, at
-// [h * pad.head_stride + bwd_pad_base(b) + i] (flash_bwd_dispatch.cuh); the pad rows
-// [sq, roundup(sq, 64)) of every (sequence, head) get lse2 = +inf and D = 0 (P = dS = 0 for
-// those query rows).
+// of kBlockM = bwd_block_m(kHeadDim) rows: lse2 = lse * log2(e) (+inf where lse = -inf, so
+// P = 0) and D, at [h * pad.head_stride + bwd_pad_base(b) + i] (flash_bwd_dispatch.cuh); the
+// pad rows [sq, roundup(sq, kBlockM)) of every (sequence, head) get lse2 = +inf and D = 0
+// (P = dS = 0 for those query rows).
 // Invariants: dq_accum holds accum_elems = flash_bwd_dq_floats floats (flash_bwd_dispatch.cuh:
 // rows kHeadDim wide, all zeroed), 16-byte aligned; out/dout rows are 16-byte aligned (checked
 // by the launcher).
@@ -36,6 +36,7 @@ template <typename Element, int kHeadDim>
 __global__ void flash_bwd_preprocess_kernel(BwdParams p, int64_t total_q_rows, float* dq_accum,
                                             int64_t accum_elems, int* sems, int64_t n_sems,
                                             BwdPad pad = BwdPad{}) {
+  constexpr int kBlockM = bwd_block_m(kHeadDim);  // the main kernel's query tile
   // Zero the accumulator and the semaphores.
   const int64_t gtid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t gsize = int64_t(gridDim.x) * blockDim.x;
@@ -88,7 +89,8 @@ __global__ void flash_bwd_preprocess_kernel(BwdParams p, int64_t total_q_rows, f
           li = row - q_off;
         }
         const float l = f.lse[b * f.lse_batch_stride + h * f.lse_head_stride + i];
-        const int64_t at = h * pad.head_stride + bwd_pad_base(varlen, bb, q_off, f.seqlen_q) + li;
+        const int64_t at =
+            h * pad.head_stride + bwd_pad_base(varlen, bb, q_off, f.seqlen_q, kBlockM) + li;
         pad.lse2[at] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
         pad.d[at] = acc;
       }
@@ -96,17 +98,18 @@ __global__ void flash_bwd_preprocess_kernel(BwdParams p, int64_t total_q_rows, f
   }
   // Pad rows of every (sequence, head): lse2 = +inf, D = 0.
   if (pad.lse2 != nullptr) {
-    const int64_t n_pad = int64_t(f.batch) * f.heads * 64;
+    const int64_t n_pad = int64_t(f.batch) * f.heads * kBlockM;
     for (int64_t t = gtid; t < n_pad; t += gsize) {
-      const int j = int(t % 64);
-      const int h = int((t / 64) % f.heads);
-      const int bb = int(t / (64 * int64_t(f.heads)));
+      const int j = int(t % kBlockM);
+      const int h = int((t / kBlockM) % f.heads);
+      const int bb = int(t / (kBlockM * int64_t(f.heads)));
       int64_t q_off = 0;
       int sq = f.seqlen_q;
       if (varlen) { q_off = f.cu_seqlens_q[bb]; sq = f.cu_seqlens_q[bb + 1] - int(q_off); }
       const int64_t li = int64_t(sq) + j;
-      if (li >= (int64_t(sq) + 63) / 64 * 64) continue;
-      const int64_t at = h * pad.head_stride + bwd_pad_base(varlen, bb, q_off, f.seqlen_q) + li;
+      if (li >= (int64_t(sq) + kBlockM - 1) / kBlockM * kBlockM) continue;
+      const int64_t at =
+          h * pad.head_stride + bwd_pad_base(varlen, bb, q_off, f.seqlen_q, kBlockM) + li;
       pad.lse2[at] = INFINITY;
       pad.d[at] = 0.f;
     }

@@ -9,21 +9,25 @@
 // 3-D grid with the batched launches' direct barrier waits ran 0-7% faster at 16K on an H100);
 // at hdim 64, which has no spills, one dimension in tile_scheduler.cuh's BwdTileOrder (longest
 // KV tiles first within L2-sized sections of kv heads: the 3-D grid was 2-3% slower there). K
-// and V of the tile are TMA-loaded once. The CTA walks the query tiles m (kBlockM = 64 rows) in
+// and V of the tile are TMA-loaded once. The CTA walks the query tiles m (kBlockM = 128 rows at
+// hdim 64 as in FA3, 64 at hdim 128; bwd_block_m) in
 // bwd_query_tiles(n), last to first (tiles outside the mask are never loaded), and for each the
 // query heads h of hk's GQA group; per (m, h), with S^T and dP^T computed transposed ("swapAB",
 // keys as the M dimension, so P^T and dS^T come out of the accumulators in the register layout
 // of a wgmma A operand):
-//   S^T  = K Q^T, dP^T = V dO^T              SS wgmma, 128 x 64, K = D (one 64-key half per WG)
+//   S^T  = K Q^T, dP^T = V dO^T              SS wgmma, 128 x kBlockM, K = D (one 64-key half
+//                                               per WG)
 //   P^T  = exp2(S^T * scale*log2e - lse2[q])   (lse2 = lse*log2e from the preprocess, +inf for
 //                                               rows that see no key and pad rows -> P = 0)
 //   dS^T = P^T * (dP^T - D[q])                 (D = rowsum(dO * O), preprocess)
 // or, with logit softcap c (logit_mods.h; the kernel's kSoftcap, chosen by the launcher):
 //   t    = tanh(S^T * scale / c)               (tanh_approx)
 //   P^T  = exp2(t * c*log2e - lse2[q]) ;  dS^T = P^T * (dP^T - D[q]) * (1 - t^2)
-//   dV  += P^T dO ; dK += dS^T Q               RS wgmma (A from registers), 128 x D, K = 64
-//   dQ   = dS K                                 SS wgmma, 64 x D, K = 128 (dS through smem; the
-//                                               two WGs split D), then written to a swizzled
+//   dV  += P^T dO ; dK += dS^T Q               RS wgmma (A from registers), 128 x D,
+//                                               K = kBlockM
+//   dQ   = dS K                                 SS wgmma, kBlockM x D, K = 128 (dS through
+//                                               smem; the two WGs split the rows at hdim 64,
+//                                               D at hdim 128), then written to a swizzled
 //                                               fp32 smem tile (float2 stores, conflict-free
 //                                               per half-warp) and added to the global fp32
 //                                               accumulator (padded 64-row tiles) by ONE TMA
@@ -34,10 +38,11 @@
 // heads are summed in registers (no dK/dV scratch, deterministic for free).
 //
 // Warp roles: 3 warpgroups (384 threads). WG 0: producer, 24 registers (setmaxnreg); one thread
-// TMA-loads K, V once (transaction barrier) and, per (m, h), Q and dO tiles (64 x D) plus the 64
-// lse2 and D values (1-D bulk copies from the padded preprocess buffers) into stage s of a
-// 2-stage PipelineTmaAsync. WGs 1-2: consumers, 240 registers; WG w owns keys [64w, 64w + 64)
-// of the tile for S^T, dP^T, dK and dV, and columns [wD/2, (w+1)D/2) of dQ.
+// TMA-loads K, V once (transaction barrier) and, per (m, h), Q and dO tiles (kBlockM x D) plus
+// the kBlockM lse2 and D values (1-D bulk copies from the padded preprocess buffers) into stage
+// s of a 2-stage PipelineTmaAsync. WGs 1-2: consumers, 240 registers; WG w owns keys [64w, 64w + 64)
+// of the tile for S^T, dP^T, dK and dV, and rows [64w, 64w + 64) (hdim 64) or columns
+// [wD/2, (w+1)D/2) (hdim 128) of dQ.
 // dQ reduce: warp 1 of WG 0 is the dQ writer; sdQ is double-buffered with full/empty
 // mbarriers, so the consumers only wait for a buffer the writer has not yet read.
 // Per-iteration synchronization of the consumers: named barrier B1 (256 threads) after dS^T
@@ -47,7 +52,7 @@
 // The per-element mask (causal/window/key >= sk/query >= sq) runs only on tile pairs that
 // tile_fully_visible says need it or that cross sk or sq (bounds: mask.h's tile_mask).
 //
-// Deterministic mode: per-(batch, head, query tile of 64) semaphore (kv_tile_rank): the
+// Deterministic mode: per-(batch, head, query tile of kBlockM) semaphore (kv_tile_rank): the
 // thread issuing the reduce waits until the counter equals this KV tile's rank among the tiles
 // that visit the query tile, issues the reduce, waits for its completion, fences and increments.
 // Query tiles are walked from the last to the first, with the group's heads inner: every KV
@@ -59,7 +64,11 @@
 // lower KV tiles of its (kv head, batch), which both CTA orders dispatch earlier.
 //
 // smem (hdim 128): K, V 2 x 32 KB, Q, dO 2 stages x 2 x 16 KB, dS^T 2 x 16 KB, dQ (fp32)
-// 2 x 32 KB, lse2/D 1 KB: ~225 KB, one CTA per SM.
+// 2 x 32 KB, lse2/D 1 KB: ~225 KB; (hdim 64, 128-row tiles): K, V 2 x 16 KB, Q, dO 2 x 2 x
+// 16 KB, dS^T 2 x 32 KB, dQ 2 x 32 KB, lse2/D 2 KB: ~226 KB. One CTA per SM.
+// ptxas (hdim 64, 128-row tiles): 96 / 116 bytes of spill stores / loads, 15 / 19 of them in the
+// loop (loop invariants evicted around the exponentials: S^T, dP^T, dK and dV hold 192 of the
+// 240 registers); with softcap 180 / 200.
 #pragma once
 
 #ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
@@ -80,6 +89,7 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 #include "longctx/flash/flash_bwd_cta.cuh"
+#include "longctx/flash/flash_bwd_dispatch.cuh"  // bwd_block_m, bwd_pad_base, bwd_dq_tile_base
 #include "longctx/flash/flash_params.h"
 #include "longctx/flash/flash_bwd_preprocess.cuh"
 #include "longctx/flash/mainloop_fwd_sm90.cuh"  // wg_gemm
@@ -98,8 +108,8 @@ struct FlashBwdSm90Traits {
   // sdQ buffers: a dedicated warp (warp 1 of the producer warpgroup) issues the dQ TMA reduces
   // from a double-buffered sdQ (mbarrier hand-off: the consumers never wait for the reduce).
   static constexpr int kDqBufs = 2;
-  static constexpr int kBlockM = 64;   // query rows per iteration
-  static constexpr int kBlockN = 128;  // keys per CTA
+  static constexpr int kBlockM = bwd_block_m(kHeadDim);  // query rows per iteration: 128 / 64
+  static constexpr int kBlockN = 128;                     // keys per CTA
   static constexpr int kStages = 2;
   static constexpr int kNumMmaThreads = 256;
   static constexpr int kNumThreads = 384;
@@ -111,9 +121,18 @@ struct FlashBwdSm90Traits {
   static constexpr bool kGrid3d = kHeadDim == 128;
   static constexpr bool kBatchedDirectWait = kHeadDim == 128;
 
+  // dQ = dS K, kBlockM x D: with 128-row tiles (hdim 64) warpgroup w takes query rows
+  // [64w, 64w + 64) and all D columns (N = D, FA3's hdim-64 split); with 64-row tiles it takes
+  // columns [wD/2, (w+1)D/2) of all rows. Either way 64 x kDqCols per warpgroup, kDqRegs fp32
+  // registers per thread.
+  static constexpr bool kDqSplitM = kBlockM == 128;
+  static constexpr int kDqCols = kDqSplitM ? kHeadDim : kHeadDim / 2;
+  static constexpr int kDqRegs = 64 * kDqCols / 128;
+  static_assert(kBlockM == 64 || kBlockM == 128, "query tiles of 64 or 128 rows");
+
   using TileSdP = cute::Shape<cute::Int<kBlockN>, cute::Int<kBlockM>, cute::Int<kHeadDim>>;
   using TileDKV = cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::Int<kBlockM>>;
-  using TileDQAtom = cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim / 2>, cute::Int<kBlockN>>;
+  using TileDQAtom = cute::Shape<cute::Int<64>, cute::Int<kDqCols>, cute::Int<kBlockN>>;
 
   using TiledMmaSdP = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<Element, Element, float, TileSdP>(),
@@ -125,12 +144,13 @@ struct FlashBwdSm90Traits {
   using TiledMmadQ = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<Element, Element, float, TileDQAtom, cute::GMMA::Major::MN,
                                  cute::GMMA::Major::MN>(),
-      cute::Layout<cute::Shape<cute::_1, cute::_2, cute::_1>>{}));
+      cute::Layout<cute::Shape<cute::Int<kDqSplitM ? 2 : 1>, cute::Int<kDqSplitM ? 1 : 2>,
+                               cute::_1>>{}));
 
-  // Q, dO, dS: 128-byte swizzle. K, V: the dQ product reads K^T MN-major split at D/2 between
-  // the warpgroups, so the swizzle atom must not be wider than D/2 (64 B swizzle for hdim 64).
+  // Q, dO, dS: 128-byte swizzle. K, V: the dQ product reads K^T MN-major, split at D/2 between
+  // the warpgroups when they split D, so the swizzle atom must not be wider than kDqCols.
   using AtomQ = cute::GMMA::Layout_K_SW128_Atom<Element>;
-  using AtomK = std::conditional_t<(kHeadDim / 2) % 64 == 0, cute::GMMA::Layout_K_SW128_Atom<Element>,
+  using AtomK = std::conditional_t<kDqCols % 64 == 0, cute::GMMA::Layout_K_SW128_Atom<Element>,
                                    cute::GMMA::Layout_K_SW64_Atom<Element>>;
   using SmemLayoutQ = decltype(cute::tile_to_shape(
       AtomQ{}, cute::make_shape(cute::Int<kBlockM>{}, cute::Int<kHeadDim>{}, cute::Int<kStages>{})));
@@ -160,7 +180,8 @@ struct FlashBwdSm90Traits {
       cute::make_ordered_layout(
           cute::make_shape(cute::Int<kBlockM>{}, cute::Int<kBlockN>{}, cute::Int<kDsBufs>{}),
           cute::Step<cute::_2, cute::_1, cute::_3>{})));
-  // dQ tile, fp32, 128-byte swizzled (8 x 32-float atoms, a 64 x 32 column block contiguous):
+  // dQ tile, fp32, 128-byte swizzled (8 x 32-float atoms, a kBlockM x 32 column block
+  // contiguous):
   // the source of one TMA reduce-add per iteration. Row-major and unswizzled, each float2 store
   // of a warp's accumulator fragment (8 rows x 4 lanes) hit the same 8 banks in all 8 rows.
   using SmemLayoutdQ = decltype(cute::tile_to_shape(
@@ -247,27 +268,33 @@ __device__ __forceinline__ void bulk_g2s(void* smem, const void* gmem, uint32_t 
 __device__ __forceinline__ void st_shared_f32x2(uint32_t addr, float a, float b) {
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(a), "f"(b) : "memory");
 }
-// dQ registers -> sdQ (Traits::SmemLayoutdQ: 64 x 32-float column blocks of 8 KB, 128-byte
-// rows whose 16-byte chunks are XORed with row % 8). The fragment (wgmma C, 64 x D/2 per
-// warpgroup w): register i = 4j + 2v + e of consumer thread tidx holds row 16 warp + lane / 4
-// + 8v, column (D/2) w + 8j + 2 (lane % 4) + e, so row % 8 = x = lane / 4 for all of them.
-// A 64-bit shared store is served per half-warp (4 rows of x); rows x and x ^ 1 put group j
-// on the same 32-byte bank group, so in store i = 4j + 2v the lanes of odd x write the pair of
-// group j ^ 2 instead (registers dq_store_reg(tidx, i), i ^ 8): each half-warp then covers the
-// 32 banks once. The pair's byte offset is dq_store_offset(base, i) = (base ^ 32 (j % 4)) +
-// 8192 (j / 4) + 1024 v with dq_store_base folding the odd rows' j ^ 2 into base: one XOR and
-// constants per store. tests/flash/flash_bwd_dq_tile_test.cu checks all three against the
-// layout and the MMA partition.
-template <int kD>
+// dQ registers -> sdQ (Traits::SmemLayoutdQ: kBlockM x 32-float column blocks of kBlockM x 128
+// bytes, 128-byte rows whose 16-byte chunks are XORed with row % 8). The fragment (wgmma C,
+// 64 x kDqCols per warpgroup w): register i = 4j + 2v + e of consumer thread tidx holds row
+// r0(w) + 16 warp + lane / 4 + 8v, column c0(w) + 8j + 2 (lane % 4) + e (r0 = 64w, c0 = 0 when
+// the warpgroups split the rows, hdim 64; r0 = 0, c0 = (D/2) w when they split the columns), so
+// row % 8 = x = lane / 4 for all of them. A 64-bit shared store is served per half-warp (4 rows
+// of x); rows x and x ^ 1 put group j on the same 32-byte bank group, so in store i = 4j + 2v
+// the lanes of odd x write the pair of group j ^ 2 instead (registers dq_store_reg(tidx, i),
+// i ^ 8): each half-warp then covers the 32 banks once. The pair's byte offset is
+// dq_store_offset(base, i) = (base ^ 32 (j % 4)) + 128 kBlockM (j / 4) + 1024 v with
+// dq_store_base folding the odd rows' j ^ 2 into base: one XOR and constants per store.
+// tests/flash/flash_bwd_dq_tile_test.cu checks all three against the layout and the MMA
+// partition.
+template <typename Traits>
 __host__ __device__ __forceinline__ uint32_t dq_store_base(int tidx) {
+  constexpr int kM = Traits::kBlockM, kD = Traits::kHeadDim;
   const int w = tidx / 128, warp = (tidx % 128) / 32, lane = tidx % 32, x = lane >> 2;
   const int group = (x >> 1) ^ (2 * (x & 1));  // 32-byte group of j = 0 (j ^ 2 for odd x)
-  return uint32_t((w * (kD / 2) / 32) * 8192 + (16 * warp + x) * 128 +
+  const int r0 = Traits::kDqSplitM ? 64 * w : 0;
+  const int block0 = Traits::kDqSplitM ? 0 : w * (kD / 2) / 32;
+  return uint32_t(block0 * (kM * 128) + (r0 + 16 * warp + x) * 128 +
                   16 * (((lane & 3) >> 1) ^ (x & 1)) + 8 * (lane & 1) + 32 * group);
 }
+template <typename Traits>
 __host__ __device__ __forceinline__ uint32_t dq_store_offset(uint32_t base, int i) {
   const int j = i / 4, v = (i / 2) % 2;
-  return (base ^ uint32_t(32 * (j % 4))) + uint32_t(8192 * (j / 4) + 1024 * v);
+  return (base ^ uint32_t(32 * (j % 4))) + uint32_t(Traits::kBlockM * 128 * (j / 4) + 1024 * v);
 }
 __host__ __device__ __forceinline__ int dq_store_reg(int tidx, int i) {
   return i ^ (8 * ((tidx >> 2) & 1));
@@ -368,7 +395,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   cutlass::arch::fence_barrier_init();
   __syncthreads();
 
-  const int64_t pad_base = bwd_pad_base(varlen, b, si.q_start, p.seqlen_q);
+  const int64_t pad_base = bwd_pad_base(varlen, b, si.q_start, p.seqlen_q, kM);
 
   if (warp_group_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
@@ -402,7 +429,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       // dQ writer: per iteration, wait for both consumer warpgroups' halves of dQ in sdQ[buf],
       // add the tile to the fp32 accumulator with one TMA reduce-add, free the buffer once read.
       Tensor mdQ = kp.tma_dq.get_tma_tensor(kp.shape_dq);
-      const int dq_row0 = int(64 * bwd_dq_tile_base(varlen, b, si.q_start, p.seqlen_q));
+      const int dq_row0 = int(64 * bwd_dq_tile_base(varlen, b, si.q_start, p.seqlen_q, kM));
       auto tile_q = Shape<Int<kM>, Int<kD>>{};
       for (int it = 0; it < total; ++it) {
         const int buf = it & 1, use = it >> 1;
@@ -481,7 +508,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     Tensor tdSsdS = thr_sdp.partition_C(sdS);           // (MMA, MMA_M, MMA_N, BUF)
     Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kN>, Int<kM>>{}));
 
-    const uint32_t dq_base = dq_store_base<kD>(tidx);  // this thread's dQ registers in sdQ
+    const uint32_t dq_base = dq_store_base<Traits>(tidx);  // this thread's dQ registers in sdQ
     Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kD>>{});
     Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kD>>{});
     clear(acc_dk);
@@ -587,11 +614,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       warpgroup_fence_operand(acc_dq);
       {
         const uint32_t sdq = smem_addr(ss.smem_dq.data() + buf * (kM * kD));
-        static_assert(decltype(size(acc_dq))::value == kD / 4, "dQ fragment: 64 x D/2 per WG");
+        static_assert(decltype(size(acc_dq))::value == Traits::kDqRegs, "dQ fragment");
         const bool odd_row = (tidx >> 2) & 1;  // dq_store_reg: odd rows store group j ^ 2
 #pragma unroll
-        for (int i = 0; i < kD / 4; i += 2)
-          st_shared_f32x2(sdq + dq_store_offset(dq_base, i),
+        for (int i = 0; i < Traits::kDqRegs; i += 2)
+          st_shared_f32x2(sdq + dq_store_offset<Traits>(dq_base, i),
                           odd_row ? acc_dq(i ^ 8) : acc_dq(i),
                           odd_row ? acc_dq((i ^ 8) + 1) : acc_dq(i + 1));
       }
