@@ -1,14 +1,16 @@
 // Host-only checks of the hdim 64/128 backward kernel (no GPU needed; the layouts are CuTe's,
-// evaluated on the host with the kernel's own types), for both head dims: its dQ tile stores
+// evaluated on the host with the kernel's own types), for each tile shape it is compiled with
+// (hdim 64 with 64- and 128-row query tiles, the latter for deterministic launches; hdim 128
+// with 64): its dQ tile stores
 //  1. Store i of consumer thread tidx writes registers r = dq_store_reg(tidx, i) and r + 1 at
 //     dq_store_offset(dq_store_base(tidx), i): the byte offset in SmemLayoutdQ of the (query,
 //     column) that the dQ TiledMma's partition gives register r, r + 1 the next float of the
 //     same row; every even register is stored once.
-//  2. The 256 threads' registers cover the kBlockM x D tile exactly once (128 x 64 at hdim 64,
-//     the warpgroups splitting rows; 64 x 128 at hdim 128, splitting columns).
+//  2. The 256 threads' registers cover the kBlockM x D tile exactly once (128-row tiles: the
+//     warpgroups split the rows; 64-row tiles: the columns).
 //  3. Each half-warp's 64-bit store (the unit a 64-bit shared store is served in) touches every
 //     shared-memory bank exactly once: one wavefront per half-warp, no bank conflict.
-// and its walk and mask for each head dim's tile shape (kBlockM x kBlockN):
+// and its walk and mask for each tile shape (kBlockM x kBlockN):
 //  4. bwd_query_tiles(n) visits every query tile with a visible pair, and the consumer loop's
 //     per-element rule (keys as rows: tile_fully_visible, tile_mask, then the four compares)
 //     equals mask_visible on every (key, query) pair of every visited tile pair (causal,
@@ -24,10 +26,9 @@
 using namespace cute;
 using namespace longctx::flash;
 
-template <int kD>
+template <typename Traits>
 static void check_dq_stores() {
-  using Traits = FlashBwdSm90Traits<cutlass::bfloat16_t, kD>;
-  constexpr int kM = Traits::kBlockM, kRegs = Traits::kDqRegs;
+  constexpr int kM = Traits::kBlockM, kD = Traits::kHeadDim, kRegs = Traits::kDqRegs;
   alignas(1024) static float buf[kM * kD];
   Tensor sdQ = make_tensor(make_smem_ptr(buf), typename Traits::SmemLayoutdQ{});
   typename Traits::TiledMmadQ mma;
@@ -138,17 +139,18 @@ static void check_walk() {
 
 int main() {
   std::setvbuf(stdout, nullptr, _IONBF, 0);
-  check_dq_stores<64>();
-  check_dq_stores<128>();
   using T64 = FlashBwdSm90Traits<cutlass::bfloat16_t, 64>;
+  using T64Det = FlashBwdSm90Traits<cutlass::bfloat16_t, 64, 128>;  // deterministic launches
   using T128 = FlashBwdSm90Traits<cutlass::bfloat16_t, 128>;
+  check_dq_stores<T64>();
+  check_dq_stores<T64Det>();
+  check_dq_stores<T128>();
   check_walk<T64::kBlockM, T64::kBlockN>();
-  if constexpr (T128::kBlockM != T64::kBlockM || T128::kBlockN != T64::kBlockN)
-    check_walk<T128::kBlockM, T128::kBlockN>();
+  check_walk<T64Det::kBlockM, T64Det::kBlockN>();
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;
   }
-  std::printf("all dQ tile store, walk and mask checks passed (hdim 64, 128)\n");
+  std::printf("all dQ tile store, walk and mask checks passed (hdim 64 with 64- and 128-row tiles, hdim 128)\n");
   return 0;
 }

@@ -50,10 +50,22 @@ CASES = [  # (b, sq, sk, h, hk, causal, window)
 ]
 
 
+def _check_all(ours, ref, pt, again=None):
+    """The FA3 rule for dq, dk, dv; with `again` (deterministic mode) bitwise equality too."""
+    for name, g, g64, gp in zip(("dq", "dk", "dv"), ours, ref, pt):
+        _check(name, g, g64, gp)
+    if again is not None:
+        for name, a, b in zip(("dq", "dk", "dv"), ours, again):
+            assert torch.equal(a, b), f"{name}: deterministic runs differ"
+
+
+# deterministic=True runs other instantiations (hdim 64: 128-row query tiles), so every case
+# runs in both modes.
+@pytest.mark.parametrize("det", [False, True], ids=["default", "det"])
 @pytest.mark.parametrize("hdim", [64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", CASES)
-def test_flash_bwd_batched(hdim, dtype, case):
+def test_flash_bwd_batched(hdim, dtype, case, det):
     _skip_unless(hdim, dtype)
     b, sq, sk, h, hk, causal, win = case
     torch.manual_seed(hash((hdim, sq, sk, h, causal)) % 2**31)
@@ -61,37 +73,43 @@ def test_flash_bwd_batched(hdim, dtype, case):
     k = torch.randn(b, sk, hk, hdim, device="cuda", dtype=dtype)
     v = torch.randn(b, sk, hk, hdim, device="cuda", dtype=dtype)
     dout = torch.randn(b, sq, h, hdim, device="cuda", dtype=dtype)
-    ours = _grads(lambda q, k, v: longctx.flash_attn_func(q, k, v, causal=causal, window_size=win),
-                  (q, k, v), dout)
+    def f(q, k, v):
+        return longctx.flash_attn_func(q, k, v, causal=causal, window_size=win,
+                                       deterministic=det)
+
+    ours = _grads(f, (q, k, v), dout)
     ref = _grads(lambda q, k, v: attention_ref(q, k, v, causal=causal, window_size=win)[0],
                  (q.double(), k.double(), v.double()), dout.double())
     pt = _grads(lambda q, k, v: attention_ref(q, k, v, causal=causal, window_size=win,
                                               upcast=False)[0], (q, k, v), dout)
-    for name, g, g64, gp in zip(("dq", "dk", "dv"), ours, ref, pt):
-        _check(name, g, g64, gp)
+    _check_all(ours, ref, pt, _grads(f, (q, k, v), dout) if det else None)
 
 
+@pytest.mark.parametrize("det", [False, True], ids=["default", "det"])
+@pytest.mark.parametrize("hdim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
-def test_flash_bwd_varlen(causal):
-    _skip_unless(128, torch.bfloat16)
-    torch.manual_seed(7)
-    lq, lk = [17, 300, 0, 128, 1], [17, 260, 5, 128, 90]
+def test_flash_bwd_varlen(causal, hdim, det):
+    _skip_unless(hdim, torch.bfloat16)
+    torch.manual_seed(7 + hdim)
+    lq, lk = [17, 300, 0, 128, 1, 129], [17, 260, 5, 128, 90, 300]
     cq = torch.tensor([0] + list(torch.tensor(lq).cumsum(0)), dtype=torch.int32, device="cuda")
     ck = torch.tensor([0] + list(torch.tensor(lk).cumsum(0)), dtype=torch.int32, device="cuda")
-    q = torch.randn(sum(lq), 4, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(sum(lk), 2, 128, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(sum(lk), 2, 128, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(sum(lq), 4, hdim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(sum(lk), 2, hdim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(sum(lk), 2, hdim, device="cuda", dtype=torch.bfloat16)
     dout = torch.randn_like(q)
-    ours = _grads(lambda q, k, v: longctx.flash_attn_varlen_func(
-        q, k, v, cq, ck, max(lq), max(lk), causal=causal), (q, k, v), dout)
+    def f(q, k, v):
+        return longctx.flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk), causal=causal,
+                                              deterministic=det)
+
+    ours = _grads(f, (q, k, v), dout)
     ref = _grads(lambda q, k, v: attention_varlen_ref(q, k, v, cq.tolist(), ck.tolist(),
                                                       causal=causal)[0],
                  (q.double(), k.double(), v.double()), dout.double())
     pt = _grads(lambda q, k, v: attention_varlen_ref(q, k, v, cq.tolist(), ck.tolist(),
                                                      causal=causal, upcast=False)[0],
                 (q, k, v), dout)
-    for name, g, g64, gp in zip(("dq", "dk", "dv"), ours, ref, pt):
-        _check(name, g, g64, gp)
+    _check_all(ours, ref, pt, _grads(f, (q, k, v), dout) if det else None)
 
 
 def _nan_padded(x):

@@ -12,8 +12,8 @@
 //             padded query tile, bwd_dq_tiles; D 64 and 128 row-major, D 256 in that kernel's
 //             fragment order), followed by the row-padded lse2 and D buffers
 //             (2 * heads * bwd_pad_head_stride floats; flash_bwd_accum_floats counts all);
-//   sems:     batch * heads * ceil(seqlen_q / bwd_block_m(D)) ints (deterministic mode only;
-//             may be null otherwise). seqlen_q is max_seqlen_q in varlen.
+//   sems:     batch * heads * ceil(seqlen_q / 64) ints (deterministic mode only; may be null
+//             otherwise). seqlen_q is max_seqlen_q in varlen.
 // Requirements (flash_bwd_unsupported_reason): head_dim a multiple of 8 in [8, 256],
 // 16-byte-aligned q/k/v/out/dout/dq/dk/dv, row and head strides multiples of 8 elements.
 #pragma once
@@ -27,10 +27,11 @@
 namespace longctx {
 namespace flash {
 
-// Query rows per iteration of the wgmma backward of kernel width D (Traits::kBlockM): 128 at
-// D 64 (FA3's 128 x 128 tiles), 64 otherwise. The padded layouts below leave room for whole
-// tiles of this height after every sequence.
-LONGCTX_HOST_DEVICE constexpr int bwd_block_m(int kernel_head_dim) {
+// Row spacing of the workspace layouts below for kernel width D: the tallest query tile a main
+// kernel of that width walks (Traits::kBlockM), 128 at D 64 (deterministic mode's 128 x 128
+// tiles), 64 otherwise. The padded layouts leave room for whole tiles of this height after
+// every sequence, so the 64-row kernels fit them too.
+LONGCTX_HOST_DEVICE constexpr int bwd_layout_block_m(int kernel_head_dim) {
   return kernel_head_dim == 64 ? 128 : 64;
 }
 
@@ -91,7 +92,7 @@ LONGCTX_HOST_DEVICE void bwd_dq_tile_owner(const int32_t* cu_seqlens_q, int batc
 constexpr int kBwdBlockM = 64;  // rows of a dQ accumulator tile
 
 inline int flash_bwd_block_m(const BwdParams& p) {
-  return bwd_block_m(fwd_kernel_head_dim(p.fwd.head_dim));
+  return bwd_layout_block_m(fwd_kernel_head_dim(p.fwd.head_dim));
 }
 inline int64_t flash_bwd_total_q_rows(const BwdParams& p, int64_t total_q) {
   return p.fwd.cu_seqlens_q != nullptr ? total_q : int64_t(p.fwd.batch) * p.fwd.seqlen_q;
@@ -113,9 +114,8 @@ inline int64_t flash_bwd_pad_stride(const BwdParams& p, int64_t total_q) {
 inline int64_t flash_bwd_accum_floats(const BwdParams& p, int64_t total_q) {
   return flash_bwd_dq_floats(p, total_q) + 2 * int64_t(p.fwd.heads) * flash_bwd_pad_stride(p, total_q);
 }
-inline int64_t flash_bwd_num_sems(const BwdParams& p) {
-  const int bm = flash_bwd_block_m(p);
-  return int64_t(p.fwd.batch) * p.fwd.heads * ((p.fwd.seqlen_q + bm - 1) / bm);
+inline int64_t flash_bwd_num_sems(const BwdParams& p) {  // one per 64-row query tile
+  return int64_t(p.fwd.batch) * p.fwd.heads * ((p.fwd.seqlen_q + kBwdBlockM - 1) / kBwdBlockM);
 }
 
 inline const char* flash_bwd_unsupported_reason(const BwdParams& p) {

@@ -6,7 +6,7 @@
 // Accumulator layout (shared with the hdim 64/128 main kernel, flash_bwd_dispatch.cuh): per head
 // `tiles` query tiles of 64 rows of D floats, row-major, D = kHeadDim the kernel width; query
 // row i of sequence b at tile row 64 * bwd_dq_tile_base(b) + i (spaced for the main kernel's
-// query tiles of bwd_block_m(kHeadDim) rows). The spare rows past a sequence
+// query tiles of up to bwd_layout_block_m(kHeadDim) rows). The spare rows past a sequence
 // (bwd_dq_tile_owner gives a query index >= its length) are skipped; only the head_dim <= D
 // columns of dq are written. Head dim 256 keeps its accumulator in fragment order and has its
 // own postprocess (flash_bwd_sm90_hdim256.cuh).
@@ -34,8 +34,8 @@ __global__ void flash_bwd_postprocess_kernel(BwdParams p, int64_t tiles,
     const int h = int(rh / rows);
     int b = 0;
     int64_t m = 0;
-    bwd_dq_tile_owner(f.cu_seqlens_q, f.batch, f.seqlen_q, bwd_block_m(kHeadDim), row / 64, b,
-                      m);
+    bwd_dq_tile_owner(f.cu_seqlens_q, f.batch, f.seqlen_q, bwd_layout_block_m(kHeadDim),
+                      row / 64, b, m);
     const int64_t i = m * 64 + row % 64;
     const int64_t q_off = f.cu_seqlens_q != nullptr ? f.cu_seqlens_q[b] : 0;
     const int64_t sq = f.cu_seqlens_q != nullptr ? f.cu_seqlens_q[b + 1] - q_off : f.seqlen_q;

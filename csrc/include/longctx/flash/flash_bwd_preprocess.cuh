@@ -9,7 +9,7 @@
 // zeroed by a grid-stride loop over float4s.
 // For the wgmma kernels (flash_bwd_sm90.cuh, flash_bwd_sm90_hdim256.cuh) it also writes, when
 // pad.lse2 != nullptr, two row-padded fp32 copies that their producers bulk-copy per query tile
-// of kBlockM = bwd_block_m(kHeadDim) rows: lse2 = lse * log2(e) (+inf where lse = -inf, so
+// of kBlockM = bwd_layout_block_m(kHeadDim) rows: lse2 = lse * log2(e) (+inf where lse = -inf, so
 // P = 0) and D, at [h * pad.head_stride + bwd_pad_base(b) + i] (flash_bwd_dispatch.cuh); the
 // pad rows [sq, roundup(sq, kBlockM)) of every (sequence, head) get lse2 = +inf and D = 0
 // (P = dS = 0 for those query rows).
@@ -36,7 +36,7 @@ template <typename Element, int kHeadDim>
 __global__ void flash_bwd_preprocess_kernel(BwdParams p, int64_t total_q_rows, float* dq_accum,
                                             int64_t accum_elems, int* sems, int64_t n_sems,
                                             BwdPad pad = BwdPad{}) {
-  constexpr int kBlockM = bwd_block_m(kHeadDim);  // the main kernel's query tile
+  constexpr int kBlockM = bwd_layout_block_m(kHeadDim);  // the tallest main-kernel tile
   // Zero the accumulator and the semaphores.
   const int64_t gtid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t gsize = int64_t(gridDim.x) * blockDim.x;

@@ -89,7 +89,7 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 #include "longctx/flash/flash_bwd_cta.cuh"
-#include "longctx/flash/flash_bwd_dispatch.cuh"  // bwd_block_m, bwd_pad_base, bwd_dq_tile_base
+#include "longctx/flash/flash_bwd_dispatch.cuh"  // bwd_layout_block_m, bwd_pad_base, bwd_dq_tile_base
 #include "longctx/flash/flash_params.h"
 #include "longctx/flash/flash_bwd_preprocess.cuh"
 #include "longctx/flash/mainloop_fwd_sm90.cuh"  // wg_gemm
@@ -101,15 +101,15 @@
 namespace longctx {
 namespace flash {
 
-template <typename Element_, int kHeadDim_>
+template <typename Element_, int kHeadDim_, int kBlockM_ = 64>
 struct FlashBwdSm90Traits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   // sdQ buffers: a dedicated warp (warp 1 of the producer warpgroup) issues the dQ TMA reduces
   // from a double-buffered sdQ (mbarrier hand-off: the consumers never wait for the reduce).
   static constexpr int kDqBufs = 2;
-  static constexpr int kBlockM = bwd_block_m(kHeadDim);  // query rows per iteration: 128 / 64
-  static constexpr int kBlockN = 128;                     // keys per CTA
+  static constexpr int kBlockM = kBlockM_;  // query rows per iteration: 64, or 128 (hdim 64)
+  static constexpr int kBlockN = 128;       // keys per CTA
   static constexpr int kStages = 2;
   static constexpr int kNumMmaThreads = 256;
   static constexpr int kNumThreads = 384;
@@ -395,7 +395,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   cutlass::arch::fence_barrier_init();
   __syncthreads();
 
-  const int64_t pad_base = bwd_pad_base(varlen, b, si.q_start, p.seqlen_q, kM);
+  const int64_t pad_base =
+      bwd_pad_base(varlen, b, si.q_start, p.seqlen_q, bwd_layout_block_m(kD));
 
   if (warp_group_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
@@ -429,7 +430,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       // dQ writer: per iteration, wait for both consumer warpgroups' halves of dQ in sdQ[buf],
       // add the tile to the fp32 accumulator with one TMA reduce-add, free the buffer once read.
       Tensor mdQ = kp.tma_dq.get_tma_tensor(kp.shape_dq);
-      const int dq_row0 = int(64 * bwd_dq_tile_base(varlen, b, si.q_start, p.seqlen_q, kM));
+      const int dq_row0 =
+          int(64 * bwd_dq_tile_base(varlen, b, si.q_start, p.seqlen_q, bwd_layout_block_m(kD)));
       auto tile_q = Shape<Int<kM>, Int<kD>>{};
       for (int it = 0; it < total; ++it) {
         const int buf = it & 1, use = it >> 1;
