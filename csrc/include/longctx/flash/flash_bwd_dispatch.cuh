@@ -91,7 +91,7 @@ LONGCTX_HOST_DEVICE void bwd_dq_tile_owner(const int32_t* cu_seqlens_q, int batc
 
 constexpr int kBwdBlockM = 64;  // rows of a dQ accumulator tile
 
-inline int flash_bwd_block_m(const BwdParams& p) {
+inline int flash_bwd_layout_block_m(const BwdParams& p) {
   return bwd_layout_block_m(fwd_kernel_head_dim(p.fwd.head_dim));
 }
 inline int64_t flash_bwd_total_q_rows(const BwdParams& p, int64_t total_q) {
@@ -100,7 +100,7 @@ inline int64_t flash_bwd_total_q_rows(const BwdParams& p, int64_t total_q) {
 // Rows per head of the dQ accumulator (see the workspace above).
 inline int64_t flash_bwd_dq_rows(const BwdParams& p, int64_t total_q) {
   return 64 * bwd_dq_tiles(p.fwd.cu_seqlens_q != nullptr, p.fwd.batch, total_q, p.fwd.seqlen_q,
-                           flash_bwd_block_m(p));
+                           flash_bwd_layout_block_m(p));
 }
 inline int64_t flash_bwd_dq_floats(const BwdParams& p, int64_t total_q) {
   const int d = fwd_kernel_head_dim(p.fwd.head_dim);  // the kernels' row width
@@ -108,7 +108,7 @@ inline int64_t flash_bwd_dq_floats(const BwdParams& p, int64_t total_q) {
 }
 inline int64_t flash_bwd_pad_stride(const BwdParams& p, int64_t total_q) {
   return bwd_pad_head_stride(p.fwd.cu_seqlens_q != nullptr, p.fwd.batch, total_q, p.fwd.seqlen_q,
-                             flash_bwd_block_m(p));
+                             flash_bwd_layout_block_m(p));
 }
 // Whole workspace: dQ accumulator + padded lse2 and D.
 inline int64_t flash_bwd_accum_floats(const BwdParams& p, int64_t total_q) {

@@ -9,9 +9,10 @@
 // 3-D grid with the batched launches' direct barrier waits ran 0-7% faster at 16K on an H100);
 // at hdim 64, which has no spills, one dimension in tile_scheduler.cuh's BwdTileOrder (longest
 // KV tiles first within L2-sized sections of kv heads: the 3-D grid was 2-3% slower there). K
-// and V of the tile are TMA-loaded once. The CTA walks the query tiles m (kBlockM = 128 rows at
-// hdim 64 as in FA3, 64 at hdim 128; bwd_block_m) in
-// bwd_query_tiles(n), last to first (tiles outside the mask are never loaded), and for each the
+// and V of the tile are TMA-loaded once. The CTA walks the query tiles m of kBlockM rows (64; 128
+// in the hdim-64 instantiation for deterministic launches, FA3's 128 x 128 tiles: half the
+// semaphore hand-offs per FLOP, slower in the default mode) in bwd_query_tiles(n), last to
+// first (tiles outside the mask are never loaded), and for each the
 // query heads h of hk's GQA group; per (m, h), with S^T and dP^T computed transposed ("swapAB",
 // keys as the M dimension, so P^T and dS^T come out of the accumulators in the register layout
 // of a wgmma A operand):
@@ -26,12 +27,13 @@
 //   dV  += P^T dO ; dK += dS^T Q               RS wgmma (A from registers), 128 x D,
 //                                               K = kBlockM
 //   dQ   = dS K                                 SS wgmma, kBlockM x D, K = 128 (dS through
-//                                               smem; the two WGs split the rows at hdim 64,
-//                                               D at hdim 128), then written to a swizzled
-//                                               fp32 smem tile (float2 stores, conflict-free
-//                                               per half-warp) and added to the global fp32
-//                                               accumulator (padded 64-row tiles) by ONE TMA
-//                                               reduce-add per tile, issued by one thread.
+//                                               smem; the two WGs split the rows of 128-row
+//                                               tiles, D of 64-row ones), then written to a
+//                                               swizzled fp32 smem tile (float2 stores,
+//                                               conflict-free per half-warp) and added to
+//                                               the global fp32 accumulator (padded 64-row
+//                                               tiles) by ONE TMA reduce-add per tile, issued
+//                                               by one thread.
 // Issue order per iteration (FA3's): S^T, dP^T; [exp, dS]; dV; barrier B1; dQ; dK; then dQ goes
 // to smem while dK still runs on the tensor cores.
 // Finally dK = scale * dK and dV are written in the input dtype (rows < sk). GQA: the group's
@@ -40,9 +42,9 @@
 // Warp roles: 3 warpgroups (384 threads). WG 0: producer, 24 registers (setmaxnreg); one thread
 // TMA-loads K, V once (transaction barrier) and, per (m, h), Q and dO tiles (kBlockM x D) plus
 // the kBlockM lse2 and D values (1-D bulk copies from the padded preprocess buffers) into stage
-// s of a 2-stage PipelineTmaAsync. WGs 1-2: consumers, 240 registers; WG w owns keys [64w, 64w + 64)
-// of the tile for S^T, dP^T, dK and dV, and rows [64w, 64w + 64) (hdim 64) or columns
-// [wD/2, (w+1)D/2) (hdim 128) of dQ.
+// s of a 2-stage PipelineTmaAsync. WGs 1-2: consumers, 240 registers; WG w owns keys
+// [64w, 64w + 64) of the tile for S^T, dP^T, dK and dV, and rows [64w, 64w + 64) (128-row
+// tiles) or columns [wD/2, (w+1)D/2) (64-row tiles) of dQ.
 // dQ reduce: warp 1 of WG 0 is the dQ writer; sdQ is double-buffered with full/empty
 // mbarriers, so the consumers only wait for a buffer the writer has not yet read.
 // Per-iteration synchronization of the consumers: named barrier B1 (256 threads) after dS^T
@@ -68,7 +70,7 @@
 // 16 KB, dS^T 2 x 32 KB, dQ 2 x 32 KB, lse2/D 2 KB: ~226 KB. One CTA per SM.
 // ptxas (hdim 64, 128-row tiles): 96 / 116 bytes of spill stores / loads, 15 / 19 of them in the
 // loop (loop invariants evicted around the exponentials: S^T, dP^T, dK and dV hold 192 of the
-// 240 registers); with softcap 180 / 200.
+// 240 registers); with softcap 180 / 200, so softcap launches keep 64-row tiles.
 #pragma once
 
 #ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
@@ -89,7 +91,7 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 #include "longctx/flash/flash_bwd_cta.cuh"
-#include "longctx/flash/flash_bwd_dispatch.cuh"  // bwd_layout_block_m, bwd_pad_base, bwd_dq_tile_base
+#include "longctx/flash/flash_bwd_dispatch.cuh"  // bwd_layout_block_m, bwd_pad_base, ...
 #include "longctx/flash/flash_params.h"
 #include "longctx/flash/flash_bwd_preprocess.cuh"
 #include "longctx/flash/mainloop_fwd_sm90.cuh"  // wg_gemm
