@@ -114,14 +114,11 @@ cudaError_t launch_flash_bwd_main(const BwdParams& p, int64_t total_q, int64_t t
   if (e != cudaSuccess) return e;
   // CTA order (tile_scheduler.cuh): sections of (kv head, batch) pairs whose query heads' Q
   // and dO fit in ~32 MB of L2, the longest (first) KV tiles first inside a section.
-  BwdTileOrder& order = kp.order;
-  order.num_n = (f.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
-  order.heads_kv = f.heads_kv;
-  order.num_hb = f.heads_kv * f.batch;
   const int64_t qdo_bytes = int64_t(f.heads / f.heads_kv) * (f.seqlen_q > 0 ? f.seqlen_q : 1) *
                             kHeadDim * 2 * int64_t(sizeof(Element));
-  const int64_t hps = (int64_t(32) << 20) / qdo_bytes;
-  order.hb_per_section = int(hps < 1 ? 1 : hps > order.num_hb ? order.num_hb : hps);
+  kp.order = BwdTileOrder::make((f.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, f.heads_kv,
+                                f.batch, qdo_bytes);
+  const BwdTileOrder& order = kp.order;
   const int64_t ctas = int64_t(order.num_n) * order.num_hb;
   if (ctas >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
   bool grid3d = false;

@@ -65,17 +65,13 @@ cudaError_t run_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t tota
   if (err != cudaSuccess) return err;
   // Tile order: sections of (head, batch) pairs whose K/V (shared by a GQA group) fit in
   // ~32 MB of L2, longest query tiles first inside a section (tile_scheduler.cuh).
-  FwdTileScheduler& sc = kp.sched;
-  sc.num_m = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-  sc.heads = p.heads;
-  sc.num_hb = p.heads * p.batch;
-  const int64_t group = p.heads / (p.heads_kv > 0 ? p.heads_kv : 1);
-  const int64_t kv_bytes = int64_t(p.seqlen_k > 0 ? p.seqlen_k : 1) * kHeadDim * 2 * sizeof(Element);
-  const int64_t hps = (int64_t(32) << 20) * group / kv_bytes;
-  sc.hb_per_section = int(hps < 1 ? 1 : hps > sc.num_hb ? sc.num_hb : hps);
-  const int64_t total = int64_t(sc.num_m) * sc.num_hb;
-  if (total >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
-  sc.total = int(total);
+  const int num_m = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  if (int64_t(num_m) * p.heads * p.batch >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
+  const int64_t kv_bytes =
+      int64_t(p.seqlen_k > 0 ? p.seqlen_k : 1) * kHeadDim * 2 * sizeof(Element);
+  kp.sched = FwdTileScheduler::make(num_m, p.heads, p.batch, kv_bytes,
+                                    p.heads / (p.heads_kv > 0 ? p.heads_kv : 1));
+  const FwdTileScheduler& sc = kp.sched;
   // Persistent grid: one CTA per SM (the kernel's smem allows one); the dynamic schedule when a
   // tile counter is given, else the static one (same tile order).
   int dev = 0, sms = 132;

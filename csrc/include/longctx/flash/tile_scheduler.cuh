@@ -15,9 +15,17 @@
 // static schedule, a launch without a counter). Tiles past a varlen sequence's end are skipped by
 // the producer, which hands the consumers only the tiles they write.
 #pragma once
+#include <cstdint>
 
 namespace longctx {
 namespace flash {
+
+// Pairs per section (host): as many (head, batch) pairs as share about 32 MB of L2 when `pairs`
+// of them read `bytes` bytes, at least 1 and at most num_hb.
+inline int l2_section_pairs(int64_t bytes, int64_t pairs, int num_hb) {
+  const int64_t n = (int64_t(32) << 20) * pairs / (bytes > 0 ? bytes : 1);
+  return int(n < 1 ? 1 : n > num_hb ? num_hb : n);
+}
 
 // Tile t of num_m tiles x num_hb (head, batch) pairs walked in sections of hb_per_section pairs
 // (the last section may be smaller), the pairs fastest inside a section: mi is the tile's place
@@ -38,7 +46,19 @@ struct FwdTileScheduler {
   int heads = 0;
   int num_hb = 0;          // heads * batch
   int hb_per_section = 1;  // >= 1
-  int total = 0;           // num_m * num_hb
+  int total = 0;           // num_m * num_hb (the caller checks that it fits an int)
+
+  // Host: num_m query tiles x (heads * batch) pairs, a GQA group of `group` heads sharing
+  // kv_bytes of K and V.
+  static FwdTileScheduler make(int num_m, int heads, int batch, int64_t kv_bytes, int group) {
+    FwdTileScheduler s;
+    s.num_m = num_m;
+    s.heads = heads;
+    s.num_hb = heads * batch;
+    s.hb_per_section = l2_section_pairs(kv_bytes, group, s.num_hb);
+    s.total = int(int64_t(num_m) * s.num_hb);
+    return s;
+  }
 
   __host__ __device__ void decode(int t, int& m_block, int& h, int& b) const {
     int mi, hb;
@@ -61,6 +81,17 @@ struct BwdTileOrder {
   int heads_kv = 0;
   int num_hb = 0;          // heads_kv * batch
   int hb_per_section = 1;  // >= 1
+
+  // Host: num_n KV tiles x (heads_kv * batch) pairs, each pair's query heads reading
+  // qdo_bytes of Q and dO.
+  static BwdTileOrder make(int num_n, int heads_kv, int batch, int64_t qdo_bytes) {
+    BwdTileOrder o;
+    o.num_n = num_n;
+    o.heads_kv = heads_kv;
+    o.num_hb = heads_kv * batch;
+    o.hb_per_section = l2_section_pairs(qdo_bytes, 1, o.num_hb);
+    return o;
+  }
 
   __host__ __device__ void decode(int t, int& n_block, int& hk, int& b) const {
     int hb;
