@@ -20,6 +20,35 @@ static int64_t expected_pairs(int64_t bytes, int64_t share, int num_hb) {
   return n < 1 ? 1 : n > num_hb ? num_hb : n;
 }
 
+// decode(t) for t < total covers every (tile, head, batch) once, section by section, the tiles
+// of a section last to first (last_first) or first to last.
+template <typename Order>
+static void check_walk(const char* name, const Order& o, int nt, int h, int batch,
+                       bool last_first) {
+  const int total = nt * h * batch;
+  std::vector<int> seen(total, 0);
+  int prev_section = 0, prev = last_first ? nt : -1;
+  for (int t = 0; t < total; ++t) {
+    int tile, hh, b;
+    o.decode(t, tile, hh, b);
+    const bool ok = tile >= 0 && tile < nt && hh >= 0 && hh < h && b >= 0 && b < batch;
+    CHECK(ok, "%s t %d -> (%d, %d, %d)", name, t, tile, hh, b);
+    if (!ok) continue;
+    ++seen[(b * h + hh) * nt + tile];
+    const int section = (b * h + hh) / o.hb_per_section;
+    CHECK(section >= prev_section, "%s t %d: section %d after %d", name, t, section,
+          prev_section);
+    if (section > prev_section) prev = last_first ? nt : -1;
+    CHECK(last_first ? tile <= prev : tile >= prev, "%s t %d: tile %d after %d in a section",
+          name, t, tile, prev);
+    prev_section = section;
+    prev = tile;
+  }
+  for (int i = 0; i < total; ++i)
+    CHECK(seen[i] == 1, "%s (%d, %d, %d): tile %d decoded %d times", name, nt, h, batch, i,
+          seen[i]);
+}
+
 int main() {
   const int tiles[] = {1, 3, 17, 64};
   const int heads[] = {1, 4, 32};
@@ -36,52 +65,13 @@ int main() {
                       s.hb_per_section == expected_pairs(bytes, group, h * batch),
                   "fwd make(%d, %d, %d, %lld, %d): num_hb %d total %d section %d", nt, h, batch,
                   (long long)bytes, group, s.num_hb, s.total, s.hb_per_section);
-            std::vector<int> seen(s.total, 0);
-            int prev_section = 0, prev_m = nt;
-            for (int t = 0; t < s.total; ++t) {
-              int m, hh, b;
-              s.decode(t, m, hh, b);
-              const bool ok = m >= 0 && m < nt && hh >= 0 && hh < h && b >= 0 && b < batch;
-              CHECK(ok, "fwd t %d -> (%d, %d, %d)", t, m, hh, b);
-              if (!ok) continue;
-              ++seen[(b * h + hh) * nt + m];
-              const int section = (b * h + hh) / s.hb_per_section;
-              CHECK(section >= prev_section, "fwd t %d: section %d after %d", t, section,
-                    prev_section);
-              if (section > prev_section) prev_m = nt;
-              CHECK(m <= prev_m, "fwd t %d: query tile %d after %d in a section", t, m, prev_m);
-              prev_section = section;
-              prev_m = m;
-            }
-            for (int i = 0; i < s.total; ++i)
-              CHECK(seen[i] == 1, "fwd make(%d, %d, %d): tile %d decoded %d times", nt, h, batch,
-                    i, seen[i]);
+            check_walk("fwd", s, nt, h, batch, true);
           }
           const BwdTileOrder o = BwdTileOrder::make(nt, h, batch, bytes);
-          const int total = nt * h * batch;
           CHECK(o.num_hb == h * batch && o.hb_per_section == expected_pairs(bytes, 1, h * batch),
                 "bwd make(%d, %d, %d, %lld): num_hb %d section %d", nt, h, batch,
                 (long long)bytes, o.num_hb, o.hb_per_section);
-          std::vector<int> seen(total, 0);
-          int prev_section = 0, prev_n = -1;
-          for (int t = 0; t < total; ++t) {
-            int n, hk, b;
-            o.decode(t, n, hk, b);
-            const bool ok = n >= 0 && n < nt && hk >= 0 && hk < h && b >= 0 && b < batch;
-            CHECK(ok, "bwd t %d -> (%d, %d, %d)", t, n, hk, b);
-            if (!ok) continue;
-            ++seen[(b * h + hk) * nt + n];
-            const int section = (b * h + hk) / o.hb_per_section;
-            CHECK(section >= prev_section, "bwd t %d: section %d after %d", t, section,
-                  prev_section);
-            if (section > prev_section) prev_n = -1;
-            CHECK(n >= prev_n, "bwd t %d: KV tile %d after %d in a section", t, n, prev_n);
-            prev_section = section;
-            prev_n = n;
-          }
-          for (int i = 0; i < total; ++i)
-            CHECK(seen[i] == 1, "bwd make(%d, %d, %d): tile %d decoded %d times", nt, h, batch, i,
-                  seen[i]);
+          check_walk("bwd", o, nt, h, batch, false);
         }
   if (failures) {
     std::printf("%d failures\n", failures);
