@@ -8,11 +8,12 @@
 // not exist (varlen rows are the packed rows), batched rows are all real. The accumulator is
 // zeroed by a grid-stride loop over float4s.
 // For the wgmma kernels (flash_bwd_sm90.cuh, flash_bwd_sm90_hdim256.cuh) it also writes, when
-// pad.lse2 != nullptr, two row-padded fp32 copies that their producers bulk-copy per query tile
-// of kBlockM = bwd_layout_block_m(kHeadDim) rows: lse2 = lse * log2(e) (+inf where lse = -inf, so
-// P = 0) and D, at [h * pad.head_stride + bwd_pad_base(b) + i] (flash_bwd_dispatch.cuh); the
-// pad rows [sq, roundup(sq, kBlockM)) of every (sequence, head) get lse2 = +inf and D = 0
-// (P = dS = 0 for those query rows).
+// pad.lse2 != nullptr, two row-padded fp32 copies that their producers bulk-copy per query
+// tile: lse2 = lse * log2(e) (+inf where lse = -inf, so P = 0) and D, at
+// [h * pad.head_stride + bwd_pad_base(b) + i] (flash_bwd_dispatch.cuh); the pad rows
+// [sq, roundup(sq, kPadRows)) of every (sequence, head), kPadRows = bwd_layout_block_m(kHeadDim)
+// the tallest query tile of the kernel width, get lse2 = +inf and D = 0 (P = dS = 0 for those
+// query rows).
 // Invariants: dq_accum holds accum_elems = flash_bwd_dq_floats floats (flash_bwd_dispatch.cuh:
 // rows kHeadDim wide, all zeroed), 16-byte aligned; out/dout rows are 16-byte aligned (checked
 // by the launcher).
@@ -36,7 +37,7 @@ template <typename Element, int kHeadDim>
 __global__ void flash_bwd_preprocess_kernel(BwdParams p, int64_t total_q_rows, float* dq_accum,
                                             int64_t accum_elems, int* sems, int64_t n_sems,
                                             BwdPad pad = BwdPad{}) {
-  constexpr int kBlockM = bwd_layout_block_m(kHeadDim);  // the tallest main-kernel tile
+  constexpr int kPadRows = bwd_layout_block_m(kHeadDim);  // the tallest query tile
   // Zero the accumulator and the semaphores.
   const int64_t gtid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t gsize = int64_t(gridDim.x) * blockDim.x;
@@ -90,7 +91,7 @@ __global__ void flash_bwd_preprocess_kernel(BwdParams p, int64_t total_q_rows, f
         }
         const float l = f.lse[b * f.lse_batch_stride + h * f.lse_head_stride + i];
         const int64_t at =
-            h * pad.head_stride + bwd_pad_base(varlen, bb, q_off, f.seqlen_q, kBlockM) + li;
+            h * pad.head_stride + bwd_pad_base(varlen, bb, q_off, f.seqlen_q, kPadRows) + li;
         pad.lse2[at] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
         pad.d[at] = acc;
       }
@@ -98,18 +99,18 @@ __global__ void flash_bwd_preprocess_kernel(BwdParams p, int64_t total_q_rows, f
   }
   // Pad rows of every (sequence, head): lse2 = +inf, D = 0.
   if (pad.lse2 != nullptr) {
-    const int64_t n_pad = int64_t(f.batch) * f.heads * kBlockM;
+    const int64_t n_pad = int64_t(f.batch) * f.heads * kPadRows;
     for (int64_t t = gtid; t < n_pad; t += gsize) {
-      const int j = int(t % kBlockM);
-      const int h = int((t / kBlockM) % f.heads);
-      const int bb = int(t / (kBlockM * int64_t(f.heads)));
+      const int j = int(t % kPadRows);
+      const int h = int((t / kPadRows) % f.heads);
+      const int bb = int(t / (kPadRows * int64_t(f.heads)));
       int64_t q_off = 0;
       int sq = f.seqlen_q;
       if (varlen) { q_off = f.cu_seqlens_q[bb]; sq = f.cu_seqlens_q[bb + 1] - int(q_off); }
       const int64_t li = int64_t(sq) + j;
-      if (li >= (int64_t(sq) + kBlockM - 1) / kBlockM * kBlockM) continue;
+      if (li >= (int64_t(sq) + kPadRows - 1) / kPadRows * kPadRows) continue;
       const int64_t at =
-          h * pad.head_stride + bwd_pad_base(varlen, bb, q_off, f.seqlen_q, kBlockM) + li;
+          h * pad.head_stride + bwd_pad_base(varlen, bb, q_off, f.seqlen_q, kPadRows) + li;
       pad.lse2[at] = INFINITY;
       pad.d[at] = 0.f;
     }
