@@ -343,8 +343,11 @@ def _check_attention(cache_dtype, dtype, h, hk, d, bs, lens, q_lens, causal, win
     qf = q if packed else q.flatten(0, 1)
     cq = cu_q if packed else _cu([q_lens[0]] * batch)
     ck = _cu(lens)
-    out64, lse64 = attention_varlen_ref(qf.double(), kd, vd, cq, ck, None, causal, window, True,
-                                        softcap, None if sinks is None else sinks.double())
+    # float64 truth on the GPU (tens of seconds per call on the CPU at 40K keys)
+    out64, lse64 = attention_varlen_ref(qf.double().cuda(), kd.cuda(), vd.cuda(), cq, ck, None,
+                                        causal, window, True, softcap,
+                                        None if sinks is None else sinks.double().cuda())
+    out64, lse64 = out64.cpu(), lse64.cpu()
     out_pt, lse_pt = attention_varlen_ref(qf, kd.to(dtype), vd.to(dtype), cq, ck, None, causal,
                                           window, False, softcap, sinks)
     of = out if packed else out.flatten(0, 1)
