@@ -276,7 +276,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   cutlass::arch::fence_barrier_init();
   __syncthreads();
 
-  const int64_t pad_base = bwd_pad_base(varlen, b, si.q_start, p.seqlen_q, kM);
+  const int64_t pad_base =
+      bwd_pad_base(varlen, b, si.q_start, p.seqlen_q, bwd_layout_block_m(kD));
 
   if (warp_group_idx == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
@@ -406,7 +407,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
 
     const float scale_log2 = p.softmax_scale_log2;
     const int sq = si.sq, sk = si.sk;
-    const int64_t dq_tile0 = bwd_dq_tile_base(varlen, b, si.q_start, p.seqlen_q, kBwdBlockM);
+    const int64_t dq_tile0 = bwd_dq_tile_base(varlen, b, si.q_start, p.seqlen_q,
+                                             bwd_layout_block_m(kD));
     const int dq_lane_off = dq_frag_offset(0, tidx, 0);
     ss.kv_ready.wait(0);  // K/V landed (and, varlen, its tail zeroed: clear_kv_tail)
     typename PipelineQ::PipelineState st_q;
@@ -587,7 +589,8 @@ __global__ void __launch_bounds__(256)
     const int64_t tile_idx = job % dq_tiles;
     int b = 0;
     int64_t m = 0;
-    bwd_dq_tile_owner(f.cu_seqlens_q, f.batch, f.seqlen_q, kBwdBlockM, tile_idx, b, m);
+    bwd_dq_tile_owner(f.cu_seqlens_q, f.batch, f.seqlen_q, bwd_layout_block_m(kD), tile_idx,
+                      b, m);
     int sq = f.seqlen_q;
     int64_t row0 = m * kM;  // batched: row in sequence b; varlen: packed row
     if (varlen) {
