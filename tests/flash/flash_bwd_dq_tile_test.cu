@@ -10,6 +10,8 @@
 //     warpgroups split the rows; 64-row tiles: the columns).
 //  3. Each half-warp's 64-bit store (the unit a 64-bit shared store is served in) touches every
 //     shared-memory bank exactly once: one wavefront per half-warp, no bank conflict.
+// its dS^T stores (64-row tiles, stmatrix): each thread's copy sources hold the (key, query) of
+// their destinations, and the 256 threads write every element of a buffer once;
 // and its walk and mask for each tile shape (kBlockM x kBlockN):
 //  4. bwd_query_tiles(n) visits every query tile with a visible pair, and the consumer loop's
 //     per-element rule (keys as rows: tile_fully_visible, tile_mask, then the four compares)
@@ -82,6 +84,43 @@ static void check_dq_stores() {
     }
 }
 
+// dS^T stores of 64-row tiles (stmatrix, Traits::SmemCopydS, which exchanges values between
+// the lanes of a warp): for every consumer thread the dS^T accumulator's registers, retiled for
+// the copy, hold the (key, query) that the copy's source partition assigns them; its
+// destination partition covers every element of a buffer exactly once over the 256 threads, at
+// the layout's offsets.
+template <typename Traits>
+static void check_ds_stores() {
+  constexpr int kM = Traits::kBlockM, kN = Traits::kBlockN, kD = Traits::kHeadDim;
+  typename Traits::TiledMmaSdP mma;
+  auto s2s = make_tiled_copy_C(typename Traits::SmemCopydS{}, mma);
+  alignas(1024) static cutlass::bfloat16_t buf[2 * kN * kM];
+  Tensor sdS = make_tensor(make_smem_ptr(buf), typename Traits::SmemLayoutdS{});
+  Tensor ident = make_identity_tensor(Shape<Int<kN>, Int<kM>>{});
+  std::vector<int> seen(kN * kM, 0);
+  for (int tidx = 0; tidx < Traits::kNumMmaThreads; ++tidx) {
+    auto thr = s2s.get_thread_slice(tidx);
+    Tensor reg = thr.retile_S(mma.get_thread_slice(tidx).partition_C(ident));
+    Tensor src = thr.partition_S(ident);
+    Tensor dst_coord = thr.partition_D(ident);
+    Tensor dst = thr.partition_D(sdS(_, _, 0));
+    CHECK(size(reg) == size(src) && size(src) == size(dst), "hdim %d tidx %d: %d / %d / %d values",
+          kD, tidx, int(size(reg)), int(size(src)), int(size(dst)));
+    for (int i = 0; i < int(size(src)); ++i)
+      CHECK(get<0>(reg(i)) == get<0>(src(i)) && get<1>(reg(i)) == get<1>(src(i)),
+            "hdim %d tidx %d value %d: register (%d, %d), copy source (%d, %d)", kD, tidx, i,
+            int(get<0>(reg(i))), int(get<1>(reg(i))), int(get<0>(src(i))), int(get<1>(src(i))));
+    for (int i = 0; i < int(size(dst)); ++i) {
+      const int key = int(get<0>(dst_coord(i))), q = int(get<1>(dst_coord(i)));
+      const int off = int(&dst(i) - buf), want = int(&sdS(key, q, 0) - buf);
+      CHECK(off == want, "hdim %d tidx %d value %d: offset %d, layout %d", kD, tidx, i, off, want);
+      if (off >= 0 && off < kN * kM) ++seen[off];
+    }
+  }
+  for (int f = 0; f < kN * kM; ++f)
+    CHECK(seen[f] == 1, "hdim %d: dS^T element %d written %d times", kD, f, seen[f]);
+}
+
 // The consumer loop's per-element rule for one (query tile m, KV tile n) pair: key r of the KV
 // tile (the accumulator's row), query c of the query tile (its column).
 template <int kM, int kN>
@@ -145,12 +184,14 @@ int main() {
   check_dq_stores<T64>();
   check_dq_stores<T64Det>();
   check_dq_stores<T128>();
+  check_ds_stores<T64>();
+  check_ds_stores<T128>();
   check_walk<T64::kBlockM, T64::kBlockN>();
   check_walk<T64Det::kBlockM, T64Det::kBlockN>();
   if (failures) {
     std::printf("%d failures\n", failures);
     return 1;
   }
-  std::printf("all dQ tile store, walk and mask checks passed (hdim 64 with 64- and 128-row tiles, hdim 128)\n");
+  std::printf("all dQ / dS^T store, walk and mask checks passed (hdim 64 with 64- and 128-row tiles, hdim 128)\n");
   return 0;
 }

@@ -84,6 +84,7 @@
 #include <cute/atom/copy_atom.hpp>
 #include <cute/arch/mma_sm90.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/atom/copy_traits_sm90.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cutlass/numeric_types.h>
 #include <cutlass/numeric_conversion.h>
@@ -177,6 +178,9 @@ struct FlashBwdSm90Traits {
   static constexpr int kDsBufs = 2;
   using SmemLayoutdS = decltype(cute::tile_to_shape(
       AtomQ{}, cute::make_shape(cute::Int<kBlockN>{}, cute::Int<kBlockM>{}, cute::Int<kDsBufs>{})));
+  // dS^T accumulator -> smem by stmatrix (4 8x8 matrices, 16 bytes per thread per instruction):
+  // the accumulator's rows are dS^T's rows (keys), its column pairs adjacent queries.
+  using SmemCopydS = cute::Copy_Atom<cute::SM90_U32x4_STSM_N, Element>;
   using SmemLayoutdSt = decltype(cute::composition(
       SmemLayoutdS{},
       cute::make_ordered_layout(
@@ -509,7 +513,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
     Tensor tdQrdS = thr_dq.partition_fragment_A(sdSt);  // (MMA, MMA_M, MMA_K, BUF)
     Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);
-    Tensor tdSsdS = thr_sdp.partition_C(sdS);           // (MMA, MMA_M, MMA_N, BUF)
+    auto s2s = make_tiled_copy_C(typename Traits::SmemCopydS{}, mma_sdp);
+    auto thr_s2s = s2s.get_thread_slice(tidx);
+    Tensor tdSsdS = thr_s2s.partition_D(sdS);           // (CPY, CPY_M, CPY_N, BUF)
+    Tensor tdSsdS_mma = thr_sdp.partition_C(sdS);       // (MMA, MMA_M, MMA_N, BUF)
     Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kN>, Int<kM>>{}));
 
     const uint32_t dq_base = dq_store_base<Traits>(tidx);  // this thread's dQ registers in sdQ
@@ -591,14 +598,20 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         *reinterpret_cast<cutlass::Array<Element, kFrag>*>(rdS.data()) =
             cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(acc_dp.data()));
       }
-      // dS^T -> smem (pairs of adjacent queries are adjacent in smem: 4-byte stores).
+      // dS^T -> smem buffer it % 2: stmatrix with 64-row tiles; 4-byte stores (pairs of adjacent
+      // queries) with 128-row ones, where stmatrix spilled 140 bytes instead of 96.
+      // Buffer 0's addresses plus a runtime shift: indexing the buffer mode at run time spilled
+      // 184 bytes at hdim 64 (44 without).
       const int buf = it & 1;
-      {
-        const uint32_t* src = reinterpret_cast<const uint32_t*>(rdS.data());
-        // Buffer 0's addresses plus a runtime shift: indexing the buffer mode at run time spilled
-        // 184 bytes at hdim 64 (44 without).
+      static_assert(cute::cosize_v<typename Traits::SmemLayoutdS> == 2 * kN * kM);  // dense
+      if constexpr (kM == 64) {
         Tensor tdSsdS_0 = tdSsdS(_, _, _, 0);
-        static_assert(cute::cosize_v<typename Traits::SmemLayoutdS> == 2 * kN * kM);  // dense
+        Tensor tdSsdS_b = make_tensor(tdSsdS_0.data() + buf * (kN * kM), tdSsdS_0.layout());
+        Tensor rdS_c = make_tensor(rdS.data(), acc_dp.layout());  // the accumulator's order
+        copy(s2s, thr_s2s.retile_S(rdS_c), tdSsdS_b);
+      } else {
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(rdS.data());
+        Tensor tdSsdS_0 = tdSsdS_mma(_, _, _, 0);
         const int shift = buf * (kN * kM / 2);  // in 4-byte words
 #pragma unroll
         for (int i = 0; i < kFrag; i += 2)
