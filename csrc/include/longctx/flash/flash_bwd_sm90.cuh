@@ -554,10 +554,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         const int dlt = key - col;
         return key < key_lim && col < q_lim && dlt <= d_hi && dlt >= d_lo;
       };
-      // Softcap: S^T -> t = tanh(S^T * softmax_scale / c) in place while dP^T is in flight
-      // (masked entries get 2, a value tanh never takes), then P^T = exp2(t * c*log2e - lse2[q])
-      // and dS^T = P^T * (dP^T - D[q]) * (1 - t^2): the cap's derivative is the only extra
-      // factor, softmax_scale enters dK (epilogue) and dQ (postprocess) as without the cap.
+      // Softcap: S^T -> t = tanh(S^T * softmax_scale / c) in place (masked entries get 2, a
+      // value tanh never takes), then P^T = exp2(t * c*log2e - lse2[q]) and
+      // dS^T = P^T * (dP^T - D[q]) * (1 - t^2): the cap's derivative is the only extra factor,
+      // softmax_scale enters dK (epilogue) and dQ (postprocess) as without the cap.
+      // The tanh (without the cap, the exponentials) are written before the dP^T wait, but
+      // ptxas places the wait above them (SASS), so they run after dP^T's products.
       warpgroup_wait<1>();
       if constexpr (!kSoftcap) {
 #pragma unroll
