@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include "longctx/config.h"
 #include "longctx/max_keep_nan.h"
 
@@ -27,25 +28,24 @@ namespace kvcache {
 constexpr float kFp8E4M3Max = 448.f;
 constexpr float kInt8Max = 127.f;
 
-LONGCTX_HOST_DEVICE uint32_t f32_bits(float f) {
+// The bits of a float as uint32_t (To = uint32_t) or a float from its bits (To = float).
+template <typename To, typename From>
+LONGCTX_HOST_DEVICE To f32_bit_cast(From x) {
+  static_assert(sizeof(To) == 4 && sizeof(From) == 4, "32-bit casts only");
 #if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
+  if constexpr (std::is_same_v<To, float>) {
+    return __uint_as_float(x);
+  } else {
+    return __float_as_uint(x);
+  }
 #else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
+  To y;
+  std::memcpy(&y, &x, sizeof(y));
+  return y;
 #endif
 }
-
-LONGCTX_HOST_DEVICE float f32_from_bits(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-#endif
-}
+LONGCTX_HOST_DEVICE uint32_t f32_bits(float f) { return f32_bit_cast<uint32_t>(f); }
+LONGCTX_HOST_DEVICE float f32_from_bits(uint32_t u) { return f32_bit_cast<float>(u); }
 
 LONGCTX_HOST_DEVICE uint8_t float_to_fp8_e4m3(float f) {
   constexpr uint32_t kFirstTooLarge = UINT32_C(1087) << 20;  // 480.0f: not representable
