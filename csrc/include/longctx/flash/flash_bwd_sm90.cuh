@@ -515,8 +515,15 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);
     auto s2s = make_tiled_copy_C(typename Traits::SmemCopydS{}, mma_sdp);
     auto thr_s2s = s2s.get_thread_slice(tidx);
-    Tensor tdSsdS = thr_s2s.partition_D(sdS);           // (CPY, CPY_M, CPY_N, BUF)
-    Tensor tdSsdS_mma = thr_sdp.partition_C(sdS);       // (MMA, MMA_M, MMA_N, BUF)
+    // dS^T's smem partition: the stmatrix copy's with 64-row tiles (CPY, CPY_M, CPY_N, BUF),
+    // the accumulator's with 128-row ones (MMA, MMA_M, MMA_N, BUF).
+    Tensor tdSsdS = [&] {
+      if constexpr (kM == 64) {
+        return thr_s2s.partition_D(sdS);
+      } else {
+        return thr_sdp.partition_C(sdS);
+      }
+    }();
     Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kN>, Int<kM>>{}));
 
     const uint32_t dq_base = dq_store_base<Traits>(tidx);  // this thread's dQ registers in sdQ
@@ -613,7 +620,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         copy(s2s, thr_s2s.retile_S(rdS_c), tdSsdS_b);
       } else {
         const uint32_t* src = reinterpret_cast<const uint32_t*>(rdS.data());
-        Tensor tdSsdS_0 = tdSsdS_mma(_, _, _, 0);
+        Tensor tdSsdS_0 = tdSsdS(_, _, _, 0);
         const int shift = buf * (kN * kM / 2);  // in 4-byte words
 #pragma unroll
         for (int i = 0; i < kFrag; i += 2)
