@@ -121,6 +121,64 @@ static void check_ds_stores() {
     CHECK(seen[f] == 1, "hdim %d: dS^T element %d written %d times", kD, f, seen[f]);
 }
 
+// 128-row tiles store dS^T in two 64-query halves (TiledMmaSdPHalf, local_tile of sdS): half h
+// must put the accumulator element (key, q) of its 64 x 64 tile at sdS(key, 64 h + q), and the
+// two halves together write every element of the buffer once.
+template <typename Traits>
+static void check_ds_store_halves() {
+  constexpr int kM = Traits::kBlockM, kN = Traits::kBlockN, kD = Traits::kHeadDim;
+  static_assert(kM == 128, "halves of 128-row tiles");
+  typename Traits::TiledMmaSdPHalf mma;
+  auto s2s = make_tiled_copy_C(typename Traits::SmemCopydS{}, mma);
+  alignas(1024) static cutlass::bfloat16_t buf[2 * kN * kM];
+  Tensor sdS = make_tensor(make_smem_ptr(buf), typename Traits::SmemLayoutdS{});
+  auto dsh = Shape<Int<kN>, _64, Int<Traits::kDsBufs>>{};
+  Tensor ident = make_identity_tensor(Shape<Int<kN>, _64>{});
+  std::vector<int> seen(kN * kM, 0);
+  for (int h = 0; h < 2; ++h) {
+    Tensor half = h == 0 ? local_tile(sdS, dsh, make_coord(_0{}, _0{}, _0{}))
+                         : local_tile(sdS, dsh, make_coord(_0{}, _1{}, _0{}));
+    for (int tidx = 0; tidx < Traits::kNumMmaThreads; ++tidx) {
+      auto thr = s2s.get_thread_slice(tidx);
+      Tensor reg = thr.retile_S(mma.get_thread_slice(tidx).partition_C(ident));
+      Tensor src = thr.partition_S(ident);
+      Tensor dst_coord = thr.partition_D(ident);
+      Tensor dst = thr.partition_D(half)(_, _, _, 0);
+      for (int i = 0; i < int(size(src)); ++i)
+        CHECK(get<0>(reg(i)) == get<0>(src(i)) && get<1>(reg(i)) == get<1>(src(i)),
+              "halves, tidx %d value %d: register and copy source differ", tidx, i);
+      for (int i = 0; i < int(size(dst)); ++i) {
+        const int key = int(get<0>(dst_coord(i))), q = int(get<1>(dst_coord(i)));
+        const int off = int(&dst(i) - buf), want = int(&sdS(key, 64 * h + q, 0) - buf);
+        CHECK(off == want, "hdim %d half %d tidx %d value %d: offset %d, layout %d", kD, h, tidx,
+              i, off, want);
+        if (off >= 0 && off < kN * kM) ++seen[off];
+      }
+    }
+  }
+  for (int f = 0; f < kN * kM; ++f)
+    CHECK(seen[f] == 1, "hdim %d halves: dS^T element %d written %d times", kD, f, seen[f]);
+  // The half views of the Q / dO stages (S^T, dP^T B operands) and of their (D, rows) views
+  // (dV, dK B operands) address rows [64 h, 64 h + 64) of the full tiles.
+  alignas(1024) static cutlass::bfloat16_t qbuf[cute::cosize_v<typename Traits::SmemLayoutQ>];
+  Tensor sQ = make_tensor(make_smem_ptr(qbuf), typename Traits::SmemLayoutQ{});
+  Tensor sQt = make_tensor(make_smem_ptr(qbuf), typename Traits::SmemLayoutQt{});
+  auto qh = Shape<_64, Int<kD>, Int<Traits::kStages>>{};
+  auto qth = Shape<Int<kD>, _64, Int<Traits::kStages>>{};
+  for (int h = 0; h < 2; ++h) {
+    Tensor q = h == 0 ? local_tile(sQ, qh, make_coord(_0{}, _0{}, _0{}))
+                      : local_tile(sQ, qh, make_coord(_1{}, _0{}, _0{}));
+    Tensor qt = h == 0 ? local_tile(sQt, qth, make_coord(_0{}, _0{}, _0{}))
+                       : local_tile(sQt, qth, make_coord(_0{}, _1{}, _0{}));
+    for (int st = 0; st < Traits::kStages; ++st)
+      for (int r = 0; r < 64; ++r)
+        for (int c = 0; c < kD; ++c) {
+          CHECK(&q(r, c, st) == &sQ(64 * h + r, c, st), "Q half %d (%d, %d, %d)", h, r, c, st);
+          CHECK(&qt(c, r, st) == &sQ(64 * h + r, c, st), "Q^T half %d (%d, %d, %d)", h, c, r, st);
+        }
+  }
+}
+
 // The consumer loop's per-element rule for one (query tile m, KV tile n) pair: key r of the KV
 // tile (the accumulator's row), query c of the query tile (its column).
 template <int kM, int kN>
@@ -186,6 +244,7 @@ int main() {
   check_dq_stores<T128>();
   check_ds_stores<T64>();
   check_ds_stores<T128>();
+  check_ds_store_halves<T64Det>();
   check_walk<T64::kBlockM, T64::kBlockN>();
   check_walk<T64Det::kBlockM, T64Det::kBlockN>();
   if (failures) {

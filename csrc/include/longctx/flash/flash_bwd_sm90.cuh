@@ -10,8 +10,8 @@
 // at hdim 64, which has no spills, one dimension in tile_scheduler.cuh's BwdTileOrder (longest
 // KV tiles first within L2-sized sections of kv heads: the 3-D grid was 2-3% slower there). K
 // and V of the tile are TMA-loaded once. The CTA walks the query tiles m of kBlockM rows (64; 128
-// in the hdim-64 instantiation for deterministic launches, FA3's 128 x 128 tiles: half the
-// semaphore hand-offs per FLOP, slower in the default mode) in bwd_query_tiles(n), last to
+// in the hdim-64 instantiation that launches without softcap take, FA3's 128 x 128 tiles: half
+// the steps and semaphore hand-offs per FLOP) in bwd_query_tiles(n), last to
 // first (tiles outside the mask are never loaded), and for each the
 // query heads h of hk's GQA group; per (m, h), with S^T and dP^T computed transposed ("swapAB",
 // keys as the M dimension, so P^T and dS^T come out of the accumulators in the register layout
@@ -35,7 +35,12 @@
 //                                               tiles) by ONE TMA reduce-add per tile, issued
 //                                               by one thread.
 // Issue order per iteration (FA3's): S^T, dP^T; [exp, dS]; dV; barrier B1; dQ; dK; then dQ goes
-// to smem while dK still runs on the tensor cores.
+// to smem while dK still runs on the tensor cores. 128-row tiles take S^T and dP^T in two
+// 64-query halves, pipelined inside the warpgroup: S^T_0, dP^T_0, S^T_1; [exp_0]; dV_0; [dS_0];
+// dP^T_1, dK_0; [exp_1]; dV_1; [dS_1]; B1; dQ; dK_1. The exponentials of one half run
+// under the other half's products, and at most three of the four 64 x 64 S^T / dP^T
+// accumulators are allocated at once (the whole tile's took 192 of the 240 registers with dK
+// and dV, and spilled). dS^T goes to smem by stmatrix (per half with 128-row tiles).
 // Finally dK = scale * dK and dV are written in the input dtype (rows < sk). GQA: the group's
 // heads are summed in registers (no dK/dV scratch, deterministic for free).
 //
@@ -68,9 +73,8 @@
 // smem (hdim 128): K, V 2 x 32 KB, Q, dO 2 stages x 2 x 16 KB, dS^T 2 x 16 KB, dQ (fp32)
 // 2 x 32 KB, lse2/D 1 KB: ~225 KB; (hdim 64, 128-row tiles): K, V 2 x 16 KB, Q, dO 2 x 2 x
 // 16 KB, dS^T 2 x 32 KB, dQ 2 x 32 KB, lse2/D 2 KB: ~226 KB. One CTA per SM.
-// ptxas (hdim 64, 128-row tiles): 96 / 116 bytes of spill stores / loads, 15 / 19 of them in the
-// loop (loop invariants evicted around the exponentials: S^T, dP^T, dK and dV hold 192 of the
-// 240 registers); with softcap 180 / 200, so softcap launches keep 64-row tiles.
+// ptxas (hdim 64, 128-row tiles): 20 / 28 bytes of spill stores / loads, none in the loop (96 /
+// 116 with the whole tile's S^T and dP^T at once). Softcap launches keep 64-row tiles.
 #pragma once
 
 #ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
@@ -139,6 +143,11 @@ struct FlashBwdSm90Traits {
 
   using TiledMmaSdP = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<Element, Element, float, TileSdP>(),
+      cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
+  // 128-row tiles compute S^T and dP^T in two 64-query halves (the consumer loop's header).
+  using TileSdPHalf = cute::Shape<cute::Int<kBlockN>, cute::_64, cute::Int<kHeadDim>>;
+  using TiledMmaSdPHalf = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float, TileSdPHalf>(),
       cute::Layout<cute::Shape<cute::_2, cute::_1, cute::_1>>{}));
   using TiledMmadKV = decltype(cute::make_tiled_mma(
       cute::GMMA::rs_op_selector<Element, Element, float, TileDKV, cute::GMMA::Major::K,
@@ -515,16 +524,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);
     auto s2s = make_tiled_copy_C(typename Traits::SmemCopydS{}, mma_sdp);
     auto thr_s2s = s2s.get_thread_slice(tidx);
-    // dS^T's smem partition: the stmatrix copy's with 64-row tiles (CPY, CPY_M, CPY_N, BUF),
-    // the accumulator's with 128-row ones (MMA, MMA_M, MMA_N, BUF).
-    Tensor tdSsdS = [&] {
-      if constexpr (kM == 64) {
-        return thr_s2s.partition_D(sdS);
-      } else {
-        return thr_sdp.partition_C(sdS);
-      }
-    }();
+    Tensor tdSsdS = thr_s2s.partition_D(sdS);           // (CPY, CPY_M, CPY_N, BUF)
     Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kN>, Int<kM>>{}));
+    const int key0 = int(get<0>(tScS(0))), col0 = int(get<1>(tScS(0)));  // this thread's first
 
     const uint32_t dq_base = dq_store_base<Traits>(tidx);  // this thread's dQ registers in sdQ
     Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kD>>{});
@@ -538,122 +540,234 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     else ss.barrier_kv.wait(0);
     typename Traits::PipelineState st;
 
-    for (int it = 0; it < total; ++it) {
-      const int m = range.end - 1 - it / group;  // (the producer and dQ writer track h)
-      const int m0 = m * kM;
-      if constexpr (kReadyHop) ss.qdo_ready[st.index()].wait(st.phase());  // zeroed: warps 2-3
-      else pipe.consumer_wait(st);
-      const int s = st.index();
-      Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kN>, Int<kM>>{});
-      Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kN>, Int<kM>>{});
-      wg_gemm<true>(mma_sdp, tSrK, tSrQ(_, _, _, s), acc_s);
-      wg_gemm<true>(mma_sdp, tSrV, tSrdO(_, _, _, s), acc_dp);
-      const float* s_lse = ss.smem_lse.data() + s * kM;
-      const float* s_d = ss.smem_d.data() + s * kM;
-      const bool need_mask = n0 + kN > sk || m0 + kM > sq ||
-                             !tile_fully_visible(m, n_block, kM, kN, sq, sk, wl, wr);
-      // mask_visible in tile-local int32 terms (tile_mask; one branch-free path, two paths
-      // spilled more registers): key r of this KV tile and query c of this query tile.
-      const TileMask tm = tile_mask(need_mask, m0, n0, sq, sk, wl, wr);
-      const int key_lim = tm.key_lim, q_lim = tm.q_lim, d_hi = tm.d_hi, d_lo = tm.d_lo;
-      auto visible = [&](int i) {
-        const int key = int(get<0>(tScS(i))), col = int(get<1>(tScS(i)));
-        const int dlt = key - col;
-        return key < key_lim && col < q_lim && dlt <= d_hi && dlt >= d_lo;
-      };
-      // Softcap: S^T -> t = tanh(S^T * softmax_scale / c) in place (masked entries get 2, a
-      // value tanh never takes), then P^T = exp2(t * c*log2e - lse2[q]) and
-      // dS^T = P^T * (dP^T - D[q]) * (1 - t^2): the cap's derivative is the only extra factor,
-      // softmax_scale enters dK (epilogue) and dQ (postprocess) as without the cap.
-      // The tanh (without the cap, the exponentials) are written before the dP^T wait, but
-      // ptxas places the wait above them (SASS), so they run after dP^T's products.
-      warpgroup_wait<1>();
-      if constexpr (!kSoftcap) {
-#pragma unroll
-        for (int i = 0; i < size(acc_s); ++i) {
-          const int col = int(get<1>(tScS(i)));
-          const float pv = fast_exp2(acc_s(i) * scale_log2 - s_lse[col]);
-          acc_s(i) = visible(i) ? pv : 0.f;
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < size(acc_s); ++i)
-          acc_s(i) = visible(i) ? tanh_approx(acc_s(i) * kp.cap_in) : 2.f;
-      }
-      warpgroup_wait<0>();
-      if constexpr (!kSoftcap) {
-#pragma unroll
-        for (int i = 0; i < size(acc_dp); ++i) {
-          const int col = int(get<1>(tScS(i)));
-          acc_dp(i) = acc_s(i) * (acc_dp(i) - s_d[col]);
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < size(acc_dp); ++i) {
-          const int col = int(get<1>(tScS(i)));
-          const float t = acc_s(i);
-          const float pv = t > 1.f ? 0.f : fast_exp2(t * kp.cap_log2 - s_lse[col]);
-          acc_s(i) = pv;
-          acc_dp(i) = pv * (acc_dp(i) - s_d[col]) * (1.f - t * t);
-        }
-      }
-      constexpr int kFrag = decltype(size(acc_s))::value;
-      Tensor rP = make_tensor<Element>(acc_layout_to_A_regs(acc_s.layout()));
-      Tensor rdS = make_tensor<Element>(acc_layout_to_A_regs(acc_dp.layout()));
-      {
-        cutlass::NumericArrayConverter<Element, float, kFrag> cvt;
-        *reinterpret_cast<cutlass::Array<Element, kFrag>*>(rP.data()) =
-            cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(acc_s.data()));
-        *reinterpret_cast<cutlass::Array<Element, kFrag>*>(rdS.data()) =
-            cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(acc_dp.data()));
-      }
-      // dS^T -> smem buffer it % 2: stmatrix with 64-row tiles; 4-byte stores (pairs of adjacent
-      // queries) with 128-row ones, where stmatrix spilled 140 bytes instead of 96.
-      // Buffer 0's addresses plus a runtime shift: indexing the buffer mode at run time spilled
-      // 184 bytes at hdim 64 (44 without).
-      const int buf = it & 1;
-      static_assert(cute::cosize_v<typename Traits::SmemLayoutdS> == 2 * kN * kM);  // dense
-      if constexpr (kM == 64) {
-        Tensor tdSsdS_0 = tdSsdS(_, _, _, 0);
-        Tensor tdSsdS_b = make_tensor(tdSsdS_0.data() + buf * (kN * kM), tdSsdS_0.layout());
-        Tensor rdS_c = make_tensor(rdS.data(), acc_dp.layout());  // the accumulator's order
-        copy(s2s, thr_s2s.retile_S(rdS_c), tdSsdS_b);
-      } else {
-        const uint32_t* src = reinterpret_cast<const uint32_t*>(rdS.data());
-        Tensor tdSsdS_0 = tdSsdS(_, _, _, 0);
-        const int shift = buf * (kN * kM / 2);  // in 4-byte words
-#pragma unroll
-        for (int i = 0; i < kFrag; i += 2)
-          (reinterpret_cast<uint32_t*>(&tdSsdS_0(i)))[shift] = src[i / 2];
-      }
-      // FA3's order: dV before the barrier, then dQ and dK, so that dQ goes to smem while dK
-      // still runs on the tensor cores (wgmma groups complete in issue order).
-      wg_gemm<false>(mma_dkv, rP, tdVrdOt(_, _, _, s), acc_dv);
-      cutlass::arch::fence_view_async_shared();
-      cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 1);  // all of dS^T in smem
-
-      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kM>, Int<kD>>{});
-      wg_gemm<true>(mma_dq, tdQrdS(_, _, _, buf), tdQrKt, acc_dq);
-      wg_gemm<false>(mma_dkv, rdS, tdKrQt(_, _, _, s), acc_dk);
+    // An iteration's end, once its dQ and then its last dK product are issued: dQ to sdQ[buf]
+    // (once the dQ writer has read the buffer's previous tile) while dK still runs on the tensor
+    // cores (wgmma groups complete in issue order); the stage is released after dK, the last
+    // reader of Q (dV of dO finished before dQ).
+    auto finish_step = [&](auto& acc_dq, int it, int buf) {
       if (it >= 2) ss.dq_empty[buf].wait(((it >> 1) - 1) & 1);
-      warpgroup_wait<1>();  // dV and dQ done; dK may still run
+      warpgroup_wait<1>();  // everything but the last dK: dQ done
       warpgroup_fence_operand(acc_dq);
-      {
-        const uint32_t sdq = smem_addr(ss.smem_dq.data() + buf * (kM * kD));
-        static_assert(decltype(size(acc_dq))::value == Traits::kDqRegs, "dQ fragment");
-        const bool odd_row = (tidx >> 2) & 1;  // dq_store_reg: odd rows store group j ^ 2
+      const uint32_t sdq = smem_addr(ss.smem_dq.data() + buf * (kM * kD));
+      static_assert(decltype(size(acc_dq))::value == Traits::kDqRegs, "dQ fragment");
+      const bool odd_row = (tidx >> 2) & 1;  // dq_store_reg: odd rows store group j ^ 2
 #pragma unroll
-        for (int i = 0; i < Traits::kDqRegs; i += 2)
-          st_shared_f32x2(sdq + dq_store_offset<Traits>(dq_base, i),
-                          odd_row ? acc_dq(i ^ 8) : acc_dq(i),
-                          odd_row ? acc_dq((i ^ 8) + 1) : acc_dq(i + 1));
-      }
+      for (int i = 0; i < Traits::kDqRegs; i += 2)
+        st_shared_f32x2(sdq + dq_store_offset<Traits>(dq_base, i),
+                        odd_row ? acc_dq(i ^ 8) : acc_dq(i),
+                        odd_row ? acc_dq((i ^ 8) + 1) : acc_dq(i + 1));
       cutlass::arch::fence_view_async_shared();
       ss.dq_full[buf].arrive();
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_dk);
-      pipe.consumer_release(st);  // dK done: the last reader of Q (and dV of dO) in this stage
+      pipe.consumer_release(st);
       ++st;
+    };
+    if constexpr (kM == 128) {
+      // 128-row tiles: S^T and dP^T in two 64-query halves, pipelined inside the warpgroup. The
+      // exponentials of half 0 run under dP^T_0 and S^T_1, those of half 1 under dP^T_1 and half
+      // 0's dV and dK; at most three of the four 64 x 64 accumulators are allocated at once
+      // (160 registers with dK/dV at the peak, where the whole tile's S^T and dP^T took 192).
+      static_assert(!kSoftcap, "128-row tiles run without softcap (launcher)");
+      typename Traits::TiledMmaSdPHalf mma_h;
+      auto thr_h = mma_h.get_thread_slice(tidx);
+      using H = Int<64>;
+      auto qh = Shape<H, Int<kD>, Int<Traits::kStages>>{};
+      auto qth = Shape<Int<kD>, H, Int<Traits::kStages>>{};
+      auto dsh = Shape<Int<kN>, H, Int<Traits::kDsBufs>>{};
+      Tensor tSrKh = thr_h.partition_fragment_A(sK);
+      Tensor tSrVh = thr_h.partition_fragment_A(sV);
+      Tensor tSrQ0 = thr_h.partition_fragment_B(local_tile(sQ, qh, make_coord(_0{}, _0{}, _0{})));
+      Tensor tSrQ1 = thr_h.partition_fragment_B(local_tile(sQ, qh, make_coord(_1{}, _0{}, _0{})));
+      Tensor tSrdO0 =
+          thr_h.partition_fragment_B(local_tile(sdO, qh, make_coord(_0{}, _0{}, _0{})));
+      Tensor tSrdO1 =
+          thr_h.partition_fragment_B(local_tile(sdO, qh, make_coord(_1{}, _0{}, _0{})));
+      Tensor tdVrdOt0 =
+          thr_dkv.partition_fragment_B(local_tile(sdOt, qth, make_coord(_0{}, _0{}, _0{})));
+      Tensor tdVrdOt1 =
+          thr_dkv.partition_fragment_B(local_tile(sdOt, qth, make_coord(_0{}, _1{}, _0{})));
+      Tensor tdKrQt0 =
+          thr_dkv.partition_fragment_B(local_tile(sQt, qth, make_coord(_0{}, _0{}, _0{})));
+      Tensor tdKrQt1 =
+          thr_dkv.partition_fragment_B(local_tile(sQt, qth, make_coord(_0{}, _1{}, _0{})));
+      auto s2s_h = make_tiled_copy_C(typename Traits::SmemCopydS{}, mma_h);
+      auto thr_s2s_h = s2s_h.get_thread_slice(tidx);
+      Tensor tdSsdS0 = thr_s2s_h.partition_D(local_tile(sdS, dsh, make_coord(_0{}, _0{}, _0{})));
+      Tensor tdSsdS1 = thr_s2s_h.partition_D(local_tile(sdS, dsh, make_coord(_0{}, _1{}, _0{})));
+      Tensor tScSh = thr_h.partition_C(make_identity_tensor(Shape<Int<kN>, H>{}));
+      using AccH = decltype(partition_fragment_C(mma_h, Shape<Int<kN>, H>{}));
+      using RegsH = decltype(make_tensor<Element>(acc_layout_to_A_regs(AccH{}.layout())));
+      constexpr int kFragH = decltype(size(AccH{}))::value;
+      cutlass::NumericArrayConverter<Element, float, kFragH> cvt;
+
+      for (int it = 0; it < total; ++it) {
+        const int m = range.end - 1 - it / group;
+        if constexpr (kReadyHop) ss.qdo_ready[st.index()].wait(st.phase());
+        else pipe.consumer_wait(st);
+        const int s = st.index(), buf = it & 1;
+        // P^T = exp2(S^T scale - lse2) on half hh's visible entries, in place.
+        auto exp_half = [&](AccH& acc, int hh) {
+          const int mh = 2 * m + hh, m0h = mh * 64;
+          const bool need_mask = n0 + kN > sk || m0h + 64 > sq ||
+                                 !tile_fully_visible(mh, n_block, 64, kN, sq, sk, wl, wr);
+          const TileMask tm = tile_mask(need_mask, m0h, n0, sq, sk, wl, wr);
+          const float* s_lse = ss.smem_lse.data() + s * kM + 64 * hh;
+#pragma unroll
+          for (int i = 0; i < size(acc); ++i) {
+            const int key = int(get<0>(tScSh(i))), col = int(get<1>(tScSh(i)));
+            const int dlt = key - col;
+            const bool vis = key < tm.key_lim && col < tm.q_lim && dlt <= tm.d_hi && dlt >= tm.d_lo;
+            const float pv = fast_exp2(acc(i) * scale_log2 - s_lse[col]);
+            acc(i) = vis ? pv : 0.f;
+          }
+        };
+        auto to_16bit = [&](RegsH& regs, const AccH& acc) {
+          *reinterpret_cast<cutlass::Array<Element, kFragH>*>(regs.data()) =
+              cvt(*reinterpret_cast<const cutlass::Array<float, kFragH>*>(acc.data()));
+        };
+        // dS^T = P^T (dP^T - D) -> 16 bits, and to smem buffer buf (half hh) by stmatrix.
+        auto ds_half = [&](const AccH& acc_p, AccH& acc_d, RegsH& rdS, auto& tdSsdS, int hh) {
+          const float* s_d = ss.smem_d.data() + s * kM + 64 * hh;
+#pragma unroll
+          for (int i = 0; i < size(acc_d); ++i) {
+            const int col = int(get<1>(tScSh(i)));
+            acc_d(i) = acc_p(i) * (acc_d(i) - s_d[col]);
+          }
+          to_16bit(rdS, acc_d);
+          Tensor dst0 = tdSsdS(_, _, _, 0);
+          Tensor dst = make_tensor(dst0.data() + buf * (kN * kM), dst0.layout());
+          copy(s2s_h, thr_s2s_h.retile_S(make_tensor(rdS.data(), acc_d.layout())), dst);
+        };
+        RegsH rP0, rdS0, rP1, rdS1;
+        {
+          AccH acc_s0, acc_dp0, acc_s1;
+          wg_gemm<true>(mma_h, tSrKh, tSrQ0(_, _, _, s), acc_s0);
+          wg_gemm<true>(mma_h, tSrVh, tSrdO0(_, _, _, s), acc_dp0);
+          wg_gemm<true>(mma_h, tSrKh, tSrQ1(_, _, _, s), acc_s1);
+          // Each half's dV is issued right after its exponentials, before its dP^T wait: ptxas
+          // hoists a wait above independent math, so with the wait first the exponentials ran
+          // after dP^T's products instead of under them.
+          warpgroup_wait<2>();  // S^T_0
+          exp_half(acc_s0, 0);
+          to_16bit(rP0, acc_s0);
+          wg_gemm<false>(mma_dkv, rP0, tdVrdOt0(_, _, _, s), acc_dv);
+          warpgroup_wait<2>();  // dP^T_0
+          ds_half(acc_s0, acc_dp0, rdS0, tdSsdS0, 0);
+          AccH acc_dp1;
+          wg_gemm<true>(mma_h, tSrVh, tSrdO1(_, _, _, s), acc_dp1);
+          wg_gemm<false>(mma_dkv, rdS0, tdKrQt0(_, _, _, s), acc_dk);
+          warpgroup_wait<3>();  // S^T_1
+          exp_half(acc_s1, 1);
+          to_16bit(rP1, acc_s1);
+          wg_gemm<false>(mma_dkv, rP1, tdVrdOt1(_, _, _, s), acc_dv);
+          warpgroup_wait<2>();  // dP^T_1
+          ds_half(acc_s1, acc_dp1, rdS1, tdSsdS1, 1);
+        }
+        cutlass::arch::fence_view_async_shared();
+        cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 1);  // all of dS^T in smem
+        Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kM>, Int<kD>>{});
+        wg_gemm<true>(mma_dq, tdQrdS(_, _, _, buf), tdQrKt, acc_dq);
+        wg_gemm<false>(mma_dkv, rdS1, tdKrQt1(_, _, _, s), acc_dk);
+        finish_step(acc_dq, it, buf);
+      }
+    } else {
+      static_assert(cute::cosize_v<typename Traits::SmemLayoutdS> == 2 * kN * kM);  // dense
+      for (int it = 0; it < total; ++it) {
+        const int m = range.end - 1 - it / group;  // (the producer and dQ writer track h)
+        const int m0 = m * kM;
+        if constexpr (kReadyHop) ss.qdo_ready[st.index()].wait(st.phase());  // zeroed: warps 2-3
+        else pipe.consumer_wait(st);
+        const int s = st.index();
+        Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kN>, Int<kM>>{});
+        Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kN>, Int<kM>>{});
+        wg_gemm<true>(mma_sdp, tSrK, tSrQ(_, _, _, s), acc_s);
+        wg_gemm<true>(mma_sdp, tSrV, tSrdO(_, _, _, s), acc_dp);
+        const float* s_lse = ss.smem_lse.data() + s * kM;
+        const float* s_d = ss.smem_d.data() + s * kM;
+        const bool need_mask = n0 + kN > sk || m0 + kM > sq ||
+                               !tile_fully_visible(m, n_block, kM, kN, sq, sk, wl, wr);
+        // mask_visible in tile-local int32 terms (tile_mask; one branch-free path, two paths
+        // spilled more registers): key r of this KV tile and query c of this query tile.
+        // Each bound is moved to this thread's first element (key0, col0) once per tile, so
+        // every element compares one of four registers with an immediate, its offset from that
+        // element; the empty asm after the S^T wait keeps the compiler from folding the bounds
+        // back into per-offset registers hoisted out of the loop (hdim 128 batched: 20 -> 12
+        // spill bytes, none left in the loop; H100 hdim 128 1.03-1.08x without determinism).
+        const TileMask tm = tile_mask(need_mask, m0, n0, sq, sk, wl, wr);
+        int kx = key0 - tm.key_lim, cx = col0 - tm.q_lim;
+        int hx = key0 - col0 - tm.d_hi, lx = key0 - col0 - tm.d_lo;
+        auto visible = [&](int i) {
+          const int dk = int(get<0>(tScS(i))) - key0, dc = int(get<1>(tScS(i))) - col0;
+          return kx < -dk && cx < -dc && hx <= dc - dk && lx >= dc - dk;
+        };
+        // Softcap: S^T -> t = tanh(S^T * softmax_scale / c) in place (masked entries get 2, a
+        // value tanh never takes), then P^T = exp2(t * c*log2e - lse2[q]) and
+        // dS^T = P^T * (dP^T - D[q]) * (1 - t^2): the cap's derivative is the only extra
+        // factor, softmax_scale enters dK (epilogue) and dQ (postprocess) as without the cap.
+        // The tanh (without the cap, the exponentials) are written before the dP^T wait, but
+        // ptxas places the wait above them (SASS), so they run after dP^T's products.
+        warpgroup_wait<1>();
+        asm volatile("" : "+r"(kx), "+r"(cx), "+r"(hx), "+r"(lx));
+        if constexpr (!kSoftcap) {
+#pragma unroll
+          for (int i = 0; i < size(acc_s); ++i) {
+            const int col = int(get<1>(tScS(i)));
+            const float pv = fast_exp2(acc_s(i) * scale_log2 - s_lse[col]);
+            acc_s(i) = visible(i) ? pv : 0.f;
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < size(acc_s); ++i)
+            acc_s(i) = visible(i) ? tanh_approx(acc_s(i) * kp.cap_in) : 2.f;
+        }
+        warpgroup_wait<0>();
+        if constexpr (!kSoftcap) {
+#pragma unroll
+          for (int i = 0; i < size(acc_dp); ++i) {
+            const int col = int(get<1>(tScS(i)));
+            acc_dp(i) = acc_s(i) * (acc_dp(i) - s_d[col]);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < size(acc_dp); ++i) {
+            const int col = int(get<1>(tScS(i)));
+            const float t = acc_s(i);
+            const float pv = t > 1.f ? 0.f : fast_exp2(t * kp.cap_log2 - s_lse[col]);
+            acc_s(i) = pv;
+            acc_dp(i) = pv * (acc_dp(i) - s_d[col]) * (1.f - t * t);
+          }
+        }
+        constexpr int kFrag = decltype(size(acc_s))::value;
+        Tensor rP = make_tensor<Element>(acc_layout_to_A_regs(acc_s.layout()));
+        Tensor rdS = make_tensor<Element>(acc_layout_to_A_regs(acc_dp.layout()));
+        {
+          cutlass::NumericArrayConverter<Element, float, kFrag> cvt;
+          *reinterpret_cast<cutlass::Array<Element, kFrag>*>(rP.data()) =
+              cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(acc_s.data()));
+          *reinterpret_cast<cutlass::Array<Element, kFrag>*>(rdS.data()) =
+              cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(acc_dp.data()));
+        }
+        // dS^T -> smem buffer it % 2 by stmatrix. Buffer 0's addresses plus a runtime shift:
+        // indexing the buffer mode at run time spilled 184 bytes at hdim 64 (44 without).
+        const int buf = it & 1;
+        {
+          Tensor tdSsdS_0 = tdSsdS(_, _, _, 0);
+          Tensor tdSsdS_b = make_tensor(tdSsdS_0.data() + buf * (kN * kM), tdSsdS_0.layout());
+          Tensor rdS_c = make_tensor(rdS.data(), acc_dp.layout());  // the accumulator's order
+          copy(s2s, thr_s2s.retile_S(rdS_c), tdSsdS_b);
+        }
+        // FA3's order: dV before the barrier, then dQ and dK, so that dQ goes to smem while dK
+        // still runs on the tensor cores (wgmma groups complete in issue order).
+        wg_gemm<false>(mma_dkv, rP, tdVrdOt(_, _, _, s), acc_dv);
+        cutlass::arch::fence_view_async_shared();
+        cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 1);  // all of dS^T in smem
+
+        Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kM>, Int<kD>>{});
+        wg_gemm<true>(mma_dq, tdQrdS(_, _, _, buf), tdQrKt, acc_dq);
+        wg_gemm<false>(mma_dkv, rdS, tdKrQt(_, _, _, s), acc_dk);
+        finish_step(acc_dq, it, buf);
+      }
     }
 
     // Epilogue: dK = scale * dK, dV, rows < sk and columns < head_dim (the columns past it are
