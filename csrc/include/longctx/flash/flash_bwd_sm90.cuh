@@ -497,10 +497,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
     const int tidx = int(threadIdx.x) - 128;
-    typename Traits::TiledMmaSdP mma_sdp;
     typename Traits::TiledMmadKV mma_dkv;
     typename Traits::TiledMmadQ mma_dq;
-    auto thr_sdp = mma_sdp.get_thread_slice(tidx);
     auto thr_dkv = mma_dkv.get_thread_slice(tidx);
     auto thr_dq = mma_dq.get_thread_slice(tidx);
 
@@ -514,19 +512,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     Tensor sdS = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename Traits::SmemLayoutdS{});
     Tensor sdSt = make_tensor(make_smem_ptr(ss.smem_ds.data()), typename Traits::SmemLayoutdSt{});
 
-    Tensor tSrK = thr_sdp.partition_fragment_A(sK);      // (MMA, MMA_M, MMA_K)
-    Tensor tSrV = thr_sdp.partition_fragment_A(sV);
-    Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);      // (MMA, MMA_N, MMA_K, PIPE)
-    Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
-    Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_N, MMA_K, PIPE)
-    Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
     Tensor tdQrdS = thr_dq.partition_fragment_A(sdSt);  // (MMA, MMA_M, MMA_K, BUF)
     Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);
-    auto s2s = make_tiled_copy_C(typename Traits::SmemCopydS{}, mma_sdp);
-    auto thr_s2s = s2s.get_thread_slice(tidx);
-    Tensor tdSsdS = thr_s2s.partition_D(sdS);           // (CPY, CPY_M, CPY_N, BUF)
-    Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kN>, Int<kM>>{}));
-    const int key0 = int(get<0>(tScS(0))), col0 = int(get<1>(tScS(0)));  // this thread's first
 
     const uint32_t dq_base = dq_store_base<Traits>(tidx);  // this thread's dQ registers in sdQ
     Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kD>>{});
@@ -672,7 +659,21 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         finish_step(acc_dq, it, buf);
       }
     } else {
+      // 64-row tiles: the whole tile's S^T and dP^T at once.
       static_assert(cute::cosize_v<typename Traits::SmemLayoutdS> == 2 * kN * kM);  // dense
+      typename Traits::TiledMmaSdP mma_sdp;
+      auto thr_sdp = mma_sdp.get_thread_slice(tidx);
+      Tensor tSrK = thr_sdp.partition_fragment_A(sK);      // (MMA, MMA_M, MMA_K)
+      Tensor tSrV = thr_sdp.partition_fragment_A(sV);
+      Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);      // (MMA, MMA_N, MMA_K, PIPE)
+      Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
+      Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_N, MMA_K, PIPE)
+      Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
+      auto s2s = make_tiled_copy_C(typename Traits::SmemCopydS{}, mma_sdp);
+      auto thr_s2s = s2s.get_thread_slice(tidx);
+      Tensor tdSsdS = thr_s2s.partition_D(sdS);           // (CPY, CPY_M, CPY_N, BUF)
+      Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kN>, Int<kM>>{}));
+      const int key0 = int(get<0>(tScS(0))), col0 = int(get<1>(tScS(0)));  // this thread's first
       for (int it = 0; it < total; ++it) {
         const int m = range.end - 1 - it / group;  // (the producer and dQ writer track h)
         const int m0 = m * kM;
