@@ -5,8 +5,9 @@
 // tile_scheduler.cuh gives it (longest first within L2-sized sections of heads). 384 threads: warpgroup 0 drops to 24 registers
 // (setmaxnreg) and one of its threads issues the TMA loads; warpgroups 1-2 rise to 240 and run
 // the wgmma main loop (mainloop_fwd_sm90.cuh), the online softmax (softmax.cuh) and the
-// epilogue (epilogue_fwd.cuh). The K/V pipeline runs on across query tiles, so the next tile's
-// first K/V loads overlap the current tile's last P V and epilogue.
+// epilogue (epilogue_fwd.cuh: at head dims up to 128 in batched launches each consumer
+// warpgroup's 64 rows go out by one TMA store from smem). The K/V pipeline runs on across query
+// tiles, so the next tile's first K/V loads overlap the current tile's last P V and epilogue.
 // A tile whose rows see no key writes out = 0, lse = -inf (with sinks: the head's sink) and loads
 // nothing.
 // Logit mods (logit_mods.h), both runtime switches that are uniform over the launch, neither a
@@ -36,6 +37,8 @@ struct FwdKernelParams {
   typename Traits::ShapeQKV shape_q, shape_k;  // (rows, D, heads, batch) as the TMA sees them
   typename Traits::TMA_Q tma_q;
   typename Traits::TMA_KV tma_k, tma_v;
+  typename Traits::TMA_O tma_o;  // used when tma_store_o
+  bool tma_store_o;  // O through smem and a TMA store (batched, Traits::kTmaStoreO, out strides)
   FwdTileScheduler sched;
   int* tile_counter;  // zeroed before launch; nullptr: static round-robin schedule
 };
@@ -68,6 +71,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
     cute::prefetch_tma_descriptor(kp.tma_q.get_tma_descriptor());
     cute::prefetch_tma_descriptor(kp.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(kp.tma_v.get_tma_descriptor());
+    if (kp.tma_store_o) cute::prefetch_tma_descriptor(kp.tma_o.get_tma_descriptor());
   }
   typename MainloopPipeline::Params pp;
   pp.role = warp_group_idx == 0 ? MainloopPipeline::ThreadCategory::Producer
@@ -176,7 +180,18 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
       auto thr_mma1 = tiled_mma1.get_thread_slice(mma_tidx);
       Tensor cO = make_identity_tensor(select<0, 2>(typename Traits::TileShape_MNK{}));
       Tensor tOcO = thr_mma1.partition_C(cO);
-      store_o_lse<Element>(p, si, h, m_block * kBlockM, tOrO, tOcO, lse);
+      if constexpr (Traits::kTmaStoreO) {
+        if (kp.tma_store_o)
+          store_o_tma<Traits>(ss, kp.tma_o, kp.shape_q, mma_tidx, m_block, h, b, tOrO);
+        else
+          store_o<Element>(p, si, h, m_block * kBlockM, tOrO, tOcO);
+      } else {
+        store_o<Element>(p, si, h, m_block * kBlockM, tOrO, tOcO);
+      }
+      store_lse(p, si, h, m_block * kBlockM, tOcO, lse);
+    }
+    if constexpr (Traits::kTmaStoreO) {
+      if (kp.tma_store_o) store_o_tma_drain(mma_tidx);
     }
   }
 #endif

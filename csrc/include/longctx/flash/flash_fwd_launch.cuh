@@ -58,6 +58,17 @@ cudaError_t run_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t tota
                            select<1, 2>(typename Traits::TileShape_MNK{}), _1{});
   kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(typename Traits::SmemLayoutV{}),
                            select<1, 2>(typename Traits::TileShape_MNK{}), _1{});
+  // O by TMA store: batched launches whose out batch stride the TMA can take (the other
+  // strides and the base are checked above); varlen and hdim 256 store from registers.
+  kp.tma_store_o = Traits::kTmaStoreO && !varlen &&
+                   (one_batch || (p.out_batch_stride * int64_t(sizeof(Element))) % 16 == 0);
+  if (kp.tma_store_o) {
+    auto mO = make_tensor(make_gmem_ptr(static_cast<Element*>(p.out)), kp.shape_q,
+                          make_stride(p.out_row_stride, _1{}, p.out_head_stride,
+                                      one_batch ? p.out_row_stride * rows_q : p.out_batch_stride));
+    kp.tma_o = make_tma_copy(SM90_TMA_STORE{}, mO, typename Traits::SmemLayoutOWg{},
+                             make_shape(_64{}, Int<kHeadDim>{}), _1{});
+  }
 
   auto kernel = flash_fwd_sm90_kernel<Traits>;
   constexpr int smem = Traits::kSmemBytes;

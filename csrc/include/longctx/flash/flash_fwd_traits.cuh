@@ -94,6 +94,21 @@ struct FlashFwdTraits {
           cute::make_shape(cute::Int<kHeadDim>{}, cute::Int<kBlockN>{}, cute::Int<kStages>{}),
           cute::Step<cute::_2, cute::_1, cute::_3>{})));
 
+  // Epilogue: at head dims up to 128 each consumer warpgroup writes its 64 rows of O to shared
+  // memory by stmatrix and one thread stores them with a TMA store (epilogue_fwd.cuh); at 256
+  // the K/V stages leave no room and O goes out from registers.
+  static constexpr bool kTmaStoreO = kHeadDim <= 128;
+  using SmemLayoutOWg = decltype(cute::tile_to_shape(
+      SmemLayoutAtom{}, cute::make_shape(cute::_64{}, cute::Int<kHeadDim>{})));
+  static constexpr int kSmemOElems =
+      kTmaStoreO ? int(cute::cosize_v<SmemLayoutOWg>) * kNumMmaWarpGroups : 8;
+  // A warpgroup's share of the O tile as one wgmma atom (the same per-thread accumulator layout
+  // as its slice of TiledMma1), for the stmatrix partition of its 64 rows.
+  using TiledMmaOWg = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, ElementAccum,
+                                 cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kBlockN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+
   using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename cutlass::PipelineState<kStages>;
 
@@ -101,6 +116,7 @@ struct FlashFwdTraits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>> smem_q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>> smem_k;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutV>> smem_v;
+    alignas(kTmaStoreO ? 1024 : 16) cute::array_aligned<Element, kSmemOElems> smem_o;
     alignas(16) cutlass::arch::ClusterTransactionBarrier barrier_q;  // Q tile landed
     alignas(16) cutlass::arch::ClusterBarrier barrier_q_empty;       // consumers done with Q
     // Tile-id hand-off from the producer (which asks the scheduler) to the consumers: 2 slots.
@@ -129,6 +145,12 @@ struct FlashFwdTraits {
       cute::SM90_TMA_LOAD{},
       cute::make_tensor(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQKV{}, StrideQKV{}),
       cute::take<0, 2>(SmemLayoutK{}), cute::select<1, 2>(TileShape_MNK{}), cute::_1{}));
+  // out as the TMA store sees it: batched launches only (varlen rows past a sequence belong to
+  // the next one), box of one warpgroup's 64 rows.
+  using TMA_O = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_STORE{},
+      cute::make_tensor(cute::make_gmem_ptr(static_cast<Element*>(nullptr)), ShapeQKV{}, StrideQKV{}),
+      SmemLayoutOWg{}, cute::make_shape(cute::_64{}, cute::Int<kHeadDim>{}), cute::_1{}));
 };
 
 }  // namespace flash
