@@ -24,8 +24,8 @@ namespace longctx {
 namespace flash {
 
 template <typename Element, int kHeadDim>
-struct BwdSm90TraitsFor {
-  using type = FlashBwdSm90Traits<Element, kHeadDim>;
+struct BwdSm90TraitsFor {  // hdim 64: FA3's 128 x 128 tiles (128-row query tiles in halves)
+  using type = FlashBwdSm90Traits<Element, kHeadDim, kHeadDim == 64 ? 128 : 64>;
 };
 template <typename Element>
 struct BwdSm90TraitsFor<Element, 256> {
@@ -33,10 +33,8 @@ struct BwdSm90TraitsFor<Element, 256> {
 };
 
 // The main kernel of Traits over the workspace of kernel width kHeadDim (the TMA descriptors, the
-// instantiation for softcap and the ready-barrier hop, the CTA order). kPlainKernel /
-// kSoftcapKernel: whether the instantiation without / with softcap exists (the caller sends the
-// other launches elsewhere; each one compiled is build time).
-template <typename Traits, int kHeadDim, bool kPlainKernel = true, bool kSoftcapKernel = true>
+// instantiation for softcap and the ready-barrier hop, the CTA order).
+template <typename Traits, int kHeadDim>
 cudaError_t launch_flash_bwd_main(const BwdParams& p, int64_t total_q, int64_t total_k,
                                   float* dq_accum, int* sems, const BwdPad& pad,
                                   cudaStream_t stream) {
@@ -104,15 +102,7 @@ cudaError_t launch_flash_bwd_main(const BwdParams& p, int64_t total_q, int64_t t
     else if constexpr (!Traits::kBatchedDirectWait) return pick(softcap, std::true_type{});
     else return varlen ? pick(softcap, std::true_type{}) : pick(softcap, std::false_type{});
   };
-  static_assert(kPlainKernel || kSoftcapKernel, "no instantiation");
-  decltype(pick_hop(std::bool_constant<!kPlainKernel>{})) kernel = nullptr;  // one that exists
-  if constexpr (kPlainKernel) {
-    if (c == 0.f) kernel = pick_hop(std::false_type{});
-  }
-  if constexpr (kSoftcapKernel) {
-    if (c != 0.f) kernel = pick_hop(std::true_type{});
-  }
-  if (kernel == nullptr) return cudaErrorInvalidValue;
+  auto kernel = c != 0.f ? pick_hop(std::true_type{}) : pick_hop(std::false_type{});
   constexpr int smem = Traits::kSmemBytes;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
@@ -149,8 +139,8 @@ cudaError_t launch_flash_bwd_main(const BwdParams& p, int64_t total_q, int64_t t
 }
 
 // Preprocess (which also writes the padded lse2 / D), the TMA + wgmma main kernel of the head
-// dim, postprocess. hdim 64 without softcap walks FA3's 128 x 128 tiles in both modes (below);
-// every other launch walks 64-row query tiles (docs/kernels/flash_bwd.md).
+// dim, postprocess. hdim 64 walks FA3's 128 x 128 tiles (BwdSm90TraitsFor), hdim 128 64-row
+// query tiles (docs/kernels/flash_bwd.md).
 template <typename Element, int kHeadDim>
 cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_t total_k,
                                      float* dq_accum, int* sems, cudaStream_t stream) {
@@ -182,20 +172,7 @@ cudaError_t run_flash_bwd_sm90_wgmma(const BwdParams& p, int64_t total_q, int64_
   if (e != cudaSuccess) return e;
 
   if (f.seqlen_k > 0) {
-    if constexpr (kHeadDim == 64) {
-      // hdim 64 without softcap runs the 128-row kernel (its pipelined 64-query halves beat the
-      // 64-row kernel by 1.03-1.13x on the H100, and its deterministic mode costs little); the
-      // halves have no softcap path, so softcap keeps the 64-row kernel.
-      if (f.mods.softcap == 0.f)
-        e = launch_flash_bwd_main<FlashBwdSm90Traits<Element, 64, 128>, kHeadDim, true, false>(
-            p, total_q, total_k, dq_accum, sems, pad, stream);
-      else
-        e = launch_flash_bwd_main<Traits, kHeadDim, false, true>(p, total_q, total_k, dq_accum,
-                                                                 sems, pad, stream);
-    } else {
-      e = launch_flash_bwd_main<Traits, kHeadDim>(p, total_q, total_k, dq_accum, sems, pad,
-                                                  stream);
-    }
+    e = launch_flash_bwd_main<Traits, kHeadDim>(p, total_q, total_k, dq_accum, sems, pad, stream);
     if (e != cudaSuccess) return e;
   }
   const int64_t tiles = dq_rows / kBwdBlockM;

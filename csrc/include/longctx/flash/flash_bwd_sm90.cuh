@@ -10,8 +10,8 @@
 // at hdim 64, which has no spills, one dimension in tile_scheduler.cuh's BwdTileOrder (longest
 // KV tiles first within L2-sized sections of kv heads: the 3-D grid was 2-3% slower there). K
 // and V of the tile are TMA-loaded once. The CTA walks the query tiles m of kBlockM rows (64; 128
-// in the hdim-64 instantiation that launches without softcap take, FA3's 128 x 128 tiles: half
-// the steps and semaphore hand-offs per FLOP) in bwd_query_tiles(n), last to
+// at hdim 64, FA3's 128 x 128 tiles: half the steps and semaphore hand-offs per FLOP) in
+// bwd_query_tiles(n), last to
 // first (tiles outside the mask are never loaded), and for each the
 // query heads h of hk's GQA group; per (m, h), with S^T and dP^T computed transposed ("swapAB",
 // keys as the M dimension, so P^T and dS^T come out of the accumulators in the register layout
@@ -74,7 +74,8 @@
 // 2 x 32 KB, lse2/D 1 KB: ~225 KB; (hdim 64, 128-row tiles): K, V 2 x 16 KB, Q, dO 2 x 2 x
 // 16 KB, dS^T 2 x 32 KB, dQ 2 x 32 KB, lse2/D 2 KB: ~226 KB. One CTA per SM.
 // ptxas (hdim 64, 128-row tiles): 20 / 28 bytes of spill stores / loads, none in the loop (96 /
-// 116 with the whole tile's S^T and dP^T at once). Softcap launches keep 64-row tiles.
+// 116 with the whole tile's S^T and dP^T at once); with softcap 28 / 40, 2 loads in the loop
+// (each half's 1 - t^2 kept for its dS^T).
 #pragma once
 
 #ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
@@ -555,7 +556,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       // exponentials of half 0 run under dP^T_0 and S^T_1, those of half 1 under dP^T_1 and half
       // 0's dV and dK; at most three of the four 64 x 64 accumulators are allocated at once
       // (160 registers with dK/dV at the peak, where the whole tile's S^T and dP^T took 192).
-      static_assert(!kSoftcap, "128-row tiles run without softcap (launcher)");
       typename Traits::TiledMmaSdPHalf mma_h;
       auto thr_h = mma_h.get_thread_slice(tidx);
       using H = Int<64>;
@@ -593,8 +593,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         if constexpr (kReadyHop) ss.qdo_ready[st.index()].wait(st.phase());
         else pipe.consumer_wait(st);
         const int s = st.index(), buf = it & 1;
-        // P^T = exp2(S^T scale - lse2) on half hh's visible entries, in place.
-        auto exp_half = [&](AccH& acc, int hh) {
+        // P^T = exp2(S^T scale - lse2) on half hh's visible entries, in place. Softcap:
+        // t = tanh(S^T * softmax_scale / c) (masked entries 2, a value tanh never takes),
+        // P^T = exp2(t * c*log2e - lse2) in place and dt = 1 - t^2 for ds_half (only then
+        // allocated).
+        auto exp_half = [&](AccH& acc, AccH& dt, int hh) {
           const int mh = 2 * m + hh, m0h = mh * 64;
           const bool need_mask = n0 + kN > sk || m0h + 64 > sq ||
                                  !tile_fully_visible(mh, n_block, 64, kN, sq, sk, wl, wr);
@@ -605,21 +608,30 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
             const int key = int(get<0>(tScSh(i))), col = int(get<1>(tScSh(i)));
             const int dlt = key - col;
             const bool vis = key < tm.key_lim && col < tm.q_lim && dlt <= tm.d_hi && dlt >= tm.d_lo;
-            const float pv = fast_exp2(acc(i) * scale_log2 - s_lse[col]);
-            acc(i) = vis ? pv : 0.f;
+            if constexpr (!kSoftcap) {
+              const float pv = fast_exp2(acc(i) * scale_log2 - s_lse[col]);
+              acc(i) = vis ? pv : 0.f;
+            } else {
+              const float t = vis ? tanh_approx(acc(i) * kp.cap_in) : 2.f;
+              acc(i) = t > 1.f ? 0.f : fast_exp2(t * kp.cap_log2 - s_lse[col]);
+              dt(i) = 1.f - t * t;
+            }
           }
         };
         auto to_16bit = [&](RegsH& regs, const AccH& acc) {
           *reinterpret_cast<cutlass::Array<Element, kFragH>*>(regs.data()) =
               cvt(*reinterpret_cast<const cutlass::Array<float, kFragH>*>(acc.data()));
         };
-        // dS^T = P^T (dP^T - D) -> 16 bits, and to smem buffer buf (half hh) by stmatrix.
-        auto ds_half = [&](const AccH& acc_p, AccH& acc_d, RegsH& rdS, auto& tdSsdS, int hh) {
+        // dS^T = P^T (dP^T - D) (softcap: times dt) -> 16 bits, and to smem buffer buf (half hh)
+        // by stmatrix.
+        auto ds_half = [&](const AccH& acc_p, AccH& acc_d, const AccH& dt, RegsH& rdS,
+                           auto& tdSsdS, int hh) {
           const float* s_d = ss.smem_d.data() + s * kM + 64 * hh;
 #pragma unroll
           for (int i = 0; i < size(acc_d); ++i) {
             const int col = int(get<1>(tScSh(i)));
-            acc_d(i) = acc_p(i) * (acc_d(i) - s_d[col]);
+            if constexpr (!kSoftcap) acc_d(i) = acc_p(i) * (acc_d(i) - s_d[col]);
+            else acc_d(i) = acc_p(i) * (acc_d(i) - s_d[col]) * dt(i);
           }
           to_16bit(rdS, acc_d);
           Tensor dst0 = tdSsdS(_, _, _, 0);
@@ -628,7 +640,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         };
         RegsH rP0, rdS0, rP1, rdS1;
         {
-          AccH acc_s0, acc_dp0, acc_s1;
+          AccH acc_s0, acc_dp0, acc_s1, dt0, dt1;  // dt: softcap only
           wg_gemm<true>(mma_h, tSrKh, tSrQ0(_, _, _, s), acc_s0);
           wg_gemm<true>(mma_h, tSrVh, tSrdO0(_, _, _, s), acc_dp0);
           wg_gemm<true>(mma_h, tSrKh, tSrQ1(_, _, _, s), acc_s1);
@@ -636,20 +648,20 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
           // hoists a wait above independent math, so with the wait first the exponentials ran
           // after dP^T's products instead of under them.
           warpgroup_wait<2>();  // S^T_0
-          exp_half(acc_s0, 0);
+          exp_half(acc_s0, dt0, 0);
           to_16bit(rP0, acc_s0);
           wg_gemm<false>(mma_dkv, rP0, tdVrdOt0(_, _, _, s), acc_dv);
           warpgroup_wait<2>();  // dP^T_0
-          ds_half(acc_s0, acc_dp0, rdS0, tdSsdS0, 0);
+          ds_half(acc_s0, acc_dp0, dt0, rdS0, tdSsdS0, 0);
           AccH acc_dp1;
           wg_gemm<true>(mma_h, tSrVh, tSrdO1(_, _, _, s), acc_dp1);
           wg_gemm<false>(mma_dkv, rdS0, tdKrQt0(_, _, _, s), acc_dk);
           warpgroup_wait<3>();  // S^T_1
-          exp_half(acc_s1, 1);
+          exp_half(acc_s1, dt1, 1);
           to_16bit(rP1, acc_s1);
           wg_gemm<false>(mma_dkv, rP1, tdVrdOt1(_, _, _, s), acc_dv);
           warpgroup_wait<2>();  // dP^T_1
-          ds_half(acc_s1, acc_dp1, rdS1, tdSsdS1, 1);
+          ds_half(acc_s1, acc_dp1, dt1, rdS1, tdSsdS1, 1);
         }
         cutlass::arch::fence_view_async_shared();
         cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, 1);  // all of dS^T in smem
