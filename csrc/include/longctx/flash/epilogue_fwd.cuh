@@ -21,6 +21,7 @@
 #include <cutlass/numeric_conversion.h>
 #include "longctx/flash/flash_fwd_traits.cuh"
 #include "longctx/flash/flash_params.h"
+#include "longctx/flash/softmax.cuh"  // convert_fragment
 
 namespace longctx {
 namespace flash {
@@ -41,10 +42,7 @@ __device__ __forceinline__ void store_o_tma(typename Traits::SharedStorage& ss,
   Tensor sO = make_tensor(make_smem_ptr(ss.smem_o.data() + wg * cosize_v<SmemLayoutOWg>),
                           SmemLayoutOWg{});
   Tensor rO = make_tensor<Element>(tOrO.layout());
-  constexpr int kFrag = decltype(size(tOrO))::value;
-  cutlass::NumericArrayConverter<Element, float, kFrag> cvt;
-  *reinterpret_cast<cutlass::Array<Element, kFrag>*>(rO.data()) =
-      cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(tOrO.data()));
+  convert_fragment(rO, tOrO);
   if (wt == 0) tma_store_wait<0>();  // this warpgroup's previous store has read sO
   cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + wg);
   auto s2s = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{},

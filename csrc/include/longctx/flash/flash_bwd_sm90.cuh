@@ -102,7 +102,7 @@
 #include "longctx/flash/flash_bwd_preprocess.cuh"
 #include "longctx/flash/mainloop_fwd_sm90.cuh"  // wg_gemm
 #include "longctx/flash/mask.h"
-#include "longctx/flash/softmax.cuh"  // acc_layout_to_A_regs, fast_exp2
+#include "longctx/flash/softmax.cuh"  // acc_layout_to_A_regs, convert_fragment, fast_exp2
 #include "longctx/flash/tile_scheduler.cuh"
 #include "longctx/tanh_approx.cuh"
 
@@ -585,8 +585,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       Tensor tScSh = thr_h.partition_C(make_identity_tensor(Shape<Int<kN>, H>{}));
       using AccH = decltype(partition_fragment_C(mma_h, Shape<Int<kN>, H>{}));
       using RegsH = decltype(make_tensor<Element>(acc_layout_to_A_regs(AccH{}.layout())));
-      constexpr int kFragH = decltype(size(AccH{}))::value;
-      cutlass::NumericArrayConverter<Element, float, kFragH> cvt;
 
       for (int it = 0; it < total; ++it) {
         const int m = range.end - 1 - it / group;
@@ -618,10 +616,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
             }
           }
         };
-        auto to_16bit = [&](RegsH& regs, const AccH& acc) {
-          *reinterpret_cast<cutlass::Array<Element, kFragH>*>(regs.data()) =
-              cvt(*reinterpret_cast<const cutlass::Array<float, kFragH>*>(acc.data()));
-        };
         // dS^T = P^T (dP^T - D) (softcap: times dt) -> 16 bits, and to smem buffer buf (half hh)
         // by stmatrix.
         auto ds_half = [&](const AccH& acc_p, AccH& acc_d, const AccH& dt, RegsH& rdS,
@@ -633,7 +627,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
             if constexpr (!kSoftcap) acc_d(i) = acc_p(i) * (acc_d(i) - s_d[col]);
             else acc_d(i) = acc_p(i) * (acc_d(i) - s_d[col]) * dt(i);
           }
-          to_16bit(rdS, acc_d);
+          convert_fragment(rdS, acc_d);
           Tensor dst0 = tdSsdS(_, _, _, 0);
           Tensor dst = make_tensor(dst0.data() + buf * (kN * kM), dst0.layout());
           copy(s2s_h, thr_s2s_h.retile_S(make_tensor(rdS.data(), acc_d.layout())), dst);
@@ -649,7 +643,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
           // after dP^T's products instead of under them.
           warpgroup_wait<2>();  // S^T_0
           exp_half(acc_s0, dt0, 0);
-          to_16bit(rP0, acc_s0);
+          convert_fragment(rP0, acc_s0);
           wg_gemm<false>(mma_dkv, rP0, tdVrdOt0(_, _, _, s), acc_dv);
           warpgroup_wait<2>();  // dP^T_0
           ds_half(acc_s0, acc_dp0, dt0, rdS0, tdSsdS0, 0);
@@ -658,7 +652,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
           wg_gemm<false>(mma_dkv, rdS0, tdKrQt0(_, _, _, s), acc_dk);
           warpgroup_wait<3>();  // S^T_1
           exp_half(acc_s1, dt1, 1);
-          to_16bit(rP1, acc_s1);
+          convert_fragment(rP1, acc_s1);
           wg_gemm<false>(mma_dkv, rP1, tdVrdOt1(_, _, _, s), acc_dv);
           warpgroup_wait<2>();  // dP^T_1
           ds_half(acc_s1, acc_dp1, dt1, rdS1, tdSsdS1, 1);
@@ -751,16 +745,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
             acc_dp(i) = pv * (acc_dp(i) - s_d[col]) * (1.f - t * t);
           }
         }
-        constexpr int kFrag = decltype(size(acc_s))::value;
         Tensor rP = make_tensor<Element>(acc_layout_to_A_regs(acc_s.layout()));
         Tensor rdS = make_tensor<Element>(acc_layout_to_A_regs(acc_dp.layout()));
-        {
-          cutlass::NumericArrayConverter<Element, float, kFrag> cvt;
-          *reinterpret_cast<cutlass::Array<Element, kFrag>*>(rP.data()) =
-              cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(acc_s.data()));
-          *reinterpret_cast<cutlass::Array<Element, kFrag>*>(rdS.data()) =
-              cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(acc_dp.data()));
-        }
+        convert_fragment(rP, acc_s);
+        convert_fragment(rdS, acc_dp);
         // dS^T -> smem buffer it % 2 by stmatrix. Buffer 0's addresses plus a runtime shift:
         // indexing the buffer mode at run time spilled 184 bytes at hdim 64 (44 without).
         const int buf = it & 1;

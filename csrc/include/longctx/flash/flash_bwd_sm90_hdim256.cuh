@@ -434,8 +434,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       // d_lo <= c - r <= d_hi (tile_mask).
       const TileMask tm = tile_mask(need_mask, m0, n0, sq, sk, wl, wr);
       const int key_lim = tm.key_lim, q_lim = tm.q_lim, d_hi = tm.d_hi, d_lo = tm.d_lo;
-      constexpr int kFrag = decltype(size(acc_s))::value;
-      cutlass::NumericArrayConverter<Element, float, kFrag> cvt;
       Tensor rP = make_tensor_like<Element>(acc_s);
       warpgroup_wait<1>();
       {
@@ -473,10 +471,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
           }
         }
       }
-      if constexpr (!kSoftcap) {
-        *reinterpret_cast<cutlass::Array<Element, kFrag>*>(rP.data()) =
-            cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(acc_s.data()));
-      }
+      if constexpr (!kSoftcap) convert_fragment(rP, acc_s);
       copy(s2s, thr_s2s.retile_S(rP), tPsP(_, _, _, buf));
       warpgroup_wait<0>();
       {
@@ -491,8 +486,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       }
       {
         Tensor rdS = make_tensor_like<Element>(acc_dp);
-        *reinterpret_cast<cutlass::Array<Element, kFrag>*>(rdS.data()) =
-            cvt(*reinterpret_cast<const cutlass::Array<float, kFrag>*>(acc_dp.data()));
+        convert_fragment(rdS, acc_dp);
         copy(s2s, thr_s2s.retile_S(rdS), tdSsdS(_, _, _, buf));
       }
       cutlass::arch::fence_view_async_shared();

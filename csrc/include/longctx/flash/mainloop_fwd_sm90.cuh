@@ -194,12 +194,7 @@ __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss,
   Tensor S_rc = make_tensor(tSrS.data(), acc_layout_rowcol(tSrS.layout()));
   Tensor O_rc = make_tensor(tOrO.data(), acc_layout_rowcol(tOrO.layout()));
 
-  auto convert_p = [&]() {
-    constexpr int N = decltype(size(tSrS))::value;
-    cutlass::NumericArrayConverter<Element, float, N> cvt;
-    auto frag = cvt(*reinterpret_cast<const cutlass::Array<float, N>*>(tSrS.data()));
-    *reinterpret_cast<cutlass::Array<Element, N>*>(tOrP.data()) = frag;
-  };
+  auto convert_p = [&]() { convert_fragment(tOrP, tSrS); };
   auto cap_and_mask = [&](int n) {
     if constexpr (kSoftcap) apply_softcap(tSrS, softcap_in);
     if (tile_needs_mask(ma.m_block, n, kBlockM, kBlockN, ma.sq, ma.sk, ma.window_left,

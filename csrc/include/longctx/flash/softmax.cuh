@@ -17,8 +17,11 @@
 // row gets out = 0 and lse = sink exactly. A sink of -inf takes the sink-free code (bitwise no
 // sink); a NaN sink enters the denominator explicitly, so every row of its head is NaN.
 // With softcap the scores the softmax sees are tanh values and softmax_scale is the cap c.
+// Also the register-fragment helpers the forward and backward kernels share: acc_layout_rowcol,
+// acc_layout_to_A_regs, convert_fragment (fp32 accumulators to 16-bit operands).
 #pragma once
 #include <cute/tensor.hpp>
+#include <cutlass/numeric_conversion.h>
 #include <math_constants.h>
 
 namespace longctx {
@@ -59,6 +62,18 @@ __device__ __forceinline__ auto acc_layout_to_A_regs(Layout acc) {
   auto l = logical_divide(get<0>(acc), Shape<X, X, _2>{});
   return make_layout(make_layout(get<0>(l), get<1>(l), get<2, 0>(l)), get<1>(acc),
                      make_layout(get<2, 1>(l), get<2>(acc)));
+}
+
+// The fp32 register fragment src converted element by element into the register fragment dst
+// (16-bit; same size, register order kept: dst may view the accumulator layout as an A operand).
+template <typename TensorD, typename TensorS>
+__device__ __forceinline__ void convert_fragment(TensorD& dst, const TensorS& src) {
+  using To = typename TensorD::value_type;
+  constexpr int N = decltype(cute::size(src))::value;
+  static_assert(decltype(cute::size(dst))::value == N, "fragment sizes differ");
+  cutlass::NumericArrayConverter<To, float, N> cvt;
+  *reinterpret_cast<cutlass::Array<To, N>*>(dst.data()) =
+      cvt(*reinterpret_cast<const cutlass::Array<float, N>*>(src.data()));
 }
 
 template <int kNRows>
