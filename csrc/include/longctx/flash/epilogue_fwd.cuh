@@ -9,11 +9,11 @@
 // thread's bulk-group wait, then a warpgroup barrier), and every store has read its tile before
 // the CTA exits (store_o_tma_drain). It replaces store_o's 32 32-bit stores per thread at hdim
 // 128, each touching 8 rows: 1.03-1.13x faster at 1K tokens (docs/kernels/flash_fwd.md).
-// store_o (varlen, hdim 256, out strides the TMA cannot take): written straight from registers
-// with predicated stores. Each consumer thread holds 2 rows x (D/4) columns of O as pairs of
-// adjacent columns; a pair goes out as one 32-bit store, so a quad writes 16 contiguous bytes per
-// row. Rows >= sq (tile tail, or the next packed sequence in varlen) are not written, nor columns
-// >= p.head_dim (a head dim run on a wider kernel, a multiple of 8).
+// store_o (varlen, hdim 256, an out batch stride the TMA cannot take): written straight from
+// registers with predicated stores. Each consumer thread holds 2 rows x (D/4) columns of O as
+// pairs of adjacent columns; a pair goes out as one 32-bit store, so a quad writes 16 contiguous
+// bytes per row. Rows >= sq (tile tail, or the next packed sequence in varlen) are not written,
+// nor columns >= p.head_dim (a head dim run on a wider kernel, a multiple of 8).
 // store_lse: lane 0 of each quad writes the LSE of its 2 rows. Offsets are 64-bit.
 #pragma once
 #include <cute/tensor.hpp>
