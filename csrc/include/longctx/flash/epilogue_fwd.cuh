@@ -7,8 +7,8 @@
 // >= sq and columns >= p.head_dim. The warpgroups never wait for each other. Invariant: a
 // warpgroup's previous store has read its smem tile before the tile is rewritten (the issuing
 // thread's bulk-group wait, then a warpgroup barrier), and every store has read its tile before
-// the CTA exits (store_o_tma_drain). It replaces store_o's 32 32-bit stores per thread at hdim
-// 128, each touching 8 rows: 1.03-1.13x faster at 1K tokens (docs/kernels/flash_fwd.md).
+// the CTA exits (store_o_tma_drain). Where both apply it is the faster path: store_o takes 32
+// 32-bit stores per thread at hdim 128, each touching 8 rows (docs/kernels/flash_fwd.md).
 // store_o (varlen, hdim 256, an out batch stride the TMA cannot take): written straight from
 // registers with predicated stores. Each consumer thread holds 2 rows x (D/4) columns of O as
 // pairs of adjacent columns; a pair goes out as one 32-bit store, so a quad writes 16 contiguous
