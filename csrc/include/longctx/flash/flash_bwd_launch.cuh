@@ -25,7 +25,7 @@ namespace flash {
 
 template <typename Element, int kHeadDim>
 struct BwdSm90TraitsFor {  // hdim 64: FA3's 128 x 128 tiles (128-row query tiles in halves)
-  using type = FlashBwdSm90Traits<Element, kHeadDim, kHeadDim == 64 ? 128 : 64>;
+  using type = FlashBwdSm90Traits<Element, kHeadDim>;
 };
 template <typename Element>
 struct BwdSm90TraitsFor<Element, 256> {

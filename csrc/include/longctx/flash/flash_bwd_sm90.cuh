@@ -109,14 +109,16 @@
 namespace longctx {
 namespace flash {
 
-template <typename Element_, int kHeadDim_, int kBlockM_ = 64>
+template <typename Element_, int kHeadDim_>
 struct FlashBwdSm90Traits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   // sdQ buffers: a dedicated warp (warp 1 of the producer warpgroup) issues the dQ TMA reduces
   // from a double-buffered sdQ (mbarrier hand-off: the consumers never wait for the reduce).
   static constexpr int kDqBufs = 2;
-  static constexpr int kBlockM = kBlockM_;  // query rows per iteration: 64, or 128 (hdim 64)
+  // Query rows per iteration: hdim 64 walks FA3's 128 x 128 tiles (in two 64-query halves),
+  // hdim 128 64-row tiles.
+  static constexpr int kBlockM = kHeadDim == 64 ? 128 : 64;
   static constexpr int kBlockN = 128;       // keys per CTA
   static constexpr int kStages = 2;
   static constexpr int kNumMmaThreads = 256;
@@ -136,7 +138,6 @@ struct FlashBwdSm90Traits {
   static constexpr bool kDqSplitM = kBlockM == 128;
   static constexpr int kDqCols = kDqSplitM ? kHeadDim : kHeadDim / 2;
   static constexpr int kDqRegs = 64 * kDqCols / 128;
-  static_assert(kBlockM == 64 || kBlockM == 128, "query tiles of 64 or 128 rows");
 
   using TileSdP = cute::Shape<cute::Int<kBlockN>, cute::Int<kBlockM>, cute::Int<kHeadDim>>;
   using TileDKV = cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::Int<kBlockM>>;
@@ -160,11 +161,12 @@ struct FlashBwdSm90Traits {
       cute::Layout<cute::Shape<cute::Int<kDqSplitM ? 2 : 1>, cute::Int<kDqSplitM ? 1 : 2>,
                                cute::_1>>{}));
 
-  // Q, dO, dS: 128-byte swizzle. K, V: the dQ product reads K^T MN-major, split at D/2 between
-  // the warpgroups when they split D, so the swizzle atom must not be wider than kDqCols.
+  // Q, dO, dS, K, V: 128-byte swizzle. The dQ product reads K^T MN-major, split at D/2 between
+  // the warpgroups when they split D (hdim 128), so the swizzle atom (64 elements) must not be
+  // wider than kDqCols.
+  static_assert(kDqCols % 64 == 0, "dQ's K^T split on a 128-byte swizzle atom");
   using AtomQ = cute::GMMA::Layout_K_SW128_Atom<Element>;
-  using AtomK = std::conditional_t<kDqCols % 64 == 0, cute::GMMA::Layout_K_SW128_Atom<Element>,
-                                   cute::GMMA::Layout_K_SW64_Atom<Element>>;
+  using AtomK = AtomQ;
   using SmemLayoutQ = decltype(cute::tile_to_shape(
       AtomQ{}, cute::make_shape(cute::Int<kBlockM>{}, cute::Int<kHeadDim>{}, cute::Int<kStages>{})));
   using SmemLayoutK = decltype(cute::tile_to_shape(
