@@ -28,9 +28,9 @@ namespace longctx {
 namespace flash {
 
 // Row spacing of the workspace layouts below for kernel width D: the tallest query tile a main
-// kernel of that width walks (Traits::kBlockM), 128 at D 64 (deterministic mode's 128 x 128
-// tiles), 64 otherwise. The padded layouts leave room for whole tiles of this height after
-// every sequence, so the 64-row kernels fit them too.
+// kernel of that width walks (Traits::kBlockM): 128 at D 64 (FA3's 128 x 128 tiles), 64
+// otherwise. The padded layouts leave room for whole tiles of this height after every
+// sequence.
 LONGCTX_HOST_DEVICE constexpr int bwd_layout_block_m(int kernel_head_dim) {
   return kernel_head_dim == 64 ? 128 : 64;
 }
