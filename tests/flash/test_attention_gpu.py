@@ -107,6 +107,56 @@ def test_flash_fwd_varlen(hdim, dtype, causal):
     _check(out, lse, q, k, v, scale, causal, -1, -1, cu_q, cu_k)
 
 
+# hdim 64 (and head dims padded to it) runs 192-row tiles from this many query rows on
+# (kFwdTallTileMinSeqlenQ in csrc/include/longctx/flash/flash_fwd_launch.cuh), 128-row ones below;
+# the cases above are all shorter, these are all at or past it.
+TALL_TILE_MIN_SEQLEN_Q = 4096
+TALL_CASES = [  # (batch, sq, sk, heads, heads_kv, causal, window_left, window_right)
+    (1, 4096, 4096, 2, 1, True, -1, -1),    # exactly the threshold, 21.3 tiles per head
+    (1, 4300, 4500, 3, 1, True, -1, -1),    # sk > sq (bottom-right diagonal), GQA 3/1
+    (1, 4500, 4300, 2, 2, True, -1, -1),    # sq > sk: the first 200 rows see no key
+    (1, 4201, 4201, 2, 2, False, 700, 0),   # sliding window, skipped tiles on both sides
+    (2, 4097, 333, 2, 2, False, -1, -1),    # sk 333: the last 112-key tile partial; batch 2
+]
+
+
+@pytest.mark.parametrize("hdim", [32, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", TALL_CASES, ids=lambda c: "b%d_sq%d_sk%d_h%d_%d_c%d_w%d_%d" % c)
+def test_flash_fwd_tall_tiles(hdim, dtype, case):
+    _skip_unless(64, dtype)
+    b, sq, sk, h, hk, causal, wl, wr = case
+    assert sq >= TALL_TILE_MIN_SEQLEN_Q
+    q = torch.randn(b, sq, h, hdim, device="cuda", dtype=dtype)
+    k = torch.randn(b, sk, hk, hdim, device="cuda", dtype=dtype)
+    v = torch.randn(b, sk, hk, hdim, device="cuda", dtype=dtype)
+    scale = 1.0 / math.sqrt(hdim)
+    out, lse = torch.ops.longctx.flash_attn_fwd(q, k, v, None, None, 0, 0, scale, causal, wl, wr)
+    _check(out, lse, q, k, v, scale, causal, wl, -1 if causal else wr)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_fwd_tall_tiles_varlen(causal):
+    """One long sequence puts every sequence of the launch on 192-row tiles (max_seqlen_q)."""
+    _skip_unless(64, torch.bfloat16)
+    lens_q = [4100, 0, 300, 1, 257]
+    lens_k = [4000, 5, 400, 90, 200]
+    cu_q, cu_k = [0], [0]
+    for a, c in zip(lens_q, lens_k):
+        cu_q.append(cu_q[-1] + a)
+        cu_k.append(cu_k[-1] + c)
+    assert max(lens_q) >= TALL_TILE_MIN_SEQLEN_Q
+    h, hk, dev = 3, 1, "cuda"
+    q = torch.randn(cu_q[-1], h, 64, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(cu_k[-1], hk, 64, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(cu_k[-1], hk, 64, device=dev, dtype=torch.bfloat16)
+    tq = torch.tensor(cu_q, dtype=torch.int32, device=dev)
+    tk = torch.tensor(cu_k, dtype=torch.int32, device=dev)
+    out, lse = torch.ops.longctx.flash_attn_fwd(q, k, v, tq, tk, max(lens_q), max(lens_k), 0.125,
+                                                causal, -1, -1)
+    _check(out, lse, q, k, v, 0.125, causal, -1, -1, cu_q, cu_k)
+
+
 def test_flash_fwd_strided_qkv():
     """q, k, v as views of one packed (b, s, 3, h, d) tensor (row stride 3*h*d)."""
     _skip_unless(128, torch.bfloat16)

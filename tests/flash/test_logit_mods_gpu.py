@@ -64,6 +64,18 @@ def test_batched_matches_reference(dtype, hdim, mods, mask):
     check_flash_func(q, k, v, sinks, dtype, scale, causal, window, softcap)
 
 
+@pytest.mark.parametrize("mods", MODS, ids=[m[0] for m in MODS])
+def test_tall_tiles_match_reference(mods):
+    """hdim 64 from 4,096 query rows runs the forward's 192-row tiles (test_attention_gpu.py's
+    TALL_TILE_MIN_SEQLEN_Q): each modifier there, causal with sk > sq, forward and backward."""
+    _, softcap, with_sinks = mods
+    skip_unless_compiled(64, BF16, ("flash_fwd", "flash_bwd"))
+    _seed("tall", mods)
+    q, k, v = _qkv(1, 4150, 4400, 4, 2, 64, BF16)
+    sinks = _sinks(4).requires_grad_() if with_sinks else None
+    check_flash_func(q, k, v, sinks, BF16, 1 / 8, True, (-1, -1), softcap)
+
+
 @pytest.mark.parametrize("hdim", [64, 128, 256])
 @pytest.mark.parametrize("mods", MODS, ids=[m[0] for m in MODS])
 def test_deterministic_backward(hdim, mods):

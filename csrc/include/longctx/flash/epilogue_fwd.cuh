@@ -21,14 +21,16 @@
 #include <cutlass/numeric_conversion.h>
 #include "longctx/flash/flash_fwd_traits.cuh"
 #include "longctx/flash/flash_params.h"
+#include "longctx/flash/mainloop_fwd_sm90.cuh"  // kVTailBarrier
 #include "longctx/flash/softmax.cuh"  // convert_fragment
 
 namespace longctx {
 namespace flash {
 
 // Named barriers of the TMA-store epilogue: kEpilogueBarrier + warpgroup (128 threads each),
-// after the main loop's ids (ConsumerPingPong 0-1, the V tail 2).
-constexpr uint32_t kEpilogueBarrier = 3;
+// after the main loop's ids (the ping-pong's, then the V tail's).
+template <typename Traits>
+constexpr uint32_t kEpilogueBarrier = kVTailBarrier<Traits> + 1;
 
 template <typename Traits, typename TensorO>
 __device__ __forceinline__ void store_o_tma(typename Traits::SharedStorage& ss,
@@ -44,13 +46,13 @@ __device__ __forceinline__ void store_o_tma(typename Traits::SharedStorage& ss,
   Tensor rO = make_tensor<Element>(tOrO.layout());
   convert_fragment(rO, tOrO);
   if (wt == 0) tma_store_wait<0>();  // this warpgroup's previous store has read sO
-  cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + wg);
+  cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier<Traits> + wg);
   auto s2s = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{},
                                typename Traits::TiledMmaOWg{});
   auto thr = s2s.get_thread_slice(wt);
   copy(s2s, thr.retile_S(rO), thr.partition_D(sO));
   cutlass::arch::fence_view_async_shared();
-  cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier + wg);
+  cutlass::arch::NamedBarrier::sync(128, kEpilogueBarrier<Traits> + wg);
   if (wt == 0) {
     Tensor mO = tma_o.get_tma_tensor(shape_o);
     Tensor gO = local_tile(mO(_, _, h, b), make_shape(_64{}, Int<Traits::kHeadDim>{}),

@@ -1,9 +1,10 @@
 // The Hopper (sm_90a) flash-attention forward kernel: persistent CTAs over (query tile, head, batch).
 //
 // Computes out = softmax(softmax_scale * Q K^T + mask) V and lse (natural log, fp32), one tile
-// of kBlockM = 128 query rows of one head at a time; the CTA is persistent and walks the tiles
-// tile_scheduler.cuh gives it (longest first within L2-sized sections of heads). 384 threads: warpgroup 0 drops to 24 registers
-// (setmaxnreg) and one of its threads issues the TMA loads; warpgroups 1-2 rise to 240 and run
+// of kBlockM query rows (128; 192 for hdim 64's long query sequences) of one head at a time;
+// the CTA is persistent and walks the tiles tile_scheduler.cuh gives it (longest first within
+// L2-sized sections of heads). Warpgroup 0 drops its registers (setmaxnreg) and one of its threads
+// issues the TMA loads; the kBlockM / 64 consumer warpgroups (64 rows each) raise theirs and run
 // the wgmma main loop (mainloop_fwd_sm90.cuh), the online softmax (softmax.cuh) and the
 // epilogue (epilogue_fwd.cuh: at head dims up to 128 in batched launches each consumer
 // warpgroup's 64 rows go out by one TMA store from smem). The K/V pipeline runs on across query
@@ -137,7 +138,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ FwdKernelParams<Traits> kp) {
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
     const int mma_tidx = int(threadIdx.x) - 128;
-    if constexpr (Traits::kPingPong) ConsumerPingPong::init(mma_tidx / 128);
+    if constexpr (Traits::kPingPong)
+      ConsumerPingPong<Traits::kNumMmaWarpGroups>::init(mma_tidx / 128);
     typename Traits::PipelineState st_k, st_v;  // consumer start state: index 0, phase 0
     typename Traits::TiledMma1 tiled_mma1;
     for (int it = 0;; ++it) {

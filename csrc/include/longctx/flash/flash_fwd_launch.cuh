@@ -7,7 +7,7 @@
 // FwdParams does not carry: the caller passes them). TMA needs a 16-byte-aligned base and
 // 16-byte-multiple strides: flash_fwd_tma_unsupported_reason() says why a layout cannot be
 // used (the launcher turns that into a user-facing error).
-// Grid: persistent, min(#tiles, #SMs) CTAs over ceil(seqlen_q / 128) x heads x batch tiles
+// Grid: persistent, min(#tiles, #SMs) CTAs over ceil(seqlen_q / kBlockM) x heads x batch tiles
 // (seqlen_q is max_seqlen_q in varlen).
 #pragma once
 #include <cuda_runtime.h>
@@ -22,22 +22,14 @@
 namespace longctx {
 namespace flash {
 
-// total_q / total_k: rows of the packed tensors in varlen mode (ignored when batched).
-// tile_counter: >= 4 bytes of device scratch for the dynamic tile scheduler, used by no other
-// launch in flight (it is zeroed here, on the stream); nullptr selects the static schedule.
-template <typename Element, int kHeadDim>
-cudaError_t run_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t total_k,
-                               int* tile_counter, cudaStream_t stream) {
+// The kernel of Traits on validated params (run_flash_fwd_sm90 below).
+template <typename Traits>
+cudaError_t launch_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t total_k,
+                                  int* tile_counter, cudaStream_t stream) {
   using namespace cute;
-  using Traits = FlashFwdTraits<Element, kHeadDim>;
-  // head_dim <= kHeadDim: the TMA views are head_dim wide, so the columns past it load as zeros
-  // (fwd_kernel_head_dim); a multiple of 8 keeps the rows' strides 16-byte multiples.
-  if (p.head_dim > kHeadDim || p.head_dim % 8 != 0 || p.head_dim <= 0)
-    return cudaErrorInvalidValue;
-  if (flash_fwd_tma_unsupported_reason(p, sizeof(Element)) != nullptr) return cudaErrorInvalidValue;
+  using Element = typename Traits::Element;
+  constexpr int kHeadDim = Traits::kHeadDim;
   const bool varlen = p.cu_seqlens_q != nullptr;
-  if (p.batch <= 0 || p.seqlen_q <= 0 || p.heads <= 0) return cudaSuccess;  // nothing to do
-
   FwdKernelParams<Traits> kp;
   kp.p = p;
   const int rows_q = int(varlen ? total_q : p.seqlen_q);
@@ -97,6 +89,36 @@ cudaError_t run_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t tota
   }
   kernel<<<grid, Traits::kNumThreads, smem, stream>>>(kp);
   return cudaGetLastError();
+}
+
+// hdim 64 runs FA3's 192-row tiles (three consumer warpgroups) when the launch's query
+// sequences reach kFwdTallTileMinSeqlenQ rows (seqlen_q, the longest one in varlen), and
+// 128-row tiles below: a 192-row tile loses where a head's last tile is mostly empty (1,024
+// rows are 5.3 tiles) and under a causal mask on short sequences (docs/kernels/flash_fwd.md).
+constexpr int kFwdTallTileMinSeqlenQ = 4096;
+inline bool fwd_tall_tiles(int kernel_head_dim, int seqlen_q) {
+  return kernel_head_dim == 64 && seqlen_q >= kFwdTallTileMinSeqlenQ;
+}
+
+// total_q / total_k: rows of the packed tensors in varlen mode (ignored when batched).
+// tile_counter: >= 4 bytes of device scratch for the dynamic tile scheduler, used by no other
+// launch in flight (it is zeroed here, on the stream); nullptr selects the static schedule.
+template <typename Element, int kHeadDim>
+cudaError_t run_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t total_k,
+                               int* tile_counter, cudaStream_t stream) {
+  // head_dim <= kHeadDim: the TMA views are head_dim wide, so the columns past it load as zeros
+  // (fwd_kernel_head_dim); a multiple of 8 keeps the rows' strides 16-byte multiples.
+  if (p.head_dim > kHeadDim || p.head_dim % 8 != 0 || p.head_dim <= 0)
+    return cudaErrorInvalidValue;
+  if (flash_fwd_tma_unsupported_reason(p, sizeof(Element)) != nullptr) return cudaErrorInvalidValue;
+  if (p.batch <= 0 || p.seqlen_q <= 0 || p.heads <= 0) return cudaSuccess;  // nothing to do
+  if constexpr (kHeadDim == 64) {
+    if (fwd_tall_tiles(kHeadDim, p.seqlen_q))
+      return launch_flash_fwd_sm90<FlashFwdTraits<Element, 64, 192>>(p, total_q, total_k,
+                                                                     tile_counter, stream);
+  }
+  return launch_flash_fwd_sm90<FlashFwdTraits<Element, kHeadDim>>(p, total_q, total_k,
+                                                                  tile_counter, stream);
 }
 
 }  // namespace flash

@@ -5,9 +5,10 @@
 // the two wgmma tiled MMAs:
 //   GEMM0  S(kBlockM x kBlockN) = Q(kBlockM x D) K^T      SS: both operands from smem, K-major
 //   GEMM1  O(kBlockM x D)      += P(kBlockM x kBlockN) V   RS: P from registers, V (= B) MN-major
-// Tiling: 3 warpgroups (384 threads). Warpgroup 0 is the producer (one thread issues TMA),
-// warpgroups 1 and 2 are consumers; each consumer owns 64 of the 128 query rows (one wgmma
-// atom of M = 64 each, AtomLayout kBlockM/64 x 1 x 1).
+// Tiling: warpgroup 0 is the producer (one thread issues TMA), the kBlockM / 64 others are
+// consumers; each consumer owns 64 of the kBlockM query rows (one wgmma atom of M = 64 each,
+// AtomLayout kBlockM/64 x 1 x 1): 2 consumers (384 threads) with 128-row tiles, 3 (512
+// threads) with hdim 64's 192-row tiles.
 // Invariants: kHeadDim is a multiple of 64 (128-byte swizzle atoms of 64 16-bit elements),
 // kBlockN a multiple of 16 (GEMM1 K step) and <= 256 (wgmma N); smem use <= 227 KB.
 #pragma once
@@ -33,32 +34,43 @@
 namespace longctx {
 namespace flash {
 
-// Tile shape per head dim (bf16/fp16). hdim 256 needs a narrow kBlockN to fit smem (2 stages).
-template <int kHeadDim> struct FwdTileSize;
-// Register split (setmaxnreg) producer / consumer: the sum 128 * P + 256 * C must not exceed
-// the 168 * 384 = 64512 registers the CTA launches with. 40/232 keeps the producer's scheduler
-// loop spill-free; hdim 256 needs 240 in the consumers (232 spills there), so its producer
-// gets 24 and spills 448 bytes in the persistent scheduler loop (docs/kernels/flash_fwd.md).
-template <> struct FwdTileSize<64>  { static constexpr int kBlockM = 128, kBlockN = 128, kStages = 2, kProducerRegs = 40, kConsumerRegs = 232; };
-template <> struct FwdTileSize<128> { static constexpr int kBlockM = 128, kBlockN = 128, kStages = 2, kProducerRegs = 40, kConsumerRegs = 232; };
-template <> struct FwdTileSize<256> { static constexpr int kBlockM = 128, kBlockN = 80,  kStages = 2, kProducerRegs = 24, kConsumerRegs = 240; };
+// Tile shape per head dim and query tile height (bf16/fp16). Every head dim has 128-row tiles;
+// hdim 64 also has FA3's 192-row tiles for long query sequences (fwd_tall_tiles in
+// flash_fwd_launch.cuh). hdim 256 needs a narrow kBlockN to fit smem (2 stages).
+template <int kHeadDim, int kBlockM = 128> struct FwdTileSize;
+// Register split (setmaxnreg) producer / consumer: 128 * P + (kBlockM / 64) * 128 * C must not
+// exceed the registers the CTA launches with (168 * 384 = 64512 with 2 consumers, 128 * 512 =
+// 65536 with 3). 40/232 keeps the producer's scheduler loop spill-free; hdim 256 needs 240 in
+// the consumers (232 spills there), so its producer gets 24 and spills 448 bytes in the
+// persistent scheduler loop (docs/kernels/flash_fwd.md). hdim 64's three consumers of 192-row
+// tiles get 160, as in FA3; 112-key tiles keep them spill-free (S 56, P 28 and O 32 registers
+// per thread in the overlapped loop; with 128 keys the loop spills).
+template <> struct FwdTileSize<64, 128>  { static constexpr int kBlockN = 128, kStages = 2, kProducerRegs = 40, kConsumerRegs = 232; };
+template <> struct FwdTileSize<64, 192>  { static constexpr int kBlockN = 112, kStages = 2, kProducerRegs = 32, kConsumerRegs = 160; };
+template <> struct FwdTileSize<128, 128> { static constexpr int kBlockN = 128, kStages = 2, kProducerRegs = 40, kConsumerRegs = 232; };
+template <> struct FwdTileSize<256, 128> { static constexpr int kBlockN = 80,  kStages = 2, kProducerRegs = 24, kConsumerRegs = 240; };
 
-template <typename Element_, int kHeadDim_,
-          int kBlockN_ = FwdTileSize<kHeadDim_>::kBlockN,
-          int kStages_ = FwdTileSize<kHeadDim_>::kStages>
+template <typename Element_, int kHeadDim_, int kBlockM_ = 128,
+          int kBlockN_ = FwdTileSize<kHeadDim_, kBlockM_>::kBlockN,
+          int kStages_ = FwdTileSize<kHeadDim_, kBlockM_>::kStages>
 struct FlashFwdTraits {
   using Element = Element_;      // cutlass::bfloat16_t or cutlass::half_t
   using ElementAccum = float;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 128;
+  static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;
-  static constexpr int kNumMmaWarpGroups = kBlockM / 64;  // 2 consumers
+  static constexpr int kNumMmaWarpGroups = kBlockM / 64;  // consumers
   static constexpr int kNumThreads = 128 * (kNumMmaWarpGroups + 1);
   static constexpr int kNumMmaThreads = 128 * kNumMmaWarpGroups;
-  static constexpr int kProducerRegs = FwdTileSize<kHeadDim_>::kProducerRegs;
-  static constexpr int kConsumerRegs = FwdTileSize<kHeadDim_>::kConsumerRegs;
-  static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 168 * 384, "setmaxnreg pool");
+  static constexpr int kProducerRegs = FwdTileSize<kHeadDim_, kBlockM_>::kProducerRegs;
+  static constexpr int kConsumerRegs = FwdTileSize<kHeadDim_, kBlockM_>::kConsumerRegs;
+  static_assert(kBlockM % 64 == 0 && kNumMmaWarpGroups >= 2 && kNumMmaWarpGroups <= 3,
+                "2 or 3 consumer warpgroups");
+  // Registers per thread at launch (__launch_bounds__(kNumThreads, 1)), a multiple of 8.
+  static constexpr int kLaunchRegs = (65536 / kNumThreads) / 8 * 8;
+  static_assert(128 * kProducerRegs + kNumMmaThreads * kConsumerRegs <= kLaunchRegs * kNumThreads,
+                "setmaxnreg pool");
   // The consumers' main-loop steps take turns on the tensor cores (ConsumerPingPong) at head
   // dims up to 128, as in FA3; at 256 a step is long enough that the turns would only stall.
   static constexpr bool kPingPong = kHeadDim <= 128;

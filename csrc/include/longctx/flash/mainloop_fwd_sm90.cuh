@@ -3,15 +3,16 @@
 // Producer (one thread of warpgroup 0): loads the Q tile once (its own transaction barrier),
 // then for n = n_max-1 down to n_min loads K(n) and V(n) into stage s of two PipelineTmaAsync
 // rings (kStages deep; the TMA zero-fills rows past the tensor's end).
-// Consumers (warpgroups 1, 2; 64 query rows each), intra-warpgroup overlapped as in FA3:
+// Consumers (warpgroups 1 .. kBlockM / 64; 64 query rows each), intra-warpgroup overlapped as
+// in FA3:
 //   S(n_max-1) = Q K^T ; softmax -> P
 //   for n = n_max-2 .. n_min:  issue S(n) = Q K(n)^T ; issue O += P V(n+1) ;
 //                              wait S ; release K ; [softcap +] mask + softmax(S(n)) -> P', scale ;
 //                              wait PV ; release V(n+1) ; O *= scale ; P = P'
 //   O += P V(n_min)
 // so the softmax of tile n runs while the tensor cores do P V(n+1). At hdim 64/128 the loop
-// steps of the two consumers also take turns (ConsumerPingPong): one's softmax runs under the
-// other's wgmmas. Tiles are walked from the
+// steps of the consumers also take turns (ConsumerPingPong): one's softmax runs under the
+// others' wgmmas. Tiles are walked from the
 // last (the diagonal, masked ones first) to the first. The per-element mask is applied only to
 // tiles mask.h's tile_needs_mask flags; with softcap (the kSoftcap copy of the loop) S is capped
 // just before it (apply_softcap). Invariants: consumer and producer walk the same tile range;
@@ -98,21 +99,6 @@ struct MaskArgs {
   int v_tail_row;
 };
 
-// Zeroes rows [row0, kBlockN) of V stage `stage` before any P V reads it: those rows belong to
-// the next packed sequence, and a masked key's P = 0 times a NaN (or inf) there would give NaN
-// (0 x NaN) in rows of this sequence. Both consumer warpgroups take part (named barrier
-// kVTailBarrier, after ConsumerPingPong's ids); it runs once per query tile whose KV range ends
-// inside a tile, in varlen launches only.
-template <typename Traits>
-__device__ __forceinline__ void clear_v_tail(typename Traits::SharedStorage& ss, int stage,
-                                             int row0, int mma_tidx) {
-  using namespace cute;
-  constexpr uint32_t kVTailBarrier = 2;
-  Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutV{});
-  zero_tail_rows<Traits::kNumMmaThreads>(sV(_, _, stage), row0, mma_tidx);
-  cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, kVTailBarrier);
-}
-
 // Sets S(i, j) = -inf in an S tile held in wgmma accumulators where key j is invisible to query
 // i (mask.h's rule in 32-bit arithmetic: positions are < 2^31): i = m0 + row, j = n0 + col, with
 // (row, col) from an identity tensor partitioned like the accumulator (tScS).
@@ -139,15 +125,19 @@ __device__ __forceinline__ void apply_softcap(TensorS& tSrS, float softcap_in) {
   for (int i = 0; i < cute::size(tSrS); ++i) tSrS(i) = tanh_approx(tSrS(i) * softcap_in);
 }
 
-// Ping-pong of the two consumer warpgroups (Traits::kPingPong; FA3's warp-scheduler barriers).
-// In each main-loop step a warpgroup issues its S and P V wgmmas only in its turn and passes the
-// turn on once they are issued, so the steps of the two warpgroups alternate on the tensor cores
-// and one warpgroup's softmax runs under the other's products. Consumer c waits on named barrier
-// kFirstId + c and arrives on the other's; consumer 0 holds the first turn (init). Both consumers
-// of a CTA run the same tiles with the same number of steps, so the turns stay balanced; the one
-// arrival left over at exit is harmless. Ids are CUTLASS user ids (offset past its reserved ones).
+// Ping-pong of the consumer warpgroups (Traits::kPingPong; FA3's warp-scheduler barriers). In
+// each main-loop step a warpgroup issues its S and P V wgmmas only in its turn and passes the
+// turn to the next consumer (round robin over kConsumers) once they are issued, so the steps of
+// the warpgroups alternate on the tensor cores and one warpgroup's softmax runs under the
+// others' products. Consumer c waits on named barrier kFirstId + c (its 128 threads plus the
+// 128 of the consumer before it arriving) and arrives on the next one's; consumer 0 holds the
+// first turn (init). All consumers of a CTA run the same tiles with the same number of steps,
+// so the turns stay balanced; the one arrival left over at exit is harmless. Ids are CUTLASS
+// user ids (offset past its reserved ones); the V tail and the epilogue take the ids after them.
+template <int kConsumers>
 struct ConsumerPingPong {
   static constexpr uint32_t kFirstId = 0;
+  static constexpr uint32_t kNextFreeId = kFirstId + kConsumers;
   static constexpr uint32_t kThreads = 256;
   __device__ __forceinline__ static void init(int consumer) {
     if (consumer == 0) cutlass::arch::NamedBarrier::arrive(kThreads, kFirstId);
@@ -156,9 +146,29 @@ struct ConsumerPingPong {
     cutlass::arch::NamedBarrier::sync(kThreads, kFirstId + consumer);
   }
   __device__ __forceinline__ static void pass_turn(int consumer) {
-    cutlass::arch::NamedBarrier::arrive(kThreads, kFirstId + 1 - consumer);
+    const int next = kConsumers == 2            ? 1 - consumer
+                     : consumer + 1 == kConsumers ? 0
+                                                  : consumer + 1;
+    cutlass::arch::NamedBarrier::arrive(kThreads, kFirstId + next);
   }
 };
+// Named barrier of clear_v_tail (all consumers), after the ping-pong's ids.
+template <typename Traits>
+constexpr uint32_t kVTailBarrier = ConsumerPingPong<Traits::kNumMmaWarpGroups>::kNextFreeId;
+
+// Zeroes rows [row0, kBlockN) of V stage `stage` before any P V reads it: those rows belong to
+// the next packed sequence, and a masked key's P = 0 times a NaN (or inf) there would give NaN
+// (0 x NaN) in rows of this sequence. All consumer warpgroups take part (named barrier
+// kVTailBarrier); it runs once per query tile whose KV range ends inside a tile, in varlen
+// launches only.
+template <typename Traits>
+__device__ __forceinline__ void clear_v_tail(typename Traits::SharedStorage& ss, int stage,
+                                             int row0, int mma_tidx) {
+  using namespace cute;
+  Tensor sV = make_tensor(make_smem_ptr(ss.smem_v.data()), typename Traits::SmemLayoutV{});
+  zero_tail_rows<Traits::kNumMmaThreads>(sV(_, _, stage), row0, mma_tidx);
+  cutlass::arch::NamedBarrier::sync(Traits::kNumMmaThreads, kVTailBarrier<Traits>);
+}
 
 // Runs the consumer main loop; returns O (unnormalized) in tOrO and the softmax state.
 // kSoftcap: S is capped with softcap_in = softmax_scale / c (apply_softcap). The kernel picks the
@@ -174,6 +184,7 @@ __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss,
   using namespace cute;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   using Element = typename Traits::Element;
+  using PingPong = ConsumerPingPong<Traits::kNumMmaWarpGroups>;
   typename Traits::TiledMma0 tiled_mma0;
   typename Traits::TiledMma1 tiled_mma1;
   const int consumer = __shfl_sync(0xffffffffu, mma_tidx / 128, 0);  // warp-uniform
@@ -222,11 +233,11 @@ __device__ __forceinline__ void consumer_mma(typename Traits::SharedStorage& ss,
 
   for (n = n_max - 2; n >= n_min; --n) {
     pipe_k.consumer_wait(st_k);
-    if constexpr (Traits::kPingPong) ConsumerPingPong::wait_turn(consumer);
+    if constexpr (Traits::kPingPong) PingPong::wait_turn(consumer);
     wg_gemm<true>(tiled_mma0, tSrQ, tSrK(_, _, _, st_k.index()), tSrS);
     pipe_v.consumer_wait(st_v);
     wg_gemm<false>(tiled_mma1, tOrP, tOrV(_, _, _, st_v.index()), tOrO);
-    if constexpr (Traits::kPingPong) ConsumerPingPong::pass_turn(consumer);
+    if constexpr (Traits::kPingPong) PingPong::pass_turn(consumer);
     warpgroup_wait<1>();
     warpgroup_fence_operand(tSrS);
     pipe_k.consumer_release(st_k);
