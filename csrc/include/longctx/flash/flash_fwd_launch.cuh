@@ -96,9 +96,7 @@ cudaError_t launch_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t t
 // 128-row tiles below: a 192-row tile loses where a head's last tile is mostly empty (1,024
 // rows are 5.3 tiles) and under a causal mask on short sequences (docs/kernels/flash_fwd.md).
 constexpr int kFwdTallTileMinSeqlenQ = 4096;
-inline bool fwd_tall_tiles(int kernel_head_dim, int seqlen_q) {
-  return kernel_head_dim == 64 && seqlen_q >= kFwdTallTileMinSeqlenQ;
-}
+inline bool fwd_tall_tiles(int seqlen_q) { return seqlen_q >= kFwdTallTileMinSeqlenQ; }
 
 // total_q / total_k: rows of the packed tensors in varlen mode (ignored when batched).
 // tile_counter: >= 4 bytes of device scratch for the dynamic tile scheduler, used by no other
@@ -113,7 +111,7 @@ cudaError_t run_flash_fwd_sm90(const FwdParams& p, int64_t total_q, int64_t tota
   if (flash_fwd_tma_unsupported_reason(p, sizeof(Element)) != nullptr) return cudaErrorInvalidValue;
   if (p.batch <= 0 || p.seqlen_q <= 0 || p.heads <= 0) return cudaSuccess;  // nothing to do
   if constexpr (kHeadDim == 64) {
-    if (fwd_tall_tiles(kHeadDim, p.seqlen_q))
+    if (fwd_tall_tiles(p.seqlen_q))
       return launch_flash_fwd_sm90<FlashFwdTraits<Element, 64, 192>>(p, total_q, total_k,
                                                                      tile_counter, stream);
   }
