@@ -35,7 +35,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <tuple>
+#include <vector>
 #include "common/build_registry.h"
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -46,6 +48,7 @@
 #include "longctx/kvcache/decode_launch.cuh"
 #include "longctx/kvcache/prefill_chunks.h"
 #include "longctx/kvcache/prefill_fold.cuh"
+#include "longctx/kvcache/prefill_plan.cuh"
 
 namespace longctx {
 namespace {
@@ -59,6 +62,15 @@ void check_launch(const char* op, const char* what, cudaError_t err = cudaSucces
   if (err == cudaSuccess) err = last;
   TORCH_CHECK(err == cudaSuccess, "longctx.", op, ": ", what, " launch failed: ",
               cudaGetErrorString(err));
+}
+
+// Whether the stream is recording a CUDA graph (no host reads or syncs may happen then).
+bool stream_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(stream, &status);
+  TORCH_CHECK(err == cudaSuccess, "longctx.flash_attn_with_kvcache: cudaStreamIsCapturing: ",
+              cudaGetErrorString(err));
+  return status != cudaStreamCaptureStatusNone;
 }
 
 void check_hopper(const char* op) {
@@ -131,32 +143,127 @@ void fold_key_chunk(const at::Tensor& out, const at::Tensor& lse, const at::Tens
   check_launch("flash_attn_with_kvcache", "prefill fold kernel");
 }
 
+// The keys of one chunk of the chunked prefill: sequence b's gathered keys are rows
+// cu_k[b] .. cu_k[b + 1] of the gathered K/V, from cache position k_first[b] on (cu_k, k_first
+// on the device; k_first undefined: every sequence from position 0). max_sk (the longest
+// sequence's count) and total_k (the rows to allocate) are exact, or bounds when the lengths
+// cannot be read on the host.
+struct ChunkKeys {
+  at::Tensor cu_k, k_first;
+  int64_t max_sk = 0, total_k = 0;
+};
+
+// The chunk plan from the lengths read on the host (eager calls): exact sizes. cu_seqlens_q is
+// read too where a left window needs the query lengths.
+class HostChunkPlan {
+ public:
+  HostChunkPlan(const at::Tensor& q, const kvcache::PagedKV& c, int64_t window_left,
+                const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& cu_seqlens_q)
+      : c_(c), window_left_(window_left), len_(c.batch), sq_(c.batch, q.dim() == 4 ? q.size(1) : 0) {
+    const at::Tensor sl = cache_seqlens.to(at::kCPU);
+    const int32_t* len = sl.data_ptr<int32_t>();
+    std::copy(len, len + c.batch, len_.begin());
+    if (window_left >= 0 && cu_seqlens_q.has_value()) {
+      const at::Tensor h = cu_seqlens_q->to(at::kCPU);
+      const int32_t* cu = h.data_ptr<int32_t>();
+      for (int b = 0; b < c.batch; ++b) sq_[b] = int64_t(cu[b + 1]) - cu[b];
+    }
+    const int64_t cap = int64_t(c.max_blocks) * c.block_size;
+    int64_t max_keys = 0;  // the longest sequence's keys (clamped as the chunks clamp them)
+    for (int b = 0; b < c.batch; ++b)
+      max_keys = std::max(max_keys, std::clamp<int64_t>(len_[b], 0, cap));
+    chunks_ = kvcache::prefill_key_chunks(max_keys, window_left >= 0);
+  }
+  int chunks() const { return chunks_; }
+  ChunkKeys keys(int ch, const at::Device& device) const {
+    std::vector<int32_t> cu(static_cast<size_t>(c_.batch) + 1, 0), first(c_.batch, 0);
+    ChunkKeys r;
+    for (int b = 0; b < c_.batch; ++b) {
+      const kvcache::KeyChunk kc = chunk(b, ch);
+      first[b] = static_cast<int32_t>(kc.first);
+      r.max_sk = std::max(r.max_sk, kc.count);
+      TORCH_CHECK(int64_t(cu[b]) + kc.count <= std::numeric_limits<int32_t>::max(),
+                  "longctx.flash_attn_with_kvcache: more than 2^31 cached keys in the batch");
+      cu[b + 1] = static_cast<int32_t>(cu[b] + kc.count);
+    }
+    r.total_k = cu[c_.batch];
+    r.cu_k = at::tensor(cu, at::kInt).to(device);
+    if (std::any_of(first.begin(), first.end(), [](int32_t f) { return f != 0; }))
+      r.k_first = at::tensor(first, at::kInt).to(device);
+    return r;
+  }
+
+ private:
+  kvcache::KeyChunk chunk(int b, int ch) const {
+    return kvcache::prefill_call_chunk(len_[b], int64_t(c_.max_blocks) * c_.block_size, sq_[b],
+                                       window_left_, ch);
+  }
+  const kvcache::PagedKV& c_;
+  int64_t window_left_;
+  std::vector<int64_t> len_, sq_;
+  int chunks_ = 1;
+};
+
+// The chunk plan computed on the device (prefill_plan.cuh), with no host read: what a CUDA graph
+// capture can record. Sizes are bounds from the block table's capacity and max_seqlen_q
+// (prefill_chunk_keys_bound); chunks past a sequence's keys are empty and fold as no-ops.
+class DeviceChunkPlan {
+ public:
+  DeviceChunkPlan(const kvcache::AttnParams& p, const at::Tensor& cache_seqlens,
+                  const std::optional<at::Tensor>& cu_seqlens_q, int64_t seqlen_q,
+                  cudaStream_t stream)
+      : p_(p), cache_seqlens_(cache_seqlens), cu_seqlens_q_(cu_seqlens_q), seqlen_q_(seqlen_q),
+        stream_(stream) {
+    const int64_t cap = int64_t(p.cache.max_blocks) * p.cache.block_size;
+    max_keys_ = kvcache::prefill_chunk_keys_bound(cap, p.seqlen_q, p.window_left);
+    TORCH_CHECK(int64_t(p.cache.batch) * max_keys_ <= std::numeric_limits<int32_t>::max(),
+                "longctx.flash_attn_with_kvcache: batch (", p.cache.batch, ") x ", max_keys_,
+                " keys per sequence must stay below 2^31 for a prefill captured in a CUDA graph "
+                "(the gathered K/V are sized by the block table's capacity there)");
+    chunks_ = kvcache::prefill_key_chunks(cap, p.window_left >= 0);
+  }
+  int chunks() const { return chunks_; }
+  ChunkKeys keys(int ch, const at::Device& device) const {
+    const int batch = p_.cache.batch;
+    auto opts = at::TensorOptions().dtype(at::kInt).device(device);
+    ChunkKeys r{at::empty({batch + 1}, opts), at::empty({batch}, opts), max_keys_,
+                int64_t(batch) * max_keys_};
+    kc::prefill_chunk_plan_kernel<<<1, kc::kPlanThreads, 0, stream_>>>(
+        cache_seqlens_.data_ptr<int32_t>(),
+        cu_seqlens_q_.has_value() ? cu_seqlens_q_->data_ptr<int32_t>() : nullptr, seqlen_q_,
+        batch, int64_t(p_.cache.max_blocks) * p_.cache.block_size, p_.window_left, ch, max_keys_,
+        r.cu_k.data_ptr<int32_t>(), r.k_first.data_ptr<int32_t>());
+    check_launch("flash_attn_with_kvcache", "prefill plan kernel");
+    return r;
+  }
+
+ private:
+  const kvcache::AttnParams& p_;
+  const at::Tensor& cache_seqlens_;
+  const std::optional<at::Tensor>& cu_seqlens_q_;
+  int64_t seqlen_q_;
+  cudaStream_t stream_;
+  int64_t max_keys_ = 0;
+  int chunks_ = 1;
+};
+
 // One key chunk's K/V gathered (and dequantized) into contiguous (keys, kv_heads, head_dim)
-// tensors: keys [first[b], first[b] + count) of sequence b at rows cu[b]..cu[b + 1]. first is
-// copied to the device only where some sequence starts past key 0 (the kernel reads nullptr as
-// all zeros).
+// tensors (ChunkKeys says which keys go where).
 std::pair<at::Tensor, at::Tensor> gather_keys(const at::Tensor& q, const kvcache::PagedKV& c,
-                                              const std::vector<int32_t>& cu,
-                                              const std::vector<int32_t>& first, int64_t max_sk,
-                                              at::Tensor& cu_k, cudaStream_t stream) {
-  const int64_t total_k = cu[c.batch];
+                                              const ChunkKeys& ck, cudaStream_t stream) {
   auto opts = q.options();
-  cu_k = at::from_blob(const_cast<int32_t*>(cu.data()), {c.batch + 1}, at::kInt).to(q.device());
-  const bool from_zero = std::all_of(first.begin(), first.end(), [](int32_t f) { return f == 0; });
-  at::Tensor k_first;
-  if (!from_zero)
-    k_first = at::from_blob(const_cast<int32_t*>(first.data()), {c.batch}, at::kInt).to(q.device());
-  at::Tensor kg = at::empty({total_k, c.kv_heads, c.head_dim}, opts);
-  at::Tensor vg = at::empty({total_k, c.kv_heads, c.head_dim}, opts);
-  if (total_k > 0) {
-    const dim3 grid(static_cast<unsigned>((max_sk + kc::kGatherTokens - 1) / kc::kGatherTokens),
+  at::Tensor kg = at::empty({ck.total_k, c.kv_heads, c.head_dim}, opts);
+  at::Tensor vg = at::empty({ck.total_k, c.kv_heads, c.head_dim}, opts);
+  if (ck.total_k > 0) {
+    const dim3 grid(static_cast<unsigned>((ck.max_sk + kc::kGatherTokens - 1) / kc::kGatherTokens),
                     c.batch);
     dispatch_cuda_dtype_and_format(q.scalar_type(), c.format, "flash_attn_with_kvcache",
                                    [&](auto* tag, auto fmt) {
       using T = std::remove_pointer_t<decltype(tag)>;
       constexpr Format F = decltype(fmt)::value;
       kc::kvcache_gather_kernel<T, F><<<grid, 256, 0, stream>>>(
-          c, cu_k.data_ptr<int32_t>(), from_zero ? nullptr : k_first.data_ptr<int32_t>(),
+          c, ck.cu_k.data_ptr<int32_t>(),
+          ck.k_first.defined() ? ck.k_first.data_ptr<int32_t>() : nullptr,
           static_cast<T*>(kg.data_ptr()), static_cast<T*>(vg.data_ptr()));
     });
     check_launch("flash_attn_with_kvcache", "gather kernel");
@@ -164,36 +271,14 @@ std::pair<at::Tensor, at::Tensor> gather_keys(const at::Tensor& q, const kvcache
   return {kg, vg};
 }
 
+// The chunked prefill: per key chunk, the gather, the forward kernel over the gathered keys and
+// the fold of its (out, lse) into the call's. host_lengths: plan the chunks from the lengths read
+// on the host (exact sizes); otherwise on the device (a CUDA graph capture).
 void prefill_gather_fwd(
     const at::Tensor& q, const kvcache::AttnParams& p, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& sinks,
-    const at::Tensor& out, const at::Tensor& lse, cudaStream_t stream) {
+    const at::Tensor& out, const at::Tensor& lse, bool host_lengths, cudaStream_t stream) {
   const kvcache::PagedKV& c = p.cache;
-  // lengths on the host (clamped as the decode path clamps them)
-  const at::Tensor sl = cache_seqlens.to(at::kCPU);
-  const int32_t* len = sl.data_ptr<int32_t>();
-  const int64_t cap = int64_t(c.max_blocks) * c.block_size;
-  // With a left window only keys [sk - sq - window_left, sk) of a sequence can be seen (bottom-
-  // right aligned masks): the gather starts there, and the forward over the shortened keys sees
-  // the same masks (both ends move by the same offset). Query lengths: q's or cu_seqlens_q's.
-  // Without one the keys are gathered in chunks from the last key back (prefill_chunks.h).
-  const bool windowed = p.window_left >= 0;
-  at::Tensor cq_host;
-  if (windowed && cu_seqlens_q.has_value()) cq_host = cu_seqlens_q->to(at::kCPU);
-  std::vector<int64_t> start(c.batch, 0), keys(c.batch, 0);
-  int64_t max_keys = 0;
-  for (int b = 0; b < c.batch; ++b) {
-    keys[b] = std::min<int64_t>(std::max<int32_t>(len[b], 0), cap);
-    if (windowed) {
-      const int64_t sq = cq_host.defined()
-                             ? int64_t(cq_host.data_ptr<int32_t>()[b + 1]) -
-                                   cq_host.data_ptr<int32_t>()[b]
-                             : q.size(1);
-      start[b] = std::max<int64_t>(0, keys[b] - sq - p.window_left);
-      keys[b] -= start[b];
-    }
-    max_keys = std::max(max_keys, keys[b]);
-  }
   // q packed (total_q, heads, d) with cu_seqlens_q
   at::Tensor qp, cu_q;
   int64_t max_sq;
@@ -209,26 +294,27 @@ void prefill_gather_fwd(
     max_sq = q.size(1);
   }
   if (!qp.is_contiguous()) qp = qp.contiguous();
-  const int chunks = kvcache::prefill_key_chunks(max_keys, windowed);
+  // With a left window only keys [sk - sq - window_left, sk) of a sequence can be seen (bottom-
+  // right aligned masks): the gather starts there, and the forward over the shortened keys sees
+  // the same masks (both ends move by the same offset). Without one the keys are gathered in
+  // chunks from the last key back (prefill_chunks.h).
+  std::optional<HostChunkPlan> host_plan;
+  std::optional<DeviceChunkPlan> device_plan;
+  if (host_lengths) {
+    host_plan.emplace(q, c, p.window_left, cache_seqlens, cu_seqlens_q);
+  } else {
+    device_plan.emplace(p, cache_seqlens, cu_seqlens_q, q.dim() == 4 ? q.size(1) : 0, stream);
+  }
+  const int chunks = host_plan ? host_plan->chunks() : device_plan->chunks();
   const int64_t window_right = p.causal ? 0 : p.window_right;
-  std::vector<int32_t> cu(static_cast<size_t>(c.batch) + 1, 0), first(c.batch, 0);
   for (int ch = 0; ch < chunks; ++ch) {
-    int64_t max_sk = 0;
-    for (int b = 0; b < c.batch; ++b) {
-      const kvcache::KeyChunk kc_b =
-          chunks == 1 ? kvcache::KeyChunk{0, keys[b]} : kvcache::prefill_key_chunk(keys[b], ch);
-      first[b] = static_cast<int32_t>(start[b] + kc_b.first);
-      max_sk = std::max(max_sk, kc_b.count);
-      TORCH_CHECK(int64_t(cu[b]) + kc_b.count <= std::numeric_limits<int32_t>::max(),
-                  "longctx.flash_attn_with_kvcache: more than 2^31 cached keys in the batch");
-      cu[b + 1] = static_cast<int32_t>(cu[b] + kc_b.count);
-    }
-    at::Tensor cu_k;
-    auto [kg, vg] = gather_keys(q, c, cu, first, max_sk, cu_k, stream);
+    const ChunkKeys ck = host_plan ? host_plan->keys(ch, q.device())
+                                   : device_plan->keys(ch, q.device());
+    auto [kg, vg] = gather_keys(q, c, ck, stream);
     // chunk 0 runs the call's mask and adds the sinks; chunk ch > 0 the mask moved by ch chunks
     auto [o, l] = flash_attn_fwd_op<&run_fwd_cuda>(
-        qp, kg, vg, cu_q, cu_k, max_sq, max_sk, double(p.softmax_scale), ch == 0 && p.causal,
-        p.window_left,
+        qp, kg, vg, cu_q, ck.cu_k, max_sq, ck.max_sk, double(p.softmax_scale),
+        ch == 0 && p.causal, p.window_left,
         ch == 0 ? p.window_right : kvcache::prefill_chunk_window_right(window_right, ch), false,
         ch == 0 ? sinks : std::nullopt, double(p.mods.softcap));
     kg.reset();  // the next chunk's gather reuses this memory
@@ -346,15 +432,19 @@ void attend_mixed(const KVCacheAttnCall& c, const at::Tensor& cu_q_host, int nd,
   const at::Tensor cu_p = c.cu_seqlens_q->narrow(0, nd, batch - nd + 1) - cu[nd];
   prefill_gather_fwd(c.q.narrow(0, rows_d, rows_p), pp,
                      c.cache.cache_seqlens.narrow(0, nd, batch - nd), cu_p, c.sinks,
-                     c.out.narrow(0, rows_d, rows_p), c.lse.narrow(1, rows_d, rows_p), stream);
+                     c.out.narrow(0, rows_d, rows_p), c.lse.narrow(1, rows_d, rows_p), true,
+                     stream);
 }
 
 struct Cuda {
   static void append(const kvcache::AppendParams& p, const at::Tensor& k) { append_cuda(p, k); }
 
-  // The gathered prefill cannot mask keys on invalid pages: it needs the host checks.
+  // The gathered prefill cannot mask keys on invalid pages: it needs the host checks, except in
+  // a CUDA graph capture, where nothing can be read on the host (validate=False is the caller's
+  // promise there; the gather writes NaN keys for invalid pages, append.cuh).
   static bool needs_host_checks(const at::Tensor& q, const at::Tensor& k_cache, int64_t seqlen_q) {
-    return !is_decode(q, k_cache, seqlen_q);
+    return !is_decode(q, k_cache, seqlen_q) &&
+           !stream_capturing(at::cuda::getCurrentCUDAStream(q.device().index()));
   }
 
   // What only the CUDA kernels refuse: head dims that are not multiples of 8 up to 256, pools the
@@ -381,7 +471,10 @@ struct Cuda {
     const c10::cuda::CUDAGuard guard(c.q.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     if (!is_decode(c.q, c.cache.k_cache, p.seqlen_q)) {
-      if (c.cu_seqlens_q.has_value() && p.cache.batch > 1) {  // mixed batch? (the path syncs)
+      // In a CUDA graph capture nothing is read on the host: no mixed split, chunks planned on
+      // the device.
+      const bool capturing = stream_capturing(stream);
+      if (!capturing && c.cu_seqlens_q.has_value() && p.cache.batch > 1) {  // mixed batch? (syncs)
         const at::Tensor cq = c.cu_seqlens_q->to(at::kCPU);
         const int nd = leading_decode_seqs(cq, p.cache.batch, p.heads / p.cache.kv_heads);
         if (nd > 0 && nd < p.cache.batch) {
@@ -390,7 +483,7 @@ struct Cuda {
         }
       }
       prefill_gather_fwd(c.q, p, c.cache.cache_seqlens, c.cu_seqlens_q, c.sinks, c.out, c.lse,
-                         stream);
+                         !capturing, stream);
       return;
     }
     run_decode(p, c.q, c.num_splits, stream);

@@ -11,12 +11,12 @@ against the float64 reference on the dequantized cache (FlashAttention-3's rule,
 tests/support/attention_reference.py), so the replays compute the right thing, not only the
 same thing. Caches: bf16, int8 and fp8.
 
-Today the chunked prefill (more than 32 packed query rows per kv head) reads cache_seqlens and
-validates the page ids on the host (prefill_gather_fwd in csrc/kvcache/kvcache_cuda.cu), which a
-capture refuses: its test is xfail(strict=True, raises=CaptureRefused) until the paged prefill
-without the gather lands, and then turns into an XPASS failure that says to drop the mark. It
-runs in a child process: a capture that fails part-way can leave this process's capture stream
-and caching-allocator routing in a state later tests should not inherit.
+The chunked prefill (more than 32 packed query rows per kv head) reads nothing on the host
+while captured: it plans its key chunks on the device (one, several, and more than the eager
+call's, empty ones included; a left window; packed queries; a mixed batch), and a page id outside
+the pool gives NaN rows, not garbage. Those cases run in child processes: a capture that fails
+part-way can leave this process's capture stream and caching-allocator routing in a state later
+tests should not inherit.
 """
 import os
 import subprocess
@@ -158,18 +158,43 @@ def _replay_equals_eager(cache, graph, graph_out, eager):
     return got
 
 
-def _check_reference(cache, q, totals, out, lse):
-    """out (batch, sq, H, D) and lse (batch, H, sq) of q over the first totals[b] cached tokens
-    (bottom-right causal) against the float64 reference on the dequantized cache."""
+def _replay_close_to_eager(cache, graph, graph_out, eager):
+    """_replay_equals_eager for calls whose replay runs other kernels than the eager call (a
+    mixed batch): outputs within the forward's tolerance of each other, the cache state after
+    them bitwise equal."""
+    before = cache.snapshot()
+    graph.replay()
+    torch.cuda.synchronize()
+    got = [t.clone() for t in graph_out]
+    after_graph = cache.snapshot()
+    cache.restore(before)
+    want = _as_tuple(eager())
+    torch.cuda.synchronize()
+    for name, a, b in zip(("out", "lse"), got, want):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=name)
+    for i, (a, b) in enumerate(zip(after_graph, cache.state())):
+        assert torch.equal(_bits(a), _bits(b)), f"cache tensor {i}: replay wrote other bytes"
+    return got
+
+
+def _check_reference(cache, q, totals, out, lse, rows=None, window_left=-1):
+    """out and lse of q over the first totals[b] cached tokens (bottom-right causal, window_left
+    keys to the left) against the float64 reference on the dequantized cache. q (batch, sq, H, D)
+    with lse (batch, H, sq), or packed (total, H, D) with rows[b] rows per sequence and lse
+    (H, total)."""
     kd, vd = cache.dequantized(totals)
-    batch, sq = q.shape[:2]
-    qf = q.flatten(0, 1).cpu()
-    cq, ck = _cu([sq] * batch), _cu(totals)
-    out64, lse64 = attention_varlen_ref(qf.double(), kd, vd, cq, ck, None, True)
+    if rows is None:
+        batch, sq = q.shape[:2]
+        rows = [sq] * batch
+        q, out, lse = q.flatten(0, 1), out.flatten(0, 1), lse.permute(1, 0, 2).flatten(1, 2)
+    qf = q.cpu()
+    cq, ck = _cu(rows), _cu(totals)
+    window = (window_left, 0)
+    out64, lse64 = attention_varlen_ref(qf.double(), kd, vd, cq, ck, None, True, window)
     out_pt, lse_pt = attention_varlen_ref(qf, kd.to(BF16), vd.to(BF16), cq, ck, None, True,
-                                          upcast=False)
-    assert_fa3_close("out", out.flatten(0, 1).cpu(), out64, out_pt, BF16)
-    assert_fa3_close("lse", lse.permute(1, 0, 2).flatten(1, 2).cpu(), lse64, lse_pt, BF16)
+                                          window, upcast=False)
+    assert_fa3_close("out", out.cpu(), out64, out_pt, BF16)
+    assert_fa3_close("lse", lse.cpu(), lse64, lse_pt, BF16)
 
 
 # ---- decode ---------------------------------------------------------------------------------
@@ -247,51 +272,111 @@ def test_append_graph_replays_equal_eager(fmt):
 
 
 # ---- chunked prefill --------------------------------------------------------------------------
+# Captured, the prefill reads nothing on the host: it plans its key chunks on the device, its
+# buffers sized by the block table's capacity (DeviceChunkPlan, csrc/kvcache/kvcache_cuda.cu);
+# an eager call plans them from the lengths it reads. Both gather the same keys into each chunk,
+# and a captured chunk past a sequence's keys folds as an exact no-op, so replays equal eager
+# calls bitwise, except where the eager call splits a mixed batch (decode rows on the decode
+# kernels), which a capture cannot: there the replay is checked against the reference only.
 
-PREFILL_NOT_CAPTURABLE = pytest.mark.xfail(
-    strict=True, raises=CaptureRefused,
-    reason="issue 24 (items 2 and 5): the chunked prefill gathers the pages after reading "
-           "cache_seqlens and validating the page ids on the host (prefill_gather_fwd, "
-           "csrc/kvcache/kvcache_cuda.cu), which a CUDA graph capture refuses; the paged "
-           "prefill without the gather must capture and replay with validate=False")
+# name: (cache lengths, spare capacity per sequence, window_left, query rows per sequence (None:
+# 64 each, (batch, seqlen_q) queries), steps)
+PREFILL_CASES = {
+    "short": ([0, 100], 0, -1, None, 4),  # one chunk both ways; a sequence starting empty
+    "spare": ([300, 5000], 70000, -1, None, 2),  # eager: one chunk; captured: three
+    "long": ([3000, 40000], 0, -1, None, 2),  # two chunks both ways, sequence 0's second empty
+    "window": ([200, 9000], 0, 1000, None, 2),  # only the window's keys gathered
+    "packed": ([50, 3000], 0, -1, [64, 40], 2),  # cu_seqlens_q
+    "mixed": ([2000, 700, 3000], 0, -1, [1, 64, 40], 2),  # a decode row first (eager splits)
+}
 
 
-@PREFILL_NOT_CAPTURABLE
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_chunked_prefill_graph_replays_equal_eager(fmt):
+def test_chunked_prefill_graph_replays_equal_eager(fmt, case):
     skip_unless_compiled(D, BF16)  # the prefill runs the forward kernel
-    _run_isolated("chunked_prefill", fmt)
+    if fmt != "bf16" and case not in ("short", "long"):
+        pytest.skip("the chunk plan does not depend on the format: bf16 covers it")
+    _run_isolated("chunked_prefill", fmt, case)
 
 
-def _chunked_prefill_case(fmt):
-    """Chunks of 64 tokens (256 packed rows per kv head: the prefill path) of two sequences, one
-    starting empty, captured once with the chunk's K/V appended in the call; four replays with
-    new q, k, v and the lengths advanced by a chunk."""
+def test_chunked_prefill_graph_invalid_page_gives_nan():
+    skip_unless_compiled(D, BF16)
+    _run_isolated("invalid_page")
+
+
+def _prefill_inputs(rows, chunk, gen):
+    """q, k, v (and cu_seqlens_q, max_seqlen_q for packed rows) of one prefill step."""
+    batch = len(rows) if rows else 2
+    if rows is None:
+        q = torch.empty(batch, chunk, H, D, dtype=BF16, device="cuda")
+        k = torch.empty(batch, chunk, HK, D, dtype=BF16, device="cuda")
+        return q, k, torch.empty_like(k), {}
+    q = torch.empty(sum(rows), H, D, dtype=BF16, device="cuda")
+    k = torch.empty(sum(rows), HK, D, dtype=BF16, device="cuda")
+    packed = dict(cu_seqlens_q=_cu(rows).cuda(), max_seqlen_q=max(rows))
+    return q, k, torch.empty_like(k), packed
+
+
+def _chunked_prefill_case(fmt, case):
+    """New tokens (64 per sequence, or the packed rows) appended in the call and attended over
+    the cache, captured once; replays with new q, k, v and the lengths advanced by the rows."""
+    lens, spare, window_left, rows, steps = PREFILL_CASES[case]
     gen = torch.Generator().manual_seed(33)
-    lens, chunk, steps = [0, 100], 64, 4
-    cache = _Cache(fmt, lens, chunk * steps, gen)
-    batch = len(lens)
-    q = torch.empty(batch, chunk, H, D, dtype=BF16, device="cuda")
-    k = torch.empty(batch, chunk, HK, D, dtype=BF16, device="cuda")
-    v = torch.empty_like(k)
+    chunk = 64
+    new = rows or [chunk] * len(lens)
+    cache = _Cache(fmt, lens, max(new) * steps + spare, gen)
+    q, k, v, packed = _prefill_inputs(rows, chunk, gen)
 
     def step():
         return longctx.flash_attn_with_kvcache(q, cache.k_cache, cache.v_cache, cache.seqlens,
                                                cache.table, k=k, v=v, causal=True,
-                                               return_lse=True, validate=False, **cache.scales)
+                                               window_size=(window_left, -1), return_lse=True,
+                                               validate=False, **packed, **cache.scales)
 
     _write_random(gen, q, k, v)
     graph, graph_out = _capture(step)
     for i in range(steps):
         _write_random(gen, q, k, v)
-        cache.set_lengths([n + chunk * i for n in lens])
-        out, lse = _replay_equals_eager(cache, graph, graph_out, step)
-        _check_reference(cache, q, [n + chunk * (i + 1) for n in lens], out, lse)
+        at = [n + r * i for n, r in zip(lens, new)]
+        cache.set_lengths(at)
+        if case == "mixed":
+            out, lse = _replay_close_to_eager(cache, graph, graph_out, step)
+        else:
+            out, lse = _replay_equals_eager(cache, graph, graph_out, step)
+        _check_reference(cache, q, [n + r for n, r in zip(at, new)], out, lse, rows,
+                         window_left)
+
+
+def _invalid_page_case():
+    """A captured prefill (validate=False) replayed after a page id of sequence 1 was set
+    outside the pool: sequence 1's rows, which all see that page's keys, are NaN; sequence 0's
+    rows are bitwise what the replay with the valid table gave."""
+    gen = torch.Generator().manual_seed(34)
+    cache = _Cache("bf16", [300, 2000], 0, gen)
+    q = torch.randn(2, 64, H, D, generator=gen).to(BF16).cuda()
+
+    def step():
+        return longctx.flash_attn_with_kvcache(q, cache.k_cache, cache.v_cache, cache.seqlens,
+                                               cache.table, causal=True, return_lse=True,
+                                               validate=False)
+
+    graph, (out, lse) = _capture(step)
+    graph.replay()
+    torch.cuda.synchronize()
+    want_out, want_lse = out.clone(), lse.clone()
+    cache.table[1, 5] = cache.k_cache.shape[0] + 7
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(_bits(out[0]), _bits(want_out[0]))
+    assert torch.equal(_bits(lse[0]), _bits(want_lse[0]))
+    assert torch.isfinite(want_out).all() and torch.isfinite(want_lse).all()
+    assert torch.isnan(out[1]).all() and torch.isnan(lse[1]).all()
 
 
 # ---- running a case in a child process --------------------------------------------------------
 
-_ISOLATED = {"chunked_prefill": _chunked_prefill_case}
+_ISOLATED = {"chunked_prefill": _chunked_prefill_case, "invalid_page": _invalid_page_case}
 
 
 def _isolated_main(argv):

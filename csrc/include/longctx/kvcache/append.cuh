@@ -100,7 +100,9 @@ __global__ void __launch_bounds__(kAppendWarps * 32) kvcache_append_kernel(const
 
 // Gather: cached keys [k_first[b], k_first[b] + n_b) of every sequence (n_b = cu_k[b + 1] -
 // cu_k[b]; k_first nullptr: from 0) into dst rows [cu_k[b], cu_k[b + 1]), both pools,
-// dequantized to T. dst: (total_k, kv_heads, head_dim) contiguous.
+// dequantized to T. dst: (total_k, kv_heads, head_dim) contiguous. A key on a page outside the
+// pool (reachable only unvalidated, in a CUDA graph capture) reads nothing and gathers K = NaN,
+// V = 0: the rows that see it get NaN (the forward cannot mask it), no other row does.
 constexpr int kGatherTokens = 16;
 
 template <typename T, Format F>
@@ -135,7 +137,7 @@ __global__ void __launch_bounds__(256)
       }
     } else {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) f[e] = 0.f;
+      for (int e = 0; e < 8; ++e) f[e] = is_k ? __int_as_float(0x7fc00000) : 0.f;
     }
     uint4 out;
     uint32_t* o = reinterpret_cast<uint32_t*>(&out);

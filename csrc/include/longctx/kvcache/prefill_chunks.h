@@ -42,6 +42,33 @@ LONGCTX_HOST_DEVICE KeyChunk prefill_key_chunk(int64_t sk, int c,
   return r;
 }
 
+// Keys of chunk c of one sequence of a call: len its cache length (clamped to [0, cap], cap the
+// block table's capacity), sq its query length, window_left the call's (-1: none). With a left
+// window the call has one chunk, the keys [len - sq - window_left, len) its queries can see (the
+// forward over them keeps the bottom-right mask); without one, chunk c of prefill_key_chunk.
+LONGCTX_HOST_DEVICE KeyChunk prefill_call_chunk(int64_t len, int64_t cap, int64_t sq,
+                                                int64_t window_left, int c,
+                                                int64_t chunk = kPrefillKeyChunk) {
+  const int64_t keys = len < 0 ? 0 : (len > cap ? cap : len);
+  if (window_left < 0) return prefill_key_chunk(keys, c, chunk);
+  KeyChunk r;
+  if (c > 0) return r;
+  const int64_t first = keys - sq - window_left;  // clamped: unvalidated sq may be negative
+  r.first = first < 0 ? 0 : (first > keys ? keys : first);
+  r.count = keys - r.first;
+  return r;
+}
+
+// Bounds that hold for any cache lengths (a call that cannot read them on the host, e.g. in a
+// CUDA graph capture): the keys of one sequence's chunk and the number of chunks, from the
+// block table's capacity cap and the longest query max_sq.
+LONGCTX_HOST_DEVICE int64_t prefill_chunk_keys_bound(int64_t cap, int64_t max_sq,
+                                                     int64_t window_left,
+                                                     int64_t chunk = kPrefillKeyChunk) {
+  if (window_left >= 0) return max_sq + window_left < cap ? max_sq + window_left : cap;
+  return cap < chunk ? cap : chunk;
+}
+
 // window_right of chunk c (causal normalized to window_right = 0 before): -1 stays -1.
 LONGCTX_HOST_DEVICE int64_t prefill_chunk_window_right(int64_t window_right, int c,
                                                        int64_t chunk = kPrefillKeyChunk) {
