@@ -18,12 +18,14 @@
 //    gathered copy. The path reads cache_seqlens on the host (a sync) and always validates the
 //    page ids (with validate=False too), since the gathered keys could not be masked otherwise.
 //    With a left window only the keys some query can see are gathered (and, for packed queries,
-//    cu_seqlens_q is read on the host too). num_splits is ignored there.
+//    cu_seqlens_q is read on the host too). num_splits is ignored there. In a CUDA graph capture
+//    it reads nothing on the host: the key chunks are planned on the device (prefill_plan.cuh)
+//    with buffers sized by the block table's capacity, and invalid pages gather NaN keys.
 //  - mixed batches (packed queries whose leading sequences are decode rows, as continuous-
-//    batching servers order them): that path reads cu_seqlens_q on the host and runs the
-//    leading sequences of at most 32 packed rows per kv head on the decode kernels and the rest
-//    on the chunked prefill (attend_mixed), instead of making every decode row a 128-row tile of
-//    the forward kernel over its gathered context.
+//    batching servers order them; eager calls only): that path reads cu_seqlens_q on the host
+//    and runs the leading sequences of at most 32 packed rows per kv head on the decode kernels
+//    and the rest on the chunked prefill (attend_mixed), instead of making every decode row a
+//    128-row tile of the forward kernel over its gathered context.
 // Both paths take softcap and sinks (logit_mods.h): the decode kernels cap their scores and add
 // the sink where a final row is written (decode_common.cuh, decode_merge.cuh); the prefill passes
 // both to the forward kernel.

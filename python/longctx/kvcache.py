@@ -376,7 +376,10 @@ def flash_attn_with_kvcache(
     lse = -inf. softcap and sinks: as in flash_attn_func (CPU only for now). With k/v, what the
     attention would reject is checked before the append (an error writes nothing); with k/v or
     rope and validate, that check reads the lengths, page ids and cu_seqlens_q on the host once
-    (a sync on CUDA), for the append and the attention together.
+    (a sync on CUDA), for the append and the attention together. CUDA graphs: with
+    validate=False the call captures, prefill included (eager, the prefill reads the lengths
+    and checks the page ids on the host whatever validate says; captured it reads nothing
+    there, and a page id outside the pool gives NaN in the rows that see its keys).
     """
     op = "flash_attn_with_kvcache"
     left, right = resolve_window(window_size, causal)

@@ -1,7 +1,9 @@
 // CPU test of the chunked prefill's key chunks and fold (prefill_chunks.h, prefill_fold.h): for
 // random lengths, masks and small chunk sizes, every key lies in exactly one chunk, the chunk's
 // moved mask (window_right + c * chunk over the chunk's keys) sees exactly the keys the call's
-// mask sees, and folding the chunks' softmax states by their lse gives the one-pass softmax.
+// mask sees, and folding the chunks' softmax states by their lse gives the one-pass softmax. A
+// call's chunks (prefill_call_chunk: clamped lengths, windows) fit the capacity bounds a CUDA
+// graph capture sizes them by.
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -52,6 +54,59 @@ static void check_masks(int sq, int sk, int wr, int64_t chunk) {
     }
   }
   for (int j = 0; j < sk; ++j) check(owner[j] >= 0, "key %d of sk %d in no chunk", j, sk);
+}
+
+// prefill_call_chunk of one sequence against the definition (the keys its queries can see, in
+// chunks from the last key back without a left window), and the capacity bounds a call that
+// cannot read the lengths sizes its buffers and chunk count by: every chunk fits them, and the
+// chunks past prefill_key_chunks(cap) are empty.
+static void check_call_chunks(int64_t len, int64_t cap, int64_t sq, int64_t max_sq, int wl,
+                              int64_t chunk) {
+  const int64_t keys = len < 0 ? 0 : (len > cap ? cap : len);
+  const bool windowed = wl >= 0;
+  const int64_t bound = kv::prefill_chunk_keys_bound(cap, max_sq, wl, chunk);
+  const int by_cap = kv::prefill_key_chunks(cap, windowed, chunk);
+  const int by_len = kv::prefill_key_chunks(keys, windowed, chunk);
+  check(by_len <= by_cap, "len %lld cap %lld: %d chunks by length, %d by capacity",
+        (long long)len, (long long)cap, by_len, by_cap);
+  int64_t covered = 0;
+  for (int c = 0; c < by_cap + 2; ++c) {
+    const kv::KeyChunk got = kv::prefill_call_chunk(len, cap, sq, wl, c, chunk);
+    kv::KeyChunk want;
+    if (!windowed) {
+      want = kv::prefill_key_chunk(keys, c, chunk);
+    } else if (c == 0) {
+      const int64_t first = keys - sq - wl;
+      want.first = first < 0 ? 0 : (first > keys ? keys : first);
+      want.count = keys - want.first;
+    }
+    check(got.first == want.first && got.count == want.count,
+          "len %lld cap %lld sq %lld wl %d chunk %lld, chunk %d: [%lld, +%lld) vs [%lld, +%lld)",
+          (long long)len, (long long)cap, (long long)sq, wl, (long long)chunk, c,
+          (long long)got.first, (long long)got.count, (long long)want.first,
+          (long long)want.count);
+    check(got.count >= 0 && got.first >= 0 && got.first + got.count <= keys,
+          "chunk %d outside the keys", c);
+    if (sq >= 0 && sq <= max_sq)
+      check(got.count <= bound, "len %lld cap %lld sq %lld wl %d: chunk %d holds %lld > bound "
+            "%lld", (long long)len, (long long)cap, (long long)sq, wl, c, (long long)got.count,
+            (long long)bound);
+    if (c >= by_len) check(got.count == 0, "chunk %d past the length's %d is not empty", c, by_len);
+    covered += got.count;
+  }
+  if (!windowed) check(covered == keys, "len %lld: chunks cover %lld keys", (long long)len,
+                       (long long)covered);
+  // a window's chunk holds every key some query row sees (bottom-right aligned)
+  if (windowed && sq > 0) {
+    const kv::KeyChunk kc = kv::prefill_call_chunk(len, cap, sq, wl, 0, chunk);
+    for (int64_t j = 0; j < keys; ++j) {
+      bool seen = false;
+      for (int64_t i = 0; i < sq && !seen; ++i)
+        seen = mask_visible(int(i), int(j), int(sq), int(keys), wl, -1);
+      check(seen == (j >= kc.first), "len %lld sq %lld wl %d: key %lld seen %d, chunk from %lld",
+            (long long)len, (long long)sq, wl, (long long)j, seen, (long long)kc.first);
+    }
+  }
 }
 
 // Folding per-chunk (lse, out) states of random scores equals the one-pass softmax.
@@ -118,6 +173,18 @@ int main() {
     check_masks(sq, sk, t % 3 == 0 ? -1 : t % 17, 1 + t % 13);
     check_fold(rng, sk, 1 + t % 9, t % 2 == 1);
   }
+  // one sequence's chunks: lengths around the chunk edges and past the capacity, negative ones
+  // (unvalidated), windows, unvalidated query lengths (negative, past max_sq)
+  for (int64_t chunk : {1, 3, 8})
+    for (int64_t cap : {0, 1, 7, 8, 9, 24, 25})
+      for (int64_t len : {-3, 0, 1, 7, 8, 9, 16, 17, 24, 30})
+        for (int64_t sq : {-2, 0, 1, 3, 9})
+          for (int wl : {-1, 0, 2, 11}) check_call_chunks(len, cap, sq, 9, wl, chunk);
+  check(kv::prefill_chunk_keys_bound(200000, 8192, -1) == 32768 &&
+            kv::prefill_chunk_keys_bound(1000, 8192, -1) == 1000 &&
+            kv::prefill_chunk_keys_bound(200000, 8192, 4096) == 12288 &&
+            kv::prefill_chunk_keys_bound(10000, 8192, 4096) == 10000,
+        "key bounds at the real chunk size");
   // NaN reaches the fold's output; two empty states stay empty
   const kv::FoldWeights wn = kv::fold_weights(1.f, NAN);
   check(std::isnan(wn.a) && std::isnan(wn.b) && std::isnan(wn.lse), "NaN lse_b");
