@@ -298,9 +298,8 @@ def test_chunked_prefill_graph_invalid_page_gives_nan():
     _run_isolated("invalid_page")
 
 
-def _prefill_inputs(rows, chunk, gen):
-    """q, k, v (and cu_seqlens_q, max_seqlen_q for packed rows) of one prefill step."""
-    batch = len(rows) if rows else 2
+def _prefill_inputs(batch, rows, chunk):
+    """Empty q, k, v (and cu_seqlens_q, max_seqlen_q for packed rows) of one prefill step."""
     if rows is None:
         q = torch.empty(batch, chunk, H, D, dtype=BF16, device="cuda")
         k = torch.empty(batch, chunk, HK, D, dtype=BF16, device="cuda")
@@ -319,7 +318,7 @@ def _chunked_prefill_case(fmt, case):
     chunk = 64
     new = rows or [chunk] * len(lens)
     cache = _Cache(fmt, lens, max(new) * steps + spare, gen)
-    q, k, v, packed = _prefill_inputs(rows, chunk, gen)
+    q, k, v, packed = _prefill_inputs(len(lens), rows, chunk)
 
     def step():
         return longctx.flash_attn_with_kvcache(q, cache.k_cache, cache.v_cache, cache.seqlens,
