@@ -161,7 +161,8 @@ class HostChunkPlan {
  public:
   HostChunkPlan(const at::Tensor& q, const kvcache::PagedKV& c, int64_t window_left,
                 const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& cu_seqlens_q)
-      : c_(c), window_left_(window_left), len_(c.batch), sq_(c.batch, q.dim() == 4 ? q.size(1) : 0) {
+      : c_(c), window_left_(window_left), len_(c.batch),
+        sq_(c.batch, q.dim() == 4 ? q.size(1) : 0) {
     const at::Tensor sl = cache_seqlens.to(at::kCPU);
     const int32_t* len = sl.data_ptr<int32_t>();
     std::copy(len, len + c.batch, len_.begin());
