@@ -161,7 +161,7 @@ class HostChunkPlan {
  public:
   HostChunkPlan(const at::Tensor& q, const kvcache::PagedKV& c, int64_t window_left,
                 const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& cu_seqlens_q)
-      : c_(c), window_left_(window_left), len_(c.batch),
+      : window_left_(window_left), cap_(kvcache::seq_capacity(c)), len_(c.batch),
         sq_(c.batch, q.dim() == 4 ? q.size(1) : 0) {
     const at::Tensor sl = cache_seqlens.to(at::kCPU);
     const int32_t* len = sl.data_ptr<int32_t>();
@@ -171,17 +171,17 @@ class HostChunkPlan {
       const int32_t* cu = h.data_ptr<int32_t>();
       for (int b = 0; b < c.batch; ++b) sq_[b] = int64_t(cu[b + 1]) - cu[b];
     }
-    const int64_t cap = int64_t(c.max_blocks) * c.block_size;
     int64_t max_keys = 0;  // the longest sequence's keys (clamped as the chunks clamp them)
     for (int b = 0; b < c.batch; ++b)
-      max_keys = std::max(max_keys, std::clamp<int64_t>(len_[b], 0, cap));
+      max_keys = std::max(max_keys, std::clamp<int64_t>(len_[b], 0, cap_));
     chunks_ = kvcache::prefill_key_chunks(max_keys, window_left >= 0);
   }
   int chunks() const { return chunks_; }
   ChunkKeys keys(int ch, const at::Device& device) const {
-    std::vector<int32_t> cu(static_cast<size_t>(c_.batch) + 1, 0), first(c_.batch, 0);
+    const int batch = static_cast<int>(len_.size());
+    std::vector<int32_t> cu(static_cast<size_t>(batch) + 1, 0), first(batch, 0);
     ChunkKeys r;
-    for (int b = 0; b < c_.batch; ++b) {
+    for (int b = 0; b < batch; ++b) {
       const kvcache::KeyChunk kc = chunk(b, ch);
       first[b] = static_cast<int32_t>(kc.first);
       r.max_sk = std::max(r.max_sk, kc.count);
@@ -189,7 +189,7 @@ class HostChunkPlan {
                   "longctx.flash_attn_with_kvcache: more than 2^31 cached keys in the batch");
       cu[b + 1] = static_cast<int32_t>(cu[b] + kc.count);
     }
-    r.total_k = cu[c_.batch];
+    r.total_k = cu[batch];
     r.cu_k = at::tensor(cu, at::kInt).to(device);
     if (std::any_of(first.begin(), first.end(), [](int32_t f) { return f != 0; }))
       r.k_first = at::tensor(first, at::kInt).to(device);
@@ -198,11 +198,9 @@ class HostChunkPlan {
 
  private:
   kvcache::KeyChunk chunk(int b, int ch) const {
-    return kvcache::prefill_call_chunk(len_[b], int64_t(c_.max_blocks) * c_.block_size, sq_[b],
-                                       window_left_, ch);
+    return kvcache::prefill_call_chunk(len_[b], cap_, sq_[b], window_left_, ch);
   }
-  const kvcache::PagedKV& c_;
-  int64_t window_left_;
+  int64_t window_left_, cap_;
   std::vector<int64_t> len_, sq_;
   int chunks_ = 1;
 };
@@ -216,14 +214,13 @@ class DeviceChunkPlan {
                   const std::optional<at::Tensor>& cu_seqlens_q, int64_t seqlen_q,
                   cudaStream_t stream)
       : p_(p), cache_seqlens_(cache_seqlens), cu_seqlens_q_(cu_seqlens_q), seqlen_q_(seqlen_q),
-        stream_(stream) {
-    const int64_t cap = int64_t(p.cache.max_blocks) * p.cache.block_size;
-    max_keys_ = kvcache::prefill_chunk_keys_bound(cap, p.seqlen_q, p.window_left);
+        stream_(stream), cap_(kvcache::seq_capacity(p.cache)) {
+    max_keys_ = kvcache::prefill_chunk_keys_bound(cap_, p.seqlen_q, p.window_left);
     TORCH_CHECK(int64_t(p.cache.batch) * max_keys_ <= std::numeric_limits<int32_t>::max(),
                 "longctx.flash_attn_with_kvcache: batch (", p.cache.batch, ") x ", max_keys_,
                 " keys per sequence must stay below 2^31 for a prefill captured in a CUDA graph "
                 "(the gathered K/V are sized by the block table's capacity there)");
-    chunks_ = kvcache::prefill_key_chunks(cap, p.window_left >= 0);
+    chunks_ = kvcache::prefill_key_chunks(cap_, p.window_left >= 0);
   }
   int chunks() const { return chunks_; }
   ChunkKeys keys(int ch, const at::Device& device) const {
@@ -234,8 +231,8 @@ class DeviceChunkPlan {
     kc::prefill_chunk_plan_kernel<<<1, kc::kPlanThreads, 0, stream_>>>(
         cache_seqlens_.data_ptr<int32_t>(),
         cu_seqlens_q_.has_value() ? cu_seqlens_q_->data_ptr<int32_t>() : nullptr, seqlen_q_,
-        batch, int64_t(p_.cache.max_blocks) * p_.cache.block_size, p_.window_left, ch, max_keys_,
-        r.cu_k.data_ptr<int32_t>(), r.k_first.data_ptr<int32_t>());
+        batch, cap_, p_.window_left, ch, max_keys_, r.cu_k.data_ptr<int32_t>(),
+        r.k_first.data_ptr<int32_t>());
     check_launch("flash_attn_with_kvcache", "prefill plan kernel");
     return r;
   }
@@ -246,7 +243,7 @@ class DeviceChunkPlan {
   const std::optional<at::Tensor>& cu_seqlens_q_;
   int64_t seqlen_q_;
   cudaStream_t stream_;
-  int64_t max_keys_ = 0;
+  int64_t cap_, max_keys_ = 0;
   int chunks_ = 1;
 };
 
@@ -350,7 +347,7 @@ void run_decode(kvcache::AttnParams& p, const at::Tensor& q, int64_t num_splits,
               "longctx.flash_attn_with_kvcache: batch (", p.cache.batch, ") and kv_heads x query "
               "tiles (", int64_t(p.cache.kv_heads) * m_tiles, ") must be <= 65535 on CUDA");
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t max_keys = int64_t(p.cache.max_blocks) * p.cache.block_size;
+  const int64_t max_keys = kvcache::seq_capacity(p.cache);
   kvcache::DecodeLaunch l;
   cudaError_t err = fns.plan(p, static_cast<int>(num_splits), max_keys,
                              prop->multiProcessorCount, &l);
