@@ -373,7 +373,7 @@ def flash_attn_with_kvcache(
     pairs). num_splits: key splits merged by lse (decode: one long sequence fills the device);
     0 = automatic (1 on CPU). Returns out (q's shape and dtype) or (out, lse) with lse fp32,
     (batch, heads, seqlen_q) or (heads, total_q) packed; a row that sees no key gets out = 0 and
-    lse = -inf. softcap and sinks: as in flash_attn_func (CPU only for now). With k/v, what the
+    lse = -inf. softcap and sinks: as in flash_attn_func (CPU and CUDA). With k/v, what the
     attention would reject is checked before the append (an error writes nothing); with k/v or
     rope and validate, that check reads the lengths, page ids and cu_seqlens_q on the host once
     (a sync on CUDA), for the append and the attention together. CUDA graphs: with
