@@ -16,7 +16,9 @@ TOOLS=memcheck,racecheck,synccheck
 if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then TOOLS=$1; shift; fi
 SAN=${COMPUTE_SANITIZER:-compute-sanitizer}
 command -v "$SAN" > /dev/null 2>&1 || SAN=${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer
-if ! [ -x "$(command -v "$SAN")" ]; then echo "gpu_sanitize: compute-sanitizer not found" >&2; exit 2; fi
+if ! [ -x "$(command -v "$SAN")" ]; then
+  echo "gpu_sanitize: compute-sanitizer not found" >&2; exit 2
+fi
 export PYTHONPATH=$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 status=0
