@@ -24,6 +24,7 @@ from typing import Callable, Dict, List
 import torch
 
 import longctx
+from logit_mods_check import make_sinks
 
 BF16, FP16 = torch.bfloat16, torch.float16
 CASES: Dict[str, Callable[[torch.device], List[torch.Tensor]]] = {}
@@ -53,10 +54,6 @@ def _attention(device, b, sq, sk, h, hk, d, dtype=BF16, backward=True, **kw):
     return [out, q.grad, k.grad, v.grad]
 
 
-def _sinks(h, device):
-    return torch.randn(h, device=device, dtype=torch.float32)
-
-
 for _d in (64, 128, 256):
     @case(f"attn d={_d} odd lengths")
     def _odd(device, d=_d):
@@ -73,7 +70,7 @@ for _d in (64, 128, 256):
     @case(f"attn d={_d} window softcap sinks")
     def _window(device, d=_d):
         return _attention(device, 1, 333, 333, 4, 2, d, window_size=(70, 5), softcap=30.0,
-                          sinks=_sinks(4, device))
+                          sinks=make_sinks(4, device))
 
 
 @case("attn d=128 fp16 causal")
@@ -166,7 +163,7 @@ for _fmt in ("bf16", "int8", "fp8"):
         return [c.attend(q, cu_seqlens_q=cq, max_seqlen_q=max(lq)),
                 c.attend(q, cu_seqlens_q=cq, max_seqlen_q=max(lq), window_size=(64, 0)),
                 c.attend(_rand(3, 40, H, 128, device=device), softcap=20.0,
-                         sinks=_sinks(H, device))]
+                         sinks=make_sinks(H, device))]
 
 
 # ---------------------------------------------------------------------------- RoPE
