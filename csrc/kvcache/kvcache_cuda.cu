@@ -171,9 +171,9 @@ class HostChunkPlan {
       const int32_t* cu = h.data_ptr<int32_t>();
       for (int b = 0; b < c.batch; ++b) sq_[b] = int64_t(cu[b + 1]) - cu[b];
     }
-    int64_t max_keys = 0;  // the longest sequence's keys (clamped as the chunks clamp them)
+    int64_t max_keys = 0;  // the longest sequence's keys
     for (int b = 0; b < c.batch; ++b)
-      max_keys = std::max(max_keys, std::clamp<int64_t>(len_[b], 0, cap_));
+      max_keys = std::max(max_keys, kvcache::prefill_seq_keys(len_[b], cap_));
     chunks_ = kvcache::prefill_key_chunks(max_keys, window_left >= 0);
   }
   int chunks() const { return chunks_; }

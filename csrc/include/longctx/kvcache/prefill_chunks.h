@@ -42,6 +42,12 @@ LONGCTX_HOST_DEVICE KeyChunk prefill_key_chunk(int64_t sk, int c,
   return r;
 }
 
+// Keys a sequence of cache length len holds in a block table of capacity cap (len clamped to
+// [0, cap], as the decode clamps it).
+LONGCTX_HOST_DEVICE int64_t prefill_seq_keys(int64_t len, int64_t cap) {
+  return len < 0 ? 0 : (len > cap ? cap : len);
+}
+
 // Keys of chunk c of one sequence of a call: len its cache length (clamped to [0, cap], cap the
 // block table's capacity), sq its query length, window_left the call's (-1: none). With a left
 // window the call has one chunk, the keys [len - sq - window_left, len) its queries can see (the
@@ -49,7 +55,7 @@ LONGCTX_HOST_DEVICE KeyChunk prefill_key_chunk(int64_t sk, int c,
 LONGCTX_HOST_DEVICE KeyChunk prefill_call_chunk(int64_t len, int64_t cap, int64_t sq,
                                                 int64_t window_left, int c,
                                                 int64_t chunk = kPrefillKeyChunk) {
-  const int64_t keys = len < 0 ? 0 : (len > cap ? cap : len);
+  const int64_t keys = prefill_seq_keys(len, cap);
   if (window_left < 0) return prefill_key_chunk(keys, c, chunk);
   KeyChunk r;
   if (c > 0) return r;
